@@ -1,0 +1,134 @@
+//! The command line: every subcommand's flags, their defaults and their
+//! `--help` text. It lives in the library (not in `main.rs`) so that tests
+//! can parse the command lines the webhook injects with the real parser.
+//! This module only describes and parses; it must not do any work.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "rewind",
+    version,
+    about = "Continuous data protection for a directory: journal every change, ship it every second, restore any second",
+    long_about = "Rewind protects a directory by serving it through a FUSE passthrough mount. Every change made \
+through the mount is journaled before it is acknowledged, sealed into a segment every second and \
+shipped to an object store (a local directory or S3). `rewind restore --at TIME` rebuilds the \
+directory exactly as the mount showed it at TIME."
+)]
+pub struct Cli {
+    /// Log filter (also RUST_LOG), e.g. "info" or "rewind=debug".
+    #[arg(long, global = true, env = "REWIND_LOG", default_value = "info")]
+    pub log: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Mount SOURCE at MOUNT, journal every change and ship it to the store until SIGTERM.
+    Run(RunArgs),
+    /// Rebuild the volume as it was at TIME into an empty directory.
+    Restore(RestoreArgs),
+    /// Show the restore window, bases, segments, gaps, lineages and clock steps.
+    Ls(LsArgs),
+    /// Check every object's checksum and the continuity of the timeline.
+    Verify(VerifyArgs),
+}
+
+/// Where the protected data lives in object storage.
+#[derive(Debug, Clone, Args)]
+pub struct StoreArgs {
+    /// Object store: file:///abs/path, a plain directory path, or s3://bucket/prefix.
+    #[arg(long, env = "REWIND_STORE")]
+    pub store: String,
+    /// The volume's name in the store; several volumes can share one store.
+    #[arg(long, env = "REWIND_VOLUME", default_value = "default")]
+    pub volume: String,
+    /// S3 endpoint URL for S3-compatible stores (also AWS_ENDPOINT_URL).
+    #[arg(long, env = "AWS_ENDPOINT_URL")]
+    pub s3_endpoint: Option<String>,
+    /// Use path-style S3 addressing (most self-hosted S3 servers need it).
+    #[arg(long, env = "REWIND_S3_PATH_STYLE", value_parser = clap::builder::BoolishValueParser::new(), default_value = "false")]
+    pub s3_path_style: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OnJournalFull {
+    /// Writers wait until the store catches up (nothing is ever dropped).
+    Wait,
+    /// Record an explicit gap in the timeline, drop the unshipped journal and take a new base.
+    Gap,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    /// The directory to protect (the real data; the application must not use it directly).
+    #[arg(long)]
+    pub source: PathBuf,
+    /// Where to mount the protected view; the application uses this path.
+    #[arg(long)]
+    pub mount: PathBuf,
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// How often the journal is sealed into a segment and shipped.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    pub segment_interval: Duration,
+    /// Journal directory (default: SOURCE/.rewind/journal, hidden from the mount, so a
+    /// restarted pod finds what it had not yet shipped).
+    #[arg(long)]
+    pub journal_dir: Option<PathBuf>,
+    /// Address for /healthz, /readyz and /metrics, e.g. 0.0.0.0:9746 (off when absent).
+    #[arg(long)]
+    pub listen: Option<String>,
+    /// Journal size past which writers wait for the store (or a gap is recorded).
+    #[arg(long, default_value = "1073741824")]
+    pub max_journal_bytes: u64,
+    /// What happens when the journal is full.
+    #[arg(long, value_enum, default_value = "wait")]
+    pub on_journal_full: OnJournalFull,
+    /// How long shutdown may take to serve open files, seal and upload before giving up.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub shutdown_timeout: Duration,
+    /// FUSE worker threads.
+    #[arg(long, default_value = "4")]
+    pub threads: usize,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RestoreArgs {
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// The instant to restore: RFC 3339 (2026-11-24T12:00:05.25Z), @UNIX_SECONDS, or "latest".
+    #[arg(long)]
+    pub at: String,
+    /// The directory to restore into; must be empty (or absent) unless --force.
+    #[arg(long)]
+    pub target: PathBuf,
+    /// Restore into a non-empty target, replacing what is there.
+    #[arg(long)]
+    pub force: bool,
+    /// Which lineage to restore when two overlap in time (see `rewind ls`).
+    #[arg(long)]
+    pub lineage: Option<String>,
+    /// Do not print progress.
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct LsArgs {
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// Print machine-readable JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct VerifyArgs {
+    #[command(flatten)]
+    pub store: StoreArgs,
+}

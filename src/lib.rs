@@ -1,0 +1,6 @@
+//! Rewind: continuous data protection for a directory.
+//!
+//! See docs/ARCHITECTURE.md for the bird's-eye view and the code map.
+
+pub mod cli;
+pub mod store;

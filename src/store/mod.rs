@@ -1,0 +1,182 @@
+//! The object store: where segments, chunks, base manifests and heartbeats
+//! live. This module owns the `Store` trait, the parsing of store URLs and
+//! the errors every backend reports; each backend lives in its own file
+//! (`file.rs` for `file://` and plain paths, `s3.rs` for `s3://`) and is the
+//! only code that talks to its storage. A store holds immutable objects
+//! addressed by `/`-separated keys; it must never interpret object contents
+//! (that is `segment`, `base` and `timeline`) and must never expose a
+//! partially written object under its final key.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+pub mod file;
+
+/// Errors a store backend reports. `NotFound` is separate so that callers
+/// can tell "absent" from "broken"; `Unreachable` is the transient class
+/// that the shipper retries forever and that `run` reports in metrics.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("object {key} not found in {store}")]
+    NotFound { store: String, key: String },
+    #[error("store {store} is unreachable: {detail} (check the endpoint and network; writes stay in the local journal meanwhile)")]
+    Unreachable { store: String, detail: String },
+    #[error("store {store} refused access: {detail} (check credentials and permissions)")]
+    Denied { store: String, detail: String },
+    #[error("store {store} is misconfigured: {detail}")]
+    Config { store: String, detail: String },
+    #[error("store {store}: I/O error on {key}: {source}")]
+    Io {
+        store: String,
+        key: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid store URL {url:?}: {why}")]
+    BadUrl { url: String, why: String },
+}
+
+impl StoreError {
+    /// Whether retrying the same call later may succeed.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StoreError::Unreachable { .. } | StoreError::Io { .. })
+    }
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// An object store of immutable, self-contained objects.
+///
+/// Contract for every backend (the shared test suite in `tests/store.rs`
+/// runs against each):
+/// - `put` is atomic: readers see the whole object under `key` or nothing.
+///   Putting the same key twice with the same bytes is allowed (retries).
+/// - `list` returns every key under `prefix`, sorted bytewise ascending.
+/// - `get` of an absent key is `StoreError::NotFound`.
+pub trait Store: Send + Sync {
+    fn put(&self, key: &str, data: Bytes) -> Result<()>;
+    fn get(&self, key: &str) -> Result<Bytes>;
+    fn exists(&self, key: &str) -> Result<bool>;
+    fn list(&self, prefix: &str) -> Result<Vec<String>>;
+    /// A human-readable name ("file:///data/store", "s3://bucket/prefix").
+    fn describe(&self) -> String;
+}
+
+impl fmt::Debug for dyn Store {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.describe())
+    }
+}
+
+/// A parsed `--store` value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreUrl {
+    File(PathBuf),
+    S3 { bucket: String, prefix: String },
+}
+
+impl StoreUrl {
+    pub fn parse(url: &str) -> Result<StoreUrl> {
+        let bad = |why: &str| StoreError::BadUrl { url: url.to_string(), why: why.to_string() };
+        if let Some(rest) = url.strip_prefix("file://") {
+            if !rest.starts_with('/') {
+                return Err(bad("file:// URLs need an absolute path, e.g. file:///var/lib/rewind"));
+            }
+            return Ok(StoreUrl::File(PathBuf::from(rest)));
+        }
+        if let Some(rest) = url.strip_prefix("s3://") {
+            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            if bucket.is_empty() {
+                return Err(bad("s3:// URLs need a bucket, e.g. s3://my-bucket/rewind"));
+            }
+            return Ok(StoreUrl::S3 {
+                bucket: bucket.to_string(),
+                prefix: prefix.trim_matches('/').to_string(),
+            });
+        }
+        if url.contains("://") {
+            return Err(bad("unknown scheme; use file:///path, a plain path, or s3://bucket/prefix"));
+        }
+        if url.is_empty() {
+            return Err(bad("empty"));
+        }
+        let p = PathBuf::from(url);
+        let abs = if p.is_absolute() {
+            p
+        } else {
+            std::env::current_dir()
+                .map_err(|e| bad(&format!("cannot resolve relative path: {e}")))?
+                .join(p)
+        };
+        Ok(StoreUrl::File(abs))
+    }
+}
+
+/// Options that only some backends use; the CLI fills them in.
+#[derive(Debug, Clone, Default)]
+pub struct StoreOptions {
+    pub s3_endpoint: Option<String>,
+    pub s3_path_style: bool,
+}
+
+/// Opens the store a URL names. S3 support is compiled in by `s3.rs`.
+pub fn open(url: &str, opts: &StoreOptions) -> Result<Arc<dyn Store>> {
+    match StoreUrl::parse(url)? {
+        StoreUrl::File(path) => Ok(Arc::new(file::FileStore::open(path)?)),
+        StoreUrl::S3 { bucket, prefix } => open_s3(url, &bucket, &prefix, opts),
+    }
+}
+
+fn open_s3(url: &str, _bucket: &str, _prefix: &str, _opts: &StoreOptions) -> Result<Arc<dyn Store>> {
+    Err(StoreError::Config {
+        store: url.to_string(),
+        detail: "this build has no S3 backend yet".into(),
+    })
+}
+
+/// A store viewed under a key prefix (the volume's namespace), so that the
+/// rest of the code names keys relative to the volume.
+pub struct Prefixed {
+    inner: Arc<dyn Store>,
+    prefix: String,
+}
+
+impl Prefixed {
+    pub fn new(inner: Arc<dyn Store>, prefix: &str) -> Prefixed {
+        let mut p = prefix.trim_matches('/').to_string();
+        if !p.is_empty() {
+            p.push('/');
+        }
+        Prefixed { inner, prefix: p }
+    }
+    fn full(&self, key: &str) -> String {
+        format!("{}{}", self.prefix, key)
+    }
+}
+
+impl Store for Prefixed {
+    fn put(&self, key: &str, data: Bytes) -> Result<()> {
+        self.inner.put(&self.full(key), data)
+    }
+    fn get(&self, key: &str) -> Result<Bytes> {
+        self.inner.get(&self.full(key))
+    }
+    fn exists(&self, key: &str) -> Result<bool> {
+        self.inner.exists(&self.full(key))
+    }
+    fn list(&self, prefix: &str) -> Result<Vec<String>> {
+        let n = self.prefix.len();
+        Ok(self
+            .inner
+            .list(&self.full(prefix))?
+            .into_iter()
+            .map(|k| k[n..].to_string())
+            .collect())
+    }
+    fn describe(&self) -> String {
+        format!("{} (volume prefix {})", self.inner.describe(), self.prefix.trim_end_matches('/'))
+    }
+}
