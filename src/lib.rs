@@ -4,3 +4,9 @@
 
 pub mod cli;
 pub mod store;
+pub mod base;
+pub mod clock;
+pub mod codec;
+pub mod journal;
+pub mod record;
+pub mod segment;
