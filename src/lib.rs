@@ -10,3 +10,5 @@ pub mod codec;
 pub mod journal;
 pub mod record;
 pub mod segment;
+pub mod timeline;
+pub mod restore;
