@@ -12,3 +12,4 @@ pub mod record;
 pub mod segment;
 pub mod timeline;
 pub mod restore;
+pub mod fs;
