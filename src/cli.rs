@@ -36,6 +36,20 @@ pub enum Command {
     Ls(LsArgs),
     /// Check every object's checksum and the continuity of the timeline.
     Verify(VerifyArgs),
+    /// Inspect local state (for tests and troubleshooting).
+    #[command(hide = true, subcommand)]
+    Debug(DebugCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DebugCommand {
+    /// Print the journal's records, one JSON object per line.
+    Journal {
+        #[arg(long)]
+        journal_dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Where the protected data lives in object storage.

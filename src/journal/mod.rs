@@ -15,7 +15,7 @@
 
 mod file;
 
-pub use file::{scan_file, FileScan, FrameIter, JournalError, FILE_EXT};
+pub use file::{dump_file, scan_file, FileScan, FrameIter, JournalError, FILE_EXT};
 
 use std::collections::VecDeque;
 use std::fs::{self, File};
@@ -294,6 +294,11 @@ impl Journal {
 
     pub fn last_seq(&self) -> Seq {
         self.appended.load(Ordering::Acquire)
+    }
+
+    /// A timestamp later than every record appended so far.
+    pub fn now(&self) -> Nanos {
+        self.clock.tick().0
     }
 
     pub fn last_time(&self) -> Nanos {
