@@ -6,7 +6,7 @@
 //! implement any format or filesystem operation itself.
 
 use std::collections::HashSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -137,15 +137,18 @@ impl Daemon {
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<i32> {
+    if args.on_journal_full == crate::cli::OnJournalFull::Gap {
+        bail!("--on-journal-full=gap is not available in this build yet; use the default (writers wait for the store)");
+    }
     let source = std::fs::canonicalize(&args.source).with_context(|| format!("--source {} does not exist", args.source.display()))?;
     if !source.is_dir() {
         bail!("--source {} is not a directory", source.display());
     }
-    if !args.mount.exists() {
-        std::fs::create_dir_all(&args.mount).with_context(|| format!("cannot create --mount {}", args.mount.display()))?;
-    }
-    let mount = PathBuf::from(std::path::absolute(&args.mount)?);
+    let mount = std::path::absolute(&args.mount)?;
     clear_stale_mount(&mount)?;
+    if !mount.exists() {
+        std::fs::create_dir_all(&mount).with_context(|| format!("cannot create --mount {}", mount.display()))?;
+    }
     let mount = std::fs::canonicalize(&mount)?;
     if mount.starts_with(&source) || source.starts_with(&mount) {
         bail!("--mount {} and --source {} must not contain each other", mount.display(), source.display());
