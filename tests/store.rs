@@ -231,12 +231,31 @@ mod s3_configuration {
         assert!(matches!(open_err(cfg), StoreError::Config { .. }));
     }
 
+    /// Runs the named test of this binary again in a child process with
+    /// only `vars` (and PATH) in its environment: the environment is
+    /// process-wide, so tests of the AWS chain cannot set it in-process.
+    fn run_child(test: &str, vars: &[(&str, &str)]) {
+        let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
+        cmd.args(["--exact", test]).env_clear();
+        cmd.env("PATH", std::env::var_os("PATH").unwrap_or_default());
+        cmd.env("REWIND_TEST_CHILD", "1");
+        for (k, v) in vars {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success() && text.contains("1 passed"), "child {test} failed:\n{text}");
+    }
+
+    fn in_child() -> bool {
+        std::env::var_os("REWIND_TEST_CHILD").is_some()
+    }
+
     /// `store::open`, as the commands call it: endpoint, region and keys
-    /// from the environment. The environment is process-wide, so the test
-    /// runs itself again in a child process with the variables set.
+    /// from the environment.
     #[test]
     fn open_takes_endpoint_region_and_credentials_from_the_environment() {
-        if std::env::var_os("REWIND_TEST_CHILD").is_some() {
+        if in_child() {
             let url = std::env::var("REWIND_TEST_URL").unwrap();
             let opts = rewind::store::StoreOptions { s3_path_style: true, ..Default::default() };
             let s = rewind::store::open(&url, &opts).unwrap();
@@ -247,23 +266,47 @@ mod s3_configuration {
         }
         let srv = shared_s3();
         let prefix = unique("env");
-        let out = std::process::Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", "s3_configuration::open_takes_endpoint_region_and_credentials_from_the_environment"])
-            .env_clear()
-            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-            .env("REWIND_TEST_CHILD", "1")
-            .env("REWIND_TEST_URL", format!("s3://{BUCKET}/{prefix}"))
-            .env("AWS_ENDPOINT_URL", &srv.endpoint)
-            .env("AWS_ACCESS_KEY_ID", "from-env")
-            .env("AWS_SECRET_ACCESS_KEY", "from-env-secret")
-            .env("AWS_EC2_METADATA_DISABLED", "true")
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-        assert!(out.status.success() && text.contains("1 passed"), "child failed:\n{text}");
+        let url = format!("s3://{BUCKET}/{prefix}");
+        run_child(
+            "s3_configuration::open_takes_endpoint_region_and_credentials_from_the_environment",
+            &[
+                ("REWIND_TEST_URL", &url),
+                ("AWS_ENDPOINT_URL", &srv.endpoint),
+                ("AWS_ACCESS_KEY_ID", "from-env"),
+                ("AWS_SECRET_ACCESS_KEY", "from-env-secret"),
+                ("AWS_EC2_METADATA_DISABLED", "true"),
+            ],
+        );
         // And the object is where the URL says.
         let s = S3Store::open(srv.config(BUCKET, &prefix)).unwrap();
         assert_eq!(s.get("env/1").unwrap(), "env");
+    }
+
+    /// No key in the environment, no profile, no instance metadata.
+    #[test]
+    fn missing_credentials_fail_at_open_with_a_hint() {
+        if in_child() {
+            let opts = rewind::store::StoreOptions {
+                s3_path_style: true,
+                s3_endpoint: std::env::var("REWIND_TEST_ENDPOINT").ok(),
+                ..Default::default()
+            };
+            let e = rewind::store::open(&format!("s3://{BUCKET}/x"), &opts).unwrap_err();
+            assert!(matches!(e, StoreError::Config { .. }), "{e:?}");
+            assert!(e.to_string().contains("no AWS credentials found"), "{e}");
+            return;
+        }
+        let srv = shared_s3();
+        let home = tempdir();
+        run_child(
+            "s3_configuration::missing_credentials_fail_at_open_with_a_hint",
+            &[
+                ("REWIND_TEST_ENDPOINT", &srv.endpoint),
+                ("HOME", home.path().to_str().unwrap()),
+                ("AWS_EC2_METADATA_DISABLED", "true"),
+                ("AWS_REGION", "us-east-1"),
+            ],
+        );
     }
 }
 
