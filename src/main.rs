@@ -144,5 +144,21 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
+        Command::Webhook(args) => webhook(args),
     }
 }
+
+fn webhook(args: rewind::cli::WebhookArgs) -> anyhow::Result<i32> {
+    let config = match &args.config {
+        Some(path) => rewind::webhook::Config::load(path)?,
+        None => {
+            let config = rewind::webhook::Config::default();
+            config.validate()?;
+            config
+        }
+    };
+    rewind::http::serve_webhook(&args.listen, &args.tls_cert, &args.tls_key, config)
+        .context("admission webhook")?;
+    Ok(0)
+}
+
