@@ -140,7 +140,8 @@ fn webhook_route(config: &Config, method: &Method, path: &str, body: Bytes) -> R
     }
     match webhook::review::review(&body, pod_security, config) {
         Ok((response, outcome)) => {
-            tracing::info!(?outcome, "admission review answered");
+            let webhook::review::Outcome { uid, namespace, pod, decision } = outcome;
+            tracing::info!(%uid, %namespace, %pod, ?decision, "admission review answered");
             match serde_json::to_vec(&response) {
                 Ok(json) => Reply { status: StatusCode::OK, content_type: "application/json", body: Bytes::from(json) },
                 Err(e) => Reply::text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),

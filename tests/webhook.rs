@@ -382,9 +382,9 @@ fn config_files_are_validated_at_load() {
 
 #[test]
 fn the_manifests_config_map_holds_a_valid_config() {
-    // manifests/config.yaml embeds config.json as a literal block; the
+    // manifests/base/config.yaml embeds config.json as a literal block; the
     // webhook Deployment loads it, so it must pass the same validation.
-    let yaml = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("manifests/config.yaml")).unwrap();
+    let yaml = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("manifests/base/config.yaml")).unwrap();
     let start = yaml.find("config.json: |").expect("config.yaml has config.json") + "config.json: |".len();
     let json: String = yaml[start..].lines().skip(1).take_while(|l| l.starts_with("    ") || l.is_empty()).map(|l| format!("{}\n", l.trim_start())).collect();
     let config: Config = serde_json::from_str(&json).unwrap_or_else(|e| panic!("{e}:\n{json}"));

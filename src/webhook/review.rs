@@ -23,7 +23,16 @@ pub enum ReviewError {
 
 /// What the webhook did, for the server's log line.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outcome {
+pub struct Outcome {
+    pub uid: String,
+    pub namespace: String,
+    /// The pod's name, or its generateName prefix followed by '*'.
+    pub pod: String,
+    pub decision: Decision,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
     /// Admitted; the number of patch operations (0: untouched).
     Admitted { operations: usize },
     Denied { message: String },
@@ -59,14 +68,21 @@ pub fn review(body: &[u8], pod_security: Option<PodSecurity>, config: &Config) -
     let sub_resource = request.get("subResource").and_then(Value::as_str).unwrap_or_default();
     // Only pod creation is ours; anything else a misconfigured webhook
     // configuration sends is let through untouched rather than blocked.
+    let namespace = request.get("namespace").and_then(Value::as_str).unwrap_or_default();
+    let meta = |key| request.pointer(&format!("/object/metadata/{key}")).and_then(Value::as_str);
+    let outcome = |decision| Outcome {
+        uid: uid.to_string(),
+        namespace: namespace.to_string(),
+        pod: meta("name").map(str::to_string).or_else(|| meta("generateName").map(|g| format!("{g}*"))).unwrap_or_default(),
+        decision,
+    };
     if !is_pod || operation != "CREATE" || !sub_resource.is_empty() {
-        return Ok((allowed(uid, None, Vec::new()), Outcome::Admitted { operations: 0 }));
+        return Ok((allowed(uid, None, Vec::new()), outcome(Decision::Admitted { operations: 0 })));
     }
     let object = request
         .get("object")
         .filter(|o| o.is_object())
         .ok_or_else(|| ReviewError::Malformed("request.object is missing".into()))?;
-    let namespace = request.get("namespace").and_then(Value::as_str).unwrap_or_default();
     let ns = Namespace { name: namespace, pod_security };
     match mutate(object, ns, config) {
         Ok(m) => {
@@ -77,7 +93,7 @@ pub fn review(body: &[u8], pod_security: Option<PodSecurity>, config: &Config) -
                 let bytes = serde_json::to_vec(&m.patch).map_err(|e| ReviewError::Malformed(e.to_string()))?;
                 Some(base64::engine::general_purpose::STANDARD.encode(bytes))
             };
-            Ok((allowed(uid, patch, m.warnings), Outcome::Admitted { operations }))
+            Ok((allowed(uid, patch, m.warnings), outcome(Decision::Admitted { operations })))
         }
         Err(denial @ Denial::Refused(_)) => {
             let message = denial.to_string();
@@ -90,7 +106,7 @@ pub fn review(body: &[u8], pod_security: Option<PodSecurity>, config: &Config) -
                     "status": {"code": 403, "reason": "Forbidden", "message": message},
                 },
             });
-            Ok((response, Outcome::Denied { message }))
+            Ok((response, outcome(Decision::Denied { message })))
         }
         Err(Denial::Malformed(why)) => Err(ReviewError::Malformed(format!("request.object: {why}"))),
     }
