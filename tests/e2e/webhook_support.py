@@ -66,25 +66,18 @@ def make_server_cert(dirpath, stem, dns_names, ips=("127.0.0.1",)):
 # --- the webhook process ----------------------------------------------------
 
 
-class Webhook:
-    """A running `rewind webhook` on a free loopback port."""
+class LoggedProcess:
+    """A `rewind` subcommand running in the background, its stderr read all
+    the time (a full pipe would block it) and searchable with a deadline."""
 
-    def __init__(self, cert, key, config, ca):
-        self.ca = ca
-        self.cert, self.key = cert, key
+    def __init__(self, argv, env=None):
         self.log = []
         self.cond = threading.Condition()
         self.proc = subprocess.Popen(
-            [REWIND_BIN, "webhook", "--listen", "127.0.0.1:0",
-             "--tls-cert", str(cert), "--tls-key", str(key), "--config", str(config)],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            env={**os.environ, "REWIND_LOG": "info"},
+            [REWIND_BIN, *argv], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            env={**os.environ, "REWIND_LOG": "info", **(env or {})},
         )
-        # Drain stderr all the time: a full pipe would block the webhook.
         threading.Thread(target=self._read_log, daemon=True).start()
-        self.addr = self.wait_for_log(r"listening on https://(\S+)", deadline_s=30).group(1)
-        self.host, port = self.addr.rsplit(":", 1)
-        self.port = int(port)
 
     def _read_log(self):
         for line in self.proc.stderr:
@@ -107,8 +100,32 @@ class Webhook:
                         return m
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or (self.log and self.log[-1] == "<exited>"):
-                    raise AssertionError(f"webhook log has no {pattern!r}; exit={self.proc.poll()} log:\n" + "\n".join(self.log))
+                    raise AssertionError(f"no {pattern!r} in the log; exit={self.proc.poll()} log:\n" + "\n".join(self.log))
                 self.cond.wait(remaining)
+
+    def stop(self, timeout=60):
+        """SIGTERM, then the exit code (killing it if it does not exit in time)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=timeout)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+
+
+class Webhook(LoggedProcess):
+    """A running `rewind webhook` on a free loopback port."""
+
+    def __init__(self, cert, key, config, ca):
+        self.ca = ca
+        self.cert, self.key = cert, key
+        super().__init__(["webhook", "--listen", "127.0.0.1:0",
+                          "--tls-cert", str(cert), "--tls-key", str(key), "--config", str(config)])
+        self.addr = self.wait_for_log(r"listening on https://([0-9.]+:[0-9]+)", deadline_s=30).group(1)
+        self.host, port = self.addr.rsplit(":", 1)
+        self.port = int(port)
 
     def context(self):
         ctx = ssl.create_default_context(cafile=str(self.ca))
@@ -138,16 +155,6 @@ class Webhook:
         with socket.create_connection((self.host, self.port), timeout=10) as raw:
             with ctx.wrap_socket(raw, server_hostname=server_hostname) as tls:
                 return tls.getpeercert(binary_form=True)
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            code = self.proc.wait(timeout=20)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-        return code
 
 
 def admission_review(pod, namespace, uid="705ab4f5-6393-11e8-b7cc-42010a800002", operation="CREATE"):
