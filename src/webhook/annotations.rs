@@ -7,9 +7,6 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use time::format_description::well_known::Rfc3339;
-use time::OffsetDateTime;
-
 use crate::store::StoreUrl;
 
 /// Comma-separated pod volume names to protect; the switch that turns injection on.
@@ -146,21 +143,11 @@ pub fn parse_interval(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
-/// Validates a restore TIME as `rewind restore --at` accepts it: RFC 3339,
-/// `@<unix seconds>` or `latest`.
+/// Validates a restore TIME with the parser `rewind restore --at` uses
+/// (RFC 3339, `@<unix seconds>` or `latest`), so an accepted annotation can
+/// never make the restore container fail on its own command line.
 pub fn parse_time(s: &str) -> Result<(), String> {
-    if s == "latest" {
-        return Ok(());
-    }
-    if let Some(secs) = s.strip_prefix('@') {
-        if !secs.is_empty() && secs.bytes().all(|b| b.is_ascii_digit()) && secs.len() <= 12 {
-            return Ok(());
-        }
-        return Err(format!("{s:?}: after '@' write whole unix seconds, e.g. @1764000000"));
-    }
-    OffsetDateTime::parse(s, &Rfc3339).map(|_| ()).map_err(|e| {
-        format!("{s:?} is not a time ({e}); write RFC 3339 like 2026-11-24T12:00:05Z, @<unix seconds>, or latest")
-    })
+    crate::clock::parse_at(s).map(|_| ()).map_err(|e| e.to_string())
 }
 
 /// Which resource a quantity is for; memory has a floor.
