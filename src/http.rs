@@ -9,7 +9,6 @@
 //! size-limited, handshakes and headers time-limited.
 
 use std::convert::Infallible;
-use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -400,12 +399,10 @@ where
 }
 
 /// Resolves once the watched flag is true (or its sender is gone).
-fn wait_true(stop: &mut watch::Receiver<bool>) -> impl Future<Output = ()> + '_ {
-    async move {
-        while !*stop.borrow_and_update() {
-            if stop.changed().await.is_err() {
-                return;
-            }
+async fn wait_true(stop: &mut watch::Receiver<bool>) {
+    while !*stop.borrow_and_update() {
+        if stop.changed().await.is_err() {
+            return;
         }
     }
 }

@@ -165,13 +165,10 @@ pub fn parse_quantity(s: &str, kind: Quantity) -> Result<f64, String> {
     let bad = || format!("{s:?} is not a Kubernetes quantity; write e.g. \"250m\" for CPU or \"512Mi\" for memory");
     let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
     let (number, suffix) = s.split_at(split);
-    let digits_ok = {
-        let mut parts = number.splitn(2, '.');
-        let whole = parts.next().unwrap_or("");
-        let frac = parts.next();
-        !(whole.is_empty() && frac.is_none_or(str::is_empty)) && !frac.is_some_and(|f| f.contains('.'))
-    };
-    if !digits_ok {
+    let (whole, frac) = number.split_once('.').map_or((number, None), |(w, f)| (w, Some(f)));
+    let has_digits = !whole.is_empty() || frac.is_some_and(|f| !f.is_empty());
+    let one_point = !frac.is_some_and(|f| f.contains('.'));
+    if !(has_digits && one_point) {
         return Err(bad());
     }
     let mantissa: f64 = number.parse().map_err(|_| bad())?;
@@ -202,8 +199,8 @@ pub fn parse_quantity(s: &str, kind: Quantity) -> Result<f64, String> {
         _ => return Err(bad()),
     };
     let value = mantissa * factor;
-    if !(value > 0.0) {
-        return Err(format!("{s:?} must be greater than zero"));
+    if !value.is_finite() || value <= 0.0 {
+        return Err(format!("{s:?} must be greater than zero and finite"));
     }
     if kind == Quantity::Memory && value < super::config::MIN_SIDECAR_MEMORY_BYTES {
         return Err(format!("{s:?} is below the sidecar's minimum of 64Mi"));
@@ -221,4 +218,28 @@ pub fn restore_marker_name(time: &str) -> String {
         .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_') { c } else { '_' })
         .collect();
     format!("restored-at-{safe}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantities_follow_the_kubernetes_grammar() {
+        for (s, v) in [("250m", 0.25), ("1", 1.0), ("1.5", 1.5), (".5", 0.5), ("2.", 2.0), ("1e3", 1000.0), ("1E-1", 0.1), ("2k", 2000.0)] {
+            assert_eq!(parse_quantity(s, Quantity::Cpu), Ok(v), "{s}");
+        }
+        assert_eq!(parse_quantity("512Mi", Quantity::Memory), Ok(512.0 * 1024.0 * 1024.0));
+        for bad in ["", ".", "1..2", "1.2.3", "m", "-1", "+1", "0", "0m", "1 Gi", "1gi", "1e", "1e+", "lots", "1e999"] {
+            assert!(parse_quantity(bad, Quantity::Cpu).is_err(), "{bad:?} accepted");
+        }
+        assert!(parse_quantity("63Mi", Quantity::Memory).is_err());
+    }
+
+    #[test]
+    fn marker_names_are_plain_file_names() {
+        assert_eq!(restore_marker_name("2026-11-24T12:00:05.5+01:00"), "restored-at-2026-11-24T12_00_05.5_01_00");
+        assert_eq!(restore_marker_name("@1764000000"), "restored-at-_1764000000");
+        assert_eq!(restore_marker_name("../x"), "restored-at-.._x");
+    }
 }
