@@ -390,3 +390,44 @@ fn the_manifests_config_map_holds_a_valid_config() {
     let config: Config = serde_json::from_str(&json).unwrap_or_else(|e| panic!("{e}:\n{json}"));
     config.validate().unwrap();
 }
+
+// The status server of `rewind run` lives beside the webhook in src/http.rs;
+// these pin its contract without a mount: health follows what the daemon
+// reports, and /metrics renders the shared Metrics.
+
+fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let status = out[9..12].parse().unwrap();
+    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (status, body)
+}
+
+#[test]
+fn status_server_reports_health_and_metrics() {
+    use std::sync::Arc;
+    let metrics = Arc::new(rewind::metrics::Metrics::new("shop/web-data"));
+    let server = rewind::http::StatusServer::start("127.0.0.1:0", metrics.clone()).unwrap();
+    let addr = server.local_addr();
+    assert_eq!(http_get(addr, "/healthz").0, 503, "not live before the mount is");
+    assert_eq!(http_get(addr, "/readyz").0, 503);
+    metrics.set_mount_live(true);
+    assert_eq!(http_get(addr, "/healthz").0, 200);
+    assert_eq!(http_get(addr, "/readyz").0, 503, "ready needs a writable journal too");
+    metrics.set_journal_writable(true);
+    assert_eq!(http_get(addr, "/readyz").0, 200);
+    metrics.add_journal_written(12345);
+    metrics.add_upload_error();
+    let (status, body) = http_get(addr, "/metrics");
+    assert_eq!(status, 200);
+    assert!(body.contains("\nrewind_journal_written_bytes_total 12345\n"), "{body}");
+    assert!(body.contains("\nrewind_upload_errors_total 1\n"), "{body}");
+    assert!(body.contains("volume=\"shop/web-data\""), "{body}");
+    assert_eq!(http_get(addr, "/nope").0, 404);
+    drop(server);
+    assert!(std::net::TcpStream::connect(addr).is_err(), "dropping the server closes the port");
+}
