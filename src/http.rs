@@ -38,7 +38,7 @@ use crate::webhook::{self, review::ReviewError, Config, PodSecurity};
 /// Errors starting or running a server.
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}")]
     Bind {
         addr: String,
         #[source]
@@ -46,7 +46,7 @@ pub enum HttpError {
     },
     #[error("TLS certificate {cert} / key {key}: {why}")]
     Tls { cert: String, key: String, why: String },
-    #[error("cannot start the HTTP runtime: {0}")]
+    #[error("cannot start the HTTP runtime")]
     Runtime(#[source] std::io::Error),
 }
 

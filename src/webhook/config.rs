@@ -16,13 +16,13 @@ use super::annotations::{parse_interval, parse_quantity, parse_store, Quantity};
 /// Errors loading or validating the webhook configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read webhook config {path}: {source}")]
+    #[error("cannot read webhook config {path}")]
     Read {
         path: String,
         #[source]
         source: std::io::Error,
     },
-    #[error("webhook config {path} is not valid JSON for rewind's settings: {source}")]
+    #[error("webhook config {path} is not valid JSON for rewind's settings")]
     Parse {
         path: String,
         #[source]

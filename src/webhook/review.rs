@@ -14,7 +14,7 @@ use super::{mutate, Config, Denial, Namespace, PodSecurity};
 #[derive(Debug, thiserror::Error)]
 pub enum ReviewError {
     #[error("request body is not JSON: {0}")]
-    NotJson(#[source] serde_json::Error),
+    NotJson(serde_json::Error),
     #[error("not an admission.k8s.io/v1 AdmissionReview: {0}")]
     NotReview(String),
     #[error("{0}")]
