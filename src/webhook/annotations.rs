@@ -55,6 +55,9 @@ pub fn parse(annotations: &BTreeMap<String, String>) -> Result<Option<Protection
     // A misspelt key (rewind.dev/volume, rewind.dev/restoreAt) would silently
     // leave data unprotected or not restored, so unknown keys are refused.
     for key in annotations.keys() {
+        if key == INJECT_LABEL {
+            return Err(format!("{INJECT_LABEL} is a label, not an annotation; move it under metadata.labels"));
+        }
         if key.starts_with("rewind.dev/") && !USER_KEYS.contains(&key.as_str()) && !OWN_KEYS.contains(&key.as_str()) {
             return Err(format!(
                 "unknown annotation {key}; rewind understands {}",

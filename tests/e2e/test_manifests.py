@@ -9,7 +9,6 @@ webhook and the result validates too.
 
 import base64
 import json
-import os
 import re
 import shutil
 import subprocess
