@@ -373,8 +373,15 @@ fn config_files_are_validated_at_load() {
         (r#"{"imagee": "typo"}"#, "unknown field"),
     ] {
         std::fs::write(&path, text).unwrap();
-        let err = Config::load(&path).unwrap_err().to_string();
-        assert!(err.contains(want), "{text}: {err}");
+        let err = Config::load(&path).unwrap_err();
+        // The message as `rewind` prints it: the error and its sources.
+        let mut msg = err.to_string();
+        let mut source = std::error::Error::source(&err);
+        while let Some(s) = source {
+            msg = format!("{msg}: {s}");
+            source = s.source();
+        }
+        assert!(msg.contains(want), "{text}: {msg}");
     }
     std::fs::write(&path, "{}").unwrap();
     Config::load(&path).expect("an empty config takes the defaults");
