@@ -4,3 +4,12 @@
 
 pub mod cli;
 pub mod store;
+pub mod base;
+pub mod clock;
+pub mod codec;
+pub mod journal;
+pub mod record;
+pub mod segment;
+pub mod timeline;
+pub mod restore;
+pub mod fs;

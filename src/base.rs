@@ -1,0 +1,705 @@
+//! Base snapshots: what the volume already holds, as content-addressed
+//! chunks plus a manifest of objects (by file identity) and links (parent,
+//! name, identity). It owns the chunk and manifest formats and the walk
+//! that takes a base while the application keeps writing. The walk is
+//! fuzzy: records with seq > `start_seq` are absolute effects on file
+//! identities and replay over it converges, so a base is usable only for
+//! times after `completed_ns`. Entries that a rename or link moves during
+//! the walk are reported by the filesystem (`BaseWatch`) and captured at
+//! the end, so nothing is missed. It must not touch FUSE or journal files.
+//!
+//! Chunk format (version 1): `magic "RWCHK001" | version:u16 | raw_len:u32 |
+//! lz4 blocks (codec) | blake3 trailer`; key `chunk/<blake3 of raw, hex>`.
+//!
+//! Manifest format (version 1): `magic "RWBASE01" | version:u16 | lineage:u64
+//! | start_seq:u64 | started_ns:i64 | completed_ns:i64 | kind:u8 | root:u64 |
+//! raw_len:u64 | lz4 blocks of body | blake3 trailer`, where
+//! `body := n_objects:u64 object* n_links:u64 (parent:u64 name:bytes ino:u64)*`
+//! and `object := ino:u64 kind:u8 mode:u32 uid:u32 gid:u32 size:u64 mtime:i64
+//! rdev:u64 target:bytes n_xattrs:u32 (name:bytes value:bytes)* n_extents:u32
+//! (offset:u64 len:u32 hash:32)*`.
+//! Key: `base/<completed_ns:020>-<lineage:016x>-<start_seq:020>-<kind>.rwb`.
+
+use std::collections::HashSet;
+use std::ffi::{CStr, CString, OsStr};
+use std::os::fd::OwnedFd;
+use std::os::unix::ffi::OsStrExt;
+use std::sync::Arc;
+
+use bytes::{BufMut, Bytes};
+use parking_lot::Mutex;
+use rustix::fs::{self as rfs, Mode, OFlags};
+
+use crate::clock::Nanos;
+use crate::codec::{put_bytes, put_lz4_blocks, read_lz4_blocks, seal, unseal, DecodeError, Reader};
+use crate::record::{Ino, Kind, Seq};
+use crate::store::{Store, StoreError};
+
+pub const CHUNK_MAGIC: &[u8; 8] = b"RWCHK001";
+pub const MANIFEST_MAGIC: &[u8; 8] = b"RWBASE01";
+pub const VERSION: u16 = 1;
+/// Files are cut into chunks at fixed 1 MiB offsets: databases rewrite
+/// pages in place, so fixed offsets dedupe unchanged regions best.
+pub const CHUNK_SIZE: u64 = 1 << 20;
+/// The name hidden at the root of the mount and skipped by the walk.
+pub const HIDDEN: &str = ".rewind";
+
+#[derive(Debug, thiserror::Error)]
+pub enum BaseError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{what} is damaged: {source}")]
+    Damaged {
+        what: String,
+        #[source]
+        source: DecodeError,
+    },
+    #[error("{0}")]
+    Inconsistent(String),
+    #[error("base walk failed on {path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BaseKind {
+    /// The first base of a lineage.
+    Initial,
+    /// Taken after an unclean stop: times between its start and completion
+    /// are a gap, since the source may hold a change no record describes.
+    Repair,
+    /// Taken on a schedule to bound replay time.
+    Periodic,
+}
+
+impl BaseKind {
+    fn tag(self) -> &'static str {
+        match self {
+            BaseKind::Initial => "initial",
+            BaseKind::Repair => "repair",
+            BaseKind::Periodic => "periodic",
+        }
+    }
+    fn from_tag(s: &str) -> Option<Self> {
+        Some(match s {
+            "initial" => BaseKind::Initial,
+            "repair" => BaseKind::Repair,
+            "periodic" => BaseKind::Periodic,
+            _ => return None,
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BaseMeta {
+    pub lineage: u64,
+    pub start_seq: Seq,
+    pub completed_ns: Nanos,
+    pub kind: BaseKind,
+}
+
+impl BaseMeta {
+    pub fn key(&self) -> String {
+        format!("base/{:020}-{:016x}-{:020}-{}.rwb", self.completed_ns.max(0), self.lineage, self.start_seq, self.kind.tag())
+    }
+    pub fn from_key(key: &str) -> Option<BaseMeta> {
+        let name = key.strip_prefix("base/")?.strip_suffix(".rwb")?;
+        let p: Vec<&str> = name.split('-').collect();
+        if p.len() != 4 {
+            return None;
+        }
+        Some(BaseMeta {
+            completed_ns: p[0].parse().ok()?,
+            lineage: u64::from_str_radix(p[1], 16).ok()?,
+            start_seq: p[2].parse().ok()?,
+            kind: BaseKind::from_tag(p[3])?,
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Extent {
+    pub offset: u64,
+    pub len: u32,
+    pub hash: [u8; 32],
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Object {
+    pub ino: Ino,
+    pub kind: Kind,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub size: u64,
+    pub mtime: Nanos,
+    pub rdev: u64,
+    pub target: Bytes,
+    pub xattrs: Vec<(Bytes, Bytes)>,
+    pub extents: Vec<Extent>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Link {
+    pub parent: Ino,
+    pub name: Bytes,
+    pub ino: Ino,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Manifest {
+    pub lineage: u64,
+    pub start_seq: Seq,
+    pub started_ns: Nanos,
+    pub completed_ns: Nanos,
+    pub kind: BaseKind,
+    pub root: Ino,
+    pub objects: Vec<Object>,
+    pub links: Vec<Link>,
+}
+
+impl Manifest {
+    pub fn meta(&self) -> BaseMeta {
+        BaseMeta { lineage: self.lineage, start_seq: self.start_seq, completed_ns: self.completed_ns, kind: self.kind }
+    }
+}
+
+pub fn chunk_key(hash: &[u8; 32]) -> String {
+    let mut s = String::with_capacity(70);
+    s.push_str("chunk/");
+    for b in hash {
+        s.push_str(&format!("{b:02x}"));
+    }
+    s
+}
+
+pub fn encode_chunk(raw: &[u8]) -> Bytes {
+    let mut out = Vec::with_capacity(raw.len() / 2 + 64);
+    out.extend_from_slice(CHUNK_MAGIC);
+    out.put_u16_le(VERSION);
+    out.put_u32_le(raw.len() as u32);
+    put_lz4_blocks(&mut out, raw);
+    seal(&mut out);
+    Bytes::from(out)
+}
+
+/// Decodes a chunk and checks that its content hashes to `hash` (its key).
+pub fn decode_chunk(data: &[u8], hash: &[u8; 32]) -> Result<Vec<u8>, DecodeError> {
+    let body = unseal(data)?;
+    let mut r = Reader::new(body);
+    if r.take(8)? != CHUNK_MAGIC {
+        return Err(r.err("not a Rewind chunk (bad magic)"));
+    }
+    let v = r.u16()?;
+    if v != VERSION {
+        return Err(r.err(format!("chunk format version {v} is not supported")));
+    }
+    let raw_len = r.u32()? as usize;
+    if raw_len as u64 > CHUNK_SIZE {
+        return Err(r.err("chunk larger than the chunk size"));
+    }
+    let raw = read_lz4_blocks(&mut r, raw_len)?;
+    if blake3::hash(&raw).as_bytes() != hash {
+        return Err(DecodeError { at: 0, what: "content does not match the chunk's hash".into() });
+    }
+    Ok(raw)
+}
+
+pub fn encode_manifest(m: &Manifest) -> Bytes {
+    let mut body = Vec::new();
+    body.put_u64_le(m.objects.len() as u64);
+    for o in &m.objects {
+        body.put_u64_le(o.ino);
+        body.put_u8(o.kind as u8);
+        body.put_u32_le(o.mode);
+        body.put_u32_le(o.uid);
+        body.put_u32_le(o.gid);
+        body.put_u64_le(o.size);
+        body.put_i64_le(o.mtime);
+        body.put_u64_le(o.rdev);
+        put_bytes(&mut body, &o.target);
+        body.put_u32_le(o.xattrs.len() as u32);
+        for (k, v) in &o.xattrs {
+            put_bytes(&mut body, k);
+            put_bytes(&mut body, v);
+        }
+        body.put_u32_le(o.extents.len() as u32);
+        for e in &o.extents {
+            body.put_u64_le(e.offset);
+            body.put_u32_le(e.len);
+            body.extend_from_slice(&e.hash);
+        }
+    }
+    body.put_u64_le(m.links.len() as u64);
+    for l in &m.links {
+        body.put_u64_le(l.parent);
+        put_bytes(&mut body, &l.name);
+        body.put_u64_le(l.ino);
+    }
+    let mut out = Vec::with_capacity(body.len() / 2 + 128);
+    out.extend_from_slice(MANIFEST_MAGIC);
+    out.put_u16_le(VERSION);
+    out.put_u64_le(m.lineage);
+    out.put_u64_le(m.start_seq);
+    out.put_i64_le(m.started_ns);
+    out.put_i64_le(m.completed_ns);
+    out.put_u8(match m.kind {
+        BaseKind::Initial => 1,
+        BaseKind::Repair => 2,
+        BaseKind::Periodic => 3,
+    });
+    out.put_u64_le(m.root);
+    out.put_u64_le(body.len() as u64);
+    put_lz4_blocks(&mut out, &body);
+    seal(&mut out);
+    Bytes::from(out)
+}
+
+pub fn decode_manifest(data: &[u8]) -> Result<Manifest, DecodeError> {
+    let body = unseal(data)?;
+    let mut r = Reader::new(body);
+    if r.take(8)? != MANIFEST_MAGIC {
+        return Err(r.err("not a Rewind base manifest (bad magic)"));
+    }
+    let v = r.u16()?;
+    if v != VERSION {
+        return Err(r.err(format!("manifest format version {v} is not supported")));
+    }
+    let lineage = r.u64()?;
+    let start_seq = r.u64()?;
+    let started_ns = r.i64()?;
+    let completed_ns = r.i64()?;
+    let kind = match r.u8()? {
+        1 => BaseKind::Initial,
+        2 => BaseKind::Repair,
+        3 => BaseKind::Periodic,
+        k => return Err(r.err(format!("unknown base kind {k}"))),
+    };
+    let root = r.u64()?;
+    let raw_len = r.u64()? as usize;
+    let raw = read_lz4_blocks(&mut r, raw_len)?;
+    let mut r = Reader::new(&raw);
+    let n = r.u64()?;
+    let mut objects = Vec::new();
+    for _ in 0..n {
+        let ino = r.u64()?;
+        let k = r.u8()?;
+        let kind = Kind::from_u8(k).ok_or_else(|| r.err(format!("unknown file kind {k}")))?;
+        let mode = r.u32()?;
+        let uid = r.u32()?;
+        let gid = r.u32()?;
+        let size = r.u64()?;
+        let mtime = r.i64()?;
+        let rdev = r.u64()?;
+        let target = r.owned()?;
+        let nx = r.u32()?;
+        let mut xattrs = Vec::new();
+        for _ in 0..nx {
+            xattrs.push((r.owned()?, r.owned()?));
+        }
+        let ne = r.u32()?;
+        let mut extents = Vec::new();
+        for _ in 0..ne {
+            extents.push(Extent { offset: r.u64()?, len: r.u32()?, hash: r.hash()? });
+        }
+        objects.push(Object { ino, kind, mode, uid, gid, size, mtime, rdev, target, xattrs, extents });
+    }
+    let nl = r.u64()?;
+    let mut links = Vec::new();
+    for _ in 0..nl {
+        links.push(Link { parent: r.u64()?, name: r.owned()?, ino: r.u64()? });
+    }
+    r.end()?;
+    Ok(Manifest { lineage, start_seq, started_ns, completed_ns, kind, root, objects, links })
+}
+
+/// Entries the filesystem moved (rename, link) while a base walk runs: the
+/// walk may have passed their new place already, so it captures them at the
+/// end from these handles.
+#[derive(Default)]
+pub struct BaseWatch {
+    active: std::sync::atomic::AtomicBool,
+    moved: Mutex<Vec<OwnedFd>>,
+}
+
+impl BaseWatch {
+    pub fn is_active(&self) -> bool {
+        self.active.load(std::sync::atomic::Ordering::Acquire)
+    }
+    /// Called by the filesystem, under its namespace lock, with an O_PATH
+    /// handle of the entry it just moved or linked.
+    pub fn moved(&self, fd: OwnedFd) {
+        if self.is_active() {
+            self.moved.lock().push(fd);
+        }
+    }
+}
+
+/// Progress of a walk, for logs and metrics.
+#[derive(Debug, Default, Clone)]
+pub struct BaseStats {
+    pub files: u64,
+    pub bytes: u64,
+    pub chunks_uploaded: u64,
+    pub chunks_reused: u64,
+}
+
+struct Walker<'a> {
+    store: &'a dyn Store,
+    seen: HashSet<Ino>,
+    known_chunks: &'a Mutex<HashSet<[u8; 32]>>,
+    objects: Vec<Object>,
+    links: Vec<Link>,
+    stats: BaseStats,
+    buf: Vec<u8>,
+}
+
+fn io_err(path: &str, e: impl Into<std::io::Error>) -> BaseError {
+    BaseError::Io { path: path.to_string(), source: e.into() }
+}
+
+fn xattrs_of(fd: &OwnedFd, path_for_symlink: Option<&CStr>) -> Vec<(Bytes, Bytes)> {
+    // Symlinks cannot be opened for reading; their (rare) xattrs are read
+    // through the path without following.
+    let mut names = vec![0u8; 4096];
+    let n = match path_for_symlink {
+        Some(p) => rfs::llistxattr(p, &mut names),
+        None => rfs::flistxattr(fd, &mut names),
+    };
+    let Ok(n) = n else { return Vec::new() };
+    let mut out = Vec::new();
+    for name in names[..n].split(|&b| b == 0).filter(|n| !n.is_empty()) {
+        let Ok(cname) = CString::new(name) else { continue };
+        let mut val = vec![0u8; 65536];
+        let r = match path_for_symlink {
+            Some(p) => rfs::lgetxattr(p, cname.as_c_str(), &mut val),
+            None => rfs::fgetxattr(fd, cname.as_c_str(), &mut val),
+        };
+        if let Ok(len) = r {
+            out.push((Bytes::copy_from_slice(name), Bytes::copy_from_slice(&val[..len])));
+        }
+    }
+    out.sort();
+    out
+}
+
+impl<'a> Walker<'a> {
+    fn capture_file(&mut self, fd: &OwnedFd, st: &rfs::Stat, what: &str) -> Result<Vec<Extent>, BaseError> {
+        let mut extents = Vec::new();
+        let size = st.st_size as u64;
+        let mut pos = 0u64;
+        while pos < size {
+            // Sparse files stay sparse: only data regions are chunked.
+            let data = match rfs::seek(fd, rfs::SeekFrom::Data(pos)) {
+                Ok(d) => d,
+                Err(rustix::io::Errno::NXIO) => break,
+                Err(e) => return Err(io_err(what, e)),
+            };
+            let hole = rfs::seek(fd, rfs::SeekFrom::Hole(data)).map_err(|e| io_err(what, e))?;
+            let mut off = data - data % CHUNK_SIZE;
+            off = off.max(data);
+            while off < hole {
+                let end = ((off / CHUNK_SIZE + 1) * CHUNK_SIZE).min(hole);
+                let len = (end - off) as usize;
+                self.buf.resize(len, 0);
+                let n = read_full_at(fd, &mut self.buf[..len], off).map_err(|e| io_err(what, e))?;
+                if n == 0 {
+                    break;
+                }
+                let raw = &self.buf[..n];
+                let hash = *blake3::hash(raw).as_bytes();
+                self.stats.bytes += n as u64;
+                let fresh = self.known_chunks.lock().insert(hash);
+                if fresh && !self.store.exists(&chunk_key(&hash))? {
+                    self.store.put(&chunk_key(&hash), encode_chunk(raw))?;
+                    self.stats.chunks_uploaded += 1;
+                } else {
+                    self.stats.chunks_reused += 1;
+                }
+                extents.push(Extent { offset: off, len: n as u32, hash });
+                off += n as u64;
+            }
+            pos = hole;
+        }
+        Ok(extents)
+    }
+
+    /// Captures the object `name` in directory `dir` and, for a directory,
+    /// everything below it.
+    fn visit(&mut self, dir: &OwnedFd, name: &CStr, path: &str) -> Result<Option<Ino>, BaseError> {
+        let st = match rfs::statat(dir, name, rfs::AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) => st,
+            // Gone since readdir: its unlink is a record replayed on top.
+            Err(rustix::io::Errno::NOENT) => return Ok(None),
+            Err(e) => return Err(io_err(path, e)),
+        };
+        let ino = st.st_ino;
+        let Some(kind) = Kind::from_mode(st.st_mode) else {
+            tracing::warn!(path, "skipping a socket or device node: not supported");
+            return Ok(None);
+        };
+        if !self.seen.insert(ino) {
+            return Ok(Some(ino));
+        }
+        let mut obj = Object {
+            ino,
+            kind,
+            mode: st.st_mode & 0o7777,
+            uid: st.st_uid,
+            gid: st.st_gid,
+            size: st.st_size as u64,
+            mtime: st.st_mtime * 1_000_000_000 + st.st_mtime_nsec as i64,
+            rdev: st.st_rdev,
+            target: Bytes::new(),
+            xattrs: Vec::new(),
+            extents: Vec::new(),
+        };
+        match kind {
+            Kind::File => {
+                let fd = match rfs::openat(dir, name, OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NOATIME, Mode::empty())
+                    .or_else(|_| rfs::openat(dir, name, OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty()))
+                {
+                    Ok(fd) => fd,
+                    Err(rustix::io::Errno::NOENT) => return Ok(None),
+                    Err(e) => return Err(io_err(path, e)),
+                };
+                let st = rfs::fstat(&fd).map_err(|e| io_err(path, e))?;
+                obj.size = st.st_size as u64;
+                obj.mtime = st.st_mtime * 1_000_000_000 + st.st_mtime_nsec as i64;
+                obj.xattrs = xattrs_of(&fd, None);
+                obj.extents = self.capture_file(&fd, &st, path)?;
+                self.stats.files += 1;
+            }
+            Kind::Symlink => {
+                obj.target = Bytes::from(rfs::readlinkat(dir, name, Vec::new()).map_err(|e| io_err(path, e))?.into_bytes());
+            }
+            Kind::Fifo => {
+                let fd = rfs::openat(dir, name, OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty()).map_err(|e| io_err(path, e))?;
+                let p = CString::new(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&fd))).unwrap();
+                obj.xattrs = xattrs_of(&fd, Some(&p));
+            }
+            Kind::Dir => {
+                let fd = match rfs::openat(dir, name, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty()) {
+                    Ok(fd) => fd,
+                    Err(rustix::io::Errno::NOENT) => return Ok(None),
+                    Err(e) => return Err(io_err(path, e)),
+                };
+                obj.xattrs = xattrs_of(&fd, None);
+                self.objects.push(obj);
+                self.walk_dir(&fd, ino, path, false)?;
+                return Ok(Some(ino));
+            }
+        }
+        self.objects.push(obj);
+        Ok(Some(ino))
+    }
+
+    fn walk_dir(&mut self, fd: &OwnedFd, ino: Ino, path: &str, is_root: bool) -> Result<(), BaseError> {
+        let mut names = Vec::new();
+        let dup = rfs::openat(fd, c".", OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty()).map_err(|e| io_err(path, e))?;
+        let mut dir = rfs::Dir::read_from(&dup).map_err(|e| io_err(path, e))?;
+        while let Some(ent) = dir.next() {
+            let ent = ent.map_err(|e| io_err(path, e))?;
+            let n = ent.file_name();
+            if n == c"." || n == c".." || (is_root && n.to_bytes() == HIDDEN.as_bytes()) {
+                continue;
+            }
+            names.push(n.to_owned());
+        }
+        for n in names {
+            let child_path = format!("{path}/{}", String::from_utf8_lossy(n.to_bytes()));
+            if let Some(child) = self.visit(fd, &n, &child_path)? {
+                self.links.push(Link { parent: ino, name: Bytes::copy_from_slice(n.to_bytes()), ino: child });
+            }
+        }
+        Ok(())
+    }
+}
+
+fn read_full_at(fd: &OwnedFd, buf: &mut [u8], off: u64) -> std::io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        match rustix::io::pread(fd, &mut buf[done..], off + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(done)
+}
+
+/// Inputs of one base walk.
+pub struct BaseRequest<'a> {
+    pub source: &'a OwnedFd,
+    pub store: &'a dyn Store,
+    pub lineage: u64,
+    pub start_seq: Seq,
+    pub started_ns: Nanos,
+    pub kind: BaseKind,
+    pub watch: &'a BaseWatch,
+    pub known_chunks: &'a Mutex<HashSet<[u8; 32]>>,
+}
+
+/// Walks the source and uploads its chunks. The manifest is returned, not
+/// stored: the caller stamps `completed_ns` from the record clock after the
+/// walk (so every record before it is covered) and stores it.
+pub fn walk(req: &BaseRequest<'_>) -> Result<(Manifest, BaseStats), BaseError> {
+    req.watch.active.store(true, std::sync::atomic::Ordering::Release);
+    let res = walk_inner(req);
+    req.watch.active.store(false, std::sync::atomic::Ordering::Release);
+    req.watch.moved.lock().clear();
+    res
+}
+
+fn walk_inner(req: &BaseRequest<'_>) -> Result<(Manifest, BaseStats), BaseError> {
+    let root_st = rfs::fstat(req.source).map_err(|e| io_err("source", e))?;
+    let mut w = Walker {
+        store: req.store,
+        seen: HashSet::new(),
+        known_chunks: req.known_chunks,
+        objects: Vec::new(),
+        links: Vec::new(),
+        stats: BaseStats::default(),
+        buf: Vec::new(),
+    };
+    let root = root_st.st_ino;
+    w.seen.insert(root);
+    w.objects.push(Object {
+        ino: root,
+        kind: Kind::Dir,
+        mode: root_st.st_mode & 0o7777,
+        uid: root_st.st_uid,
+        gid: root_st.st_gid,
+        size: 0,
+        mtime: 0,
+        rdev: 0,
+        target: Bytes::new(),
+        xattrs: xattrs_of(req.source, None),
+        extents: Vec::new(),
+    });
+    w.walk_dir(req.source, root, "", true)?;
+    // Capture what moved behind the walk. Handles are O_PATH: reopen each
+    // through /proc so the normal capture code applies.
+    loop {
+        let moved: Vec<OwnedFd> = std::mem::take(&mut *req.watch.moved.lock());
+        if moved.is_empty() {
+            break;
+        }
+        let proc = rfs::open("/proc/self/fd", OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty()).map_err(|e| io_err("/proc/self/fd", e))?;
+        for fd in moved {
+            let st = match rfs::fstat(&fd) {
+                Ok(st) => st,
+                Err(_) => continue,
+            };
+            if w.seen.contains(&st.st_ino) || st.st_nlink == 0 {
+                continue;
+            }
+            let name = CString::new(std::os::fd::AsRawFd::as_raw_fd(&fd).to_string()).unwrap();
+            // The magic link resolves to the moved inode itself.
+            let _ = w.visit_proc(&proc, &name, &fd)?;
+        }
+    }
+    Ok((
+        Manifest {
+            lineage: req.lineage,
+            start_seq: req.start_seq,
+            started_ns: req.started_ns,
+            completed_ns: 0,
+            kind: req.kind,
+            root,
+            objects: w.objects,
+            links: w.links,
+        },
+        w.stats,
+    ))
+}
+
+impl Walker<'_> {
+    fn visit_proc(&mut self, proc: &OwnedFd, name: &CStr, fd: &OwnedFd) -> Result<Option<Ino>, BaseError> {
+        let st = rfs::fstat(fd).map_err(|e| io_err("moved entry", e))?;
+        if Kind::from_mode(st.st_mode) == Some(Kind::Dir) {
+            // Reopen the directory itself (following the magic link) and
+            // walk it; its own link comes from the rename record.
+            let d = rfs::openat(proc, name, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty()).map_err(|e| io_err("moved dir", e))?;
+            self.seen.insert(st.st_ino);
+            self.objects.push(Object {
+                ino: st.st_ino,
+                kind: Kind::Dir,
+                mode: st.st_mode & 0o7777,
+                uid: st.st_uid,
+                gid: st.st_gid,
+                size: 0,
+                mtime: 0,
+                rdev: 0,
+                target: Bytes::new(),
+                xattrs: xattrs_of(&d, None),
+                extents: Vec::new(),
+            });
+            self.walk_dir(&d, st.st_ino, "(moved dir)", false)?;
+            return Ok(Some(st.st_ino));
+        }
+        let mut obj = Object {
+            ino: st.st_ino,
+            kind: Kind::Fifo,
+            mode: st.st_mode & 0o7777,
+            uid: st.st_uid,
+            gid: st.st_gid,
+            size: st.st_size as u64,
+            mtime: st.st_mtime * 1_000_000_000 + st.st_mtime_nsec as i64,
+            rdev: 0,
+            target: Bytes::new(),
+            xattrs: Vec::new(),
+            extents: Vec::new(),
+        };
+        match Kind::from_mode(st.st_mode) {
+            Some(Kind::File) => {
+                // The magic link names the inode itself, so following it is
+                // safe here.
+                let f = rfs::openat(proc, name, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty()).map_err(|e| io_err("moved file", e))?;
+                obj.kind = Kind::File;
+                obj.extents = self.capture_file(&f, &st, "(moved file)")?;
+                obj.xattrs = xattrs_of(&f, None);
+            }
+            Some(Kind::Symlink) => {
+                obj.kind = Kind::Symlink;
+                obj.target = Bytes::from(rfs::readlinkat(fd, c"", Vec::new()).map_err(|e| io_err("moved symlink", e))?.into_bytes());
+            }
+            Some(Kind::Fifo) => {}
+            _ => return Ok(None),
+        }
+        self.seen.insert(st.st_ino);
+        self.objects.push(obj);
+        Ok(Some(st.st_ino))
+    }
+}
+
+/// Stores the manifest; the base is usable from `completed_ns` on.
+pub fn store_manifest(store: &dyn Store, m: &Manifest) -> Result<(), StoreError> {
+    store.put(&m.meta().key(), encode_manifest(m))
+}
+
+pub fn load_manifest(store: &dyn Store, meta: &BaseMeta) -> Result<Manifest, BaseError> {
+    let key = meta.key();
+    let data = store.get(&key)?;
+    let m = decode_manifest(&data).map_err(|source| BaseError::Damaged { what: format!("base manifest {key}"), source })?;
+    if m.meta() != *meta {
+        return Err(BaseError::Inconsistent(format!("base manifest {key} does not match its key")));
+    }
+    Ok(m)
+}
+
+/// Converts a name from a record or manifest into a path component,
+/// refusing anything that could leave the directory it is applied in.
+pub fn safe_name(name: &[u8]) -> Option<&OsStr> {
+    if name.is_empty() || name.len() > 255 || name == b"." || name == b".." || name.contains(&b'/') || name.contains(&0) {
+        return None;
+    }
+    Some(OsStr::from_bytes(name))
+}
+
+pub type SharedChunks = Arc<Mutex<HashSet<[u8; 32]>>>;
+

@@ -1,0 +1,349 @@
+//! The fuser adapter: the only module that imports fuser. It translates
+//! kernel requests into `Passthrough` calls and results into replies (inode
+//! numbers, attributes, errno), mounts the session with the options the
+//! contract fixes (allow_other, default_permissions, 1 MiB writes, one
+//! cloned /dev/fuse fd per worker thread), and nothing else: no logic that
+//! the core could hold.
+
+use std::ffi::OsStr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fuser::{
+    AccessFlags, BsdFileFlags, Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig,
+    LockOwner, MountOption, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek,
+    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, SessionACL, TimeOrNow, WriteFlags,
+};
+use rustix::fs::Stat;
+
+use super::{Caller, Passthrough};
+use crate::record::{Ino, Kind};
+
+/// Every change goes through this mount, so the kernel may cache entries
+/// and attributes; a second is short enough for tools that look at the
+/// source directly while debugging.
+const TTL: Duration = Duration::from_secs(1);
+
+pub struct FuseFs {
+    core: Arc<Passthrough>,
+    root: Ino,
+}
+
+fn err(e: rustix::io::Errno) -> Errno {
+    Errno::from_i32(e.raw_os_error())
+}
+
+impl FuseFs {
+    pub fn new(core: Arc<Passthrough>) -> FuseFs {
+        let root = core.root_ino();
+        FuseFs { core, root }
+    }
+
+    /// FUSE's root is inode 1; the source root has its own number. Swap the
+    /// two (an involution, so the same function maps both ways).
+    fn map(&self, ino: u64) -> u64 {
+        if ino == 1 {
+            self.root
+        } else if ino == self.root {
+            1
+        } else {
+            ino
+        }
+    }
+
+    fn src(&self, ino: INodeNo) -> Ino {
+        self.map(ino.0)
+    }
+
+    fn attr(&self, st: &Stat) -> FileAttr {
+        let t = |s: i64, ns: i64| {
+            if s >= 0 {
+                UNIX_EPOCH + Duration::new(s as u64, ns as u32)
+            } else {
+                UNIX_EPOCH - Duration::new((-s) as u64, 0)
+            }
+        };
+        let kind = match Kind::from_mode(st.st_mode) {
+            Some(Kind::Dir) => FileType::Directory,
+            Some(Kind::Symlink) => FileType::Symlink,
+            Some(Kind::Fifo) => FileType::NamedPipe,
+            Some(Kind::File) => FileType::RegularFile,
+            None => match st.st_mode & libc::S_IFMT {
+                libc::S_IFCHR => FileType::CharDevice,
+                libc::S_IFBLK => FileType::BlockDevice,
+                _ => FileType::Socket,
+            },
+        };
+        FileAttr {
+            ino: INodeNo(self.map(st.st_ino)),
+            size: st.st_size as u64,
+            blocks: st.st_blocks as u64,
+            atime: t(st.st_atime, st.st_atime_nsec as i64),
+            mtime: t(st.st_mtime, st.st_mtime_nsec as i64),
+            ctime: t(st.st_ctime, st.st_ctime_nsec as i64),
+            crtime: UNIX_EPOCH,
+            kind,
+            perm: (st.st_mode & 0o7777) as u16,
+            nlink: st.st_nlink as u32,
+            uid: st.st_uid,
+            gid: st.st_gid,
+            rdev: st.st_rdev as u32,
+            blksize: st.st_blksize as u32,
+            flags: 0,
+        }
+    }
+
+    fn entry(&self, reply: ReplyEntry, r: Result<Stat, rustix::io::Errno>) {
+        match r {
+            Ok(st) => reply.entry(&TTL, &self.attr(&st), Generation(0)),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+}
+
+fn caller(req: &Request) -> Caller {
+    Caller { uid: req.uid(), gid: req.gid() }
+}
+
+fn time_arg(t: Option<TimeOrNow>) -> Option<Option<(i64, i64)>> {
+    t.map(|t| match t {
+        TimeOrNow::Now => None,
+        TimeOrNow::SpecificTime(st) => Some(match st.duration_since(UNIX_EPOCH) {
+            Ok(d) => (d.as_secs() as i64, d.subsec_nanos() as i64),
+            Err(e) => (-(e.duration().as_secs() as i64), 0),
+        }),
+    })
+}
+
+fn empty(reply: ReplyEmpty, r: Result<(), rustix::io::Errno>) {
+    match r {
+        Ok(()) => reply.ok(),
+        Err(e) => reply.error(err(e)),
+    }
+}
+
+impl Filesystem for FuseFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let _ = config.set_max_write(1 << 20);
+        let _ = config.add_capabilities(fuser::InitFlags::FUSE_PARALLEL_DIROPS);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        self.entry(reply, self.core.lookup(self.src(parent), name))
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.core.forget(self.src(ino), nlookup)
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.core.getattr(self.src(ino)) {
+            Ok(st) => reply.attr(&TTL, &self.attr(&st)),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        match self.core.setattr(self.src(ino), mode, uid, gid, size, time_arg(atime), time_arg(mtime), fh.map(|f| f.0)) {
+            Ok(st) => reply.attr(&TTL, &self.attr(&st)),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.core.readlink(self.src(ino)) {
+            Ok(t) => reply.data(&t),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn mknod(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, _rdev: u32, reply: ReplyEntry) {
+        self.entry(reply, self.core.mknod(self.src(parent), name, mode, umask, caller(req)))
+    }
+
+    fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
+        self.entry(reply, self.core.mkdir(self.src(parent), name, mode, umask, caller(req)))
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        empty(reply, self.core.unlink(self.src(parent), name, false))
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        empty(reply, self.core.unlink(self.src(parent), name, true))
+    }
+
+    fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
+        self.entry(reply, self.core.symlink(self.src(parent), link_name, target.as_os_str(), caller(req)))
+    }
+
+    fn rename(&self, _req: &Request, parent: INodeNo, name: &OsStr, newparent: INodeNo, newname: &OsStr, flags: RenameFlags, reply: ReplyEmpty) {
+        empty(reply, self.core.rename(self.src(parent), name, self.src(newparent), newname, flags.bits()))
+    }
+
+    fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
+        self.entry(reply, self.core.link(self.src(ino), self.src(newparent), newname))
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        match self.core.open(self.src(ino), flags.0) {
+            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn read(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, size: u32, _flags: OpenFlags, _lo: Option<LockOwner>, reply: ReplyData) {
+        let mut buf = Vec::new();
+        match self.core.read(fh.0, offset, &mut buf, size as usize) {
+            Ok(()) => reply.data(&buf),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _wf: WriteFlags,
+        _flags: OpenFlags,
+        _lo: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        match self.core.write(fh.0, offset, data) {
+            Ok(n) => reply.written(n as u32),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lo: LockOwner, reply: ReplyEmpty) {
+        reply.ok()
+    }
+
+    fn release(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, _lo: Option<LockOwner>, _flush: bool, reply: ReplyEmpty) {
+        self.core.release(fh.0);
+        reply.ok()
+    }
+
+    fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
+        empty(reply, self.core.fsync(fh.0, datasync))
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.core.opendir(self.src(ino)) {
+            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn readdir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        let r = self.core.readdir(fh.0, offset, &mut |ino, off, kind, name| {
+            let ft = match kind {
+                Some(Kind::Dir) => FileType::Directory,
+                Some(Kind::Symlink) => FileType::Symlink,
+                Some(Kind::Fifo) => FileType::NamedPipe,
+                _ => FileType::RegularFile,
+            };
+            reply.add(INodeNo(self.map(ino)), off, ft, name)
+        });
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
+        self.core.release(fh.0);
+        reply.ok()
+    }
+
+    fn fsyncdir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        empty(reply, self.core.fsyncdir(fh.0))
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        match self.core.statfs() {
+            Ok(s) => reply.statfs(s.f_blocks, s.f_bfree, s.f_bavail, s.f_files, s.f_ffree, s.f_bsize as u32, s.f_namemax as u32, s.f_frsize as u32),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn setxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, value: &[u8], flags: i32, _position: u32, reply: ReplyEmpty) {
+        empty(reply, self.core.setxattr(self.src(ino), name, value, flags))
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        match self.core.getxattr(self.src(ino), name, size as usize) {
+            Ok(v) if size == 0 => reply.size(v.len() as u32),
+            Ok(v) => reply.data(&v),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        match self.core.listxattr(self.src(ino), size as usize) {
+            Ok(v) if size == 0 => reply.size(v.len() as u32),
+            Ok(v) => reply.data(&v),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        empty(reply, self.core.removexattr(self.src(ino), name))
+    }
+
+    fn access(&self, _req: &Request, _ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
+        // default_permissions: the kernel has checked already.
+        reply.ok()
+    }
+
+    fn create(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, flags: i32, reply: ReplyCreate) {
+        match self.core.create(self.src(parent), name, mode, umask, flags, caller(req)) {
+            Ok((st, fh)) => reply.created(&TTL, &self.attr(&st), Generation(0), FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn fallocate(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, length: u64, mode: i32, reply: ReplyEmpty) {
+        empty(reply, self.core.fallocate(fh.0, offset, length, mode))
+    }
+
+    fn lseek(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: i64, whence: i32, reply: ReplyLseek) {
+        match self.core.lseek(fh.0, offset, whence) {
+            Ok(o) => reply.offset(o as i64),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+}
+
+/// Mounts `fs` at `mountpoint` with the contract's options and serves it on
+/// `threads` worker threads in the background.
+pub fn mount(fs: FuseFs, mountpoint: &Path, threads: usize) -> std::io::Result<fuser::BackgroundSession> {
+    let mut cfg = Config::default();
+    cfg.mount_options = vec![MountOption::FSName("rewind".into()), MountOption::Subtype("rewind".into()), MountOption::DefaultPermissions];
+    cfg.acl = SessionACL::All;
+    cfg.n_threads = Some(threads.max(1));
+    cfg.clone_fd = true;
+    fuser::spawn_mount(fs, mountpoint, &cfg)
+}

@@ -1,0 +1,683 @@
+//! The passthrough filesystem core: every operation the mount serves,
+//! applied to the source directory and journaled before it returns. It
+//! owns the inode table (source inode number -> O_PATH handle), open file
+//! handles, the locking that makes sequence order equal application order
+//! (one namespace lock for operations that change names, one lock per inode
+//! for data and attributes, each held across apply + journal append), the
+//! ownership rules for new files, and the hidden journal directory at the
+//! root. It speaks plain types and `Errno`; it must not import fuser (that
+//! is `fuse.rs`) and must not reply before the record is appended.
+//!
+//! Apply, then record: an operation is applied to the source first, so the
+//! record carries its resolved effect (the offset an O_APPEND write landed
+//! at, the resulting size, mode, owner and mtime read back with fstat), and
+//! only operations that succeeded are journaled. A crash between the two
+//! leaves the source ahead of the journal by at most the requests in
+//! flight, none of them acknowledged; the next start takes a repair base
+//! (see `run.rs`), which the timeline marks as a gap until it completes.
+
+pub mod fuse;
+
+use std::collections::HashMap;
+use std::ffi::{CString, OsStr};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use parking_lot::{Mutex, RwLock};
+use rustix::fs::{self as rfs, AtFlags, Mode, OFlags, Stat};
+use rustix::io::Errno;
+
+use crate::base::{BaseWatch, HIDDEN};
+use crate::journal::Journal;
+use crate::record::{Ino, Kind, Op, RENAME_EXCHANGE_FLAG};
+
+pub type FsResult<T> = Result<T, Errno>;
+
+struct Inode {
+    fd: OwnedFd,
+    kind: Kind,
+    nlookup: AtomicU64,
+    /// Held across apply + append for data and attribute changes.
+    data: Mutex<()>,
+}
+
+/// An open file or directory.
+pub struct Handle {
+    ino: Ino,
+    fd: OwnedFd,
+    append: bool,
+    writable: bool,
+    dir: Mutex<DirState>,
+}
+
+#[derive(Default)]
+struct DirState {
+    buf: Vec<u8>,
+}
+
+pub struct Passthrough {
+    root_fd: OwnedFd,
+    root_ino: Ino,
+    inodes: RwLock<HashMap<Ino, Arc<Inode>>>,
+    handles: RwLock<HashMap<u64, Arc<Handle>>>,
+    next_fh: AtomicU64,
+    namespace: Mutex<()>,
+    gate: RwLock<()>,
+    journal: Arc<Journal>,
+    watch: Arc<BaseWatch>,
+    broken: AtomicBool,
+}
+
+fn proc_path(fd: &impl AsRawFd) -> CString {
+    CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd())).unwrap()
+}
+
+fn mtime_of(st: &Stat) -> i64 {
+    st.st_mtime * 1_000_000_000 + st.st_mtime_nsec as i64
+}
+
+/// What a new file or directory should be owned by: the caller, with the
+/// parent's group under a setgid directory (as the kernel does).
+#[derive(Debug, Clone, Copy)]
+pub struct Caller {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl Passthrough {
+    pub fn new(root_fd: OwnedFd, journal: Arc<Journal>, watch: Arc<BaseWatch>) -> std::io::Result<Passthrough> {
+        let st = rfs::fstat(&root_fd)?;
+        let path_fd = rfs::openat(&root_fd, c".", OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())?;
+        let mut inodes = HashMap::new();
+        inodes.insert(st.st_ino, Arc::new(Inode { fd: path_fd, kind: Kind::Dir, nlookup: AtomicU64::new(1 << 40), data: Mutex::new(()) }));
+        Ok(Passthrough {
+            root_fd,
+            root_ino: st.st_ino,
+            inodes: RwLock::new(inodes),
+            handles: RwLock::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            namespace: Mutex::new(()),
+            gate: RwLock::new(()),
+            journal,
+            watch,
+            broken: AtomicBool::new(false),
+        })
+    }
+
+    pub fn root_ino(&self) -> Ino {
+        self.root_ino
+    }
+
+    fn inode(&self, ino: Ino) -> FsResult<Arc<Inode>> {
+        self.inodes.read().get(&ino).cloned().ok_or(Errno::STALE)
+    }
+
+    fn handle(&self, fh: u64) -> FsResult<Arc<Handle>> {
+        self.handles.read().get(&fh).cloned().ok_or(Errno::BADF)
+    }
+
+    fn is_hidden(&self, parent: Ino, name: &OsStr) -> bool {
+        parent == self.root_ino && name.as_bytes() == HIDDEN.as_bytes()
+    }
+
+    /// Appends the records of an applied operation. A journal that cannot
+    /// take records makes the mount fail every later change loudly (EIO)
+    /// rather than acknowledge what is not journaled.
+    fn record(&self, ops: &[Op]) -> FsResult<()> {
+        if self.broken.load(Ordering::Relaxed) {
+            return Err(Errno::IO);
+        }
+        match self.journal.append(ops) {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                tracing::error!("journal append failed, refusing further changes: {e}");
+                self.broken.store(true, Ordering::Relaxed);
+                Err(Errno::IO)
+            }
+        }
+    }
+
+    /// Starts a mutating operation: refuses it once the journal failed,
+    /// and holds the gate that `barrier` uses to wait for operations in
+    /// flight (applied to the source but not yet journaled).
+    fn begin(&self) -> FsResult<parking_lot::RwLockReadGuard<'_, ()>> {
+        if self.broken.load(Ordering::Relaxed) {
+            return Err(Errno::IO);
+        }
+        Ok(self.gate.read())
+    }
+
+    /// Waits until every mutating operation in flight has been journaled,
+    /// then runs `f` while new ones wait. A base uses it to stamp its
+    /// completion time after everything the walk may have seen.
+    pub fn barrier<T>(&self, f: impl FnOnce() -> T) -> T {
+        let _g = self.gate.write();
+        f()
+    }
+
+    /// Finds or adds the inode for `name` in `parent` and counts a lookup.
+    fn remember(&self, parent_fd: &OwnedFd, name: &OsStr) -> FsResult<Stat> {
+        let fd = rfs::openat(parent_fd, name, OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())?;
+        let st = rfs::fstat(&fd)?;
+        let kind = Kind::from_mode(st.st_mode).ok_or(Errno::NOTSUP)?;
+        let mut map = self.inodes.write();
+        match map.get(&st.st_ino) {
+            Some(i) => {
+                i.nlookup.fetch_add(1, Ordering::Relaxed);
+            }
+            None => {
+                map.insert(st.st_ino, Arc::new(Inode { fd, kind, nlookup: AtomicU64::new(1), data: Mutex::new(()) }));
+            }
+        }
+        Ok(st)
+    }
+
+    pub fn lookup(&self, parent: Ino, name: &OsStr) -> FsResult<Stat> {
+        if self.is_hidden(parent, name) {
+            return Err(Errno::NOENT);
+        }
+        let p = self.inode(parent)?;
+        self.remember(&p.fd, name)
+    }
+
+    pub fn forget(&self, ino: Ino, n: u64) {
+        let mut map = self.inodes.write();
+        if let Some(i) = map.get(&ino) {
+            if i.nlookup.fetch_sub(n.min(i.nlookup.load(Ordering::Relaxed)), Ordering::Relaxed) <= n && ino != self.root_ino {
+                map.remove(&ino);
+            }
+        }
+    }
+
+    pub fn getattr(&self, ino: Ino) -> FsResult<Stat> {
+        Ok(rfs::fstat(&self.inode(ino)?.fd)?)
+    }
+
+    fn attr_record(&self, ino: Ino, st: &Stat) -> Op {
+        Op::SetAttr { ino, mode: st.st_mode & 0o7777, uid: st.st_uid, gid: st.st_gid, size: st.st_size as u64, mtime: mtime_of(st) }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn setattr(
+        &self,
+        ino: Ino,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<Option<(i64, i64)>>,
+        mtime: Option<Option<(i64, i64)>>,
+        fh: Option<u64>,
+    ) -> FsResult<Stat> {
+        let _op = self.begin()?;
+        let inode = self.inode(ino)?;
+        let _g = inode.data.lock();
+        let res = (|| -> FsResult<()> {
+            if uid.is_some() || gid.is_some() {
+                rfs::chownat(&inode.fd, c"", uid.map(rfs::Uid::from_raw), gid.map(rfs::Gid::from_raw), AtFlags::EMPTY_PATH | AtFlags::SYMLINK_NOFOLLOW)?;
+            }
+            if let Some(m) = mode {
+                if inode.kind == Kind::Symlink {
+                    return Err(Errno::OPNOTSUPP);
+                }
+                rfs::chmodat(rfs::CWD, proc_path(&inode.fd).as_c_str(), Mode::from_bits_truncate(m & 0o7777), AtFlags::empty())?;
+            }
+            if let Some(sz) = size {
+                match fh.and_then(|f| self.handle(f).ok()).filter(|h| h.writable) {
+                    Some(h) => rfs::ftruncate(&h.fd, sz)?,
+                    None => {
+                        let f = rfs::open(proc_path(&inode.fd).as_c_str(), OFlags::WRONLY | OFlags::CLOEXEC, Mode::empty())?;
+                        rfs::ftruncate(&f, sz)?
+                    }
+                }
+            }
+            if atime.is_some() || mtime.is_some() {
+                if inode.kind == Kind::Symlink {
+                    return Ok(());
+                }
+                let conv = |t: Option<Option<(i64, i64)>>| match t {
+                    None => rfs::Timespec { tv_sec: 0, tv_nsec: rfs::UTIME_OMIT },
+                    Some(None) => rfs::Timespec { tv_sec: 0, tv_nsec: rfs::UTIME_NOW },
+                    Some(Some((s, n))) => rfs::Timespec { tv_sec: s, tv_nsec: n as _ },
+                };
+                let ts = rfs::Timestamps { last_access: conv(atime), last_modification: conv(mtime) };
+                rfs::utimensat(rfs::CWD, proc_path(&inode.fd).as_c_str(), &ts, AtFlags::empty())?;
+            }
+            Ok(())
+        })();
+        // Record the absolute state even after a partial failure: whatever
+        // did change on the source must be in the timeline.
+        let st = rfs::fstat(&inode.fd)?;
+        self.record(&[self.attr_record(ino, &st)])?;
+        res.map(|_| st)
+    }
+
+    pub fn readlink(&self, ino: Ino) -> FsResult<Vec<u8>> {
+        Ok(rfs::readlinkat(&self.inode(ino)?.fd, c"", Vec::new())?.into_bytes())
+    }
+
+    fn new_owner(&self, parent: &Inode, caller: Caller) -> FsResult<(u32, u32)> {
+        let pst = rfs::fstat(&parent.fd)?;
+        let gid = if pst.st_mode & libc::S_ISGID != 0 { pst.st_gid } else { caller.gid };
+        Ok((caller.uid, gid))
+    }
+
+    /// Gives a just-created entry its owner and intended mode, then returns
+    /// its stat and the Create record.
+    fn finish_create(&self, parent: Ino, pinode: &Inode, name: &OsStr, caller: Caller, mode: u32, target: &[u8]) -> FsResult<(Stat, Op)> {
+        let (uid, gid) = self.new_owner(pinode, caller)?;
+        rfs::chownat(&pinode.fd, name, Some(rfs::Uid::from_raw(uid)), Some(rfs::Gid::from_raw(gid)), AtFlags::SYMLINK_NOFOLLOW)?;
+        let mut st = self.remember(&pinode.fd, name)?;
+        let kind = Kind::from_mode(st.st_mode).ok_or(Errno::NOTSUP)?;
+        // chown clears set-id bits; put back what the caller asked for.
+        if kind != Kind::Symlink && st.st_mode & 0o7777 != mode & 0o7777 && kind != Kind::Dir {
+            rfs::chmodat(&pinode.fd, name, Mode::from_bits_truncate(mode & 0o7777), AtFlags::empty())?;
+            st = rfs::statat(&pinode.fd, name, AtFlags::SYMLINK_NOFOLLOW)?;
+        }
+        let op = Op::Create {
+            parent,
+            name: Bytes::copy_from_slice(name.as_bytes()),
+            ino: st.st_ino,
+            kind,
+            mode: st.st_mode & 0o7777,
+            uid: st.st_uid,
+            gid: st.st_gid,
+            mtime: mtime_of(&st),
+            rdev: st.st_rdev,
+            target: Bytes::copy_from_slice(target),
+        };
+        Ok((st, op))
+    }
+
+    pub fn mknod(&self, parent: Ino, name: &OsStr, mode: u32, umask: u32, caller: Caller) -> FsResult<Stat> {
+        let _op = self.begin()?;
+        if self.is_hidden(parent, name) {
+            return Err(Errno::PERM);
+        }
+        let ft = match mode & libc::S_IFMT {
+            libc::S_IFIFO => rfs::FileType::Fifo,
+            libc::S_IFREG | 0 => rfs::FileType::RegularFile,
+            // Device nodes and sockets are not protected (docs/SEMANTICS.md).
+            _ => return Err(Errno::PERM),
+        };
+        let p = self.inode(parent)?;
+        let _ns = self.namespace.lock();
+        let perm = mode & 0o7777 & !umask;
+        rfs::mknodat(&p.fd, name, ft, Mode::from_bits_truncate(perm), 0)?;
+        let (st, op) = self.finish_create(parent, &p, name, caller, perm, b"")?;
+        self.record(&[op])?;
+        Ok(st)
+    }
+
+    pub fn mkdir(&self, parent: Ino, name: &OsStr, mode: u32, umask: u32, caller: Caller) -> FsResult<Stat> {
+        let _op = self.begin()?;
+        if self.is_hidden(parent, name) {
+            return Err(Errno::PERM);
+        }
+        let p = self.inode(parent)?;
+        let _ns = self.namespace.lock();
+        let perm = mode & 0o7777 & !umask;
+        rfs::mkdirat(&p.fd, name, Mode::from_bits_truncate(perm))?;
+        let (st, op) = self.finish_create(parent, &p, name, caller, perm, b"")?;
+        self.record(&[op])?;
+        Ok(st)
+    }
+
+    pub fn symlink(&self, parent: Ino, name: &OsStr, target: &OsStr, caller: Caller) -> FsResult<Stat> {
+        let _op = self.begin()?;
+        if self.is_hidden(parent, name) {
+            return Err(Errno::PERM);
+        }
+        let p = self.inode(parent)?;
+        let _ns = self.namespace.lock();
+        rfs::symlinkat(target, &p.fd, name)?;
+        let (st, op) = self.finish_create(parent, &p, name, caller, 0o777, target.as_bytes())?;
+        self.record(&[op])?;
+        Ok(st)
+    }
+
+    fn entry_ino(&self, parent_fd: &OwnedFd, name: &OsStr) -> FsResult<Option<Ino>> {
+        match rfs::statat(parent_fd, name, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) => Ok(Some(st.st_ino)),
+            Err(Errno::NOENT) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub fn unlink(&self, parent: Ino, name: &OsStr, dir: bool) -> FsResult<()> {
+        let _op = self.begin()?;
+        if self.is_hidden(parent, name) {
+            return Err(Errno::NOENT);
+        }
+        let p = self.inode(parent)?;
+        let _ns = self.namespace.lock();
+        let ino = self.entry_ino(&p.fd, name)?.ok_or(Errno::NOENT)?;
+        rfs::unlinkat(&p.fd, name, if dir { AtFlags::REMOVEDIR } else { AtFlags::empty() })?;
+        self.record(&[Op::Unlink { parent, name: Bytes::copy_from_slice(name.as_bytes()), ino }])
+    }
+
+    pub fn rename(&self, parent: Ino, name: &OsStr, newparent: Ino, newname: &OsStr, flags: u32) -> FsResult<()> {
+        let _op = self.begin()?;
+        if self.is_hidden(parent, name) {
+            return Err(Errno::NOENT);
+        }
+        if self.is_hidden(newparent, newname) {
+            return Err(Errno::PERM);
+        }
+        let rflags = rfs::RenameFlags::from_bits(flags).ok_or(Errno::INVAL)?;
+        if rflags.contains(rfs::RenameFlags::WHITEOUT) {
+            return Err(Errno::INVAL);
+        }
+        let p = self.inode(parent)?;
+        let np = self.inode(newparent)?;
+        let _ns = self.namespace.lock();
+        let ino = self.entry_ino(&p.fd, name)?.ok_or(Errno::NOENT)?;
+        let replaced = self.entry_ino(&np.fd, newname)?;
+        rfs::renameat_with(&p.fd, name, &np.fd, newname, rflags)?;
+        if self.watch.is_active() {
+            // The walk may have passed the new place already.
+            for (fd, n) in [(&np.fd, newname), (&p.fd, name)] {
+                if let Ok(h) = rfs::openat(fd, n, OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty()) {
+                    self.watch.moved(h);
+                }
+            }
+        }
+        let exchange = rflags.contains(rfs::RenameFlags::EXCHANGE);
+        self.record(&[Op::Rename {
+            from_parent: parent,
+            from_name: Bytes::copy_from_slice(name.as_bytes()),
+            to_parent: newparent,
+            to_name: Bytes::copy_from_slice(newname.as_bytes()),
+            ino,
+            replaced: replaced.unwrap_or(0),
+            flags: if exchange { RENAME_EXCHANGE_FLAG } else { 0 },
+        }])
+    }
+
+    pub fn link(&self, ino: Ino, newparent: Ino, newname: &OsStr) -> FsResult<Stat> {
+        let _op = self.begin()?;
+        if self.is_hidden(newparent, newname) {
+            return Err(Errno::PERM);
+        }
+        let inode = self.inode(ino)?;
+        let np = self.inode(newparent)?;
+        let _ns = self.namespace.lock();
+        rfs::linkat(&inode.fd, c"", &np.fd, newname, AtFlags::EMPTY_PATH)?;
+        if self.watch.is_active() {
+            if let Ok(h) = rfs::openat(&np.fd, newname, OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty()) {
+                self.watch.moved(h);
+            }
+        }
+        let st = self.remember(&np.fd, newname)?;
+        self.record(&[Op::Link { ino, parent: newparent, name: Bytes::copy_from_slice(newname.as_bytes()) }])?;
+        Ok(st)
+    }
+
+    fn new_handle(&self, ino: Ino, fd: OwnedFd, flags: i32) -> u64 {
+        let acc = flags & libc::O_ACCMODE;
+        let h = Handle {
+            ino,
+            fd,
+            append: flags & libc::O_APPEND != 0,
+            writable: acc == libc::O_WRONLY || acc == libc::O_RDWR,
+            dir: Mutex::new(DirState::default()),
+        };
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.handles.write().insert(fh, Arc::new(h));
+        fh
+    }
+
+    /// Flags for reopening a source file: appends are positioned by us
+    /// (under the inode lock, so the record knows where they landed), and
+    /// creation and truncation are separate, journaled steps.
+    fn reopen_flags(flags: i32) -> OFlags {
+        let keep = flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC | libc::O_APPEND | libc::O_NOCTTY | libc::O_NOFOLLOW);
+        OFlags::from_bits_retain(keep as u32) | OFlags::CLOEXEC
+    }
+
+    pub fn open(&self, ino: Ino, flags: i32) -> FsResult<u64> {
+        let inode = self.inode(ino)?;
+        let fd = rfs::open(proc_path(&inode.fd).as_c_str(), Self::reopen_flags(flags), Mode::empty())?;
+        if flags & libc::O_TRUNC != 0 && flags & libc::O_ACCMODE != libc::O_RDONLY {
+            let _op = self.begin()?;
+            let _g = inode.data.lock();
+            rfs::ftruncate(&fd, 0)?;
+            let st = rfs::fstat(&fd)?;
+            self.record(&[self.attr_record(ino, &st)])?;
+        }
+        Ok(self.new_handle(ino, fd, flags))
+    }
+
+    pub fn create(&self, parent: Ino, name: &OsStr, mode: u32, umask: u32, flags: i32, caller: Caller) -> FsResult<(Stat, u64)> {
+        let op = self.begin()?;
+        if self.is_hidden(parent, name) {
+            return Err(Errno::PERM);
+        }
+        let p = self.inode(parent)?;
+        let ns = self.namespace.lock();
+        let perm = mode & 0o7777 & !umask;
+        let oflags = Self::reopen_flags(flags) | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW;
+        match rfs::openat(&p.fd, name, oflags, Mode::from_bits_truncate(perm)) {
+            Ok(fd) => {
+                let (st, op) = self.finish_create(parent, &p, name, caller, perm, b"")?;
+                self.record(&[op])?;
+                Ok((st, self.new_handle(st.st_ino, fd, flags)))
+            }
+            Err(Errno::EXIST) if flags & libc::O_EXCL == 0 => {
+                // Lost a race with another creator: open what is there.
+                drop(ns);
+                drop(op);
+                let st = self.lookup(parent, name)?;
+                let fh = self.open(st.st_ino, flags)?;
+                Ok((rfs::fstat(&self.handle(fh)?.fd)?, fh))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    pub fn read(&self, fh: u64, offset: u64, buf: &mut Vec<u8>, size: usize) -> FsResult<()> {
+        let h = self.handle(fh)?;
+        buf.resize(size, 0);
+        let mut done = 0;
+        while done < size {
+            match rustix::io::pread(&h.fd, &mut buf[done..], offset + done as u64) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(Errno::INTR) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        buf.truncate(done);
+        Ok(())
+    }
+
+    pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<usize> {
+        let _op = self.begin()?;
+        let h = self.handle(fh)?;
+        let inode = self.inode(h.ino)?;
+        let _g = inode.data.lock();
+        let off = if h.append { rfs::fstat(&h.fd)?.st_size as u64 } else { offset };
+        let mut done = 0;
+        while done < data.len() {
+            match rustix::io::pwrite(&h.fd, &data[done..], off + done as u64) {
+                Ok(n) => done += n,
+                Err(Errno::INTR) => continue,
+                Err(e) if done == 0 => return Err(e),
+                // A short write (e.g. ENOSPC midway) is reported as such, and
+                // only the bytes that landed are recorded.
+                Err(_) => break,
+            }
+        }
+        let st = rfs::fstat(&h.fd)?;
+        self.record(&[Op::Write { ino: h.ino, offset: off, size: st.st_size as u64, mtime: mtime_of(&st), data: Bytes::copy_from_slice(&data[..done]) }])?;
+        Ok(done)
+    }
+
+    pub fn fallocate(&self, fh: u64, offset: u64, len: u64, mode: i32) -> FsResult<()> {
+        let _op = self.begin()?;
+        let h = self.handle(fh)?;
+        let inode = self.inode(h.ino)?;
+        let _g = inode.data.lock();
+        rfs::fallocate(&h.fd, rfs::FallocateFlags::from_bits_retain(mode as u32), offset, len)?;
+        let st = rfs::fstat(&h.fd)?;
+        self.record(&[Op::Fallocate { ino: h.ino, mode: mode as u32, offset, len, size: st.st_size as u64, mtime: mtime_of(&st) }])
+    }
+
+    pub fn lseek(&self, fh: u64, offset: i64, whence: i32) -> FsResult<u64> {
+        let h = self.handle(fh)?;
+        let pos = match whence {
+            libc::SEEK_DATA => rfs::SeekFrom::Data(offset as u64),
+            libc::SEEK_HOLE => rfs::SeekFrom::Hole(offset as u64),
+            libc::SEEK_SET => rfs::SeekFrom::Start(offset as u64),
+            libc::SEEK_END => rfs::SeekFrom::End(offset),
+            _ => return Err(Errno::INVAL),
+        };
+        Ok(rfs::seek(&h.fd, pos)?)
+    }
+
+    /// fsync/fdatasync: the journal (group commit) and the source file, so
+    /// that the data survives a machine crash without a redo step.
+    pub fn fsync(&self, fh: u64, datasync: bool) -> FsResult<()> {
+        let h = self.handle(fh)?;
+        self.journal.sync().map_err(|e| {
+            tracing::error!("journal sync failed: {e}");
+            Errno::IO
+        })?;
+        if datasync {
+            rfs::fdatasync(&h.fd)?;
+        } else {
+            rfs::fsync(&h.fd)?;
+        }
+        Ok(())
+    }
+
+    pub fn release(&self, fh: u64) {
+        self.handles.write().remove(&fh);
+    }
+
+    pub fn opendir(&self, ino: Ino) -> FsResult<u64> {
+        let inode = self.inode(ino)?;
+        let fd = rfs::openat(&inode.fd, c".", OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())?;
+        Ok(self.new_handle(ino, fd, libc::O_RDONLY))
+    }
+
+    /// Lists a directory from a source cookie: offsets are the source
+    /// filesystem's own `d_off` values, so they stay stable across calls.
+    /// `emit(ino, next_offset, kind, name)` returns true when full.
+    pub fn readdir(&self, fh: u64, offset: u64, emit: &mut dyn FnMut(Ino, u64, Option<Kind>, &OsStr) -> bool) -> FsResult<()> {
+        let h = self.handle(fh)?;
+        let mut st = h.dir.lock();
+        rfs::seek(&h.fd, rfs::SeekFrom::Start(offset))?;
+        if st.buf.len() < 32768 {
+            st.buf.resize(32768, 0);
+        }
+        loop {
+            // SAFETY: the buffer is valid for writes of its length and the
+            // fd is an open directory owned by the handle, locked by `st`.
+            let n = unsafe { libc::syscall(libc::SYS_getdents64, h.fd.as_raw_fd(), st.buf.as_mut_ptr(), st.buf.len()) };
+            if n < 0 {
+                return Err(Errno::from_raw_os_error(std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO)));
+            }
+            if n == 0 {
+                return Ok(());
+            }
+            let mut pos = 0usize;
+            while pos < n as usize {
+                let b = &st.buf[pos..];
+                let d_ino = u64::from_ne_bytes(b[0..8].try_into().unwrap());
+                let d_off = u64::from_ne_bytes(b[8..16].try_into().unwrap());
+                let reclen = u16::from_ne_bytes(b[16..18].try_into().unwrap()) as usize;
+                let dtype = b[18];
+                let name_bytes = &b[19..reclen];
+                let name_len = name_bytes.iter().position(|&c| c == 0).unwrap_or(name_bytes.len());
+                let name = OsStr::from_bytes(&name_bytes[..name_len]);
+                pos += reclen;
+                if h.ino == self.root_ino && name.as_bytes() == HIDDEN.as_bytes() {
+                    continue;
+                }
+                let kind = match dtype {
+                    libc::DT_DIR => Some(Kind::Dir),
+                    libc::DT_REG => Some(Kind::File),
+                    libc::DT_LNK => Some(Kind::Symlink),
+                    libc::DT_FIFO => Some(Kind::Fifo),
+                    _ => None,
+                };
+                if emit(d_ino, d_off, kind, name) {
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    pub fn fsyncdir(&self, fh: u64) -> FsResult<()> {
+        let h = self.handle(fh)?;
+        self.journal.sync().map_err(|_| Errno::IO)?;
+        Ok(rfs::fsync(&h.fd)?)
+    }
+
+    pub fn statfs(&self) -> FsResult<rfs::StatVfs> {
+        Ok(rfs::fstatvfs(&self.root_fd)?)
+    }
+
+    fn xattr_path(&self, inode: &Inode) -> FsResult<CString> {
+        if inode.kind == Kind::Symlink {
+            // Linux allows user xattrs only on files and directories.
+            return Err(Errno::PERM);
+        }
+        Ok(proc_path(&inode.fd))
+    }
+
+    pub fn setxattr(&self, ino: Ino, name: &OsStr, value: &[u8], flags: i32) -> FsResult<()> {
+        let _op = self.begin()?;
+        let inode = self.inode(ino)?;
+        let p = self.xattr_path(&inode)?;
+        let _g = inode.data.lock();
+        rfs::setxattr(p.as_c_str(), name, value, rfs::XattrFlags::from_bits_retain(flags as u32))?;
+        self.record(&[Op::SetXattr { ino, name: Bytes::copy_from_slice(name.as_bytes()), value: Bytes::copy_from_slice(value) }])
+    }
+
+    pub fn getxattr(&self, ino: Ino, name: &OsStr, size: usize) -> FsResult<Vec<u8>> {
+        let inode = self.inode(ino)?;
+        let p = match self.xattr_path(&inode) {
+            Ok(p) => p,
+            Err(_) => return Err(Errno::NODATA),
+        };
+        let mut buf = vec![0u8; if size == 0 { 65536 } else { size }];
+        let n = rfs::getxattr(p.as_c_str(), name, &mut buf)?;
+        buf.truncate(n);
+        Ok(buf)
+    }
+
+    pub fn listxattr(&self, ino: Ino, size: usize) -> FsResult<Vec<u8>> {
+        let inode = self.inode(ino)?;
+        let p = match self.xattr_path(&inode) {
+            Ok(p) => p,
+            Err(_) => return Ok(Vec::new()),
+        };
+        let mut buf = vec![0u8; if size == 0 { 65536 } else { size }];
+        let n = rfs::listxattr(p.as_c_str(), &mut buf)?;
+        buf.truncate(n);
+        Ok(buf)
+    }
+
+    pub fn removexattr(&self, ino: Ino, name: &OsStr) -> FsResult<()> {
+        let _op = self.begin()?;
+        let inode = self.inode(ino)?;
+        let p = self.xattr_path(&inode)?;
+        let _g = inode.data.lock();
+        rfs::removexattr(p.as_c_str(), name)?;
+        self.record(&[Op::RemoveXattr { ino, name: Bytes::copy_from_slice(name.as_bytes()) }])
+    }
+
+    /// The number of open handles, for shutdown.
+    pub fn open_handles(&self) -> usize {
+        self.handles.read().len()
+    }
+
+    pub fn source_fd(&self) -> impl AsFd + '_ {
+        &self.root_fd
+    }
+}

@@ -1,0 +1,270 @@
+//! One journal file: its header, its frames, and the scan that decides
+//! where the valid prefix ends.
+//!
+//! Format (version 1):
+//!
+//! ```text
+//! header (64 bytes) := magic "RWJRNL01" | version:u16 = 1 | reserved:u16 | reserved:u32
+//!                      | lineage:u64 | first_seq:u64 | created_ns:i64 | zero padding to 64
+//! frame             := len:u32 | check:8 bytes | record (len bytes, see record.rs)
+//! check             := first 8 bytes of blake3(len_le || record)
+//! ```
+//!
+//! The file is preallocated (zeros), so the first frame whose `len` is 0
+//! ends the journal. A frame that fails its check is a torn tail when
+//! nothing valid follows it (cut and reported) and damage otherwise
+//! (refused: records after it would be replayed without their predecessor).
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use bytes::BufMut;
+
+use super::JournalFile;
+use crate::clock::Nanos;
+use crate::codec::Reader;
+use crate::record::{decode_record, encode_record, Record, Seq};
+
+pub const FILE_EXT: &str = "rwj";
+pub const MAGIC: &[u8; 8] = b"RWJRNL01";
+pub const VERSION: u16 = 1;
+pub const HEADER_LEN: usize = 64;
+const FRAME_HEAD: usize = 12;
+/// No record is larger than a 1 MiB write plus its fields; anything larger
+/// in a length field is damage, not a record.
+const MAX_FRAME: usize = 64 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    #[error("journal I/O error on {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("journal file {path} is damaged at byte {offset}: {why}. Records after the damage cannot be trusted; \
+             move the journal directory aside to start fresh (unshipped changes in it will be lost)")]
+    Corrupt { path: PathBuf, offset: u64, why: String },
+    #[error("the journal stopped accepting records after an earlier error: {0}")]
+    Failed(String),
+}
+
+impl JournalError {
+    pub fn io(path: &Path, source: std::io::Error) -> Self {
+        JournalError::Io { path: path.to_path_buf(), source }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Header {
+    pub lineage: u64,
+    pub first_seq: Seq,
+    pub created_ns: Nanos,
+}
+
+pub fn encode_header(h: &Header) -> [u8; HEADER_LEN] {
+    let mut v = Vec::with_capacity(HEADER_LEN);
+    v.extend_from_slice(MAGIC);
+    v.put_u16_le(VERSION);
+    v.put_u16_le(0);
+    v.put_u32_le(0);
+    v.put_u64_le(h.lineage);
+    v.put_u64_le(h.first_seq);
+    v.put_i64_le(h.created_ns);
+    v.resize(HEADER_LEN, 0);
+    v.try_into().unwrap()
+}
+
+pub fn decode_header(b: &[u8]) -> Result<Header, String> {
+    if b.len() < HEADER_LEN || &b[..8] != MAGIC {
+        return Err("not a Rewind journal file (bad magic)".into());
+    }
+    let mut r = Reader::new(&b[8..HEADER_LEN]);
+    let version = r.u16().unwrap();
+    if version != VERSION {
+        return Err(format!("journal format version {version} is not supported by this build (expects {VERSION})"));
+    }
+    r.u16().unwrap();
+    r.u32().unwrap();
+    Ok(Header { lineage: r.u64().unwrap(), first_seq: r.u64().unwrap(), created_ns: r.i64().unwrap() })
+}
+
+fn check(len_le: &[u8], rec: &[u8]) -> [u8; 8] {
+    let mut h = blake3::Hasher::new();
+    h.update(len_le);
+    h.update(rec);
+    h.finalize().as_bytes()[..8].try_into().unwrap()
+}
+
+pub fn encode_frame(rec: &Record, out: &mut Vec<u8>) {
+    let start = out.len();
+    out.extend_from_slice(&[0u8; FRAME_HEAD]);
+    encode_record(rec, out);
+    let len = (out.len() - start - FRAME_HEAD) as u32;
+    let len_le = len.to_le_bytes();
+    let c = check(&len_le, &out[start + FRAME_HEAD..]);
+    out[start..start + 4].copy_from_slice(&len_le);
+    out[start + 4..start + FRAME_HEAD].copy_from_slice(&c);
+}
+
+pub fn create(path: &Path, lineage: u64, first_seq: Seq, size: u64) -> Result<File, JournalError> {
+    let f = File::options().read(true).write(true).create_new(true).open(path).map_err(|e| JournalError::io(path, e))?;
+    // Preallocate so that appends never allocate: a full disk shows up
+    // here, at rotation, not in the middle of a record.
+    rustix::fs::fallocate(&f, rustix::fs::FallocateFlags::empty(), 0, size).map_err(|e| JournalError::io(path, e.into()))?;
+    let h = encode_header(&Header { lineage, first_seq, created_ns: crate::clock::wall_now() });
+    f.write_all_at(&h, 0).map_err(|e| JournalError::io(path, e))?;
+    f.sync_all().map_err(|e| JournalError::io(path, e))?;
+    if let Some(dir) = path.parent() {
+        File::open(dir).and_then(|d| d.sync_all()).map_err(|e| JournalError::io(dir, e))?;
+    }
+    Ok(f)
+}
+
+/// Result of scanning one file.
+#[derive(Debug)]
+pub struct FileScan {
+    pub header: Header,
+    pub frames: u64,
+    pub last_seq: Seq,
+    pub last_time: Nanos,
+    /// Offset just past the last valid frame.
+    pub end: u64,
+    /// Bytes of a torn tail that were cut (zeroed), if any.
+    pub torn_bytes: Option<u64>,
+}
+
+enum Frame {
+    Ok(Record, usize),
+    End,
+    Bad(String),
+}
+
+fn read_frame(data: &[u8], off: usize) -> Frame {
+    if data.len() - off < FRAME_HEAD {
+        return Frame::End;
+    }
+    let len = u32::from_le_bytes(data[off..off + 4].try_into().unwrap()) as usize;
+    if len == 0 && data[off + 4..off + FRAME_HEAD].iter().all(|&b| b == 0) {
+        return Frame::End;
+    }
+    if len > MAX_FRAME || off + FRAME_HEAD + len > data.len() {
+        return Frame::Bad(format!("frame length {len} runs past the end of the file"));
+    }
+    let body = &data[off + FRAME_HEAD..off + FRAME_HEAD + len];
+    if check(&data[off..off + 4], body) != data[off + 4..off + FRAME_HEAD] {
+        return Frame::Bad("frame checksum mismatch".into());
+    }
+    let mut r = Reader::new(body);
+    match decode_record(&mut r).and_then(|rec| r.end().map(|_| rec)) {
+        Ok(rec) => Frame::Ok(rec, FRAME_HEAD + len),
+        Err(e) => Frame::Bad(format!("checksummed frame does not decode: {e}")),
+    }
+}
+
+/// Scans a journal file. `expect_seq` is the sequence number the first
+/// frame must carry (continuity with the previous file). A bad frame in the
+/// last file with nothing valid after it is a torn tail: it is zeroed on
+/// disk so that later appends and readers never see it.
+pub fn scan_file(path: &Path, expect_seq: Option<Seq>, is_last: bool) -> Result<FileScan, JournalError> {
+    let data = std::fs::read(path).map_err(|e| JournalError::io(path, e))?;
+    let corrupt = |offset: usize, why: String| JournalError::Corrupt { path: path.to_path_buf(), offset: offset as u64, why };
+    let header = decode_header(&data).map_err(|why| corrupt(0, why))?;
+    if let Some(e) = expect_seq {
+        if header.first_seq > e {
+            return Err(corrupt(0, format!("file starts at sequence {} but {} was expected: a journal file is missing", header.first_seq, e)));
+        }
+    }
+    let mut off = HEADER_LEN;
+    let mut scan = FileScan { header: header.clone(), frames: 0, last_seq: 0, last_time: 0, end: off as u64, torn_bytes: None };
+    let mut next = header.first_seq;
+    loop {
+        match read_frame(&data, off) {
+            Frame::End => break,
+            Frame::Ok(rec, n) => {
+                if rec.seq != next {
+                    return Err(corrupt(off, format!("sequence {} where {} was expected", rec.seq, next)));
+                }
+                next += 1;
+                scan.frames += 1;
+                scan.last_seq = rec.seq;
+                scan.last_time = rec.time;
+                off += n;
+                scan.end = off as u64;
+            }
+            Frame::Bad(why) => {
+                // Is anything valid after the bad frame? Try the position its
+                // length field points to, then look for any non-zero byte.
+                let len = u32::from_le_bytes(data[off..off + 4].try_into().unwrap()) as usize;
+                let after = off + FRAME_HEAD + len;
+                let valid_after = after < data.len() && matches!(read_frame(&data, after), Frame::Ok(ref r, _) if r.seq == next + 1);
+                if valid_after || !is_last {
+                    return Err(corrupt(off, why));
+                }
+                let tail_len = data[off..].iter().rposition(|&b| b != 0).map(|p| p + 1).unwrap_or(0);
+                let f = File::options().write(true).open(path).map_err(|e| JournalError::io(path, e))?;
+                f.write_all_at(&vec![0u8; tail_len], off as u64).map_err(|e| JournalError::io(path, e))?;
+                f.sync_data().map_err(|e| JournalError::io(path, e))?;
+                tracing::warn!(path = %path.display(), offset = off, bytes = tail_len, "cut a torn journal tail ({why}); records after the last complete one were never acknowledged as durable");
+                scan.torn_bytes = Some(tail_len as u64);
+                break;
+            }
+        }
+    }
+    Ok(scan)
+}
+
+/// Iterates over the frames of a journal file between two offsets.
+pub struct FrameIter {
+    data: Vec<u8>,
+    off: usize,
+    path: PathBuf,
+    base: u64,
+    /// The window ends before the file's valid end: a frame crossing it is
+    /// simply not read yet, not damage.
+    windowed: bool,
+}
+
+impl FrameIter {
+    pub fn new(f: &JournalFile, from: u64, to: u64) -> Result<FrameIter, JournalError> {
+        let to = to.min(f.end);
+        let mut data = vec![0u8; to.saturating_sub(from) as usize];
+        f.file.read_exact_at(&mut data, from).map_err(|e| JournalError::io(&f.path, e))?;
+        Ok(FrameIter { data, off: 0, path: f.path.clone(), base: from, windowed: to < f.end })
+    }
+
+    /// Offset in the file just past the last frame returned.
+    pub fn offset(&self) -> u64 {
+        self.base + self.off as u64
+    }
+}
+
+impl Iterator for FrameIter {
+    type Item = Result<(Record, usize), JournalError>;
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.off >= self.data.len() {
+            return None;
+        }
+        if self.windowed && self.data.len() - self.off >= 4 {
+            let len = u32::from_le_bytes(self.data[self.off..self.off + 4].try_into().unwrap()) as usize;
+            if self.off + FRAME_HEAD + len > self.data.len() && len <= MAX_FRAME {
+                return None;
+            }
+        } else if self.windowed {
+            return None;
+        }
+        match read_frame(&self.data, self.off) {
+            Frame::End => None,
+            Frame::Ok(rec, n) => {
+                self.off += n;
+                Some(Ok((rec, n)))
+            }
+            Frame::Bad(why) => {
+                let offset = self.base + self.off as u64;
+                self.off = self.data.len();
+                Some(Err(JournalError::Corrupt { path: self.path.clone(), offset, why }))
+            }
+        }
+    }
+}

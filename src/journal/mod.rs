@@ -1,0 +1,422 @@
+//! The write-ahead journal: the local, crash-safe log every acknowledged
+//! operation is appended to before its reply leaves the daemon. It owns the
+//! global sequence (assigned under the append lock, so sequence order is
+//! append order), the record clock, journal files on disk (preallocated so
+//! appends never hit ENOSPC mid-record), group commit for fsync, the bound
+//! on unshipped bytes, and the recovery scan that cuts a torn tail and
+//! refuses damage in the middle. It must not know about the store or the
+//! filesystem it protects: shipping reads it through `JournalReader`, and
+//! space is released only when the shipper says records are stored.
+//!
+//! # State
+//! `Inner` (one mutex) holds the open file, the write offset and the next
+//! sequence number; `SyncState` (another mutex + condvar) holds how far the
+//! journal is known durable. A writer never holds both.
+
+mod file;
+
+pub use file::{scan_file, FileScan, FrameIter, JournalError, FILE_EXT};
+
+use std::collections::VecDeque;
+use std::fs::{self, File};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use parking_lot::{Condvar, Mutex};
+
+use crate::clock::{Nanos, RecordClock};
+use crate::record::{Op, Record, Seq};
+
+/// Size each journal file is preallocated to; a larger record gets a file
+/// of its own size.
+pub const DEFAULT_FILE_SIZE: u64 = 64 << 20;
+
+/// One journal file as the writer and the readers see it.
+#[derive(Clone)]
+pub struct JournalFile {
+    pub path: PathBuf,
+    pub file: Arc<File>,
+    pub first_seq: Seq,
+    /// Offset just past the last complete frame.
+    pub end: u64,
+    /// Sequence number of the last frame (first_seq - 1 when empty).
+    pub last_seq: Seq,
+    pub lineage: u64,
+}
+
+struct Inner {
+    files: VecDeque<JournalFile>,
+    next_seq: Seq,
+    file_size: u64,
+    lineage: u64,
+    buf: Vec<u8>,
+    /// Total bytes of all journal files still on disk (unreleased).
+    bytes: u64,
+    rotated_since_sync: bool,
+}
+
+struct SyncState {
+    synced_seq: Seq,
+    syncing: bool,
+}
+
+pub struct Journal {
+    dir: PathBuf,
+    inner: Mutex<Inner>,
+    space: Condvar,
+    clock: RecordClock,
+    sync: Mutex<SyncState>,
+    synced: Condvar,
+    /// Highest sequence number appended (readable without the lock).
+    appended: AtomicU64,
+    /// Total payload bytes ever appended, for metrics.
+    written_bytes: AtomicU64,
+    max_bytes: u64,
+    waiting: AtomicBool,
+    failed: Mutex<Option<String>>,
+}
+
+impl Journal {
+    /// Opens the journal directory, scanning existing files (cutting a torn
+    /// tail, refusing damage in the middle). New appends go to a fresh file
+    /// of `lineage`, numbered after everything found.
+    pub fn open(dir: &Path, lineage: u64, min_next_seq: Seq, clock_floor: Nanos, max_bytes: u64) -> Result<(Journal, Recovered), JournalError> {
+        fs::create_dir_all(dir).map_err(|e| JournalError::io(dir, e))?;
+        let mut paths: Vec<PathBuf> = fs::read_dir(dir)
+            .map_err(|e| JournalError::io(dir, e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == FILE_EXT))
+            .collect();
+        paths.sort();
+        let mut files = VecDeque::new();
+        let mut recovered = Recovered::default();
+        let mut expect_seq: Option<Seq> = None;
+        let mut last_time = clock_floor;
+        let n = paths.len();
+        for (i, p) in paths.iter().enumerate() {
+            let scan = scan_file(p, expect_seq, i + 1 == n)?;
+            if let Some(t) = scan.torn_bytes {
+                recovered.torn.push((p.clone(), t));
+            }
+            if scan.frames > 0 {
+                expect_seq = Some(scan.last_seq + 1);
+                last_time = last_time.max(scan.last_time);
+                recovered.records += scan.frames;
+            } else if expect_seq.is_none() {
+                expect_seq = Some(scan.header.first_seq);
+            }
+            let file = File::options().read(true).write(true).open(p).map_err(|e| JournalError::io(p, e))?;
+            let len = file.metadata().map_err(|e| JournalError::io(p, e))?.len();
+            files.push_back(JournalFile {
+                path: p.clone(),
+                file: Arc::new(file),
+                first_seq: scan.header.first_seq,
+                end: scan.end,
+                last_seq: if scan.frames > 0 { scan.last_seq } else { scan.header.first_seq - 1 },
+                lineage: scan.header.lineage,
+            });
+            recovered.bytes += len;
+        }
+        let next_seq = expect_seq.unwrap_or(1).max(min_next_seq).max(1);
+        recovered.next_seq = next_seq;
+        recovered.last_time = last_time;
+        let bytes = recovered.bytes;
+        let j = Journal {
+            dir: dir.to_path_buf(),
+            inner: Mutex::new(Inner {
+                files,
+                next_seq,
+                file_size: DEFAULT_FILE_SIZE,
+                lineage,
+                buf: Vec::with_capacity(1 << 20),
+                bytes,
+                rotated_since_sync: false,
+            }),
+            space: Condvar::new(),
+            clock: RecordClock::new(last_time),
+            sync: Mutex::new(SyncState { synced_seq: next_seq - 1, syncing: false }),
+            synced: Condvar::new(),
+            appended: AtomicU64::new(next_seq - 1),
+            written_bytes: AtomicU64::new(0),
+            max_bytes,
+            waiting: AtomicBool::new(false),
+            failed: Mutex::new(None),
+        };
+        {
+            let mut inner = j.inner.lock();
+            j.rotate(&mut inner, 0)?;
+        }
+        Ok((j, recovered))
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Appends the records of one operation: consecutive sequence numbers,
+    /// one timestamp, so a restore sees the operation whole or not at all.
+    /// Returns the last sequence number and the time. The caller holds the
+    /// locks that applied the operation, so seq order is application order.
+    pub fn append(&self, ops: &[Op]) -> Result<(Seq, Nanos), JournalError> {
+        if let Some(why) = self.failed.lock().clone() {
+            return Err(JournalError::Failed(why));
+        }
+        let mut inner = self.inner.lock();
+        // Past the bound writers wait for the shipper to release space;
+        // they are never dropped (see --on-journal-full).
+        if inner.bytes > self.max_bytes {
+            self.waiting.store(true, Ordering::Relaxed);
+            tracing::warn!(bytes = inner.bytes, max = self.max_bytes, "journal full: writers wait until the store catches up");
+            while inner.bytes > self.max_bytes {
+                self.space.wait(&mut inner);
+            }
+            self.waiting.store(false, Ordering::Relaxed);
+        }
+        let (time, step) = self.clock.tick();
+        let mut buf = std::mem::take(&mut inner.buf);
+        buf.clear();
+        let first = inner.next_seq;
+        let mut seq = first;
+        let mut payload = 0;
+        if let Some(back_ns) = step {
+            file::encode_frame(&Record { seq, time, op: Op::ClockStep { back_ns } }, &mut buf);
+            seq += 1;
+        }
+        for op in ops {
+            payload += op.payload_len();
+            file::encode_frame(&Record { seq, time, op: op.clone() }, &mut buf);
+            seq += 1;
+        }
+        let last = seq - 1;
+        let need = buf.len() as u64;
+        let cur_end = inner.files.back().map(|f| f.end).unwrap_or(0);
+        let cur_cap = inner.files.back().map(|f| f.file.metadata().map(|m| m.len()).unwrap_or(0)).unwrap_or(0);
+        if cur_end + need > cur_cap {
+            if let Err(e) = self.rotate(&mut inner, need) {
+                inner.buf = buf;
+                return Err(e);
+            }
+        }
+        let res = {
+            let cur = inner.files.back_mut().expect("a current file");
+            match cur.file.write_all_at(&buf, cur.end) {
+                Ok(()) => {
+                    cur.end += need;
+                    cur.last_seq = last;
+                    Ok(())
+                }
+                Err(e) => Err(JournalError::io(&cur.path, e)),
+            }
+        };
+        inner.buf = buf;
+        if let Err(e) = res {
+            // A failed append leaves the file's tail undefined; refuse all
+            // further appends rather than write after a hole.
+            *self.failed.lock() = Some(e.to_string());
+            return Err(e);
+        }
+        inner.next_seq = last + 1;
+        self.appended.store(last, Ordering::Release);
+        self.written_bytes.fetch_add(payload as u64, Ordering::Relaxed);
+        Ok((last, time))
+    }
+
+    fn rotate(&self, inner: &mut Inner, need: u64) -> Result<(), JournalError> {
+        if let Some(cur) = inner.files.back() {
+            // The old file's tail must be durable before records land in a
+            // newer file, or a machine crash could keep the newer records
+            // and lose older ones.
+            cur.file.sync_data().map_err(|e| JournalError::io(&cur.path, e))?;
+            if cur.end == file::HEADER_LEN as u64 && cur.last_seq + 1 == inner.next_seq {
+                // An empty file: reuse it instead of making another.
+                if need + file::HEADER_LEN as u64 <= inner.file_size && cur.lineage == inner.lineage {
+                    return Ok(());
+                }
+            }
+        }
+        let size = inner.file_size.max(need + file::HEADER_LEN as u64);
+        let path = self.dir.join(format!("{:020}.{FILE_EXT}", inner.next_seq));
+        let f = file::create(&path, inner.lineage, inner.next_seq, size)?;
+        inner.bytes += size;
+        inner.rotated_since_sync = true;
+        inner.files.push_back(JournalFile {
+            path,
+            file: Arc::new(f),
+            first_seq: inner.next_seq,
+            end: file::HEADER_LEN as u64,
+            last_seq: inner.next_seq - 1,
+            lineage: inner.lineage,
+        });
+        Ok(())
+    }
+
+    /// Makes every record appended so far durable (group commit: one
+    /// fdatasync serves every caller waiting while it runs).
+    pub fn sync(&self) -> Result<(), JournalError> {
+        let target = self.appended.load(Ordering::Acquire);
+        let mut st = self.sync.lock();
+        loop {
+            if st.synced_seq >= target {
+                return Ok(());
+            }
+            if st.syncing {
+                self.synced.wait(&mut st);
+                continue;
+            }
+            st.syncing = true;
+            drop(st);
+            let (upto, file, dirsync) = {
+                let mut inner = self.inner.lock();
+                let cur = inner.files.back().expect("a current file").clone();
+                let d = std::mem::take(&mut inner.rotated_since_sync);
+                (inner.next_seq - 1, cur, d)
+            };
+            let mut res = file.file.sync_data().map_err(|e| JournalError::io(&file.path, e));
+            if res.is_ok() && dirsync {
+                res = File::open(&self.dir).and_then(|d| d.sync_all()).map_err(|e| JournalError::io(&self.dir, e));
+            }
+            st = self.sync.lock();
+            st.syncing = false;
+            if res.is_ok() {
+                st.synced_seq = st.synced_seq.max(upto);
+            }
+            self.synced.notify_all();
+            res?;
+        }
+    }
+
+    /// A snapshot of the journal files, oldest first, for readers.
+    pub fn files(&self) -> Vec<JournalFile> {
+        self.inner.lock().files.iter().cloned().collect()
+    }
+
+    pub fn last_seq(&self) -> Seq {
+        self.appended.load(Ordering::Acquire)
+    }
+
+    pub fn last_time(&self) -> Nanos {
+        self.clock.last()
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.inner.lock().bytes
+    }
+
+    pub fn written_bytes(&self) -> u64 {
+        self.written_bytes.load(Ordering::Relaxed)
+    }
+
+    pub fn writers_waiting(&self) -> bool {
+        self.waiting.load(Ordering::Relaxed)
+    }
+
+    /// Switches new appends to `lineage` (after a gap or a machine crash).
+    pub fn set_lineage(&self, lineage: u64) -> Result<(), JournalError> {
+        let mut inner = self.inner.lock();
+        inner.lineage = lineage;
+        self.rotate(&mut inner, 0)
+    }
+
+    /// Deletes journal files whose records are all stored (`seq` and
+    /// below). The caller must have synced the source past them.
+    pub fn release_through(&self, seq: Seq) -> Result<(), JournalError> {
+        let mut inner = self.inner.lock();
+        while inner.files.len() > 1 {
+            let f = inner.files.front().unwrap();
+            if f.last_seq > seq {
+                break;
+            }
+            let len = f.file.metadata().map(|m| m.len()).unwrap_or(0);
+            fs::remove_file(&f.path).map_err(|e| JournalError::io(&f.path, e))?;
+            inner.bytes = inner.bytes.saturating_sub(len);
+            inner.files.pop_front();
+        }
+        drop(inner);
+        self.space.notify_all();
+        Ok(())
+    }
+}
+
+/// What `Journal::open` found on disk.
+#[derive(Debug, Default)]
+pub struct Recovered {
+    pub records: u64,
+    pub next_seq: Seq,
+    pub last_time: Nanos,
+    pub bytes: u64,
+    /// Files whose torn tail was cut, with the number of bytes dropped.
+    pub torn: Vec<(PathBuf, u64)>,
+}
+
+/// Reads records from journal files in sequence order, from a cursor.
+pub struct JournalReader {
+    next_seq: Seq,
+    /// (first_seq of the file, offset) just past the last record read.
+    pos: Option<(Seq, u64)>,
+}
+
+/// Largest encoded record: a 1 MiB write plus its fields, with slack.
+const MAX_RECORD: u64 = 2 << 20;
+
+impl JournalReader {
+    pub fn new(from_seq: Seq) -> Self {
+        JournalReader { next_seq: from_seq, pos: None }
+    }
+
+    pub fn next_seq(&self) -> Seq {
+        self.next_seq
+    }
+
+    /// Reads records with seq >= the cursor, about `max_payload` bytes of
+    /// encoded records at most (at least one record if any is available),
+    /// stopping at a change of lineage. Returns the lineage and records.
+    pub fn read(&mut self, files: &[JournalFile], max_payload: usize) -> Result<Option<(u64, Vec<Record>)>, JournalError> {
+        let mut out = Vec::new();
+        let mut lineage = None;
+        let mut bytes = 0usize;
+        for f in files {
+            if f.last_seq < self.next_seq || f.end <= file::HEADER_LEN as u64 {
+                continue;
+            }
+            if let Some(l) = lineage {
+                if l != f.lineage {
+                    break;
+                }
+            }
+            let start = match self.pos {
+                Some((first, off)) if first == f.first_seq => off,
+                _ => file::HEADER_LEN as u64,
+            };
+            let to = start + (max_payload.saturating_sub(bytes)) as u64 + MAX_RECORD;
+            let mut it = FrameIter::new(f, start, to)?;
+            while let Some(frame) = it.next() {
+                let (rec, len) = frame?;
+                if rec.seq < self.next_seq {
+                    continue;
+                }
+                if rec.seq != self.next_seq {
+                    return Err(JournalError::Corrupt {
+                        path: f.path.clone(),
+                        offset: it.offset(),
+                        why: format!("sequence jumps from {} to {}", self.next_seq, rec.seq),
+                    });
+                }
+                lineage = Some(f.lineage);
+                bytes += len;
+                self.next_seq += 1;
+                self.pos = Some((f.first_seq, it.offset()));
+                out.push(rec);
+                if bytes >= max_payload {
+                    return Ok(Some((f.lineage, out)));
+                }
+            }
+            if self.next_seq <= f.last_seq {
+                // The window ended inside this file; the rest comes next call.
+                break;
+            }
+        }
+        Ok(lineage.map(|l| (l, out)))
+    }
+}
