@@ -222,7 +222,8 @@ def forge_segment(lineage: int, first_seq: int, t0: int, records: list[bytes]) -
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("name", [b"../escaped", b"a/../../escaped", b"/tmp/rewind-e2e-escaped", b".."])
+@pytest.mark.parametrize("name", [b"forged-but-benign", b"../escaped", b"a/../../escaped",
+                                  b"/tmp/rewind-e2e-escaped", b".."])
 def test_forged_segment_with_hostile_name_is_refused(case, name):
     vol = case.vol
     segs = case.objects["seg"]
@@ -243,6 +244,11 @@ def test_forged_segment_with_hostile_name_is_refused(case, name):
             e.unlink()
 
     c = vol.restore("latest", case.target, check=False)
+    if name == b"forged-but-benign":
+        # The control: the forger writes segments the restore accepts.
+        assert c.code == 0, f"restore refused a well-formed forged segment (test forger broken?):\n{c}"
+        assert (case.target / "forged-but-benign").read_bytes() == b"pwned\n"
+        return
     assert c.code != 0, f"restore applied a segment that creates {name!r}:\n{c}"
     assert name.decode() in c.out + c.err or _has_any(c.out + c.err, ("name", "path", "hostile", "unsafe", "invalid")), \
         f"restore's message does not say why it refused:\n{c}"
