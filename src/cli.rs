@@ -20,7 +20,7 @@ directory exactly as the mount showed it at TIME."
 )]
 pub struct Cli {
     /// Log filter (also RUST_LOG), e.g. "info" or "rewind=debug".
-    #[arg(long, global = true, env = "REWIND_LOG", default_value = "info")]
+    #[arg(long, global = true, env = "REWIND_LOG", default_value = "info,fuser=error")]
     pub log: String,
     #[command(subcommand)]
     pub command: Command,
@@ -36,6 +36,20 @@ pub enum Command {
     Ls(LsArgs),
     /// Check every object's checksum and the continuity of the timeline.
     Verify(VerifyArgs),
+    /// Inspect local state (for tests and troubleshooting).
+    #[command(hide = true, subcommand)]
+    Debug(DebugCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DebugCommand {
+    /// Print the journal's records, one JSON object per line.
+    Journal {
+        #[arg(long)]
+        journal_dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Where the protected data lives in object storage.

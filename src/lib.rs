@@ -13,3 +13,6 @@ pub mod segment;
 pub mod timeline;
 pub mod restore;
 pub mod fs;
+pub mod ship;
+pub mod run;
+pub mod verify;

@@ -1,12 +1,20 @@
 //! The `rewind` binary: parses the command line and hands each subcommand
 //! to the library. This is the only place where errors become `anyhow`
-//! and exit codes.
+//! and exit codes, and where output is formatted for people.
 
+use std::sync::Arc;
+
+use anyhow::Context;
 use clap::Parser;
-use rewind::cli::{Cli, Command};
+use rewind::cli::{Cli, Command, DebugCommand, StoreArgs};
+use rewind::clock::{fmt_ns, parse_at};
+use rewind::store::{self, Prefixed, Store, StoreOptions};
+use rewind::timeline::{lineage_id, Timeline};
 
 fn main() {
     let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     let code = match run(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -17,10 +25,124 @@ fn main() {
     std::process::exit(code);
 }
 
+fn open_store(a: &StoreArgs) -> anyhow::Result<Arc<dyn Store>> {
+    let opts = StoreOptions { s3_endpoint: a.s3_endpoint.clone(), s3_path_style: a.s3_path_style };
+    let root = store::open(&a.store, &opts)?;
+    Ok(Arc::new(Prefixed::new(root, &a.volume)))
+}
+
 fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
-        Command::Run(_) | Command::Restore(_) | Command::Ls(_) | Command::Verify(_) => {
-            anyhow::bail!("not implemented yet")
+        Command::Run(args) => rewind::run::run(args),
+        Command::Restore(args) => {
+            let at = parse_at(&args.at)?;
+            let store = open_store(&args.store)?;
+            let t = Timeline::load(store.as_ref())?;
+            let plan = t.plan(at, args.lineage.as_deref())?;
+            let quiet = args.quiet;
+            let mut progress = |m: &str| {
+                if !quiet {
+                    eprintln!("rewind: {m}");
+                }
+            };
+            let started = std::time::Instant::now();
+            let r = rewind::restore::restore(store.as_ref(), &plan, &args.target, args.force, &mut progress)
+                .with_context(|| format!("restore into {} failed; it is marked incomplete (.rewind/restore-incomplete)", args.target.display()))?;
+            println!(
+                "restored {} at {} (lineage {}, base completed {}, {} records from {} segments, last change {}) into {} in {:.2}s",
+                args.store.volume,
+                fmt_ns(r.at_ns),
+                lineage_id(r.lineage),
+                fmt_ns(r.base_completed_ns),
+                r.records,
+                r.segments,
+                r.last_record_ns.map(fmt_ns).unwrap_or_else(|| "none after the base".into()),
+                args.target.display(),
+                started.elapsed().as_secs_f64()
+            );
+            Ok(0)
+        }
+        Command::Ls(args) => {
+            let store = open_store(&args.store)?;
+            let t = Timeline::load(store.as_ref())?;
+            let windows = t.windows();
+            let window = windows.iter().max_by_key(|w| w.latest_ns);
+            if args.json {
+                let v = serde_json::json!({
+                    "volume": args.store.volume,
+                    "window": window,
+                    "windows": windows,
+                    "lineages": t.lineage_summary().iter().map(|(id, (segs, bases))| serde_json::json!({
+                        "id": id, "segments": segs, "bases": bases,
+                        "started": t.lineages.iter().find(|l| &lineage_id(l.lineage) == id).map(|l| serde_json::json!({"ns": l.started_ns, "reason": l.reason})),
+                    })).collect::<Vec<_>>(),
+                    "bases": t.bases.iter().map(|b| serde_json::json!({
+                        "lineage": lineage_id(b.lineage), "start_seq": b.start_seq, "completed_ns": b.completed_ns,
+                        "completed": fmt_ns(b.completed_ns), "kind": format!("{:?}", b.kind).to_lowercase(), "key": b.key(),
+                    })).collect::<Vec<_>>(),
+                    "segments": t.segments.iter().map(|s| serde_json::json!({
+                        "lineage": lineage_id(s.lineage), "first_seq": s.first_seq, "last_seq": s.last_seq,
+                        "first_ns": s.first_ns, "last_ns": s.last_ns, "key": s.key(),
+                    })).collect::<Vec<_>>(),
+                    "heartbeats": t.heartbeats,
+                    "gaps": t.gaps(),
+                    "chunks": t.chunks,
+                });
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(0);
+            }
+            println!("volume {} in {}", args.store.volume, args.store.store);
+            match window {
+                Some(w) => println!("restore window: {} .. {} (lineage {})", w.earliest, w.latest, w.lineage),
+                None => println!("restore window: none yet (no base has completed)"),
+            }
+            for (id, (segs, bases)) in t.lineage_summary() {
+                let started = t.lineages.iter().find(|l| lineage_id(l.lineage) == id);
+                println!(
+                    "lineage {id}: {segs} segments, {bases} bases{}",
+                    started.map(|l| format!(", started {} ({})", fmt_ns(l.started_ns), l.reason)).unwrap_or_default()
+                );
+            }
+            for b in &t.bases {
+                println!("  base {:?} completed {} (lineage {}, from seq {})", b.kind, fmt_ns(b.completed_ns), lineage_id(b.lineage), b.start_seq);
+            }
+            for g in t.gaps() {
+                println!("  gap {} .. {} (lineage {}): {}", fmt_ns(g.from_ns), fmt_ns(g.to_ns), g.lineage, g.reason);
+            }
+            if let (Some(f), Some(l)) = (t.segments.first(), t.segments.last()) {
+                println!("segments: {} from {} to {}", t.segments.len(), fmt_ns(f.first_ns), fmt_ns(l.last_ns));
+            }
+            println!("chunks: {}", t.chunks);
+            Ok(0)
+        }
+        Command::Verify(args) => {
+            let store = open_store(&args.store)?;
+            let rep = rewind::verify::verify(store.as_ref(), &mut |m| eprintln!("rewind: {m}"))?;
+            println!("checked {} segments ({} records), {} bases, {} chunks", rep.segments, rep.records, rep.bases, rep.chunks);
+            if rep.problems.is_empty() {
+                println!("ok: every object checks out and the timeline is continuous");
+                Ok(0)
+            } else {
+                for p in &rep.problems {
+                    println!("DAMAGE: {p}");
+                }
+                println!("{} problems found", rep.problems.len());
+                Ok(1)
+            }
+        }
+        Command::Debug(DebugCommand::Journal { journal_dir, json }) => {
+            let mut paths: Vec<_> = std::fs::read_dir(&journal_dir)?.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|x| x == "rwj")).collect();
+            paths.sort();
+            for p in paths {
+                for (off, len, rec) in rewind::journal::dump_file(&p)? {
+                    if json {
+                        println!("{}", serde_json::json!({"file": p, "offset": off, "len": len, "seq": rec.seq, "time_ns": rec.time, "kind": rec.op.kind_name()}));
+                    } else {
+                        println!("{} @{off} seq {} {} {}", p.display(), rec.seq, fmt_ns(rec.time), rec.op.kind_name());
+                    }
+                }
+            }
+            Ok(0)
         }
     }
 }

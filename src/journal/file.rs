@@ -268,3 +268,17 @@ impl Iterator for FrameIter {
         }
     }
 }
+
+/// Lists the valid frames of a journal file without modifying it:
+/// `(offset, length, record)` each.
+pub fn dump_file(path: &Path) -> Result<Vec<(u64, u64, Record)>, JournalError> {
+    let data = std::fs::read(path).map_err(|e| JournalError::io(path, e))?;
+    decode_header(&data).map_err(|why| JournalError::Corrupt { path: path.to_path_buf(), offset: 0, why })?;
+    let mut off = HEADER_LEN;
+    let mut out = Vec::new();
+    while let Frame::Ok(rec, n) = read_frame(&data, off) {
+        out.push((off as u64, n as u64, rec));
+        off += n;
+    }
+    Ok(out)
+}

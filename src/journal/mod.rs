@@ -15,7 +15,7 @@
 
 mod file;
 
-pub use file::{scan_file, FileScan, FrameIter, JournalError, FILE_EXT};
+pub use file::{dump_file, scan_file, FileScan, FrameIter, JournalError, FILE_EXT};
 
 use std::collections::VecDeque;
 use std::fs::{self, File};
@@ -83,6 +83,11 @@ impl Journal {
     /// tail, refusing damage in the middle). New appends go to a fresh file
     /// of `lineage`, numbered after everything found.
     pub fn open(dir: &Path, lineage: u64, min_next_seq: Seq, clock_floor: Nanos, max_bytes: u64) -> Result<(Journal, Recovered), JournalError> {
+        Self::open_sized(dir, lineage, min_next_seq, clock_floor, max_bytes, DEFAULT_FILE_SIZE)
+    }
+
+    /// `open` with a chosen preallocation size per journal file.
+    pub fn open_sized(dir: &Path, lineage: u64, min_next_seq: Seq, clock_floor: Nanos, max_bytes: u64, file_size: u64) -> Result<(Journal, Recovered), JournalError> {
         fs::create_dir_all(dir).map_err(|e| JournalError::io(dir, e))?;
         let mut paths: Vec<PathBuf> = fs::read_dir(dir)
             .map_err(|e| JournalError::io(dir, e))?
@@ -128,7 +133,7 @@ impl Journal {
             inner: Mutex::new(Inner {
                 files,
                 next_seq,
-                file_size: DEFAULT_FILE_SIZE,
+                file_size,
                 lineage,
                 buf: Vec::with_capacity(1 << 20),
                 bytes,
@@ -296,6 +301,11 @@ impl Journal {
         self.appended.load(Ordering::Acquire)
     }
 
+    /// A timestamp later than every record appended so far.
+    pub fn now(&self) -> Nanos {
+        self.clock.tick().0
+    }
+
     pub fn last_time(&self) -> Nanos {
         self.clock.last()
     }
@@ -419,4 +429,9 @@ impl JournalReader {
         }
         Ok(lineage.map(|l| (l, out)))
     }
+}
+
+/// The encoded header of a journal file (for golden tests and tools).
+pub fn file_header(lineage: u64, first_seq: Seq, created_ns: Nanos) -> [u8; 64] {
+    file::encode_header(&file::Header { lineage, first_seq, created_ns })
 }

@@ -1,0 +1,345 @@
+//! `rewind run`: the daemon that wires the pieces together. It owns
+//! startup (stale-mount cleanup, the journal lock, crash detection from the
+//! state file and the boot id, lineage choice, journal recovery), the base
+//! thread, the shipping thread, and shutdown (lazy detach, serve open files
+//! until the deadline, final seal and upload, exit status). It must not
+//! implement any format or filesystem operation itself.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use parking_lot::Mutex;
+use rustix::fs::{Mode, OFlags};
+use serde::{Deserialize, Serialize};
+
+use crate::base::{self, BaseKind, BaseRequest, BaseWatch, HIDDEN};
+use crate::cli::RunArgs;
+use crate::clock::fmt_ns;
+use crate::fs::{fuse, Passthrough};
+use crate::journal::Journal;
+use crate::restore::INCOMPLETE_MARKER;
+use crate::ship::{ShipStats, Shipper};
+use crate::store::{self, Prefixed, Store, StoreOptions};
+use crate::timeline::{LineageStart, Timeline};
+
+/// What the journal directory remembers between runs.
+#[derive(Debug, Serialize, Deserialize)]
+struct State {
+    volume: String,
+    lineage: String,
+    boot_id: String,
+    clean: bool,
+}
+
+fn boot_id() -> String {
+    std::env::var("REWIND_BOOT_ID")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok())
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+fn write_state(dir: &Path, st: &State) -> std::io::Result<()> {
+    let tmp = dir.join("state.json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(st).unwrap())?;
+    std::fs::File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, dir.join("state.json"))?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+fn read_state(dir: &Path) -> Option<State> {
+    serde_json::from_slice(&std::fs::read(dir.join("state.json")).ok()?).ok()
+}
+
+fn is_mounted(path: &Path) -> bool {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else { return false };
+    let want = path.to_string_lossy();
+    info.lines().any(|l| l.split(' ').nth(4).is_some_and(|m| m.replace("\\040", " ") == want))
+}
+
+/// A previous daemon that died leaves a dead FUSE mount ("Transport
+/// endpoint is not connected"); detach it so a new mount can take its place.
+fn clear_stale_mount(mount: &Path) -> anyhow::Result<()> {
+    for _ in 0..8 {
+        if !is_mounted(mount) {
+            return Ok(());
+        }
+        tracing::warn!(mount = %mount.display(), "detaching a stale mount left by an earlier run");
+        rustix::mount::unmount(mount, rustix::mount::UnmountFlags::DETACH).with_context(|| format!("cannot detach the stale mount at {}", mount.display()))?;
+    }
+    Ok(())
+}
+
+/// Everything the threads share.
+struct Daemon {
+    store: Arc<dyn Store>,
+    journal: Arc<Journal>,
+    shipper: Arc<Shipper>,
+    core: Arc<Passthrough>,
+    watch: Arc<BaseWatch>,
+    source_fd: std::os::fd::OwnedFd,
+    stop: AtomicBool,
+    base_done: AtomicBool,
+    base_failed: Mutex<Option<String>>,
+    known_chunks: Mutex<HashSet<[u8; 32]>>,
+}
+
+impl Daemon {
+    fn take_base(&self, lineage: u64, kind: BaseKind) -> anyhow::Result<()> {
+        let mut delay = Duration::from_secs(1);
+        loop {
+            let start_seq = self.journal.last_seq();
+            let started_ns = self.journal.now();
+            tracing::info!(?kind, start_seq, "taking a base snapshot");
+            let t0 = Instant::now();
+            let req = BaseRequest {
+                source: &self.source_fd,
+                store: self.store.as_ref(),
+                lineage,
+                start_seq,
+                started_ns,
+                kind,
+                watch: &self.watch,
+                known_chunks: &self.known_chunks,
+            };
+            match base::walk(&req) {
+                Ok((mut m, stats)) => {
+                    // Every operation the walk may have seen is journaled
+                    // before the completion time is taken.
+                    m.completed_ns = self.core.barrier(|| self.journal.now());
+                    self.shipper.queue(m.meta().key(), base::encode_manifest(&m));
+                    tracing::info!(
+                        files = stats.files,
+                        bytes = stats.bytes,
+                        uploaded = stats.chunks_uploaded,
+                        reused = stats.chunks_reused,
+                        secs = t0.elapsed().as_secs_f64(),
+                        completed = %fmt_ns(m.completed_ns),
+                        "base walk finished; the restore window opens once its manifest is stored"
+                    );
+                    return Ok(());
+                }
+                Err(e) => {
+                    if self.stop.load(Ordering::Relaxed) {
+                        bail!("base snapshot interrupted by shutdown: {e}");
+                    }
+                    tracing::warn!("base snapshot failed, retrying in {delay:?}: {e}");
+                    std::thread::sleep(delay);
+                    delay = (delay * 2).min(Duration::from_secs(30));
+                }
+            }
+        }
+    }
+}
+
+pub fn run(args: RunArgs) -> anyhow::Result<i32> {
+    if args.on_journal_full == crate::cli::OnJournalFull::Gap {
+        bail!("--on-journal-full=gap is not available in this build yet; use the default (writers wait for the store)");
+    }
+    let source = std::fs::canonicalize(&args.source).with_context(|| format!("--source {} does not exist", args.source.display()))?;
+    if !source.is_dir() {
+        bail!("--source {} is not a directory", source.display());
+    }
+    let mount = std::path::absolute(&args.mount)?;
+    clear_stale_mount(&mount)?;
+    if !mount.exists() {
+        std::fs::create_dir_all(&mount).with_context(|| format!("cannot create --mount {}", mount.display()))?;
+    }
+    let mount = std::fs::canonicalize(&mount)?;
+    if mount.starts_with(&source) || source.starts_with(&mount) {
+        bail!("--mount {} and --source {} must not contain each other", mount.display(), source.display());
+    }
+    if source.join(HIDDEN).join(INCOMPLETE_MARKER).exists() {
+        bail!(
+            "{} holds an unfinished restore ({}); finish it with `rewind restore --force` or empty the directory before protecting it",
+            source.display(),
+            source.join(HIDDEN).join(INCOMPLETE_MARKER).display()
+        );
+    }
+    let jdir = args.journal_dir.clone().unwrap_or_else(|| source.join(HIDDEN).join("journal"));
+    std::fs::create_dir_all(&jdir).with_context(|| format!("cannot create the journal directory {}", jdir.display()))?;
+    let lock = std::fs::File::create(jdir.join("lock"))?;
+    rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive)
+        .map_err(|_| anyhow::anyhow!("another `rewind run` holds the journal {}; stop it first", jdir.display()))?;
+
+    let opts = StoreOptions { s3_endpoint: args.store.s3_endpoint.clone(), s3_path_style: args.store.s3_path_style };
+    let root = store::open(&args.store.store, &opts)?;
+    let store: Arc<dyn Store> = Arc::new(Prefixed::new(root, &args.store.volume));
+    let timeline = match Timeline::load(store.as_ref()) {
+        Ok(t) => t,
+        Err(e) if e.is_transient() => {
+            tracing::warn!("store unreachable at start ({e}); protecting anyway, the journal holds changes until it returns");
+            Timeline::default()
+        }
+        Err(e) => return Err(e).context("cannot use the store"),
+    };
+
+    // Decide the lineage: continue it after a clean stop or a process crash
+    // (with a repair base), start a new one after a machine crash.
+    let boot = boot_id();
+    let prev = read_state(&jdir);
+    if let Some(p) = &prev {
+        if p.volume != args.store.volume {
+            bail!("the journal in {} belongs to volume {:?}, not {:?}; use that --volume or another --journal-dir", jdir.display(), p.volume, args.store.volume);
+        }
+    }
+    let (lineage, new_lineage, mut base_kind) = match &prev {
+        None => (rand::random::<u64>() >> 1, Some("first-start"), Some(BaseKind::Initial)),
+        Some(p) => {
+            let l = u64::from_str_radix(&p.lineage, 16).context("state.json has a malformed lineage")?;
+            if p.boot_id != boot && !p.clean {
+                tracing::warn!("the machine restarted without a clean stop: shipping the journal's intact prefix, then starting a new lineage");
+                (rand::random::<u64>() >> 1, Some("machine-crash"), Some(BaseKind::Initial))
+            } else if !p.clean {
+                tracing::warn!("the previous run did not stop cleanly: taking a repair base");
+                (l, None, Some(BaseKind::Repair))
+            } else {
+                (l, None, None)
+            }
+        }
+    };
+    if base_kind.is_none() && !timeline.bases.iter().any(|b| b.lineage == lineage) {
+        base_kind = Some(if prev.is_some() { BaseKind::Repair } else { BaseKind::Initial });
+    }
+    let stored = timeline.segments.iter().map(|s| s.last_seq).chain(timeline.bases.iter().map(|b| b.start_seq)).max().unwrap_or(0);
+    let floor = timeline.segments.iter().map(|s| s.last_ns).chain(timeline.heartbeats.iter().map(|h| h.ns)).max().unwrap_or(0);
+    let old_lineage = prev.as_ref().and_then(|p| u64::from_str_radix(&p.lineage, 16).ok()).unwrap_or(lineage);
+    let (journal, rec) = Journal::open(&jdir, old_lineage, stored + 1, floor, args.max_journal_bytes).context("cannot open the journal")?;
+    for (p, n) in &rec.torn {
+        tracing::warn!("journal {}: cut a torn tail of {n} bytes", p.display());
+    }
+    if rec.records > 0 {
+        tracing::info!(records = rec.records, "journal holds records not yet confirmed stored; shipping them first");
+    }
+    if lineage != old_lineage {
+        journal.set_lineage(lineage)?;
+    }
+    let journal = Arc::new(journal);
+    write_state(&jdir, &State { volume: args.store.volume.clone(), lineage: format!("{lineage:016x}"), boot_id: boot.clone(), clean: false })?;
+
+    let shipper = Arc::new(Shipper::new(store.clone(), journal.clone(), stored, lineage));
+    if let Some(reason) = new_lineage {
+        let marker = LineageStart { started_ns: journal.now(), lineage, reason: reason.into() };
+        shipper.queue(marker.key(), bytes::Bytes::new());
+        tracing::info!(lineage = %format!("{lineage:016x}"), reason, "starting a new lineage");
+    }
+    // Ship what the journal already holds before new records pile up.
+    if let Err(e) = shipper.ship_once(Some(Instant::now() + Duration::from_secs(5))) {
+        tracing::warn!("could not ship the recovered journal yet: {e}");
+    }
+
+    let watch = Arc::new(BaseWatch::default());
+    let src_dir = rustix::fs::open(&source, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())?;
+    let core = Arc::new(Passthrough::new(rustix::io::fcntl_dupfd_cloexec(&src_dir, 0)?, journal.clone(), watch.clone())?);
+    let session = fuse::mount(fuse::FuseFs::new(core.clone()), &mount, args.threads)
+        .with_context(|| format!("cannot mount at {} (is /dev/fuse available and fusermount3 installed?)", mount.display()))?;
+    tracing::info!(source = %source.display(), mount = %mount.display(), store = %store.describe(), "protecting");
+
+    let d = Arc::new(Daemon {
+        store: store.clone(),
+        journal: journal.clone(),
+        shipper: shipper.clone(),
+        core: core.clone(),
+        watch,
+        source_fd: src_dir,
+        stop: AtomicBool::new(false),
+        base_done: AtomicBool::new(base_kind.is_none()),
+        base_failed: Mutex::new(None),
+        known_chunks: Mutex::new(HashSet::new()),
+    });
+    let base_thread = base_kind.map(|kind| {
+        let d = d.clone();
+        std::thread::Builder::new()
+            .name("rewind-base".into())
+            .spawn(move || {
+                match d.take_base(lineage, kind) {
+                    Ok(()) => d.base_done.store(true, Ordering::Release),
+                    Err(e) => *d.base_failed.lock() = Some(e.to_string()),
+                }
+            })
+            .unwrap()
+    });
+    let ship_thread = {
+        let d = d.clone();
+        let interval = args.segment_interval;
+        std::thread::Builder::new()
+            .name("rewind-ship".into())
+            .spawn(move || {
+                while !d.stop.load(Ordering::Acquire) {
+                    let t0 = Instant::now();
+                    if let Err(e) = d.shipper.ship_once(None) {
+                        tracing::error!("shipping failed: {e}");
+                    }
+                    let _ = d.shipper.heartbeat(false, None);
+                    let spent = t0.elapsed();
+                    if spent < interval {
+                        std::thread::sleep(interval - spent);
+                    }
+                }
+            })
+            .unwrap()
+    };
+    let _ = &d.store;
+
+    // Wait for SIGTERM/SIGINT (or the mount going away under us).
+    let term = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGTERM, term.clone())?;
+    signal_hook::flag::register(signal_hook::consts::SIGINT, term.clone())?;
+    while !term.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(50));
+        if !is_mounted(&mount) {
+            tracing::warn!("the mount went away; shutting down");
+            break;
+        }
+    }
+    let deadline = Instant::now() + args.shutdown_timeout;
+    tracing::info!("shutting down: detaching the mount lazily; open files are served until they close or {:?} pass", args.shutdown_timeout);
+    if let Err(e) = rustix::mount::unmount(&mount, rustix::mount::UnmountFlags::DETACH) {
+        tracing::debug!("lazy unmount: {e}");
+    }
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    std::thread::spawn(move || {
+        let _ = session.join();
+        let _ = tx.send(());
+    });
+    if rx.recv_deadline(deadline).is_err() {
+        tracing::warn!("files still open at the shutdown deadline; stopping anyway");
+    }
+    d.stop.store(true, Ordering::Release);
+    let _ = ship_thread.join();
+    if let Some(t) = base_thread {
+        // A base in progress finishes or fails on its own; it is bounded by
+        // the volume size, not by the deadline, so give up on it at the
+        // deadline and let the next start take it again.
+        while !t.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let shipped = shipper.ship_once(Some(deadline)).and_then(|_| shipper.heartbeat(true, Some(deadline)));
+    let base_ok = d.base_done.load(Ordering::Acquire);
+    let stats: &ShipStats = &shipper.stats;
+    match shipped {
+        Ok(()) if base_ok => {
+            write_state(&jdir, &State { volume: args.store.volume.clone(), lineage: format!("{lineage:016x}"), boot_id: boot, clean: true })?;
+            tracing::info!(
+                segments = stats.segments.load(Ordering::Relaxed),
+                bytes = stats.bytes.load(Ordering::Relaxed),
+                "stopped cleanly: everything is in the store"
+            );
+            Ok(0)
+        }
+        Ok(()) => {
+            let why = d.base_failed.lock().clone().unwrap_or_else(|| "the base snapshot did not finish by the shutdown deadline".into());
+            tracing::error!("stopped with every record stored, but without a completed base ({why}); the next start takes one");
+            Ok(3)
+        }
+        Err(e) => {
+            tracing::error!("stopped before everything was stored ({e}); the journal in {} keeps it for the next start", jdir.display());
+            Ok(2)
+        }
+    }
+}

@@ -1,0 +1,184 @@
+//! Shipping: seals journal records into segments every interval and puts
+//! them in the store, in order, retrying until the store takes them; also
+//! puts the control objects (lineage markers, base manifests, heartbeats)
+//! in the order they were queued. It owns the cursor of what is stored and
+//! releases journal space behind it. It must not reorder objects (a
+//! segment is stored only after every earlier one) and must never drop a
+//! record: an unreachable store makes it wait and retry, nothing else.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+
+use crate::clock::{wall_now, Nanos};
+use crate::journal::{Journal, JournalReader};
+use crate::record::Seq;
+use crate::segment;
+use crate::store::{Store, StoreError};
+use crate::timeline::Heartbeat;
+
+/// Largest amount of encoded records in one segment.
+const MAX_SEGMENT_BYTES: usize = 32 << 20;
+/// An idle volume writes a heartbeat this often so "latest" stays known.
+pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(60);
+
+/// Counters the shipper keeps for logs and metrics.
+#[derive(Default)]
+pub struct ShipStats {
+    pub segments: AtomicU64,
+    pub bytes: AtomicU64,
+    pub errors: AtomicU64,
+    pub stored_seq: AtomicU64,
+    pub stored_ns: AtomicI64,
+    /// Nanoseconds from the oldest record of the last segment to its upload.
+    pub lag_ns: AtomicI64,
+    pub store_down: AtomicBool,
+}
+
+pub struct Shipper {
+    store: Arc<dyn Store>,
+    journal: Arc<Journal>,
+    reader: Mutex<JournalReader>,
+    control: Mutex<VecDeque<(String, Bytes)>>,
+    pub stats: Arc<ShipStats>,
+    last_put: Mutex<Instant>,
+    lineage: AtomicU64,
+}
+
+impl Shipper {
+    /// `stored` is the last sequence number the store already holds.
+    pub fn new(store: Arc<dyn Store>, journal: Arc<Journal>, stored: Seq, lineage: u64) -> Shipper {
+        let stats = Arc::new(ShipStats::default());
+        stats.stored_seq.store(stored, Ordering::Relaxed);
+        Shipper {
+            store,
+            journal,
+            reader: Mutex::new(JournalReader::new(stored + 1)),
+            control: Mutex::new(VecDeque::new()),
+            stats,
+            last_put: Mutex::new(Instant::now()),
+            lineage: AtomicU64::new(lineage),
+        }
+    }
+
+    /// Queues a control object; it is put after every segment sealed so far.
+    pub fn queue(&self, key: String, data: Bytes) {
+        self.control.lock().push_back((key, data));
+    }
+
+    fn put_retrying(&self, key: &str, data: &Bytes, deadline: Option<Instant>) -> Result<(), StoreError> {
+        let mut delay = Duration::from_millis(100);
+        loop {
+            match self.store.put(key, data.clone()) {
+                Ok(()) => {
+                    if self.stats.store_down.swap(false, Ordering::Relaxed) {
+                        tracing::info!("store reachable again; catching up");
+                    }
+                    return Ok(());
+                }
+                Err(e) => {
+                    self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                    if !e.is_transient() && !matches!(e, StoreError::Denied { .. }) {
+                        return Err(e);
+                    }
+                    if !self.stats.store_down.swap(true, Ordering::Relaxed) {
+                        tracing::warn!("cannot upload {key}: {e}; retrying, writes stay in the journal");
+                    }
+                    if deadline.is_some_and(|d| Instant::now() + delay > d) {
+                        return Err(e);
+                    }
+                    std::thread::sleep(delay);
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    /// Seals and stores everything journaled so far, then the queued
+    /// control objects. Returns Err only when `deadline` passes or the
+    /// store refuses for good.
+    pub fn ship_once(&self, deadline: Option<Instant>) -> Result<(), ShipError> {
+        loop {
+            let files = self.journal.files();
+            let batch = {
+                let mut r = self.reader.lock();
+                let before = r.next_seq();
+                match r.read(&files, MAX_SEGMENT_BYTES) {
+                    Ok(b) => b,
+                    Err(e) => {
+                        *r = JournalReader::new(before);
+                        return Err(ShipError::Journal(e.to_string()));
+                    }
+                }
+            };
+            let Some((lineage, records)) = batch else { break };
+            if records.is_empty() {
+                break;
+            }
+            let (meta, data) = segment::encode(lineage, &records);
+            let len = data.len() as u64;
+            if let Err(e) = self.put_retrying(&meta.key(), &data, deadline) {
+                // Rewind the cursor so the same records are sealed again.
+                *self.reader.lock() = JournalReader::new(meta.first_seq);
+                return Err(ShipError::Store(e));
+            }
+            let now = wall_now();
+            self.stats.segments.fetch_add(1, Ordering::Relaxed);
+            self.stats.bytes.fetch_add(len, Ordering::Relaxed);
+            self.stats.stored_seq.store(meta.last_seq, Ordering::Relaxed);
+            self.stats.stored_ns.store(meta.last_ns, Ordering::Relaxed);
+            self.stats.lag_ns.store(now - meta.first_ns, Ordering::Relaxed);
+            *self.last_put.lock() = Instant::now();
+            if let Err(e) = self.journal.release_through(meta.last_seq) {
+                tracing::warn!("cannot release journal space: {e}");
+            }
+        }
+        loop {
+            let Some((key, data)) = self.control.lock().front().cloned() else { break };
+            self.put_retrying(&key, &data, deadline).map_err(ShipError::Store)?;
+            self.control.lock().pop_front();
+            *self.last_put.lock() = Instant::now();
+        }
+        Ok(())
+    }
+
+    /// Writes a heartbeat if nothing was put for a while (or `force`).
+    pub fn heartbeat(&self, force: bool, deadline: Option<Instant>) -> Result<(), ShipError> {
+        if !force && self.last_put.lock().elapsed() < HEARTBEAT_EVERY {
+            return Ok(());
+        }
+        let seq = self.stats.stored_seq.load(Ordering::Relaxed);
+        if seq != self.journal.last_seq() {
+            return Ok(());
+        }
+        let hb = Heartbeat { ns: self.heartbeat_time(), lineage: self.lineage.load(Ordering::Relaxed), seq };
+        self.put_retrying(&hb.key(), &Bytes::new(), deadline).map_err(ShipError::Store)?;
+        *self.last_put.lock() = Instant::now();
+        Ok(())
+    }
+
+    fn heartbeat_time(&self) -> Nanos {
+        // Every record is stored, so the state is known up to now.
+        wall_now().max(self.journal.last_time())
+    }
+
+    pub fn set_lineage(&self, l: u64) {
+        self.lineage.store(l, Ordering::Relaxed);
+    }
+
+    pub fn pending_control(&self) -> usize {
+        self.control.lock().len()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ShipError {
+    #[error(transparent)]
+    Store(StoreError),
+    #[error("cannot read the journal: {0}")]
+    Journal(String),
+}
