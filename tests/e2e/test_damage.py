@@ -329,7 +329,8 @@ def journal_volume(make_volume, rng, files=40):
     vol = make_volume("v")
     helpers.fill_random(vol.source / "pre" / "a", 100000, rng)
     vol.start(segment_interval="3600s")
-    vol.wait_window()
+    # No wait for the window: with an hour-long interval the records only
+    # need to be in the journal, which they are once acknowledged.
     acked = {}
     for k in range(files):
         data = rng.randbytes(rng.choice([10, 3000, 70000]))
@@ -358,7 +359,8 @@ def test_journal_torn_tail_is_cut_and_reported(make_volume, workdir, tail):
             f.write(struct.pack("<I", 300) + rng.randbytes(8) + rng.randbytes(120))
         else:
             f.write(rng.randbytes(64))
-    vol.start(segment_interval="3600s")
+    # Restart with the default interval so the recovered records ship.
+    vol.start()
     log = vol.log()
     assert _has_any(log, ("torn", "cut", "truncat")), f"the restart did not report the torn journal tail:\n{vol.log_tail(60)}"
     for name, data in acked.items():
