@@ -17,6 +17,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import stat
@@ -163,6 +164,10 @@ def rewind(*args, env=None, timeout=300, check=False) -> Cmd:
     return c
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_IOCTL_NOISE = re.compile(r"[^\n]*\[Not Implemented\] ioctl\(.*?out_size: \d+\)\n?", re.DOTALL)
+
+
 class Volume:
     """One protected directory: source, mount, store and journal under
     `root`, plus a private HOME/XDG tree so that any local catalog the
@@ -233,11 +238,16 @@ class Volume:
         return self.proc is not None and self.proc.poll() is None
 
     def log(self, run: int | None = None) -> str:
+        """The daemon's log without colour codes and without fuser's
+        multi-line warnings about unimplemented ioctls (TCGETS on every
+        Python open), which would bury everything else."""
         p = self.log_path if run is None else self.logs / f"run{run}.log"
         try:
-            return p.read_text(errors="replace") if p else ""
+            text = p.read_text(errors="replace") if p else ""
         except FileNotFoundError:
             return ""
+        text = _ANSI.sub("", text)
+        return _IOCTL_NOISE.sub("", text)
 
     def log_tail(self, n: int = 40) -> str:
         return "\n".join(self.log().splitlines()[-n:])
@@ -309,8 +319,11 @@ class Volume:
         def reached():
             w = self.window()
             return w if w and w["latest_ns"] >= t_ns else None
+        def diag():
+            info = self.ls()
+            return f"window: {info.get('window')}\ngaps: {info.get('gaps')}\n{self._diag()}"
         return wait_until(reached, timeout, f"window.latest to reach {fmt_ns(t_ns)}", interval=0.1,
-                          on_timeout=lambda: f"window: {self.window()}\n{self._diag()}")
+                          on_timeout=diag)
 
     def restore(self, at, target: Path, *extra, force=False, lineage=None, check=True, timeout=600) -> Cmd:
         at_s = fmt_ns(at) if isinstance(at, int) else str(at)

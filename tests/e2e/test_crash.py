@@ -325,7 +325,12 @@ def test_machine_crash_new_lineage(make_volume, workdir):
     vol.kill9()
     cut = cut_journal_after(vol, t_sync)
 
-    vol.start(env={"REWIND_BOOT_ID": "boot-b-" + os.urandom(4).hex()})
+    before = sorted(p.name for p in vol.journal.iterdir())
+    try:
+        vol.start(env={"REWIND_BOOT_ID": "boot-b-" + os.urandom(4).hex()})
+    except AssertionError as e:
+        raise AssertionError(f"restart after a simulated machine crash failed (journal dir before the "
+                             f"restart: {before}; cut: {cut}): {e}") from None
     for name, data in synced.items():
         assert (m / name).read_bytes() == data, f"fsynced {name} lost or changed after the machine crash ({cut})"
     vol.wait_window()
