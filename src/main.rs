@@ -26,7 +26,7 @@ fn main() {
 }
 
 fn open_store(a: &StoreArgs) -> anyhow::Result<Arc<dyn Store>> {
-    let opts = StoreOptions { s3_endpoint: a.s3_endpoint.clone(), s3_path_style: a.s3_path_style };
+    let opts = StoreOptions { s3_endpoint: a.s3_endpoint.clone(), s3_path_style: a.s3_path_style, ..Default::default() };
     let root = store::open(&a.store, &opts)?;
     Ok(Arc::new(Prefixed::new(root, &a.volume)))
 }

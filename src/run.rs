@@ -166,9 +166,21 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive)
         .map_err(|_| anyhow::anyhow!("another `rewind run` holds the journal {}; stop it first", jdir.display()))?;
 
-    let opts = StoreOptions { s3_endpoint: args.store.s3_endpoint.clone(), s3_path_style: args.store.s3_path_style };
+    // An unreachable store must not stop protection (the journal holds
+    // changes meanwhile); a missing bucket or refused credentials must.
+    let opts = StoreOptions {
+        s3_endpoint: args.store.s3_endpoint.clone(),
+        s3_path_style: args.store.s3_path_style,
+        tolerate_unreachable: true,
+    };
     let root = store::open(&args.store.store, &opts)?;
     let store: Arc<dyn Store> = Arc::new(Prefixed::new(root, &args.store.volume));
+    // A daemon killed mid-upload cannot abort its own multipart uploads.
+    match store.abort_incomplete_uploads("") {
+        Ok(0) => {}
+        Ok(n) => tracing::info!("aborted {n} incomplete uploads left by an earlier run"),
+        Err(e) => tracing::warn!("cannot list incomplete uploads: {e}"),
+    }
     let timeline = match Timeline::load(store.as_ref()) {
         Ok(t) => t,
         Err(e) if e.is_transient() => {

@@ -44,6 +44,8 @@ pub struct JournalFile {
     /// Sequence number of the last frame (first_seq - 1 when empty).
     pub last_seq: Seq,
     pub lineage: u64,
+    /// Preallocated size of the file.
+    pub cap: u64,
 }
 
 struct Inner {
@@ -121,6 +123,7 @@ impl Journal {
                 end: scan.end,
                 last_seq: if scan.frames > 0 { scan.last_seq } else { scan.header.first_seq - 1 },
                 lineage: scan.header.lineage,
+                cap: len,
             });
             recovered.bytes += len;
         }
@@ -197,7 +200,7 @@ impl Journal {
         let last = seq - 1;
         let need = buf.len() as u64;
         let cur_end = inner.files.back().map(|f| f.end).unwrap_or(0);
-        let cur_cap = inner.files.back().map(|f| f.file.metadata().map(|m| m.len()).unwrap_or(0)).unwrap_or(0);
+        let cur_cap = inner.files.back().map(|f| f.cap).unwrap_or(0);
         if cur_end + need > cur_cap {
             if let Err(e) = self.rotate(&mut inner, need) {
                 inner.buf = buf;
@@ -253,6 +256,7 @@ impl Journal {
             end: file::HEADER_LEN as u64,
             last_seq: inner.next_seq - 1,
             lineage: inner.lineage,
+            cap: size,
         });
         Ok(())
     }
@@ -338,7 +342,7 @@ impl Journal {
             if f.last_seq > seq {
                 break;
             }
-            let len = f.file.metadata().map(|m| m.len()).unwrap_or(0);
+            let len = f.cap;
             fs::remove_file(&f.path).map_err(|e| JournalError::io(&f.path, e))?;
             inner.bytes = inner.bytes.saturating_sub(len);
             inner.files.pop_front();

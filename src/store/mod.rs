@@ -13,7 +13,9 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
+pub mod faulty;
 pub mod file;
+pub mod s3;
 
 /// Errors a store backend reports. `NotFound` is separate so that callers
 /// can tell "absent" from "broken"; `Unreachable` is the transient class
@@ -63,6 +65,16 @@ pub trait Store: Send + Sync {
     fn list(&self, prefix: &str) -> Result<Vec<String>>;
     /// A human-readable name ("file:///data/store", "s3://bucket/prefix").
     fn describe(&self) -> String;
+    /// Aborts multipart uploads that a crashed writer left open under
+    /// `prefix` and returns how many there were. `put` aborts its own
+    /// failed uploads, but a process killed mid-upload cannot; open uploads
+    /// are invisible to readers yet billed. Only a volume's single writer
+    /// may call this, at start and before it uploads anything, since it
+    /// would also cut short a live writer's upload. Backends without
+    /// multipart uploads have nothing to clean.
+    fn abort_incomplete_uploads(&self, _prefix: &str) -> Result<usize> {
+        Ok(0)
+    }
 }
 
 impl fmt::Debug for dyn Store {
@@ -120,9 +132,14 @@ impl StoreUrl {
 pub struct StoreOptions {
     pub s3_endpoint: Option<String>,
     pub s3_path_style: bool,
+    /// Open even if the store cannot be reached right now (`run` starting
+    /// during an outage keeps journaling and retries); a missing bucket or
+    /// refused credentials still fail. Read-only commands leave it false
+    /// so that a wrong endpoint fails at once.
+    pub tolerate_unreachable: bool,
 }
 
-/// Opens the store a URL names. S3 support is compiled in by `s3.rs`.
+/// Opens the store a URL names; `s3://` checks the bucket before returning.
 pub fn open(url: &str, opts: &StoreOptions) -> Result<Arc<dyn Store>> {
     match StoreUrl::parse(url)? {
         StoreUrl::File(path) => Ok(Arc::new(file::FileStore::open(path)?)),
@@ -130,11 +147,12 @@ pub fn open(url: &str, opts: &StoreOptions) -> Result<Arc<dyn Store>> {
     }
 }
 
-fn open_s3(url: &str, _bucket: &str, _prefix: &str, _opts: &StoreOptions) -> Result<Arc<dyn Store>> {
-    Err(StoreError::Config {
-        store: url.to_string(),
-        detail: "this build has no S3 backend yet".into(),
-    })
+fn open_s3(_url: &str, bucket: &str, prefix: &str, opts: &StoreOptions) -> Result<Arc<dyn Store>> {
+    let mut cfg = s3::S3Config::new(bucket, prefix);
+    cfg.endpoint = opts.s3_endpoint.clone();
+    cfg.path_style = opts.s3_path_style;
+    cfg.tolerate_unreachable = opts.tolerate_unreachable;
+    Ok(Arc::new(s3::S3Store::open(cfg)?))
 }
 
 /// A store viewed under a key prefix (the volume's namespace), so that the
@@ -178,5 +196,8 @@ impl Store for Prefixed {
     }
     fn describe(&self) -> String {
         format!("{} (volume prefix {})", self.inner.describe(), self.prefix.trim_end_matches('/'))
+    }
+    fn abort_incomplete_uploads(&self, prefix: &str) -> Result<usize> {
+        self.inner.abort_incomplete_uploads(&self.full(prefix))
     }
 }

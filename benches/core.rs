@@ -1,0 +1,143 @@
+//! Criterion benches for the pieces on the write and restore paths: journal
+//! append (one and several threads), segment encode and decode (lz4 +
+//! blake3), and restore replay. `scripts/test-all` runs them in quick mode
+//! (`cargo bench -- --test`) so they cannot rot; `cargo bench` measures.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use rewind::journal::Journal;
+use rewind::record::{Kind, Op, Record};
+use rewind::segment;
+
+fn incompressible(n: usize, seed: u64) -> Bytes {
+    // xorshift: cheap bytes that lz4 cannot shrink, so figures are honest.
+    let mut x = seed | 1;
+    let mut v = Vec::with_capacity(n);
+    while v.len() < n {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(n);
+    Bytes::from(v)
+}
+
+fn journal_append(c: &mut Criterion) {
+    let mut g = c.benchmark_group("journal_append");
+    for size in [4096usize, 1 << 20] {
+        let data = incompressible(size, 7);
+        g.throughput(Throughput::Bytes(size as u64));
+        g.bench_function(format!("1 thread {size} B"), |b| {
+            let d = tempfile::tempdir().unwrap();
+            let (j, _) = Journal::open(d.path(), 1, 1, 0, u64::MAX).unwrap();
+            let mut i = 0u64;
+            b.iter(|| {
+                i += 1;
+                j.append(&[Op::Write { ino: 5, offset: i * size as u64, size: (i + 1) * size as u64, mtime: 1, data: data.clone() }]).unwrap();
+                // Keep the directory bounded: rotate away and release.
+                if i % 4096 == 0 {
+                    j.release_through(j.last_seq()).unwrap();
+                }
+            });
+        });
+    }
+    let data = incompressible(4096, 9);
+    g.throughput(Throughput::Bytes(4 * 4096));
+    g.bench_function("4 threads 4096 B", |b| {
+        let d = tempfile::tempdir().unwrap();
+        let (j, _) = Journal::open(d.path(), 1, 1, 0, u64::MAX).unwrap();
+        let j = Arc::new(j);
+        b.iter(|| {
+            std::thread::scope(|s| {
+                for t in 0..4u64 {
+                    let j = j.clone();
+                    let data = data.clone();
+                    s.spawn(move || j.append(&[Op::Write { ino: t, offset: 0, size: 4096, mtime: 1, data }]).unwrap());
+                }
+            });
+            if j.last_seq() % 4096 < 4 {
+                j.release_through(j.last_seq()).unwrap();
+            }
+        });
+    });
+    g.finish();
+}
+
+fn records(total: usize, size: usize) -> Vec<Record> {
+    (0..total / size)
+        .map(|i| Record {
+            seq: 1 + i as u64,
+            time: 1_000 + i as i64,
+            op: Op::Write { ino: 5, offset: (i * size) as u64, size: ((i + 1) * size) as u64, mtime: 1, data: incompressible(size, i as u64) },
+        })
+        .collect()
+}
+
+fn segments(c: &mut Criterion) {
+    let mut g = c.benchmark_group("segment");
+    let recs = records(8 << 20, 4096);
+    g.throughput(Throughput::Bytes(8 << 20));
+    g.bench_function("encode 8 MiB of 4 KiB writes", |b| b.iter(|| segment::encode(1, &recs)));
+    let (_, data) = segment::encode(1, &recs);
+    g.bench_function("decode 8 MiB of 4 KiB writes", |b| b.iter(|| segment::decode(&data).unwrap()));
+    g.finish();
+}
+
+fn replay(c: &mut Criterion) {
+    let mut g = c.benchmark_group("restore");
+    let root = 2u64;
+    let mut recs = vec![Record {
+        seq: 1,
+        time: 1,
+        op: Op::Create { parent: root, name: Bytes::from_static(b"f"), ino: 5, kind: Kind::File, mode: 0o644, uid: 0, gid: 0, mtime: 1, rdev: 0, target: Bytes::new() },
+    }];
+    recs.extend(records(16 << 20, 65536).into_iter().map(|mut r| {
+        r.seq += 1;
+        r
+    }));
+    let manifest = rewind::base::Manifest {
+        lineage: 1,
+        start_seq: 0,
+        started_ns: 0,
+        completed_ns: 0,
+        kind: rewind::base::BaseKind::Initial,
+        root,
+        objects: vec![rewind::base::Object {
+            ino: root,
+            kind: Kind::Dir,
+            mode: 0o755,
+            uid: 0,
+            gid: 0,
+            size: 0,
+            mtime: 0,
+            rdev: 0,
+            target: Bytes::new(),
+            xattrs: vec![],
+            extents: vec![],
+        }],
+        links: vec![],
+    };
+    g.throughput(Throughput::Bytes(16 << 20));
+    g.sample_size(10);
+    g.bench_function("replay 16 MiB of 64 KiB writes", |b| {
+        b.iter_batched(
+            || tempfile::tempdir().unwrap(),
+            |d| {
+                let mut t = rewind::restore::Tree::prepare(&d.path().join("t"), false).unwrap();
+                t.apply_base(&manifest, &mut |_| unreachable!(), &mut |_, _| {}).unwrap();
+                for r in &recs {
+                    t.apply(r).unwrap();
+                }
+                t.finish().unwrap();
+            },
+            BatchSize::PerIteration,
+        )
+    });
+    g.finish();
+}
+
+criterion_group!(benches, journal_append, segments, replay);
+criterion_main!(benches);
