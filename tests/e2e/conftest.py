@@ -22,7 +22,6 @@ TMP_ROOT = Path(os.environ.get("REWIND_E2E_TMP", helpers.REPO / ".test-tmp"))
 
 
 def pytest_sessionstart(session):
-    # Fail loudly (never skip) when the machine cannot run these suites.
     problems = []
     if not os.path.exists(helpers.REWIND_BIN):
         problems.append(f"no rewind binary at {helpers.REWIND_BIN} (build with cargo build --release or set REWIND_BIN)")
@@ -35,11 +34,6 @@ def pytest_sessionstart(session):
     session.config._rewind_problems = problems
 
 
-@pytest.fixture(autouse=True)
-def _machine_ok(request):
-    problems = request.config._rewind_problems
-    if problems:
-        pytest.fail("cannot run the e2e suites: " + "; ".join(problems), pytrace=False)
 
 
 @pytest.hookimpl(tryfirst=True, hookwrapper=True)
@@ -51,6 +45,10 @@ def pytest_runtest_makereport(item, call):
 
 @pytest.fixture
 def workdir(request):
+    # Fail loudly (never skip) when the machine cannot run the mount suites.
+    problems = request.config._rewind_problems
+    if problems:
+        pytest.fail("cannot run the e2e suites: " + "; ".join(problems), pytrace=False)
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", request.node.nodeid.split("::", 1)[-1])[:80]
     d = TMP_ROOT / name
     if d.exists():

@@ -42,7 +42,10 @@ def _has_any(text: str, words) -> bool:
 
 
 @pytest.fixture(scope="module")
-def pristine():
+def pristine(request):
+    problems = request.config._rewind_problems
+    if problems:
+        pytest.fail("cannot run the e2e suites: " + "; ".join(problems), pytrace=False)
     d = TMP_ROOT / "damage-pristine"
     if d.exists():
         helpers.rmtree(d)
