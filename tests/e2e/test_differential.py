@@ -241,7 +241,12 @@ def test_more_files_than_the_daemon_has_descriptors(make_volume, workdir):
     d = vol.mount / "many"
     d.mkdir()
     for k in range(n):
-        fd = os.open(d / f"f{k}", os.O_CREAT | os.O_WRONLY, 0o644)
+        try:
+            fd = os.open(d / f"f{k}", os.O_CREAT | os.O_WRONLY, 0o644)
+        except OSError as e:
+            held = len(os.listdir(f"/proc/{vol.proc.pid}/fd"))
+            raise AssertionError(f"creating file {k} of {n} through the mount failed with {e!r}; the daemon "
+                                 f"holds {held} descriptors (limit {limit})") from None
         try:
             os.write(fd, b"%d" % k)
         finally:
