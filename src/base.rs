@@ -541,18 +541,32 @@ pub struct BaseRequest<'a> {
     pub started_ns: Nanos,
     pub kind: BaseKind,
     pub watch: &'a BaseWatch,
+    /// Handles of every inode the filesystem knows and the walk has not
+    /// seen: anything the application touched during the walk, wherever it
+    /// is now (moved, or open but unlinked).
+    pub unseen: &'a dyn Fn(&HashSet<Ino>) -> Vec<OwnedFd>,
     pub known_chunks: &'a Mutex<HashSet<[u8; 32]>>,
 }
 
 /// Walks the source and uploads its chunks. The manifest is returned, not
 /// stored: the caller stamps `completed_ns` from the record clock after the
 /// walk (so every record before it is covered) and stores it.
+/// The caller activates `req.watch` before taking `start_seq` (so no move
+/// after the start goes unwatched) and deactivates it once the completion
+/// time is stamped.
 pub fn walk(req: &BaseRequest<'_>) -> Result<(Manifest, BaseStats), BaseError> {
-    req.watch.active.store(true, std::sync::atomic::Ordering::Release);
-    let res = walk_inner(req);
-    req.watch.active.store(false, std::sync::atomic::Ordering::Release);
-    req.watch.moved.lock().clear();
-    res
+    walk_inner(req)
+}
+
+impl BaseWatch {
+    pub fn activate(&self) {
+        self.moved.lock().clear();
+        self.active.store(true, std::sync::atomic::Ordering::Release);
+    }
+    pub fn deactivate(&self) {
+        self.active.store(false, std::sync::atomic::Ordering::Release);
+        self.moved.lock().clear();
+    }
 }
 
 fn walk_inner(req: &BaseRequest<'_>) -> Result<(Manifest, BaseStats), BaseError> {
@@ -585,7 +599,8 @@ fn walk_inner(req: &BaseRequest<'_>) -> Result<(Manifest, BaseStats), BaseError>
     // Capture what moved behind the walk. Handles are O_PATH: reopen each
     // through /proc so the normal capture code applies.
     loop {
-        let moved: Vec<OwnedFd> = std::mem::take(&mut *req.watch.moved.lock());
+        let mut moved: Vec<OwnedFd> = std::mem::take(&mut *req.watch.moved.lock());
+        moved.extend((req.unseen)(&w.seen));
         if moved.is_empty() {
             break;
         }
@@ -595,7 +610,9 @@ fn walk_inner(req: &BaseRequest<'_>) -> Result<(Manifest, BaseStats), BaseError>
                 Ok(st) => st,
                 Err(_) => continue,
             };
-            if w.seen.contains(&st.st_ino) || st.st_nlink == 0 {
+            // Unlinked files are captured too: records may still write to
+            // them through a descriptor the application holds.
+            if w.seen.contains(&st.st_ino) {
                 continue;
             }
             let name = CString::new(std::os::fd::AsRawFd::as_raw_fd(&fd).to_string()).unwrap();

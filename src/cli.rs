@@ -52,6 +52,16 @@ pub enum DebugCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Print every record of a volume's segments (Debug format).
+    Records {
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Print a volume's base manifests (objects and links).
+    Bases {
+        #[command(flatten)]
+        store: StoreArgs,
+    },
 }
 
 /// Where the protected data lives in object storage.

@@ -164,6 +164,34 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 Ok(1)
             }
         }
+        Command::Debug(DebugCommand::Records { store }) => {
+            let store = open_store(&store)?;
+            let t = Timeline::load(store.as_ref())?;
+            for s in &t.segments {
+                let (_, recs) = rewind::segment::decode(&store.get(&s.key())?)?;
+                for r in recs {
+                    let mut line = format!("{r:?}");
+                    line.truncate(400);
+                    println!("{line}");
+                }
+            }
+            Ok(0)
+        }
+        Command::Debug(DebugCommand::Bases { store }) => {
+            let store = open_store(&store)?;
+            let t = Timeline::load(store.as_ref())?;
+            for b in &t.bases {
+                let m = rewind::base::load_manifest(store.as_ref(), b)?;
+                println!("base {} root {}", b.key(), m.root);
+                for o in &m.objects {
+                    println!("  object {} {:?} mode {:o} size {}", o.ino, o.kind, o.mode, o.size);
+                }
+                for l in &m.links {
+                    println!("  link {} {:?} -> {}", l.parent, String::from_utf8_lossy(&l.name), l.ino);
+                }
+            }
+            Ok(0)
+        }
         Command::Debug(DebugCommand::Journal { journal_dir, json }) => {
             let mut paths: Vec<_> = std::fs::read_dir(&journal_dir)?.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|x| x == "rwj")).collect();
             paths.sort();

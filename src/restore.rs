@@ -53,6 +53,13 @@ pub enum RestoreError {
     HostileName { name: String, what: String },
     #[error("the timeline is inconsistent at record {seq}: {why}")]
     Inconsistent { seq: u64, why: String },
+    #[error("record {seq} ({op}): {source}")]
+    AtRecord {
+        seq: u64,
+        op: &'static str,
+        #[source]
+        source: Box<RestoreError>,
+    },
     #[error("restore I/O error ({what}): {source}")]
     Io {
         what: String,
@@ -101,7 +108,15 @@ pub struct Tree {
     files: HashMap<Ino, OwnedFd>,
     staging: PathBuf,
     dead: u64,
+    /// Records timed before this ran while the base was walked: one may
+    /// name a file that died before the walk could see it (written, then
+    /// replaced or unlinked and closed). Such records only remove entries.
+    fuzzy_until: Nanos,
 }
+
+/// Open descriptors the restore keeps for files and directories.
+const FILE_CACHE: usize = 256;
+const DIR_CACHE: usize = 1024;
 
 const DIR_FLAGS: OFlags = OFlags::RDONLY.union(OFlags::DIRECTORY).union(OFlags::NOFOLLOW).union(OFlags::CLOEXEC);
 
@@ -146,6 +161,7 @@ impl Tree {
             files: HashMap::new(),
             staging,
             dead: 0,
+            fuzzy_until: i64::MIN,
         })
     }
 
@@ -167,7 +183,11 @@ impl Tree {
             }
             .map_err(|e| io(format!("open directory {ino}"), e))?;
             // Handles follow the directory through renames, so the cache
-            // never goes stale.
+            // never goes stale; it is only bounded, since every entry can
+            // be reopened through its parent chain or from staging.
+            if self.dir_fds.len() >= DIR_CACHE {
+                self.dir_fds.clear();
+            }
             self.dir_fds.insert(ino, fd);
         }
         Ok(&self.dir_fds[&ino])
@@ -175,7 +195,7 @@ impl Tree {
 
     fn file_fd(&mut self, ino: Ino) -> Result<&OwnedFd> {
         if !self.files.contains_key(&ino) {
-            if self.files.len() >= 256 {
+            if self.files.len() >= FILE_CACHE {
                 self.files.clear();
             }
             let fd = rfs::openat(&self.objs, &ino_name(ino), OFlags::RDWR | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())
@@ -197,6 +217,9 @@ impl Tree {
             Kind::File => {
                 let fd = rfs::openat(&self.objs, &name, OFlags::RDWR | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC, m)
                     .map_err(|e| io(format!("create file {ino}"), e))?;
+                if self.files.len() >= FILE_CACHE {
+                    self.files.clear();
+                }
                 self.files.insert(ino, fd);
             }
             Kind::Dir => rfs::mkdirat(&self.dirs, &name, Mode::from_bits_truncate(0o700)).map_err(|e| io(format!("mkdir {ino}"), e))?,
@@ -218,6 +241,30 @@ impl Tree {
         self.dir_fds.remove(&ino);
         match node.kind {
             Kind::Dir => {
+                // Its entries leave the tree with it: child directories go to
+                // staging (unplaced), links of files are forgotten.
+                let children: Vec<(CString, Ino)> = self.entries.iter().filter(|((p, _), _)| *p == ino).map(|((_, n), c)| (n.clone(), *c)).collect();
+                if !children.is_empty() {
+                    let fd = match &node.place {
+                        Some((p, n)) => {
+                            let pfd = rustix::io::fcntl_dupfd_cloexec(self.dir_fd(*p)?, 0).map_err(|e| io("dup", e))?;
+                            rfs::openat(&pfd, n, DIR_FLAGS, Mode::empty())
+                        }
+                        None => rfs::openat(&self.dirs, &ino_name(ino), DIR_FLAGS, Mode::empty()),
+                    }
+                    .map_err(|e| io("open discarded directory", e))?;
+                    for (n, c) in children {
+                        self.entries.remove(&(ino, n.clone()));
+                        if let Some(child) = self.nodes.get_mut(&c) {
+                            if child.kind == Kind::Dir {
+                                child.place = None;
+                                rfs::renameat(&fd, &n, &self.dirs, &ino_name(c)).map_err(|e| io("unplace directory", e))?;
+                            } else {
+                                child.links.remove(&(ino, n));
+                            }
+                        }
+                    }
+                }
                 let dead = CString::new(format!("dead-{}", self.dead)).unwrap();
                 self.dead += 1;
                 match &node.place {
@@ -233,7 +280,7 @@ impl Tree {
                 for (p, n) in &node.links {
                     self.entries.remove(&(*p, n.clone()));
                     let pfd = self.dir_fd(*p)?;
-                    rfs::unlinkat(pfd, n, AtFlags::empty()).map_err(|e| io("discard link", e))?;
+                    rfs::unlinkat(pfd, n, AtFlags::empty()).map_err(|e| io(format!("discard link {:?} of {ino} in {p}", n), e))?;
                 }
                 rfs::unlinkat(&self.objs, &ino_name(ino), AtFlags::empty()).map_err(|e| io("discard object", e))?;
             }
@@ -419,9 +466,43 @@ impl Tree {
         Ok(())
     }
 
+    /// Declares the time until which records raced the base walk.
+    pub fn set_fuzzy_until(&mut self, ns: Nanos) {
+        self.fuzzy_until = ns;
+    }
+
+    /// The file a record names, if the record raced the base walk and names
+    /// a file the walk never saw because it no longer existed at the end.
+    fn died_during_walk(&self, rec: &Record) -> Option<Ino> {
+        if rec.time > self.fuzzy_until {
+            return None;
+        }
+        let ino = match &rec.op {
+            Op::Write { ino, .. } | Op::SetAttr { ino, .. } | Op::Fallocate { ino, .. } | Op::SetXattr { ino, .. } | Op::RemoveXattr { ino, .. } => *ino,
+            Op::Link { ino, .. } | Op::Rename { ino, .. } | Op::Unlink { ino, .. } => *ino,
+            Op::Create { .. } | Op::ClockStep { .. } => return None,
+        };
+        (!self.nodes.contains_key(&ino)).then_some(ino)
+    }
+
     /// Applies one record.
     pub fn apply(&mut self, rec: &Record) -> Result<()> {
         let seq = rec.seq;
+        if self.died_during_walk(rec).is_some() {
+            // Only the record's effect on other entries matters: a rename
+            // of the dead file still replaced whatever stood at its target.
+            if let Op::Rename { from_parent, from_name, to_parent, to_name, replaced, flags, .. } = &rec.op {
+                let from = cname(from_name, "segment")?;
+                let to = cname(to_name, "segment")?;
+                if flags & RENAME_EXCHANGE_FLAG != 0 && self.nodes.contains_key(replaced) {
+                    self.remove_entry(*to_parent, &to)?;
+                    self.ensure_entry(*from_parent, &from, *replaced, seq)?;
+                } else {
+                    self.remove_entry(*to_parent, &to)?;
+                }
+            }
+            return Ok(());
+        }
         let reserved = |parent: Ino, name: &Bytes, root: Ino| parent == root && name.as_ref() == HIDDEN.as_bytes();
         match &rec.op {
             Op::Create { parent, name, ino, kind, mode, uid, gid, mtime, rdev, target } => {
@@ -454,6 +535,10 @@ impl Tree {
                 let to = cname(to_name, "segment")?;
                 if reserved(*to_parent, to_name, self.root) || reserved(*from_parent, from_name, self.root) {
                     return Err(RestoreError::HostileName { name: HIDDEN.into(), what: "segment (reserved name)".into() });
+                }
+                if ino == replaced && flags & RENAME_EXCHANGE_FLAG == 0 {
+                    // rename(2) between two links of one file does nothing.
+                    return Ok(());
                 }
                 if flags & RENAME_EXCHANGE_FLAG != 0 {
                     let a = self.entries.get(&(*from_parent, from.clone())).copied();
@@ -587,6 +672,7 @@ pub fn restore(store: &dyn Store, plan: &Plan, target: &Path, force: bool, progr
         plan.segments.len()
     ));
     let mut tree = Tree::prepare(target, force)?;
+    tree.set_fuzzy_until(manifest.completed_ns);
     let mut fetch = |hash: &[u8; 32]| -> Result<Vec<u8>> {
         let key = chunk_key(hash);
         let data = store.get(&key)?;
@@ -611,7 +697,7 @@ pub fn restore(store: &dyn Store, plan: &Plan, target: &Path, force: bool, progr
             return Err(RestoreError::Segment { key, source: SegmentError::Inconsistent("header does not match the object key".into()) });
         }
         for r in recs.iter().filter(|r| r.seq > plan.base.start_seq && r.time <= plan.at_ns) {
-            tree.apply(r)?;
+            tree.apply(r).map_err(|e| RestoreError::AtRecord { seq: r.seq, op: r.op.kind_name(), source: Box::new(e) })?;
             records += 1;
             last_record_ns = Some(r.time);
         }

@@ -95,6 +95,7 @@ impl Daemon {
     fn take_base(&self, lineage: u64, kind: BaseKind) -> anyhow::Result<()> {
         let mut delay = Duration::from_secs(1);
         loop {
+            self.watch.activate();
             let start_seq = self.journal.last_seq();
             let started_ns = self.journal.now();
             tracing::info!(?kind, start_seq, "taking a base snapshot");
@@ -108,13 +109,17 @@ impl Daemon {
                 started_ns,
                 kind,
                 watch: &self.watch,
+                unseen: &|seen| self.core.unseen_handles(seen),
                 known_chunks: &self.known_chunks,
             };
             match base::walk(&req) {
                 Ok((mut m, stats)) => {
                     // Every operation the walk may have seen is journaled
                     // before the completion time is taken.
-                    m.completed_ns = self.core.barrier(|| self.journal.now());
+                    m.completed_ns = self.core.barrier(|| {
+                        self.watch.deactivate();
+                        self.journal.now()
+                    });
                     self.shipper.queue(m.meta().key(), base::encode_manifest(&m));
                     self.metrics.set_base_in_progress(false);
                     self.base_completed_ns.store(m.completed_ns, Ordering::Release);
@@ -131,6 +136,7 @@ impl Daemon {
                     return Ok(());
                 }
                 Err(e) => {
+                    self.watch.deactivate();
                     if self.stop.load(Ordering::Relaxed) {
                         bail!("base snapshot interrupted by shutdown: {e}");
                     }

@@ -770,6 +770,24 @@ impl Passthrough {
         self.record(&[Op::RemoveXattr { ino, name: Bytes::copy_from_slice(name.as_bytes()) }])
     }
 
+    /// O_PATH handles of every known inode not in `seen` (for a base walk).
+    pub fn unseen_handles(&self, seen: &std::collections::HashSet<Ino>) -> Vec<OwnedFd> {
+        let inodes: Vec<Arc<Inode>> = self.inodes.read().iter().filter(|(i, _)| !seen.contains(i)).map(|(_, v)| v.clone()).collect();
+        let mut out = Vec::new();
+        for i in inodes {
+            let Ok(fd) = self.fd(&i) else { continue };
+            let owned = match fd {
+                InodeFd::Kept(f) => match rustix::io::fcntl_dupfd_cloexec(f, 0) {
+                    Ok(d) => d,
+                    Err(_) => continue,
+                },
+                InodeFd::Opened(f) => f,
+            };
+            out.push(owned);
+        }
+        out
+    }
+
     /// Whether a journal failure has made the mount refuse changes.
     pub fn is_broken(&self) -> bool {
         self.broken.load(Ordering::Relaxed)
