@@ -238,10 +238,14 @@ impl Journal {
             // and lose older ones.
             cur.file.sync_data().map_err(|e| JournalError::io(&cur.path, e))?;
             if cur.end == file::HEADER_LEN as u64 && cur.last_seq + 1 == inner.next_seq {
-                // An empty file: reuse it instead of making another.
-                if need + file::HEADER_LEN as u64 <= inner.file_size && cur.lineage == inner.lineage {
+                // An empty file: reuse it, or replace it (its name is the
+                // next file's name).
+                if need + file::HEADER_LEN as u64 <= cur.cap && cur.lineage == inner.lineage {
                     return Ok(());
                 }
+                let cur = inner.files.pop_back().unwrap();
+                fs::remove_file(&cur.path).map_err(|e| JournalError::io(&cur.path, e))?;
+                inner.bytes = inner.bytes.saturating_sub(cur.cap);
             }
         }
         let size = inner.file_size.max(need + file::HEADER_LEN as u64);
