@@ -49,6 +49,7 @@ def prefill(source, rng):
     for k in range(4):
         helpers.fill_random(source / "bulk" / f"big{k}", 3 << 20, rng)
     (source / "coord").mkdir()
+    os.setxattr(source / "coord", "user.pair", b"p")
     (source / "coord" / "ticker").write_bytes(b"." * 64)
 
 
@@ -126,18 +127,21 @@ def test_differential_restore_matches_mount(make_volume, workdir, seed):
             else:
                 gate.pause()
                 check_writers()
-                small_op()  # A: so that one segment is likely to span the pair
                 s1 = helpers.snapshot(vol.mount, cache)
                 for _attempt in range(20):
+                    # A and C rewrite an xattr with the value it has: records
+                    # that change nothing compared, right before T1 and right
+                    # after T2, so that one segment spans the pair.
+                    os.setxattr(vol.mount / "coord", "user.pair", b"p")  # A
                     t1 = time.time_ns()
-                    small_op()
+                    small_op()  # B
                     t2 = time.time_ns()
+                    os.setxattr(vol.mount / "coord", "user.pair", b"p")  # C
                     if t2 - t1 < 1_000_000:
                         break
-                    s1 = helpers.snapshot(vol.mount, cache)  # retry: the op took >= 1 ms
+                    s1 = helpers.snapshot(vol.mount, cache)  # retry: B took >= 1 ms
                 assert t2 - t1 < 1_000_000, f"could not make a pair of instants under 1 ms apart ({t2 - t1} ns)"
                 s2 = helpers.snapshot(vol.mount, cache)
-                small_op()  # C
                 instants.append(("pair-1", t1, s1))
                 instants.append(("pair-2", t2, s2))
                 pairs.append((t1, t2))

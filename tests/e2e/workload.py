@@ -340,7 +340,10 @@ class Writer(threading.Thread):
             withx = [f for f in files + mutable_dirs
                      if os.listxattr(os.path.join(self.sides["s"], f), follow_symlinks=False)]
             p = self._pick(withx, newp) if r.random() < 0.8 else self._pick(files, newp)
-            xs = os.listxattr(os.path.join(self.sides["s"], p)) if os.path.lexists(os.path.join(self.sides["s"], p)) else []
+            try:
+                xs = os.listxattr(os.path.join(self.sides["s"], p))
+            except OSError:  # absent, or a dangling symlink
+                xs = []
             name = r.choice(xs) if xs and r.random() < 0.8 else f"user.k{r.randrange(4)}"
 
             def op(b):
