@@ -482,7 +482,15 @@ impl Tree {
             Op::Link { ino, .. } | Op::Rename { ino, .. } | Op::Unlink { ino, .. } => *ino,
             Op::Create { .. } | Op::ClockStep { .. } => return None,
         };
-        (!self.nodes.contains_key(&ino)).then_some(ino)
+        // A data record for an identity the base holds as something other
+        // than a file: the number was reused during the walk (the later
+        // Create record replaces it).
+        let wants_file = matches!(rec.op, Op::Write { .. } | Op::Fallocate { .. });
+        match self.nodes.get(&ino) {
+            None => Some(ino),
+            Some(n) if wants_file && n.kind != Kind::File => Some(ino),
+            Some(_) => None,
+        }
     }
 
     /// Applies one record.
