@@ -329,6 +329,22 @@ impl Filesystem for FuseFs {
         empty(reply, self.core.fallocate(fh.0, offset, length, mode))
     }
 
+    fn ioctl(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: fuser::IoctlFlags,
+        _cmd: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: fuser::ReplyIoctl,
+    ) {
+        // Terminal probes (TCGETS on every buffered open) land here; a
+        // regular file answers ENOTTY, as the native filesystem does.
+        reply.error(Errno::ENOTTY)
+    }
+
     fn lseek(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: i64, whence: i32, reply: ReplyLseek) {
         match self.core.lseek(fh.0, offset, whence) {
             Ok(o) => reply.offset(o as i64),
