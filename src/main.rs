@@ -51,6 +51,7 @@ fn write_marker(marker: &std::path::Path, r: &rewind::restore::Restored) -> std:
 }
 
 fn open_store(a: &StoreArgs) -> anyhow::Result<Arc<dyn Store>> {
+    rewind::timeline::check_volume_name(&a.volume).map_err(|e| anyhow::anyhow!("--volume: {e}"))?;
     let opts = StoreOptions { s3_endpoint: a.s3_endpoint.clone(), s3_path_style: a.s3_path_style, ..Default::default() };
     let root = store::open(&a.store, &opts)?;
     Ok(Arc::new(Prefixed::new(root, &a.volume)))

@@ -696,6 +696,7 @@ pub fn restore(store: &dyn Store, plan: &Plan, target: &Path, force: bool, progr
     })?;
     let mut records = 0u64;
     let mut last_record_ns = None;
+    let mut last_seq = 0;
     let n = plan.segments.len();
     for (i, s) in plan.segments.iter().enumerate() {
         let key = s.key();
@@ -704,7 +705,10 @@ pub fn restore(store: &dyn Store, plan: &Plan, target: &Path, force: bool, progr
         if meta != *s {
             return Err(RestoreError::Segment { key, source: SegmentError::Inconsistent("header does not match the object key".into()) });
         }
-        for r in recs.iter().filter(|r| r.seq > plan.base.start_seq && r.time <= plan.at_ns) {
+        // Segments may overlap (a journal prefix shipped again after a
+        // machine crash): each sequence number applies once.
+        for r in recs.iter().filter(|r| r.seq > plan.base.start_seq.max(last_seq) && r.time <= plan.at_ns) {
+            last_seq = r.seq;
             tree.apply(r).map_err(|e| RestoreError::AtRecord { seq: r.seq, op: r.op.kind_name(), source: Box::new(e) })?;
             records += 1;
             last_record_ns = Some(r.time);

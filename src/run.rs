@@ -27,6 +27,13 @@ use crate::ship::{ShipStats, Shipper};
 use crate::store::{self, Prefixed, Store, StoreOptions};
 use crate::timeline::{LineageStart, Timeline};
 
+/// How long startup waits for the store before protecting without it.
+const STORE_STARTUP_WAIT: Duration = Duration::from_secs(5);
+
+fn opts_clone(args: &RunArgs) -> StoreOptions {
+    StoreOptions { s3_endpoint: args.store.s3_endpoint.clone(), s3_path_style: args.store.s3_path_style, tolerate_unreachable: true, skip_check: true }
+}
+
 /// What the journal directory remembers between runs.
 #[derive(Debug, Serialize, Deserialize)]
 struct State {
@@ -179,29 +186,60 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive)
         .map_err(|_| anyhow::anyhow!("another `rewind run` holds the journal {}; stop it first", jdir.display()))?;
 
+    crate::timeline::check_volume_name(&args.store.volume).map_err(|e| anyhow::anyhow!("--volume: {e}"))?;
     // An unreachable store must not stop protection (the journal holds
-    // changes meanwhile); a missing bucket or refused credentials must.
+    // changes meanwhile); a missing bucket or refused credentials must. A
+    // store that hangs gets a few seconds, then protection starts without
+    // its answer (a repair base is taken, which is always safe).
     let opts = StoreOptions {
         s3_endpoint: args.store.s3_endpoint.clone(),
         s3_path_style: args.store.s3_path_style,
         tolerate_unreachable: true,
+        skip_check: false,
     };
-    let root = store::open(&args.store.store, &opts)?;
-    let store: Arc<dyn Store> = Arc::new(Prefixed::new(root, &args.store.volume));
-    // A daemon killed mid-upload cannot abort its own multipart uploads.
-    match store.abort_incomplete_uploads("") {
-        Ok(0) => {}
-        Ok(n) => tracing::info!("aborted {n} incomplete uploads left by an earlier run"),
-        Err(e) => tracing::warn!("cannot list incomplete uploads: {e}"),
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    {
+        let url = args.store.store.clone();
+        let volume = args.store.volume.clone();
+        std::thread::spawn(move || {
+            let res = (|| -> anyhow::Result<(Arc<dyn Store>, Option<Timeline>)> {
+                let root = store::open(&url, &opts)?;
+                let store: Arc<dyn Store> = Arc::new(Prefixed::new(root, &volume));
+                let timeline = match Timeline::load(store.as_ref()) {
+                    Ok(t) => Some(t),
+                    Err(e) if e.is_transient() => {
+                        tracing::warn!("store unreachable at start ({e}); protecting anyway, the journal holds changes until it returns");
+                        None
+                    }
+                    Err(e) => return Err(e).context("cannot use the store"),
+                };
+                // A daemon killed mid-upload cannot abort its own multipart
+                // uploads; only this volume's own kinds of keys are touched.
+                if timeline.is_some() {
+                    for kind in crate::timeline::VOLUME_KEY_KINDS {
+                        match store.abort_incomplete_uploads(&format!("{kind}/")) {
+                            Ok(0) => {}
+                            Ok(n) => tracing::info!("aborted {n} incomplete uploads left by an earlier run"),
+                            Err(e) => tracing::warn!("cannot list incomplete uploads: {e}"),
+                        }
+                    }
+                }
+                Ok((store, timeline))
+            })();
+            let _ = tx.send(res);
+        });
     }
-    let timeline = match Timeline::load(store.as_ref()) {
-        Ok(t) => t,
-        Err(e) if e.is_transient() => {
-            tracing::warn!("store unreachable at start ({e}); protecting anyway, the journal holds changes until it returns");
-            Timeline::default()
+    let (store, timeline) = match rx.recv_timeout(STORE_STARTUP_WAIT) {
+        Ok(r) => r?,
+        Err(_) => {
+            tracing::warn!("the store did not answer within {STORE_STARTUP_WAIT:?}; protecting anyway, the journal holds changes until it returns");
+            let root = store::open(&args.store.store, &opts_clone(&args))
+                .context("cannot open the store")?;
+            (Arc::new(Prefixed::new(root, &args.store.volume)) as Arc<dyn Store>, None)
         }
-        Err(e) => return Err(e).context("cannot use the store"),
     };
+    let known = timeline.is_some();
+    let timeline = timeline.unwrap_or_default();
 
     // Decide the lineage: continue it after a clean stop or a process crash
     // (with a repair base), start a new one after a machine crash.
@@ -227,7 +265,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
             }
         }
     };
-    if base_kind.is_none() && !timeline.bases.iter().any(|b| b.lineage == lineage) {
+    if base_kind.is_none() && (!known || !timeline.bases.iter().any(|b| b.lineage == lineage)) {
         base_kind = Some(if prev.is_some() { BaseKind::Repair } else { BaseKind::Initial });
     }
     let stored = timeline.segments.iter().map(|s| s.last_seq).chain(timeline.bases.iter().map(|b| b.start_seq)).max().unwrap_or(0);
@@ -351,6 +389,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     }
     metrics.set_mount_live(false);
     d.stop.store(true, Ordering::Release);
+    shipper.set_abort(true);
     let _ = ship_thread.join();
     let _ = monitor.join();
     if let Some(t) = base_thread {
@@ -361,7 +400,28 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
-    let shipped = shipper.ship_once(Some(deadline)).and_then(|_| shipper.heartbeat(true, Some(deadline)));
+    // The final round runs apart, so that a store that hangs inside one
+    // request cannot hold the exit past the deadline.
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    {
+        let shipper = shipper.clone();
+        let store = store.clone();
+        std::thread::spawn(move || {
+            let r = shipper.ship_once(Some(deadline)).and_then(|_| shipper.heartbeat(true, Some(deadline)));
+            if r.is_ok() {
+                // Uploads a failed attempt could not abort during an outage.
+                for kind in crate::timeline::VOLUME_KEY_KINDS {
+                    if let Err(e) = store.abort_incomplete_uploads(&format!("{kind}/")) {
+                        tracing::warn!("cannot abort incomplete uploads: {e}; the next start retries");
+                    }
+                }
+            }
+            let _ = tx.send(r);
+        });
+    }
+    let shipped = rx
+        .recv_deadline(deadline + Duration::from_secs(1))
+        .unwrap_or_else(|_| Err(crate::ship::ShipError::Timeout));
     let base_ok = d.base_done.load(Ordering::Acquire);
     let stats: &ShipStats = &shipper.stats;
     match shipped {

@@ -47,6 +47,9 @@ pub struct Shipper {
     pub stats: Arc<ShipStats>,
     last_put: Mutex<Instant>,
     lineage: AtomicU64,
+    /// Set at shutdown so that the background loop stops retrying and the
+    /// final, deadline-bound round can take over.
+    abort: AtomicBool,
 }
 
 impl Shipper {
@@ -62,6 +65,7 @@ impl Shipper {
             stats,
             last_put: Mutex::new(Instant::now()),
             lineage: AtomicU64::new(lineage),
+            abort: AtomicBool::new(false),
         }
     }
 
@@ -88,7 +92,7 @@ impl Shipper {
                     if !self.stats.store_down.swap(true, Ordering::Relaxed) {
                         tracing::warn!("cannot upload {key}: {e}; retrying, writes stay in the journal");
                     }
-                    if deadline.is_some_and(|d| Instant::now() + delay > d) {
+                    if deadline.is_some_and(|d| Instant::now() + delay > d) || (deadline.is_none() && self.abort.load(Ordering::Acquire)) {
                         return Err(e);
                     }
                     std::thread::sleep(delay);
@@ -169,6 +173,11 @@ impl Shipper {
         wall_now().max(self.journal.last_time())
     }
 
+    /// Makes background rounds (those without a deadline) give up retrying.
+    pub fn set_abort(&self, on: bool) {
+        self.abort.store(on, Ordering::Release);
+    }
+
     pub fn set_lineage(&self, l: u64) {
         self.lineage.store(l, Ordering::Relaxed);
     }
@@ -184,4 +193,6 @@ pub enum ShipError {
     Store(StoreError),
     #[error("cannot read the journal: {0}")]
     Journal(String),
+    #[error("the store did not answer before the shutdown deadline")]
+    Timeout,
 }

@@ -62,6 +62,31 @@ impl LineageStart {
     }
 }
 
+/// The first component of every key a volume owns.
+pub const VOLUME_KEY_KINDS: [&str; 5] = ["seg", "base", "chunk", "hb", "lineage"];
+
+/// Checks a `--volume` name: `/`-separated components, none empty, `.` or
+/// `..`, and a last component that is not one of the key kinds (so that no
+/// volume's keys can be read as another's).
+pub fn check_volume_name(v: &str) -> Result<(), String> {
+    if v.is_empty() || v.len() > 512 {
+        return Err("a volume name must be 1 to 512 characters".into());
+    }
+    for c in v.split('/') {
+        if c.is_empty() || c == "." || c == ".." {
+            return Err(format!("volume name {v:?} has an empty, \".\" or \"..\" component"));
+        }
+        if !c.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) {
+            return Err(format!("volume name {v:?} may only use letters, digits, '-', '_', '.' and '/'"));
+        }
+    }
+    let last = v.rsplit('/').next().unwrap();
+    if VOLUME_KEY_KINDS.contains(&last) {
+        return Err(format!("volume name {v:?} must not end in {last:?}, which names a kind of object"));
+    }
+    Ok(())
+}
+
 pub fn lineage_id(l: u64) -> String {
     format!("{l:016x}")
 }
@@ -126,7 +151,13 @@ pub struct Plan {
 impl Timeline {
     pub fn load(store: &dyn Store) -> Result<Timeline, StoreError> {
         let mut t = Timeline::default();
-        for k in store.list("")? {
+        // Only this volume's own kinds of keys: a volume nested under this
+        // one ("shop" and "shop/db") must never be read as part of it.
+        let mut keys = Vec::new();
+        for kind in VOLUME_KEY_KINDS {
+            keys.extend(store.list(&format!("{kind}/"))?);
+        }
+        for k in keys {
             if let Some(s) = SegmentMeta::from_key(&k) {
                 t.segments.push(s);
             } else if let Some(b) = BaseMeta::from_key(&k) {

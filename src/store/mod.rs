@@ -137,6 +137,8 @@ pub struct StoreOptions {
     /// refused credentials still fail. Read-only commands leave it false
     /// so that a wrong endpoint fails at once.
     pub tolerate_unreachable: bool,
+    /// Skip the bucket check at open (used when the check already timed out).
+    pub skip_check: bool,
 }
 
 /// Opens the store a URL names; `s3://` checks the bucket before returning.
@@ -152,6 +154,7 @@ fn open_s3(_url: &str, bucket: &str, prefix: &str, opts: &StoreOptions) -> Resul
     cfg.endpoint = opts.s3_endpoint.clone();
     cfg.path_style = opts.s3_path_style;
     cfg.tolerate_unreachable = opts.tolerate_unreachable;
+    cfg.skip_check = opts.skip_check;
     Ok(Arc::new(s3::S3Store::open(cfg)?))
 }
 

@@ -106,6 +106,8 @@ pub struct S3Config {
     /// starts during an outage keeps journaling); bad buckets and refused
     /// credentials still fail.
     pub tolerate_unreachable: bool,
+    /// Do not run HeadBucket at open.
+    pub skip_check: bool,
 }
 
 impl S3Config {
@@ -124,6 +126,7 @@ impl S3Config {
             attempt_timeout: Duration::from_secs(30),
             min_throughput: 1 << 20,
             tolerate_unreachable: false,
+            skip_check: false,
         }
     }
 }
@@ -288,6 +291,9 @@ impl S3Store {
             endpoint_name,
         });
         let store = S3Store { rt, inner };
+        if store.inner.cfg.skip_check {
+            return Ok(store);
+        }
         match store.rt.block_on(store.inner.check()) {
             Ok(()) => Ok(store),
             Err(f) if f.class == Class::Transient && store.inner.cfg.tolerate_unreachable => {
