@@ -707,7 +707,10 @@ pub fn restore(store: &dyn Store, plan: &Plan, target: &Path, force: bool, progr
         }
         // Segments may overlap (a journal prefix shipped again after a
         // machine crash): each sequence number applies once.
-        for r in recs.iter().filter(|r| r.seq > plan.base.start_seq.max(last_seq) && r.time <= plan.at_ns) {
+        for r in recs.iter() {
+            if r.seq <= plan.base.start_seq.max(last_seq) || r.time > plan.at_ns {
+                continue;
+            }
             last_seq = r.seq;
             tree.apply(r).map_err(|e| RestoreError::AtRecord { seq: r.seq, op: r.op.kind_name(), source: Box::new(e) })?;
             records += 1;
