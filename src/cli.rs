@@ -36,6 +36,8 @@ pub enum Command {
     Ls(LsArgs),
     /// Check every object's checksum and the continuity of the timeline.
     Verify(VerifyArgs),
+    /// Serve the Kubernetes admission webhook that injects the sidecar (HTTPS, POST /mutate).
+    Webhook(WebhookArgs),
     /// Inspect local state (for tests and troubleshooting).
     #[command(hide = true, subcommand)]
     Debug(DebugCommand),
@@ -130,6 +132,12 @@ pub struct RestoreArgs {
     /// Do not print progress.
     #[arg(long, short)]
     pub quiet: bool,
+    /// Make the restore one-shot: if PATH exists, do nothing and exit 0; otherwise restore and,
+    /// only once the restore is complete, create PATH (and its parent directories). Used by the
+    /// injected `rewind.dev/restore-at` init container with PATH inside TARGET, so a recreated
+    /// pod does not restore again over newer data.
+    #[arg(long, value_name = "PATH")]
+    pub once_marker: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -145,4 +153,21 @@ pub struct LsArgs {
 pub struct VerifyArgs {
     #[command(flatten)]
     pub store: StoreArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct WebhookArgs {
+    /// Address to serve HTTPS on (POST /mutate, GET /healthz, GET /readyz).
+    #[arg(long, default_value = "0.0.0.0:8443")]
+    pub listen: String,
+    /// PEM certificate chain; re-read when the file changes, so rotated certificates need no restart.
+    #[arg(long, value_name = "FILE")]
+    pub tls_cert: PathBuf,
+    /// PEM private key matching --tls-cert; re-read together with it.
+    #[arg(long, value_name = "FILE")]
+    pub tls_key: PathBuf,
+    /// JSON file with the injection settings (sidecar image, default store, resources...);
+    /// built-in defaults when absent. See docs/KUBERNETES.md.
+    #[arg(long, value_name = "FILE", env = "REWIND_WEBHOOK_CONFIG")]
+    pub config: Option<PathBuf>,
 }

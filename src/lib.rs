@@ -3,6 +3,8 @@
 //! See docs/ARCHITECTURE.md for the bird's-eye view and the code map.
 
 pub mod cli;
+pub mod http;
+pub mod metrics;
 pub mod store;
 pub mod base;
 pub mod clock;
@@ -16,3 +18,4 @@ pub mod fs;
 pub mod ship;
 pub mod run;
 pub mod verify;
+pub mod webhook;

@@ -14,7 +14,8 @@ use rewind::timeline::{lineage_id, Timeline};
 fn main() {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    use std::io::IsTerminal;
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(std::io::stderr().is_terminal()).init();
     let code = match run(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -23,6 +24,18 @@ fn main() {
         }
     };
     std::process::exit(code);
+}
+
+/// Writes the one-shot marker durably, so a recreated pod does not restore
+/// again over newer data.
+fn write_marker(marker: &std::path::Path, r: &rewind::restore::Restored) -> std::io::Result<()> {
+    let dir = marker.parent().unwrap_or(std::path::Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let tmp = marker.with_extension("tmp");
+    std::fs::write(&tmp, format!("restored at {} from lineage {}\n", fmt_ns(r.at_ns), lineage_id(r.lineage)))?;
+    std::fs::File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, marker)?;
+    std::fs::File::open(dir)?.sync_all()
 }
 
 fn open_store(a: &StoreArgs) -> anyhow::Result<Arc<dyn Store>> {
@@ -35,6 +48,12 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Command::Run(args) => rewind::run::run(args),
         Command::Restore(args) => {
+            if let Some(marker) = &args.once_marker {
+                if marker.exists() {
+                    println!("already restored once ({} exists); nothing to do", marker.display());
+                    return Ok(0);
+                }
+            }
             let at = parse_at(&args.at)?;
             let store = open_store(&args.store)?;
             let t = Timeline::load(store.as_ref())?;
@@ -60,6 +79,9 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 args.target.display(),
                 started.elapsed().as_secs_f64()
             );
+            if let Some(marker) = &args.once_marker {
+                write_marker(marker, &r).with_context(|| format!("restore finished, but the one-shot marker {} could not be written", marker.display()))?;
+            }
             Ok(0)
         }
         Command::Ls(args) => {
@@ -144,5 +166,21 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
+        Command::Webhook(args) => webhook(args),
     }
 }
+
+fn webhook(args: rewind::cli::WebhookArgs) -> anyhow::Result<i32> {
+    let config = match &args.config {
+        Some(path) => rewind::webhook::Config::load(path)?,
+        None => {
+            let config = rewind::webhook::Config::default();
+            config.validate()?;
+            config
+        }
+    };
+    rewind::http::serve_webhook(&args.listen, &args.tls_cert, &args.tls_key, config)
+        .context("admission webhook")?;
+    Ok(0)
+}
+

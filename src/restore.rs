@@ -110,12 +110,16 @@ impl Tree {
     /// `force`, then writes the incomplete marker and staging directories.
     pub fn prepare(target: &Path, force: bool) -> Result<Tree> {
         std::fs::create_dir_all(target).map_err(|e| io(format!("create {}", target.display()), e))?;
-        let mut entries = std::fs::read_dir(target).map_err(|e| io(format!("read {}", target.display()), e))?.filter_map(|e| e.ok());
+        // A fresh ext4 volume holds an empty lost+found: that is empty.
+        let is_trivial = |e: &std::fs::DirEntry| {
+            e.file_name() == "lost+found" && std::fs::read_dir(e.path()).map(|mut d| d.next().is_none()).unwrap_or(false)
+        };
+        let mut entries = std::fs::read_dir(target).map_err(|e| io(format!("read {}", target.display()), e))?.filter_map(|e| e.ok()).filter(|e| !is_trivial(e));
         if entries.next().is_some() {
             if !force {
                 return Err(RestoreError::NotEmpty(target.to_path_buf()));
             }
-            for e in std::fs::read_dir(target).map_err(|e| io("read target", e))?.flatten() {
+            for e in std::fs::read_dir(target).map_err(|e| io("read target", e))?.flatten().filter(|e| !is_trivial(e)) {
                 let p = e.path();
                 let r = if e.file_type().map(|t| t.is_dir()).unwrap_or(false) { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
                 r.map_err(|e| io(format!("clear {}", p.display()), e))?;

@@ -21,6 +21,7 @@ use crate::cli::RunArgs;
 use crate::clock::fmt_ns;
 use crate::fs::{fuse, Passthrough};
 use crate::journal::Journal;
+use crate::metrics::Metrics;
 use crate::restore::INCOMPLETE_MARKER;
 use crate::ship::{ShipStats, Shipper};
 use crate::store::{self, Prefixed, Store, StoreOptions};
@@ -76,6 +77,7 @@ fn clear_stale_mount(mount: &Path) -> anyhow::Result<()> {
 
 /// Everything the threads share.
 struct Daemon {
+    metrics: Arc<Metrics>,
     store: Arc<dyn Store>,
     journal: Arc<Journal>,
     shipper: Arc<Shipper>,
@@ -84,6 +86,7 @@ struct Daemon {
     source_fd: std::os::fd::OwnedFd,
     stop: AtomicBool,
     base_done: AtomicBool,
+    base_completed_ns: std::sync::atomic::AtomicI64,
     base_failed: Mutex<Option<String>>,
     known_chunks: Mutex<HashSet<[u8; 32]>>,
 }
@@ -95,6 +98,7 @@ impl Daemon {
             let start_seq = self.journal.last_seq();
             let started_ns = self.journal.now();
             tracing::info!(?kind, start_seq, "taking a base snapshot");
+            self.metrics.set_base_in_progress(true);
             let t0 = Instant::now();
             let req = BaseRequest {
                 source: &self.source_fd,
@@ -112,6 +116,9 @@ impl Daemon {
                     // before the completion time is taken.
                     m.completed_ns = self.core.barrier(|| self.journal.now());
                     self.shipper.queue(m.meta().key(), base::encode_manifest(&m));
+                    self.metrics.set_base_in_progress(false);
+                    self.base_completed_ns.store(m.completed_ns, Ordering::Release);
+                    self.metrics.add_shipped_bytes(stats.bytes);
                     tracing::info!(
                         files = stats.files,
                         bytes = stats.bytes,
@@ -251,7 +258,12 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         .with_context(|| format!("cannot mount at {} (is /dev/fuse available and fusermount3 installed?)", mount.display()))?;
     tracing::info!(source = %source.display(), mount = %mount.display(), store = %store.describe(), "protecting");
 
+    let metrics = Arc::new(Metrics::new(&args.store.volume));
+    metrics.set_lineage(&format!("{lineage:016x}"));
+    metrics.set_mount_live(true);
+    metrics.set_journal_writable(true);
     let d = Arc::new(Daemon {
+        metrics: metrics.clone(),
         store: store.clone(),
         journal: journal.clone(),
         shipper: shipper.clone(),
@@ -260,6 +272,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         source_fd: src_dir,
         stop: AtomicBool::new(false),
         base_done: AtomicBool::new(base_kind.is_none()),
+        base_completed_ns: std::sync::atomic::AtomicI64::new(0),
         base_failed: Mutex::new(None),
         known_chunks: Mutex::new(HashSet::new()),
     });
@@ -296,6 +309,15 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
             .unwrap()
     };
     let _ = &d.store;
+    let monitor = {
+        let d = d.clone();
+        let earliest = timeline.windows().iter().filter(|w| w.lineage == format!("{lineage:016x}")).map(|w| w.earliest_ns).min();
+        std::thread::Builder::new().name("rewind-metrics".into()).spawn(move || monitor(&d, earliest)).unwrap()
+    };
+    let _status = match &args.listen {
+        Some(listen) => Some(crate::http::StatusServer::start(listen, metrics.clone()).with_context(|| format!("cannot serve health and metrics on {listen}"))?),
+        None => None,
+    };
 
     // Wait for SIGTERM/SIGINT (or the mount going away under us).
     let term = Arc::new(AtomicBool::new(false));
@@ -321,8 +343,10 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     if rx.recv_deadline(deadline).is_err() {
         tracing::warn!("files still open at the shutdown deadline; stopping anyway");
     }
+    metrics.set_mount_live(false);
     d.stop.store(true, Ordering::Release);
     let _ = ship_thread.join();
+    let _ = monitor.join();
     if let Some(t) = base_thread {
         // A base in progress finishes or fails on its own; it is bounded by
         // the volume size, not by the deadline, so give up on it at the
@@ -353,5 +377,69 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
             tracing::error!("stopped before everything was stored ({e}); the journal in {} keeps it for the next start", jdir.display());
             Ok(2)
         }
+    }
+}
+
+fn ns_time(ns: crate::clock::Nanos) -> std::time::SystemTime {
+    std::time::UNIX_EPOCH + Duration::from_nanos(ns.max(0) as u64)
+}
+
+/// Samples the daemon's state into the metrics twice a second, and logs
+/// replication lag once a minute. It runs apart from the shipper so that
+/// metrics stay current while an upload is stuck in retries.
+fn monitor(d: &Daemon, mut earliest: Option<crate::clock::Nanos>) {
+    let m = &d.metrics;
+    let s = &d.shipper.stats;
+    let (mut written, mut segments, mut bytes, mut errors) = (0u64, 0u64, 0u64, 0u64);
+    let mut unshipped_since: Option<crate::clock::Nanos> = None;
+    let mut last_log = Instant::now();
+    while !d.stop.load(Ordering::Acquire) {
+        let w = d.journal.written_bytes();
+        m.add_journal_written(w - written);
+        written = w;
+        m.set_journal_bytes(d.journal.bytes());
+        let segs = s.segments.load(Ordering::Relaxed);
+        let b = s.bytes.load(Ordering::Relaxed);
+        if segs > segments {
+            // Per-segment sizes are not kept; spread the bytes evenly.
+            let per = (b - bytes) / (segs - segments);
+            for _ in segments..segs {
+                m.record_segment_shipped(per);
+            }
+        }
+        segments = segs;
+        bytes = b;
+        let e = s.errors.load(Ordering::Relaxed);
+        for _ in errors..e {
+            m.add_upload_error();
+        }
+        errors = e;
+        let stored_seq = s.stored_seq.load(Ordering::Relaxed);
+        let stored_ns = s.stored_ns.load(Ordering::Relaxed);
+        if d.journal.last_seq() > stored_seq {
+            let since = *unshipped_since.get_or_insert_with(crate::clock::wall_now);
+            m.set_oldest_unshipped(Some(ns_time(since.max(stored_ns))));
+        } else {
+            unshipped_since = None;
+            m.set_oldest_unshipped(None);
+        }
+        if d.base_done.load(Ordering::Acquire) && earliest.is_none() && d.shipper.pending_control() == 0 {
+            earliest = Some(d.base_completed_ns.load(Ordering::Acquire));
+        }
+        if let Some(e) = earliest {
+            m.set_restore_window(ns_time(e), ns_time(stored_ns.max(e)));
+        }
+        m.set_journal_writable(!d.journal.writers_waiting() && !d.core.is_broken());
+        if last_log.elapsed() >= Duration::from_secs(60) {
+            last_log = Instant::now();
+            tracing::info!(
+                segments = segs,
+                bytes = b,
+                lag_ms = s.lag_ns.load(Ordering::Relaxed) / 1_000_000,
+                journal_bytes = d.journal.bytes(),
+                "shipping"
+            );
+        }
+        std::thread::sleep(Duration::from_millis(500));
     }
 }

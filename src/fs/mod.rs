@@ -672,6 +672,11 @@ impl Passthrough {
         self.record(&[Op::RemoveXattr { ino, name: Bytes::copy_from_slice(name.as_bytes()) }])
     }
 
+    /// Whether a journal failure has made the mount refuse changes.
+    pub fn is_broken(&self) -> bool {
+        self.broken.load(Ordering::Relaxed)
+    }
+
     /// The number of open handles, for shutdown.
     pub fn open_handles(&self) -> usize {
         self.handles.read().len()

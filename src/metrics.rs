@@ -1,0 +1,212 @@
+//! The sidecar's health and metrics state: plain atomics the daemon sets as
+//! it works (journal size, segments and bytes shipped, upload errors, the
+//! restore window, the lineage, whether the mount is live and the journal
+//! writable), rendered in the Prometheus text exposition format on demand.
+//! Setters are cheap enough for hot paths (one relaxed atomic each). This
+//! module only records and renders; it must not do I/O, read the clock
+//! itself (render takes `now`), or decide health: the daemon tells it.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use parking_lot::Mutex;
+
+/// Counters and gauges of one `rewind run`. Share it as `Arc<Metrics>`.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    volume: Mutex<String>,
+    journal_bytes: AtomicU64,
+    journal_written_bytes: AtomicU64,
+    segments_shipped: AtomicU64,
+    shipped_bytes: AtomicU64,
+    upload_errors: AtomicU64,
+    /// Wall time (ns since the epoch) of the oldest acknowledged change not
+    /// yet in the store; 0 when everything is shipped.
+    oldest_unshipped_ns: AtomicU64,
+    /// Restore window bounds (ns since the epoch); 0 when unknown.
+    window_earliest_ns: AtomicU64,
+    window_latest_ns: AtomicU64,
+    lineage: Mutex<String>,
+    base_in_progress: AtomicBool,
+    mount_live: AtomicBool,
+    journal_writable: AtomicBool,
+}
+
+fn nanos(t: SystemTime) -> u64 {
+    // Times before 1970 do not occur in a journal; they read as "unknown".
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
+impl Metrics {
+    pub fn new(volume: &str) -> Metrics {
+        let m = Metrics::default();
+        *m.volume.lock() = volume.to_string();
+        m
+    }
+
+    /// Bytes the journal currently holds (not yet reclaimed).
+    pub fn set_journal_bytes(&self, bytes: u64) {
+        self.journal_bytes.store(bytes, Relaxed);
+    }
+    /// Bytes appended to the journal, ever (records and their payloads).
+    pub fn add_journal_written(&self, bytes: u64) {
+        self.journal_written_bytes.fetch_add(bytes, Relaxed);
+    }
+    /// One segment of `bytes` (as stored, after compression) is in the store.
+    pub fn record_segment_shipped(&self, bytes: u64) {
+        self.segments_shipped.fetch_add(1, Relaxed);
+        self.shipped_bytes.fetch_add(bytes, Relaxed);
+    }
+    /// Bytes of base snapshot chunks uploaded; they count as shipped bytes.
+    pub fn add_shipped_bytes(&self, bytes: u64) {
+        self.shipped_bytes.fetch_add(bytes, Relaxed);
+    }
+    /// One failed upload attempt (retried or not).
+    pub fn add_upload_error(&self) {
+        self.upload_errors.fetch_add(1, Relaxed);
+    }
+    /// The time of the oldest acknowledged change not yet in the store, or
+    /// `None` when the store has everything. Replication lag is derived from
+    /// it at scrape time, so it keeps growing while the shipper is stuck.
+    pub fn set_oldest_unshipped(&self, at: Option<SystemTime>) {
+        self.oldest_unshipped_ns.store(at.map_or(0, nanos), Relaxed);
+    }
+    /// The earliest and latest restorable instants.
+    pub fn set_restore_window(&self, earliest: SystemTime, latest: SystemTime) {
+        self.window_earliest_ns.store(nanos(earliest), Relaxed);
+        self.window_latest_ns.store(nanos(latest), Relaxed);
+    }
+    /// The lineage the daemon is writing.
+    pub fn set_lineage(&self, lineage: &str) {
+        *self.lineage.lock() = lineage.to_string();
+    }
+    pub fn set_base_in_progress(&self, running: bool) {
+        self.base_in_progress.store(running, Relaxed);
+    }
+    /// The FUSE mount is serving requests.
+    pub fn set_mount_live(&self, live: bool) {
+        self.mount_live.store(live, Relaxed);
+    }
+    /// The journal accepts appends (false when full and writers wait, or on an I/O error).
+    pub fn set_journal_writable(&self, writable: bool) {
+        self.journal_writable.store(writable, Relaxed);
+    }
+
+    /// Startup and /healthz: the mount is live.
+    pub fn is_live(&self) -> bool {
+        self.mount_live.load(Relaxed)
+    }
+    /// Readiness: mount live and journal writable. The store's health is
+    /// deliberately absent: an outage is buffered by the journal and shows
+    /// in `rewind_replication_lag_seconds` and `rewind_upload_errors_total`.
+    pub fn is_ready(&self) -> bool {
+        self.is_live() && self.journal_writable.load(Relaxed)
+    }
+
+    /// Renders every metric in the Prometheus text format (version 0.0.4).
+    pub fn render(&self, now: SystemTime) -> String {
+        let mut out = String::with_capacity(2048);
+        let info = format!(
+            "{{version=\"{}\",volume=\"{}\"}}",
+            env!("CARGO_PKG_VERSION"),
+            escape(&self.volume.lock())
+        );
+        sample(&mut out, "rewind_build_info", "gauge", "Build and volume of this sidecar.", &info, 1.0);
+        let gauge_u = |out: &mut String, name, help, v: &AtomicU64| {
+            sample(out, name, "gauge", help, "", v.load(Relaxed) as f64)
+        };
+        let counter = |out: &mut String, name, help, v: &AtomicU64| {
+            sample(out, name, "counter", help, "", v.load(Relaxed) as f64)
+        };
+        gauge_u(&mut out, "rewind_journal_bytes", "Bytes held in the local journal, not yet reclaimed.", &self.journal_bytes);
+        counter(
+            &mut out,
+            "rewind_journal_written_bytes_total",
+            "Bytes appended to the journal since start.",
+            &self.journal_written_bytes,
+        );
+        counter(&mut out, "rewind_segments_shipped_total", "Segments uploaded to the store.", &self.segments_shipped);
+        counter(&mut out, "rewind_shipped_bytes_total", "Bytes uploaded to the store (segments and base chunks).", &self.shipped_bytes);
+        counter(&mut out, "rewind_upload_errors_total", "Failed upload attempts.", &self.upload_errors);
+        let oldest = self.oldest_unshipped_ns.load(Relaxed);
+        let lag = if oldest == 0 {
+            0.0
+        } else {
+            now.duration_since(UNIX_EPOCH + Duration::from_nanos(oldest)).map_or(0.0, |d| d.as_secs_f64())
+        };
+        sample(
+            &mut out,
+            "rewind_replication_lag_seconds",
+            "gauge",
+            "Age of the oldest acknowledged change not yet in the store (0 when all is shipped).",
+            "",
+            lag,
+        );
+        // Unknown bounds are left out rather than reported as 1970.
+        for (name, help, v) in [
+            ("rewind_restore_window_earliest_seconds", "Earliest restorable instant, unix seconds.", &self.window_earliest_ns),
+            ("rewind_restore_window_latest_seconds", "Latest restorable instant, unix seconds.", &self.window_latest_ns),
+        ] {
+            let ns = v.load(Relaxed);
+            if ns != 0 {
+                sample(&mut out, name, "gauge", help, "", ns as f64 / 1e9);
+            }
+        }
+        let lineage = self.lineage.lock().clone();
+        if !lineage.is_empty() {
+            let labels = format!("{{lineage=\"{}\"}}", escape(&lineage));
+            sample(&mut out, "rewind_lineage_info", "gauge", "The lineage being written.", &labels, 1.0);
+        }
+        let flag = |b: &AtomicBool| if b.load(Relaxed) { 1.0 } else { 0.0 };
+        sample(&mut out, "rewind_base_in_progress", "gauge", "1 while a base snapshot is being taken.", "", flag(&self.base_in_progress));
+        sample(&mut out, "rewind_mount_live", "gauge", "1 while the FUSE mount serves requests.", "", flag(&self.mount_live));
+        sample(&mut out, "rewind_journal_writable", "gauge", "1 while the journal accepts appends.", "", flag(&self.journal_writable));
+        out
+    }
+}
+
+fn sample(out: &mut String, name: &str, kind: &str, help: &str, labels: &str, value: f64) {
+    // Writing to a String cannot fail.
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{labels} {value}");
+}
+
+/// Escapes a label value as the exposition format requires.
+fn escape(s: &str) -> String {
+    s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters_lag_and_window() {
+        let m = Metrics::new("ns/\"claim\"");
+        m.add_journal_written(4096);
+        m.record_segment_shipped(100);
+        let t0 = UNIX_EPOCH + Duration::from_secs(1_000);
+        m.set_oldest_unshipped(Some(t0));
+        m.set_restore_window(t0, t0 + Duration::from_secs(5));
+        m.set_lineage("L1");
+        let text = m.render(t0 + Duration::from_millis(2500));
+        assert!(text.contains("\nrewind_journal_written_bytes_total 4096\n"), "{text}");
+        assert!(text.contains("\nrewind_shipped_bytes_total 100\n"));
+        assert!(text.contains("\nrewind_replication_lag_seconds 2.5\n"));
+        assert!(text.contains("\nrewind_restore_window_latest_seconds 1005\n"));
+        assert!(text.contains("rewind_lineage_info{lineage=\"L1\"} 1\n"));
+        assert!(text.contains("volume=\"ns/\\\"claim\\\"\""));
+        m.set_oldest_unshipped(None);
+        assert!(m.render(t0).contains("\nrewind_replication_lag_seconds 0\n"));
+    }
+
+    #[test]
+    fn ready_needs_live_mount_and_writable_journal() {
+        let m = Metrics::new("v");
+        assert!(!m.is_live() && !m.is_ready());
+        m.set_mount_live(true);
+        assert!(m.is_live() && !m.is_ready());
+        m.set_journal_writable(true);
+        assert!(m.is_ready());
+    }
+}

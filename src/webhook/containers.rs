@@ -1,0 +1,184 @@
+//! The objects the webhook adds to a pod: the sidecar (a native sidecar
+//! running `rewind run`), the one-shot restore init container, and the
+//! `emptyDir` that carries the mount to the application. Every field the
+//! API server would default is written out, so that a reinvocation sees
+//! exactly what it would build again. This module builds JSON values only;
+//! deciding where they go in the pod is `mod.rs`'s job.
+
+use serde_json::{json, Map, Value};
+
+use super::annotations::restore_marker_name;
+use super::config::Config;
+
+/// Where the sidecar and restore containers mount the claim itself.
+pub const SOURCE_PATH: &str = "/rewind/source";
+/// Where the sidecar mounts the FUSE view; the emptyDir mounted here is
+/// shared with the application, which sees the view at its own mountPath.
+pub const MOUNT_PATH: &str = "/rewind/mnt";
+
+/// Everything needed to build one protected volume's containers.
+#[derive(Debug, Clone)]
+pub struct Plan<'a> {
+    /// The pod volume (a claim) being protected.
+    pub volume: &'a str,
+    /// The name on the store: `[cluster/]namespace/claim`.
+    pub store_volume: String,
+    pub store: &'a str,
+    pub segment_interval: &'a str,
+    pub cpu: &'a str,
+    pub memory: &'a str,
+    pub port: u16,
+    /// Index among the protected volumes; names the metrics port.
+    pub index: usize,
+    pub restore_at: Option<&'a str>,
+    pub restore_overwrite: bool,
+}
+
+/// Name of the sidecar container and of the shared emptyDir for `volume`.
+pub fn sidecar_name(volume: &str) -> String {
+    derived_name("rewind-", volume)
+}
+
+/// Name of the restore init container for `volume`.
+pub fn restore_name(volume: &str) -> String {
+    derived_name("rewind-restore-", volume)
+}
+
+/// `prefix + volume`, kept within the 63 characters of a DNS label: a long
+/// volume name is cut and suffixed with a hash of the whole name, so two
+/// long names that share a prefix still get different names.
+fn derived_name(prefix: &str, volume: &str) -> String {
+    const MAX: usize = 63;
+    if prefix.len() + volume.len() <= MAX {
+        return format!("{prefix}{volume}");
+    }
+    let hash = blake3::hash(volume.as_bytes()).to_hex();
+    let keep = MAX - prefix.len() - 9;
+    // Volume names are DNS labels (ASCII), so byte slicing is on a char boundary.
+    format!("{prefix}{}-{}", &volume[..keep], &hash[..8])
+}
+
+fn resources(plan: &Plan) -> Value {
+    // CPU has a request but no limit: CFS throttling of a FUSE server stalls
+    // every I/O of the application. Memory has request = limit so the
+    // source's page cache, which is charged to the sidecar, is bounded and
+    // predictable instead of being reclaimed from other pods.
+    json!({
+        "requests": {"cpu": plan.cpu, "memory": plan.memory},
+        "limits": {"memory": plan.memory},
+    })
+}
+
+fn common(name: String, config: &Config, args: Vec<String>, plan: &Plan) -> Map<String, Value> {
+    let mut c = Map::new();
+    c.insert("name".into(), json!(name));
+    c.insert("image".into(), json!(config.image));
+    c.insert("imagePullPolicy".into(), json!(config.image_pull_policy));
+    c.insert("command".into(), json!([config.binary]));
+    c.insert("args".into(), json!(args));
+    if !config.env.is_empty() {
+        c.insert("env".into(), Value::Array(config.env.clone()));
+    }
+    if !config.env_from.is_empty() {
+        c.insert("envFrom".into(), Value::Array(config.env_from.clone()));
+    }
+    c.insert("resources".into(), resources(plan));
+    c.insert("terminationMessagePath".into(), json!("/dev/termination-log"));
+    c.insert("terminationMessagePolicy".into(), json!("FallbackToLogsOnError"));
+    c
+}
+
+fn probe(path: &str, port: u16, period: u32, timeout: u32, failures: u32) -> Value {
+    json!({
+        "httpGet": {"path": path, "port": port, "scheme": "HTTP"},
+        "periodSeconds": period,
+        "timeoutSeconds": timeout,
+        "successThreshold": 1,
+        "failureThreshold": failures,
+    })
+}
+
+/// The native sidecar for one protected volume.
+pub fn sidecar(plan: &Plan, config: &Config) -> Value {
+    let name = sidecar_name(plan.volume);
+    let args = vec![
+        "run".to_string(),
+        "--source".into(),
+        SOURCE_PATH.into(),
+        "--mount".into(),
+        MOUNT_PATH.into(),
+        "--store".into(),
+        plan.store.into(),
+        "--volume".into(),
+        plan.store_volume.clone(),
+        "--segment-interval".into(),
+        plan.segment_interval.into(),
+        "--listen".into(),
+        format!("0.0.0.0:{}", plan.port),
+        "--shutdown-timeout".into(),
+        format!("{}s", config.shutdown_timeout_seconds),
+    ];
+    let mut c = common(name.clone(), config, args, plan);
+    c.insert(
+        "ports".into(),
+        json!([{"name": format!("rewind-{}", plan.index), "containerPort": plan.port, "protocol": "TCP"}]),
+    );
+    // restartPolicy Always on an init container makes it a native sidecar
+    // (Kubernetes >= 1.29): it starts before the app, stays up beside it,
+    // and is stopped only after the app's containers have exited.
+    c.insert("restartPolicy".into(), json!("Always"));
+    // Privileged because Kubernetes allows Bidirectional propagation only
+    // there, and the FUSE mount must propagate to the app. Root because the
+    // passthrough creates files owned by the caller's uid and gid.
+    c.insert(
+        "securityContext".into(),
+        json!({"privileged": true, "runAsUser": 0, "runAsGroup": 0, "runAsNonRoot": false}),
+    );
+    // The startup probe holds every later container until the mount is
+    // live; ten minutes covers redoing a large journal after a crash.
+    c.insert("startupProbe".into(), probe("/healthz", plan.port, 1, 1, 600));
+    // Readiness is mount live and journal writable; a store outage only
+    // shows in metrics, so it never pulls the app out of its Service. There
+    // is deliberately no liveness probe: restarting the sidecar over an
+    // outage would break the app's mount and fix nothing.
+    c.insert("readinessProbe".into(), probe("/readyz", plan.port, 5, 2, 3));
+    c.insert(
+        "volumeMounts".into(),
+        json!([
+            {"name": plan.volume, "mountPath": SOURCE_PATH},
+            {"name": name, "mountPath": MOUNT_PATH, "mountPropagation": "Bidirectional"},
+        ]),
+    );
+    Value::Object(c)
+}
+
+/// The one-shot restore init container, when `rewind.dev/restore-at` is set.
+pub fn restore(plan: &Plan, time: &str, config: &Config) -> Value {
+    let marker = format!("{SOURCE_PATH}/.rewind/{}", restore_marker_name(time));
+    let mut args = vec![
+        "restore".to_string(),
+        "--store".into(),
+        plan.store.into(),
+        "--volume".into(),
+        plan.store_volume.clone(),
+        "--at".into(),
+        time.into(),
+        "--target".into(),
+        SOURCE_PATH.into(),
+        "--once-marker".into(),
+        marker,
+    ];
+    if plan.restore_overwrite {
+        args.push("--force".into());
+    }
+    let mut c = common(restore_name(plan.volume), config, args, plan);
+    // Root (not privileged) so that restored files get their recorded owners.
+    c.insert("securityContext".into(), json!({"runAsUser": 0, "runAsGroup": 0, "runAsNonRoot": false}));
+    c.insert("volumeMounts".into(), json!([{"name": plan.volume, "mountPath": SOURCE_PATH}]));
+    Value::Object(c)
+}
+
+/// The emptyDir the sidecar mounts FUSE over and the app mounts to see it.
+pub fn shared_volume(volume: &str) -> Value {
+    json!({"name": sidecar_name(volume), "emptyDir": {}})
+}
