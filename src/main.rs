@@ -11,8 +11,20 @@ use rewind::clock::{fmt_ns, parse_at};
 use rewind::store::{self, Prefixed, Store, StoreOptions};
 use rewind::timeline::{lineage_id, Timeline};
 
+/// The mount keeps a handle per inode the kernel holds, and restore one per
+/// directory: raise the soft descriptor limit to the hard one.
+fn raise_fd_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut l = getrlimit(Resource::Nofile);
+    if l.current < l.maximum {
+        l.current = l.maximum;
+        let _ = setrlimit(Resource::Nofile, l);
+    }
+}
+
 fn main() {
     let cli = Cli::parse();
+    raise_fd_limit();
     let filter = tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     use std::io::IsTerminal;
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(std::io::stderr().is_terminal()).init();

@@ -102,12 +102,15 @@ impl Shipper {
     /// control objects. Returns Err only when `deadline` passes or the
     /// store refuses for good.
     pub fn ship_once(&self, deadline: Option<Instant>) -> Result<(), ShipError> {
+        // Seal only what was journaled when this round began, so that a
+        // busy volume still makes one segment per interval (per 32 MiB).
+        let upto = self.journal.last_seq();
         loop {
             let files = self.journal.files();
             let batch = {
                 let mut r = self.reader.lock();
                 let before = r.next_seq();
-                match r.read(&files, MAX_SEGMENT_BYTES) {
+                match r.read_upto(&files, MAX_SEGMENT_BYTES, upto) {
                     Ok(b) => b,
                     Err(e) => {
                         *r = JournalReader::new(before);

@@ -37,11 +37,55 @@ use crate::record::{Ino, Kind, Op, RENAME_EXCHANGE_FLAG};
 pub type FsResult<T> = Result<T, Errno>;
 
 struct Inode {
-    fd: OwnedFd,
+    /// An O_PATH handle while fewer than `Passthrough::keep_cap` inodes
+    /// hold one; past that, the inode is reopened from its file handle for
+    /// each operation, so the daemon never runs out of descriptors however
+    /// many inodes the kernel keeps.
+    kept: Option<OwnedFd>,
+    handle: Option<Box<RawHandle>>,
     kind: Kind,
     nlookup: AtomicU64,
     /// Held across apply + append for data and attribute changes.
     data: Mutex<()>,
+}
+
+/// A `struct file_handle` with room for the largest handle.
+#[repr(C)]
+struct RawHandle {
+    handle_bytes: u32,
+    handle_type: i32,
+    f_handle: [u8; 128],
+}
+
+fn handle_of(fd: &OwnedFd) -> FsResult<Box<RawHandle>> {
+    let mut h = Box::new(RawHandle { handle_bytes: 128, handle_type: 0, f_handle: [0; 128] });
+    let mut mount_id: libc::c_int = 0;
+    // SAFETY: `h` is a properly aligned file_handle whose handle_bytes says
+    // how much room f_handle has; the path is an empty C string used with
+    // AT_EMPTY_PATH on a descriptor we own.
+    let r = unsafe {
+        libc::name_to_handle_at(fd.as_raw_fd(), c"".as_ptr(), (&mut *h as *mut RawHandle).cast::<libc::file_handle>(), &mut mount_id, libc::AT_EMPTY_PATH)
+    };
+    if r != 0 {
+        return Err(Errno::from_raw_os_error(std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO)));
+    }
+    Ok(h)
+}
+
+/// A descriptor for an inode: its kept one, or one reopened for this use.
+pub(crate) enum InodeFd<'a> {
+    Kept(&'a OwnedFd),
+    Opened(OwnedFd),
+}
+
+impl std::ops::Deref for InodeFd<'_> {
+    type Target = OwnedFd;
+    fn deref(&self) -> &OwnedFd {
+        match self {
+            InodeFd::Kept(f) => f,
+            InodeFd::Opened(f) => f,
+        }
+    }
 }
 
 /// An open file or directory.
@@ -69,6 +113,8 @@ pub struct Passthrough {
     journal: Arc<Journal>,
     watch: Arc<BaseWatch>,
     broken: AtomicBool,
+    kept: AtomicU64,
+    keep_cap: u64,
 }
 
 fn proc_path(fd: &impl AsRawFd) -> CString {
@@ -92,7 +138,11 @@ impl Passthrough {
         let st = rfs::fstat(&root_fd)?;
         let path_fd = rfs::openat(&root_fd, c".", OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())?;
         let mut inodes = HashMap::new();
-        inodes.insert(st.st_ino, Arc::new(Inode { fd: path_fd, kind: Kind::Dir, nlookup: AtomicU64::new(1 << 40), data: Mutex::new(()) }));
+        inodes.insert(st.st_ino, Arc::new(Inode { kept: Some(path_fd), handle: None, kind: Kind::Dir, nlookup: AtomicU64::new(1 << 40), data: Mutex::new(()) }));
+        // Half the descriptor limit for kept inode handles; the rest serves
+        // open files, the journal and the store.
+        let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile).current.unwrap_or(1024);
+        let keep_cap = (limit / 2).max(64);
         Ok(Passthrough {
             root_fd,
             root_ino: st.st_ino,
@@ -104,6 +154,8 @@ impl Passthrough {
             journal,
             watch,
             broken: AtomicBool::new(false),
+            kept: AtomicU64::new(1),
+            keep_cap,
         })
     }
 
@@ -113,6 +165,24 @@ impl Passthrough {
 
     fn inode(&self, ino: Ino) -> FsResult<Arc<Inode>> {
         self.inodes.read().get(&ino).cloned().ok_or(Errno::STALE)
+    }
+
+    fn fd<'a>(&self, inode: &'a Inode) -> FsResult<InodeFd<'a>> {
+        if let Some(f) = &inode.kept {
+            return Ok(InodeFd::Kept(f));
+        }
+        let h = inode.handle.as_ref().ok_or(Errno::STALE)?;
+        let mut copy = RawHandle { handle_bytes: h.handle_bytes, handle_type: h.handle_type, f_handle: h.f_handle };
+        // SAFETY: `copy` is a valid file_handle filled by name_to_handle_at;
+        // the result is a new descriptor we take ownership of.
+        let fd = unsafe {
+            libc::open_by_handle_at(self.root_fd.as_raw_fd(), (&mut copy as *mut RawHandle).cast::<libc::file_handle>(), libc::O_PATH | libc::O_CLOEXEC | libc::O_NOFOLLOW)
+        };
+        if fd < 0 {
+            return Err(Errno::from_raw_os_error(std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::ESTALE)));
+        }
+        // SAFETY: open_by_handle_at returned a fresh descriptor.
+        Ok(InodeFd::Opened(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) }))
     }
 
     fn handle(&self, fh: u64) -> FsResult<Arc<Handle>> {
@@ -160,7 +230,8 @@ impl Passthrough {
 
     /// Finds or adds the inode for `name` in `parent` and counts a lookup.
     fn remember(&self, parent_fd: &OwnedFd, name: &OsStr) -> FsResult<Stat> {
-        let fd = rfs::openat(parent_fd, name, OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())?;
+        let pfd = parent_fd;
+        let fd = rfs::openat(pfd, name, OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())?;
         let st = rfs::fstat(&fd)?;
         let kind = Kind::from_mode(st.st_mode).ok_or(Errno::NOTSUP)?;
         let mut map = self.inodes.write();
@@ -169,7 +240,13 @@ impl Passthrough {
                 i.nlookup.fetch_add(1, Ordering::Relaxed);
             }
             None => {
-                map.insert(st.st_ino, Arc::new(Inode { fd, kind, nlookup: AtomicU64::new(1), data: Mutex::new(()) }));
+                let (kept, handle) = if self.kept.load(Ordering::Relaxed) < self.keep_cap {
+                    self.kept.fetch_add(1, Ordering::Relaxed);
+                    (Some(fd), None)
+                } else {
+                    (None, Some(handle_of(&fd)?))
+                };
+                map.insert(st.st_ino, Arc::new(Inode { kept, handle, kind, nlookup: AtomicU64::new(1), data: Mutex::new(()) }));
             }
         }
         Ok(st)
@@ -180,20 +257,26 @@ impl Passthrough {
             return Err(Errno::NOENT);
         }
         let p = self.inode(parent)?;
-        self.remember(&p.fd, name)
+        let pfd = self.fd(&p)?;
+        self.remember(&pfd, name)
     }
 
     pub fn forget(&self, ino: Ino, n: u64) {
         let mut map = self.inodes.write();
         if let Some(i) = map.get(&ino) {
             if i.nlookup.fetch_sub(n.min(i.nlookup.load(Ordering::Relaxed)), Ordering::Relaxed) <= n && ino != self.root_ino {
-                map.remove(&ino);
+                if let Some(i) = map.remove(&ino) {
+                    if i.kept.is_some() {
+                        self.kept.fetch_sub(1, Ordering::Relaxed);
+                    }
+                }
             }
         }
     }
 
     pub fn getattr(&self, ino: Ino) -> FsResult<Stat> {
-        Ok(rfs::fstat(&self.inode(ino)?.fd)?)
+        let i = self.inode(ino)?;
+        Ok(rfs::fstat(&*self.fd(&i)?)?)
     }
 
     fn attr_record(&self, ino: Ino, st: &Stat) -> Op {
@@ -215,21 +298,22 @@ impl Passthrough {
         let _op = self.begin()?;
         let inode = self.inode(ino)?;
         let _g = inode.data.lock();
+        let ifd = self.fd(&inode)?;
         let res = (|| -> FsResult<()> {
             if uid.is_some() || gid.is_some() {
-                rfs::chownat(&inode.fd, c"", uid.map(rfs::Uid::from_raw), gid.map(rfs::Gid::from_raw), AtFlags::EMPTY_PATH | AtFlags::SYMLINK_NOFOLLOW)?;
+                rfs::chownat(&*ifd, c"", uid.map(rfs::Uid::from_raw), gid.map(rfs::Gid::from_raw), AtFlags::EMPTY_PATH | AtFlags::SYMLINK_NOFOLLOW)?;
             }
             if let Some(m) = mode {
                 if inode.kind == Kind::Symlink {
                     return Err(Errno::OPNOTSUPP);
                 }
-                rfs::chmodat(rfs::CWD, proc_path(&inode.fd).as_c_str(), Mode::from_bits_truncate(m & 0o7777), AtFlags::empty())?;
+                rfs::chmodat(rfs::CWD, proc_path(&*ifd).as_c_str(), Mode::from_bits_truncate(m & 0o7777), AtFlags::empty())?;
             }
             if let Some(sz) = size {
                 match fh.and_then(|f| self.handle(f).ok()).filter(|h| h.writable) {
                     Some(h) => rfs::ftruncate(&h.fd, sz)?,
                     None => {
-                        let f = rfs::open(proc_path(&inode.fd).as_c_str(), OFlags::WRONLY | OFlags::CLOEXEC, Mode::empty())?;
+                        let f = rfs::open(proc_path(&*ifd).as_c_str(), OFlags::WRONLY | OFlags::CLOEXEC, Mode::empty())?;
                         rfs::ftruncate(&f, sz)?
                     }
                 }
@@ -244,23 +328,24 @@ impl Passthrough {
                     Some(Some((s, n))) => rfs::Timespec { tv_sec: s, tv_nsec: n as _ },
                 };
                 let ts = rfs::Timestamps { last_access: conv(atime), last_modification: conv(mtime) };
-                rfs::utimensat(rfs::CWD, proc_path(&inode.fd).as_c_str(), &ts, AtFlags::empty())?;
+                rfs::utimensat(rfs::CWD, proc_path(&*ifd).as_c_str(), &ts, AtFlags::empty())?;
             }
             Ok(())
         })();
         // Record the absolute state even after a partial failure: whatever
         // did change on the source must be in the timeline.
-        let st = rfs::fstat(&inode.fd)?;
+        let st = rfs::fstat(&*ifd)?;
         self.record(&[self.attr_record(ino, &st)])?;
         res.map(|_| st)
     }
 
     pub fn readlink(&self, ino: Ino) -> FsResult<Vec<u8>> {
-        Ok(rfs::readlinkat(&self.inode(ino)?.fd, c"", Vec::new())?.into_bytes())
+        let i = self.inode(ino)?;
+        Ok(rfs::readlinkat(&*self.fd(&i)?, c"", Vec::new())?.into_bytes())
     }
 
     fn new_owner(&self, parent: &Inode, caller: Caller) -> FsResult<(u32, u32)> {
-        let pst = rfs::fstat(&parent.fd)?;
+        let pst = rfs::fstat(&*self.fd(parent)?)?;
         let gid = if pst.st_mode & libc::S_ISGID != 0 { pst.st_gid } else { caller.gid };
         Ok((caller.uid, gid))
     }
@@ -269,13 +354,14 @@ impl Passthrough {
     /// its stat and the Create record.
     fn finish_create(&self, parent: Ino, pinode: &Inode, name: &OsStr, caller: Caller, mode: u32, target: &[u8]) -> FsResult<(Stat, Op)> {
         let (uid, gid) = self.new_owner(pinode, caller)?;
-        rfs::chownat(&pinode.fd, name, Some(rfs::Uid::from_raw(uid)), Some(rfs::Gid::from_raw(gid)), AtFlags::SYMLINK_NOFOLLOW)?;
-        let mut st = self.remember(&pinode.fd, name)?;
+        let pfd = self.fd(pinode)?;
+        rfs::chownat(&*pfd, name, Some(rfs::Uid::from_raw(uid)), Some(rfs::Gid::from_raw(gid)), AtFlags::SYMLINK_NOFOLLOW)?;
+        let mut st = self.remember(&*pfd, name)?;
         let kind = Kind::from_mode(st.st_mode).ok_or(Errno::NOTSUP)?;
         // chown clears set-id bits; put back what the caller asked for.
         if kind != Kind::Symlink && st.st_mode & 0o7777 != mode & 0o7777 && kind != Kind::Dir {
-            rfs::chmodat(&pinode.fd, name, Mode::from_bits_truncate(mode & 0o7777), AtFlags::empty())?;
-            st = rfs::statat(&pinode.fd, name, AtFlags::SYMLINK_NOFOLLOW)?;
+            rfs::chmodat(&*pfd, name, Mode::from_bits_truncate(mode & 0o7777), AtFlags::empty())?;
+            st = rfs::statat(&*pfd, name, AtFlags::SYMLINK_NOFOLLOW)?;
         }
         let op = Op::Create {
             parent,
@@ -304,9 +390,10 @@ impl Passthrough {
             _ => return Err(Errno::PERM),
         };
         let p = self.inode(parent)?;
+        let pfd = self.fd(&p)?;
         let _ns = self.namespace.lock();
         let perm = mode & 0o7777 & !umask;
-        rfs::mknodat(&p.fd, name, ft, Mode::from_bits_truncate(perm), 0)?;
+        rfs::mknodat(&*pfd, name, ft, Mode::from_bits_truncate(perm), 0)?;
         let (st, op) = self.finish_create(parent, &p, name, caller, perm, b"")?;
         self.record(&[op])?;
         Ok(st)
@@ -318,9 +405,10 @@ impl Passthrough {
             return Err(Errno::PERM);
         }
         let p = self.inode(parent)?;
+        let pfd = self.fd(&p)?;
         let _ns = self.namespace.lock();
         let perm = mode & 0o7777 & !umask;
-        rfs::mkdirat(&p.fd, name, Mode::from_bits_truncate(perm))?;
+        rfs::mkdirat(&*pfd, name, Mode::from_bits_truncate(perm))?;
         let (st, op) = self.finish_create(parent, &p, name, caller, perm, b"")?;
         self.record(&[op])?;
         Ok(st)
@@ -332,8 +420,9 @@ impl Passthrough {
             return Err(Errno::PERM);
         }
         let p = self.inode(parent)?;
+        let pfd = self.fd(&p)?;
         let _ns = self.namespace.lock();
-        rfs::symlinkat(target, &p.fd, name)?;
+        rfs::symlinkat(target, &*pfd, name)?;
         let (st, op) = self.finish_create(parent, &p, name, caller, 0o777, target.as_bytes())?;
         self.record(&[op])?;
         Ok(st)
@@ -353,9 +442,10 @@ impl Passthrough {
             return Err(Errno::NOENT);
         }
         let p = self.inode(parent)?;
+        let pfd = self.fd(&p)?;
         let _ns = self.namespace.lock();
-        let ino = self.entry_ino(&p.fd, name)?.ok_or(Errno::NOENT)?;
-        rfs::unlinkat(&p.fd, name, if dir { AtFlags::REMOVEDIR } else { AtFlags::empty() })?;
+        let ino = self.entry_ino(&*pfd, name)?.ok_or(Errno::NOENT)?;
+        rfs::unlinkat(&*pfd, name, if dir { AtFlags::REMOVEDIR } else { AtFlags::empty() })?;
         self.record(&[Op::Unlink { parent, name: Bytes::copy_from_slice(name.as_bytes()), ino }])
     }
 
@@ -372,15 +462,17 @@ impl Passthrough {
             return Err(Errno::INVAL);
         }
         let p = self.inode(parent)?;
+        let pfd = self.fd(&p)?;
         let np = self.inode(newparent)?;
+        let npfd = self.fd(&np)?;
         let _ns = self.namespace.lock();
-        let ino = self.entry_ino(&p.fd, name)?.ok_or(Errno::NOENT)?;
-        let replaced = self.entry_ino(&np.fd, newname)?;
-        rfs::renameat_with(&p.fd, name, &np.fd, newname, rflags)?;
+        let ino = self.entry_ino(&*pfd, name)?.ok_or(Errno::NOENT)?;
+        let replaced = self.entry_ino(&*npfd, newname)?;
+        rfs::renameat_with(&*pfd, name, &*npfd, newname, rflags)?;
         if self.watch.is_active() {
             // The walk may have passed the new place already.
-            for (fd, n) in [(&np.fd, newname), (&p.fd, name)] {
-                if let Ok(h) = rfs::openat(fd, n, OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty()) {
+            for (fd, n) in [(&npfd, newname), (&pfd, name)] {
+                if let Ok(h) = rfs::openat(&**fd, n, OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty()) {
                     self.watch.moved(h);
                 }
             }
@@ -404,14 +496,15 @@ impl Passthrough {
         }
         let inode = self.inode(ino)?;
         let np = self.inode(newparent)?;
+        let npfd = self.fd(&np)?;
         let _ns = self.namespace.lock();
-        rfs::linkat(&inode.fd, c"", &np.fd, newname, AtFlags::EMPTY_PATH)?;
+        rfs::linkat(&*self.fd(&inode)?, c"", &*npfd, newname, AtFlags::EMPTY_PATH)?;
         if self.watch.is_active() {
-            if let Ok(h) = rfs::openat(&np.fd, newname, OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty()) {
+            if let Ok(h) = rfs::openat(&*npfd, newname, OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty()) {
                 self.watch.moved(h);
             }
         }
-        let st = self.remember(&np.fd, newname)?;
+        let st = self.remember(&*npfd, newname)?;
         self.record(&[Op::Link { ino, parent: newparent, name: Bytes::copy_from_slice(newname.as_bytes()) }])?;
         Ok(st)
     }
@@ -440,7 +533,7 @@ impl Passthrough {
 
     pub fn open(&self, ino: Ino, flags: i32) -> FsResult<u64> {
         let inode = self.inode(ino)?;
-        let fd = rfs::open(proc_path(&inode.fd).as_c_str(), Self::reopen_flags(flags), Mode::empty())?;
+        let fd = rfs::open(proc_path(&*self.fd(&inode)?).as_c_str(), Self::reopen_flags(flags), Mode::empty())?;
         if flags & libc::O_TRUNC != 0 && flags & libc::O_ACCMODE != libc::O_RDONLY {
             let _op = self.begin()?;
             let _g = inode.data.lock();
@@ -457,10 +550,11 @@ impl Passthrough {
             return Err(Errno::PERM);
         }
         let p = self.inode(parent)?;
+        let pfd = self.fd(&p)?;
         let ns = self.namespace.lock();
         let perm = mode & 0o7777 & !umask;
         let oflags = Self::reopen_flags(flags) | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW;
-        match rfs::openat(&p.fd, name, oflags, Mode::from_bits_truncate(perm)) {
+        match rfs::openat(&*pfd, name, oflags, Mode::from_bits_truncate(perm)) {
             Ok(fd) => {
                 let (st, op) = self.finish_create(parent, &p, name, caller, perm, b"")?;
                 self.record(&[op])?;
@@ -560,7 +654,7 @@ impl Passthrough {
 
     pub fn opendir(&self, ino: Ino) -> FsResult<u64> {
         let inode = self.inode(ino)?;
-        let fd = rfs::openat(&inode.fd, c".", OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())?;
+        let fd = rfs::openat(&*self.fd(&inode)?, c".", OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())?;
         Ok(self.new_handle(ino, fd, libc::O_RDONLY))
     }
 
@@ -622,18 +716,22 @@ impl Passthrough {
         Ok(rfs::fstatvfs(&self.root_fd)?)
     }
 
-    fn xattr_path(&self, inode: &Inode) -> FsResult<CString> {
+    /// A /proc path for xattr calls, with the descriptor it names (which
+    /// must outlive the call).
+    fn xattr_path<'a>(&self, inode: &'a Inode) -> FsResult<(InodeFd<'a>, CString)> {
         if inode.kind == Kind::Symlink {
             // Linux allows user xattrs only on files and directories.
             return Err(Errno::PERM);
         }
-        Ok(proc_path(&inode.fd))
+        let fd = self.fd(inode)?;
+        let p = proc_path(&*fd);
+        Ok((fd, p))
     }
 
     pub fn setxattr(&self, ino: Ino, name: &OsStr, value: &[u8], flags: i32) -> FsResult<()> {
         let _op = self.begin()?;
         let inode = self.inode(ino)?;
-        let p = self.xattr_path(&inode)?;
+        let (_fd, p) = self.xattr_path(&inode)?;
         let _g = inode.data.lock();
         rfs::setxattr(p.as_c_str(), name, value, rfs::XattrFlags::from_bits_retain(flags as u32))?;
         self.record(&[Op::SetXattr { ino, name: Bytes::copy_from_slice(name.as_bytes()), value: Bytes::copy_from_slice(value) }])
@@ -641,7 +739,7 @@ impl Passthrough {
 
     pub fn getxattr(&self, ino: Ino, name: &OsStr, size: usize) -> FsResult<Vec<u8>> {
         let inode = self.inode(ino)?;
-        let p = match self.xattr_path(&inode) {
+        let (_fd, p) = match self.xattr_path(&inode) {
             Ok(p) => p,
             Err(_) => return Err(Errno::NODATA),
         };
@@ -653,7 +751,7 @@ impl Passthrough {
 
     pub fn listxattr(&self, ino: Ino, size: usize) -> FsResult<Vec<u8>> {
         let inode = self.inode(ino)?;
-        let p = match self.xattr_path(&inode) {
+        let (_fd, p) = match self.xattr_path(&inode) {
             Ok(p) => p,
             Err(_) => return Ok(Vec::new()),
         };
@@ -666,7 +764,7 @@ impl Passthrough {
     pub fn removexattr(&self, ino: Ino, name: &OsStr) -> FsResult<()> {
         let _op = self.begin()?;
         let inode = self.inode(ino)?;
-        let p = self.xattr_path(&inode)?;
+        let (_fd, p) = self.xattr_path(&inode)?;
         let _g = inode.data.lock();
         rfs::removexattr(p.as_c_str(), name)?;
         self.record(&[Op::RemoveXattr { ino, name: Bytes::copy_from_slice(name.as_bytes()) }])

@@ -387,6 +387,11 @@ impl JournalReader {
     /// encoded records at most (at least one record if any is available),
     /// stopping at a change of lineage. Returns the lineage and records.
     pub fn read(&mut self, files: &[JournalFile], max_payload: usize) -> Result<Option<(u64, Vec<Record>)>, JournalError> {
+        self.read_upto(files, max_payload, Seq::MAX)
+    }
+
+    /// `read`, but never past sequence number `max_seq`.
+    pub fn read_upto(&mut self, files: &[JournalFile], max_payload: usize, max_seq: Seq) -> Result<Option<(u64, Vec<Record>)>, JournalError> {
         let mut out = Vec::new();
         let mut lineage = None;
         let mut bytes = 0usize;
@@ -409,6 +414,9 @@ impl JournalReader {
                 let (rec, len) = frame?;
                 if rec.seq < self.next_seq {
                     continue;
+                }
+                if rec.seq > max_seq {
+                    return Ok(lineage.map(|l| (l, out)));
                 }
                 if rec.seq != self.next_seq {
                     return Err(JournalError::Corrupt {

@@ -175,6 +175,10 @@ class CrashWriter(threading.Thread):
                     gen = self.generation
                 try:
                     self.one()
+                    # A steady application rather than a flood: enough load
+                    # that every kill interrupts writes, without tens of
+                    # thousands of files.
+                    time.sleep(0.002)
                 except OSError as e:
                     if e.errno not in (errno.ENOTCONN, errno.EIO, errno.ECONNABORTED):
                         raise

@@ -219,3 +219,46 @@ def test_differential_restore_matches_mount(make_volume, workdir, seed):
         assert w["earliest"][:19] in msg or w["latest"][:19] in msg, \
             f"restore {label} the window does not name the window:\n{c}"
         assert not tgt.exists() or not os.listdir(tgt), f"restore {label} the window wrote into the target"
+
+
+def _nofile_limit(pid: int) -> int:
+    with open(f"/proc/{pid}/limits") as f:
+        for line in f:
+            if line.startswith("Max open files"):
+                return int(line.split()[3])
+    raise AssertionError("no open-files limit in /proc/PID/limits")
+
+
+@pytest.mark.timeout(600)
+def test_more_files_than_the_daemon_has_descriptors(make_volume, workdir):
+    """An application may create more files than the daemon's RLIMIT_NOFILE:
+    the mount must not run out of descriptors (EMFILE) on their behalf."""
+    vol = make_volume("v")
+    vol.start()
+    vol.wait_window()
+    limit = _nofile_limit(vol.proc.pid)
+    n = min(limit + 2000, 70000)
+    d = vol.mount / "many"
+    d.mkdir()
+    for k in range(n):
+        try:
+            fd = os.open(d / f"f{k}", os.O_CREAT | os.O_WRONLY, 0o644)
+        except OSError as e:
+            held = len(os.listdir(f"/proc/{vol.proc.pid}/fd"))
+            raise AssertionError(f"creating file {k} of {n} through the mount failed with {e!r}; the daemon "
+                                 f"holds {held} descriptors (limit {limit})") from None
+        try:
+            os.write(fd, b"%d" % k)
+        finally:
+            os.close(fd)
+    assert len(os.listdir(d)) == n
+    t = time.time_ns()
+    (vol.mount / "after").write_bytes(b"x")
+    vol.wait_latest(t, timeout=120)
+    vol.stop()
+    vol.delete_local()
+    target = workdir / "r"
+    vol.restore(t, target)
+    names = os.listdir(target / "many")
+    assert len(names) == n, f"restored {len(names)} of {n} files"
+    assert (target / "many" / f"f{n - 1}").read_bytes() == b"%d" % (n - 1)
