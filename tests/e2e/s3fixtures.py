@@ -273,10 +273,11 @@ def make_s3_volume(workdir, s3, bucket):
 
 def paced_crash_writer(mount, seed: int, pause: float = 0.004):
     """test_crash.CrashWriter (its model of acknowledged changes, its
-    parking on a dead mount) at a bounded pace: unpaced it creates a file
-    every few hundred microseconds, and the daemon holds a descriptor per
-    file the kernel has looked up (see the report on EMFILE), so an outage
-    of tens of seconds would test the descriptor limit instead."""
+    parking on a dead mount) at a bounded pace. Unpaced it creates a file
+    every few hundred microseconds: tens of thousands during an outage,
+    which made restores slow and, before e5c2055, ran the daemon out of
+    descriptors (EMFILE: one O_PATH handle per inode the kernel holds)
+    instead of testing the outage."""
     import test_crash
 
     class Paced(test_crash.CrashWriter):

@@ -214,7 +214,7 @@ def test_kill9_during_outage(make_s3_volume, workdir, gate, s3, kind):
             live_after = time.monotonic() - t0
         except AssertionError as e:
             problems.append(f"restart during a {kind} outage: the mount was not live {RESTART_DEADLINE:.0f} s "
-                            f"after `rewind run` started (the app has no mount meanwhile):\n{e}")
+                            f"after `rewind run` started (the app has no mount meanwhile):\n{str(e)[:1500]}")
             d = outage.end()
             problems[-1] += f"\n(outage ended after {d:.0f} s to let the scenario go on)"
             vol.wait_live(300)
@@ -298,4 +298,86 @@ def test_journal_full_writers_wait(make_s3_volume, workdir, gate, s3):
                        on_timeout=lambda: [(p.name, p.stat().st_size) for p in vol.journal_files()])
     problems = finish_and_restore(vol, workdir, [bulk], bulk=bulk)
     print(f"journal full: writer stalled at {stalled_at / MIB:.0f} MiB, {len(bulk.acked)} files of 8 MiB acknowledged")
+    assert not problems, "\n\n".join(problems)
+
+
+SHUTDOWN = 3.0   # --shutdown-timeout of the SIGTERM test
+STOP_SLACK = 15.0  # beyond it: one store request's retries (about 6 s) and the exit
+
+
+@pytest.mark.timeout(240)
+def test_sigterm_during_outage_keeps_the_journal(make_s3_volume, workdir, gate, s3):
+    """SIGTERM while the store is away: `rewind run` exits by its
+    --shutdown-timeout (plus STOP_SLACK) with 2 (records left in the
+    journal, kept for the next start), or 3 when only the base is missing;
+    the next start after the outage ships them. Three runs: the first
+    starts with the store already unreachable (no base yet), the second
+    stops during an outage after its base, the third stops cleanly. A
+    daemon that does not exit in time is killed (-9) and the scenario goes
+    on: the journal must still bring everything to the store."""
+    vol = make_s3_volume(run_endpoint=gate.endpoint)
+    (vol.source / "d").mkdir()
+    acked = {}
+    problems = []
+
+    def write(tag, n):
+        for k in range(n):
+            name = f"d/{tag}-{k}"
+            data = os.urandom(k * 1000 + 1)
+            (vol.mount / name).write_bytes(data)
+            acked[name] = data
+
+    def sigterm(what, allowed):
+        t = time.monotonic()
+        try:
+            code = vol.stop(timeout=SHUTDOWN + STOP_SLACK, expect=None)
+        except AssertionError:
+            problems.append(f"{what}: `rewind run --shutdown-timeout {SHUTDOWN:.0f}s` had not exited "
+                            f"{SHUTDOWN + STOP_SLACK:.0f} s after SIGTERM (killed -9); its log (store retries left out):\n"
+                            + "\n".join(l[:300] for l in vol.log().splitlines()
+                                         if "rewind::store::s3" not in l and ("rewind::" in l))[-6:])
+            return
+        if code not in allowed:
+            problems.append(f"{what}: SIGTERM exited {code} after {time.monotonic() - t:.1f} s, expected one of {allowed}")
+        assert vol.journal_files(), f"{what}: the journal was not kept"
+
+    # Run 1: the store is unreachable from the start.
+    gate.close()
+    t0 = time.monotonic()
+    vol.start(shutdown_timeout=f"{SHUTDOWN:.0f}s", timeout=60)
+    live_after = time.monotonic() - t0
+    write("a", 20)
+    sigterm("SIGTERM during an outage, no base stored yet", (2, 3))
+    assert not [k for k in vol.keys() if "/seg/" in k or "/base/" in k], "objects stored through a closed gate?"
+
+    # Run 2: the store is back; a base, then another outage and SIGTERM.
+    gate.open()
+    vol.start(shutdown_timeout=f"{SHUTDOWN:.0f}s")
+    vol.wait_window()
+    write("b", 20)
+    helpers.wait_until(lambda: any(k.endswith(".rws") for k in vol.keys()), 60, "segments in the store")
+    gate.close()
+    write("c", 20)
+    # The outage is under way: the daemon has failed to upload them.
+    helpers.wait_until(lambda: "retrying, writes stay in the journal" in vol.log(), 30,
+                       "the daemon to report the failed upload", on_timeout=vol.log_tail)
+    sigterm("SIGTERM during an outage with records not yet stored", (2,))
+
+    # Run 3: after the outage, everything goes up and the stop is clean.
+    gate.open()
+    vol.start()
+    write("d", 5)
+    t_end = time.time_ns()
+    (vol.mount / "after").write_bytes(b"x")
+    vol.wait_latest(t_end, timeout=120)
+    vol.stop(expect=0)
+    c = vol.verify()
+    assert c.code == 0, f"rewind verify failed:\n{c}"
+    assert vol.open_uploads() == []
+    vol.delete_local()
+    target = workdir / "restored"
+    vol.restore("latest", target)
+    missing = [n for n, data in acked.items() if not (target / n).exists() or (target / n).read_bytes() != data]
+    assert not missing, f"{len(missing)} of {len(acked)} acknowledged files missing or wrong after SIGTERMs during outages: {missing[:10]}"
+    print(f"run started during an outage went live after {live_after:.1f} s")
     assert not problems, "\n\n".join(problems)
