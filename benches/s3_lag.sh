@@ -23,9 +23,15 @@
 #    pwrite, the one before: then the figure errs long):
 #    lag = D(that segment) - A, an upper bound (plus up to 50 ms of
 #    polling). p50/p99/max over every chunk written after the warm-up.
+#  * upload ceiling: when the load stops with a backlog, the rate at which
+#    the backlog drains (shipped bytes from the end of the load to the last
+#    write being listed, over that time).
 #  * for comparison, the daemon's own gauge rewind_replication_lag_seconds
 #    (age of the oldest acknowledged change not yet in the store) sampled
-#    every 100 ms: p50/p99/max of the samples.
+#    every 100 ms from the warm-up's end until the last write is listed:
+#    p50/p99/max of the samples.
+# The load average is printed: the machine's 2 cores are shared, and other
+# processes' load moves the figures.
 # moto is a Python server: the figures bound what Rewind does against it on
 # this machine, not against AWS.
 set -euo pipefail
@@ -165,10 +171,13 @@ try:
         return sorted(out)
 
     m_end = scrape(addr)
+    t_drain0 = time.monotonic()
     print(f"bench: load done; shipped {m_end['rewind_shipped_bytes_total'] / 1e6:.0f} MB of "
           f"{m_end['rewind_journal_written_bytes_total'] / 1e6:.0f} MB journaled; lag now "
           f"{m_end['rewind_replication_lag_seconds']:.1f} s; waiting for the store to hold the last write", flush=True)
     wait(lambda: any(l >= last_call_ns for _, l, _ in segs()), 600, "the store to hold the last write")
+    t_drain1 = time.monotonic()
+    m_drained = scrape(addr)
     stop.set()
     for t in threads:
         t.join(5)
@@ -188,7 +197,9 @@ try:
     up = (mb["rewind_shipped_bytes_total"] - ma["rewind_shipped_bytes_total"]) / (tb - ta)
     wr = (mb["rewind_journal_written_bytes_total"] - ma["rewind_journal_written_bytes_total"]) / (tb - ta)
     segn = mb["rewind_segments_shipped_total"] - ma["rewind_segments_shipped_total"]
-    glag = [m["rewind_replication_lag_seconds"] for _, m in meas]
+    glag = [m["rewind_replication_lag_seconds"] for t, m in samples if t - t0 >= WARM]
+    drained = m_drained["rewind_shipped_bytes_total"] - m_end["rewind_shipped_bytes_total"]
+    drain_s = t_drain1 - t_drain0
     achieved = (sum(1 for mono, _, _ in acks if mono - t0 >= WARM) * CHUNK) / (t_load_end - t0 - WARM)
     errs = mb["rewind_upload_errors_total"]
 
@@ -198,12 +209,13 @@ try:
     print(f"bench: application write rate {achieved / 1e6:.1f} MB/s (target {RATE / 1e6:.0f}; "
           f"worst pacing delay {late * 1000:.0f} ms); journal {wr / 1e6:.1f} MB/s")
     print(f"bench: upload throughput {up / 1e6:.1f} MB/s ({segn:.0f} segments in {tb - ta:.1f} s, "
-          f"{errs:.0f} upload errors)")
+          f"{errs:.0f} upload errors); backlog at the end {(m_end['rewind_journal_written_bytes_total'] - m_end['rewind_shipped_bytes_total']) / 1e6:.0f} MB, "
+          f"drained at {drained / max(drain_s, 1e-9) / 1e6:.1f} MB/s in {drain_s:.1f} s")
     print(f"bench: replication lag per write (ack -> segment listed): p50 {pct(lags, 50):.2f} s, "
           f"p99 {pct(lags, 99):.2f} s, max {max(lags):.2f} s over {len(lags)} writes of 1 MiB")
     print(f"bench: rewind_replication_lag_seconds samples: p50 {pct(glag, 50):.2f} s, p99 {pct(glag, 99):.2f} s, "
           f"max {max(glag):.2f} s ({len(glag)} samples)")
-    print(f"bench: rewind run exited {code} on SIGTERM")
+    print(f"bench: rewind run exited {code} on SIGTERM; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     sys.exit(0 if code == 0 else 1)
 finally:
     if run is not None and run.poll() is None:

@@ -334,8 +334,8 @@ def test_sigterm_during_outage_keeps_the_journal(make_s3_volume, workdir, gate, 
         except AssertionError:
             problems.append(f"{what}: `rewind run --shutdown-timeout {SHUTDOWN:.0f}s` had not exited "
                             f"{SHUTDOWN + STOP_SLACK:.0f} s after SIGTERM (killed -9); its log (store retries left out):\n"
-                            + "\n".join(l[:300] for l in vol.log().splitlines()
-                                         if "rewind::store::s3" not in l and ("rewind::" in l))[-6:])
+                            + "\n".join([l[:300] for l in vol.log().splitlines()
+                                          if "rewind::" in l and "rewind::store::s3" not in l][-6:]))
             return
         if code not in allowed:
             problems.append(f"{what}: SIGTERM exited {code} after {time.monotonic() - t:.1f} s, expected one of {allowed}")
