@@ -26,6 +26,11 @@ filled with incompressible data during an outage: the writer stalls
 without an error, `rewind_journal_writable` is 0, /readyz is not ready and
 the log says "journal full"; when the store returns the writer proceeds,
 shipped journal files are deleted, and nothing is lost.
+
+test_sigterm_during_outage_keeps_the_journal: SIGTERM during an outage
+(once before any base is stored, once after) exits by --shutdown-timeout
+with 2 (or 3 without a base) and keeps the journal; the run after the
+outage stores everything.
 """
 
 from __future__ import annotations
@@ -135,7 +140,7 @@ def test_outage_loses_nothing(make_s3_volume, workdir, gate, s3):
         assert m1["rewind_replication_lag_seconds"] >= OUTAGE / 2, \
             f"replication lag does not show a {OUTAGE:.0f} s outage: {m1}"
         assert m1["rewind_journal_writable"] == 1 and m1["rewind_mount_live"] == 1, m1
-        # Nothing reached the store meanwhile (moto, read directly).
+        # The segments stored so far (moto, read directly), to see the first new one.
         segs_during = [k for k in vol.keys() if "/seg/" in k]
 
         gate.open()
