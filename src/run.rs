@@ -290,10 +290,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         shipper.queue(marker.key(), bytes::Bytes::new());
         tracing::info!(lineage = %format!("{lineage:016x}"), reason, "starting a new lineage");
     }
-    // Ship what the journal already holds before new records pile up.
-    if let Err(e) = shipper.ship_once(Some(Instant::now() + Duration::from_secs(5))) {
-        tracing::warn!("could not ship the recovered journal yet: {e}");
-    }
+    // What the journal already holds ships first, in order, from the ship
+    // thread: the mount never waits for the store.
 
     let watch = Arc::new(BaseWatch::default());
     let src_dir = rustix::fs::open(&source, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())?;
