@@ -47,6 +47,8 @@ def small_prefill(source, rng):
             helpers.fill_random(source / "bulk" / f"d{d}" / f"f{k}", rng.randrange(0, 6000), rng)
     helpers.fill_random(source / "bulk" / "big0", 3 << 20, rng)
     (source / "coord").mkdir()
+    # The pair instants rewrite this xattr with the value it already has.
+    os.setxattr(source / "coord", "user.pair", b"p")
     (source / "coord" / "ticker").write_bytes(b"." * 64)
 
 
