@@ -152,14 +152,7 @@ pub fn encode_op(op: &Op, out: &mut Vec<u8>) {
             out.put_u64_le(*replaced);
             out.put_u8(*flags);
         }
-        Op::Write { ino, offset, size, mtime, data } => {
-            out.put_u8(5);
-            out.put_u64_le(*ino);
-            out.put_u64_le(*offset);
-            out.put_u64_le(*size);
-            out.put_i64_le(*mtime);
-            put_bytes(out, data);
-        }
+        Op::Write { ino, offset, size, mtime, data } => encode_write(out, *ino, *offset, *size, *mtime, data),
         Op::SetAttr { ino, mode, uid, gid, size, mtime } => {
             out.put_u8(6);
             out.put_u64_le(*ino);
@@ -194,6 +187,18 @@ pub fn encode_op(op: &Op, out: &mut Vec<u8>) {
             out.put_i64_le(*back_ns);
         }
     }
+}
+
+/// The body of a Write record, from borrowed data: the FUSE write path
+/// encodes straight from the kernel's request buffer, without first
+/// copying the data into an `Op`.
+pub fn encode_write(out: &mut Vec<u8>, ino: Ino, offset: u64, size: u64, mtime: Nanos, data: &[u8]) {
+    out.put_u8(5);
+    out.put_u64_le(ino);
+    out.put_u64_le(offset);
+    out.put_u64_le(size);
+    out.put_i64_le(mtime);
+    put_bytes(out, data);
 }
 
 pub fn encode_record(rec: &Record, out: &mut Vec<u8>) {

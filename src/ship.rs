@@ -144,6 +144,10 @@ impl Shipper {
                 tracing::warn!("cannot release journal space: {e}");
             }
         }
+        // Ready the next journal file off the request path.
+        if let Err(e) = self.journal.keep_spare() {
+            tracing::warn!("cannot prepare a spare journal file: {e}");
+        }
         loop {
             let Some((key, data)) = self.control.lock().front().cloned() else { break };
             self.put_retrying(&key, &data, deadline).map_err(ShipError::Store)?;

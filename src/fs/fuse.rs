@@ -20,10 +20,13 @@ use rustix::fs::Stat;
 use super::{Caller, Passthrough};
 use crate::record::{Ino, Kind};
 
-/// Every change goes through this mount, so the kernel may cache entries
-/// and attributes; a second is short enough for tools that look at the
-/// source directly while debugging.
-const TTL: Duration = Duration::from_secs(1);
+/// Every change goes through this mount (the source is the daemon's
+/// alone), so what the kernel caches about entries and attributes can only
+/// go stale by the daemon's own hand, and the kernel updates sizes and
+/// times itself after writes it sends. A long timeout saves a LOOKUP or
+/// GETATTR round trip per path walk and stat; a minute still lets tools
+/// that change the source directly (against the rules) be seen eventually.
+const TTL: Duration = Duration::from_secs(60);
 
 pub struct FuseFs {
     core: Arc<Passthrough>,

@@ -197,10 +197,14 @@ impl Passthrough {
     /// take records makes the mount fail every later change loudly (EIO)
     /// rather than acknowledge what is not journaled.
     fn record(&self, ops: &[Op]) -> FsResult<()> {
+        self.journaled(|| self.journal.append(ops))
+    }
+
+    fn journaled<T>(&self, append: impl FnOnce() -> Result<T, crate::journal::JournalError>) -> FsResult<()> {
         if self.broken.load(Ordering::Relaxed) {
             return Err(Errno::IO);
         }
-        match self.journal.append(ops) {
+        match append() {
             Ok(_) => Ok(()),
             Err(e) => {
                 tracing::error!("journal append failed, refusing further changes: {e}");
@@ -606,7 +610,7 @@ impl Passthrough {
             }
         }
         let st = rfs::fstat(&h.fd)?;
-        self.record(&[Op::Write { ino: h.ino, offset: off, size: st.st_size as u64, mtime: mtime_of(&st), data: Bytes::copy_from_slice(&data[..done]) }])?;
+        self.journaled(|| self.journal.append_write(h.ino, off, st.st_size as u64, mtime_of(&st), &data[..done]))?;
         Ok(done)
     }
 
@@ -633,19 +637,24 @@ impl Passthrough {
     }
 
     /// fsync/fdatasync: the journal (group commit) and the source file, so
-    /// that the data survives a machine crash without a redo step.
+    /// that the data survives a machine crash without a redo step. The two
+    /// syncs are independent (the write was applied and journaled before
+    /// fsync was called), so they run side by side: the source's on a
+    /// scoped thread, the journal's here, and the caller waits for the
+    /// slower one rather than for their sum.
     pub fn fsync(&self, fh: u64, datasync: bool) -> FsResult<()> {
         let h = self.handle(fh)?;
-        self.journal.sync().map_err(|e| {
-            tracing::error!("journal sync failed: {e}");
-            Errno::IO
-        })?;
-        if datasync {
-            rfs::fdatasync(&h.fd)?;
-        } else {
-            rfs::fsync(&h.fd)?;
-        }
-        Ok(())
+        let source = std::thread::scope(|s| {
+            let source = s.spawn(|| if datasync { rfs::fdatasync(&h.fd) } else { rfs::fsync(&h.fd) });
+            let journal = self.journal.sync();
+            let source = source.join().unwrap_or(Err(Errno::IO));
+            journal.map_err(|e| {
+                tracing::error!("journal sync failed: {e}");
+                Errno::IO
+            })?;
+            source
+        });
+        Ok(source?)
     }
 
     pub fn release(&self, fh: u64) {

@@ -10,8 +10,13 @@
 //! check             := first 8 bytes of blake3(len_le || record)
 //! ```
 //!
-//! The file is preallocated (zeros), so the first frame whose `len` is 0
-//! ends the journal. A frame that fails its check is a torn tail when
+//! A frame whose `len` and `check` are all zeros ends the file. A new file
+//! is zero-filled (or preallocated), and every append also writes such an
+//! end mark right after its frames when it fits: a recycled file (a
+//! released journal file renamed and given a new header, so that appends
+//! land in blocks that are already written and `fdatasync` has no extent
+//! metadata to commit) still holds stale frames after the end mark, which
+//! the scan never reaches. A frame that fails its check is a torn tail when
 //! nothing valid follows it (cut and reported) and damage otherwise
 //! (refused: records after it would be replayed without their predecessor).
 
@@ -24,13 +29,13 @@ use bytes::BufMut;
 use super::JournalFile;
 use crate::clock::Nanos;
 use crate::codec::Reader;
-use crate::record::{decode_record, encode_record, Record, Seq};
+use crate::record::{decode_record, encode_op, Record, Seq};
 
 pub const FILE_EXT: &str = "rwj";
 pub const MAGIC: &[u8; 8] = b"RWJRNL01";
 pub const VERSION: u16 = 1;
 pub const HEADER_LEN: usize = 64;
-const FRAME_HEAD: usize = 12;
+pub const FRAME_HEAD: usize = 12;
 /// No record is larger than a 1 MiB write plus its fields; anything larger
 /// in a length field is damage, not a record.
 const MAX_FRAME: usize = 64 << 20;
@@ -98,9 +103,18 @@ fn check(len_le: &[u8], rec: &[u8]) -> [u8; 8] {
 }
 
 pub fn encode_frame(rec: &Record, out: &mut Vec<u8>) {
+    encode_frame_with(rec.seq, rec.time, out, |o| encode_op(&rec.op, o))
+}
+
+/// Encodes one frame whose record is `seq`, `time` and the body `body`
+/// writes (tag and fields, see record.rs), so that callers holding
+/// borrowed data can encode it without building an `Op` first.
+pub fn encode_frame_with(seq: Seq, time: Nanos, out: &mut Vec<u8>, body: impl FnOnce(&mut Vec<u8>)) {
     let start = out.len();
     out.extend_from_slice(&[0u8; FRAME_HEAD]);
-    encode_record(rec, out);
+    out.put_u64_le(seq);
+    out.put_i64_le(time);
+    body(out);
     let len = (out.len() - start - FRAME_HEAD) as u32;
     let len_le = len.to_le_bytes();
     let c = check(&len_le, &out[start + FRAME_HEAD..]);
@@ -116,6 +130,45 @@ pub fn create(path: &Path, lineage: u64, first_seq: Seq, size: u64) -> Result<Fi
     let h = encode_header(&Header { lineage, first_seq, created_ns: crate::clock::wall_now() });
     f.write_all_at(&h, 0).map_err(|e| JournalError::io(path, e))?;
     f.sync_all().map_err(|e| JournalError::io(path, e))?;
+    if let Some(dir) = path.parent() {
+        File::open(dir).and_then(|d| d.sync_all()).map_err(|e| JournalError::io(dir, e))?;
+    }
+    Ok(f)
+}
+
+/// Extension of spare files: released (or zero-filled) journal files kept
+/// for reuse. The scan of the journal ignores them.
+pub const SPARE_EXT: &str = "spare";
+
+/// Creates a spare of `size` zero bytes, every block written and synced:
+/// appends into it later overwrite initialised blocks, so an `fdatasync`
+/// of the journal flushes data without committing extent changes (on ext4
+/// about half the cost of a sync into preallocated space).
+pub fn create_spare(path: &Path, size: u64) -> Result<(), JournalError> {
+    let tmp = path.with_extension("tmp");
+    let f = File::options().read(true).write(true).create(true).truncate(true).open(&tmp).map_err(|e| JournalError::io(&tmp, e))?;
+    let zeros = vec![0u8; 1 << 20];
+    let mut off = 0;
+    while off < size {
+        let n = zeros.len().min((size - off) as usize);
+        f.write_all_at(&zeros[..n], off).map_err(|e| JournalError::io(&tmp, e))?;
+        off += n as u64;
+    }
+    f.sync_data().map_err(|e| JournalError::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| JournalError::io(path, e))?;
+    Ok(())
+}
+
+/// Turns the spare at `spare` into the journal file `path`: a new header
+/// and an end mark are written and synced under the spare's name first, so
+/// a crash never leaves a journal file with a stale header.
+pub fn recycle(spare: &Path, path: &Path, lineage: u64, first_seq: Seq) -> Result<File, JournalError> {
+    let f = File::options().read(true).write(true).open(spare).map_err(|e| JournalError::io(spare, e))?;
+    let mut head = encode_header(&Header { lineage, first_seq, created_ns: crate::clock::wall_now() }).to_vec();
+    head.extend_from_slice(&[0u8; FRAME_HEAD]);
+    f.write_all_at(&head, 0).map_err(|e| JournalError::io(spare, e))?;
+    f.sync_data().map_err(|e| JournalError::io(spare, e))?;
+    std::fs::rename(spare, path).map_err(|e| JournalError::io(path, e))?;
     if let Some(dir) = path.parent() {
         File::open(dir).and_then(|d| d.sync_all()).map_err(|e| JournalError::io(dir, e))?;
     }
@@ -182,6 +235,10 @@ pub fn scan_file(path: &Path, expect_seq: Option<Seq>, is_last: bool) -> Result<
     loop {
         match read_frame(&data, off) {
             Frame::End => break,
+            // A checksummed frame older than the file is a stale frame of
+            // a recycled file whose end mark a machine crash lost: the
+            // valid prefix ends here.
+            Frame::Ok(rec, _) if rec.seq < header.first_seq => break,
             Frame::Ok(rec, n) => {
                 if rec.seq != next {
                     return Err(corrupt(off, format!("sequence {} where {} was expected", rec.seq, next)));
@@ -273,10 +330,13 @@ impl Iterator for FrameIter {
 /// `(offset, length, record)` each.
 pub fn dump_file(path: &Path) -> Result<Vec<(u64, u64, Record)>, JournalError> {
     let data = std::fs::read(path).map_err(|e| JournalError::io(path, e))?;
-    decode_header(&data).map_err(|why| JournalError::Corrupt { path: path.to_path_buf(), offset: 0, why })?;
+    let header = decode_header(&data).map_err(|why| JournalError::Corrupt { path: path.to_path_buf(), offset: 0, why })?;
     let mut off = HEADER_LEN;
     let mut out = Vec::new();
     while let Frame::Ok(rec, n) = read_frame(&data, off) {
+        if rec.seq < header.first_seq {
+            break;
+        }
         out.push((off as u64, n as u64, rec));
         off += n;
     }

@@ -15,7 +15,7 @@
 
 mod file;
 
-pub use file::{dump_file, scan_file, FileScan, FrameIter, JournalError, FILE_EXT};
+pub use file::{dump_file, scan_file, FileScan, FrameIter, JournalError, FILE_EXT, SPARE_EXT};
 
 use std::collections::VecDeque;
 use std::fs::{self, File};
@@ -27,11 +27,13 @@ use std::sync::Arc;
 use parking_lot::{Condvar, Mutex};
 
 use crate::clock::{Nanos, RecordClock};
-use crate::record::{Op, Record, Seq};
+use crate::record::{encode_op, encode_write, Ino, Op, Record, Seq};
 
 /// Size each journal file is preallocated to; a larger record gets a file
 /// of its own size.
 pub const DEFAULT_FILE_SIZE: u64 = 64 << 20;
+/// Released journal files kept for reuse (see `file::recycle`).
+const MAX_SPARES: usize = 2;
 
 /// One journal file as the writer and the readers see it.
 #[derive(Clone)]
@@ -57,6 +59,9 @@ struct Inner {
     /// Total bytes of all journal files still on disk (unreleased).
     bytes: u64,
     rotated_since_sync: bool,
+    /// Spare files (zero-filled or released), reused by `rotate`.
+    spares: Vec<PathBuf>,
+    spare_counter: u64,
 }
 
 struct SyncState {
@@ -78,6 +83,8 @@ pub struct Journal {
     max_bytes: u64,
     waiting: AtomicBool,
     failed: Mutex<Option<String>>,
+    /// Set together with `failed`, so appends check one atomic, not a lock.
+    has_failed: AtomicBool,
 }
 
 impl Journal {
@@ -97,6 +104,16 @@ impl Journal {
             .filter(|p| p.extension().is_some_and(|x| x == FILE_EXT))
             .collect();
         paths.sort();
+        let mut spares = Vec::new();
+        for e in fs::read_dir(dir).map_err(|e| JournalError::io(dir, e))?.flatten() {
+            let p = e.path();
+            match p.extension().and_then(|x| x.to_str()) {
+                Some(SPARE_EXT) if e.metadata().is_ok_and(|m| m.len() == file_size) && spares.len() < MAX_SPARES => spares.push(p),
+                // Unfinished spares, and spares of another size or beyond the pool.
+                Some(SPARE_EXT) | Some("tmp") => fs::remove_file(&p).map_err(|e| JournalError::io(&p, e))?,
+                _ => {}
+            }
+        }
         let mut files = VecDeque::new();
         let mut recovered = Recovered::default();
         let mut expect_seq: Option<Seq> = None;
@@ -141,6 +158,8 @@ impl Journal {
                 buf: Vec::with_capacity(1 << 20),
                 bytes,
                 rotated_since_sync: false,
+                spares,
+                spare_counter: 0,
             }),
             space: Condvar::new(),
             clock: RecordClock::new(last_time),
@@ -151,7 +170,10 @@ impl Journal {
             max_bytes,
             waiting: AtomicBool::new(false),
             failed: Mutex::new(None),
+            has_failed: AtomicBool::new(false),
         };
+        // The first file appends land in should be an initialised one too.
+        j.keep_spare()?;
         {
             let mut inner = j.inner.lock();
             j.rotate(&mut inner, 0)?;
@@ -168,7 +190,27 @@ impl Journal {
     /// Returns the last sequence number and the time. The caller holds the
     /// locks that applied the operation, so seq order is application order.
     pub fn append(&self, ops: &[Op]) -> Result<(Seq, Nanos), JournalError> {
-        if let Some(why) = self.failed.lock().clone() {
+        let payload = ops.iter().map(|o| o.payload_len()).sum();
+        self.append_with(ops.len() as u64, payload, |seq, time, buf| {
+            for (i, op) in ops.iter().enumerate() {
+                file::encode_frame_with(seq + i as u64, time, buf, |o| encode_op(op, o));
+            }
+        })
+    }
+
+    /// Appends one Write record straight from the request's buffer (the
+    /// hot path: no copy of the data into an `Op`).
+    pub fn append_write(&self, ino: Ino, offset: u64, size: u64, mtime: Nanos, data: &[u8]) -> Result<(Seq, Nanos), JournalError> {
+        self.append_with(1, data.len(), |seq, time, buf| {
+            file::encode_frame_with(seq, time, buf, |o| encode_write(o, ino, offset, size, mtime, data));
+        })
+    }
+
+    /// Appends `count` records that `encode(first_seq, time, buf)` encodes
+    /// as frames into `buf`, under the append lock.
+    fn append_with(&self, count: u64, payload: usize, encode: impl FnOnce(Seq, Nanos, &mut Vec<u8>)) -> Result<(Seq, Nanos), JournalError> {
+        if self.has_failed.load(Ordering::Acquire) {
+            let why = self.failed.lock().clone().unwrap_or_default();
             return Err(JournalError::Failed(why));
         }
         let mut inner = self.inner.lock();
@@ -185,19 +227,13 @@ impl Journal {
         let (time, step) = self.clock.tick();
         let mut buf = std::mem::take(&mut inner.buf);
         buf.clear();
-        let first = inner.next_seq;
-        let mut seq = first;
-        let mut payload = 0;
+        let mut first = inner.next_seq;
         if let Some(back_ns) = step {
-            file::encode_frame(&Record { seq, time, op: Op::ClockStep { back_ns } }, &mut buf);
-            seq += 1;
+            file::encode_frame(&Record { seq: first, time, op: Op::ClockStep { back_ns } }, &mut buf);
+            first += 1;
         }
-        for op in ops {
-            payload += op.payload_len();
-            file::encode_frame(&Record { seq, time, op: op.clone() }, &mut buf);
-            seq += 1;
-        }
-        let last = seq - 1;
+        encode(first, time, &mut buf);
+        let last = first + count - 1;
         let need = buf.len() as u64;
         let cur_end = inner.files.back().map(|f| f.end).unwrap_or(0);
         let cur_cap = inner.files.back().map(|f| f.cap).unwrap_or(0);
@@ -209,6 +245,11 @@ impl Journal {
         }
         let res = {
             let cur = inner.files.back_mut().expect("a current file");
+            // The end mark after the frames keeps stale frames of a
+            // recycled file out of every scan; it is overwritten by the
+            // next append.
+            let mark = (cur.cap - cur.end - need).min(file::FRAME_HEAD as u64) as usize;
+            buf.resize(buf.len() + mark, 0);
             match cur.file.write_all_at(&buf, cur.end) {
                 Ok(()) => {
                     cur.end += need;
@@ -223,6 +264,7 @@ impl Journal {
             // A failed append leaves the file's tail undefined; refuse all
             // further appends rather than write after a hole.
             *self.failed.lock() = Some(e.to_string());
+            self.has_failed.store(true, Ordering::Release);
             return Err(e);
         }
         inner.next_seq = last + 1;
@@ -250,7 +292,13 @@ impl Journal {
         }
         let size = inner.file_size.max(need + file::HEADER_LEN as u64);
         let path = self.dir.join(format!("{:020}.{FILE_EXT}", inner.next_seq));
-        let f = file::create(&path, inner.lineage, inner.next_seq, size)?;
+        let f = match inner.spares.pop() {
+            Some(spare) if size == inner.file_size => file::recycle(&spare, &path, inner.lineage, inner.next_seq)?,
+            other => {
+                inner.spares.extend(other);
+                file::create(&path, inner.lineage, inner.next_seq, size)?
+            }
+        };
         inner.bytes += size;
         inner.rotated_since_sync = true;
         inner.files.push_back(JournalFile {
@@ -300,6 +348,29 @@ impl Journal {
         }
     }
 
+    /// Makes sure one spare file is ready for the next rotation, zero-filling
+    /// a new one if none was released yet (the shipper calls this between
+    /// rounds, so the request path rarely preallocates).
+    pub fn keep_spare(&self) -> Result<(), JournalError> {
+        let (path, size) = {
+            let mut inner = self.inner.lock();
+            if !inner.spares.is_empty() {
+                return Ok(());
+            }
+            inner.spare_counter += 1;
+            (self.dir.join(format!("new-{}.{SPARE_EXT}", inner.spare_counter)), inner.file_size)
+        };
+        file::create_spare(&path, size)?;
+        let mut inner = self.inner.lock();
+        if inner.spares.len() < MAX_SPARES {
+            inner.spares.push(path);
+        } else {
+            drop(inner);
+            fs::remove_file(&path).map_err(|e| JournalError::io(&path, e))?;
+        }
+        Ok(())
+    }
+
     /// A snapshot of the journal files, oldest first, for readers.
     pub fn files(&self) -> Vec<JournalFile> {
         self.inner.lock().files.iter().cloned().collect()
@@ -342,12 +413,20 @@ impl Journal {
     pub fn release_through(&self, seq: Seq) -> Result<(), JournalError> {
         let mut inner = self.inner.lock();
         while inner.files.len() > 1 {
-            let f = inner.files.front().unwrap();
+            let f = inner.files.front().unwrap().clone();
             if f.last_seq > seq {
                 break;
             }
             let len = f.cap;
-            fs::remove_file(&f.path).map_err(|e| JournalError::io(&f.path, e))?;
+            if len == inner.file_size && inner.spares.len() < MAX_SPARES {
+                // Keep it for reuse: its blocks are written already.
+                inner.spare_counter += 1;
+                let spare = self.dir.join(format!("{:020}-{}.{SPARE_EXT}", f.first_seq, inner.spare_counter));
+                fs::rename(&f.path, &spare).map_err(|e| JournalError::io(&f.path, e))?;
+                inner.spares.push(spare);
+            } else {
+                fs::remove_file(&f.path).map_err(|e| JournalError::io(&f.path, e))?;
+            }
             inner.bytes = inner.bytes.saturating_sub(len);
             inner.files.pop_front();
         }
