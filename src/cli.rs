@@ -121,6 +121,13 @@ pub struct RunArgs {
     /// FUSE worker threads.
     #[arg(long, default_value = "4")]
     pub threads: usize,
+    /// Serve reads of read-only opens straight from the source file (kernel FUSE passthrough,
+    /// Linux 6.9+): cold reads run at the native filesystem's speed. The kernel keeps a file in one
+    /// io mode at a time, so while such a reader has a file open, opening that file for writing
+    /// fails with ETXTBSY (read-only opens while a writer has it open are served normally). Off by
+    /// default because an application's writable open must never fail because of a reader.
+    #[arg(long)]
+    pub read_passthrough: bool,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -295,7 +295,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
 
     let watch = Arc::new(BaseWatch::default());
     let src_dir = rustix::fs::open(&source, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())?;
-    let core = Arc::new(Passthrough::new(rustix::io::fcntl_dupfd_cloexec(&src_dir, 0)?, journal.clone(), watch.clone())?);
+    let mut core = Passthrough::new(rustix::io::fcntl_dupfd_cloexec(&src_dir, 0)?, journal.clone(), watch.clone())?;
+    core.set_read_passthrough(args.read_passthrough);
+    let core = Arc::new(core);
     let session = fuse::mount(fuse::FuseFs::new(core.clone()), &mount, args.threads)
         .with_context(|| format!("cannot mount at {} (is /dev/fuse available and fusermount3 installed?)", mount.display()))?;
     tracing::info!(source = %source.display(), mount = %mount.display(), store = %store.describe(), "protecting");

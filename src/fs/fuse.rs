@@ -17,20 +17,30 @@ use fuser::{
 };
 use rustix::fs::Stat;
 
-use super::{Caller, Passthrough};
+use std::collections::HashMap;
+
+use fuser::BackingId;
+use parking_lot::Mutex;
+
+use super::{Caller, OpenMode, Passthrough};
 use crate::record::{Ino, Kind};
 
-/// Every change goes through this mount (the source is the daemon's
-/// alone), so what the kernel caches about entries and attributes can only
-/// go stale by the daemon's own hand, and the kernel updates sizes and
-/// times itself after writes it sends. A long timeout saves a LOOKUP or
-/// GETATTR round trip per path walk and stat; a minute still lets tools
-/// that change the source directly (against the rules) be seen eventually.
-const TTL: Duration = Duration::from_secs(60);
+/// Every change goes through this mount, so the kernel may cache entries
+/// and attributes; a second is short enough for tools that look at the
+/// source directly while debugging. (A minute made the crash suite find
+/// acknowledged files missing through a mount restarted after kill -9;
+/// until that is understood, the timeout stays short.)
+const TTL: Duration = Duration::from_secs(1);
 
 pub struct FuseFs {
     core: Arc<Passthrough>,
     root: Ino,
+    /// One backing id per inode while it has passthrough handles (the
+    /// kernel wants the same id for every open of an inode), with the
+    /// number of handles using it.
+    backing: Mutex<HashMap<Ino, (BackingId, u32)>>,
+    /// Passthrough handles and their inode, to release the backing id.
+    passthrough_fh: Mutex<HashMap<u64, Ino>>,
 }
 
 fn err(e: rustix::io::Errno) -> Errno {
@@ -40,7 +50,7 @@ fn err(e: rustix::io::Errno) -> Errno {
 impl FuseFs {
     pub fn new(core: Arc<Passthrough>) -> FuseFs {
         let root = core.root_ino();
-        FuseFs { core, root }
+        FuseFs { core, root, backing: Mutex::new(HashMap::new()), passthrough_fh: Mutex::new(HashMap::new()) }
     }
 
     /// FUSE's root is inode 1; the source root has its own number. Swap the
@@ -130,6 +140,13 @@ impl Filesystem for FuseFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.set_max_write(1 << 20);
         let _ = config.add_capabilities(fuser::InitFlags::FUSE_PARALLEL_DIROPS);
+        if self.core.read_passthrough() {
+            // Passthrough needs the kernel's consent and a stacking depth
+            // of at least one (the source is a plain filesystem).
+            if config.add_capabilities(fuser::InitFlags::FUSE_PASSTHROUGH).is_err() || config.set_max_stack_depth(1).is_err() {
+                return Err(std::io::Error::other("the kernel does not offer FUSE passthrough (Linux 6.9 or later); run without --read-passthrough"));
+            }
+        }
         Ok(())
     }
 
@@ -208,8 +225,31 @@ impl Filesystem for FuseFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        match self.core.open(self.src(ino), flags.0) {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+        let src = self.src(ino);
+        match self.core.open(src, flags.0) {
+            Ok((fh, OpenMode::Cached)) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+            Ok((fh, OpenMode::Passthrough)) => {
+                let mut backing = self.backing.lock();
+                if !backing.contains_key(&src) {
+                    let id = self.core.backing_fd(fh).and_then(|fd| reply.open_backing(fd).map_err(|e| rustix::io::Errno::from_io_error(&e).unwrap_or(rustix::io::Errno::IO)));
+                    match id {
+                        Ok(id) => {
+                            backing.insert(src, (id, 0));
+                        }
+                        Err(e) => {
+                            drop(backing);
+                            self.core.release(fh);
+                            return reply.error(err(e));
+                        }
+                    }
+                }
+                let entry = backing.get_mut(&src).expect("inserted above");
+                entry.1 += 1;
+                self.passthrough_fh.lock().insert(fh, src);
+                // The kernel refuses passthrough opens with cache flags
+                // such as FOPEN_KEEP_CACHE (EINVAL, seen as EIO).
+                reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &entry.0);
+            }
             Err(e) => reply.error(err(e)),
         }
     }
@@ -245,6 +285,16 @@ impl Filesystem for FuseFs {
     }
 
     fn release(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, _lo: Option<LockOwner>, _flush: bool, reply: ReplyEmpty) {
+        if let Some(src) = self.passthrough_fh.lock().remove(&fh.0) {
+            let mut backing = self.backing.lock();
+            if let Some(entry) = backing.get_mut(&src) {
+                entry.1 -= 1;
+                if entry.1 == 0 {
+                    // Dropping the id closes it in the kernel.
+                    backing.remove(&src);
+                }
+            }
+        }
         self.core.release(fh.0);
         reply.ok()
     }

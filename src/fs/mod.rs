@@ -47,6 +47,31 @@ struct Inode {
     nlookup: AtomicU64,
     /// Held across apply + append for data and attribute changes.
     data: Mutex<()>,
+    /// Open handles by io mode, for kernel read passthrough.
+    io: Mutex<IoMode>,
+    io_changed: parking_lot::Condvar,
+}
+
+/// How an inode is open. The kernel puts a FUSE inode in one io mode at a
+/// time: cached (served by the daemon) or passthrough (served from the
+/// backing file). An open in the other mode fails with EIO while the first
+/// mode's handles exist, and passthrough writes would skip the journal, so
+/// only read-only opens go passthrough, and only while no writable handle
+/// exists; a writable open while passthrough readers exist is refused.
+#[derive(Default)]
+struct IoMode {
+    writers: u32,
+    passthrough: u32,
+}
+
+/// What `open` decided about kernel passthrough for a handle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpenMode {
+    /// Reads and writes come to the daemon.
+    Cached,
+    /// A read-only handle whose reads the kernel serves from the source
+    /// file (`Passthrough::backing_fd` gives the descriptor to register).
+    Passthrough,
 }
 
 /// A `struct file_handle` with room for the largest handle.
@@ -94,6 +119,7 @@ pub struct Handle {
     fd: OwnedFd,
     append: bool,
     writable: bool,
+    mode: OpenMode,
     dir: Mutex<DirState>,
 }
 
@@ -115,6 +141,7 @@ pub struct Passthrough {
     broken: AtomicBool,
     kept: AtomicU64,
     keep_cap: u64,
+    read_passthrough: bool,
 }
 
 fn proc_path(fd: &impl AsRawFd) -> CString {
@@ -138,7 +165,7 @@ impl Passthrough {
         let st = rfs::fstat(&root_fd)?;
         let path_fd = rfs::openat(&root_fd, c".", OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())?;
         let mut inodes = HashMap::new();
-        inodes.insert(st.st_ino, Arc::new(Inode { kept: Some(path_fd), handle: None, kind: Kind::Dir, nlookup: AtomicU64::new(1 << 40), data: Mutex::new(()) }));
+        inodes.insert(st.st_ino, Arc::new(Inode { kept: Some(path_fd), handle: None, kind: Kind::Dir, nlookup: AtomicU64::new(1 << 40), data: Mutex::new(()), io: Mutex::new(IoMode::default()), io_changed: parking_lot::Condvar::new() }));
         // Half the descriptor limit for kept inode handles; the rest serves
         // open files, the journal and the store.
         let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile).current.unwrap_or(1024);
@@ -156,7 +183,18 @@ impl Passthrough {
             broken: AtomicBool::new(false),
             kept: AtomicU64::new(1),
             keep_cap,
+            read_passthrough: false,
         })
+    }
+
+    /// Lets read-only opens use kernel passthrough (see `IoMode`); the
+    /// adapter must have negotiated it with the kernel.
+    pub fn set_read_passthrough(&mut self, on: bool) {
+        self.read_passthrough = on;
+    }
+
+    pub fn read_passthrough(&self) -> bool {
+        self.read_passthrough
     }
 
     pub fn root_ino(&self) -> Ino {
@@ -250,7 +288,7 @@ impl Passthrough {
                 } else {
                     (None, Some(handle_of(&fd)?))
                 };
-                map.insert(st.st_ino, Arc::new(Inode { kept, handle, kind, nlookup: AtomicU64::new(1), data: Mutex::new(()) }));
+                map.insert(st.st_ino, Arc::new(Inode { kept, handle, kind, nlookup: AtomicU64::new(1), data: Mutex::new(()), io: Mutex::new(IoMode::default()), io_changed: parking_lot::Condvar::new() }));
             }
         }
         Ok(st)
@@ -513,13 +551,14 @@ impl Passthrough {
         Ok(st)
     }
 
-    fn new_handle(&self, ino: Ino, fd: OwnedFd, flags: i32) -> u64 {
+    fn new_handle(&self, ino: Ino, fd: OwnedFd, flags: i32, mode: OpenMode) -> u64 {
         let acc = flags & libc::O_ACCMODE;
         let h = Handle {
             ino,
             fd,
             append: flags & libc::O_APPEND != 0,
             writable: acc == libc::O_WRONLY || acc == libc::O_RDWR,
+            mode,
             dir: Mutex::new(DirState::default()),
         };
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
@@ -535,7 +574,47 @@ impl Passthrough {
         OFlags::from_bits_retain(keep as u32) | OFlags::CLOEXEC
     }
 
-    pub fn open(&self, ino: Ino, flags: i32) -> FsResult<u64> {
+    /// Takes an io mode for a new handle of `inode` (see `IoMode`).
+    fn enter_mode(&self, ino: Ino, inode: &Inode, writable: bool, passthrough_ok: bool) -> FsResult<OpenMode> {
+        let mut io = inode.io.lock();
+        if writable {
+            // The kernel sends RELEASE after close() has returned, so a
+            // reader that just closed may still be counted: give those
+            // releases a moment before refusing.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+            while io.passthrough > 0 && !inode.io_changed.wait_until(&mut io, deadline).timed_out() {}
+            if io.passthrough > 0 {
+                tracing::warn!(ino, readers = io.passthrough, "refusing a writable open (ETXTBSY): the file is open read-only with kernel passthrough; run without --read-passthrough to allow this");
+                return Err(Errno::TXTBSY);
+            }
+            io.writers += 1;
+            Ok(OpenMode::Cached)
+        } else if passthrough_ok && inode.kind == Kind::File && io.writers == 0 {
+            io.passthrough += 1;
+            Ok(OpenMode::Passthrough)
+        } else {
+            Ok(OpenMode::Cached)
+        }
+    }
+
+    fn leave_mode(&self, h: &Handle) {
+        if let Ok(inode) = self.inode(h.ino) {
+            let mut io = inode.io.lock();
+            if h.writable {
+                io.writers = io.writers.saturating_sub(1);
+            }
+            if h.mode == OpenMode::Passthrough {
+                io.passthrough = io.passthrough.saturating_sub(1);
+                inode.io_changed.notify_all();
+            }
+        }
+    }
+
+    pub fn open(&self, ino: Ino, flags: i32) -> FsResult<(u64, OpenMode)> {
+        self.open_as(ino, flags, self.read_passthrough)
+    }
+
+    fn open_as(&self, ino: Ino, flags: i32, passthrough_ok: bool) -> FsResult<(u64, OpenMode)> {
         let inode = self.inode(ino)?;
         let fd = rfs::open(proc_path(&*self.fd(&inode)?).as_c_str(), Self::reopen_flags(flags), Mode::empty())?;
         if flags & libc::O_TRUNC != 0 && flags & libc::O_ACCMODE != libc::O_RDONLY {
@@ -545,7 +624,15 @@ impl Passthrough {
             let st = rfs::fstat(&fd)?;
             self.record(&[self.attr_record(ino, &st)])?;
         }
-        Ok(self.new_handle(ino, fd, flags))
+        let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
+        let mode = self.enter_mode(ino, &inode, writable, passthrough_ok)?;
+        Ok((self.new_handle(ino, fd, flags, mode), mode))
+    }
+
+    /// The source descriptor the kernel reads a passthrough handle from.
+    pub fn backing_fd(&self, fh: u64) -> FsResult<impl AsFd> {
+        let h = self.handle(fh)?;
+        Ok(rustix::io::fcntl_dupfd_cloexec(&h.fd, 0)?)
     }
 
     pub fn create(&self, parent: Ino, name: &OsStr, mode: u32, umask: u32, flags: i32, caller: Caller) -> FsResult<(Stat, u64)> {
@@ -562,14 +649,20 @@ impl Passthrough {
             Ok(fd) => {
                 let (st, op) = self.finish_create(parent, &p, name, caller, perm, b"")?;
                 self.record(&[op])?;
-                Ok((st, self.new_handle(st.st_ino, fd, flags)))
+                let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
+                if writable {
+                    self.inode(st.st_ino)?.io.lock().writers += 1;
+                }
+                // A new file is never passthrough: nobody else has it open.
+                Ok((st, self.new_handle(st.st_ino, fd, flags, OpenMode::Cached)))
             }
             Err(Errno::EXIST) if flags & libc::O_EXCL == 0 => {
                 // Lost a race with another creator: open what is there.
                 drop(ns);
                 drop(op);
                 let st = self.lookup(parent, name)?;
-                let fh = self.open(st.st_ino, flags)?;
+                // A CREATE reply carries no backing file: served cached.
+                let (fh, _) = self.open_as(st.st_ino, flags, false)?;
                 Ok((rfs::fstat(&self.handle(fh)?.fd)?, fh))
             }
             Err(e) => Err(e),
@@ -658,13 +751,15 @@ impl Passthrough {
     }
 
     pub fn release(&self, fh: u64) {
-        self.handles.write().remove(&fh);
+        if let Some(h) = self.handles.write().remove(&fh) {
+            self.leave_mode(&h);
+        }
     }
 
     pub fn opendir(&self, ino: Ino) -> FsResult<u64> {
         let inode = self.inode(ino)?;
         let fd = rfs::openat(&*self.fd(&inode)?, c".", OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())?;
-        Ok(self.new_handle(ino, fd, libc::O_RDONLY))
+        Ok(self.new_handle(ino, fd, libc::O_RDONLY, OpenMode::Cached))
     }
 
     /// Lists a directory from a source cookie: offsets are the source
