@@ -14,6 +14,7 @@ pub mod record;
 pub mod segment;
 pub mod timeline;
 pub mod restore;
+pub mod redo;
 pub mod fs;
 pub mod ship;
 pub mod run;

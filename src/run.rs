@@ -278,13 +278,21 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     if rec.records > 0 {
         tracing::info!(records = rec.records, "journal holds records not yet confirmed stored; shipping them first");
     }
+    if new_lineage == Some("machine-crash") {
+        // fsync waited for the journal alone: put back into the source
+        // whatever the crash took from it before anything reads it.
+        let t0 = Instant::now();
+        let st = crate::redo::redo(&source, &journal).context("cannot redo the journal onto the source after the machine crash")?;
+        tracing::info!(records = st.records, skipped = st.skipped, recreated = st.recreated, secs = t0.elapsed().as_secs_f64(), "redid the journal onto the source");
+    }
     if lineage != old_lineage {
         journal.set_lineage(lineage)?;
     }
     let journal = Arc::new(journal);
     write_state(&jdir, &State { volume: args.store.volume.clone(), lineage: format!("{lineage:016x}"), boot_id: boot.clone(), clean: false })?;
 
-    let shipper = Arc::new(Shipper::new(store.clone(), journal.clone(), stored, lineage));
+    let source_for_sync = rustix::fs::open(&source, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty()).with_context(|| format!("cannot open {}", source.display()))?;
+    let shipper = Arc::new(Shipper::new(store.clone(), journal.clone(), stored, lineage).with_source(source_for_sync));
     if let Some(reason) = new_lineage {
         let marker = LineageStart { started_ns: journal.now(), lineage, reason: reason.into() };
         shipper.queue(marker.key(), bytes::Bytes::new());
@@ -426,6 +434,10 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     let stats: &ShipStats = &shipper.stats;
     match shipped {
         Ok(()) if base_ok => {
+            // A clean stop means no redo at the next start, so the source
+            // must hold everything fsync acknowledged (fsync waited for the
+            // journal alone).
+            rustix::fs::syncfs(&d.source_fd).context("cannot sync the source at shutdown; the journal is kept and redone at the next start")?;
             write_state(&jdir, &State { volume: args.store.volume.clone(), lineage: format!("{lineage:016x}"), boot_id: boot, clean: true })?;
             tracing::info!(
                 segments = stats.segments.load(Ordering::Relaxed),

@@ -50,6 +50,10 @@ pub struct Shipper {
     /// Set at shutdown so that the background loop stops retrying and the
     /// final, deadline-bound round can take over.
     abort: AtomicBool,
+    /// The protected source, synced before journal space is released:
+    /// fsync does not sync the source, so the journal is the only durable
+    /// copy of recent changes until this sync (see `redo.rs`).
+    source: Option<std::os::fd::OwnedFd>,
 }
 
 impl Shipper {
@@ -66,6 +70,29 @@ impl Shipper {
             last_put: Mutex::new(Instant::now()),
             lineage: AtomicU64::new(lineage),
             abort: AtomicBool::new(false),
+            source: None,
+        }
+    }
+
+    /// Sets the directory whose filesystem is synced before journal files
+    /// are released.
+    pub fn with_source(mut self, fd: std::os::fd::OwnedFd) -> Shipper {
+        self.source = Some(fd);
+        self
+    }
+
+    fn release(&self, seq: Seq) {
+        if !self.journal.releasable(seq) {
+            return;
+        }
+        if let Some(src) = &self.source {
+            if let Err(e) = rustix::fs::syncfs(src) {
+                tracing::warn!("cannot sync the source, keeping the journal: {e}");
+                return;
+            }
+        }
+        if let Err(e) = self.journal.release_through(seq) {
+            tracing::warn!("cannot release journal space: {e}");
         }
     }
 
@@ -140,9 +167,7 @@ impl Shipper {
             self.stats.stored_ns.store(meta.last_ns, Ordering::Relaxed);
             self.stats.lag_ns.store(now - meta.first_ns, Ordering::Relaxed);
             *self.last_put.lock() = Instant::now();
-            if let Err(e) = self.journal.release_through(meta.last_seq) {
-                tracing::warn!("cannot release journal space: {e}");
-            }
+            self.release(meta.last_seq);
         }
         // Ready the next journal file off the request path.
         if let Err(e) = self.journal.keep_spare() {

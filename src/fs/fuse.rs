@@ -285,7 +285,10 @@ impl Filesystem for FuseFs {
     }
 
     fn release(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, _lo: Option<LockOwner>, _flush: bool, reply: ReplyEmpty) {
-        if let Some(src) = self.passthrough_fh.lock().remove(&fh.0) {
+        // Not in the `if let` itself: its guard would live through the
+        // block and take the two locks in the opposite order to `open`.
+        let passthrough = self.passthrough_fh.lock().remove(&fh.0);
+        if let Some(src) = passthrough {
             let mut backing = self.backing.lock();
             if let Some(entry) = backing.get_mut(&src) {
                 entry.1 -= 1;

@@ -729,25 +729,18 @@ impl Passthrough {
         Ok(rfs::seek(&h.fd, pos)?)
     }
 
-    /// fsync/fdatasync: the journal (group commit) and the source file, so
-    /// that the data survives a machine crash without a redo step. The two
-    /// syncs are independent (the write was applied and journaled before
-    /// fsync was called), so they run side by side: the source's on a
-    /// scoped thread, the journal's here, and the caller waits for the
-    /// slower one rather than for their sum.
-    pub fn fsync(&self, fh: u64, datasync: bool) -> FsResult<()> {
-        let h = self.handle(fh)?;
-        let source = std::thread::scope(|s| {
-            let source = s.spawn(|| if datasync { rfs::fdatasync(&h.fd) } else { rfs::fsync(&h.fd) });
-            let journal = self.journal.sync();
-            let source = source.join().unwrap_or(Err(Errno::IO));
-            journal.map_err(|e| {
-                tracing::error!("journal sync failed: {e}");
-                Errno::IO
-            })?;
-            source
-        });
-        Ok(source?)
+    /// fsync/fdatasync: the journal only (group commit: one flush serves
+    /// every fsync waiting on it). The source file is not synced here:
+    /// journal space is released only after the source's filesystem was
+    /// synced past it (`ship.rs`), and after a machine crash `redo.rs`
+    /// re-applies the journal to the source, so what fsync acknowledged is
+    /// in the journal until it is durable in the source.
+    pub fn fsync(&self, fh: u64, _datasync: bool) -> FsResult<()> {
+        self.handle(fh)?;
+        self.journal.sync().map_err(|e| {
+            tracing::error!("journal sync failed: {e}");
+            Errno::IO
+        })
     }
 
     pub fn release(&self, fh: u64) {

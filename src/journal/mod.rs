@@ -408,6 +408,13 @@ impl Journal {
         self.rotate(&mut inner, 0)
     }
 
+    /// Whether `release_through(seq)` would release a file (so the caller
+    /// syncs the source only when it matters).
+    pub fn releasable(&self, seq: Seq) -> bool {
+        let inner = self.inner.lock();
+        inner.files.len() > 1 && inner.files.front().is_some_and(|f| f.last_seq <= seq)
+    }
+
     /// Deletes journal files whose records are all stored (`seq` and
     /// below). The caller must have synced the source past them.
     pub fn release_through(&self, seq: Seq) -> Result<(), JournalError> {
