@@ -432,6 +432,17 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         .unwrap_or_else(|_| Err(crate::ship::ShipError::Timeout));
     let base_ok = d.base_done.load(Ordering::Acquire);
     let stats: &ShipStats = &shipper.stats;
+    // Whatever the final round says, the store must hold the journal's
+    // last record before the stop counts as clean.
+    let shipped = shipped.and_then(|()| {
+        let (stored, last) = (shipper.stats.stored_seq.load(Ordering::Acquire), journal.last_seq());
+        if stored < last {
+            tracing::error!(stored, last, "the final upload round left records unshipped");
+            Err(crate::ship::ShipError::Journal(format!("records {}..={last} were not shipped", stored + 1)))
+        } else {
+            Ok(())
+        }
+    });
     match shipped {
         Ok(()) if base_ok => {
             // A clean stop means no redo at the next start, so the source

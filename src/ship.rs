@@ -21,8 +21,11 @@ use crate::segment;
 use crate::store::{Store, StoreError};
 use crate::timeline::Heartbeat;
 
-/// Largest amount of encoded records in one segment.
-const MAX_SEGMENT_BYTES: usize = 32 << 20;
+/// Largest amount of encoded records in one segment. A segment is held
+/// about three times while it is sealed (records, raw, compressed), so this
+/// bounds the shipper's memory; 16 MiB keeps the daemon's peak well under
+/// 128 MiB while a busy volume still makes few objects per second.
+const MAX_SEGMENT_BYTES: usize = 16 << 20;
 /// An idle volume writes a heartbeat this often so "latest" stays known.
 pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(60);
 
@@ -149,11 +152,13 @@ impl Shipper {
                     }
                 }
             };
+            tracing::debug!(upto, files = files.len(), first = files.first().map(|f| f.first_seq), got = batch.as_ref().map(|b| b.1.len()), "ship round read");
             let Some((lineage, records)) = batch else { break };
             if records.is_empty() {
                 break;
             }
             let (meta, data) = segment::encode(lineage, &records);
+            drop(records);
             let len = data.len() as u64;
             if let Err(e) = self.put_retrying(&meta.key(), &data, deadline) {
                 // Rewind the cursor so the same records are sealed again.

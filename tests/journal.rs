@@ -187,3 +187,27 @@ fn recycled_files_never_yield_stale_frames() {
     let (_, recs) = r.read(&j.files(), 1 << 20).unwrap().unwrap();
     assert_eq!(recs.len(), 4);
 }
+
+/// After a restart the shipper's cursor can sit far into a journal file
+/// (records before it are stored): more stored records than one read
+/// window holds must be skipped, not mistaken for the end of the journal.
+#[test]
+fn a_reader_starting_deep_in_a_file_finds_the_records_after_it() {
+    let d = tempfile::tempdir().unwrap();
+    let (j, _) = Journal::open(d.path(), 1, 1, 0, u64::MAX).unwrap();
+    let mib = |i: u64| Op::Write { ino: 3, offset: i << 20, size: (i + 1) << 20, mtime: 1, data: Bytes::from(vec![i as u8; 1 << 20]) };
+    for i in 0..30 {
+        j.append(&[mib(i)]).unwrap();
+    }
+    let mut r = JournalReader::new(25);
+    let (_, recs) = r.read(&j.files(), 2 << 20).unwrap().expect("records after the cursor");
+    assert_eq!(recs.first().map(|r| r.seq), Some(25));
+    let mut seqs: Vec<u64> = recs.iter().map(|r| r.seq).collect();
+    while let Some((_, more)) = r.read(&j.files(), 2 << 20).unwrap() {
+        if more.is_empty() {
+            break;
+        }
+        seqs.extend(more.iter().map(|r| r.seq));
+    }
+    assert_eq!(seqs, (25..=30).collect::<Vec<_>>());
+}

@@ -172,8 +172,9 @@ impl Journal {
             failed: Mutex::new(None),
             has_failed: AtomicBool::new(false),
         };
-        // The first file appends land in should be an initialised one too.
-        j.keep_spare()?;
+        // The first file is a spare left by an earlier run when there is
+        // one; otherwise it is preallocated, and the shipper zero-fills a
+        // spare in the background (not here: a restart would wait for it).
         {
             let mut inner = j.inner.lock();
             j.rotate(&mut inner, 0)?;
@@ -494,38 +495,51 @@ impl JournalReader {
                     break;
                 }
             }
-            let start = match self.pos {
-                Some((first, off)) if first == f.first_seq => off,
-                _ => file::HEADER_LEN as u64,
-            };
-            let to = start + (max_payload.saturating_sub(bytes)) as u64 + MAX_RECORD;
-            let mut it = FrameIter::new(f, start, to)?;
-            while let Some(frame) = it.next() {
-                let (rec, len) = frame?;
-                if rec.seq < self.next_seq {
-                    continue;
+            // Windows over this file until the cursor passes its end, the
+            // batch is full, or max_seq is reached. Records below the
+            // cursor (already stored, before a restart) are skipped, and
+            // the position moves past them too: a file that starts with
+            // more stored records than one window holds is still read.
+            loop {
+                let start = match self.pos {
+                    Some((first, off)) if first == f.first_seq => off,
+                    _ => file::HEADER_LEN as u64,
+                };
+                let to = start + (max_payload.saturating_sub(bytes)) as u64 + MAX_RECORD;
+                let mut it = FrameIter::new(f, start, to)?;
+                let mut progressed = false;
+                while let Some(frame) = it.next() {
+                    let (rec, len) = frame?;
+                    progressed = true;
+                    if rec.seq < self.next_seq {
+                        self.pos = Some((f.first_seq, it.offset()));
+                        continue;
+                    }
+                    if rec.seq > max_seq {
+                        return Ok(lineage.map(|l| (l, out)));
+                    }
+                    if rec.seq != self.next_seq {
+                        return Err(JournalError::Corrupt {
+                            path: f.path.clone(),
+                            offset: it.offset(),
+                            why: format!("sequence jumps from {} to {}", self.next_seq, rec.seq),
+                        });
+                    }
+                    lineage = Some(f.lineage);
+                    bytes += len;
+                    self.next_seq += 1;
+                    self.pos = Some((f.first_seq, it.offset()));
+                    out.push(rec);
+                    if bytes >= max_payload {
+                        return Ok(Some((f.lineage, out)));
+                    }
                 }
-                if rec.seq > max_seq {
-                    return Ok(lineage.map(|l| (l, out)));
-                }
-                if rec.seq != self.next_seq {
-                    return Err(JournalError::Corrupt {
-                        path: f.path.clone(),
-                        offset: it.offset(),
-                        why: format!("sequence jumps from {} to {}", self.next_seq, rec.seq),
-                    });
-                }
-                lineage = Some(f.lineage);
-                bytes += len;
-                self.next_seq += 1;
-                self.pos = Some((f.first_seq, it.offset()));
-                out.push(rec);
-                if bytes >= max_payload {
-                    return Ok(Some((f.lineage, out)));
+                if self.next_seq > f.last_seq || !progressed {
+                    break;
                 }
             }
             if self.next_seq <= f.last_seq {
-                // The window ended inside this file; the rest comes next call.
+                // Not every record of this file could be read yet.
                 break;
             }
         }

@@ -126,15 +126,34 @@ def lazy_unmount(path) -> None:
         subprocess.run(["umount", "-l", str(path)], capture_output=True)
 
 
+def _top_mount_dev(path) -> int | None:
+    """The device number of the topmost FUSE mount at `path`, if any."""
+    p = os.path.join(os.path.realpath(os.path.dirname(str(path))), os.path.basename(str(path)))
+    found = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fields = left.split()
+            if _unescape_mountinfo(fields[4]) in (p, str(path)):
+                major, minor = fields[2].split(":")
+                found = os.makedev(int(major), int(minor)) if right.split()[0].startswith("fuse") else None
+    return found
+
+
 def mount_is_live(path) -> bool:
-    if not is_fuse_mounted(path):
+    """A live FUSE mount is at `path`: the stat that answers is the mount's
+    own (same device as mountinfo says), so a dead mount being detached
+    between the two reads cannot pass for a live one with the plain
+    directory underneath."""
+    dev = _top_mount_dev(path)
+    if dev is None:
         return False
     try:
-        os.stat(path)
+        st = os.stat(path)
         os.listdir(path)
-        return True
     except OSError:
         return False
+    return st.st_dev == dev and _top_mount_dev(path) == dev
 
 
 # --------------------------------------------------------------------------
