@@ -395,14 +395,20 @@ impl Passthrough {
     /// Gives a just-created entry its owner and intended mode, then returns
     /// its stat and the Create record.
     fn finish_create(&self, parent: Ino, pinode: &Inode, name: &OsStr, caller: Caller, mode: u32, target: &[u8]) -> FsResult<(Stat, Op)> {
-        let (uid, gid) = self.new_owner(pinode, caller)?;
         let pfd = self.fd(pinode)?;
-        rfs::chownat(&*pfd, name, Some(rfs::Uid::from_raw(uid)), Some(rfs::Gid::from_raw(gid)), AtFlags::SYMLINK_NOFOLLOW)?;
         let mut st = self.remember(&*pfd, name)?;
         let kind = Kind::from_mode(st.st_mode).ok_or(Errno::NOTSUP)?;
-        // chown clears set-id bits; put back what the caller asked for.
-        if kind != Kind::Symlink && st.st_mode & 0o7777 != mode & 0o7777 && kind != Kind::Dir {
-            rfs::chmodat(&*pfd, name, Mode::from_bits_truncate(mode & 0o7777), AtFlags::empty())?;
+        // The kernel made the entry the daemon's, with the parent's group
+        // under a setgid parent. When that is already the caller's owner
+        // and group (a root application, the common sidecar case), the
+        // chown and its checks are skipped: two syscalls per create.
+        if st.st_uid != caller.uid || st.st_gid != caller.gid {
+            let (uid, gid) = self.new_owner(pinode, caller)?;
+            rfs::chownat(&*pfd, name, Some(rfs::Uid::from_raw(uid)), Some(rfs::Gid::from_raw(gid)), AtFlags::SYMLINK_NOFOLLOW)?;
+            // chown clears set-id bits; put back what the caller asked for.
+            if kind != Kind::Symlink && kind != Kind::Dir {
+                rfs::chmodat(&*pfd, name, Mode::from_bits_truncate(mode & 0o7777), AtFlags::empty())?;
+            }
             st = rfs::statat(&*pfd, name, AtFlags::SYMLINK_NOFOLLOW)?;
         }
         let op = Op::Create {
