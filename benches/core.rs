@@ -44,6 +44,24 @@ fn journal_append(c: &mut Criterion) {
             });
         });
     }
+    // The FUSE write path: a Write record encoded straight from the
+    // request's buffer, no `Op` built.
+    for size in [4096usize, 1 << 20] {
+        let data = incompressible(size, 8);
+        g.throughput(Throughput::Bytes(size as u64));
+        g.bench_function(format!("append_write 1 thread {size} B"), |b| {
+            let d = tempfile::tempdir().unwrap();
+            let (j, _) = Journal::open(d.path(), 1, 1, 0, u64::MAX).unwrap();
+            let mut i = 0u64;
+            b.iter(|| {
+                i += 1;
+                j.append_write(5, i * size as u64, (i + 1) * size as u64, 1, &data).unwrap();
+                if i % 4096 == 0 {
+                    j.release_through(j.last_seq()).unwrap();
+                }
+            });
+        });
+    }
     let data = incompressible(4096, 9);
     g.throughput(Throughput::Bytes(4 * 4096));
     g.bench_function("4 threads 4096 B", |b| {

@@ -121,6 +121,10 @@ pub struct Handle {
     writable: bool,
     mode: OpenMode,
     dir: Mutex<DirState>,
+    /// Where the next sequential read would start, and whether the source
+    /// descriptor is advised random (see `read`).
+    next_read: AtomicU64,
+    random: AtomicBool,
 }
 
 #[derive(Default)]
@@ -566,6 +570,8 @@ impl Passthrough {
             writable: acc == libc::O_WRONLY || acc == libc::O_RDWR,
             mode,
             dir: Mutex::new(DirState::default()),
+            next_read: AtomicU64::new(0),
+            random: AtomicBool::new(false),
         };
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         self.handles.write().insert(fh, Arc::new(h));
@@ -677,6 +683,19 @@ impl Passthrough {
 
     pub fn read(&self, fh: u64, offset: u64, buf: &mut Vec<u8>, size: usize) -> FsResult<()> {
         let h = self.handle(fh)?;
+        // The application's access pattern reaches us as the kernel's read
+        // requests, but its fadvise does not: pass the pattern on, or every
+        // cold 4 KiB random read makes the source read ahead 128 KiB.
+        // Readahead requests run in parallel on several threads and arrive
+        // a little out of order: near the last read counts as sequential.
+        let expected = h.next_read.swap(offset + size as u64, Ordering::Relaxed);
+        let sequential = offset.abs_diff(expected) <= 1 << 20;
+        if sequential == h.random.load(Ordering::Relaxed) {
+            let advice = if sequential { rfs::Advice::Normal } else { rfs::Advice::Random };
+            if rfs::fadvise(&h.fd, 0, None, advice).is_ok() {
+                h.random.store(!sequential, Ordering::Relaxed);
+            }
+        }
         buf.resize(size, 0);
         let mut done = 0;
         while done < size {
