@@ -124,6 +124,7 @@ pub struct Handle {
     /// Where the next sequential read would start, and whether the source
     /// descriptor is advised random (see `read`).
     next_read: AtomicU64,
+    seq_run: std::sync::atomic::AtomicU32,
     random: AtomicBool,
 }
 
@@ -571,6 +572,7 @@ impl Passthrough {
             mode,
             dir: Mutex::new(DirState::default()),
             next_read: AtomicU64::new(0),
+            seq_run: std::sync::atomic::AtomicU32::new(0),
             random: AtomicBool::new(false),
         };
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
@@ -688,12 +690,19 @@ impl Passthrough {
         // cold 4 KiB random read makes the source read ahead 128 KiB.
         // Readahead requests run in parallel on several threads and arrive
         // a little out of order: near the last read counts as sequential.
+        // Back to normal only after a few sequential reads in a row, so a
+        // random reader that lands near its last read now and then does
+        // not turn readahead back on.
         let expected = h.next_read.swap(offset + size as u64, Ordering::Relaxed);
-        let sequential = offset.abs_diff(expected) <= 1 << 20;
-        if sequential == h.random.load(Ordering::Relaxed) {
-            let advice = if sequential { rfs::Advice::Normal } else { rfs::Advice::Random };
+        let run = if offset.abs_diff(expected) <= 1 << 20 { h.seq_run.fetch_add(1, Ordering::Relaxed) + 1 } else {
+            h.seq_run.store(0, Ordering::Relaxed);
+            0
+        };
+        let random = h.random.load(Ordering::Relaxed);
+        if (run == 0 && !random) || (run >= 4 && random) {
+            let advice = if random { rfs::Advice::Normal } else { rfs::Advice::Random };
             if rfs::fadvise(&h.fd, 0, None, advice).is_ok() {
-                h.random.store(!sequential, Ordering::Relaxed);
+                h.random.store(!random, Ordering::Relaxed);
             }
         }
         buf.resize(size, 0);
