@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -53,6 +53,8 @@ pub enum HttpError {
 /// Largest request body accepted. AdmissionReviews carry one pod (the API
 /// server caps objects near 1.5 MiB); anything larger is refused with 413.
 const MAX_BODY: usize = 4 << 20;
+/// How much of an oversized body is read (and dropped) before the 413.
+const DRAIN_CAP: usize = 16 << 20;
 /// A client gets this long for the TLS handshake and for its headers.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// At most this many connections are served at once; more wait in the backlog.
@@ -408,13 +410,34 @@ async fn wait_true(stop: &mut watch::Receiver<bool>) {
 }
 
 async fn respond(req: Request<Incoming>, handler: Handler) -> Result<Response<Full<Bytes>>, Infallible> {
-    let (parts, body) = req.into_parts();
-    let reply = match Limited::new(body, MAX_BODY).collect().await {
-        Ok(collected) => handler(&parts.method, parts.uri.path(), collected.to_bytes()),
-        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
-            Reply::text(StatusCode::PAYLOAD_TOO_LARGE, format!("request body over {MAX_BODY} bytes"))
+    let (parts, mut body) = req.into_parts();
+    let mut buf = Vec::new();
+    let mut total = 0usize;
+    let mut failed = None;
+    // Read up to MAX_BODY; past it keep reading (and dropping) up to
+    // DRAIN_CAP, so that a client still sending a moderately oversized
+    // body reads our 413 instead of a connection closed under its write.
+    while total <= DRAIN_CAP {
+        match body.frame().await {
+            None => break,
+            Some(Ok(frame)) => {
+                if let Ok(data) = frame.into_data() {
+                    total += data.len();
+                    if total <= MAX_BODY {
+                        buf.extend_from_slice(&data);
+                    }
+                }
+            }
+            Some(Err(e)) => {
+                failed = Some(e);
+                break;
+            }
         }
-        Err(e) => Reply::text(StatusCode::BAD_REQUEST, format!("cannot read the request body: {e}")),
+    }
+    let reply = match failed {
+        _ if total > MAX_BODY => Reply::text(StatusCode::PAYLOAD_TOO_LARGE, format!("request body over {MAX_BODY} bytes")),
+        Some(e) => Reply::text(StatusCode::BAD_REQUEST, format!("cannot read the request body: {e}")),
+        None => handler(&parts.method, parts.uri.path(), Bytes::from(buf)),
     };
     let mut response = Response::new(Full::new(reply.body));
     *response.status_mut() = reply.status;
