@@ -41,7 +41,14 @@ fn journal_append(c: &mut Criterion) {
                     i += 1;
                     let (offset, end) = (i * size as u64, (i + 1) * size as u64);
                     if via_op {
-                        j.append(&[Op::Write { ino: 5, offset, size: end, mtime: 1, data: data.clone() }]).unwrap();
+                        j.append(&[Op::Write {
+                            ino: 5,
+                            offset,
+                            size: end,
+                            mtime: 1,
+                            data: data.clone(),
+                        }])
+                        .unwrap();
                     } else {
                         j.append_write(5, offset, end, 1, &data).unwrap();
                     }
@@ -64,7 +71,16 @@ fn journal_append(c: &mut Criterion) {
                 for t in 0..4u64 {
                     let j = j.clone();
                     let data = data.clone();
-                    s.spawn(move || j.append(&[Op::Write { ino: t, offset: 0, size: 4096, mtime: 1, data }]).unwrap());
+                    s.spawn(move || {
+                        j.append(&[Op::Write {
+                            ino: t,
+                            offset: 0,
+                            size: 4096,
+                            mtime: 1,
+                            data,
+                        }])
+                        .unwrap()
+                    });
                 }
             });
             if j.last_seq() % 4096 < 4 {
@@ -80,7 +96,13 @@ fn records(total: usize, size: usize) -> Vec<Record> {
         .map(|i| Record {
             seq: 1 + i as u64,
             time: 1_000 + i as i64,
-            op: Op::Write { ino: 5, offset: (i * size) as u64, size: ((i + 1) * size) as u64, mtime: 1, data: incompressible(size, i as u64) },
+            op: Op::Write {
+                ino: 5,
+                offset: (i * size) as u64,
+                size: ((i + 1) * size) as u64,
+                mtime: 1,
+                data: incompressible(size, i as u64),
+            },
         })
         .collect()
 }
@@ -89,9 +111,13 @@ fn segments(c: &mut Criterion) {
     let mut g = c.benchmark_group("segment");
     let recs = records(8 << 20, 4096);
     g.throughput(Throughput::Bytes(8 << 20));
-    g.bench_function("encode 8 MiB of 4 KiB writes", |b| b.iter(|| segment::encode(1, &recs)));
+    g.bench_function("encode 8 MiB of 4 KiB writes", |b| {
+        b.iter(|| segment::encode(1, &recs))
+    });
     let (_, data) = segment::encode(1, &recs);
-    g.bench_function("decode 8 MiB of 4 KiB writes", |b| b.iter(|| segment::decode(&data).unwrap()));
+    g.bench_function("decode 8 MiB of 4 KiB writes", |b| {
+        b.iter(|| segment::decode(&data).unwrap())
+    });
     g.finish();
 }
 
@@ -101,7 +127,18 @@ fn replay(c: &mut Criterion) {
     let mut recs = vec![Record {
         seq: 1,
         time: 1,
-        op: Op::Create { parent: root, name: Bytes::from_static(b"f"), ino: 5, kind: Kind::File, mode: 0o644, uid: 0, gid: 0, mtime: 1, rdev: 0, target: Bytes::new() },
+        op: Op::Create {
+            parent: root,
+            name: Bytes::from_static(b"f"),
+            ino: 5,
+            kind: Kind::File,
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            mtime: 1,
+            rdev: 0,
+            target: Bytes::new(),
+        },
     }];
     recs.extend(records(16 << 20, 65536).into_iter().map(|mut r| {
         r.seq += 1;
@@ -136,7 +173,8 @@ fn replay(c: &mut Criterion) {
             || tempfile::tempdir().unwrap(),
             |d| {
                 let mut t = rewind::restore::Tree::prepare(&d.path().join("t"), false).unwrap();
-                t.apply_base(&manifest, &mut |_| unreachable!(), &mut |_, _| {}).unwrap();
+                t.apply_base(&manifest, &mut |_| unreachable!(), &mut |_, _| {})
+                    .unwrap();
                 for r in &recs {
                     t.apply(r).unwrap();
                 }

@@ -103,7 +103,13 @@ pub struct BaseMeta {
 
 impl BaseMeta {
     pub fn key(&self) -> String {
-        format!("base/{:020}-{:016x}-{:020}-{}.rwb", self.completed_ns.max(0), self.lineage, self.start_seq, self.kind.tag())
+        format!(
+            "base/{:020}-{:016x}-{:020}-{}.rwb",
+            self.completed_ns.max(0),
+            self.lineage,
+            self.start_seq,
+            self.kind.tag()
+        )
     }
     pub fn from_key(key: &str) -> Option<BaseMeta> {
         let name = key.strip_prefix("base/")?.strip_suffix(".rwb")?;
@@ -163,7 +169,12 @@ pub struct Manifest {
 
 impl Manifest {
     pub fn meta(&self) -> BaseMeta {
-        BaseMeta { lineage: self.lineage, start_seq: self.start_seq, completed_ns: self.completed_ns, kind: self.kind }
+        BaseMeta {
+            lineage: self.lineage,
+            start_seq: self.start_seq,
+            completed_ns: self.completed_ns,
+            kind: self.kind,
+        }
     }
 }
 
@@ -203,7 +214,10 @@ pub fn decode_chunk(data: &[u8], hash: &[u8; 32]) -> Result<Vec<u8>, DecodeError
     }
     let raw = read_lz4_blocks(&mut r, raw_len)?;
     if blake3::hash(&raw).as_bytes() != hash {
-        return Err(DecodeError { at: 0, what: "content does not match the chunk's hash".into() });
+        return Err(DecodeError {
+            at: 0,
+            what: "content does not match the chunk's hash".into(),
+        });
     }
     Ok(raw)
 }
@@ -303,17 +317,46 @@ pub fn decode_manifest(data: &[u8]) -> Result<Manifest, DecodeError> {
         let ne = r.u32()?;
         let mut extents = Vec::new();
         for _ in 0..ne {
-            extents.push(Extent { offset: r.u64()?, len: r.u32()?, hash: r.hash()? });
+            extents.push(Extent {
+                offset: r.u64()?,
+                len: r.u32()?,
+                hash: r.hash()?,
+            });
         }
-        objects.push(Object { ino, kind, mode, uid, gid, size, mtime, rdev, target, xattrs, extents });
+        objects.push(Object {
+            ino,
+            kind,
+            mode,
+            uid,
+            gid,
+            size,
+            mtime,
+            rdev,
+            target,
+            xattrs,
+            extents,
+        });
     }
     let nl = r.u64()?;
     let mut links = Vec::new();
     for _ in 0..nl {
-        links.push(Link { parent: r.u64()?, name: r.owned()?, ino: r.u64()? });
+        links.push(Link {
+            parent: r.u64()?,
+            name: r.owned()?,
+            ino: r.u64()?,
+        });
     }
     r.end()?;
-    Ok(Manifest { lineage, start_seq, started_ns, completed_ns, kind, root, objects, links })
+    Ok(Manifest {
+        lineage,
+        start_seq,
+        started_ns,
+        completed_ns,
+        kind,
+        root,
+        objects,
+        links,
+    })
 }
 
 /// Entries the filesystem moved (rename, link) while a base walk runs: the
@@ -358,7 +401,10 @@ struct Walker<'a> {
 }
 
 fn io_err(path: &str, e: impl Into<std::io::Error>) -> BaseError {
-    BaseError::Io { path: path.to_string(), source: e.into() }
+    BaseError::Io {
+        path: path.to_string(),
+        source: e.into(),
+    }
 }
 
 fn xattrs_of(fd: &OwnedFd, path_for_symlink: Option<&CStr>) -> Vec<(Bytes, Bytes)> {
@@ -372,14 +418,19 @@ fn xattrs_of(fd: &OwnedFd, path_for_symlink: Option<&CStr>) -> Vec<(Bytes, Bytes
     let Ok(n) = n else { return Vec::new() };
     let mut out = Vec::new();
     for name in names[..n].split(|&b| b == 0).filter(|n| !n.is_empty()) {
-        let Ok(cname) = CString::new(name) else { continue };
+        let Ok(cname) = CString::new(name) else {
+            continue;
+        };
         let mut val = vec![0u8; 65536];
         let r = match path_for_symlink {
             Some(p) => rfs::lgetxattr(p, cname.as_c_str(), &mut val),
             None => rfs::fgetxattr(fd, cname.as_c_str(), &mut val),
         };
         if let Ok(len) = r {
-            out.push((Bytes::copy_from_slice(name), Bytes::copy_from_slice(&val[..len])));
+            out.push((
+                Bytes::copy_from_slice(name),
+                Bytes::copy_from_slice(&val[..len]),
+            ));
         }
     }
     out.sort();
@@ -387,7 +438,12 @@ fn xattrs_of(fd: &OwnedFd, path_for_symlink: Option<&CStr>) -> Vec<(Bytes, Bytes
 }
 
 impl<'a> Walker<'a> {
-    fn capture_file(&mut self, fd: &OwnedFd, st: &rfs::Stat, what: &str) -> Result<Vec<Extent>, BaseError> {
+    fn capture_file(
+        &mut self,
+        fd: &OwnedFd,
+        st: &rfs::Stat,
+        what: &str,
+    ) -> Result<Vec<Extent>, BaseError> {
         let mut extents = Vec::new();
         let size = st.st_size as u64;
         let mut pos = 0u64;
@@ -419,7 +475,11 @@ impl<'a> Walker<'a> {
                 } else {
                     self.stats.chunks_reused += 1;
                 }
-                extents.push(Extent { offset: off, len: n as u32, hash });
+                extents.push(Extent {
+                    offset: off,
+                    len: n as u32,
+                    hash,
+                });
                 off += n as u64;
             }
             pos = hole;
@@ -459,9 +519,20 @@ impl<'a> Walker<'a> {
         };
         match kind {
             Kind::File => {
-                let fd = match rfs::openat(dir, name, OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NOATIME, Mode::empty())
-                    .or_else(|_| rfs::openat(dir, name, OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty()))
-                {
+                let fd = match rfs::openat(
+                    dir,
+                    name,
+                    OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NOATIME,
+                    Mode::empty(),
+                )
+                .or_else(|_| {
+                    rfs::openat(
+                        dir,
+                        name,
+                        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                        Mode::empty(),
+                    )
+                }) {
                     Ok(fd) => fd,
                     Err(rustix::io::Errno::NOENT) => return Ok(None),
                     Err(e) => return Err(io_err(path, e)),
@@ -474,15 +545,34 @@ impl<'a> Walker<'a> {
                 self.stats.files += 1;
             }
             Kind::Symlink => {
-                obj.target = Bytes::from(rfs::readlinkat(dir, name, Vec::new()).map_err(|e| io_err(path, e))?.into_bytes());
+                obj.target = Bytes::from(
+                    rfs::readlinkat(dir, name, Vec::new())
+                        .map_err(|e| io_err(path, e))?
+                        .into_bytes(),
+                );
             }
             Kind::Fifo => {
-                let fd = rfs::openat(dir, name, OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty()).map_err(|e| io_err(path, e))?;
-                let p = CString::new(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&fd))).unwrap();
+                let fd = rfs::openat(
+                    dir,
+                    name,
+                    OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                    Mode::empty(),
+                )
+                .map_err(|e| io_err(path, e))?;
+                let p = CString::new(format!(
+                    "/proc/self/fd/{}",
+                    std::os::fd::AsRawFd::as_raw_fd(&fd)
+                ))
+                .unwrap();
                 obj.xattrs = xattrs_of(&fd, Some(&p));
             }
             Kind::Dir => {
-                let fd = match rfs::openat(dir, name, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty()) {
+                let fd = match rfs::openat(
+                    dir,
+                    name,
+                    OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                    Mode::empty(),
+                ) {
                     Ok(fd) => fd,
                     Err(rustix::io::Errno::NOENT) => return Ok(None),
                     Err(e) => return Err(io_err(path, e)),
@@ -497,9 +587,21 @@ impl<'a> Walker<'a> {
         Ok(Some(ino))
     }
 
-    fn walk_dir(&mut self, fd: &OwnedFd, ino: Ino, path: &str, is_root: bool) -> Result<(), BaseError> {
+    fn walk_dir(
+        &mut self,
+        fd: &OwnedFd,
+        ino: Ino,
+        path: &str,
+        is_root: bool,
+    ) -> Result<(), BaseError> {
         let mut names = Vec::new();
-        let dup = rfs::openat(fd, c".", OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty()).map_err(|e| io_err(path, e))?;
+        let dup = rfs::openat(
+            fd,
+            c".",
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| io_err(path, e))?;
         let mut dir = rfs::Dir::read_from(&dup).map_err(|e| io_err(path, e))?;
         while let Some(ent) = dir.next() {
             let ent = ent.map_err(|e| io_err(path, e))?;
@@ -512,7 +614,11 @@ impl<'a> Walker<'a> {
         for n in names {
             let child_path = format!("{path}/{}", String::from_utf8_lossy(n.to_bytes()));
             if let Some(child) = self.visit(fd, &n, &child_path)? {
-                self.links.push(Link { parent: ino, name: Bytes::copy_from_slice(n.to_bytes()), ino: child });
+                self.links.push(Link {
+                    parent: ino,
+                    name: Bytes::copy_from_slice(n.to_bytes()),
+                    ino: child,
+                });
             }
         }
         Ok(())
@@ -561,10 +667,12 @@ pub fn walk(req: &BaseRequest<'_>) -> Result<(Manifest, BaseStats), BaseError> {
 impl BaseWatch {
     pub fn activate(&self) {
         self.moved.lock().clear();
-        self.active.store(true, std::sync::atomic::Ordering::Release);
+        self.active
+            .store(true, std::sync::atomic::Ordering::Release);
     }
     pub fn deactivate(&self) {
-        self.active.store(false, std::sync::atomic::Ordering::Release);
+        self.active
+            .store(false, std::sync::atomic::Ordering::Release);
         self.moved.lock().clear();
     }
 }
@@ -604,7 +712,12 @@ fn walk_inner(req: &BaseRequest<'_>) -> Result<(Manifest, BaseStats), BaseError>
         if moved.is_empty() {
             break;
         }
-        let proc = rfs::open("/proc/self/fd", OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty()).map_err(|e| io_err("/proc/self/fd", e))?;
+        let proc = rfs::open(
+            "/proc/self/fd",
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| io_err("/proc/self/fd", e))?;
         for fd in moved {
             let st = match rfs::fstat(&fd) {
                 Ok(st) => st,
@@ -636,12 +749,23 @@ fn walk_inner(req: &BaseRequest<'_>) -> Result<(Manifest, BaseStats), BaseError>
 }
 
 impl Walker<'_> {
-    fn visit_proc(&mut self, proc: &OwnedFd, name: &CStr, fd: &OwnedFd) -> Result<Option<Ino>, BaseError> {
+    fn visit_proc(
+        &mut self,
+        proc: &OwnedFd,
+        name: &CStr,
+        fd: &OwnedFd,
+    ) -> Result<Option<Ino>, BaseError> {
         let st = rfs::fstat(fd).map_err(|e| io_err("moved entry", e))?;
         if Kind::from_mode(st.st_mode) == Some(Kind::Dir) {
             // Reopen the directory itself (following the magic link) and
             // walk it; its own link comes from the rename record.
-            let d = rfs::openat(proc, name, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty()).map_err(|e| io_err("moved dir", e))?;
+            let d = rfs::openat(
+                proc,
+                name,
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(|e| io_err("moved dir", e))?;
             self.seen.insert(st.st_ino);
             self.objects.push(Object {
                 ino: st.st_ino,
@@ -676,14 +800,19 @@ impl Walker<'_> {
             Some(Kind::File) => {
                 // The magic link names the inode itself, so following it is
                 // safe here.
-                let f = rfs::openat(proc, name, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty()).map_err(|e| io_err("moved file", e))?;
+                let f = rfs::openat(proc, name, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())
+                    .map_err(|e| io_err("moved file", e))?;
                 obj.kind = Kind::File;
                 obj.extents = self.capture_file(&f, &st, "(moved file)")?;
                 obj.xattrs = xattrs_of(&f, None);
             }
             Some(Kind::Symlink) => {
                 obj.kind = Kind::Symlink;
-                obj.target = Bytes::from(rfs::readlinkat(fd, c"", Vec::new()).map_err(|e| io_err("moved symlink", e))?.into_bytes());
+                obj.target = Bytes::from(
+                    rfs::readlinkat(fd, c"", Vec::new())
+                        .map_err(|e| io_err("moved symlink", e))?
+                        .into_bytes(),
+                );
             }
             Some(Kind::Fifo) => {}
             _ => return Ok(None),
@@ -702,9 +831,14 @@ pub fn store_manifest(store: &dyn Store, m: &Manifest) -> Result<(), StoreError>
 pub fn load_manifest(store: &dyn Store, meta: &BaseMeta) -> Result<Manifest, BaseError> {
     let key = meta.key();
     let data = store.get(&key)?;
-    let m = decode_manifest(&data).map_err(|source| BaseError::Damaged { what: format!("base manifest {key}"), source })?;
+    let m = decode_manifest(&data).map_err(|source| BaseError::Damaged {
+        what: format!("base manifest {key}"),
+        source,
+    })?;
     if m.meta() != *meta {
-        return Err(BaseError::Inconsistent(format!("base manifest {key} does not match its key")));
+        return Err(BaseError::Inconsistent(format!(
+            "base manifest {key} does not match its key"
+        )));
     }
     Ok(m)
 }
@@ -712,11 +846,16 @@ pub fn load_manifest(store: &dyn Store, meta: &BaseMeta) -> Result<Manifest, Bas
 /// Converts a name from a record or manifest into a path component,
 /// refusing anything that could leave the directory it is applied in.
 pub fn safe_name(name: &[u8]) -> Option<&OsStr> {
-    if name.is_empty() || name.len() > 255 || name == b"." || name == b".." || name.contains(&b'/') || name.contains(&0) {
+    if name.is_empty()
+        || name.len() > 255
+        || name == b"."
+        || name == b".."
+        || name.contains(&b'/')
+        || name.contains(&0)
+    {
         return None;
     }
     Some(OsStr::from_bytes(name))
 }
 
 pub type SharedChunks = Arc<Mutex<HashSet<[u8; 32]>>>;
-

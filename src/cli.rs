@@ -20,7 +20,12 @@ directory exactly as the mount showed it at TIME."
 )]
 pub struct Cli {
     /// Log filter (also RUST_LOG), e.g. "info" or "rewind=debug".
-    #[arg(long, global = true, env = "REWIND_LOG", default_value = "info,fuser=error")]
+    #[arg(
+        long,
+        global = true,
+        env = "REWIND_LOG",
+        default_value = "info,fuser=error"
+    )]
     pub log: String,
     #[command(subcommand)]
     pub command: Command,

@@ -31,7 +31,9 @@ pub const STEP_REPORT_NS: i64 = 1_000_000;
 
 impl RecordClock {
     pub fn new(floor: Nanos) -> RecordClock {
-        RecordClock { last: AtomicI64::new(floor) }
+        RecordClock {
+            last: AtomicI64::new(floor),
+        }
     }
 
     /// Returns a timestamp > every earlier one, plus the size of a backward
@@ -41,7 +43,10 @@ impl RecordClock {
         let mut prev = self.last.load(Ordering::Relaxed);
         loop {
             let next = wall.max(prev + 1);
-            match self.last.compare_exchange_weak(prev, next, Ordering::AcqRel, Ordering::Relaxed) {
+            match self
+                .last
+                .compare_exchange_weak(prev, next, Ordering::AcqRel, Ordering::Relaxed)
+            {
                 Ok(_) => {
                     let step = prev - wall;
                     return (next, (step >= STEP_REPORT_NS).then_some(step));
@@ -71,18 +76,27 @@ pub struct TimeError {
 }
 
 pub fn parse_at(input: &str) -> Result<At, TimeError> {
-    let err = |why: &str| TimeError { input: input.to_string(), why: why.to_string() };
+    let err = |why: &str| TimeError {
+        input: input.to_string(),
+        why: why.to_string(),
+    };
     let s = input.trim();
     if s.eq_ignore_ascii_case("latest") {
         return Ok(At::Latest);
     }
     if let Some(num) = s.strip_prefix('@') {
         let (int, frac) = num.split_once('.').unwrap_or((num, ""));
-        let secs: i64 = int.parse().map_err(|_| err("the part after @ is not a whole number of seconds"))?;
+        let secs: i64 = int
+            .parse()
+            .map_err(|_| err("the part after @ is not a whole number of seconds"))?;
         if frac.len() > 9 || !frac.chars().all(|c| c.is_ascii_digit()) {
             return Err(err("at most 9 fractional digits after @SECONDS."));
         }
-        let frac_ns: i64 = if frac.is_empty() { 0 } else { format!("{frac:0<9}").parse().unwrap() };
+        let frac_ns: i64 = if frac.is_empty() {
+            0
+        } else {
+            format!("{frac:0<9}").parse().unwrap()
+        };
         let ns = secs
             .checked_mul(1_000_000_000)
             .and_then(|v| v.checked_add(if secs < 0 { -frac_ns } else { frac_ns }))
@@ -91,7 +105,9 @@ pub fn parse_at(input: &str) -> Result<At, TimeError> {
     }
     let dt = OffsetDateTime::parse(s, &Rfc3339).map_err(|e| err(&e.to_string()))?;
     let ns = dt.unix_timestamp_nanos();
-    i64::try_from(ns).map(At::Instant).map_err(|_| err("out of range"))
+    i64::try_from(ns)
+        .map(At::Instant)
+        .map_err(|_| err("out of range"))
 }
 
 /// Formats nanoseconds as RFC 3339 UTC with nanosecond precision.
@@ -113,10 +129,22 @@ mod tests {
     #[test]
     fn parses_the_documented_forms() {
         check("latest", Ok(At::Latest));
-        check("2026-11-24T12:00:05Z", Ok(At::Instant(1_795_521_605_000_000_000)));
-        check("2026-11-24T12:00:05.25Z", Ok(At::Instant(1_795_521_605_250_000_000)));
-        check("2026-11-24T13:00:05+01:00", Ok(At::Instant(1_795_521_605_000_000_000)));
-        check("2026-11-24T12:00:05.123456789Z", Ok(At::Instant(1_795_521_605_123_456_789)));
+        check(
+            "2026-11-24T12:00:05Z",
+            Ok(At::Instant(1_795_521_605_000_000_000)),
+        );
+        check(
+            "2026-11-24T12:00:05.25Z",
+            Ok(At::Instant(1_795_521_605_250_000_000)),
+        );
+        check(
+            "2026-11-24T13:00:05+01:00",
+            Ok(At::Instant(1_795_521_605_000_000_000)),
+        );
+        check(
+            "2026-11-24T12:00:05.123456789Z",
+            Ok(At::Instant(1_795_521_605_123_456_789)),
+        );
         check("@1795521605", Ok(At::Instant(1_795_521_605_000_000_000)));
         check("@1795521605.5", Ok(At::Instant(1_795_521_605_500_000_000)));
         check("yesterday", Err(()));

@@ -34,7 +34,10 @@ impl<'a> Reader<'a> {
         self.buf.len() - self.pos
     }
     pub fn err(&self, what: impl Into<String>) -> DecodeError {
-        DecodeError { at: self.pos, what: what.into() }
+        DecodeError {
+            at: self.pos,
+            what: what.into(),
+        }
     }
     pub fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
         if self.remaining() < n {
@@ -87,7 +90,10 @@ pub fn seal(out: &mut Vec<u8>) {
 /// Checks and strips the trailer that `seal` added.
 pub fn unseal(data: &[u8]) -> Result<&[u8], DecodeError> {
     if data.len() < 32 {
-        return Err(DecodeError { at: 0, what: "shorter than its checksum (truncated)".into() });
+        return Err(DecodeError {
+            at: 0,
+            what: "shorter than its checksum (truncated)".into(),
+        });
     }
     let (body, trailer) = data.split_at(data.len() - 32);
     if blake3::hash(body).as_bytes() != trailer {
@@ -116,7 +122,9 @@ pub fn put_lz4_blocks(out: &mut Vec<u8>, raw: &[u8]) {
 /// the header declared, which bounds every allocation.
 pub fn read_lz4_blocks(r: &mut Reader<'_>, raw_len: usize) -> Result<Vec<u8>, DecodeError> {
     if raw_len > r.remaining().saturating_mul(255).saturating_add(64) {
-        return Err(r.err(format!("declares {raw_len} raw bytes, more than the compressed data can hold")));
+        return Err(r.err(format!(
+            "declares {raw_len} raw bytes, more than the compressed data can hold"
+        )));
     }
     let mut raw = Vec::with_capacity(raw_len);
     while r.remaining() > 0 {

@@ -45,7 +45,11 @@ pub enum HttpError {
         source: std::io::Error,
     },
     #[error("TLS certificate {cert} / key {key}: {why}")]
-    Tls { cert: String, key: String, why: String },
+    Tls {
+        cert: String,
+        key: String,
+        why: String,
+    },
     #[error("cannot start the HTTP runtime")]
     Runtime(#[source] std::io::Error),
 }
@@ -75,7 +79,11 @@ impl Reply {
     fn text(status: StatusCode, body: impl Into<String>) -> Reply {
         let mut body = body.into();
         body.push('\n');
-        Reply { status, content_type: "text/plain; charset=utf-8", body: Bytes::from(body) }
+        Reply {
+            status,
+            content_type: "text/plain; charset=utf-8",
+            body: Bytes::from(body),
+        }
     }
 }
 
@@ -87,12 +95,21 @@ type Handler = Arc<dyn Fn(&Method, &str, Bytes) -> Reply + Send + Sync>;
 
 /// Serves the admission webhook on `listen` until SIGTERM or SIGINT, then
 /// drains open connections. Blocks the calling thread.
-pub fn serve_webhook(listen: &str, cert: &Path, key: &Path, config: Config) -> Result<(), HttpError> {
+pub fn serve_webhook(
+    listen: &str,
+    cert: &Path,
+    key: &Path,
+    config: Config,
+) -> Result<(), HttpError> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let resolver = Arc::new(ReloadingCert::load(cert, key, provider.clone())?);
     let mut tls = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| HttpError::Tls { cert: cert.display().to_string(), key: key.display().to_string(), why: e.to_string() })?
+        .map_err(|e| HttpError::Tls {
+            cert: cert.display().to_string(),
+            key: key.display().to_string(),
+            why: e.to_string(),
+        })?
         .with_no_client_auth()
         .with_cert_resolver(resolver);
     // HTTP/1.1 only: the API server's client falls back to it without ALPN h2.
@@ -100,7 +117,8 @@ pub fn serve_webhook(listen: &str, cert: &Path, key: &Path, config: Config) -> R
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
 
     let config = Arc::new(config);
-    let handler: Handler = Arc::new(move |method, path, body| webhook_route(&config, method, path, body));
+    let handler: Handler =
+        Arc::new(move |method, path, body| webhook_route(&config, method, path, body));
     // One thread is plenty for admission traffic (a few requests per pod
     // created) and keeps the webhook's footprint small.
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -109,7 +127,10 @@ pub fn serve_webhook(listen: &str, cert: &Path, key: &Path, config: Config) -> R
         .map_err(HttpError::Runtime)?;
     runtime.block_on(async move {
         let listener = bind(listen).await?;
-        let addr = listener.local_addr().map_err(|source| HttpError::Bind { addr: listen.into(), source })?;
+        let addr = listener.local_addr().map_err(|source| HttpError::Bind {
+            addr: listen.into(),
+            source,
+        })?;
         tracing::info!("rewind webhook listening on https://{addr}");
         let (stop_tx, stop_rx) = watch::channel(false);
         let signals = async {
@@ -129,7 +150,9 @@ pub fn serve_webhook(listen: &str, cert: &Path, key: &Path, config: Config) -> R
 
 fn webhook_route(config: &Config, method: &Method, path: &str, body: Bytes) -> Reply {
     let pod_security = match path {
-        "/healthz" | "/readyz" if method == Method::GET => return Reply::text(StatusCode::OK, "ok"),
+        "/healthz" | "/readyz" if method == Method::GET => {
+            return Reply::text(StatusCode::OK, "ok")
+        }
         "/mutate" => None,
         "/mutate/pod-security/baseline" => Some(PodSecurity::Baseline),
         "/mutate/pod-security/restricted" => Some(PodSecurity::Restricted),
@@ -141,14 +164,25 @@ fn webhook_route(config: &Config, method: &Method, path: &str, body: Bytes) -> R
     }
     match webhook::review::review(&body, pod_security, config) {
         Ok((response, outcome)) => {
-            let webhook::review::Outcome { uid, namespace, pod, decision } = outcome;
+            let webhook::review::Outcome {
+                uid,
+                namespace,
+                pod,
+                decision,
+            } = outcome;
             tracing::info!(%uid, %namespace, %pod, ?decision, "admission review answered");
             match serde_json::to_vec(&response) {
-                Ok(json) => Reply { status: StatusCode::OK, content_type: "application/json", body: Bytes::from(json) },
+                Ok(json) => Reply {
+                    status: StatusCode::OK,
+                    content_type: "application/json",
+                    body: Bytes::from(json),
+                },
                 Err(e) => Reply::text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
             }
         }
-        Err(e @ (ReviewError::NotJson(_) | ReviewError::NotReview(_) | ReviewError::Malformed(_))) => {
+        Err(
+            e @ (ReviewError::NotJson(_) | ReviewError::NotReview(_) | ReviewError::Malformed(_)),
+        ) => {
             tracing::warn!("bad admission request: {e}");
             Reply::text(StatusCode::BAD_REQUEST, e.to_string())
         }
@@ -189,18 +223,31 @@ struct FileStamp {
 fn stamp(path: &Path) -> Option<FileStamp> {
     use std::os::unix::fs::MetadataExt;
     let m = std::fs::metadata(path).ok()?;
-    Some(FileStamp { dev: m.dev(), ino: m.ino(), len: m.len(), mtime: m.modified().ok() })
+    Some(FileStamp {
+        dev: m.dev(),
+        ino: m.ino(),
+        len: m.len(),
+        mtime: m.modified().ok(),
+    })
 }
 
 impl ReloadingCert {
-    fn load(cert: &Path, key: &Path, provider: Arc<CryptoProvider>) -> Result<ReloadingCert, HttpError> {
+    fn load(
+        cert: &Path,
+        key: &Path,
+        provider: Arc<CryptoProvider>,
+    ) -> Result<ReloadingCert, HttpError> {
         let stamps = stamp(cert).zip(stamp(key));
         let current = Arc::new(read_pair(cert, key, &provider)?);
         Ok(ReloadingCert {
             cert: cert.to_path_buf(),
             key: key.to_path_buf(),
             provider,
-            state: Mutex::new(CertState { current, stamp: stamps, checked: Instant::now() }),
+            state: Mutex::new(CertState {
+                current,
+                stamp: stamps,
+                checked: Instant::now(),
+            }),
         })
     }
 
@@ -231,9 +278,18 @@ impl ResolvesServerCert for ReloadingCert {
     }
 }
 
-fn read_pair(cert: &Path, key: &Path, provider: &CryptoProvider) -> Result<CertifiedKey, HttpError> {
-    let err = |why: String| HttpError::Tls { cert: cert.display().to_string(), key: key.display().to_string(), why };
-    let cert_pem = std::fs::read(cert).map_err(|e| err(format!("cannot read the certificate: {e}")))?;
+fn read_pair(
+    cert: &Path,
+    key: &Path,
+    provider: &CryptoProvider,
+) -> Result<CertifiedKey, HttpError> {
+    let err = |why: String| HttpError::Tls {
+        cert: cert.display().to_string(),
+        key: key.display().to_string(),
+        why,
+    };
+    let cert_pem =
+        std::fs::read(cert).map_err(|e| err(format!("cannot read the certificate: {e}")))?;
     let key_pem = std::fs::read(key).map_err(|e| err(format!("cannot read the key: {e}")))?;
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert_pem)
         .collect::<Result<_, _>>()
@@ -241,7 +297,8 @@ fn read_pair(cert: &Path, key: &Path, provider: &CryptoProvider) -> Result<Certi
     if chain.is_empty() {
         return Err(err("the certificate file holds no CERTIFICATE block".into()));
     }
-    let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| err(format!("bad private key PEM: {e}")))?;
+    let key = PrivateKeyDer::from_pem_slice(&key_pem)
+        .map_err(|e| err(format!("bad private key PEM: {e}")))?;
     CertifiedKey::from_der(chain, key, provider).map_err(|e| err(format!("unusable pair: {e}")))
 }
 
@@ -267,15 +324,23 @@ impl StatusServer {
             .build()
             .map_err(HttpError::Runtime)?;
         let listener = runtime.block_on(bind(listen))?;
-        let addr = listener.local_addr().map_err(|source| HttpError::Bind { addr: listen.into(), source })?;
-        let handler: Handler = Arc::new(move |method, path, _body| status_route(&metrics, method, path));
+        let addr = listener.local_addr().map_err(|source| HttpError::Bind {
+            addr: listen.into(),
+            source,
+        })?;
+        let handler: Handler =
+            Arc::new(move |method, path, _body| status_route(&metrics, method, path));
         let (stop, stop_rx) = watch::channel(false);
         let thread = std::thread::Builder::new()
             .name("rewind-http".into())
             .spawn(move || runtime.block_on(accept_loop(listener, None, handler, stop_rx)))
             .map_err(HttpError::Runtime)?;
         tracing::info!("health and metrics on http://{addr}");
-        Ok(StatusServer { addr, stop: Some(stop), thread: Some(thread) })
+        Ok(StatusServer {
+            addr,
+            stop: Some(stop),
+            thread: Some(thread),
+        })
     }
 
     /// The address actually bound (useful with port 0).
@@ -322,7 +387,12 @@ fn status_route(metrics: &Metrics, method: &Method, path: &str) -> Reply {
 // Shared plumbing.
 
 async fn bind(listen: &str) -> Result<TcpListener, HttpError> {
-    TcpListener::bind(listen).await.map_err(|source| HttpError::Bind { addr: listen.into(), source })
+    TcpListener::bind(listen)
+        .await
+        .map_err(|source| HttpError::Bind {
+            addr: listen.into(),
+            source,
+        })
 }
 
 /// Accepts connections until `stop` turns true, then asks open connections
@@ -359,11 +429,13 @@ async fn accept_loop(
         conns.spawn(async move {
             let _permit = permit;
             match tls {
-                Some(acceptor) => match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                    Ok(Ok(stream)) => serve_connection(stream, handler, stop).await,
-                    Ok(Err(e)) => tracing::debug!("TLS handshake with {peer} failed: {e}"),
-                    Err(_) => tracing::debug!("TLS handshake with {peer} timed out"),
-                },
+                Some(acceptor) => {
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                        Ok(Ok(stream)) => serve_connection(stream, handler, stop).await,
+                        Ok(Err(e)) => tracing::debug!("TLS handshake with {peer} failed: {e}"),
+                        Err(_) => tracing::debug!("TLS handshake with {peer} timed out"),
+                    }
+                }
                 None => serve_connection(tcp, handler, stop).await,
             }
         });
@@ -371,9 +443,15 @@ async fn accept_loop(
         while conns.try_join_next().is_some() {}
     }
     drop(listener);
-    let drained = tokio::time::timeout(DRAIN_TIMEOUT, async { while conns.join_next().await.is_some() {} }).await;
+    let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
+        while conns.join_next().await.is_some() {}
+    })
+    .await;
     if drained.is_err() {
-        tracing::warn!("{} connections still open after {DRAIN_TIMEOUT:?}; closing them", conns.len());
+        tracing::warn!(
+            "{} connections still open after {DRAIN_TIMEOUT:?}; closing them",
+            conns.len()
+        );
         conns.abort_all();
     }
 }
@@ -409,7 +487,10 @@ async fn wait_true(stop: &mut watch::Receiver<bool>) {
     }
 }
 
-async fn respond(req: Request<Incoming>, handler: Handler) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn respond(
+    req: Request<Incoming>,
+    handler: Handler,
+) -> Result<Response<Full<Bytes>>, Infallible> {
     let (parts, mut body) = req.into_parts();
     let mut buf = Vec::new();
     let mut total = 0usize;
@@ -435,14 +516,21 @@ async fn respond(req: Request<Incoming>, handler: Handler) -> Result<Response<Fu
         }
     }
     let reply = match failed {
-        _ if total > MAX_BODY => Reply::text(StatusCode::PAYLOAD_TOO_LARGE, format!("request body over {MAX_BODY} bytes")),
-        Some(e) => Reply::text(StatusCode::BAD_REQUEST, format!("cannot read the request body: {e}")),
+        _ if total > MAX_BODY => Reply::text(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body over {MAX_BODY} bytes"),
+        ),
+        Some(e) => Reply::text(
+            StatusCode::BAD_REQUEST,
+            format!("cannot read the request body: {e}"),
+        ),
         None => handler(&parts.method, parts.uri.path(), Bytes::from(buf)),
     };
     let mut response = Response::new(Full::new(reply.body));
     *response.status_mut() = reply.status;
-    response
-        .headers_mut()
-        .insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static(reply.content_type));
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(reply.content_type),
+    );
     Ok(response)
 }

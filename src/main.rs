@@ -43,9 +43,14 @@ fn main() {
     bound_malloc();
     let cli = Cli::parse();
     raise_fd_limit();
-    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     use std::io::IsTerminal;
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(std::io::stderr().is_terminal()).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
     let code = match run(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -62,7 +67,14 @@ fn write_marker(marker: &std::path::Path, r: &rewind::restore::Restored) -> std:
     let dir = marker.parent().unwrap_or(std::path::Path::new("."));
     std::fs::create_dir_all(dir)?;
     let tmp = marker.with_extension("tmp");
-    std::fs::write(&tmp, format!("restored at {} from lineage {}\n", fmt_ns(r.at_ns), lineage_id(r.lineage)))?;
+    std::fs::write(
+        &tmp,
+        format!(
+            "restored at {} from lineage {}\n",
+            fmt_ns(r.at_ns),
+            lineage_id(r.lineage)
+        ),
+    )?;
     std::fs::File::open(&tmp)?.sync_all()?;
     std::fs::rename(&tmp, marker)?;
     std::fs::File::open(dir)?.sync_all()
@@ -70,7 +82,11 @@ fn write_marker(marker: &std::path::Path, r: &rewind::restore::Restored) -> std:
 
 fn open_store(a: &StoreArgs) -> anyhow::Result<Arc<dyn Store>> {
     rewind::timeline::check_volume_name(&a.volume).map_err(|e| anyhow::anyhow!("--volume: {e}"))?;
-    let opts = StoreOptions { s3_endpoint: a.s3_endpoint.clone(), s3_path_style: a.s3_path_style, ..Default::default() };
+    let opts = StoreOptions {
+        s3_endpoint: a.s3_endpoint.clone(),
+        s3_path_style: a.s3_path_style,
+        ..Default::default()
+    };
     let root = store::open(&a.store, &opts)?;
     Ok(Arc::new(Prefixed::new(root, &a.volume)))
 }
@@ -81,7 +97,10 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Restore(args) => {
             if let Some(marker) = &args.once_marker {
                 if marker.exists() {
-                    println!("already restored once ({} exists); nothing to do", marker.display());
+                    println!(
+                        "already restored once ({} exists); nothing to do",
+                        marker.display()
+                    );
                     return Ok(0);
                 }
             }
@@ -96,8 +115,19 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 }
             };
             let started = std::time::Instant::now();
-            let r = rewind::restore::restore(store.as_ref(), &plan, &args.target, args.force, &mut progress)
-                .with_context(|| format!("restore into {} failed; it is marked incomplete (.rewind/restore-incomplete)", args.target.display()))?;
+            let r = rewind::restore::restore(
+                store.as_ref(),
+                &plan,
+                &args.target,
+                args.force,
+                &mut progress,
+            )
+            .with_context(|| {
+                format!(
+                    "restore into {} failed; it is marked incomplete (.rewind/restore-incomplete)",
+                    args.target.display()
+                )
+            })?;
             println!(
                 "restored {} at {} (lineage {}, base completed {}, {} records from {} segments, last change {}) into {} in {:.2}s",
                 args.store.volume,
@@ -111,7 +141,12 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 started.elapsed().as_secs_f64()
             );
             if let Some(marker) = &args.once_marker {
-                write_marker(marker, &r).with_context(|| format!("restore finished, but the one-shot marker {} could not be written", marker.display()))?;
+                write_marker(marker, &r).with_context(|| {
+                    format!(
+                        "restore finished, but the one-shot marker {} could not be written",
+                        marker.display()
+                    )
+                })?;
             }
             Ok(0)
         }
@@ -146,24 +181,46 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             }
             println!("volume {} in {}", args.store.volume, args.store.store);
             match window {
-                Some(w) => println!("restore window: {} .. {} (lineage {})", w.earliest, w.latest, w.lineage),
+                Some(w) => println!(
+                    "restore window: {} .. {} (lineage {})",
+                    w.earliest, w.latest, w.lineage
+                ),
                 None => println!("restore window: none yet (no base has completed)"),
             }
             for (id, (segs, bases)) in t.lineage_summary() {
                 let started = t.lineages.iter().find(|l| lineage_id(l.lineage) == id);
                 println!(
                     "lineage {id}: {segs} segments, {bases} bases{}",
-                    started.map(|l| format!(", started {} ({})", fmt_ns(l.started_ns), l.reason)).unwrap_or_default()
+                    started
+                        .map(|l| format!(", started {} ({})", fmt_ns(l.started_ns), l.reason))
+                        .unwrap_or_default()
                 );
             }
             for b in &t.bases {
-                println!("  base {:?} completed {} (lineage {}, from seq {})", b.kind, fmt_ns(b.completed_ns), lineage_id(b.lineage), b.start_seq);
+                println!(
+                    "  base {:?} completed {} (lineage {}, from seq {})",
+                    b.kind,
+                    fmt_ns(b.completed_ns),
+                    lineage_id(b.lineage),
+                    b.start_seq
+                );
             }
             for g in t.gaps() {
-                println!("  gap {} .. {} (lineage {}): {}", fmt_ns(g.from_ns), fmt_ns(g.to_ns), g.lineage, g.reason);
+                println!(
+                    "  gap {} .. {} (lineage {}): {}",
+                    fmt_ns(g.from_ns),
+                    fmt_ns(g.to_ns),
+                    g.lineage,
+                    g.reason
+                );
             }
             if let (Some(f), Some(l)) = (t.segments.first(), t.segments.last()) {
-                println!("segments: {} from {} to {}", t.segments.len(), fmt_ns(f.first_ns), fmt_ns(l.last_ns));
+                println!(
+                    "segments: {} from {} to {}",
+                    t.segments.len(),
+                    fmt_ns(f.first_ns),
+                    fmt_ns(l.last_ns)
+                );
             }
             println!("chunks: {}", t.chunks);
             Ok(0)
@@ -171,7 +228,10 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Verify(args) => {
             let store = open_store(&args.store)?;
             let rep = rewind::verify::verify(store.as_ref(), &mut |m| eprintln!("rewind: {m}"))?;
-            println!("checked {} segments ({} records), {} bases, {} chunks", rep.segments, rep.records, rep.bases, rep.chunks);
+            println!(
+                "checked {} segments ({} records), {} bases, {} chunks",
+                rep.segments, rep.records, rep.bases, rep.chunks
+            );
             if rep.problems.is_empty() {
                 println!("ok: every object checks out and the timeline is continuous");
                 Ok(0)
@@ -203,23 +263,43 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 let m = rewind::base::load_manifest(store.as_ref(), b)?;
                 println!("base {} root {}", b.key(), m.root);
                 for o in &m.objects {
-                    println!("  object {} {:?} mode {:o} size {}", o.ino, o.kind, o.mode, o.size);
+                    println!(
+                        "  object {} {:?} mode {:o} size {}",
+                        o.ino, o.kind, o.mode, o.size
+                    );
                 }
                 for l in &m.links {
-                    println!("  link {} {:?} -> {}", l.parent, String::from_utf8_lossy(&l.name), l.ino);
+                    println!(
+                        "  link {} {:?} -> {}",
+                        l.parent,
+                        String::from_utf8_lossy(&l.name),
+                        l.ino
+                    );
                 }
             }
             Ok(0)
         }
         Command::Debug(DebugCommand::Journal { journal_dir, json }) => {
-            let mut paths: Vec<_> = std::fs::read_dir(&journal_dir)?.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|x| x == "rwj")).collect();
+            let mut paths: Vec<_> = std::fs::read_dir(&journal_dir)?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "rwj"))
+                .collect();
             paths.sort();
             for p in paths {
                 for (off, len, rec) in rewind::journal::dump_file(&p)? {
                     if json {
-                        println!("{}", serde_json::json!({"file": p, "offset": off, "len": len, "seq": rec.seq, "time_ns": rec.time, "kind": rec.op.kind_name()}));
+                        println!(
+                            "{}",
+                            serde_json::json!({"file": p, "offset": off, "len": len, "seq": rec.seq, "time_ns": rec.time, "kind": rec.op.kind_name()})
+                        );
                     } else {
-                        println!("{} @{off} seq {} {} {}", p.display(), rec.seq, fmt_ns(rec.time), rec.op.kind_name());
+                        println!(
+                            "{} @{off} seq {} {} {}",
+                            p.display(),
+                            rec.seq,
+                            fmt_ns(rec.time),
+                            rec.op.kind_name()
+                        );
                     }
                 }
             }
@@ -242,4 +322,3 @@ fn webhook(args: rewind::cli::WebhookArgs) -> anyhow::Result<i32> {
         .context("admission webhook")?;
     Ok(0)
 }
-

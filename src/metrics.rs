@@ -35,7 +35,8 @@ pub struct Metrics {
 
 fn nanos(t: SystemTime) -> u64 {
     // Times before 1970 do not occur in a journal; they read as "unknown".
-    t.duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
 
 impl Metrics {
@@ -112,28 +113,56 @@ impl Metrics {
             env!("CARGO_PKG_VERSION"),
             escape(&self.volume.lock())
         );
-        sample(&mut out, "rewind_build_info", "gauge", "Build and volume of this sidecar.", &info, 1.0);
+        sample(
+            &mut out,
+            "rewind_build_info",
+            "gauge",
+            "Build and volume of this sidecar.",
+            &info,
+            1.0,
+        );
         let gauge_u = |out: &mut String, name, help, v: &AtomicU64| {
             sample(out, name, "gauge", help, "", v.load(Relaxed) as f64)
         };
         let counter = |out: &mut String, name, help, v: &AtomicU64| {
             sample(out, name, "counter", help, "", v.load(Relaxed) as f64)
         };
-        gauge_u(&mut out, "rewind_journal_bytes", "Bytes held in the local journal, not yet reclaimed.", &self.journal_bytes);
+        gauge_u(
+            &mut out,
+            "rewind_journal_bytes",
+            "Bytes held in the local journal, not yet reclaimed.",
+            &self.journal_bytes,
+        );
         counter(
             &mut out,
             "rewind_journal_written_bytes_total",
             "Bytes appended to the journal since start.",
             &self.journal_written_bytes,
         );
-        counter(&mut out, "rewind_segments_shipped_total", "Segments uploaded to the store.", &self.segments_shipped);
-        counter(&mut out, "rewind_shipped_bytes_total", "Bytes uploaded to the store (segments and base chunks).", &self.shipped_bytes);
-        counter(&mut out, "rewind_upload_errors_total", "Failed upload attempts.", &self.upload_errors);
+        counter(
+            &mut out,
+            "rewind_segments_shipped_total",
+            "Segments uploaded to the store.",
+            &self.segments_shipped,
+        );
+        counter(
+            &mut out,
+            "rewind_shipped_bytes_total",
+            "Bytes uploaded to the store (segments and base chunks).",
+            &self.shipped_bytes,
+        );
+        counter(
+            &mut out,
+            "rewind_upload_errors_total",
+            "Failed upload attempts.",
+            &self.upload_errors,
+        );
         let oldest = self.oldest_unshipped_ns.load(Relaxed);
         let lag = if oldest == 0 {
             0.0
         } else {
-            now.duration_since(UNIX_EPOCH + Duration::from_nanos(oldest)).map_or(0.0, |d| d.as_secs_f64())
+            now.duration_since(UNIX_EPOCH + Duration::from_nanos(oldest))
+                .map_or(0.0, |d| d.as_secs_f64())
         };
         sample(
             &mut out,
@@ -145,8 +174,16 @@ impl Metrics {
         );
         // Unknown bounds are left out rather than reported as 1970.
         for (name, help, v) in [
-            ("rewind_restore_window_earliest_seconds", "Earliest restorable instant, unix seconds.", &self.window_earliest_ns),
-            ("rewind_restore_window_latest_seconds", "Latest restorable instant, unix seconds.", &self.window_latest_ns),
+            (
+                "rewind_restore_window_earliest_seconds",
+                "Earliest restorable instant, unix seconds.",
+                &self.window_earliest_ns,
+            ),
+            (
+                "rewind_restore_window_latest_seconds",
+                "Latest restorable instant, unix seconds.",
+                &self.window_latest_ns,
+            ),
         ] {
             let ns = v.load(Relaxed);
             if ns != 0 {
@@ -156,24 +193,57 @@ impl Metrics {
         let lineage = self.lineage.lock().clone();
         if !lineage.is_empty() {
             let labels = format!("{{lineage=\"{}\"}}", escape(&lineage));
-            sample(&mut out, "rewind_lineage_info", "gauge", "The lineage being written.", &labels, 1.0);
+            sample(
+                &mut out,
+                "rewind_lineage_info",
+                "gauge",
+                "The lineage being written.",
+                &labels,
+                1.0,
+            );
         }
         let flag = |b: &AtomicBool| if b.load(Relaxed) { 1.0 } else { 0.0 };
-        sample(&mut out, "rewind_base_in_progress", "gauge", "1 while a base snapshot is being taken.", "", flag(&self.base_in_progress));
-        sample(&mut out, "rewind_mount_live", "gauge", "1 while the FUSE mount serves requests.", "", flag(&self.mount_live));
-        sample(&mut out, "rewind_journal_writable", "gauge", "1 while the journal accepts appends.", "", flag(&self.journal_writable));
+        sample(
+            &mut out,
+            "rewind_base_in_progress",
+            "gauge",
+            "1 while a base snapshot is being taken.",
+            "",
+            flag(&self.base_in_progress),
+        );
+        sample(
+            &mut out,
+            "rewind_mount_live",
+            "gauge",
+            "1 while the FUSE mount serves requests.",
+            "",
+            flag(&self.mount_live),
+        );
+        sample(
+            &mut out,
+            "rewind_journal_writable",
+            "gauge",
+            "1 while the journal accepts appends.",
+            "",
+            flag(&self.journal_writable),
+        );
         out
     }
 }
 
 fn sample(out: &mut String, name: &str, kind: &str, help: &str, labels: &str, value: f64) {
     // Writing to a String cannot fail.
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{labels} {value}");
+    let _ = writeln!(
+        out,
+        "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{labels} {value}"
+    );
 }
 
 /// Escapes a label value as the exposition format requires.
 fn escape(s: &str) -> String {
-    s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 #[cfg(test)]
@@ -190,14 +260,19 @@ mod tests {
         m.set_restore_window(t0, t0 + Duration::from_secs(5));
         m.set_lineage("L1");
         let text = m.render(t0 + Duration::from_millis(2500));
-        assert!(text.contains("\nrewind_journal_written_bytes_total 4096\n"), "{text}");
+        assert!(
+            text.contains("\nrewind_journal_written_bytes_total 4096\n"),
+            "{text}"
+        );
         assert!(text.contains("\nrewind_shipped_bytes_total 100\n"));
         assert!(text.contains("\nrewind_replication_lag_seconds 2.5\n"));
         assert!(text.contains("\nrewind_restore_window_latest_seconds 1005\n"));
         assert!(text.contains("rewind_lineage_info{lineage=\"L1\"} 1\n"));
         assert!(text.contains("volume=\"ns/\\\"claim\\\"\""));
         m.set_oldest_unshipped(None);
-        assert!(m.render(t0).contains("\nrewind_replication_lag_seconds 0\n"));
+        assert!(m
+            .render(t0)
+            .contains("\nrewind_replication_lag_seconds 0\n"));
     }
 
     #[test]

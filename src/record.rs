@@ -69,16 +69,72 @@ pub const RENAME_EXCHANGE_FLAG: u8 = 1;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Op {
-    Create { parent: Ino, name: Bytes, ino: Ino, kind: Kind, mode: u32, uid: u32, gid: u32, mtime: Nanos, rdev: u64, target: Bytes },
-    Link { ino: Ino, parent: Ino, name: Bytes },
-    Unlink { parent: Ino, name: Bytes, ino: Ino },
-    Rename { from_parent: Ino, from_name: Bytes, to_parent: Ino, to_name: Bytes, ino: Ino, replaced: Ino, flags: u8 },
-    Write { ino: Ino, offset: u64, size: u64, mtime: Nanos, data: Bytes },
-    SetAttr { ino: Ino, mode: u32, uid: u32, gid: u32, size: u64, mtime: Nanos },
-    Fallocate { ino: Ino, mode: u32, offset: u64, len: u64, size: u64, mtime: Nanos },
-    SetXattr { ino: Ino, name: Bytes, value: Bytes },
-    RemoveXattr { ino: Ino, name: Bytes },
-    ClockStep { back_ns: i64 },
+    Create {
+        parent: Ino,
+        name: Bytes,
+        ino: Ino,
+        kind: Kind,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+        mtime: Nanos,
+        rdev: u64,
+        target: Bytes,
+    },
+    Link {
+        ino: Ino,
+        parent: Ino,
+        name: Bytes,
+    },
+    Unlink {
+        parent: Ino,
+        name: Bytes,
+        ino: Ino,
+    },
+    Rename {
+        from_parent: Ino,
+        from_name: Bytes,
+        to_parent: Ino,
+        to_name: Bytes,
+        ino: Ino,
+        replaced: Ino,
+        flags: u8,
+    },
+    Write {
+        ino: Ino,
+        offset: u64,
+        size: u64,
+        mtime: Nanos,
+        data: Bytes,
+    },
+    SetAttr {
+        ino: Ino,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+        size: u64,
+        mtime: Nanos,
+    },
+    Fallocate {
+        ino: Ino,
+        mode: u32,
+        offset: u64,
+        len: u64,
+        size: u64,
+        mtime: Nanos,
+    },
+    SetXattr {
+        ino: Ino,
+        name: Bytes,
+        value: Bytes,
+    },
+    RemoveXattr {
+        ino: Ino,
+        name: Bytes,
+    },
+    ClockStep {
+        back_ns: i64,
+    },
 }
 
 impl Op {
@@ -117,7 +173,18 @@ pub struct Record {
 /// Encodes `op` as a record body (everything after seq and time).
 pub fn encode_op(op: &Op, out: &mut Vec<u8>) {
     match op {
-        Op::Create { parent, name, ino, kind, mode, uid, gid, mtime, rdev, target } => {
+        Op::Create {
+            parent,
+            name,
+            ino,
+            kind,
+            mode,
+            uid,
+            gid,
+            mtime,
+            rdev,
+            target,
+        } => {
             out.put_u8(1);
             out.put_u64_le(*parent);
             put_bytes(out, name);
@@ -142,7 +209,15 @@ pub fn encode_op(op: &Op, out: &mut Vec<u8>) {
             put_bytes(out, name);
             out.put_u64_le(*ino);
         }
-        Op::Rename { from_parent, from_name, to_parent, to_name, ino, replaced, flags } => {
+        Op::Rename {
+            from_parent,
+            from_name,
+            to_parent,
+            to_name,
+            ino,
+            replaced,
+            flags,
+        } => {
             out.put_u8(4);
             out.put_u64_le(*from_parent);
             put_bytes(out, from_name);
@@ -152,8 +227,21 @@ pub fn encode_op(op: &Op, out: &mut Vec<u8>) {
             out.put_u64_le(*replaced);
             out.put_u8(*flags);
         }
-        Op::Write { ino, offset, size, mtime, data } => encode_write(out, *ino, *offset, *size, *mtime, data),
-        Op::SetAttr { ino, mode, uid, gid, size, mtime } => {
+        Op::Write {
+            ino,
+            offset,
+            size,
+            mtime,
+            data,
+        } => encode_write(out, *ino, *offset, *size, *mtime, data),
+        Op::SetAttr {
+            ino,
+            mode,
+            uid,
+            gid,
+            size,
+            mtime,
+        } => {
             out.put_u8(6);
             out.put_u64_le(*ino);
             out.put_u32_le(*mode);
@@ -162,7 +250,14 @@ pub fn encode_op(op: &Op, out: &mut Vec<u8>) {
             out.put_u64_le(*size);
             out.put_i64_le(*mtime);
         }
-        Op::Fallocate { ino, mode, offset, len, size, mtime } => {
+        Op::Fallocate {
+            ino,
+            mode,
+            offset,
+            len,
+            size,
+            mtime,
+        } => {
             out.put_u8(7);
             out.put_u64_le(*ino);
             out.put_u32_le(*mode);
@@ -192,7 +287,14 @@ pub fn encode_op(op: &Op, out: &mut Vec<u8>) {
 /// The body of a Write record, from borrowed data: the FUSE write path
 /// encodes straight from the kernel's request buffer, without first
 /// copying the data into an `Op`.
-pub fn encode_write(out: &mut Vec<u8>, ino: Ino, offset: u64, size: u64, mtime: Nanos, data: &[u8]) {
+pub fn encode_write(
+    out: &mut Vec<u8>,
+    ino: Ino,
+    offset: u64,
+    size: u64,
+    mtime: Nanos,
+    data: &[u8],
+) {
     out.put_u8(5);
     out.put_u64_le(ino);
     out.put_u64_le(offset);
@@ -231,8 +333,16 @@ pub fn decode_record(r: &mut Reader<'_>) -> Result<Record, DecodeError> {
                 target: r.owned()?,
             }
         }
-        2 => Op::Link { ino: r.u64()?, parent: r.u64()?, name: r.owned()? },
-        3 => Op::Unlink { parent: r.u64()?, name: r.owned()?, ino: r.u64()? },
+        2 => Op::Link {
+            ino: r.u64()?,
+            parent: r.u64()?,
+            name: r.owned()?,
+        },
+        3 => Op::Unlink {
+            parent: r.u64()?,
+            name: r.owned()?,
+            ino: r.u64()?,
+        },
         4 => Op::Rename {
             from_parent: r.u64()?,
             from_name: r.owned()?,
@@ -242,8 +352,21 @@ pub fn decode_record(r: &mut Reader<'_>) -> Result<Record, DecodeError> {
             replaced: r.u64()?,
             flags: r.u8()?,
         },
-        5 => Op::Write { ino: r.u64()?, offset: r.u64()?, size: r.u64()?, mtime: r.i64()?, data: r.owned()? },
-        6 => Op::SetAttr { ino: r.u64()?, mode: r.u32()?, uid: r.u32()?, gid: r.u32()?, size: r.u64()?, mtime: r.i64()? },
+        5 => Op::Write {
+            ino: r.u64()?,
+            offset: r.u64()?,
+            size: r.u64()?,
+            mtime: r.i64()?,
+            data: r.owned()?,
+        },
+        6 => Op::SetAttr {
+            ino: r.u64()?,
+            mode: r.u32()?,
+            uid: r.u32()?,
+            gid: r.u32()?,
+            size: r.u64()?,
+            mtime: r.i64()?,
+        },
         7 => Op::Fallocate {
             ino: r.u64()?,
             mode: r.u32()?,
@@ -252,8 +375,15 @@ pub fn decode_record(r: &mut Reader<'_>) -> Result<Record, DecodeError> {
             size: r.u64()?,
             mtime: r.i64()?,
         },
-        8 => Op::SetXattr { ino: r.u64()?, name: r.owned()?, value: r.owned()? },
-        9 => Op::RemoveXattr { ino: r.u64()?, name: r.owned()? },
+        8 => Op::SetXattr {
+            ino: r.u64()?,
+            name: r.owned()?,
+            value: r.owned()?,
+        },
+        9 => Op::RemoveXattr {
+            ino: r.u64()?,
+            name: r.owned()?,
+        },
         10 => Op::ClockStep { back_ns: r.i64()? },
         t => return Err(r.err(format!("unknown record tag {t}"))),
     };
@@ -269,21 +399,74 @@ pub(crate) mod tests {
         let name = proptest::collection::vec(any::<u8>(), 0..20).prop_map(Bytes::from);
         let data = proptest::collection::vec(any::<u8>(), 0..300).prop_map(Bytes::from);
         prop_oneof![
-            (any::<u64>(), name.clone(), any::<u64>(), 1u8..5, any::<u32>(), any::<i64>(), data.clone()).prop_map(
-                |(parent, name, ino, k, mode, mtime, target)| Op::Create {
-                    parent, name, ino, kind: Kind::from_u8(k).unwrap(), mode, uid: mode ^ 1, gid: mode ^ 2, mtime, rdev: 0, target
+            (
+                any::<u64>(),
+                name.clone(),
+                any::<u64>(),
+                1u8..5,
+                any::<u32>(),
+                any::<i64>(),
+                data.clone()
+            )
+                .prop_map(|(parent, name, ino, k, mode, mtime, target)| Op::Create {
+                    parent,
+                    name,
+                    ino,
+                    kind: Kind::from_u8(k).unwrap(),
+                    mode,
+                    uid: mode ^ 1,
+                    gid: mode ^ 2,
+                    mtime,
+                    rdev: 0,
+                    target
+                }),
+            (any::<u64>(), any::<u64>(), name.clone()).prop_map(|(ino, parent, name)| Op::Link {
+                ino,
+                parent,
+                name
+            }),
+            (any::<u64>(), name.clone(), any::<u64>()).prop_map(|(parent, name, ino)| Op::Unlink {
+                parent,
+                name,
+                ino
+            }),
+            (
+                any::<u64>(),
+                name.clone(),
+                name.clone(),
+                any::<u64>(),
+                any::<u8>()
+            )
+                .prop_map(|(p, a, b, ino, flags)| Op::Rename {
+                    from_parent: p,
+                    from_name: a,
+                    to_parent: p ^ 7,
+                    to_name: b,
+                    ino,
+                    replaced: ino ^ 3,
+                    flags
+                }),
+            (any::<u64>(), any::<u64>(), any::<i64>(), data.clone()).prop_map(
+                |(ino, offset, mtime, data)| Op::Write {
+                    ino,
+                    offset,
+                    size: offset ^ 9,
+                    mtime,
+                    data
                 }
             ),
-            (any::<u64>(), any::<u64>(), name.clone()).prop_map(|(ino, parent, name)| Op::Link { ino, parent, name }),
-            (any::<u64>(), name.clone(), any::<u64>()).prop_map(|(parent, name, ino)| Op::Unlink { parent, name, ino }),
-            (any::<u64>(), name.clone(), name.clone(), any::<u64>(), any::<u8>()).prop_map(|(p, a, b, ino, flags)| Op::Rename {
-                from_parent: p, from_name: a, to_parent: p ^ 7, to_name: b, ino, replaced: ino ^ 3, flags
-            }),
-            (any::<u64>(), any::<u64>(), any::<i64>(), data.clone())
-                .prop_map(|(ino, offset, mtime, data)| Op::Write { ino, offset, size: offset ^ 9, mtime, data }),
-            (any::<u64>(), any::<u32>(), any::<u64>(), any::<i64>())
-                .prop_map(|(ino, mode, size, mtime)| Op::SetAttr { ino, mode, uid: 1, gid: 2, size, mtime }),
-            (any::<u64>(), name.clone(), data.clone()).prop_map(|(ino, name, value)| Op::SetXattr { ino, name, value }),
+            (any::<u64>(), any::<u32>(), any::<u64>(), any::<i64>()).prop_map(
+                |(ino, mode, size, mtime)| Op::SetAttr {
+                    ino,
+                    mode,
+                    uid: 1,
+                    gid: 2,
+                    size,
+                    mtime
+                }
+            ),
+            (any::<u64>(), name.clone(), data.clone())
+                .prop_map(|(ino, name, value)| Op::SetXattr { ino, name, value }),
             (any::<u64>(), name).prop_map(|(ino, name)| Op::RemoveXattr { ino, name }),
             any::<i64>().prop_map(|back_ns| Op::ClockStep { back_ns }),
         ]

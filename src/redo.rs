@@ -36,13 +36,19 @@ use crate::record::{Ino, Kind, Op, Record, RENAME_EXCHANGE_FLAG};
 #[derive(Debug, thiserror::Error)]
 pub enum RedoError {
     #[error("redo onto the source failed: cannot {what}: {source}")]
-    Io { what: String, source: std::io::Error },
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
     #[error("redo cannot read the journal: {0}")]
     Journal(#[from] JournalError),
 }
 
 fn io(what: impl Into<String>, e: impl Into<std::io::Error>) -> RedoError {
-    RedoError::Io { what: what.into(), source: e.into() }
+    RedoError::Io {
+        what: what.into(),
+        source: e.into(),
+    }
 }
 
 type Result<T> = std::result::Result<T, RedoError>;
@@ -77,12 +83,27 @@ struct Redo {
 /// Re-applies every record in `journal` to the directory `source`, then
 /// syncs the source's filesystem.
 pub fn redo(source: &Path, journal: &Journal) -> Result<RedoStats> {
-    let root = rfs::open(source, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty()).map_err(|e| io(format!("open {}", source.display()), e))?;
-    let root_ino = rfs::fstat(&root).map_err(|e| io("stat the source", e))?.st_ino;
-    let mut r = Redo { root, root_ino, places: HashMap::new(), remap: HashMap::new(), stats: RedoStats::default() };
+    let root = rfs::open(
+        source,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| io(format!("open {}", source.display()), e))?;
+    let root_ino = rfs::fstat(&root)
+        .map_err(|e| io("stat the source", e))?
+        .st_ino;
+    let mut r = Redo {
+        root,
+        root_ino,
+        places: HashMap::new(),
+        remap: HashMap::new(),
+        stats: RedoStats::default(),
+    };
     r.walk(root_ino, PathBuf::new())?;
     let files = journal.files();
-    let Some(first) = files.first().map(|f| f.first_seq) else { return Ok(r.stats) };
+    let Some(first) = files.first().map(|f| f.first_seq) else {
+        return Ok(r.stats);
+    };
     let mut reader = JournalReader::new(first);
     while let Some((_, records)) = reader.read(&files, 8 << 20)? {
         if records.is_empty() {
@@ -104,7 +125,10 @@ impl Redo {
         for e in rfs::Dir::read_from(&fd).map_err(|e| io(format!("list {}", rel.display()), e))? {
             let e = e.map_err(|e| io(format!("list {}", rel.display()), e))?;
             let name = e.file_name().to_bytes().to_vec();
-            if name == b"." || name == b".." || (dir_ino == self.root_ino && name == HIDDEN.as_bytes()) {
+            if name == b"."
+                || name == b".."
+                || (dir_ino == self.root_ino && name == HIDDEN.as_bytes())
+            {
                 continue;
             }
             entries.push((name, e.ino(), e.file_type() == rfs::FileType::Directory));
@@ -113,7 +137,13 @@ impl Redo {
             if self.places.contains_key(&ino) {
                 continue;
             }
-            self.places.insert(ino, Place { parent: dir_ino, name: name.clone() });
+            self.places.insert(
+                ino,
+                Place {
+                    parent: dir_ino,
+                    name: name.clone(),
+                },
+            );
             if is_dir {
                 self.walk(ino, rel.join(OsStr::from_bytes(&name)))?;
             }
@@ -122,9 +152,19 @@ impl Redo {
     }
 
     fn open_dir_path(&self, rel: &Path) -> Result<OwnedFd> {
-        let p = if rel.as_os_str().is_empty() { Path::new(".") } else { rel };
-        rfs::openat2(&self.root, p, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty(), ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS)
-            .map_err(|e| io(format!("open directory {}", p.display()), e))
+        let p = if rel.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            rel
+        };
+        rfs::openat2(
+            &self.root,
+            p,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+            ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS,
+        )
+        .map_err(|e| io(format!("open directory {}", p.display()), e))
     }
 
     fn cur(&self, ino: Ino) -> Ino {
@@ -159,8 +199,19 @@ impl Redo {
     /// Opens the inode a journal identity names, if it can be found.
     fn open(&self, ino: Ino, flags: OFlags) -> Option<OwnedFd> {
         let p = self.path(self.cur(ino))?;
-        let p = if p.as_os_str().is_empty() { PathBuf::from(".") } else { p };
-        rfs::openat2(&self.root, &p, flags | OFlags::CLOEXEC | OFlags::NOFOLLOW, Mode::empty(), ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS).ok()
+        let p = if p.as_os_str().is_empty() {
+            PathBuf::from(".")
+        } else {
+            p
+        };
+        rfs::openat2(
+            &self.root,
+            &p,
+            flags | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+            Mode::empty(),
+            ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS,
+        )
+        .ok()
     }
 
     fn entry(dir: &OwnedFd, name: &[u8]) -> Option<rfs::Stat> {
@@ -170,25 +221,48 @@ impl Redo {
     fn apply(&mut self, rec: &Record) -> Result<()> {
         self.stats.records += 1;
         match &rec.op {
-            Op::Write { ino, offset, size, mtime, data } => {
+            Op::Write {
+                ino,
+                offset,
+                size,
+                mtime,
+                data,
+            } => {
                 if let Some(f) = self.open(*ino, OFlags::WRONLY) {
                     let what = || format!("redo a write of {} bytes to file {ino}", data.len());
                     let mut done = 0;
                     while done < data.len() {
-                        done += rustix::io::pwrite(&f, &data[done..], offset + done as u64).map_err(|e| io(what(), e))?;
+                        done += rustix::io::pwrite(&f, &data[done..], offset + done as u64)
+                            .map_err(|e| io(what(), e))?;
                     }
                     rfs::ftruncate(&f, *size).map_err(|e| io(what(), e))?;
                     set_mtime(&f, *mtime);
                 }
             }
-            Op::SetAttr { ino, mode, uid, gid, size, mtime } => {
-                let Some(f) = self.open(*ino, OFlags::PATH) else { return Ok(()) };
+            Op::SetAttr {
+                ino,
+                mode,
+                uid,
+                gid,
+                size,
+                mtime,
+            } => {
+                let Some(f) = self.open(*ino, OFlags::PATH) else {
+                    return Ok(());
+                };
                 let st = rfs::fstat(&f).map_err(|e| io(format!("stat {ino}"), e))?;
-                let _ = rfs::chownat(&f, c"", Some(rfs::Uid::from_raw(*uid)), Some(rfs::Gid::from_raw(*gid)), AtFlags::EMPTY_PATH | AtFlags::SYMLINK_NOFOLLOW);
+                let _ = rfs::chownat(
+                    &f,
+                    c"",
+                    Some(rfs::Uid::from_raw(*uid)),
+                    Some(rfs::Gid::from_raw(*gid)),
+                    AtFlags::EMPTY_PATH | AtFlags::SYMLINK_NOFOLLOW,
+                );
                 if Kind::from_mode(st.st_mode) == Some(Kind::File) {
                     if let Some(w) = self.open(*ino, OFlags::WRONLY) {
                         let _ = rfs::fchmod(&w, Mode::from_bits_truncate(*mode));
-                        rfs::ftruncate(&w, *size).map_err(|e| io(format!("redo the size of file {ino}"), e))?;
+                        rfs::ftruncate(&w, *size)
+                            .map_err(|e| io(format!("redo the size of file {ino}"), e))?;
                         set_mtime(&w, *mtime);
                     }
                 } else if Kind::from_mode(st.st_mode) == Some(Kind::Dir) {
@@ -197,16 +271,34 @@ impl Redo {
                     }
                 }
             }
-            Op::Fallocate { ino, mode, offset, len, size, mtime } => {
+            Op::Fallocate {
+                ino,
+                mode,
+                offset,
+                len,
+                size,
+                mtime,
+            } => {
                 if let Some(f) = self.open(*ino, OFlags::WRONLY) {
-                    let _ = rfs::fallocate(&f, rfs::FallocateFlags::from_bits_retain(*mode), *offset, *len);
-                    rfs::ftruncate(&f, *size).map_err(|e| io(format!("redo the size of file {ino}"), e))?;
+                    let _ = rfs::fallocate(
+                        &f,
+                        rfs::FallocateFlags::from_bits_retain(*mode),
+                        *offset,
+                        *len,
+                    );
+                    rfs::ftruncate(&f, *size)
+                        .map_err(|e| io(format!("redo the size of file {ino}"), e))?;
                     set_mtime(&f, *mtime);
                 }
             }
             Op::SetXattr { ino, name, value } => {
                 if let Some(f) = self.open(*ino, OFlags::RDONLY) {
-                    let _ = rfs::fsetxattr(&f, OsStr::from_bytes(name), value, rfs::XattrFlags::empty());
+                    let _ = rfs::fsetxattr(
+                        &f,
+                        OsStr::from_bytes(name),
+                        value,
+                        rfs::XattrFlags::empty(),
+                    );
                 }
             }
             Op::RemoveXattr { ino, name } => {
@@ -214,7 +306,18 @@ impl Redo {
                     let _ = rfs::fremovexattr(&f, OsStr::from_bytes(name));
                 }
             }
-            Op::Create { parent, name, ino, kind, mode, uid, gid, mtime, rdev, target } => {
+            Op::Create {
+                parent,
+                name,
+                ino,
+                kind,
+                mode,
+                uid,
+                gid,
+                mtime,
+                rdev,
+                target,
+            } => {
                 let Some(dir) = self.dir(*parent) else {
                     self.stats.skipped += 1;
                     return Ok(());
@@ -229,16 +332,28 @@ impl Redo {
                     }
                     other => {
                         if other.is_some() {
-                            rfs::unlinkat(&dir, OsStr::from_bytes(name), AtFlags::empty()).map_err(|e| io("remove an entry a redone create replaces", e))?;
+                            rfs::unlinkat(&dir, OsStr::from_bytes(name), AtFlags::empty())
+                                .map_err(|e| io("remove an entry a redone create replaces", e))?;
                         }
                         let new = make(&dir, name, *kind, *mode, *uid, *gid, *rdev, target)?;
                         if *kind == Kind::File {
-                            if let Ok(f) = rfs::openat(&dir, OsStr::from_bytes(name), OFlags::WRONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty()) {
+                            if let Ok(f) = rfs::openat(
+                                &dir,
+                                OsStr::from_bytes(name),
+                                OFlags::WRONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                                Mode::empty(),
+                            ) {
                                 set_mtime(&f, *mtime);
                             }
                         }
                         self.remap.insert(*ino, new);
-                        self.places.insert(new, Place { parent: self.cur(*parent), name: name.to_vec() });
+                        self.places.insert(
+                            new,
+                            Place {
+                                parent: self.cur(*parent),
+                                name: name.to_vec(),
+                            },
+                        );
                         self.stats.recreated += 1;
                     }
                 }
@@ -249,7 +364,14 @@ impl Redo {
                     return Ok(());
                 };
                 if Self::entry(&dir, name).is_none() {
-                    rfs::linkat(&self.root, &src, &dir, OsStr::from_bytes(name), AtFlags::empty()).map_err(|e| io("redo a hard link", e))?;
+                    rfs::linkat(
+                        &self.root,
+                        &src,
+                        &dir,
+                        OsStr::from_bytes(name),
+                        AtFlags::empty(),
+                    )
+                    .map_err(|e| io("redo a hard link", e))?;
                 } else {
                     self.stats.skipped += 1;
                 }
@@ -262,7 +384,15 @@ impl Redo {
                 match Self::entry(&dir, name) {
                     Some(st) if st.st_ino == self.cur(*ino) => {
                         let is_dir = Kind::from_mode(st.st_mode) == Some(Kind::Dir);
-                        match rfs::unlinkat(&dir, OsStr::from_bytes(name), if is_dir { AtFlags::REMOVEDIR } else { AtFlags::empty() }) {
+                        match rfs::unlinkat(
+                            &dir,
+                            OsStr::from_bytes(name),
+                            if is_dir {
+                                AtFlags::REMOVEDIR
+                            } else {
+                                AtFlags::empty()
+                            },
+                        ) {
                             Ok(()) => {}
                             // Entries the journal does not know of (written
                             // back, never acknowledged) keep it.
@@ -273,7 +403,15 @@ impl Redo {
                     _ => self.stats.skipped += 1,
                 }
             }
-            Op::Rename { from_parent, from_name, to_parent, to_name, ino, replaced, flags } => {
+            Op::Rename {
+                from_parent,
+                from_name,
+                to_parent,
+                to_name,
+                ino,
+                replaced,
+                flags,
+            } => {
                 let (Some(from), Some(to)) = (self.dir(*from_parent), self.dir(*to_parent)) else {
                     self.stats.skipped += 1;
                     return Ok(());
@@ -284,19 +422,42 @@ impl Redo {
                     return Ok(());
                 }
                 let exchange = flags & RENAME_EXCHANGE_FLAG != 0;
-                let rflags = if exchange { rfs::RenameFlags::EXCHANGE } else { rfs::RenameFlags::empty() };
-                match rfs::renameat_with(&from, OsStr::from_bytes(from_name), &to, OsStr::from_bytes(to_name), rflags) {
+                let rflags = if exchange {
+                    rfs::RenameFlags::EXCHANGE
+                } else {
+                    rfs::RenameFlags::empty()
+                };
+                match rfs::renameat_with(
+                    &from,
+                    OsStr::from_bytes(from_name),
+                    &to,
+                    OsStr::from_bytes(to_name),
+                    rflags,
+                ) {
                     Ok(()) => {
                         let (fp, tp) = (self.cur(*from_parent), self.cur(*to_parent));
-                        self.places.insert(self.cur(*ino), Place { parent: tp, name: to_name.to_vec() });
+                        self.places.insert(
+                            self.cur(*ino),
+                            Place {
+                                parent: tp,
+                                name: to_name.to_vec(),
+                            },
+                        );
                         if exchange && *replaced != 0 {
-                            self.places.insert(self.cur(*replaced), Place { parent: fp, name: from_name.to_vec() });
+                            self.places.insert(
+                                self.cur(*replaced),
+                                Place {
+                                    parent: fp,
+                                    name: from_name.to_vec(),
+                                },
+                            );
                         }
                     }
                     // The source holds what the journal never saw (an
                     // exchange partner gone, a non-empty directory in the
                     // way): leave it, the new base records what is there.
-                    Err(Errno::NOENT) | Err(Errno::NOTEMPTY) | Err(Errno::ISDIR) | Err(Errno::NOTDIR) => self.stats.skipped += 1,
+                    Err(Errno::NOENT) | Err(Errno::NOTEMPTY) | Err(Errno::ISDIR)
+                    | Err(Errno::NOTDIR) => self.stats.skipped += 1,
                     Err(e) => return Err(io("redo a rename", e)),
                 }
             }
@@ -308,31 +469,69 @@ impl Redo {
 
 fn set_mtime(f: &impl AsFd, mtime: i64) {
     let ts = rfs::Timestamps {
-        last_access: rfs::Timespec { tv_sec: 0, tv_nsec: rfs::UTIME_OMIT },
-        last_modification: rfs::Timespec { tv_sec: mtime.div_euclid(1_000_000_000), tv_nsec: mtime.rem_euclid(1_000_000_000) as _ },
+        last_access: rfs::Timespec {
+            tv_sec: 0,
+            tv_nsec: rfs::UTIME_OMIT,
+        },
+        last_modification: rfs::Timespec {
+            tv_sec: mtime.div_euclid(1_000_000_000),
+            tv_nsec: mtime.rem_euclid(1_000_000_000) as _,
+        },
     };
     let _ = rfs::futimens(f, &ts);
 }
 
 /// Creates an entry as a Create record describes it and returns its inode.
 #[allow(clippy::too_many_arguments)]
-fn make(dir: &OwnedFd, name: &[u8], kind: Kind, mode: u32, uid: u32, gid: u32, rdev: u64, target: &[u8]) -> Result<Ino> {
+fn make(
+    dir: &OwnedFd,
+    name: &[u8],
+    kind: Kind,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    rdev: u64,
+    target: &[u8],
+) -> Result<Ino> {
     let n = OsStr::from_bytes(name);
     let m = Mode::from_bits_truncate(mode & 0o7777);
     let what = || format!("recreate {:?}", String::from_utf8_lossy(name));
     match kind {
-        Kind::File => drop(rfs::openat(dir, n, OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC, m).map_err(|e| io(what(), e))?),
+        Kind::File => drop(
+            rfs::openat(
+                dir,
+                n,
+                OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                m,
+            )
+            .map_err(|e| io(what(), e))?,
+        ),
         Kind::Dir => rfs::mkdirat(dir, n, m).map_err(|e| io(what(), e))?,
         Kind::Symlink => {
-            let t = CString::new(target).map_err(|_| io(what(), std::io::Error::from(std::io::ErrorKind::InvalidData)))?;
+            let t = CString::new(target).map_err(|_| {
+                io(
+                    what(),
+                    std::io::Error::from(std::io::ErrorKind::InvalidData),
+                )
+            })?;
             rfs::symlinkat(t.as_c_str(), dir, n).map_err(|e| io(what(), e))?
         }
-        Kind::Fifo => rfs::mknodat(dir, n, rfs::FileType::Fifo, m, rdev as _).map_err(|e| io(what(), e))?,
+        Kind::Fifo => {
+            rfs::mknodat(dir, n, rfs::FileType::Fifo, m, rdev as _).map_err(|e| io(what(), e))?
+        }
     }
-    let _ = rfs::chownat(dir, n, Some(rfs::Uid::from_raw(uid)), Some(rfs::Gid::from_raw(gid)), AtFlags::SYMLINK_NOFOLLOW);
+    let _ = rfs::chownat(
+        dir,
+        n,
+        Some(rfs::Uid::from_raw(uid)),
+        Some(rfs::Gid::from_raw(gid)),
+        AtFlags::SYMLINK_NOFOLLOW,
+    );
     if kind != Kind::Symlink {
         // chown clears set-id bits; the record's mode is the final one.
         let _ = rfs::chmodat(dir, n, m, AtFlags::empty());
     }
-    Ok(rfs::statat(dir, n, AtFlags::SYMLINK_NOFOLLOW).map_err(|e| io(what(), e))?.st_ino)
+    Ok(rfs::statat(dir, n, AtFlags::SYMLINK_NOFOLLOW)
+        .map_err(|e| io(what(), e))?
+        .st_ino)
 }

@@ -49,7 +49,9 @@ pub enum RestoreError {
     Chunk { key: String, why: String },
     #[error("target {0} is not empty; restore into an empty directory or pass --force to replace its contents")]
     NotEmpty(PathBuf),
-    #[error("refusing hostile or invalid name {name:?} in {what}: names must be one path component")]
+    #[error(
+        "refusing hostile or invalid name {name:?} in {what}: names must be one path component"
+    )]
     HostileName { name: String, what: String },
     #[error("the timeline is inconsistent at record {seq}: {why}")]
     Inconsistent { seq: u64, why: String },
@@ -71,13 +73,19 @@ pub enum RestoreError {
 type Result<T> = std::result::Result<T, RestoreError>;
 
 fn io(what: impl Into<String>, e: impl Into<std::io::Error>) -> RestoreError {
-    RestoreError::Io { what: what.into(), source: e.into() }
+    RestoreError::Io {
+        what: what.into(),
+        source: e.into(),
+    }
 }
 
 fn cname(name: &[u8], what: &str) -> Result<CString> {
     match safe_name(name) {
         Some(_) => Ok(CString::new(name).unwrap()),
-        None => Err(RestoreError::HostileName { name: String::from_utf8_lossy(name).into_owned(), what: what.into() }),
+        None => Err(RestoreError::HostileName {
+            name: String::from_utf8_lossy(name).into_owned(),
+            what: what.into(),
+        }),
     }
 }
 
@@ -118,38 +126,62 @@ pub struct Tree {
 const FILE_CACHE: usize = 256;
 const DIR_CACHE: usize = 1024;
 
-const DIR_FLAGS: OFlags = OFlags::RDONLY.union(OFlags::DIRECTORY).union(OFlags::NOFOLLOW).union(OFlags::CLOEXEC);
+const DIR_FLAGS: OFlags = OFlags::RDONLY
+    .union(OFlags::DIRECTORY)
+    .union(OFlags::NOFOLLOW)
+    .union(OFlags::CLOEXEC);
 
 impl Tree {
     /// Prepares `target` (created if absent): refuses a non-empty one unless
     /// `force`, then writes the incomplete marker and staging directories.
     pub fn prepare(target: &Path, force: bool) -> Result<Tree> {
-        std::fs::create_dir_all(target).map_err(|e| io(format!("create {}", target.display()), e))?;
+        std::fs::create_dir_all(target)
+            .map_err(|e| io(format!("create {}", target.display()), e))?;
         // A fresh ext4 volume holds an empty lost+found: that is empty.
         let is_trivial = |e: &std::fs::DirEntry| {
-            e.file_name() == "lost+found" && std::fs::read_dir(e.path()).map(|mut d| d.next().is_none()).unwrap_or(false)
+            e.file_name() == "lost+found"
+                && std::fs::read_dir(e.path())
+                    .map(|mut d| d.next().is_none())
+                    .unwrap_or(false)
         };
-        let mut entries = std::fs::read_dir(target).map_err(|e| io(format!("read {}", target.display()), e))?.filter_map(|e| e.ok()).filter(|e| !is_trivial(e));
+        let mut entries = std::fs::read_dir(target)
+            .map_err(|e| io(format!("read {}", target.display()), e))?
+            .filter_map(|e| e.ok())
+            .filter(|e| !is_trivial(e));
         if entries.next().is_some() {
             if !force {
                 return Err(RestoreError::NotEmpty(target.to_path_buf()));
             }
-            for e in std::fs::read_dir(target).map_err(|e| io("read target", e))?.flatten().filter(|e| !is_trivial(e)) {
+            for e in std::fs::read_dir(target)
+                .map_err(|e| io("read target", e))?
+                .flatten()
+                .filter(|e| !is_trivial(e))
+            {
                 let p = e.path();
-                let r = if e.file_type().map(|t| t.is_dir()).unwrap_or(false) { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
+                let r = if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                    std::fs::remove_dir_all(&p)
+                } else {
+                    std::fs::remove_file(&p)
+                };
                 r.map_err(|e| io(format!("clear {}", p.display()), e))?;
             }
         }
-        let root_fd = rfs::open(target, DIR_FLAGS, Mode::empty()).map_err(|e| io("open target", e))?;
+        let root_fd =
+            rfs::open(target, DIR_FLAGS, Mode::empty()).map_err(|e| io("open target", e))?;
         let hidden = target.join(HIDDEN);
         std::fs::create_dir_all(&hidden).map_err(|e| io("create .rewind", e))?;
-        std::fs::write(hidden.join(INCOMPLETE_MARKER), b"a restore is in progress or failed; this directory is not a complete restore\n")
-            .map_err(|e| io("write marker", e))?;
+        std::fs::write(
+            hidden.join(INCOMPLETE_MARKER),
+            b"a restore is in progress or failed; this directory is not a complete restore\n",
+        )
+        .map_err(|e| io("write marker", e))?;
         let staging = hidden.join("restore-tmp");
         std::fs::create_dir_all(staging.join("o")).map_err(|e| io("create staging", e))?;
         std::fs::create_dir_all(staging.join("d")).map_err(|e| io("create staging", e))?;
-        let objs = rfs::open(staging.join("o"), DIR_FLAGS, Mode::empty()).map_err(|e| io("open staging", e))?;
-        let dirs = rfs::open(staging.join("d"), DIR_FLAGS, Mode::empty()).map_err(|e| io("open staging", e))?;
+        let objs = rfs::open(staging.join("o"), DIR_FLAGS, Mode::empty())
+            .map_err(|e| io("open staging", e))?;
+        let dirs = rfs::open(staging.join("d"), DIR_FLAGS, Mode::empty())
+            .map_err(|e| io("open staging", e))?;
         Ok(Tree {
             root: 0,
             root_fd,
@@ -170,9 +202,18 @@ impl Tree {
             return Ok(&self.root_fd);
         }
         if !self.dir_fds.contains_key(&ino) {
-            let node = self.nodes.get(&ino).ok_or_else(|| RestoreError::Inconsistent { seq: 0, why: format!("directory {ino} is unknown") })?;
+            let node = self
+                .nodes
+                .get(&ino)
+                .ok_or_else(|| RestoreError::Inconsistent {
+                    seq: 0,
+                    why: format!("directory {ino} is unknown"),
+                })?;
             if node.kind != Kind::Dir {
-                return Err(RestoreError::Inconsistent { seq: 0, why: format!("{ino} is not a directory") });
+                return Err(RestoreError::Inconsistent {
+                    seq: 0,
+                    why: format!("{ino} is not a directory"),
+                });
             }
             let fd = match node.place.clone() {
                 Some((parent, name)) => {
@@ -198,8 +239,13 @@ impl Tree {
             if self.files.len() >= FILE_CACHE {
                 self.files.clear();
             }
-            let fd = rfs::openat(&self.objs, &ino_name(ino), OFlags::RDWR | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())
-                .map_err(|e| io(format!("open file object {ino}"), e))?;
+            let fd = rfs::openat(
+                &self.objs,
+                &ino_name(ino),
+                OFlags::RDWR | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(|e| io(format!("open file object {ino}"), e))?;
             self.files.insert(ino, fd);
         }
         Ok(&self.files[&ino])
@@ -207,7 +253,16 @@ impl Tree {
 
     /// Creates a fresh object; an existing object with the same identity is
     /// an earlier, dead inode (or a fuzzy-base copy) and is discarded.
-    fn create_object(&mut self, ino: Ino, kind: Kind, mode: u32, uid: u32, gid: u32, rdev: u64, target: &[u8]) -> Result<()> {
+    fn create_object(
+        &mut self,
+        ino: Ino,
+        kind: Kind,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+        rdev: u64,
+        target: &[u8],
+    ) -> Result<()> {
         if self.nodes.contains_key(&ino) {
             self.discard(ino)?;
         }
@@ -215,39 +270,73 @@ impl Tree {
         let m = Mode::from_bits_truncate(0o600);
         match kind {
             Kind::File => {
-                let fd = rfs::openat(&self.objs, &name, OFlags::RDWR | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC, m)
-                    .map_err(|e| io(format!("create file {ino}"), e))?;
+                let fd = rfs::openat(
+                    &self.objs,
+                    &name,
+                    OFlags::RDWR
+                        | OFlags::CREATE
+                        | OFlags::EXCL
+                        | OFlags::NOFOLLOW
+                        | OFlags::CLOEXEC,
+                    m,
+                )
+                .map_err(|e| io(format!("create file {ino}"), e))?;
                 if self.files.len() >= FILE_CACHE {
                     self.files.clear();
                 }
                 self.files.insert(ino, fd);
             }
-            Kind::Dir => rfs::mkdirat(&self.dirs, &name, Mode::from_bits_truncate(0o700)).map_err(|e| io(format!("mkdir {ino}"), e))?,
-            Kind::Symlink => rfs::symlinkat(CString::new(target).map_err(|_| RestoreError::HostileName {
-                name: String::from_utf8_lossy(target).into(),
-                what: "symlink target".into(),
-            })?.as_c_str(), &self.objs, &name)
+            Kind::Dir => rfs::mkdirat(&self.dirs, &name, Mode::from_bits_truncate(0o700))
+                .map_err(|e| io(format!("mkdir {ino}"), e))?,
+            Kind::Symlink => rfs::symlinkat(
+                CString::new(target)
+                    .map_err(|_| RestoreError::HostileName {
+                        name: String::from_utf8_lossy(target).into(),
+                        what: "symlink target".into(),
+                    })?
+                    .as_c_str(),
+                &self.objs,
+                &name,
+            )
             .map_err(|e| io(format!("symlink {ino}"), e))?,
-            Kind::Fifo => rfs::mknodat(&self.objs, &name, rfs::FileType::Fifo, m, rdev as _).map_err(|e| io(format!("mkfifo {ino}"), e))?,
+            Kind::Fifo => rfs::mknodat(&self.objs, &name, rfs::FileType::Fifo, m, rdev as _)
+                .map_err(|e| io(format!("mkfifo {ino}"), e))?,
         }
-        self.nodes.insert(ino, Node { kind, place: None, links: HashSet::new(), mtime: None, size: 0 });
+        self.nodes.insert(
+            ino,
+            Node {
+                kind,
+                place: None,
+                links: HashSet::new(),
+                mtime: None,
+                size: 0,
+            },
+        );
         self.set_attr(ino, mode, uid, gid)?;
         Ok(())
     }
 
     fn discard(&mut self, ino: Ino) -> Result<()> {
-        let Some(node) = self.nodes.remove(&ino) else { return Ok(()) };
+        let Some(node) = self.nodes.remove(&ino) else {
+            return Ok(());
+        };
         self.files.remove(&ino);
         self.dir_fds.remove(&ino);
         match node.kind {
             Kind::Dir => {
                 // Its entries leave the tree with it: child directories go to
                 // staging (unplaced), links of files are forgotten.
-                let children: Vec<(CString, Ino)> = self.entries.iter().filter(|((p, _), _)| *p == ino).map(|((_, n), c)| (n.clone(), *c)).collect();
+                let children: Vec<(CString, Ino)> = self
+                    .entries
+                    .iter()
+                    .filter(|((p, _), _)| *p == ino)
+                    .map(|((_, n), c)| (n.clone(), *c))
+                    .collect();
                 if !children.is_empty() {
                     let fd = match &node.place {
                         Some((p, n)) => {
-                            let pfd = rustix::io::fcntl_dupfd_cloexec(self.dir_fd(*p)?, 0).map_err(|e| io("dup", e))?;
+                            let pfd = rustix::io::fcntl_dupfd_cloexec(self.dir_fd(*p)?, 0)
+                                .map_err(|e| io("dup", e))?;
                             rfs::openat(&pfd, n, DIR_FLAGS, Mode::empty())
                         }
                         None => rfs::openat(&self.dirs, &ino_name(ino), DIR_FLAGS, Mode::empty()),
@@ -258,7 +347,8 @@ impl Tree {
                         if let Some(child) = self.nodes.get_mut(&c) {
                             if child.kind == Kind::Dir {
                                 child.place = None;
-                                rfs::renameat(&fd, &n, &self.dirs, &ino_name(c)).map_err(|e| io("unplace directory", e))?;
+                                rfs::renameat(&fd, &n, &self.dirs, &ino_name(c))
+                                    .map_err(|e| io("unplace directory", e))?;
                             } else {
                                 child.links.remove(&(ino, n));
                             }
@@ -270,19 +360,24 @@ impl Tree {
                 match &node.place {
                     Some((p, n)) => {
                         self.entries.remove(&(*p, n.clone()));
-                        let pfd = rustix::io::fcntl_dupfd_cloexec(self.dir_fd(*p)?, 0).map_err(|e| io("dup", e))?;
-                        rfs::renameat(&pfd, n, &self.dirs, &dead).map_err(|e| io("discard directory", e))?;
+                        let pfd = rustix::io::fcntl_dupfd_cloexec(self.dir_fd(*p)?, 0)
+                            .map_err(|e| io("dup", e))?;
+                        rfs::renameat(&pfd, n, &self.dirs, &dead)
+                            .map_err(|e| io("discard directory", e))?;
                     }
-                    None => rfs::renameat(&self.dirs, &ino_name(ino), &self.dirs, &dead).map_err(|e| io("discard directory", e))?,
+                    None => rfs::renameat(&self.dirs, &ino_name(ino), &self.dirs, &dead)
+                        .map_err(|e| io("discard directory", e))?,
                 }
             }
             _ => {
                 for (p, n) in &node.links {
                     self.entries.remove(&(*p, n.clone()));
                     let pfd = self.dir_fd(*p)?;
-                    rfs::unlinkat(pfd, n, AtFlags::empty()).map_err(|e| io(format!("discard link {:?} of {ino} in {p}", n), e))?;
+                    rfs::unlinkat(pfd, n, AtFlags::empty())
+                        .map_err(|e| io(format!("discard link {:?} of {ino} in {p}", n), e))?;
                 }
-                rfs::unlinkat(&self.objs, &ino_name(ino), AtFlags::empty()).map_err(|e| io("discard object", e))?;
+                rfs::unlinkat(&self.objs, &ino_name(ino), AtFlags::empty())
+                    .map_err(|e| io("discard object", e))?;
             }
         }
         Ok(())
@@ -290,13 +385,17 @@ impl Tree {
 
     /// Removes the entry (parent, name), whatever it names.
     fn remove_entry(&mut self, parent: Ino, name: &CString) -> Result<()> {
-        let Some(ino) = self.entries.remove(&(parent, name.clone())) else { return Ok(()) };
+        let Some(ino) = self.entries.remove(&(parent, name.clone())) else {
+            return Ok(());
+        };
         let kind = self.nodes.get(&ino).map(|n| n.kind);
-        let pfd = rustix::io::fcntl_dupfd_cloexec(self.dir_fd(parent)?, 0).map_err(|e| io("dup", e))?;
+        let pfd =
+            rustix::io::fcntl_dupfd_cloexec(self.dir_fd(parent)?, 0).map_err(|e| io("dup", e))?;
         if kind == Some(Kind::Dir) {
             // Move it aside rather than delete: a fuzzy base may still hold
             // children that later records move out of it.
-            rfs::renameat(&pfd, name, &self.dirs, &ino_name(ino)).map_err(|e| io("move directory aside", e))?;
+            rfs::renameat(&pfd, name, &self.dirs, &ino_name(ino))
+                .map_err(|e| io("move directory aside", e))?;
             self.nodes.get_mut(&ino).unwrap().place = None;
         } else {
             rfs::unlinkat(&pfd, name, AtFlags::empty()).map_err(|e| io("unlink", e))?;
@@ -312,26 +411,40 @@ impl Tree {
         if self.entries.get(&(parent, name.clone())) == Some(&ino) {
             return Ok(());
         }
-        let kind = self.nodes.get(&ino).map(|n| n.kind).ok_or_else(|| RestoreError::Inconsistent {
-            seq,
-            why: format!("names file {ino}, which neither the base nor an earlier record created"),
-        })?;
+        let kind =
+            self.nodes
+                .get(&ino)
+                .map(|n| n.kind)
+                .ok_or_else(|| RestoreError::Inconsistent {
+                    seq,
+                    why: format!(
+                        "names file {ino}, which neither the base nor an earlier record created"
+                    ),
+                })?;
         self.remove_entry(parent, name)?;
-        let pfd = rustix::io::fcntl_dupfd_cloexec(self.dir_fd(parent)?, 0).map_err(|e| io("dup", e))?;
+        let pfd =
+            rustix::io::fcntl_dupfd_cloexec(self.dir_fd(parent)?, 0).map_err(|e| io("dup", e))?;
         if kind == Kind::Dir {
             let place = self.nodes[&ino].place.clone();
             match place {
                 Some((p, n)) => {
-                    let from = rustix::io::fcntl_dupfd_cloexec(self.dir_fd(p)?, 0).map_err(|e| io("dup", e))?;
+                    let from = rustix::io::fcntl_dupfd_cloexec(self.dir_fd(p)?, 0)
+                        .map_err(|e| io("dup", e))?;
                     rfs::renameat(&from, &n, &pfd, name).map_err(|e| io("move directory", e))?;
                     self.entries.remove(&(p, n));
                 }
-                None => rfs::renameat(&self.dirs, &ino_name(ino), &pfd, name).map_err(|e| io("place directory", e))?,
+                None => rfs::renameat(&self.dirs, &ino_name(ino), &pfd, name)
+                    .map_err(|e| io("place directory", e))?,
             }
             self.nodes.get_mut(&ino).unwrap().place = Some((parent, name.clone()));
         } else {
-            rfs::linkat(&self.objs, &ino_name(ino), &pfd, name, AtFlags::empty()).map_err(|e| io("link", e))?;
-            self.nodes.get_mut(&ino).unwrap().links.insert((parent, name.clone()));
+            rfs::linkat(&self.objs, &ino_name(ino), &pfd, name, AtFlags::empty())
+                .map_err(|e| io("link", e))?;
+            self.nodes
+                .get_mut(&ino)
+                .unwrap()
+                .links
+                .insert((parent, name.clone()));
         }
         self.entries.insert((parent, name.clone()), ino);
         Ok(())
@@ -342,17 +455,38 @@ impl Tree {
         let mode = Mode::from_bits_truncate(mode & 0o7777);
         match kind {
             Kind::Dir => {
-                let fd = rustix::io::fcntl_dupfd_cloexec(self.dir_fd(ino)?, 0).map_err(|e| io("dup", e))?;
-                rfs::fchown(&fd, Some(rfs::Uid::from_raw(uid)), Some(rfs::Gid::from_raw(gid))).map_err(|e| io("chown", e))?;
+                let fd = rustix::io::fcntl_dupfd_cloexec(self.dir_fd(ino)?, 0)
+                    .map_err(|e| io("dup", e))?;
+                rfs::fchown(
+                    &fd,
+                    Some(rfs::Uid::from_raw(uid)),
+                    Some(rfs::Gid::from_raw(gid)),
+                )
+                .map_err(|e| io("chown", e))?;
                 rfs::fchmod(&fd, mode).map_err(|e| io("chmod", e))?;
             }
             Kind::Symlink => {
-                rfs::chownat(&self.objs, &ino_name(ino), Some(rfs::Uid::from_raw(uid)), Some(rfs::Gid::from_raw(gid)), AtFlags::SYMLINK_NOFOLLOW).map_err(|e| io("lchown", e))?;
+                rfs::chownat(
+                    &self.objs,
+                    &ino_name(ino),
+                    Some(rfs::Uid::from_raw(uid)),
+                    Some(rfs::Gid::from_raw(gid)),
+                    AtFlags::SYMLINK_NOFOLLOW,
+                )
+                .map_err(|e| io("lchown", e))?;
             }
             _ => {
                 // chown first: it may clear set-id bits that chmod then sets.
-                rfs::chownat(&self.objs, &ino_name(ino), Some(rfs::Uid::from_raw(uid)), Some(rfs::Gid::from_raw(gid)), AtFlags::SYMLINK_NOFOLLOW).map_err(|e| io("chown", e))?;
-                rfs::chmodat(&self.objs, &ino_name(ino), mode, AtFlags::empty()).map_err(|e| io("chmod", e))?;
+                rfs::chownat(
+                    &self.objs,
+                    &ino_name(ino),
+                    Some(rfs::Uid::from_raw(uid)),
+                    Some(rfs::Gid::from_raw(gid)),
+                    AtFlags::SYMLINK_NOFOLLOW,
+                )
+                .map_err(|e| io("chown", e))?;
+                rfs::chmodat(&self.objs, &ino_name(ino), mode, AtFlags::empty())
+                    .map_err(|e| io("chmod", e))?;
             }
         }
         Ok(())
@@ -371,8 +505,13 @@ impl Tree {
     }
 
     fn set_xattr(&mut self, ino: Ino, name: &[u8], value: &[u8]) -> Result<()> {
-        let Some(p) = self.xattr_target(ino)? else { return Ok(()) };
-        let n = CString::new(name).map_err(|_| RestoreError::HostileName { name: String::from_utf8_lossy(name).into(), what: "xattr".into() })?;
+        let Some(p) = self.xattr_target(ino)? else {
+            return Ok(());
+        };
+        let n = CString::new(name).map_err(|_| RestoreError::HostileName {
+            name: String::from_utf8_lossy(name).into(),
+            what: "xattr".into(),
+        })?;
         if let Err(e) = rfs::setxattr(p.as_c_str(), n.as_c_str(), value, rfs::XattrFlags::empty()) {
             // Only user xattrs are part of the contract; others (security.*,
             // trusted.*) depend on the target system and are best effort.
@@ -387,7 +526,8 @@ impl Tree {
         let fd = self.file_fd(ino)?;
         let mut done = 0;
         while done < data.len() {
-            done += rustix::io::pwrite(fd, &data[done..], offset + done as u64).map_err(|e| io("write", e))?;
+            done += rustix::io::pwrite(fd, &data[done..], offset + done as u64)
+                .map_err(|e| io("write", e))?;
         }
         Ok(())
     }
@@ -402,13 +542,32 @@ impl Tree {
     }
 
     fn node(&self, ino: Ino, seq: u64) -> Result<&Node> {
-        self.nodes.get(&ino).ok_or_else(|| RestoreError::Inconsistent { seq, why: format!("names file {ino}, which the base and earlier records never created") })
+        self.nodes
+            .get(&ino)
+            .ok_or_else(|| RestoreError::Inconsistent {
+                seq,
+                why: format!("names file {ino}, which the base and earlier records never created"),
+            })
     }
 
     /// Materialises a base manifest. `fetch` returns a verified chunk.
-    pub fn apply_base(&mut self, m: &Manifest, fetch: &mut dyn FnMut(&[u8; 32]) -> Result<Vec<u8>>, progress: &mut dyn FnMut(usize, usize)) -> Result<()> {
+    pub fn apply_base(
+        &mut self,
+        m: &Manifest,
+        fetch: &mut dyn FnMut(&[u8; 32]) -> Result<Vec<u8>>,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<()> {
         self.root = m.root;
-        self.nodes.insert(m.root, Node { kind: Kind::Dir, place: None, links: HashSet::new(), mtime: None, size: 0 });
+        self.nodes.insert(
+            m.root,
+            Node {
+                kind: Kind::Dir,
+                place: None,
+                links: HashSet::new(),
+                mtime: None,
+                size: 0,
+            },
+        );
         let total = m.objects.len();
         for (i, o) in m.objects.iter().enumerate() {
             if o.ino == m.root {
@@ -423,7 +582,10 @@ impl Tree {
                 for e in &o.extents {
                     let data = fetch(&e.hash)?;
                     if data.len() != e.len as usize {
-                        return Err(RestoreError::Chunk { key: chunk_key(&e.hash), why: "length differs from the manifest".into() });
+                        return Err(RestoreError::Chunk {
+                            key: chunk_key(&e.hash),
+                            why: "length differs from the manifest".into(),
+                        });
                     }
                     self.write_at(o.ino, e.offset, &data)?;
                 }
@@ -443,9 +605,13 @@ impl Tree {
             for l in pending {
                 let name = cname(&l.name, "base manifest")?;
                 if l.parent == self.root && l.name.as_ref() == HIDDEN.as_bytes() {
-                    return Err(RestoreError::HostileName { name: HIDDEN.into(), what: "base manifest (reserved name)".into() });
+                    return Err(RestoreError::HostileName {
+                        name: HIDDEN.into(),
+                        what: "base manifest (reserved name)".into(),
+                    });
                 }
-                let parent_placed = l.parent == self.root || self.nodes.get(&l.parent).is_some_and(|n| n.place.is_some());
+                let parent_placed = l.parent == self.root
+                    || self.nodes.get(&l.parent).is_some_and(|n| n.place.is_some());
                 if parent_placed {
                     self.ensure_entry(l.parent, &name, l.ino, 0)?;
                 } else {
@@ -478,7 +644,11 @@ impl Tree {
             return None;
         }
         let ino = match &rec.op {
-            Op::Write { ino, .. } | Op::SetAttr { ino, .. } | Op::Fallocate { ino, .. } | Op::SetXattr { ino, .. } | Op::RemoveXattr { ino, .. } => *ino,
+            Op::Write { ino, .. }
+            | Op::SetAttr { ino, .. }
+            | Op::Fallocate { ino, .. }
+            | Op::SetXattr { ino, .. }
+            | Op::RemoveXattr { ino, .. } => *ino,
             Op::Link { ino, .. } | Op::Rename { ino, .. } | Op::Unlink { ino, .. } => *ino,
             Op::Create { .. } | Op::ClockStep { .. } => return None,
         };
@@ -499,7 +669,16 @@ impl Tree {
         if self.died_during_walk(rec).is_some() {
             // Only the record's effect on other entries matters: a rename
             // of the dead file still replaced whatever stood at its target.
-            if let Op::Rename { from_parent, from_name, to_parent, to_name, replaced, flags, .. } = &rec.op {
+            if let Op::Rename {
+                from_parent,
+                from_name,
+                to_parent,
+                to_name,
+                replaced,
+                flags,
+                ..
+            } = &rec.op
+            {
                 let from = cname(from_name, "segment")?;
                 let to = cname(to_name, "segment")?;
                 if flags & RENAME_EXCHANGE_FLAG != 0 && self.nodes.contains_key(replaced) {
@@ -511,12 +690,28 @@ impl Tree {
             }
             return Ok(());
         }
-        let reserved = |parent: Ino, name: &Bytes, root: Ino| parent == root && name.as_ref() == HIDDEN.as_bytes();
+        let reserved = |parent: Ino, name: &Bytes, root: Ino| {
+            parent == root && name.as_ref() == HIDDEN.as_bytes()
+        };
         match &rec.op {
-            Op::Create { parent, name, ino, kind, mode, uid, gid, mtime, rdev, target } => {
+            Op::Create {
+                parent,
+                name,
+                ino,
+                kind,
+                mode,
+                uid,
+                gid,
+                mtime,
+                rdev,
+                target,
+            } => {
                 let n = cname(name, "segment")?;
                 if reserved(*parent, name, self.root) {
-                    return Err(RestoreError::HostileName { name: HIDDEN.into(), what: "segment (reserved name)".into() });
+                    return Err(RestoreError::HostileName {
+                        name: HIDDEN.into(),
+                        what: "segment (reserved name)".into(),
+                    });
                 }
                 self.node(*parent, seq)?;
                 self.create_object(*ino, *kind, *mode, *uid, *gid, *rdev, target)?;
@@ -528,7 +723,10 @@ impl Tree {
             Op::Link { ino, parent, name } => {
                 let n = cname(name, "segment")?;
                 if reserved(*parent, name, self.root) {
-                    return Err(RestoreError::HostileName { name: HIDDEN.into(), what: "segment (reserved name)".into() });
+                    return Err(RestoreError::HostileName {
+                        name: HIDDEN.into(),
+                        what: "segment (reserved name)".into(),
+                    });
                 }
                 self.ensure_entry(*parent, &n, *ino, seq)?;
             }
@@ -538,11 +736,24 @@ impl Tree {
                     self.remove_entry(*parent, &n)?;
                 }
             }
-            Op::Rename { from_parent, from_name, to_parent, to_name, ino, replaced, flags } => {
+            Op::Rename {
+                from_parent,
+                from_name,
+                to_parent,
+                to_name,
+                ino,
+                replaced,
+                flags,
+            } => {
                 let from = cname(from_name, "segment")?;
                 let to = cname(to_name, "segment")?;
-                if reserved(*to_parent, to_name, self.root) || reserved(*from_parent, from_name, self.root) {
-                    return Err(RestoreError::HostileName { name: HIDDEN.into(), what: "segment (reserved name)".into() });
+                if reserved(*to_parent, to_name, self.root)
+                    || reserved(*from_parent, from_name, self.root)
+                {
+                    return Err(RestoreError::HostileName {
+                        name: HIDDEN.into(),
+                        what: "segment (reserved name)".into(),
+                    });
                 }
                 if ino == replaced && flags & RENAME_EXCHANGE_FLAG == 0 {
                     // rename(2) between two links of one file does nothing.
@@ -552,13 +763,20 @@ impl Tree {
                     let a = self.entries.get(&(*from_parent, from.clone())).copied();
                     let b = self.entries.get(&(*to_parent, to.clone())).copied();
                     if a == Some(*ino) && b == Some(*replaced) {
-                        let f = rustix::io::fcntl_dupfd_cloexec(self.dir_fd(*from_parent)?, 0).map_err(|e| io("dup", e))?;
-                        let t = rustix::io::fcntl_dupfd_cloexec(self.dir_fd(*to_parent)?, 0).map_err(|e| io("dup", e))?;
-                        rfs::renameat_with(&f, &from, &t, &to, rfs::RenameFlags::EXCHANGE).map_err(|e| io("exchange", e))?;
+                        let f = rustix::io::fcntl_dupfd_cloexec(self.dir_fd(*from_parent)?, 0)
+                            .map_err(|e| io("dup", e))?;
+                        let t = rustix::io::fcntl_dupfd_cloexec(self.dir_fd(*to_parent)?, 0)
+                            .map_err(|e| io("dup", e))?;
+                        rfs::renameat_with(&f, &from, &t, &to, rfs::RenameFlags::EXCHANGE)
+                            .map_err(|e| io("exchange", e))?;
                         self.entries.insert((*from_parent, from.clone()), *replaced);
                         self.entries.insert((*to_parent, to.clone()), *ino);
                         self.relink(*ino, (*from_parent, from.clone()), (*to_parent, to.clone()));
-                        self.relink(*replaced, (*to_parent, to.clone()), (*from_parent, from.clone()));
+                        self.relink(
+                            *replaced,
+                            (*to_parent, to.clone()),
+                            (*from_parent, from.clone()),
+                        );
                     } else {
                         self.remove_entry(*from_parent, &from)?;
                         self.ensure_entry(*to_parent, &to, *ino, seq)?;
@@ -568,8 +786,10 @@ impl Tree {
                     if self.entries.contains_key(&(*to_parent, to.clone())) {
                         self.remove_entry(*to_parent, &to)?;
                     }
-                    let f = rustix::io::fcntl_dupfd_cloexec(self.dir_fd(*from_parent)?, 0).map_err(|e| io("dup", e))?;
-                    let t = rustix::io::fcntl_dupfd_cloexec(self.dir_fd(*to_parent)?, 0).map_err(|e| io("dup", e))?;
+                    let f = rustix::io::fcntl_dupfd_cloexec(self.dir_fd(*from_parent)?, 0)
+                        .map_err(|e| io("dup", e))?;
+                    let t = rustix::io::fcntl_dupfd_cloexec(self.dir_fd(*to_parent)?, 0)
+                        .map_err(|e| io("dup", e))?;
                     rfs::renameat(&f, &from, &t, &to).map_err(|e| io("rename", e))?;
                     self.entries.remove(&(*from_parent, from.clone()));
                     self.entries.insert((*to_parent, to.clone()), *ino);
@@ -578,7 +798,13 @@ impl Tree {
                     self.ensure_entry(*to_parent, &to, *ino, seq)?;
                 }
             }
-            Op::Write { ino, offset, size, mtime, data } => {
+            Op::Write {
+                ino,
+                offset,
+                size,
+                mtime,
+                data,
+            } => {
                 self.node(*ino, seq)?;
                 self.write_at(*ino, *offset, data)?;
                 let n = self.nodes.get_mut(ino).unwrap();
@@ -586,7 +812,14 @@ impl Tree {
                 self.set_size(*ino, *size)?;
                 self.nodes.get_mut(ino).unwrap().mtime = Some(*mtime);
             }
-            Op::SetAttr { ino, mode, uid, gid, size, mtime } => {
+            Op::SetAttr {
+                ino,
+                mode,
+                uid,
+                gid,
+                size,
+                mtime,
+            } => {
                 let kind = self.node(*ino, seq)?.kind;
                 self.set_attr(*ino, *mode, *uid, *gid)?;
                 if kind == Kind::File {
@@ -594,7 +827,14 @@ impl Tree {
                     self.nodes.get_mut(ino).unwrap().mtime = Some(*mtime);
                 }
             }
-            Op::Fallocate { ino, mode, offset, len, size, mtime } => {
+            Op::Fallocate {
+                ino,
+                mode,
+                offset,
+                len,
+                size,
+                mtime,
+            } => {
                 self.node(*ino, seq)?;
                 let fd = self.file_fd(*ino)?;
                 let flags = rfs::FallocateFlags::from_bits_retain(*mode);
@@ -637,14 +877,25 @@ impl Tree {
     /// Sets file mtimes (last, since every write moves them), removes the
     /// staging area and the marker, and syncs the target.
     pub fn finish(mut self) -> Result<()> {
-        let mtimes: Vec<(Ino, Nanos)> = self.nodes.iter().filter_map(|(i, n)| n.mtime.map(|m| (*i, m))).collect();
+        let mtimes: Vec<(Ino, Nanos)> = self
+            .nodes
+            .iter()
+            .filter_map(|(i, n)| n.mtime.map(|m| (*i, m)))
+            .collect();
         self.files.clear();
         for (ino, m) in mtimes {
             let ts = rfs::Timestamps {
-                last_access: rfs::Timespec { tv_sec: m.div_euclid(1_000_000_000), tv_nsec: m.rem_euclid(1_000_000_000) as _ },
-                last_modification: rfs::Timespec { tv_sec: m.div_euclid(1_000_000_000), tv_nsec: m.rem_euclid(1_000_000_000) as _ },
+                last_access: rfs::Timespec {
+                    tv_sec: m.div_euclid(1_000_000_000),
+                    tv_nsec: m.rem_euclid(1_000_000_000) as _,
+                },
+                last_modification: rfs::Timespec {
+                    tv_sec: m.div_euclid(1_000_000_000),
+                    tv_nsec: m.rem_euclid(1_000_000_000) as _,
+                },
             };
-            rfs::utimensat(&self.objs, &ino_name(ino), &ts, AtFlags::SYMLINK_NOFOLLOW).map_err(|e| io("set mtime", e))?;
+            rfs::utimensat(&self.objs, &ino_name(ino), &ts, AtFlags::SYMLINK_NOFOLLOW)
+                .map_err(|e| io("set mtime", e))?;
         }
         rfs::syncfs(&self.root_fd).map_err(|e| io("sync target", e))?;
         std::fs::remove_dir_all(&self.staging).map_err(|e| io("remove staging", e))?;
@@ -669,7 +920,13 @@ pub struct Restored {
 }
 
 /// Restores the volume in `store` at `plan` into `target`.
-pub fn restore(store: &dyn Store, plan: &Plan, target: &Path, force: bool, progress: &mut dyn FnMut(&str)) -> Result<Restored> {
+pub fn restore(
+    store: &dyn Store,
+    plan: &Plan,
+    target: &Path,
+    force: bool,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Restored> {
     let manifest = load_manifest(store, &plan.base)?;
     progress(&format!(
         "restoring lineage {:016x} at {} from the base completed at {} ({} objects) and {} segments",
@@ -684,7 +941,10 @@ pub fn restore(store: &dyn Store, plan: &Plan, target: &Path, force: bool, progr
     let mut fetch = |hash: &[u8; 32]| -> Result<Vec<u8>> {
         let key = chunk_key(hash);
         let data = store.get(&key)?;
-        decode_chunk(&data, hash).map_err(|e| RestoreError::Chunk { key, why: e.to_string() })
+        decode_chunk(&data, hash).map_err(|e| RestoreError::Chunk {
+            key,
+            why: e.to_string(),
+        })
     };
     let mut last_pct = 0;
     tree.apply_base(&manifest, &mut fetch, &mut |done, total| {
@@ -701,9 +961,15 @@ pub fn restore(store: &dyn Store, plan: &Plan, target: &Path, force: bool, progr
     for (i, s) in plan.segments.iter().enumerate() {
         let key = s.key();
         let data = store.get(&key)?;
-        let (meta, recs) = segment::decode(&data).map_err(|source| RestoreError::Segment { key: key.clone(), source })?;
+        let (meta, recs) = segment::decode(&data).map_err(|source| RestoreError::Segment {
+            key: key.clone(),
+            source,
+        })?;
         if meta != *s {
-            return Err(RestoreError::Segment { key, source: SegmentError::Inconsistent("header does not match the object key".into()) });
+            return Err(RestoreError::Segment {
+                key,
+                source: SegmentError::Inconsistent("header does not match the object key".into()),
+            });
         }
         // Segments may overlap (a journal prefix shipped again after a
         // machine crash): each sequence number applies once.
@@ -712,7 +978,11 @@ pub fn restore(store: &dyn Store, plan: &Plan, target: &Path, force: bool, progr
                 continue;
             }
             last_seq = r.seq;
-            tree.apply(r).map_err(|e| RestoreError::AtRecord { seq: r.seq, op: r.op.kind_name(), source: Box::new(e) })?;
+            tree.apply(r).map_err(|e| RestoreError::AtRecord {
+                seq: r.seq,
+                op: r.op.kind_name(),
+                source: Box::new(e),
+            })?;
             records += 1;
             last_record_ns = Some(r.time);
         }
@@ -738,4 +1008,3 @@ pub fn plan(store: &dyn Store, at: crate::clock::At, lineage: Option<&str>) -> R
     let t = Timeline::load(store)?;
     Ok(t.plan(at, lineage)?)
 }
-

@@ -31,7 +31,12 @@ use crate::timeline::{LineageStart, Timeline};
 const STORE_STARTUP_WAIT: Duration = Duration::from_secs(5);
 
 fn opts_clone(args: &RunArgs) -> StoreOptions {
-    StoreOptions { s3_endpoint: args.store.s3_endpoint.clone(), s3_path_style: args.store.s3_path_style, tolerate_unreachable: true, skip_check: true }
+    StoreOptions {
+        s3_endpoint: args.store.s3_endpoint.clone(),
+        s3_path_style: args.store.s3_path_style,
+        tolerate_unreachable: true,
+        skip_check: true,
+    }
 }
 
 /// What the journal directory remembers between runs.
@@ -64,9 +69,15 @@ fn read_state(dir: &Path) -> Option<State> {
 }
 
 fn is_mounted(path: &Path) -> bool {
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else { return false };
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
     let want = path.to_string_lossy();
-    info.lines().any(|l| l.split(' ').nth(4).is_some_and(|m| m.replace("\\040", " ") == want))
+    info.lines().any(|l| {
+        l.split(' ')
+            .nth(4)
+            .is_some_and(|m| m.replace("\\040", " ") == want)
+    })
 }
 
 /// A previous daemon that died leaves a dead FUSE mount ("Transport
@@ -77,7 +88,8 @@ fn clear_stale_mount(mount: &Path) -> anyhow::Result<()> {
             return Ok(());
         }
         tracing::warn!(mount = %mount.display(), "detaching a stale mount left by an earlier run");
-        rustix::mount::unmount(mount, rustix::mount::UnmountFlags::DETACH).with_context(|| format!("cannot detach the stale mount at {}", mount.display()))?;
+        rustix::mount::unmount(mount, rustix::mount::UnmountFlags::DETACH)
+            .with_context(|| format!("cannot detach the stale mount at {}", mount.display()))?;
     }
     Ok(())
 }
@@ -127,9 +139,11 @@ impl Daemon {
                         self.watch.deactivate();
                         self.journal.now()
                     });
-                    self.shipper.queue(m.meta().key(), base::encode_manifest(&m));
+                    self.shipper
+                        .queue(m.meta().key(), base::encode_manifest(&m));
                     self.metrics.set_base_in_progress(false);
-                    self.base_completed_ns.store(m.completed_ns, Ordering::Release);
+                    self.base_completed_ns
+                        .store(m.completed_ns, Ordering::Release);
                     self.metrics.add_shipped_bytes(stats.bytes);
                     tracing::info!(
                         files = stats.files,
@@ -160,18 +174,24 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     if args.on_journal_full == crate::cli::OnJournalFull::Gap {
         bail!("--on-journal-full=gap is not available in this build yet; use the default (writers wait for the store)");
     }
-    let source = std::fs::canonicalize(&args.source).with_context(|| format!("--source {} does not exist", args.source.display()))?;
+    let source = std::fs::canonicalize(&args.source)
+        .with_context(|| format!("--source {} does not exist", args.source.display()))?;
     if !source.is_dir() {
         bail!("--source {} is not a directory", source.display());
     }
     let mount = std::path::absolute(&args.mount)?;
     clear_stale_mount(&mount)?;
     if !mount.exists() {
-        std::fs::create_dir_all(&mount).with_context(|| format!("cannot create --mount {}", mount.display()))?;
+        std::fs::create_dir_all(&mount)
+            .with_context(|| format!("cannot create --mount {}", mount.display()))?;
     }
     let mount = std::fs::canonicalize(&mount)?;
     if mount.starts_with(&source) || source.starts_with(&mount) {
-        bail!("--mount {} and --source {} must not contain each other", mount.display(), source.display());
+        bail!(
+            "--mount {} and --source {} must not contain each other",
+            mount.display(),
+            source.display()
+        );
     }
     if source.join(HIDDEN).join(INCOMPLETE_MARKER).exists() {
         bail!(
@@ -180,13 +200,24 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
             source.join(HIDDEN).join(INCOMPLETE_MARKER).display()
         );
     }
-    let jdir = args.journal_dir.clone().unwrap_or_else(|| source.join(HIDDEN).join("journal"));
-    std::fs::create_dir_all(&jdir).with_context(|| format!("cannot create the journal directory {}", jdir.display()))?;
+    let jdir = args
+        .journal_dir
+        .clone()
+        .unwrap_or_else(|| source.join(HIDDEN).join("journal"));
+    std::fs::create_dir_all(&jdir)
+        .with_context(|| format!("cannot create the journal directory {}", jdir.display()))?;
     let lock = std::fs::File::create(jdir.join("lock"))?;
-    rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive)
-        .map_err(|_| anyhow::anyhow!("another `rewind run` holds the journal {}; stop it first", jdir.display()))?;
+    rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive).map_err(
+        |_| {
+            anyhow::anyhow!(
+                "another `rewind run` holds the journal {}; stop it first",
+                jdir.display()
+            )
+        },
+    )?;
 
-    crate::timeline::check_volume_name(&args.store.volume).map_err(|e| anyhow::anyhow!("--volume: {e}"))?;
+    crate::timeline::check_volume_name(&args.store.volume)
+        .map_err(|e| anyhow::anyhow!("--volume: {e}"))?;
     // An unreachable store must not stop protection (the journal holds
     // changes meanwhile); a missing bucket or refused credentials must. A
     // store that hangs gets a few seconds, then protection starts without
@@ -219,7 +250,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
                     for kind in crate::timeline::VOLUME_KEY_KINDS {
                         match store.abort_incomplete_uploads(&format!("{kind}/")) {
                             Ok(0) => {}
-                            Ok(n) => tracing::info!("aborted {n} incomplete uploads left by an earlier run"),
+                            Ok(n) => tracing::info!(
+                                "aborted {n} incomplete uploads left by an earlier run"
+                            ),
                             Err(e) => tracing::warn!("cannot list incomplete uploads: {e}"),
                         }
                     }
@@ -235,7 +268,10 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
             tracing::warn!("the store did not answer within {STORE_STARTUP_WAIT:?}; protecting anyway, the journal holds changes until it returns");
             let root = store::open(&args.store.store, &opts_clone(&args))
                 .context("cannot open the store")?;
-            (Arc::new(Prefixed::new(root, &args.store.volume)) as Arc<dyn Store>, None)
+            (
+                Arc::new(Prefixed::new(root, &args.store.volume)) as Arc<dyn Store>,
+                None,
+            )
         }
     };
     let known = timeline.is_some();
@@ -251,12 +287,21 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         }
     }
     let (lineage, new_lineage, mut base_kind) = match &prev {
-        None => (rand::random::<u64>() >> 1, Some("first-start"), Some(BaseKind::Initial)),
+        None => (
+            rand::random::<u64>() >> 1,
+            Some("first-start"),
+            Some(BaseKind::Initial),
+        ),
         Some(p) => {
-            let l = u64::from_str_radix(&p.lineage, 16).context("state.json has a malformed lineage")?;
+            let l = u64::from_str_radix(&p.lineage, 16)
+                .context("state.json has a malformed lineage")?;
             if p.boot_id != boot && !p.clean {
                 tracing::warn!("the machine restarted without a clean stop: shipping the journal's intact prefix, then starting a new lineage");
-                (rand::random::<u64>() >> 1, Some("machine-crash"), Some(BaseKind::Initial))
+                (
+                    rand::random::<u64>() >> 1,
+                    Some("machine-crash"),
+                    Some(BaseKind::Initial),
+                )
             } else if !p.clean {
                 tracing::warn!("the previous run did not stop cleanly: taking a repair base");
                 (l, None, Some(BaseKind::Repair))
@@ -266,35 +311,90 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         }
     };
     if base_kind.is_none() && (!known || !timeline.bases.iter().any(|b| b.lineage == lineage)) {
-        base_kind = Some(if prev.is_some() { BaseKind::Repair } else { BaseKind::Initial });
+        base_kind = Some(if prev.is_some() {
+            BaseKind::Repair
+        } else {
+            BaseKind::Initial
+        });
     }
-    let stored = timeline.segments.iter().map(|s| s.last_seq).chain(timeline.bases.iter().map(|b| b.start_seq)).max().unwrap_or(0);
-    let floor = timeline.segments.iter().map(|s| s.last_ns).chain(timeline.heartbeats.iter().map(|h| h.ns)).max().unwrap_or(0);
-    let old_lineage = prev.as_ref().and_then(|p| u64::from_str_radix(&p.lineage, 16).ok()).unwrap_or(lineage);
-    let (journal, rec) = Journal::open(&jdir, old_lineage, stored + 1, floor, args.max_journal_bytes).context("cannot open the journal")?;
+    let stored = timeline
+        .segments
+        .iter()
+        .map(|s| s.last_seq)
+        .chain(timeline.bases.iter().map(|b| b.start_seq))
+        .max()
+        .unwrap_or(0);
+    let floor = timeline
+        .segments
+        .iter()
+        .map(|s| s.last_ns)
+        .chain(timeline.heartbeats.iter().map(|h| h.ns))
+        .max()
+        .unwrap_or(0);
+    let old_lineage = prev
+        .as_ref()
+        .and_then(|p| u64::from_str_radix(&p.lineage, 16).ok())
+        .unwrap_or(lineage);
+    let (journal, rec) = Journal::open(
+        &jdir,
+        old_lineage,
+        stored + 1,
+        floor,
+        args.max_journal_bytes,
+    )
+    .context("cannot open the journal")?;
     for (p, n) in &rec.torn {
         tracing::warn!("journal {}: cut a torn tail of {n} bytes", p.display());
     }
     if rec.records > 0 {
-        tracing::info!(records = rec.records, "journal holds records not yet confirmed stored; shipping them first");
+        tracing::info!(
+            records = rec.records,
+            "journal holds records not yet confirmed stored; shipping them first"
+        );
     }
     if new_lineage == Some("machine-crash") {
         // fsync waited for the journal alone: put back into the source
         // whatever the crash took from it before anything reads it.
         let t0 = Instant::now();
-        let st = crate::redo::redo(&source, &journal).context("cannot redo the journal onto the source after the machine crash")?;
-        tracing::info!(records = st.records, skipped = st.skipped, recreated = st.recreated, secs = t0.elapsed().as_secs_f64(), "redid the journal onto the source");
+        let st = crate::redo::redo(&source, &journal)
+            .context("cannot redo the journal onto the source after the machine crash")?;
+        tracing::info!(
+            records = st.records,
+            skipped = st.skipped,
+            recreated = st.recreated,
+            secs = t0.elapsed().as_secs_f64(),
+            "redid the journal onto the source"
+        );
     }
     if lineage != old_lineage {
         journal.set_lineage(lineage)?;
     }
     let journal = Arc::new(journal);
-    write_state(&jdir, &State { volume: args.store.volume.clone(), lineage: format!("{lineage:016x}"), boot_id: boot.clone(), clean: false })?;
+    write_state(
+        &jdir,
+        &State {
+            volume: args.store.volume.clone(),
+            lineage: format!("{lineage:016x}"),
+            boot_id: boot.clone(),
+            clean: false,
+        },
+    )?;
 
-    let source_for_sync = rustix::fs::open(&source, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty()).with_context(|| format!("cannot open {}", source.display()))?;
-    let shipper = Arc::new(Shipper::new(store.clone(), journal.clone(), stored, lineage).with_source(source_for_sync));
+    let source_for_sync = rustix::fs::open(
+        &source,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .with_context(|| format!("cannot open {}", source.display()))?;
+    let shipper = Arc::new(
+        Shipper::new(store.clone(), journal.clone(), stored, lineage).with_source(source_for_sync),
+    );
     if let Some(reason) = new_lineage {
-        let marker = LineageStart { started_ns: journal.now(), lineage, reason: reason.into() };
+        let marker = LineageStart {
+            started_ns: journal.now(),
+            lineage,
+            reason: reason.into(),
+        };
         shipper.queue(marker.key(), bytes::Bytes::new());
         tracing::info!(lineage = %format!("{lineage:016x}"), reason, "starting a new lineage");
     }
@@ -302,12 +402,25 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     // thread: the mount never waits for the store.
 
     let watch = Arc::new(BaseWatch::default());
-    let src_dir = rustix::fs::open(&source, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())?;
-    let mut core = Passthrough::new(rustix::io::fcntl_dupfd_cloexec(&src_dir, 0)?, journal.clone(), watch.clone())?;
+    let src_dir = rustix::fs::open(
+        &source,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    let mut core = Passthrough::new(
+        rustix::io::fcntl_dupfd_cloexec(&src_dir, 0)?,
+        journal.clone(),
+        watch.clone(),
+    )?;
     core.set_read_passthrough(args.read_passthrough);
     let core = Arc::new(core);
-    let session = fuse::mount(fuse::FuseFs::new(core.clone()), &mount, args.threads)
-        .with_context(|| format!("cannot mount at {} (is /dev/fuse available and fusermount3 installed?)", mount.display()))?;
+    let session =
+        fuse::mount(fuse::FuseFs::new(core.clone()), &mount, args.threads).with_context(|| {
+            format!(
+                "cannot mount at {} (is /dev/fuse available and fusermount3 installed?)",
+                mount.display()
+            )
+        })?;
     tracing::info!(source = %source.display(), mount = %mount.display(), store = %store.describe(), "protecting");
 
     let metrics = Arc::new(Metrics::new(&args.store.volume));
@@ -332,11 +445,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         let d = d.clone();
         std::thread::Builder::new()
             .name("rewind-base".into())
-            .spawn(move || {
-                match d.take_base(lineage, kind) {
-                    Ok(()) => d.base_done.store(true, Ordering::Release),
-                    Err(e) => *d.base_failed.lock() = Some(e.to_string()),
-                }
+            .spawn(move || match d.take_base(lineage, kind) {
+                Ok(()) => d.base_done.store(true, Ordering::Release),
+                Err(e) => *d.base_failed.lock() = Some(e.to_string()),
             })
             .unwrap()
     });
@@ -363,11 +474,22 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     let _ = &d.store;
     let monitor = {
         let d = d.clone();
-        let earliest = timeline.windows().iter().filter(|w| w.lineage == format!("{lineage:016x}")).map(|w| w.earliest_ns).min();
-        std::thread::Builder::new().name("rewind-metrics".into()).spawn(move || monitor(&d, earliest)).unwrap()
+        let earliest = timeline
+            .windows()
+            .iter()
+            .filter(|w| w.lineage == format!("{lineage:016x}"))
+            .map(|w| w.earliest_ns)
+            .min();
+        std::thread::Builder::new()
+            .name("rewind-metrics".into())
+            .spawn(move || monitor(&d, earliest))
+            .unwrap()
     };
     let _status = match &args.listen {
-        Some(listen) => Some(crate::http::StatusServer::start(listen, metrics.clone()).with_context(|| format!("cannot serve health and metrics on {listen}"))?),
+        Some(listen) => Some(
+            crate::http::StatusServer::start(listen, metrics.clone())
+                .with_context(|| format!("cannot serve health and metrics on {listen}"))?,
+        ),
         None => None,
     };
 
@@ -415,12 +537,16 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         let shipper = shipper.clone();
         let store = store.clone();
         std::thread::spawn(move || {
-            let r = shipper.ship_once(Some(deadline)).and_then(|_| shipper.heartbeat(true, Some(deadline)));
+            let r = shipper
+                .ship_once(Some(deadline))
+                .and_then(|_| shipper.heartbeat(true, Some(deadline)));
             if r.is_ok() {
                 // Uploads a failed attempt could not abort during an outage.
                 for kind in crate::timeline::VOLUME_KEY_KINDS {
                     if let Err(e) = store.abort_incomplete_uploads(&format!("{kind}/")) {
-                        tracing::warn!("cannot abort incomplete uploads: {e}; the next start retries");
+                        tracing::warn!(
+                            "cannot abort incomplete uploads: {e}; the next start retries"
+                        );
                     }
                 }
             }
@@ -435,10 +561,20 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     // Whatever the final round says, the store must hold the journal's
     // last record before the stop counts as clean.
     let shipped = shipped.and_then(|()| {
-        let (stored, last) = (shipper.stats.stored_seq.load(Ordering::Acquire), journal.last_seq());
+        let (stored, last) = (
+            shipper.stats.stored_seq.load(Ordering::Acquire),
+            journal.last_seq(),
+        );
         if stored < last {
-            tracing::error!(stored, last, "the final upload round left records unshipped");
-            Err(crate::ship::ShipError::Journal(format!("records {}..={last} were not shipped", stored + 1)))
+            tracing::error!(
+                stored,
+                last,
+                "the final upload round left records unshipped"
+            );
+            Err(crate::ship::ShipError::Journal(format!(
+                "records {}..={last} were not shipped",
+                stored + 1
+            )))
         } else {
             Ok(())
         }
@@ -449,7 +585,15 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
             // must hold everything fsync acknowledged (fsync waited for the
             // journal alone).
             rustix::fs::syncfs(&d.source_fd).context("cannot sync the source at shutdown; the journal is kept and redone at the next start")?;
-            write_state(&jdir, &State { volume: args.store.volume.clone(), lineage: format!("{lineage:016x}"), boot_id: boot, clean: true })?;
+            write_state(
+                &jdir,
+                &State {
+                    volume: args.store.volume.clone(),
+                    lineage: format!("{lineage:016x}"),
+                    boot_id: boot,
+                    clean: true,
+                },
+            )?;
             tracing::info!(
                 segments = stats.segments.load(Ordering::Relaxed),
                 bytes = stats.bytes.load(Ordering::Relaxed),
@@ -458,7 +602,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
             Ok(0)
         }
         Ok(()) => {
-            let why = d.base_failed.lock().clone().unwrap_or_else(|| "the base snapshot did not finish by the shutdown deadline".into());
+            let why = d.base_failed.lock().clone().unwrap_or_else(|| {
+                "the base snapshot did not finish by the shutdown deadline".into()
+            });
             tracing::error!("stopped with every record stored, but without a completed base ({why}); the next start takes one");
             Ok(3)
         }
@@ -512,7 +658,10 @@ fn monitor(d: &Daemon, mut earliest: Option<crate::clock::Nanos>) {
             unshipped_since = None;
             m.set_oldest_unshipped(None);
         }
-        if d.base_done.load(Ordering::Acquire) && earliest.is_none() && d.shipper.pending_control() == 0 {
+        if d.base_done.load(Ordering::Acquire)
+            && earliest.is_none()
+            && d.shipper.pending_control() == 0
+        {
             earliest = Some(d.base_completed_ns.load(Ordering::Acquire));
         }
         if let Some(e) = earliest {

@@ -68,7 +68,9 @@ pub enum SegmentError {
     Decode(#[from] DecodeError),
     #[error("segment is inconsistent: {0}")]
     Inconsistent(String),
-    #[error("segment format version {0} is newer than this build supports ({VERSION}); upgrade rewind")]
+    #[error(
+        "segment format version {0} is newer than this build supports ({VERSION}); upgrade rewind"
+    )]
     Version(u16),
 }
 
@@ -112,7 +114,9 @@ pub fn decode(data: &[u8]) -> Result<(SegmentMeta, Vec<Record>), SegmentError> {
     let body = unseal(data)?;
     let mut r = Reader::new(body);
     if r.take(8)? != MAGIC {
-        return Err(SegmentError::Inconsistent("not a Rewind segment (bad magic)".into()));
+        return Err(SegmentError::Inconsistent(
+            "not a Rewind segment (bad magic)".into(),
+        ));
     }
     let version = r.u16()?;
     if version != VERSION {
@@ -129,7 +133,10 @@ pub fn decode(data: &[u8]) -> Result<(SegmentMeta, Vec<Record>), SegmentError> {
     let count = r.u64()?;
     let raw_len = r.u64()? as usize;
     if meta.last_seq < meta.first_seq || count != meta.last_seq - meta.first_seq + 1 {
-        return Err(SegmentError::Inconsistent(format!("{count} records cannot span sequence {}..={}", meta.first_seq, meta.last_seq)));
+        return Err(SegmentError::Inconsistent(format!(
+            "{count} records cannot span sequence {}..={}",
+            meta.first_seq, meta.last_seq
+        )));
     }
     let raw = read_lz4_blocks(&mut r, raw_len)?;
     let mut rr = Reader::new(&raw);
@@ -142,16 +149,25 @@ pub fn decode(data: &[u8]) -> Result<(SegmentMeta, Vec<Record>), SegmentError> {
         one.end()?;
         let want = meta.first_seq + records.len() as u64;
         if rec.seq != want {
-            return Err(SegmentError::Inconsistent(format!("record sequence {} where {want} was expected", rec.seq)));
+            return Err(SegmentError::Inconsistent(format!(
+                "record sequence {} where {want} was expected",
+                rec.seq
+            )));
         }
         if rec.time < prev_time || rec.time > meta.last_ns {
-            return Err(SegmentError::Inconsistent(format!("record {} is out of time order", rec.seq)));
+            return Err(SegmentError::Inconsistent(format!(
+                "record {} is out of time order",
+                rec.seq
+            )));
         }
         prev_time = rec.time;
         records.push(rec);
     }
     if records.len() as u64 != count {
-        return Err(SegmentError::Inconsistent(format!("{} records, header says {count}", records.len())));
+        return Err(SegmentError::Inconsistent(format!(
+            "{} records, header says {count}",
+            records.len()
+        )));
     }
     Ok((meta, records))
 }
@@ -166,7 +182,13 @@ mod tests {
             .map(|i| Record {
                 seq: 10 + i,
                 time: 1_000 + i as i64,
-                op: Op::Write { ino: 7, offset: i * 100, size: i * 100 + 100, mtime: 5, data: Bytes::from(vec![i as u8; 100]) },
+                op: Op::Write {
+                    ino: 7,
+                    offset: i * 100,
+                    size: i * 100 + 100,
+                    mtime: 5,
+                    data: Bytes::from(vec![i as u8; 100]),
+                },
             })
             .collect()
     }
@@ -190,7 +212,10 @@ mod tests {
             assert!(decode(&b).is_err(), "flip at {i} went unnoticed");
         }
         for cut in [1, 10, bytes.len() - 1] {
-            assert!(decode(&bytes[..bytes.len() - cut]).is_err(), "truncation by {cut} went unnoticed");
+            assert!(
+                decode(&bytes[..bytes.len() - cut]).is_err(),
+                "truncation by {cut} went unnoticed"
+            );
         }
     }
 }

@@ -104,7 +104,12 @@ impl Shipper {
         self.control.lock().push_back((key, data));
     }
 
-    fn put_retrying(&self, key: &str, data: &Bytes, deadline: Option<Instant>) -> Result<(), StoreError> {
+    fn put_retrying(
+        &self,
+        key: &str,
+        data: &Bytes,
+        deadline: Option<Instant>,
+    ) -> Result<(), StoreError> {
         let mut delay = Duration::from_millis(100);
         loop {
             match self.store.put(key, data.clone()) {
@@ -120,9 +125,13 @@ impl Shipper {
                         return Err(e);
                     }
                     if !self.stats.store_down.swap(true, Ordering::Relaxed) {
-                        tracing::warn!("cannot upload {key}: {e}; retrying, writes stay in the journal");
+                        tracing::warn!(
+                            "cannot upload {key}: {e}; retrying, writes stay in the journal"
+                        );
                     }
-                    if deadline.is_some_and(|d| Instant::now() + delay > d) || (deadline.is_none() && self.abort.load(Ordering::Acquire)) {
+                    if deadline.is_some_and(|d| Instant::now() + delay > d)
+                        || (deadline.is_none() && self.abort.load(Ordering::Acquire))
+                    {
                         return Err(e);
                     }
                     std::thread::sleep(delay);
@@ -152,8 +161,16 @@ impl Shipper {
                     }
                 }
             };
-            tracing::debug!(upto, files = files.len(), first = files.first().map(|f| f.first_seq), got = batch.as_ref().map(|b| b.1.len()), "ship round read");
-            let Some((lineage, records)) = batch else { break };
+            tracing::debug!(
+                upto,
+                files = files.len(),
+                first = files.first().map(|f| f.first_seq),
+                got = batch.as_ref().map(|b| b.1.len()),
+                "ship round read"
+            );
+            let Some((lineage, records)) = batch else {
+                break;
+            };
             if records.is_empty() {
                 break;
             }
@@ -168,9 +185,13 @@ impl Shipper {
             let now = wall_now();
             self.stats.segments.fetch_add(1, Ordering::Relaxed);
             self.stats.bytes.fetch_add(len, Ordering::Relaxed);
-            self.stats.stored_seq.store(meta.last_seq, Ordering::Relaxed);
+            self.stats
+                .stored_seq
+                .store(meta.last_seq, Ordering::Relaxed);
             self.stats.stored_ns.store(meta.last_ns, Ordering::Relaxed);
-            self.stats.lag_ns.store(now - meta.first_ns, Ordering::Relaxed);
+            self.stats
+                .lag_ns
+                .store(now - meta.first_ns, Ordering::Relaxed);
             *self.last_put.lock() = Instant::now();
             self.release(meta.last_seq);
         }
@@ -179,8 +200,11 @@ impl Shipper {
             tracing::warn!("cannot prepare a spare journal file: {e}");
         }
         loop {
-            let Some((key, data)) = self.control.lock().front().cloned() else { break };
-            self.put_retrying(&key, &data, deadline).map_err(ShipError::Store)?;
+            let Some((key, data)) = self.control.lock().front().cloned() else {
+                break;
+            };
+            self.put_retrying(&key, &data, deadline)
+                .map_err(ShipError::Store)?;
             self.control.lock().pop_front();
             *self.last_put.lock() = Instant::now();
         }
@@ -196,8 +220,13 @@ impl Shipper {
         if seq != self.journal.last_seq() {
             return Ok(());
         }
-        let hb = Heartbeat { ns: self.heartbeat_time(), lineage: self.lineage.load(Ordering::Relaxed), seq };
-        self.put_retrying(&hb.key(), &Bytes::new(), deadline).map_err(ShipError::Store)?;
+        let hb = Heartbeat {
+            ns: self.heartbeat_time(),
+            lineage: self.lineage.load(Ordering::Relaxed),
+            seq,
+        };
+        self.put_retrying(&hb.key(), &Bytes::new(), deadline)
+            .map_err(ShipError::Store)?;
         *self.last_put.lock() = Instant::now();
         Ok(())
     }

@@ -29,14 +29,23 @@ pub struct Heartbeat {
 
 impl Heartbeat {
     pub fn key(&self) -> String {
-        format!("hb/{:020}-{:016x}-{:020}", self.ns.max(0), self.lineage, self.seq)
+        format!(
+            "hb/{:020}-{:016x}-{:020}",
+            self.ns.max(0),
+            self.lineage,
+            self.seq
+        )
     }
     pub fn from_key(k: &str) -> Option<Heartbeat> {
         let p: Vec<&str> = k.strip_prefix("hb/")?.split('-').collect();
         if p.len() != 3 {
             return None;
         }
-        Some(Heartbeat { ns: p[0].parse().ok()?, lineage: u64::from_str_radix(p[1], 16).ok()?, seq: p[2].parse().ok()? })
+        Some(Heartbeat {
+            ns: p[0].parse().ok()?,
+            lineage: u64::from_str_radix(p[1], 16).ok()?,
+            seq: p[2].parse().ok()?,
+        })
     }
 }
 
@@ -49,7 +58,12 @@ pub struct LineageStart {
 
 impl LineageStart {
     pub fn key(&self) -> String {
-        format!("lineage/{:020}-{:016x}-{}", self.started_ns.max(0), self.lineage, self.reason)
+        format!(
+            "lineage/{:020}-{:016x}-{}",
+            self.started_ns.max(0),
+            self.lineage,
+            self.reason
+        )
     }
     pub fn from_key(k: &str) -> Option<LineageStart> {
         let rest = k.strip_prefix("lineage/")?;
@@ -74,15 +88,24 @@ pub fn check_volume_name(v: &str) -> Result<(), String> {
     }
     for c in v.split('/') {
         if c.is_empty() || c == "." || c == ".." {
-            return Err(format!("volume name {v:?} has an empty, \".\" or \"..\" component"));
+            return Err(format!(
+                "volume name {v:?} has an empty, \".\" or \"..\" component"
+            ));
         }
-        if !c.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) {
-            return Err(format!("volume name {v:?} may only use letters, digits, '-', '_', '.' and '/'"));
+        if !c
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        {
+            return Err(format!(
+                "volume name {v:?} may only use letters, digits, '-', '_', '.' and '/'"
+            ));
         }
     }
     let last = v.rsplit('/').next().unwrap();
     if VOLUME_KEY_KINDS.contains(&last) {
-        return Err(format!("volume name {v:?} must not end in {last:?}, which names a kind of object"));
+        return Err(format!(
+            "volume name {v:?} must not end in {last:?}, which names a kind of object"
+        ));
     }
     Ok(())
 }
@@ -189,7 +212,11 @@ impl Timeline {
     /// The last instant of `lineage` whose state the store fully knows, and
     /// the last sequence number stored before a break in continuity.
     fn known_until(&self, lineage: u64) -> Option<(Nanos, Seq)> {
-        let first_base = self.bases.iter().filter(|b| b.lineage == lineage).min_by_key(|b| b.start_seq)?;
+        let first_base = self
+            .bases
+            .iter()
+            .filter(|b| b.lineage == lineage)
+            .min_by_key(|b| b.start_seq)?;
         let mut next = first_base.start_seq + 1;
         let mut last_ns = first_base.completed_ns;
         for s in self.segments.iter().filter(|s| s.lineage == lineage) {
@@ -203,7 +230,11 @@ impl Timeline {
             last_ns = last_ns.max(s.last_ns);
         }
         let last_seq = next - 1;
-        for h in self.heartbeats.iter().filter(|h| h.lineage == lineage && h.seq == last_seq) {
+        for h in self
+            .heartbeats
+            .iter()
+            .filter(|h| h.lineage == lineage && h.seq == last_seq)
+        {
             last_ns = last_ns.max(h.ns);
         }
         Some((last_ns, last_seq))
@@ -213,8 +244,18 @@ impl Timeline {
     pub fn windows(&self) -> Vec<Window> {
         let mut out = Vec::new();
         for l in self.lineage_ids() {
-            let Some(earliest) = self.bases.iter().filter(|b| b.lineage == l).map(|b| b.completed_ns).min() else { continue };
-            let Some((latest, _)) = self.known_until(l) else { continue };
+            let Some(earliest) = self
+                .bases
+                .iter()
+                .filter(|b| b.lineage == l)
+                .map(|b| b.completed_ns)
+                .min()
+            else {
+                continue;
+            };
+            let Some((latest, _)) = self.known_until(l) else {
+                continue;
+            };
             out.push(Window {
                 lineage: lineage_id(l),
                 earliest_ns: earliest,
@@ -238,17 +279,30 @@ impl Timeline {
                         lineage: lineage_id(l),
                         from_ns: w[0].last_ns,
                         to_ns: w[1].first_ns,
-                        reason: format!("records {}..{} are missing from the store", w[0].last_seq + 1, w[1].first_seq - 1),
+                        reason: format!(
+                            "records {}..{} are missing from the store",
+                            w[0].last_seq + 1,
+                            w[1].first_seq - 1
+                        ),
                     });
                 }
             }
-            for b in self.bases.iter().filter(|b| b.lineage == l && b.kind == BaseKind::Repair) {
-                let from = segs.iter().find(|s| s.last_seq > b.start_seq).map(|s| s.first_ns).unwrap_or(b.completed_ns);
+            for b in self
+                .bases
+                .iter()
+                .filter(|b| b.lineage == l && b.kind == BaseKind::Repair)
+            {
+                let from = segs
+                    .iter()
+                    .find(|s| s.last_seq > b.start_seq)
+                    .map(|s| s.first_ns)
+                    .unwrap_or(b.completed_ns);
                 out.push(Gap {
                     lineage: lineage_id(l),
                     from_ns: from.min(b.completed_ns),
                     to_ns: b.completed_ns,
-                    reason: "the sidecar restarted after a crash; a repair base was being taken".into(),
+                    reason: "the sidecar restarted after a crash; a repair base was being taken"
+                        .into(),
                 });
             }
         }
@@ -260,19 +314,27 @@ impl Timeline {
         if w.is_empty() {
             return "no base has completed yet".into();
         }
-        w.iter().map(|w| format!("{} to {} (lineage {})", w.earliest, w.latest, w.lineage)).collect::<Vec<_>>().join("; ")
+        w.iter()
+            .map(|w| format!("{} to {} (lineage {})", w.earliest, w.latest, w.lineage))
+            .collect::<Vec<_>>()
+            .join("; ")
     }
 
     /// Resolves a restore time to a lineage, a base and the segments to replay.
     pub fn plan(&self, at: At, lineage: Option<&str>) -> Result<Plan, TimelineError> {
         let windows = self.windows();
         if windows.is_empty() {
-            let why = if self.segments.is_empty() { String::new() } else { " (segments exist, but no base has completed)".into() };
+            let why = if self.segments.is_empty() {
+                String::new()
+            } else {
+                " (segments exist, but no base has completed)".into()
+            };
             return Err(TimelineError::Empty(why));
         }
         let wanted: Option<u64> = match lineage {
             Some(id) => {
-                let l = u64::from_str_radix(id, 16).map_err(|_| TimelineError::NoLineage(id.into()))?;
+                let l =
+                    u64::from_str_radix(id, 16).map_err(|_| TimelineError::NoLineage(id.into()))?;
                 if !windows.iter().any(|w| w.lineage == lineage_id(l)) {
                     return Err(TimelineError::NoLineage(id.into()));
                 }
@@ -280,22 +342,35 @@ impl Timeline {
             }
             None => None,
         };
-        let candidates: Vec<&Window> = windows.iter().filter(|w| wanted.is_none_or(|l| w.lineage == lineage_id(l))).collect();
+        let candidates: Vec<&Window> = windows
+            .iter()
+            .filter(|w| wanted.is_none_or(|l| w.lineage == lineage_id(l)))
+            .collect();
         let at_ns = match at {
             At::Latest => candidates.iter().map(|w| w.latest_ns).max().unwrap(),
             At::Instant(ns) => ns,
         };
-        let covering: Vec<&&Window> = candidates.iter().filter(|w| w.earliest_ns <= at_ns && at_ns <= w.latest_ns).collect();
+        let covering: Vec<&&Window> = candidates
+            .iter()
+            .filter(|w| w.earliest_ns <= at_ns && at_ns <= w.latest_ns)
+            .collect();
         let chosen = match covering.len() {
             0 => {
-                return Err(TimelineError::OutsideWindow { time: fmt_ns(at_ns), window: self.describe_windows() });
+                return Err(TimelineError::OutsideWindow {
+                    time: fmt_ns(at_ns),
+                    window: self.describe_windows(),
+                });
             }
             1 => covering[0],
             _ if at == At::Latest => covering.iter().max_by_key(|w| w.latest_ns).unwrap(),
             _ => {
                 return Err(TimelineError::Ambiguous {
                     time: fmt_ns(at_ns),
-                    ids: covering.iter().map(|w| w.lineage.clone()).collect::<Vec<_>>().join(", "),
+                    ids: covering
+                        .iter()
+                        .map(|w| w.lineage.clone())
+                        .collect::<Vec<_>>()
+                        .join(", "),
                 })
             }
         };
@@ -306,7 +381,10 @@ impl Timeline {
             .filter(|b| b.lineage == l && b.completed_ns <= at_ns)
             .max_by_key(|b| (b.completed_ns, b.start_seq))
             .cloned()
-            .ok_or_else(|| TimelineError::OutsideWindow { time: fmt_ns(at_ns), window: self.describe_windows() })?;
+            .ok_or_else(|| TimelineError::OutsideWindow {
+                time: fmt_ns(at_ns),
+                window: self.describe_windows(),
+            })?;
         // Segments after the base, up to the first that starts after T.
         let mut segments = Vec::new();
         let mut next = base.start_seq + 1;
@@ -321,7 +399,12 @@ impl Timeline {
             if s.first_seq > next {
                 return Err(TimelineError::InGap {
                     time: fmt_ns(at_ns),
-                    why: format!("records {}..{} of lineage {} are missing from the store", next, s.first_seq - 1, chosen.lineage),
+                    why: format!(
+                        "records {}..{} of lineage {} are missing from the store",
+                        next,
+                        s.first_seq - 1,
+                        chosen.lineage
+                    ),
                 });
             }
             next = s.last_seq + 1;
@@ -330,9 +413,15 @@ impl Timeline {
         }
         // A repair base not yet complete at T means the source may have held
         // an unrecorded change when records after its start were made.
-        for r in self.bases.iter().filter(|b| b.lineage == l && b.kind == BaseKind::Repair && b.completed_ns > at_ns) {
+        for r in self
+            .bases
+            .iter()
+            .filter(|b| b.lineage == l && b.kind == BaseKind::Repair && b.completed_ns > at_ns)
+        {
             if r.start_seq > base.start_seq && r.start_seq < last_needed {
-                let needs_after = segments.iter().any(|s| s.last_seq > r.start_seq && s.first_ns <= at_ns);
+                let needs_after = segments
+                    .iter()
+                    .any(|s| s.last_seq > r.start_seq && s.first_ns <= at_ns);
                 if needs_after {
                     return Err(TimelineError::InGap {
                         time: fmt_ns(at_ns),
@@ -344,13 +433,28 @@ impl Timeline {
                 }
             }
         }
-        Ok(Plan { at_ns, lineage: l, base, segments })
+        Ok(Plan {
+            at_ns,
+            lineage: l,
+            base,
+            segments,
+        })
     }
 
     /// Last stored sequence number of a lineage (for resuming shipping).
     pub fn last_seq(&self, lineage: u64) -> Option<Seq> {
-        let a = self.segments.iter().filter(|s| s.lineage == lineage).map(|s| s.last_seq).max();
-        let b = self.bases.iter().filter(|b| b.lineage == lineage).map(|b| b.start_seq).max();
+        let a = self
+            .segments
+            .iter()
+            .filter(|s| s.lineage == lineage)
+            .map(|s| s.last_seq)
+            .max();
+        let b = self
+            .bases
+            .iter()
+            .filter(|b| b.lineage == lineage)
+            .map(|b| b.start_seq)
+            .max();
         a.max(b)
     }
 

@@ -26,14 +26,24 @@ pub fn verify(store: &dyn Store, progress: &mut dyn FnMut(&str)) -> Result<Repor
     let mut rep = Report::default();
     for s in &t.segments {
         let key = s.key();
-        match store.get(&key).map_err(|e| e.to_string()).and_then(|d| segment::decode(&d).map_err(|e| e.to_string())) {
+        match store
+            .get(&key)
+            .map_err(|e| e.to_string())
+            .and_then(|d| segment::decode(&d).map_err(|e| e.to_string()))
+        {
             Ok((meta, recs)) if meta == *s => rep.records += recs.len() as u64,
-            Ok(_) => rep.problems.push(format!("segment {key}: header does not match the key")),
+            Ok(_) => rep
+                .problems
+                .push(format!("segment {key}: header does not match the key")),
             Err(e) => rep.problems.push(format!("segment {key}: {e}")),
         }
         rep.segments += 1;
         if rep.segments % 500 == 0 {
-            progress(&format!("checked {} of {} segments", rep.segments, t.segments.len()));
+            progress(&format!(
+                "checked {} of {} segments",
+                rep.segments,
+                t.segments.len()
+            ));
         }
     }
     let mut chunks_needed = HashSet::new();
@@ -58,23 +68,30 @@ pub fn verify(store: &dyn Store, progress: &mut dyn FnMut(&str)) -> Result<Repor
                     rep.problems.push(format!("chunk {key}: {e}"));
                 }
             }
-            Err(StoreError::NotFound { .. }) => rep.problems.push(format!("chunk {key} is missing but a base needs it")),
+            Err(StoreError::NotFound { .. }) => rep
+                .problems
+                .push(format!("chunk {key} is missing but a base needs it")),
             Err(e) => return Err(e),
         }
         rep.chunks += 1;
     }
     for g in t.gaps() {
         if g.reason.contains("missing") {
-            rep.problems.push(format!("lineage {}: {}", g.lineage, g.reason));
+            rep.problems
+                .push(format!("lineage {}: {}", g.lineage, g.reason));
         }
     }
     let with_base: HashSet<u64> = t.bases.iter().map(|b| b.lineage).collect();
     let lineages: HashSet<u64> = t.segments.iter().map(|s| s.lineage).collect();
     for l in lineages.difference(&with_base) {
-        rep.problems.push(format!("lineage {} has segments but no base", lineage_id(*l)));
+        rep.problems.push(format!(
+            "lineage {} has segments but no base",
+            lineage_id(*l)
+        ));
     }
     for k in &t.unknown {
-        rep.problems.push(format!("unexpected object {k} (not a Rewind object name)"));
+        rep.problems
+            .push(format!("unexpected object {k} (not a Rewind object name)"));
     }
     Ok(rep)
 }

@@ -9,7 +9,13 @@ use rewind::journal::{Journal, JournalReader};
 use rewind::record::Op;
 
 fn write_op(i: u64) -> Op {
-    Op::Write { ino: 5, offset: i * 10, size: i * 10 + 10, mtime: 1, data: Bytes::from(vec![i as u8; 10]) }
+    Op::Write {
+        ino: 5,
+        offset: i * 10,
+        size: i * 10 + 10,
+        mtime: 1,
+        data: Bytes::from(vec![i as u8; 10]),
+    }
 }
 
 fn fill(dir: &Path, n: u64) -> Vec<(u64, u64)> {
@@ -23,7 +29,11 @@ fn fill(dir: &Path, n: u64) -> Vec<(u64, u64)> {
 }
 
 fn journal_file(dir: &Path) -> std::path::PathBuf {
-    let mut v: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|x| x == "rwj")).collect();
+    let mut v: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "rwj"))
+        .collect();
     v.sort();
     v.into_iter().next().unwrap()
 }
@@ -69,9 +79,14 @@ fn damage_in_the_middle_is_refused() {
     let mut b = std::fs::read(&p).unwrap();
     b[64 + 40] ^= 0x10; // inside the first record
     std::fs::write(&p, &b).unwrap();
-    let err = Journal::open(d.path(), 1, 1, 0, u64::MAX).err().expect("must refuse");
+    let err = Journal::open(d.path(), 1, 1, 0, u64::MAX)
+        .err()
+        .expect("must refuse");
     let msg = err.to_string();
-    assert!(msg.contains("damaged") && msg.contains("move the journal directory aside"), "{msg}");
+    assert!(
+        msg.contains("damaged") && msg.contains("move the journal directory aside"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -93,7 +108,10 @@ fn one_operation_is_one_timestamp() {
     let mut r = JournalReader::new(1);
     let (_, recs) = r.read(&j.files(), 1 << 20).unwrap().unwrap();
     assert_eq!(recs.len(), 2);
-    assert_eq!(recs[0].time, recs[1].time, "records of one operation share a time, so a restore sees all or none");
+    assert_eq!(
+        recs[0].time, recs[1].time,
+        "records of one operation share a time, so a restore sees all or none"
+    );
 }
 
 #[test]
@@ -102,7 +120,13 @@ fn writers_wait_past_the_bound_until_space_is_released() {
     // 4 KiB files and a 12 KiB bound: a few appends fill it.
     let (j, _) = Journal::open_sized(d.path(), 1, 1, 0, 12 << 10, 4 << 10).unwrap();
     let j = std::sync::Arc::new(j);
-    let big = |i: u64| Op::Write { ino: 5, offset: 0, size: 1000, mtime: 1, data: Bytes::from(vec![i as u8; 1000]) };
+    let big = |i: u64| Op::Write {
+        ino: 5,
+        offset: 0,
+        size: 1000,
+        mtime: 1,
+        data: Bytes::from(vec![i as u8; 1000]),
+    };
     let j2 = j.clone();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -113,7 +137,10 @@ fn writers_wait_past_the_bound_until_space_is_released() {
     });
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while !j.writers_waiting() {
-        assert!(std::time::Instant::now() < deadline, "the writer never started waiting");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the writer never started waiting"
+        );
         std::thread::yield_now();
     }
     let acked_before = rx.try_iter().count();
@@ -124,11 +151,18 @@ fn writers_wait_past_the_bound_until_space_is_released() {
         let last = j.last_seq();
         j.release_through(last).unwrap();
         released = last;
-        assert!(std::time::Instant::now() < deadline, "writers did not proceed after release");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "writers did not proceed after release"
+        );
         std::thread::yield_now();
     }
     let all: Vec<u64> = rx.iter().collect();
-    assert_eq!(acked_before + all.len(), 40, "every append completed, none dropped");
+    assert_eq!(
+        acked_before + all.len(),
+        40,
+        "every append completed, none dropped"
+    );
 }
 
 /// Released files are recycled (renamed, new header) so appends overwrite
@@ -139,7 +173,13 @@ fn writers_wait_past_the_bound_until_space_is_released() {
 fn recycled_files_never_yield_stale_frames() {
     let d = tempfile::tempdir().unwrap();
     let size = 64 << 10;
-    let big = |i: u64| Op::Write { ino: 7, offset: i, size: i + 1000, mtime: 1, data: Bytes::from(vec![i as u8; 1000]) };
+    let big = |i: u64| Op::Write {
+        ino: 7,
+        offset: i,
+        size: i + 1000,
+        mtime: 1,
+        data: Bytes::from(vec![i as u8; 1000]),
+    };
     let (j, _) = Journal::open_sized(d.path(), 1, 1, 0, u64::MAX, size).unwrap();
     // Fill several files, release them all: they become spares.
     let mut last = 0;
@@ -147,7 +187,18 @@ fn recycled_files_never_yield_stale_frames() {
         last = j.append(&[big(i)]).unwrap().0;
     }
     j.release_through(last).unwrap();
-    let spares = || std::fs::read_dir(d.path()).unwrap().filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "spare")).count();
+    let spares = || {
+        std::fs::read_dir(d.path())
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .path()
+                    .extension()
+                    .is_some_and(|x| x == "spare")
+            })
+            .count()
+    };
     assert!(spares() >= 1, "released full-size files are kept as spares");
     // Fill the current file until the journal moves to a recycled spare,
     // then put a few short records there.
@@ -157,7 +208,13 @@ fn recycled_files_never_yield_stale_frames() {
         last = j.append(&[big(i)]).unwrap().0;
         i += 1;
     }
-    assert!(std::fs::metadata(&j.files().last().unwrap().path).unwrap().len() == size, "the new file is a recycled one");
+    assert!(
+        std::fs::metadata(&j.files().last().unwrap().path)
+            .unwrap()
+            .len()
+            == size,
+        "the new file is a recycled one"
+    );
     let first = last;
     for i in 0..3 {
         last = j.append(&[write_op(i)]).unwrap().0;
@@ -165,7 +222,10 @@ fn recycled_files_never_yield_stale_frames() {
     j.sync().unwrap();
     let mut r = JournalReader::new(first);
     let (_, recs) = r.read(&j.files(), 1 << 20).unwrap().unwrap();
-    assert_eq!(recs.iter().map(|r| r.seq).collect::<Vec<_>>(), (first..=last).collect::<Vec<_>>());
+    assert_eq!(
+        recs.iter().map(|r| r.seq).collect::<Vec<_>>(),
+        (first..=last).collect::<Vec<_>>()
+    );
     let files = j.files();
     drop(j);
     // A machine crash that lost the end mark where a stale frame began:
@@ -174,15 +234,29 @@ fn recycled_files_never_yield_stale_frames() {
     let cur = files.last().unwrap();
     let mut b = std::fs::read(&cur.path).unwrap();
     let end = cur.end as usize;
-    assert!(b[end + 12..].iter().any(|&x| x != 0), "the recycled file holds stale frames past its end");
-    let spare = std::fs::read_dir(d.path()).unwrap().map(|e| e.unwrap().path()).find(|p| p.extension().is_some_and(|x| x == "spare")).unwrap();
+    assert!(
+        b[end + 12..].iter().any(|&x| x != 0),
+        "the recycled file holds stale frames past its end"
+    );
+    let spare = std::fs::read_dir(d.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "spare"))
+        .unwrap();
     let old = std::fs::read(spare).unwrap();
     let len = u32::from_le_bytes(old[64..68].try_into().unwrap()) as usize + 12;
     b[end..end + len].copy_from_slice(&old[64..64 + len]);
     std::fs::write(&cur.path, &b).unwrap();
     let (j, rec) = Journal::open_sized(d.path(), 1, 1, 0, u64::MAX, size).unwrap();
-    assert_eq!(rec.next_seq, last + 1, "recovery stops at the last real record");
-    assert!(rec.torn.is_empty(), "a stale frame is an end, not a torn record");
+    assert_eq!(
+        rec.next_seq,
+        last + 1,
+        "recovery stops at the last real record"
+    );
+    assert!(
+        rec.torn.is_empty(),
+        "a stale frame is an end, not a torn record"
+    );
     let mut r = JournalReader::new(first);
     let (_, recs) = r.read(&j.files(), 1 << 20).unwrap().unwrap();
     assert_eq!(recs.len(), 4);
@@ -195,12 +269,21 @@ fn recycled_files_never_yield_stale_frames() {
 fn a_reader_starting_deep_in_a_file_finds_the_records_after_it() {
     let d = tempfile::tempdir().unwrap();
     let (j, _) = Journal::open(d.path(), 1, 1, 0, u64::MAX).unwrap();
-    let mib = |i: u64| Op::Write { ino: 3, offset: i << 20, size: (i + 1) << 20, mtime: 1, data: Bytes::from(vec![i as u8; 1 << 20]) };
+    let mib = |i: u64| Op::Write {
+        ino: 3,
+        offset: i << 20,
+        size: (i + 1) << 20,
+        mtime: 1,
+        data: Bytes::from(vec![i as u8; 1 << 20]),
+    };
     for i in 0..30 {
         j.append(&[mib(i)]).unwrap();
     }
     let mut r = JournalReader::new(25);
-    let (_, recs) = r.read(&j.files(), 2 << 20).unwrap().expect("records after the cursor");
+    let (_, recs) = r
+        .read(&j.files(), 2 << 20)
+        .unwrap()
+        .expect("records after the cursor");
     assert_eq!(recs.first().map(|r| r.seq), Some(25));
     let mut seqs: Vec<u64> = recs.iter().map(|r| r.seq).collect();
     while let Some((_, more)) = r.read(&j.files(), 2 << 20).unwrap() {

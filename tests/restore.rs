@@ -54,7 +54,15 @@ impl Fixture {
     }
 
     fn segment(&self, ops: Vec<Op>) {
-        let recs: Vec<Record> = ops.into_iter().enumerate().map(|(i, op)| Record { seq: 1 + i as u64, time: 3_000 + i as i64, op }).collect();
+        let recs: Vec<Record> = ops
+            .into_iter()
+            .enumerate()
+            .map(|(i, op)| Record {
+                seq: 1 + i as u64,
+                time: 3_000 + i as i64,
+                op,
+            })
+            .collect();
         let (meta, data) = segment::encode(LINEAGE, &recs);
         self.store.put(&meta.key(), data).unwrap();
     }
@@ -66,7 +74,15 @@ impl Fixture {
     fn restore(&self) -> Result<(), String> {
         let t = Timeline::load(self.store.as_ref()).map_err(|e| e.to_string())?;
         let plan = t.plan(At::Latest, None).map_err(|e| e.to_string())?;
-        rewind::restore::restore(self.store.as_ref(), &plan, &self.target(), false, &mut |_| {}).map(|_| ()).map_err(|e| e.to_string())
+        rewind::restore::restore(
+            self.store.as_ref(),
+            &plan,
+            &self.target(),
+            false,
+            &mut |_| {},
+        )
+        .map(|_| ())
+        .map_err(|e| e.to_string())
     }
 
     /// Everything under the fixture directory except the store and target.
@@ -102,8 +118,15 @@ fn check_refused(ops: Vec<Op>, want: &str) {
     f.segment(ops);
     let err = f.restore().expect_err("a hostile segment must be refused");
     assert!(err.contains(want), "error {err:?} should mention {want:?}");
-    assert!(f.outside().is_empty(), "restore wrote outside the target: {:?}", f.outside());
-    assert!(f.target().join(".rewind/restore-incomplete").exists(), "a failed restore must stay marked incomplete");
+    assert!(
+        f.outside().is_empty(),
+        "restore wrote outside the target: {:?}",
+        f.outside()
+    );
+    assert!(
+        f.target().join(".rewind/restore-incomplete").exists(),
+        "a failed restore must stay marked incomplete"
+    );
 }
 
 #[test]
@@ -145,22 +168,49 @@ fn writes_through_a_symlink_never_leave_the_target() {
     let f = Fixture::new();
     f.segment(vec![
         create(ROOT, "link", 7, Kind::Symlink, victim.to_str().unwrap()),
-        Op::Write { ino: 7, offset: 0, size: 4, mtime: 1, data: Bytes::from_static(b"evil") },
+        Op::Write {
+            ino: 7,
+            offset: 0,
+            size: 4,
+            mtime: 1,
+            data: Bytes::from_static(b"evil"),
+        },
     ]);
-    assert!(f.restore().is_err(), "a write to a symlink's identity must fail");
+    assert!(
+        f.restore().is_err(),
+        "a write to a symlink's identity must fail"
+    );
     assert_eq!(std::fs::read(&victim).unwrap(), b"untouched");
     let f = Fixture::new();
     f.segment(vec![
-        create(ROOT, "link", 7, Kind::Symlink, outside.path().to_str().unwrap()),
+        create(
+            ROOT,
+            "link",
+            7,
+            Kind::Symlink,
+            outside.path().to_str().unwrap(),
+        ),
         create(7, "planted", 8, Kind::File, ""),
     ]);
     assert!(f.restore().unwrap_err().contains("not a directory"));
-    assert!(!outside.path().join("planted").exists(), "a file was created through a symlink");
+    assert!(
+        !outside.path().join("planted").exists(),
+        "a file was created through a symlink"
+    );
 }
 
 #[test]
 fn records_naming_unknown_files_are_refused() {
-    check_refused(vec![Op::Write { ino: 999, offset: 0, size: 1, mtime: 1, data: Bytes::from_static(b"x") }], "never created");
+    check_refused(
+        vec![Op::Write {
+            ino: 999,
+            offset: 0,
+            size: 1,
+            mtime: 1,
+            data: Bytes::from_static(b"x"),
+        }],
+        "never created",
+    );
 }
 
 fn damage(path: &Path, how: &str) {
@@ -177,7 +227,10 @@ fn damage(path: &Path, how: &str) {
 }
 
 fn find(dir: &Path, part: &str) -> PathBuf {
-    walk(dir).into_iter().find(|p| p.to_string_lossy().contains(part)).unwrap_or_else(|| panic!("no {part} under {}", dir.display()))
+    walk(dir)
+        .into_iter()
+        .find(|p| p.to_string_lossy().contains(part))
+        .unwrap_or_else(|| panic!("no {part} under {}", dir.display()))
 }
 
 fn walk(dir: &Path) -> Vec<PathBuf> {
@@ -207,8 +260,14 @@ fn damaged_objects_are_refused_with_a_clear_error() {
         // A base with one real chunk, so there is a chunk to damage.
         let data = vec![42u8; 5000];
         let hash = *blake3::hash(&data).as_bytes();
-        f.store.put(&base::chunk_key(&hash), base::encode_chunk(&data)).unwrap();
-        let mut m = base::load_manifest(f.store.as_ref(), &Timeline::load(f.store.as_ref()).unwrap().bases[0]).unwrap();
+        f.store
+            .put(&base::chunk_key(&hash), base::encode_chunk(&data))
+            .unwrap();
+        let mut m = base::load_manifest(
+            f.store.as_ref(),
+            &Timeline::load(f.store.as_ref()).unwrap().bases[0],
+        )
+        .unwrap();
         m.objects.push(Object {
             ino: 7,
             kind: Kind::File,
@@ -220,17 +279,34 @@ fn damaged_objects_are_refused_with_a_clear_error() {
             rdev: 0,
             target: Bytes::new(),
             xattrs: vec![],
-            extents: vec![base::Extent { offset: 0, len: 5000, hash }],
+            extents: vec![base::Extent {
+                offset: 0,
+                len: 5000,
+                hash,
+            }],
         });
-        m.links.push(base::Link { parent: ROOT, name: Bytes::from_static(b"f"), ino: 7 });
+        m.links.push(base::Link {
+            parent: ROOT,
+            name: Bytes::from_static(b"f"),
+            ino: 7,
+        });
         std::fs::remove_dir_all(f.dir.path().join("store/vol/base")).unwrap();
         base::store_manifest(f.store.as_ref(), &m).unwrap();
-        f.segment(vec![Op::Write { ino: 7, offset: 0, size: 5000, mtime: 10, data: Bytes::from_static(b"hello") }]);
+        f.segment(vec![Op::Write {
+            ino: 7,
+            offset: 0,
+            size: 5000,
+            mtime: 10,
+            data: Bytes::from_static(b"hello"),
+        }]);
         assert!(f.restore().is_ok(), "the undamaged fixture restores");
         std::fs::remove_dir_all(f.target()).unwrap();
         damage(&find(&f.dir.path().join("store"), part), how);
         let err = f.restore().expect_err("damage must be refused");
-        assert!(err.contains(want) || err.contains("damaged"), "{part} {how}: {err}");
+        assert!(
+            err.contains(want) || err.contains("damaged"),
+            "{part} {how}: {err}"
+        );
         let rep = rewind::verify::verify(f.store.as_ref(), &mut |_| {}).unwrap();
         assert!(!rep.problems.is_empty(), "verify must report {part} {how}");
     }
@@ -242,15 +318,27 @@ fn a_time_outside_the_window_names_the_window() {
     f.segment(vec![create(ROOT, "a", 7, Kind::File, "")]);
     let t = Timeline::load(f.store.as_ref()).unwrap();
     let err = t.plan(At::Instant(10), None).unwrap_err().to_string();
-    assert!(err.contains("outside the restore window") && err.contains("1970-01-01T00:00:00.000002Z"), "{err}");
-    let err = t.plan(At::Instant(1_000_000_000_000_000_000), None).unwrap_err().to_string();
+    assert!(
+        err.contains("outside the restore window") && err.contains("1970-01-01T00:00:00.000002Z"),
+        "{err}"
+    );
+    let err = t
+        .plan(At::Instant(1_000_000_000_000_000_000), None)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("outside the restore window"), "{err}");
 }
 
 #[test]
 fn a_missing_segment_is_a_gap_not_a_silent_skip() {
     let f = Fixture::new();
-    let recs: Vec<Record> = (1..=4).map(|s| Record { seq: s, time: 3_000 + s as i64, op: create(ROOT, &format!("f{s}"), 10 + s, Kind::File, "") }).collect();
+    let recs: Vec<Record> = (1..=4)
+        .map(|s| Record {
+            seq: s,
+            time: 3_000 + s as i64,
+            op: create(ROOT, &format!("f{s}"), 10 + s, Kind::File, ""),
+        })
+        .collect();
     for chunk in [&recs[0..1], &recs[2..4]] {
         let (meta, data) = segment::encode(LINEAGE, chunk);
         f.store.put(&meta.key(), data).unwrap();
@@ -258,9 +346,16 @@ fn a_missing_segment_is_a_gap_not_a_silent_skip() {
     let t = Timeline::load(f.store.as_ref()).unwrap();
     let err = t.plan(At::Instant(3_004), None).unwrap_err().to_string();
     assert!(err.contains("outside") || err.contains("missing"), "{err}");
-    assert!(t.plan(At::Instant(3_001), None).is_ok(), "the time before the gap restores");
+    assert!(
+        t.plan(At::Instant(3_001), None).is_ok(),
+        "the time before the gap restores"
+    );
     let rep = rewind::verify::verify(f.store.as_ref(), &mut |_| {}).unwrap();
-    assert!(rep.problems.iter().any(|p| p.contains("missing")), "{:?}", rep.problems);
+    assert!(
+        rep.problems.iter().any(|p| p.contains("missing")),
+        "{:?}",
+        rep.problems
+    );
 }
 
 #[test]
@@ -270,6 +365,9 @@ fn a_non_empty_target_is_refused_without_force() {
     std::fs::create_dir_all(f.target()).unwrap();
     std::fs::write(f.target().join("precious"), b"keep").unwrap();
     let err = f.restore().unwrap_err();
-    assert!(err.contains("not empty") && err.contains("--force"), "{err}");
+    assert!(
+        err.contains("not empty") && err.contains("--force"),
+        "{err}"
+    );
     assert_eq!(std::fs::read(f.target().join("precious")).unwrap(), b"keep");
 }

@@ -69,14 +69,27 @@ mod cases {
         let mut all: Vec<String> = keys.iter().map(|k| k.to_string()).collect();
         all.sort();
         assert_eq!(s.list("").unwrap(), all);
-        assert_eq!(s.list("seg/").unwrap(), ["seg/0000000001", "seg/0000000002", "seg/0000000010"]);
-        assert_eq!(s.list("seg/000000000").unwrap(), ["seg/0000000001", "seg/0000000002"]);
-        assert_eq!(s.list("base/a/chunks/").unwrap(), ["base/a/chunks/0a", "base/a/chunks/ff"]);
+        assert_eq!(
+            s.list("seg/").unwrap(),
+            ["seg/0000000001", "seg/0000000002", "seg/0000000010"]
+        );
+        assert_eq!(
+            s.list("seg/000000000").unwrap(),
+            ["seg/0000000001", "seg/0000000002"]
+        );
+        assert_eq!(
+            s.list("base/a/chunks/").unwrap(),
+            ["base/a/chunks/0a", "base/a/chunks/ff"]
+        );
         assert_eq!(s.list("nothing/").unwrap(), Vec::<String>::new());
     }
 
     pub fn keys_with_punctuation_round_trip(s: &dyn Store) {
-        let keys = ["t/2026-11-24T12:00:05.123456789Z+00", "t/a=b,c_d~e.f-g", "t/percent%20not-decoded"];
+        let keys = [
+            "t/2026-11-24T12:00:05.123456789Z+00",
+            "t/a=b,c_d~e.f-g",
+            "t/percent%20not-decoded",
+        ];
         for k in keys {
             s.put(k, Bytes::from(k.as_bytes().to_vec())).unwrap();
             assert_eq!(s.get(k).unwrap(), k.as_bytes());
@@ -134,7 +147,12 @@ mod cases {
                 reads += 1;
                 match s.get("seg/race") {
                     Err(StoreError::NotFound { .. }) => {}
-                    Ok(b) => assert!(b == data, "a reader saw {} of {} bytes", b.len(), data.len()),
+                    Ok(b) => assert!(
+                        b == data,
+                        "a reader saw {} of {} bytes",
+                        b.len(),
+                        data.len()
+                    ),
                     Err(e) => panic!("{e}"),
                 }
             }
@@ -199,22 +217,39 @@ mod s3_configuration {
         let e = open_err(srv.config("no-such-bucket", "p"));
         assert!(matches!(e, StoreError::Config { .. }), "{e:?}");
         let msg = e.to_string();
-        assert!(msg.contains("bucket no-such-bucket does not exist"), "{msg}");
+        assert!(
+            msg.contains("bucket no-such-bucket does not exist"),
+            "{msg}"
+        );
     }
 
     #[test]
     fn unreachable_endpoint_fails_at_open_unless_tolerated() {
         let srv = shared_s3();
         // A loopback port nobody listens on.
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         let mut cfg = srv.config(BUCKET, "p");
         cfg.endpoint = Some(format!("http://127.0.0.1:{port}"));
         let started = Instant::now();
         let e = open_err(cfg.clone());
-        assert!(started.elapsed() < Duration::from_secs(20), "took {:?}", started.elapsed());
-        assert!(matches!(e, StoreError::Unreachable { .. }) && e.is_transient(), "{e:?}");
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "took {:?}",
+            started.elapsed()
+        );
+        assert!(
+            matches!(e, StoreError::Unreachable { .. }) && e.is_transient(),
+            "{e:?}"
+        );
         let msg = e.to_string();
-        assert!(msg.contains(&format!("127.0.0.1:{port}")) && msg.contains("check the endpoint"), "{msg}");
+        assert!(
+            msg.contains(&format!("127.0.0.1:{port}")) && msg.contains("check the endpoint"),
+            "{msg}"
+        );
 
         // `run` opens with tolerance: it starts, and uploads report the outage.
         cfg.tolerate_unreachable = true;
@@ -243,8 +278,12 @@ mod s3_configuration {
             cmd.env(k, v);
         }
         let out = cmd.output().unwrap();
-        let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-        assert!(out.status.success() && text.contains("1 passed"), "child {test} failed:\n{text}");
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() && text.contains("1 passed"),
+            "child {test} failed:\n{text}"
+        );
     }
 
     fn in_child() -> bool {
@@ -257,11 +296,18 @@ mod s3_configuration {
     fn open_takes_endpoint_region_and_credentials_from_the_environment() {
         if in_child() {
             let url = std::env::var("REWIND_TEST_URL").unwrap();
-            let opts = rewind::store::StoreOptions { s3_path_style: true, ..Default::default() };
+            let opts = rewind::store::StoreOptions {
+                s3_path_style: true,
+                ..Default::default()
+            };
             let s = rewind::store::open(&url, &opts).unwrap();
             s.put("env/1", Bytes::from_static(b"env")).unwrap();
             assert_eq!(s.get("env/1").unwrap(), "env");
-            assert!(s.describe().starts_with("s3://rewind-test/"), "{}", s.describe());
+            assert!(
+                s.describe().starts_with("s3://rewind-test/"),
+                "{}",
+                s.describe()
+            );
             return;
         }
         let srv = shared_s3();
@@ -350,7 +396,10 @@ mod s3_credentials {
     #[test]
     fn unknown_access_key_is_denied_at_open() {
         let srv = auth_server();
-        let user = User { access_key: "AKIANOSUCHKEY0000000".into(), secret_key: "x".into() };
+        let user = User {
+            access_key: "AKIANOSUCHKEY0000000".into(),
+            secret_key: "x".into(),
+        };
         let msg = denied(S3Store::open(srv.config_as(&user, BUCKET, "vol")).map(|_| ()));
         assert!(msg.contains("check credentials"), "{msg}");
     }
@@ -423,20 +472,116 @@ mod s3_faults {
 
     fn table() -> Vec<Case> {
         use Fault::*;
-        let c = |name, method, target, fault, times, len, on_put| Case { name, method, target, fault, times, len, on_put };
+        let c = |name, method, target, fault, times, len, on_put| Case {
+            name,
+            method,
+            target,
+            fault,
+            times,
+            len,
+            on_put,
+        };
         vec![
-            c("500 on put", "PUT", "x-id=PutObject", Status(500, "InternalError"), 2, SMALL, true),
-            c("503 SlowDown on put", "PUT", "x-id=PutObject", Status(503, "SlowDown"), 3, SMALL, true),
+            c(
+                "500 on put",
+                "PUT",
+                "x-id=PutObject",
+                Status(500, "InternalError"),
+                2,
+                SMALL,
+                true,
+            ),
+            c(
+                "503 SlowDown on put",
+                "PUT",
+                "x-id=PutObject",
+                Status(503, "SlowDown"),
+                3,
+                SMALL,
+                true,
+            ),
             c("put hangs", "PUT", "x-id=PutObject", Hang, 1, SMALL, true),
-            c("connection cut mid upload", "PUT", "x-id=PutObject", CutRequest, 2, SMALL, true),
-            c("answer to a put lost", "PUT", "x-id=PutObject", CutResponse, 1, SMALL, true),
-            c("500 on a part", "PUT", "partNumber=2", Status(500, "InternalError"), 2, LARGE, true),
-            c("part cut mid upload", "PUT", "partNumber=1", CutRequest, 2, LARGE, true),
-            c("throttled create", "POST", "uploads", Status(503, "SlowDown"), 2, LARGE, true),
-            c("complete answer lost", "POST", "uploadId=", CutResponse, 1, LARGE, true),
-            c("500 on get", "GET", "x-id=GetObject", Status(500, "InternalError"), 2, SMALL, false),
-            c("download cut mid body", "GET", "x-id=GetObject", CutResponse, 2, SMALL, false),
-            c("ranged download cut", "GET", "x-id=GetObject", CutResponse, 3, LARGE, false),
+            c(
+                "connection cut mid upload",
+                "PUT",
+                "x-id=PutObject",
+                CutRequest,
+                2,
+                SMALL,
+                true,
+            ),
+            c(
+                "answer to a put lost",
+                "PUT",
+                "x-id=PutObject",
+                CutResponse,
+                1,
+                SMALL,
+                true,
+            ),
+            c(
+                "500 on a part",
+                "PUT",
+                "partNumber=2",
+                Status(500, "InternalError"),
+                2,
+                LARGE,
+                true,
+            ),
+            c(
+                "part cut mid upload",
+                "PUT",
+                "partNumber=1",
+                CutRequest,
+                2,
+                LARGE,
+                true,
+            ),
+            c(
+                "throttled create",
+                "POST",
+                "uploads",
+                Status(503, "SlowDown"),
+                2,
+                LARGE,
+                true,
+            ),
+            c(
+                "complete answer lost",
+                "POST",
+                "uploadId=",
+                CutResponse,
+                1,
+                LARGE,
+                true,
+            ),
+            c(
+                "500 on get",
+                "GET",
+                "x-id=GetObject",
+                Status(500, "InternalError"),
+                2,
+                SMALL,
+                false,
+            ),
+            c(
+                "download cut mid body",
+                "GET",
+                "x-id=GetObject",
+                CutResponse,
+                2,
+                SMALL,
+                false,
+            ),
+            c(
+                "ranged download cut",
+                "GET",
+                "x-id=GetObject",
+                CutResponse,
+                3,
+                LARGE,
+                false,
+            ),
             c("get hangs", "GET", "x-id=GetObject", Hang, 1, SMALL, false),
         ]
     }
@@ -455,7 +600,11 @@ mod s3_faults {
                 proxy.inject(case.method, case.target, case.fault, case.times);
             }
             let got = s.get("seg/1");
-            let hit = proxy.seen(case.method, case.target).iter().filter(|r| r.fault.is_some()).count();
+            let hit = proxy
+                .seen(case.method, case.target)
+                .iter()
+                .filter(|r| r.fault.is_some())
+                .count();
             let ok = put.is_ok() && got.as_ref().is_ok_and(|b| *b == data) && hit == case.times;
             if !ok {
                 failures.push(format!(
@@ -467,7 +616,12 @@ mod s3_faults {
                     case.times
                 ));
             }
-            assert_eq!(s.open_multipart_uploads("").unwrap(), vec![], "{}: upload left open", case.name);
+            assert_eq!(
+                s.open_multipart_uploads("").unwrap(),
+                vec![],
+                "{}: upload left open",
+                case.name
+            );
         }
         assert!(failures.is_empty(), "{}", failures.join("\n"));
     }
@@ -475,9 +629,17 @@ mod s3_faults {
     #[test]
     fn persistent_5xx_is_reported_unreachable_and_nothing_is_visible() {
         let (proxy, s) = through_proxy("persistent");
-        proxy.inject("PUT", "x-id=PutObject", Fault::Status(500, "InternalError"), 1000);
+        proxy.inject(
+            "PUT",
+            "x-id=PutObject",
+            Fault::Status(500, "InternalError"),
+            1000,
+        );
         let e = s.put("seg/1", pattern(SMALL, 1)).unwrap_err();
-        assert!(matches!(e, StoreError::Unreachable { .. }) && e.is_transient(), "{e:?}");
+        assert!(
+            matches!(e, StoreError::Unreachable { .. }) && e.is_transient(),
+            "{e:?}"
+        );
         assert!(e.to_string().contains("gave up after 5 attempts"), "{e}");
         assert_eq!(proxy.seen("PUT", "x-id=PutObject").len(), 5);
         proxy.clear();
@@ -490,9 +652,15 @@ mod s3_faults {
         proxy.inject("PUT", "partNumber=2", Fault::CutRequest, 1000);
         let e = s.put("base/big", pattern(LARGE, 3)).unwrap_err();
         assert!(e.is_transient(), "{e:?}");
-        assert!(!proxy.seen("DELETE", "uploadId=").is_empty(), "no AbortMultipartUpload sent");
+        assert!(
+            !proxy.seen("DELETE", "uploadId=").is_empty(),
+            "no AbortMultipartUpload sent"
+        );
         assert_eq!(s.open_multipart_uploads("").unwrap(), vec![]);
-        assert!(matches!(s.get("base/big"), Err(StoreError::NotFound { .. })));
+        assert!(matches!(
+            s.get("base/big"),
+            Err(StoreError::NotFound { .. })
+        ));
         assert_eq!(s.list("").unwrap(), Vec::<String>::new());
     }
 
@@ -501,10 +669,22 @@ mod s3_faults {
     fn uploads_left_open_are_aborted_at_the_next_start() {
         let (proxy, s) = through_proxy("leftover");
         proxy.inject("PUT", "partNumber=2", Fault::CutRequest, 1000);
-        proxy.inject("DELETE", "uploadId=", Fault::Status(500, "InternalError"), 1000);
+        proxy.inject(
+            "DELETE",
+            "uploadId=",
+            Fault::Status(500, "InternalError"),
+            1000,
+        );
         assert!(s.put("base/big", pattern(LARGE, 4)).is_err());
-        assert_eq!(s.open_multipart_uploads("").unwrap().len(), 1, "the failed abort left the upload open");
-        assert!(matches!(s.get("base/big"), Err(StoreError::NotFound { .. })));
+        assert_eq!(
+            s.open_multipart_uploads("").unwrap().len(),
+            1,
+            "the failed abort left the upload open"
+        );
+        assert!(matches!(
+            s.get("base/big"),
+            Err(StoreError::NotFound { .. })
+        ));
         proxy.clear();
         assert_eq!(s.abort_incomplete_uploads("").unwrap(), 1);
         assert_eq!(s.open_multipart_uploads("").unwrap(), vec![]);
@@ -513,7 +693,12 @@ mod s3_faults {
     #[test]
     fn access_denied_is_not_retried() {
         let (proxy, s) = through_proxy("denied");
-        proxy.inject("PUT", "x-id=PutObject", Fault::Status(403, "AccessDenied"), 1000);
+        proxy.inject(
+            "PUT",
+            "x-id=PutObject",
+            Fault::Status(403, "AccessDenied"),
+            1000,
+        );
         let e = s.put("seg/1", pattern(10, 1)).unwrap_err();
         assert!(matches!(e, StoreError::Denied { .. }), "{e:?}");
         assert_eq!(proxy.seen("PUT", "x-id=PutObject").len(), 1);
@@ -531,7 +716,10 @@ mod faulty_wrapper {
         let (_dir, inner) = file_store();
         let s = FaultyStore::new(inner.clone());
         s.set_down(true);
-        assert!(s.put("a", Bytes::from_static(b"1")).unwrap_err().is_transient());
+        assert!(s
+            .put("a", Bytes::from_static(b"1"))
+            .unwrap_err()
+            .is_transient());
         assert!(s.list("").is_err());
         s.set_down(false);
         assert!(s.wait_for_failures(2, Duration::from_secs(1)));

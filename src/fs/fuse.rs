@@ -11,8 +11,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
-    AccessFlags, BsdFileFlags, Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig,
-    LockOwner, MountOption, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek,
+    AccessFlags, BsdFileFlags, Config, Errno, FileAttr, FileHandle, FileType, Filesystem,
+    FopenFlags, Generation, INodeNo, KernelConfig, LockOwner, MountOption, OpenFlags, RenameFlags,
+    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek,
     ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, SessionACL, TimeOrNow, WriteFlags,
 };
 use rustix::fs::Stat;
@@ -50,7 +51,12 @@ fn err(e: rustix::io::Errno) -> Errno {
 impl FuseFs {
     pub fn new(core: Arc<Passthrough>) -> FuseFs {
         let root = core.root_ino();
-        FuseFs { core, root, backing: Mutex::new(HashMap::new()), passthrough_fh: Mutex::new(HashMap::new()) }
+        FuseFs {
+            core,
+            root,
+            backing: Mutex::new(HashMap::new()),
+            passthrough_fh: Mutex::new(HashMap::new()),
+        }
     }
 
     /// FUSE's root is inode 1; the source root has its own number. Swap the
@@ -116,7 +122,10 @@ impl FuseFs {
 }
 
 fn caller(req: &Request) -> Caller {
-    Caller { uid: req.uid(), gid: req.gid() }
+    Caller {
+        uid: req.uid(),
+        gid: req.gid(),
+    }
 }
 
 fn time_arg(t: Option<TimeOrNow>) -> Option<Option<(i64, i64)>> {
@@ -143,7 +152,11 @@ impl Filesystem for FuseFs {
         if self.core.read_passthrough() {
             // Passthrough needs the kernel's consent and a stacking depth
             // of at least one (the source is a plain filesystem).
-            if config.add_capabilities(fuser::InitFlags::FUSE_PASSTHROUGH).is_err() || config.set_max_stack_depth(1).is_err() {
+            if config
+                .add_capabilities(fuser::InitFlags::FUSE_PASSTHROUGH)
+                .is_err()
+                || config.set_max_stack_depth(1).is_err()
+            {
                 return Err(std::io::Error::other("the kernel does not offer FUSE passthrough (Linux 6.9 or later); run without --read-passthrough"));
             }
         }
@@ -183,7 +196,16 @@ impl Filesystem for FuseFs {
         _flags: Option<BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        match self.core.setattr(self.src(ino), mode, uid, gid, size, time_arg(atime), time_arg(mtime), fh.map(|f| f.0)) {
+        match self.core.setattr(
+            self.src(ino),
+            mode,
+            uid,
+            gid,
+            size,
+            time_arg(atime),
+            time_arg(mtime),
+            fh.map(|f| f.0),
+        ) {
             Ok(st) => reply.attr(&TTL, &self.attr(&st)),
             Err(e) => reply.error(err(e)),
         }
@@ -196,12 +218,37 @@ impl Filesystem for FuseFs {
         }
     }
 
-    fn mknod(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, _rdev: u32, reply: ReplyEntry) {
-        self.entry(reply, self.core.mknod(self.src(parent), name, mode, umask, caller(req)))
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        _rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        self.entry(
+            reply,
+            self.core
+                .mknod(self.src(parent), name, mode, umask, caller(req)),
+        )
     }
 
-    fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
-        self.entry(reply, self.core.mkdir(self.src(parent), name, mode, umask, caller(req)))
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
+        self.entry(
+            reply,
+            self.core
+                .mkdir(self.src(parent), name, mode, umask, caller(req)),
+        )
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -212,26 +259,72 @@ impl Filesystem for FuseFs {
         empty(reply, self.core.unlink(self.src(parent), name, true))
     }
 
-    fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
-        self.entry(reply, self.core.symlink(self.src(parent), link_name, target.as_os_str(), caller(req)))
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        self.entry(
+            reply,
+            self.core
+                .symlink(self.src(parent), link_name, target.as_os_str(), caller(req)),
+        )
     }
 
-    fn rename(&self, _req: &Request, parent: INodeNo, name: &OsStr, newparent: INodeNo, newname: &OsStr, flags: RenameFlags, reply: ReplyEmpty) {
-        empty(reply, self.core.rename(self.src(parent), name, self.src(newparent), newname, flags.bits()))
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        empty(
+            reply,
+            self.core.rename(
+                self.src(parent),
+                name,
+                self.src(newparent),
+                newname,
+                flags.bits(),
+            ),
+        )
     }
 
-    fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
-        self.entry(reply, self.core.link(self.src(ino), self.src(newparent), newname))
+    fn link(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        self.entry(
+            reply,
+            self.core.link(self.src(ino), self.src(newparent), newname),
+        )
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let src = self.src(ino);
         match self.core.open(src, flags.0) {
-            Ok((fh, OpenMode::Cached)) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_NOFLUSH),
+            Ok((fh, OpenMode::Cached)) => reply.opened(
+                FileHandle(fh),
+                FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_NOFLUSH,
+            ),
             Ok((fh, OpenMode::Passthrough)) => {
                 let mut backing = self.backing.lock();
                 if !backing.contains_key(&src) {
-                    let id = self.core.backing_fd(fh).and_then(|fd| reply.open_backing(fd).map_err(|e| rustix::io::Errno::from_io_error(&e).unwrap_or(rustix::io::Errno::IO)));
+                    let id = self.core.backing_fd(fh).and_then(|fd| {
+                        reply.open_backing(fd).map_err(|e| {
+                            rustix::io::Errno::from_io_error(&e).unwrap_or(rustix::io::Errno::IO)
+                        })
+                    });
                     match id {
                         Ok(id) => {
                             backing.insert(src, (id, 0));
@@ -254,7 +347,17 @@ impl Filesystem for FuseFs {
         }
     }
 
-    fn read(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, size: u32, _flags: OpenFlags, _lo: Option<LockOwner>, reply: ReplyData) {
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lo: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
         let mut buf = Vec::new();
         match self.core.read(fh.0, offset, &mut buf, size as usize) {
             Ok(()) => reply.data(&buf),
@@ -283,11 +386,27 @@ impl Filesystem for FuseFs {
     /// Every write is applied and journaled before it is answered, so a
     /// close has nothing to flush; opens say FOPEN_NOFLUSH, which saves the
     /// round trip on every close(). Flushes of older handles land here.
-    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lo: LockOwner, reply: ReplyEmpty) {
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lo: LockOwner,
+        reply: ReplyEmpty,
+    ) {
         reply.ok()
     }
 
-    fn release(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, _lo: Option<LockOwner>, _flush: bool, reply: ReplyEmpty) {
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lo: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
         // Not in the `if let` itself: its guard would live through the
         // block and take the two locks in the opposite order to `open`.
         let passthrough = self.passthrough_fh.lock().remove(&fh.0);
@@ -305,7 +424,14 @@ impl Filesystem for FuseFs {
         reply.ok()
     }
 
-    fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
         empty(reply, self.core.fsync(fh.0, datasync))
     }
 
@@ -316,39 +442,80 @@ impl Filesystem for FuseFs {
         }
     }
 
-    fn readdir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
-        let r = self.core.readdir(fh.0, offset, &mut |ino, off, kind, name| {
-            let ft = match kind {
-                Some(Kind::Dir) => FileType::Directory,
-                Some(Kind::Symlink) => FileType::Symlink,
-                Some(Kind::Fifo) => FileType::NamedPipe,
-                _ => FileType::RegularFile,
-            };
-            reply.add(INodeNo(self.map(ino)), off, ft, name)
-        });
+    fn readdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let r = self
+            .core
+            .readdir(fh.0, offset, &mut |ino, off, kind, name| {
+                let ft = match kind {
+                    Some(Kind::Dir) => FileType::Directory,
+                    Some(Kind::Symlink) => FileType::Symlink,
+                    Some(Kind::Fifo) => FileType::NamedPipe,
+                    _ => FileType::RegularFile,
+                };
+                reply.add(INodeNo(self.map(ino)), off, ft, name)
+            });
         match r {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(err(e)),
         }
     }
 
-    fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
         self.core.release(fh.0);
         reply.ok()
     }
 
-    fn fsyncdir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
         empty(reply, self.core.fsyncdir(fh.0))
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         match self.core.statfs() {
-            Ok(s) => reply.statfs(s.f_blocks, s.f_bfree, s.f_bavail, s.f_files, s.f_ffree, s.f_bsize as u32, s.f_namemax as u32, s.f_frsize as u32),
+            Ok(s) => reply.statfs(
+                s.f_blocks,
+                s.f_bfree,
+                s.f_bavail,
+                s.f_files,
+                s.f_ffree,
+                s.f_bsize as u32,
+                s.f_namemax as u32,
+                s.f_frsize as u32,
+            ),
             Err(e) => reply.error(err(e)),
         }
     }
 
-    fn setxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, value: &[u8], flags: i32, _position: u32, reply: ReplyEmpty) {
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
         empty(reply, self.core.setxattr(self.src(ino), name, value, flags))
     }
 
@@ -377,14 +544,41 @@ impl Filesystem for FuseFs {
         reply.ok()
     }
 
-    fn create(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, flags: i32, reply: ReplyCreate) {
-        match self.core.create(self.src(parent), name, mode, umask, flags, caller(req)) {
-            Ok((st, fh)) => reply.created(&TTL, &self.attr(&st), Generation(0), FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_NOFLUSH),
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        match self
+            .core
+            .create(self.src(parent), name, mode, umask, flags, caller(req))
+        {
+            Ok((st, fh)) => reply.created(
+                &TTL,
+                &self.attr(&st),
+                Generation(0),
+                FileHandle(fh),
+                FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_NOFLUSH,
+            ),
             Err(e) => reply.error(err(e)),
         }
     }
 
-    fn fallocate(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, length: u64, mode: i32, reply: ReplyEmpty) {
+    fn fallocate(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
         empty(reply, self.core.fallocate(fh.0, offset, length, mode))
     }
 
@@ -404,7 +598,15 @@ impl Filesystem for FuseFs {
         reply.error(Errno::ENOTTY)
     }
 
-    fn lseek(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: i64, whence: i32, reply: ReplyLseek) {
+    fn lseek(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
         match self.core.lseek(fh.0, offset, whence) {
             Ok(o) => reply.offset(o as i64),
             Err(e) => reply.error(err(e)),
@@ -414,9 +616,17 @@ impl Filesystem for FuseFs {
 
 /// Mounts `fs` at `mountpoint` with the contract's options and serves it on
 /// `threads` worker threads in the background.
-pub fn mount(fs: FuseFs, mountpoint: &Path, threads: usize) -> std::io::Result<fuser::BackgroundSession> {
+pub fn mount(
+    fs: FuseFs,
+    mountpoint: &Path,
+    threads: usize,
+) -> std::io::Result<fuser::BackgroundSession> {
     let mut cfg = Config::default();
-    cfg.mount_options = vec![MountOption::FSName("rewind".into()), MountOption::Subtype("rewind".into()), MountOption::DefaultPermissions];
+    cfg.mount_options = vec![
+        MountOption::FSName("rewind".into()),
+        MountOption::Subtype("rewind".into()),
+        MountOption::DefaultPermissions,
+    ];
     cfg.acl = SessionACL::All;
     cfg.n_threads = Some(threads.max(1));
     cfg.clone_fd = true;

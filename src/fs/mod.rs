@@ -83,16 +83,30 @@ struct RawHandle {
 }
 
 fn handle_of(fd: &OwnedFd) -> FsResult<Box<RawHandle>> {
-    let mut h = Box::new(RawHandle { handle_bytes: 128, handle_type: 0, f_handle: [0; 128] });
+    let mut h = Box::new(RawHandle {
+        handle_bytes: 128,
+        handle_type: 0,
+        f_handle: [0; 128],
+    });
     let mut mount_id: libc::c_int = 0;
     // SAFETY: `h` is a properly aligned file_handle whose handle_bytes says
     // how much room f_handle has; the path is an empty C string used with
     // AT_EMPTY_PATH on a descriptor we own.
     let r = unsafe {
-        libc::name_to_handle_at(fd.as_raw_fd(), c"".as_ptr(), (&mut *h as *mut RawHandle).cast::<libc::file_handle>(), &mut mount_id, libc::AT_EMPTY_PATH)
+        libc::name_to_handle_at(
+            fd.as_raw_fd(),
+            c"".as_ptr(),
+            (&mut *h as *mut RawHandle).cast::<libc::file_handle>(),
+            &mut mount_id,
+            libc::AT_EMPTY_PATH,
+        )
     };
     if r != 0 {
-        return Err(Errno::from_raw_os_error(std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO)));
+        return Err(Errno::from_raw_os_error(
+            std::io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EIO),
+        ));
     }
     Ok(h)
 }
@@ -166,14 +180,36 @@ pub struct Caller {
 }
 
 impl Passthrough {
-    pub fn new(root_fd: OwnedFd, journal: Arc<Journal>, watch: Arc<BaseWatch>) -> std::io::Result<Passthrough> {
+    pub fn new(
+        root_fd: OwnedFd,
+        journal: Arc<Journal>,
+        watch: Arc<BaseWatch>,
+    ) -> std::io::Result<Passthrough> {
         let st = rfs::fstat(&root_fd)?;
-        let path_fd = rfs::openat(&root_fd, c".", OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())?;
+        let path_fd = rfs::openat(
+            &root_fd,
+            c".",
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
         let mut inodes = HashMap::new();
-        inodes.insert(st.st_ino, Arc::new(Inode { kept: Some(path_fd), handle: None, kind: Kind::Dir, nlookup: AtomicU64::new(1 << 40), data: Mutex::new(()), io: Mutex::new(IoMode::default()), io_changed: parking_lot::Condvar::new() }));
+        inodes.insert(
+            st.st_ino,
+            Arc::new(Inode {
+                kept: Some(path_fd),
+                handle: None,
+                kind: Kind::Dir,
+                nlookup: AtomicU64::new(1 << 40),
+                data: Mutex::new(()),
+                io: Mutex::new(IoMode::default()),
+                io_changed: parking_lot::Condvar::new(),
+            }),
+        );
         // Half the descriptor limit for kept inode handles; the rest serves
         // open files, the journal and the store.
-        let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile).current.unwrap_or(1024);
+        let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+            .current
+            .unwrap_or(1024);
         let keep_cap = (limit / 2).max(64);
         Ok(Passthrough {
             root_fd,
@@ -215,17 +251,31 @@ impl Passthrough {
             return Ok(InodeFd::Kept(f));
         }
         let h = inode.handle.as_ref().ok_or(Errno::STALE)?;
-        let mut copy = RawHandle { handle_bytes: h.handle_bytes, handle_type: h.handle_type, f_handle: h.f_handle };
+        let mut copy = RawHandle {
+            handle_bytes: h.handle_bytes,
+            handle_type: h.handle_type,
+            f_handle: h.f_handle,
+        };
         // SAFETY: `copy` is a valid file_handle filled by name_to_handle_at;
         // the result is a new descriptor we take ownership of.
         let fd = unsafe {
-            libc::open_by_handle_at(self.root_fd.as_raw_fd(), (&mut copy as *mut RawHandle).cast::<libc::file_handle>(), libc::O_PATH | libc::O_CLOEXEC | libc::O_NOFOLLOW)
+            libc::open_by_handle_at(
+                self.root_fd.as_raw_fd(),
+                (&mut copy as *mut RawHandle).cast::<libc::file_handle>(),
+                libc::O_PATH | libc::O_CLOEXEC | libc::O_NOFOLLOW,
+            )
         };
         if fd < 0 {
-            return Err(Errno::from_raw_os_error(std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::ESTALE)));
+            return Err(Errno::from_raw_os_error(
+                std::io::Error::last_os_error()
+                    .raw_os_error()
+                    .unwrap_or(libc::ESTALE),
+            ));
         }
         // SAFETY: open_by_handle_at returned a fresh descriptor.
-        Ok(InodeFd::Opened(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) }))
+        Ok(InodeFd::Opened(unsafe {
+            <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd)
+        }))
     }
 
     fn handle(&self, fh: u64) -> FsResult<Arc<Handle>> {
@@ -243,7 +293,10 @@ impl Passthrough {
         self.journaled(|| self.journal.append(ops))
     }
 
-    fn journaled<T>(&self, append: impl FnOnce() -> Result<T, crate::journal::JournalError>) -> FsResult<()> {
+    fn journaled<T>(
+        &self,
+        append: impl FnOnce() -> Result<T, crate::journal::JournalError>,
+    ) -> FsResult<()> {
         if self.broken.load(Ordering::Relaxed) {
             return Err(Errno::IO);
         }
@@ -278,7 +331,12 @@ impl Passthrough {
     /// Finds or adds the inode for `name` in `parent` and counts a lookup.
     fn remember(&self, parent_fd: &OwnedFd, name: &OsStr) -> FsResult<Stat> {
         let pfd = parent_fd;
-        let fd = rfs::openat(pfd, name, OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())?;
+        let fd = rfs::openat(
+            pfd,
+            name,
+            OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
         let st = rfs::fstat(&fd)?;
         let kind = Kind::from_mode(st.st_mode).ok_or(Errno::NOTSUP)?;
         let mut map = self.inodes.write();
@@ -293,7 +351,18 @@ impl Passthrough {
                 } else {
                     (None, Some(handle_of(&fd)?))
                 };
-                map.insert(st.st_ino, Arc::new(Inode { kept, handle, kind, nlookup: AtomicU64::new(1), data: Mutex::new(()), io: Mutex::new(IoMode::default()), io_changed: parking_lot::Condvar::new() }));
+                map.insert(
+                    st.st_ino,
+                    Arc::new(Inode {
+                        kept,
+                        handle,
+                        kind,
+                        nlookup: AtomicU64::new(1),
+                        data: Mutex::new(()),
+                        io: Mutex::new(IoMode::default()),
+                        io_changed: parking_lot::Condvar::new(),
+                    }),
+                );
             }
         }
         Ok(st)
@@ -311,7 +380,11 @@ impl Passthrough {
     pub fn forget(&self, ino: Ino, n: u64) {
         let mut map = self.inodes.write();
         if let Some(i) = map.get(&ino) {
-            if i.nlookup.fetch_sub(n.min(i.nlookup.load(Ordering::Relaxed)), Ordering::Relaxed) <= n && ino != self.root_ino {
+            if i.nlookup
+                .fetch_sub(n.min(i.nlookup.load(Ordering::Relaxed)), Ordering::Relaxed)
+                <= n
+                && ino != self.root_ino
+            {
                 if let Some(i) = map.remove(&ino) {
                     if i.kept.is_some() {
                         self.kept.fetch_sub(1, Ordering::Relaxed);
@@ -327,7 +400,14 @@ impl Passthrough {
     }
 
     fn attr_record(&self, ino: Ino, st: &Stat) -> Op {
-        Op::SetAttr { ino, mode: st.st_mode & 0o7777, uid: st.st_uid, gid: st.st_gid, size: st.st_size as u64, mtime: mtime_of(st) }
+        Op::SetAttr {
+            ino,
+            mode: st.st_mode & 0o7777,
+            uid: st.st_uid,
+            gid: st.st_gid,
+            size: st.st_size as u64,
+            mtime: mtime_of(st),
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -348,19 +428,34 @@ impl Passthrough {
         let ifd = self.fd(&inode)?;
         let res = (|| -> FsResult<()> {
             if uid.is_some() || gid.is_some() {
-                rfs::chownat(&*ifd, c"", uid.map(rfs::Uid::from_raw), gid.map(rfs::Gid::from_raw), AtFlags::EMPTY_PATH | AtFlags::SYMLINK_NOFOLLOW)?;
+                rfs::chownat(
+                    &*ifd,
+                    c"",
+                    uid.map(rfs::Uid::from_raw),
+                    gid.map(rfs::Gid::from_raw),
+                    AtFlags::EMPTY_PATH | AtFlags::SYMLINK_NOFOLLOW,
+                )?;
             }
             if let Some(m) = mode {
                 if inode.kind == Kind::Symlink {
                     return Err(Errno::OPNOTSUPP);
                 }
-                rfs::chmodat(rfs::CWD, proc_path(&*ifd).as_c_str(), Mode::from_bits_truncate(m & 0o7777), AtFlags::empty())?;
+                rfs::chmodat(
+                    rfs::CWD,
+                    proc_path(&*ifd).as_c_str(),
+                    Mode::from_bits_truncate(m & 0o7777),
+                    AtFlags::empty(),
+                )?;
             }
             if let Some(sz) = size {
                 match fh.and_then(|f| self.handle(f).ok()).filter(|h| h.writable) {
                     Some(h) => rfs::ftruncate(&h.fd, sz)?,
                     None => {
-                        let f = rfs::open(proc_path(&*ifd).as_c_str(), OFlags::WRONLY | OFlags::CLOEXEC, Mode::empty())?;
+                        let f = rfs::open(
+                            proc_path(&*ifd).as_c_str(),
+                            OFlags::WRONLY | OFlags::CLOEXEC,
+                            Mode::empty(),
+                        )?;
                         rfs::ftruncate(&f, sz)?
                     }
                 }
@@ -370,11 +465,23 @@ impl Passthrough {
                     return Ok(());
                 }
                 let conv = |t: Option<Option<(i64, i64)>>| match t {
-                    None => rfs::Timespec { tv_sec: 0, tv_nsec: rfs::UTIME_OMIT },
-                    Some(None) => rfs::Timespec { tv_sec: 0, tv_nsec: rfs::UTIME_NOW },
-                    Some(Some((s, n))) => rfs::Timespec { tv_sec: s, tv_nsec: n as _ },
+                    None => rfs::Timespec {
+                        tv_sec: 0,
+                        tv_nsec: rfs::UTIME_OMIT,
+                    },
+                    Some(None) => rfs::Timespec {
+                        tv_sec: 0,
+                        tv_nsec: rfs::UTIME_NOW,
+                    },
+                    Some(Some((s, n))) => rfs::Timespec {
+                        tv_sec: s,
+                        tv_nsec: n as _,
+                    },
                 };
-                let ts = rfs::Timestamps { last_access: conv(atime), last_modification: conv(mtime) };
+                let ts = rfs::Timestamps {
+                    last_access: conv(atime),
+                    last_modification: conv(mtime),
+                };
                 rfs::utimensat(rfs::CWD, proc_path(&*ifd).as_c_str(), &ts, AtFlags::empty())?;
             }
             Ok(())
@@ -393,13 +500,25 @@ impl Passthrough {
 
     fn new_owner(&self, parent: &Inode, caller: Caller) -> FsResult<(u32, u32)> {
         let pst = rfs::fstat(&*self.fd(parent)?)?;
-        let gid = if pst.st_mode & libc::S_ISGID != 0 { pst.st_gid } else { caller.gid };
+        let gid = if pst.st_mode & libc::S_ISGID != 0 {
+            pst.st_gid
+        } else {
+            caller.gid
+        };
         Ok((caller.uid, gid))
     }
 
     /// Gives a just-created entry its owner and intended mode, then returns
     /// its stat and the Create record.
-    fn finish_create(&self, parent: Ino, pinode: &Inode, name: &OsStr, caller: Caller, mode: u32, target: &[u8]) -> FsResult<(Stat, Op)> {
+    fn finish_create(
+        &self,
+        parent: Ino,
+        pinode: &Inode,
+        name: &OsStr,
+        caller: Caller,
+        mode: u32,
+        target: &[u8],
+    ) -> FsResult<(Stat, Op)> {
         let pfd = self.fd(pinode)?;
         let mut st = self.remember(&*pfd, name)?;
         let kind = Kind::from_mode(st.st_mode).ok_or(Errno::NOTSUP)?;
@@ -409,10 +528,21 @@ impl Passthrough {
         // chown and its checks are skipped: two syscalls per create.
         if st.st_uid != caller.uid || st.st_gid != caller.gid {
             let (uid, gid) = self.new_owner(pinode, caller)?;
-            rfs::chownat(&*pfd, name, Some(rfs::Uid::from_raw(uid)), Some(rfs::Gid::from_raw(gid)), AtFlags::SYMLINK_NOFOLLOW)?;
+            rfs::chownat(
+                &*pfd,
+                name,
+                Some(rfs::Uid::from_raw(uid)),
+                Some(rfs::Gid::from_raw(gid)),
+                AtFlags::SYMLINK_NOFOLLOW,
+            )?;
             // chown clears set-id bits; put back what the caller asked for.
             if kind != Kind::Symlink && kind != Kind::Dir {
-                rfs::chmodat(&*pfd, name, Mode::from_bits_truncate(mode & 0o7777), AtFlags::empty())?;
+                rfs::chmodat(
+                    &*pfd,
+                    name,
+                    Mode::from_bits_truncate(mode & 0o7777),
+                    AtFlags::empty(),
+                )?;
             }
             st = rfs::statat(&*pfd, name, AtFlags::SYMLINK_NOFOLLOW)?;
         }
@@ -431,7 +561,14 @@ impl Passthrough {
         Ok((st, op))
     }
 
-    pub fn mknod(&self, parent: Ino, name: &OsStr, mode: u32, umask: u32, caller: Caller) -> FsResult<Stat> {
+    pub fn mknod(
+        &self,
+        parent: Ino,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        caller: Caller,
+    ) -> FsResult<Stat> {
         let _op = self.begin()?;
         if self.is_hidden(parent, name) {
             return Err(Errno::PERM);
@@ -452,7 +589,14 @@ impl Passthrough {
         Ok(st)
     }
 
-    pub fn mkdir(&self, parent: Ino, name: &OsStr, mode: u32, umask: u32, caller: Caller) -> FsResult<Stat> {
+    pub fn mkdir(
+        &self,
+        parent: Ino,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        caller: Caller,
+    ) -> FsResult<Stat> {
         let _op = self.begin()?;
         if self.is_hidden(parent, name) {
             return Err(Errno::PERM);
@@ -467,7 +611,13 @@ impl Passthrough {
         Ok(st)
     }
 
-    pub fn symlink(&self, parent: Ino, name: &OsStr, target: &OsStr, caller: Caller) -> FsResult<Stat> {
+    pub fn symlink(
+        &self,
+        parent: Ino,
+        name: &OsStr,
+        target: &OsStr,
+        caller: Caller,
+    ) -> FsResult<Stat> {
         let _op = self.begin()?;
         if self.is_hidden(parent, name) {
             return Err(Errno::PERM);
@@ -498,11 +648,30 @@ impl Passthrough {
         let pfd = self.fd(&p)?;
         let _ns = self.namespace.lock();
         let ino = self.entry_ino(&*pfd, name)?.ok_or(Errno::NOENT)?;
-        rfs::unlinkat(&*pfd, name, if dir { AtFlags::REMOVEDIR } else { AtFlags::empty() })?;
-        self.record(&[Op::Unlink { parent, name: Bytes::copy_from_slice(name.as_bytes()), ino }])
+        rfs::unlinkat(
+            &*pfd,
+            name,
+            if dir {
+                AtFlags::REMOVEDIR
+            } else {
+                AtFlags::empty()
+            },
+        )?;
+        self.record(&[Op::Unlink {
+            parent,
+            name: Bytes::copy_from_slice(name.as_bytes()),
+            ino,
+        }])
     }
 
-    pub fn rename(&self, parent: Ino, name: &OsStr, newparent: Ino, newname: &OsStr, flags: u32) -> FsResult<()> {
+    pub fn rename(
+        &self,
+        parent: Ino,
+        name: &OsStr,
+        newparent: Ino,
+        newname: &OsStr,
+        flags: u32,
+    ) -> FsResult<()> {
         let _op = self.begin()?;
         if self.is_hidden(parent, name) {
             return Err(Errno::NOENT);
@@ -525,7 +694,12 @@ impl Passthrough {
         if self.watch.is_active() {
             // The walk may have passed the new place already.
             for (fd, n) in [(&npfd, newname), (&pfd, name)] {
-                if let Ok(h) = rfs::openat(&**fd, n, OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty()) {
+                if let Ok(h) = rfs::openat(
+                    &**fd,
+                    n,
+                    OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                    Mode::empty(),
+                ) {
                     self.watch.moved(h);
                 }
             }
@@ -551,14 +725,29 @@ impl Passthrough {
         let np = self.inode(newparent)?;
         let npfd = self.fd(&np)?;
         let _ns = self.namespace.lock();
-        rfs::linkat(&*self.fd(&inode)?, c"", &*npfd, newname, AtFlags::EMPTY_PATH)?;
+        rfs::linkat(
+            &*self.fd(&inode)?,
+            c"",
+            &*npfd,
+            newname,
+            AtFlags::EMPTY_PATH,
+        )?;
         if self.watch.is_active() {
-            if let Ok(h) = rfs::openat(&*npfd, newname, OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty()) {
+            if let Ok(h) = rfs::openat(
+                &*npfd,
+                newname,
+                OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            ) {
                 self.watch.moved(h);
             }
         }
         let st = self.remember(&*npfd, newname)?;
-        self.record(&[Op::Link { ino, parent: newparent, name: Bytes::copy_from_slice(newname.as_bytes()) }])?;
+        self.record(&[Op::Link {
+            ino,
+            parent: newparent,
+            name: Bytes::copy_from_slice(newname.as_bytes()),
+        }])?;
         Ok(st)
     }
 
@@ -584,19 +773,33 @@ impl Passthrough {
     /// (under the inode lock, so the record knows where they landed), and
     /// creation and truncation are separate, journaled steps.
     fn reopen_flags(flags: i32) -> OFlags {
-        let keep = flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC | libc::O_APPEND | libc::O_NOCTTY | libc::O_NOFOLLOW);
+        let keep = flags
+            & !(libc::O_CREAT
+                | libc::O_EXCL
+                | libc::O_TRUNC
+                | libc::O_APPEND
+                | libc::O_NOCTTY
+                | libc::O_NOFOLLOW);
         OFlags::from_bits_retain(keep as u32) | OFlags::CLOEXEC
     }
 
     /// Takes an io mode for a new handle of `inode` (see `IoMode`).
-    fn enter_mode(&self, ino: Ino, inode: &Inode, writable: bool, passthrough_ok: bool) -> FsResult<OpenMode> {
+    fn enter_mode(
+        &self,
+        ino: Ino,
+        inode: &Inode,
+        writable: bool,
+        passthrough_ok: bool,
+    ) -> FsResult<OpenMode> {
         let mut io = inode.io.lock();
         if writable {
             // The kernel sends RELEASE after close() has returned, so a
             // reader that just closed may still be counted: give those
             // releases a moment before refusing.
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
-            while io.passthrough > 0 && !inode.io_changed.wait_until(&mut io, deadline).timed_out() {}
+            while io.passthrough > 0 && !inode.io_changed.wait_until(&mut io, deadline).timed_out()
+            {
+            }
             if io.passthrough > 0 {
                 tracing::warn!(ino, readers = io.passthrough, "refusing a writable open (ETXTBSY): the file is open read-only with kernel passthrough; run without --read-passthrough to allow this");
                 return Err(Errno::TXTBSY);
@@ -630,7 +833,11 @@ impl Passthrough {
 
     fn open_as(&self, ino: Ino, flags: i32, passthrough_ok: bool) -> FsResult<(u64, OpenMode)> {
         let inode = self.inode(ino)?;
-        let fd = rfs::open(proc_path(&*self.fd(&inode)?).as_c_str(), Self::reopen_flags(flags), Mode::empty())?;
+        let fd = rfs::open(
+            proc_path(&*self.fd(&inode)?).as_c_str(),
+            Self::reopen_flags(flags),
+            Mode::empty(),
+        )?;
         if flags & libc::O_TRUNC != 0 && flags & libc::O_ACCMODE != libc::O_RDONLY {
             let _op = self.begin()?;
             let _g = inode.data.lock();
@@ -649,7 +856,15 @@ impl Passthrough {
         Ok(rustix::io::fcntl_dupfd_cloexec(&h.fd, 0)?)
     }
 
-    pub fn create(&self, parent: Ino, name: &OsStr, mode: u32, umask: u32, flags: i32, caller: Caller) -> FsResult<(Stat, u64)> {
+    pub fn create(
+        &self,
+        parent: Ino,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        caller: Caller,
+    ) -> FsResult<(Stat, u64)> {
         let op = self.begin()?;
         if self.is_hidden(parent, name) {
             return Err(Errno::PERM);
@@ -694,13 +909,19 @@ impl Passthrough {
         // random reader that lands near its last read now and then does
         // not turn readahead back on.
         let expected = h.next_read.swap(offset + size as u64, Ordering::Relaxed);
-        let run = if offset.abs_diff(expected) <= 1 << 20 { h.seq_run.fetch_add(1, Ordering::Relaxed) + 1 } else {
+        let run = if offset.abs_diff(expected) <= 1 << 20 {
+            h.seq_run.fetch_add(1, Ordering::Relaxed) + 1
+        } else {
             h.seq_run.store(0, Ordering::Relaxed);
             0
         };
         let random = h.random.load(Ordering::Relaxed);
         if (run == 0 && !random) || (run >= 4 && random) {
-            let advice = if random { rfs::Advice::Normal } else { rfs::Advice::Random };
+            let advice = if random {
+                rfs::Advice::Normal
+            } else {
+                rfs::Advice::Random
+            };
             if rfs::fadvise(&h.fd, 0, None, advice).is_ok() {
                 h.random.store(!random, Ordering::Relaxed);
             }
@@ -724,7 +945,11 @@ impl Passthrough {
         let h = self.handle(fh)?;
         let inode = self.inode(h.ino)?;
         let _g = inode.data.lock();
-        let off = if h.append { rfs::fstat(&h.fd)?.st_size as u64 } else { offset };
+        let off = if h.append {
+            rfs::fstat(&h.fd)?.st_size as u64
+        } else {
+            offset
+        };
         let mut done = 0;
         while done < data.len() {
             match rustix::io::pwrite(&h.fd, &data[done..], off + done as u64) {
@@ -737,7 +962,10 @@ impl Passthrough {
             }
         }
         let st = rfs::fstat(&h.fd)?;
-        self.journaled(|| self.journal.append_write(h.ino, off, st.st_size as u64, mtime_of(&st), &data[..done]))?;
+        self.journaled(|| {
+            self.journal
+                .append_write(h.ino, off, st.st_size as u64, mtime_of(&st), &data[..done])
+        })?;
         Ok(done)
     }
 
@@ -746,9 +974,21 @@ impl Passthrough {
         let h = self.handle(fh)?;
         let inode = self.inode(h.ino)?;
         let _g = inode.data.lock();
-        rfs::fallocate(&h.fd, rfs::FallocateFlags::from_bits_retain(mode as u32), offset, len)?;
+        rfs::fallocate(
+            &h.fd,
+            rfs::FallocateFlags::from_bits_retain(mode as u32),
+            offset,
+            len,
+        )?;
         let st = rfs::fstat(&h.fd)?;
-        self.record(&[Op::Fallocate { ino: h.ino, mode: mode as u32, offset, len, size: st.st_size as u64, mtime: mtime_of(&st) }])
+        self.record(&[Op::Fallocate {
+            ino: h.ino,
+            mode: mode as u32,
+            offset,
+            len,
+            size: st.st_size as u64,
+            mtime: mtime_of(&st),
+        }])
     }
 
     pub fn lseek(&self, fh: u64, offset: i64, whence: i32) -> FsResult<u64> {
@@ -785,14 +1025,24 @@ impl Passthrough {
 
     pub fn opendir(&self, ino: Ino) -> FsResult<u64> {
         let inode = self.inode(ino)?;
-        let fd = rfs::openat(&*self.fd(&inode)?, c".", OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())?;
+        let fd = rfs::openat(
+            &*self.fd(&inode)?,
+            c".",
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
         Ok(self.new_handle(ino, fd, libc::O_RDONLY, OpenMode::Cached))
     }
 
     /// Lists a directory from a source cookie: offsets are the source
     /// filesystem's own `d_off` values, so they stay stable across calls.
     /// `emit(ino, next_offset, kind, name)` returns true when full.
-    pub fn readdir(&self, fh: u64, offset: u64, emit: &mut dyn FnMut(Ino, u64, Option<Kind>, &OsStr) -> bool) -> FsResult<()> {
+    pub fn readdir(
+        &self,
+        fh: u64,
+        offset: u64,
+        emit: &mut dyn FnMut(Ino, u64, Option<Kind>, &OsStr) -> bool,
+    ) -> FsResult<()> {
         let h = self.handle(fh)?;
         let mut st = h.dir.lock();
         rfs::seek(&h.fd, rfs::SeekFrom::Start(offset))?;
@@ -802,9 +1052,20 @@ impl Passthrough {
         loop {
             // SAFETY: the buffer is valid for writes of its length and the
             // fd is an open directory owned by the handle, locked by `st`.
-            let n = unsafe { libc::syscall(libc::SYS_getdents64, h.fd.as_raw_fd(), st.buf.as_mut_ptr(), st.buf.len()) };
+            let n = unsafe {
+                libc::syscall(
+                    libc::SYS_getdents64,
+                    h.fd.as_raw_fd(),
+                    st.buf.as_mut_ptr(),
+                    st.buf.len(),
+                )
+            };
             if n < 0 {
-                return Err(Errno::from_raw_os_error(std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO)));
+                return Err(Errno::from_raw_os_error(
+                    std::io::Error::last_os_error()
+                        .raw_os_error()
+                        .unwrap_or(libc::EIO),
+                ));
             }
             if n == 0 {
                 return Ok(());
@@ -817,7 +1078,10 @@ impl Passthrough {
                 let reclen = u16::from_ne_bytes(b[16..18].try_into().unwrap()) as usize;
                 let dtype = b[18];
                 let name_bytes = &b[19..reclen];
-                let name_len = name_bytes.iter().position(|&c| c == 0).unwrap_or(name_bytes.len());
+                let name_len = name_bytes
+                    .iter()
+                    .position(|&c| c == 0)
+                    .unwrap_or(name_bytes.len());
                 let name = OsStr::from_bytes(&name_bytes[..name_len]);
                 pos += reclen;
                 if h.ino == self.root_ino && name.as_bytes() == HIDDEN.as_bytes() {
@@ -864,8 +1128,17 @@ impl Passthrough {
         let inode = self.inode(ino)?;
         let (_fd, p) = self.xattr_path(&inode)?;
         let _g = inode.data.lock();
-        rfs::setxattr(p.as_c_str(), name, value, rfs::XattrFlags::from_bits_retain(flags as u32))?;
-        self.record(&[Op::SetXattr { ino, name: Bytes::copy_from_slice(name.as_bytes()), value: Bytes::copy_from_slice(value) }])
+        rfs::setxattr(
+            p.as_c_str(),
+            name,
+            value,
+            rfs::XattrFlags::from_bits_retain(flags as u32),
+        )?;
+        self.record(&[Op::SetXattr {
+            ino,
+            name: Bytes::copy_from_slice(name.as_bytes()),
+            value: Bytes::copy_from_slice(value),
+        }])
     }
 
     pub fn getxattr(&self, ino: Ino, name: &OsStr, size: usize) -> FsResult<Vec<u8>> {
@@ -898,12 +1171,21 @@ impl Passthrough {
         let (_fd, p) = self.xattr_path(&inode)?;
         let _g = inode.data.lock();
         rfs::removexattr(p.as_c_str(), name)?;
-        self.record(&[Op::RemoveXattr { ino, name: Bytes::copy_from_slice(name.as_bytes()) }])
+        self.record(&[Op::RemoveXattr {
+            ino,
+            name: Bytes::copy_from_slice(name.as_bytes()),
+        }])
     }
 
     /// O_PATH handles of every known inode not in `seen` (for a base walk).
     pub fn unseen_handles(&self, seen: &std::collections::HashSet<Ino>) -> Vec<OwnedFd> {
-        let inodes: Vec<Arc<Inode>> = self.inodes.read().iter().filter(|(i, _)| !seen.contains(i)).map(|(_, v)| v.clone()).collect();
+        let inodes: Vec<Arc<Inode>> = self
+            .inodes
+            .read()
+            .iter()
+            .filter(|(i, _)| !seen.contains(i))
+            .map(|(_, v)| v.clone())
+            .collect();
         let mut out = Vec::new();
         for i in inodes {
             let Ok(fd) = self.fd(&i) else { continue };

@@ -50,14 +50,21 @@ pub enum JournalError {
     },
     #[error("journal file {path} is damaged at byte {offset}: {why}. Records after the damage cannot be trusted; \
              move the journal directory aside to start fresh (unshipped changes in it will be lost)")]
-    Corrupt { path: PathBuf, offset: u64, why: String },
+    Corrupt {
+        path: PathBuf,
+        offset: u64,
+        why: String,
+    },
     #[error("the journal stopped accepting records after an earlier error: {0}")]
     Failed(String),
 }
 
 impl JournalError {
     pub fn io(path: &Path, source: std::io::Error) -> Self {
-        JournalError::Io { path: path.to_path_buf(), source }
+        JournalError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
     }
 }
 
@@ -88,11 +95,17 @@ pub fn decode_header(b: &[u8]) -> Result<Header, String> {
     let mut r = Reader::new(&b[8..HEADER_LEN]);
     let version = r.u16().unwrap();
     if version != VERSION {
-        return Err(format!("journal format version {version} is not supported by this build (expects {VERSION})"));
+        return Err(format!(
+            "journal format version {version} is not supported by this build (expects {VERSION})"
+        ));
     }
     r.u16().unwrap();
     r.u32().unwrap();
-    Ok(Header { lineage: r.u64().unwrap(), first_seq: r.u64().unwrap(), created_ns: r.i64().unwrap() })
+    Ok(Header {
+        lineage: r.u64().unwrap(),
+        first_seq: r.u64().unwrap(),
+        created_ns: r.i64().unwrap(),
+    })
 }
 
 fn check(len_le: &[u8], rec: &[u8]) -> [u8; 8] {
@@ -109,7 +122,12 @@ pub fn encode_frame(rec: &Record, out: &mut Vec<u8>) {
 /// Encodes one frame whose record is `seq`, `time` and the body `body`
 /// writes (tag and fields, see record.rs), so that callers holding
 /// borrowed data can encode it without building an `Op` first.
-pub fn encode_frame_with(seq: Seq, time: Nanos, out: &mut Vec<u8>, body: impl FnOnce(&mut Vec<u8>)) {
+pub fn encode_frame_with(
+    seq: Seq,
+    time: Nanos,
+    out: &mut Vec<u8>,
+    body: impl FnOnce(&mut Vec<u8>),
+) {
     let start = out.len();
     out.extend_from_slice(&[0u8; FRAME_HEAD]);
     out.put_u64_le(seq);
@@ -123,15 +141,28 @@ pub fn encode_frame_with(seq: Seq, time: Nanos, out: &mut Vec<u8>, body: impl Fn
 }
 
 pub fn create(path: &Path, lineage: u64, first_seq: Seq, size: u64) -> Result<File, JournalError> {
-    let f = File::options().read(true).write(true).create_new(true).open(path).map_err(|e| JournalError::io(path, e))?;
+    let f = File::options()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(|e| JournalError::io(path, e))?;
     // Preallocate so that appends never allocate: a full disk shows up
     // here, at rotation, not in the middle of a record.
-    rustix::fs::fallocate(&f, rustix::fs::FallocateFlags::empty(), 0, size).map_err(|e| JournalError::io(path, e.into()))?;
-    let h = encode_header(&Header { lineage, first_seq, created_ns: crate::clock::wall_now() });
-    f.write_all_at(&h, 0).map_err(|e| JournalError::io(path, e))?;
+    rustix::fs::fallocate(&f, rustix::fs::FallocateFlags::empty(), 0, size)
+        .map_err(|e| JournalError::io(path, e.into()))?;
+    let h = encode_header(&Header {
+        lineage,
+        first_seq,
+        created_ns: crate::clock::wall_now(),
+    });
+    f.write_all_at(&h, 0)
+        .map_err(|e| JournalError::io(path, e))?;
     f.sync_all().map_err(|e| JournalError::io(path, e))?;
     if let Some(dir) = path.parent() {
-        File::open(dir).and_then(|d| d.sync_all()).map_err(|e| JournalError::io(dir, e))?;
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| JournalError::io(dir, e))?;
     }
     Ok(f)
 }
@@ -146,12 +177,19 @@ pub const SPARE_EXT: &str = "spare";
 /// about half the cost of a sync into preallocated space).
 pub fn create_spare(path: &Path, size: u64) -> Result<(), JournalError> {
     let tmp = path.with_extension("tmp");
-    let f = File::options().read(true).write(true).create(true).truncate(true).open(&tmp).map_err(|e| JournalError::io(&tmp, e))?;
+    let f = File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&tmp)
+        .map_err(|e| JournalError::io(&tmp, e))?;
     let zeros = vec![0u8; 1 << 20];
     let mut off = 0;
     while off < size {
         let n = zeros.len().min((size - off) as usize);
-        f.write_all_at(&zeros[..n], off).map_err(|e| JournalError::io(&tmp, e))?;
+        f.write_all_at(&zeros[..n], off)
+            .map_err(|e| JournalError::io(&tmp, e))?;
         off += n as u64;
     }
     f.sync_data().map_err(|e| JournalError::io(&tmp, e))?;
@@ -162,15 +200,32 @@ pub fn create_spare(path: &Path, size: u64) -> Result<(), JournalError> {
 /// Turns the spare at `spare` into the journal file `path`: a new header
 /// and an end mark are written and synced under the spare's name first, so
 /// a crash never leaves a journal file with a stale header.
-pub fn recycle(spare: &Path, path: &Path, lineage: u64, first_seq: Seq) -> Result<File, JournalError> {
-    let f = File::options().read(true).write(true).open(spare).map_err(|e| JournalError::io(spare, e))?;
-    let mut head = encode_header(&Header { lineage, first_seq, created_ns: crate::clock::wall_now() }).to_vec();
+pub fn recycle(
+    spare: &Path,
+    path: &Path,
+    lineage: u64,
+    first_seq: Seq,
+) -> Result<File, JournalError> {
+    let f = File::options()
+        .read(true)
+        .write(true)
+        .open(spare)
+        .map_err(|e| JournalError::io(spare, e))?;
+    let mut head = encode_header(&Header {
+        lineage,
+        first_seq,
+        created_ns: crate::clock::wall_now(),
+    })
+    .to_vec();
     head.extend_from_slice(&[0u8; FRAME_HEAD]);
-    f.write_all_at(&head, 0).map_err(|e| JournalError::io(spare, e))?;
+    f.write_all_at(&head, 0)
+        .map_err(|e| JournalError::io(spare, e))?;
     f.sync_data().map_err(|e| JournalError::io(spare, e))?;
     std::fs::rename(spare, path).map_err(|e| JournalError::io(path, e))?;
     if let Some(dir) = path.parent() {
-        File::open(dir).and_then(|d| d.sync_all()).map_err(|e| JournalError::io(dir, e))?;
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| JournalError::io(dir, e))?;
     }
     Ok(f)
 }
@@ -220,17 +275,38 @@ fn read_frame(data: &[u8], off: usize) -> Frame {
 /// frame must carry (continuity with the previous file). A bad frame in the
 /// last file with nothing valid after it is a torn tail: it is zeroed on
 /// disk so that later appends and readers never see it.
-pub fn scan_file(path: &Path, expect_seq: Option<Seq>, is_last: bool) -> Result<FileScan, JournalError> {
+pub fn scan_file(
+    path: &Path,
+    expect_seq: Option<Seq>,
+    is_last: bool,
+) -> Result<FileScan, JournalError> {
     let data = std::fs::read(path).map_err(|e| JournalError::io(path, e))?;
-    let corrupt = |offset: usize, why: String| JournalError::Corrupt { path: path.to_path_buf(), offset: offset as u64, why };
+    let corrupt = |offset: usize, why: String| JournalError::Corrupt {
+        path: path.to_path_buf(),
+        offset: offset as u64,
+        why,
+    };
     let header = decode_header(&data).map_err(|why| corrupt(0, why))?;
     if let Some(e) = expect_seq {
         if header.first_seq > e {
-            return Err(corrupt(0, format!("file starts at sequence {} but {} was expected: a journal file is missing", header.first_seq, e)));
+            return Err(corrupt(
+                0,
+                format!(
+                    "file starts at sequence {} but {} was expected: a journal file is missing",
+                    header.first_seq, e
+                ),
+            ));
         }
     }
     let mut off = HEADER_LEN;
-    let mut scan = FileScan { header: header.clone(), frames: 0, last_seq: 0, last_time: 0, end: off as u64, torn_bytes: None };
+    let mut scan = FileScan {
+        header: header.clone(),
+        frames: 0,
+        last_seq: 0,
+        last_time: 0,
+        end: off as u64,
+        torn_bytes: None,
+    };
     let mut next = header.first_seq;
     loop {
         match read_frame(&data, off) {
@@ -241,7 +317,10 @@ pub fn scan_file(path: &Path, expect_seq: Option<Seq>, is_last: bool) -> Result<
             Frame::Ok(rec, _) if rec.seq < header.first_seq => break,
             Frame::Ok(rec, n) => {
                 if rec.seq != next {
-                    return Err(corrupt(off, format!("sequence {} where {} was expected", rec.seq, next)));
+                    return Err(corrupt(
+                        off,
+                        format!("sequence {} where {} was expected", rec.seq, next),
+                    ));
                 }
                 next += 1;
                 scan.frames += 1;
@@ -255,13 +334,22 @@ pub fn scan_file(path: &Path, expect_seq: Option<Seq>, is_last: bool) -> Result<
                 // length field points to, then look for any non-zero byte.
                 let len = u32::from_le_bytes(data[off..off + 4].try_into().unwrap()) as usize;
                 let after = off + FRAME_HEAD + len;
-                let valid_after = after < data.len() && matches!(read_frame(&data, after), Frame::Ok(ref r, _) if r.seq == next + 1);
+                let valid_after = after < data.len()
+                    && matches!(read_frame(&data, after), Frame::Ok(ref r, _) if r.seq == next + 1);
                 if valid_after || !is_last {
                     return Err(corrupt(off, why));
                 }
-                let tail_len = data[off..].iter().rposition(|&b| b != 0).map(|p| p + 1).unwrap_or(0);
-                let f = File::options().write(true).open(path).map_err(|e| JournalError::io(path, e))?;
-                f.write_all_at(&vec![0u8; tail_len], off as u64).map_err(|e| JournalError::io(path, e))?;
+                let tail_len = data[off..]
+                    .iter()
+                    .rposition(|&b| b != 0)
+                    .map(|p| p + 1)
+                    .unwrap_or(0);
+                let f = File::options()
+                    .write(true)
+                    .open(path)
+                    .map_err(|e| JournalError::io(path, e))?;
+                f.write_all_at(&vec![0u8; tail_len], off as u64)
+                    .map_err(|e| JournalError::io(path, e))?;
                 f.sync_data().map_err(|e| JournalError::io(path, e))?;
                 tracing::warn!(path = %path.display(), offset = off, bytes = tail_len, "cut a torn journal tail ({why}); records after the last complete one were never acknowledged as durable");
                 scan.torn_bytes = Some(tail_len as u64);
@@ -287,8 +375,16 @@ impl FrameIter {
     pub fn new(f: &JournalFile, from: u64, to: u64) -> Result<FrameIter, JournalError> {
         let to = to.min(f.end);
         let mut data = vec![0u8; to.saturating_sub(from) as usize];
-        f.file.read_exact_at(&mut data, from).map_err(|e| JournalError::io(&f.path, e))?;
-        Ok(FrameIter { data, off: 0, path: f.path.clone(), base: from, windowed: to < f.end })
+        f.file
+            .read_exact_at(&mut data, from)
+            .map_err(|e| JournalError::io(&f.path, e))?;
+        Ok(FrameIter {
+            data,
+            off: 0,
+            path: f.path.clone(),
+            base: from,
+            windowed: to < f.end,
+        })
     }
 
     /// Offset in the file just past the last frame returned.
@@ -304,7 +400,8 @@ impl Iterator for FrameIter {
             return None;
         }
         if self.windowed && self.data.len() - self.off >= 4 {
-            let len = u32::from_le_bytes(self.data[self.off..self.off + 4].try_into().unwrap()) as usize;
+            let len =
+                u32::from_le_bytes(self.data[self.off..self.off + 4].try_into().unwrap()) as usize;
             if self.off + FRAME_HEAD + len > self.data.len() && len <= MAX_FRAME {
                 return None;
             }
@@ -320,7 +417,11 @@ impl Iterator for FrameIter {
             Frame::Bad(why) => {
                 let offset = self.base + self.off as u64;
                 self.off = self.data.len();
-                Some(Err(JournalError::Corrupt { path: self.path.clone(), offset, why }))
+                Some(Err(JournalError::Corrupt {
+                    path: self.path.clone(),
+                    offset,
+                    why,
+                }))
             }
         }
     }
@@ -330,7 +431,11 @@ impl Iterator for FrameIter {
 /// `(offset, length, record)` each.
 pub fn dump_file(path: &Path) -> Result<Vec<(u64, u64, Record)>, JournalError> {
     let data = std::fs::read(path).map_err(|e| JournalError::io(path, e))?;
-    let header = decode_header(&data).map_err(|why| JournalError::Corrupt { path: path.to_path_buf(), offset: 0, why })?;
+    let header = decode_header(&data).map_err(|why| JournalError::Corrupt {
+        path: path.to_path_buf(),
+        offset: 0,
+        why,
+    })?;
     let mut off = HEADER_LEN;
     let mut out = Vec::new();
     while let Frame::Ok(rec, n) = read_frame(&data, off) {

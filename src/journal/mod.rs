@@ -91,12 +91,32 @@ impl Journal {
     /// Opens the journal directory, scanning existing files (cutting a torn
     /// tail, refusing damage in the middle). New appends go to a fresh file
     /// of `lineage`, numbered after everything found.
-    pub fn open(dir: &Path, lineage: u64, min_next_seq: Seq, clock_floor: Nanos, max_bytes: u64) -> Result<(Journal, Recovered), JournalError> {
-        Self::open_sized(dir, lineage, min_next_seq, clock_floor, max_bytes, DEFAULT_FILE_SIZE)
+    pub fn open(
+        dir: &Path,
+        lineage: u64,
+        min_next_seq: Seq,
+        clock_floor: Nanos,
+        max_bytes: u64,
+    ) -> Result<(Journal, Recovered), JournalError> {
+        Self::open_sized(
+            dir,
+            lineage,
+            min_next_seq,
+            clock_floor,
+            max_bytes,
+            DEFAULT_FILE_SIZE,
+        )
     }
 
     /// `open` with a chosen preallocation size per journal file.
-    pub fn open_sized(dir: &Path, lineage: u64, min_next_seq: Seq, clock_floor: Nanos, max_bytes: u64, file_size: u64) -> Result<(Journal, Recovered), JournalError> {
+    pub fn open_sized(
+        dir: &Path,
+        lineage: u64,
+        min_next_seq: Seq,
+        clock_floor: Nanos,
+        max_bytes: u64,
+        file_size: u64,
+    ) -> Result<(Journal, Recovered), JournalError> {
         fs::create_dir_all(dir).map_err(|e| JournalError::io(dir, e))?;
         let mut paths: Vec<PathBuf> = fs::read_dir(dir)
             .map_err(|e| JournalError::io(dir, e))?
@@ -105,12 +125,22 @@ impl Journal {
             .collect();
         paths.sort();
         let mut spares = Vec::new();
-        for e in fs::read_dir(dir).map_err(|e| JournalError::io(dir, e))?.flatten() {
+        for e in fs::read_dir(dir)
+            .map_err(|e| JournalError::io(dir, e))?
+            .flatten()
+        {
             let p = e.path();
             match p.extension().and_then(|x| x.to_str()) {
-                Some(SPARE_EXT) if e.metadata().is_ok_and(|m| m.len() == file_size) && spares.len() < MAX_SPARES => spares.push(p),
+                Some(SPARE_EXT)
+                    if e.metadata().is_ok_and(|m| m.len() == file_size)
+                        && spares.len() < MAX_SPARES =>
+                {
+                    spares.push(p)
+                }
                 // Unfinished spares, and spares of another size or beyond the pool.
-                Some(SPARE_EXT) | Some("tmp") => fs::remove_file(&p).map_err(|e| JournalError::io(&p, e))?,
+                Some(SPARE_EXT) | Some("tmp") => {
+                    fs::remove_file(&p).map_err(|e| JournalError::io(&p, e))?
+                }
                 _ => {}
             }
         }
@@ -131,14 +161,22 @@ impl Journal {
             } else if expect_seq.is_none() {
                 expect_seq = Some(scan.header.first_seq);
             }
-            let file = File::options().read(true).write(true).open(p).map_err(|e| JournalError::io(p, e))?;
+            let file = File::options()
+                .read(true)
+                .write(true)
+                .open(p)
+                .map_err(|e| JournalError::io(p, e))?;
             let len = file.metadata().map_err(|e| JournalError::io(p, e))?.len();
             files.push_back(JournalFile {
                 path: p.clone(),
                 file: Arc::new(file),
                 first_seq: scan.header.first_seq,
                 end: scan.end,
-                last_seq: if scan.frames > 0 { scan.last_seq } else { scan.header.first_seq - 1 },
+                last_seq: if scan.frames > 0 {
+                    scan.last_seq
+                } else {
+                    scan.header.first_seq - 1
+                },
                 lineage: scan.header.lineage,
                 cap: len,
             });
@@ -163,7 +201,10 @@ impl Journal {
             }),
             space: Condvar::new(),
             clock: RecordClock::new(last_time),
-            sync: Mutex::new(SyncState { synced_seq: next_seq - 1, syncing: false }),
+            sync: Mutex::new(SyncState {
+                synced_seq: next_seq - 1,
+                syncing: false,
+            }),
             synced: Condvar::new(),
             appended: AtomicU64::new(next_seq - 1),
             written_bytes: AtomicU64::new(0),
@@ -201,15 +242,29 @@ impl Journal {
 
     /// Appends one Write record straight from the request's buffer (the
     /// hot path: no copy of the data into an `Op`).
-    pub fn append_write(&self, ino: Ino, offset: u64, size: u64, mtime: Nanos, data: &[u8]) -> Result<(Seq, Nanos), JournalError> {
+    pub fn append_write(
+        &self,
+        ino: Ino,
+        offset: u64,
+        size: u64,
+        mtime: Nanos,
+        data: &[u8],
+    ) -> Result<(Seq, Nanos), JournalError> {
         self.append_with(1, data.len(), |seq, time, buf| {
-            file::encode_frame_with(seq, time, buf, |o| encode_write(o, ino, offset, size, mtime, data));
+            file::encode_frame_with(seq, time, buf, |o| {
+                encode_write(o, ino, offset, size, mtime, data)
+            });
         })
     }
 
     /// Appends `count` records that `encode(first_seq, time, buf)` encodes
     /// as frames into `buf`, under the append lock.
-    fn append_with(&self, count: u64, payload: usize, encode: impl FnOnce(Seq, Nanos, &mut Vec<u8>)) -> Result<(Seq, Nanos), JournalError> {
+    fn append_with(
+        &self,
+        count: u64,
+        payload: usize,
+        encode: impl FnOnce(Seq, Nanos, &mut Vec<u8>),
+    ) -> Result<(Seq, Nanos), JournalError> {
         if self.has_failed.load(Ordering::Acquire) {
             let why = self.failed.lock().clone().unwrap_or_default();
             return Err(JournalError::Failed(why));
@@ -219,7 +274,11 @@ impl Journal {
         // they are never dropped (see --on-journal-full).
         if inner.bytes > self.max_bytes {
             self.waiting.store(true, Ordering::Relaxed);
-            tracing::warn!(bytes = inner.bytes, max = self.max_bytes, "journal full: writers wait until the store catches up");
+            tracing::warn!(
+                bytes = inner.bytes,
+                max = self.max_bytes,
+                "journal full: writers wait until the store catches up"
+            );
             while inner.bytes > self.max_bytes {
                 self.space.wait(&mut inner);
             }
@@ -230,7 +289,14 @@ impl Journal {
         buf.clear();
         let mut first = inner.next_seq;
         if let Some(back_ns) = step {
-            file::encode_frame(&Record { seq: first, time, op: Op::ClockStep { back_ns } }, &mut buf);
+            file::encode_frame(
+                &Record {
+                    seq: first,
+                    time,
+                    op: Op::ClockStep { back_ns },
+                },
+                &mut buf,
+            );
             first += 1;
         }
         encode(first, time, &mut buf);
@@ -270,7 +336,8 @@ impl Journal {
         }
         inner.next_seq = last + 1;
         self.appended.store(last, Ordering::Release);
-        self.written_bytes.fetch_add(payload as u64, Ordering::Relaxed);
+        self.written_bytes
+            .fetch_add(payload as u64, Ordering::Relaxed);
         Ok((last, time))
     }
 
@@ -279,7 +346,9 @@ impl Journal {
             // The old file's tail must be durable before records land in a
             // newer file, or a machine crash could keep the newer records
             // and lose older ones.
-            cur.file.sync_data().map_err(|e| JournalError::io(&cur.path, e))?;
+            cur.file
+                .sync_data()
+                .map_err(|e| JournalError::io(&cur.path, e))?;
             if cur.end == file::HEADER_LEN as u64 && cur.last_seq + 1 == inner.next_seq {
                 // An empty file: reuse it, or replace it (its name is the
                 // next file's name).
@@ -294,7 +363,9 @@ impl Journal {
         let size = inner.file_size.max(need + file::HEADER_LEN as u64);
         let path = self.dir.join(format!("{:020}.{FILE_EXT}", inner.next_seq));
         let f = match inner.spares.pop() {
-            Some(spare) if size == inner.file_size => file::recycle(&spare, &path, inner.lineage, inner.next_seq)?,
+            Some(spare) if size == inner.file_size => {
+                file::recycle(&spare, &path, inner.lineage, inner.next_seq)?
+            }
             other => {
                 inner.spares.extend(other);
                 file::create(&path, inner.lineage, inner.next_seq, size)?
@@ -335,9 +406,14 @@ impl Journal {
                 let d = std::mem::take(&mut inner.rotated_since_sync);
                 (inner.next_seq - 1, cur, d)
             };
-            let mut res = file.file.sync_data().map_err(|e| JournalError::io(&file.path, e));
+            let mut res = file
+                .file
+                .sync_data()
+                .map_err(|e| JournalError::io(&file.path, e));
             if res.is_ok() && dirsync {
-                res = File::open(&self.dir).and_then(|d| d.sync_all()).map_err(|e| JournalError::io(&self.dir, e));
+                res = File::open(&self.dir)
+                    .and_then(|d| d.sync_all())
+                    .map_err(|e| JournalError::io(&self.dir, e));
             }
             st = self.sync.lock();
             st.syncing = false;
@@ -359,7 +435,11 @@ impl Journal {
                 return Ok(());
             }
             inner.spare_counter += 1;
-            (self.dir.join(format!("new-{}.{SPARE_EXT}", inner.spare_counter)), inner.file_size)
+            (
+                self.dir
+                    .join(format!("new-{}.{SPARE_EXT}", inner.spare_counter)),
+                inner.file_size,
+            )
         };
         file::create_spare(&path, size)?;
         let mut inner = self.inner.lock();
@@ -429,7 +509,10 @@ impl Journal {
             if len == inner.file_size && inner.spares.len() < MAX_SPARES {
                 // Keep it for reuse: its blocks are written already.
                 inner.spare_counter += 1;
-                let spare = self.dir.join(format!("{:020}-{}.{SPARE_EXT}", f.first_seq, inner.spare_counter));
+                let spare = self.dir.join(format!(
+                    "{:020}-{}.{SPARE_EXT}",
+                    f.first_seq, inner.spare_counter
+                ));
                 fs::rename(&f.path, &spare).map_err(|e| JournalError::io(&f.path, e))?;
                 inner.spares.push(spare);
             } else {
@@ -467,7 +550,10 @@ const MAX_RECORD: u64 = 2 << 20;
 
 impl JournalReader {
     pub fn new(from_seq: Seq) -> Self {
-        JournalReader { next_seq: from_seq, pos: None }
+        JournalReader {
+            next_seq: from_seq,
+            pos: None,
+        }
     }
 
     pub fn next_seq(&self) -> Seq {
@@ -477,12 +563,21 @@ impl JournalReader {
     /// Reads records with seq >= the cursor, about `max_payload` bytes of
     /// encoded records at most (at least one record if any is available),
     /// stopping at a change of lineage. Returns the lineage and records.
-    pub fn read(&mut self, files: &[JournalFile], max_payload: usize) -> Result<Option<(u64, Vec<Record>)>, JournalError> {
+    pub fn read(
+        &mut self,
+        files: &[JournalFile],
+        max_payload: usize,
+    ) -> Result<Option<(u64, Vec<Record>)>, JournalError> {
         self.read_upto(files, max_payload, Seq::MAX)
     }
 
     /// `read`, but never past sequence number `max_seq`.
-    pub fn read_upto(&mut self, files: &[JournalFile], max_payload: usize, max_seq: Seq) -> Result<Option<(u64, Vec<Record>)>, JournalError> {
+    pub fn read_upto(
+        &mut self,
+        files: &[JournalFile],
+        max_payload: usize,
+        max_seq: Seq,
+    ) -> Result<Option<(u64, Vec<Record>)>, JournalError> {
         let mut out = Vec::new();
         let mut lineage = None;
         let mut bytes = 0usize;
@@ -549,5 +644,9 @@ impl JournalReader {
 
 /// The encoded header of a journal file (for golden tests and tools).
 pub fn file_header(lineage: u64, first_seq: Seq, created_ns: Nanos) -> [u8; 64] {
-    file::encode_header(&file::Header { lineage, first_seq, created_ns })
+    file::encode_header(&file::Header {
+        lineage,
+        first_seq,
+        created_ns,
+    })
 }

@@ -55,7 +55,11 @@ pub struct FaultyStore {
 
 impl FaultyStore {
     pub fn new(inner: Arc<dyn Store>) -> FaultyStore {
-        FaultyStore { inner, state: Mutex::new(State::default()), changed: Condvar::new() }
+        FaultyStore {
+            inner,
+            state: Mutex::new(State::default()),
+            changed: Condvar::new(),
+        }
     }
 
     /// While down, every call fails with `Unreachable`.
@@ -115,10 +119,14 @@ impl FaultyStore {
     fn error(&self, fault: Fault, what: &str) -> StoreError {
         let store = self.describe();
         match fault {
-            Fault::Denied => StoreError::Denied { store, detail: format!("injected fault on {what}") },
-            Fault::Unreachable | Fault::LandThenFail => {
-                StoreError::Unreachable { store, detail: format!("injected fault on {what}") }
-            }
+            Fault::Denied => StoreError::Denied {
+                store,
+                detail: format!("injected fault on {what}"),
+            },
+            Fault::Unreachable | Fault::LandThenFail => StoreError::Unreachable {
+                store,
+                detail: format!("injected fault on {what}"),
+            },
         }
     }
 }

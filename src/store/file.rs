@@ -30,7 +30,9 @@ impl FileStore {
         // never turn a key into a path outside the root.
         if key.is_empty()
             || key.starts_with('/')
-            || key.split('/').any(|c| c.is_empty() || c == "." || c == "..")
+            || key
+                .split('/')
+                .any(|c| c.is_empty() || c == "." || c == "..")
         {
             return Err(StoreError::Config {
                 store: self.describe(),
@@ -41,7 +43,11 @@ impl FileStore {
     }
 
     fn io(&self, key: &str, source: std::io::Error) -> StoreError {
-        StoreError::Io { store: self.describe(), key: key.to_string(), source }
+        StoreError::Io {
+            store: self.describe(),
+            key: key.to_string(),
+            source,
+        }
     }
 }
 
@@ -57,7 +63,11 @@ fn walk(dir: &Path, rel: &str, out: &mut Vec<String>) -> std::io::Result<()> {
         if name.starts_with(".tmp.") {
             continue;
         }
-        let key = if rel.is_empty() { name.clone() } else { format!("{rel}/{name}") };
+        let key = if rel.is_empty() {
+            name.clone()
+        } else {
+            format!("{rel}/{name}")
+        };
         if ent.file_type()?.is_dir() {
             walk(&ent.path(), &key, out)?;
         } else {
@@ -95,9 +105,10 @@ impl Store for FileStore {
         let path = self.path(key)?;
         match fs::read(&path) {
             Ok(v) => Ok(Bytes::from(v)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                Err(StoreError::NotFound { store: self.describe(), key: key.to_string() })
-            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(StoreError::NotFound {
+                store: self.describe(),
+                key: key.to_string(),
+            }),
             Err(e) => Err(self.io(key, e)),
         }
     }
@@ -112,7 +123,11 @@ impl Store for FileStore {
             Some(i) => &prefix[..i],
             None => "",
         };
-        let dir = if dir_rel.is_empty() { self.root.clone() } else { self.path(dir_rel)? };
+        let dir = if dir_rel.is_empty() {
+            self.root.clone()
+        } else {
+            self.path(dir_rel)?
+        };
         let mut out = Vec::new();
         walk(&dir, dir_rel, &mut out).map_err(|e| self.io(prefix, e))?;
         out.retain(|k| k.starts_with(prefix));

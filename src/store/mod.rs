@@ -92,10 +92,15 @@ pub enum StoreUrl {
 
 impl StoreUrl {
     pub fn parse(url: &str) -> Result<StoreUrl> {
-        let bad = |why: &str| StoreError::BadUrl { url: url.to_string(), why: why.to_string() };
+        let bad = |why: &str| StoreError::BadUrl {
+            url: url.to_string(),
+            why: why.to_string(),
+        };
         if let Some(rest) = url.strip_prefix("file://") {
             if !rest.starts_with('/') {
-                return Err(bad("file:// URLs need an absolute path, e.g. file:///var/lib/rewind"));
+                return Err(bad(
+                    "file:// URLs need an absolute path, e.g. file:///var/lib/rewind",
+                ));
             }
             return Ok(StoreUrl::File(PathBuf::from(rest)));
         }
@@ -110,7 +115,9 @@ impl StoreUrl {
             });
         }
         if url.contains("://") {
-            return Err(bad("unknown scheme; use file:///path, a plain path, or s3://bucket/prefix"));
+            return Err(bad(
+                "unknown scheme; use file:///path, a plain path, or s3://bucket/prefix",
+            ));
         }
         if url.is_empty() {
             return Err(bad("empty"));
@@ -198,7 +205,11 @@ impl Store for Prefixed {
             .collect())
     }
     fn describe(&self) -> String {
-        format!("{} (volume prefix {})", self.inner.describe(), self.prefix.trim_end_matches('/'))
+        format!(
+            "{} (volume prefix {})",
+            self.inner.describe(),
+            self.prefix.trim_end_matches('/')
+        )
     }
     fn abort_incomplete_uploads(&self, prefix: &str) -> Result<usize> {
         self.inner.abort_incomplete_uploads(&self.full(prefix))

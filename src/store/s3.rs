@@ -72,7 +72,9 @@ impl RetryPolicy {
     /// The sleep before attempt `failed + 1`, given that `failed` attempts
     /// (at least one) have failed. `unit` is a random number in [0, 1).
     pub fn delay(&self, failed: u32, unit: f64) -> Duration {
-        let exp = self.base_delay.saturating_mul(1u32 << failed.saturating_sub(1).min(20));
+        let exp = self
+            .base_delay
+            .saturating_mul(1u32 << failed.saturating_sub(1).min(20));
         exp.min(self.max_delay).mul_f64(unit.clamp(0.0, 1.0))
     }
 }
@@ -162,17 +164,33 @@ pub fn classify(status: Option<u16>, code: Option<&str>) -> Class {
         Some("NoSuchUpload") => return Class::NoUpload,
         Some("PreconditionFailed") => return Class::Changed,
         Some(
-            "AccessDenied" | "InvalidAccessKeyId" | "SignatureDoesNotMatch" | "ExpiredToken"
-            | "InvalidToken" | "TokenRefreshRequired" | "AccountProblem" | "AllAccessDisabled"
-            | "InvalidSecurity" | "UnauthorizedAccess",
+            "AccessDenied"
+            | "InvalidAccessKeyId"
+            | "SignatureDoesNotMatch"
+            | "ExpiredToken"
+            | "InvalidToken"
+            | "TokenRefreshRequired"
+            | "AccountProblem"
+            | "AllAccessDisabled"
+            | "InvalidSecurity"
+            | "UnauthorizedAccess",
         ) => return Class::Denied,
-        Some("PermanentRedirect" | "AuthorizationHeaderMalformed" | "IllegalLocationConstraintException") => {
-            return Class::WrongRegion
-        }
         Some(
-            "SlowDown" | "Throttling" | "ThrottlingException" | "RequestLimitExceeded"
-            | "TooManyRequests" | "RequestTimeout" | "InternalError" | "ServiceUnavailable"
-            | "RequestTimeTooSkewed" | "OperationAborted",
+            "PermanentRedirect"
+            | "AuthorizationHeaderMalformed"
+            | "IllegalLocationConstraintException",
+        ) => return Class::WrongRegion,
+        Some(
+            "SlowDown"
+            | "Throttling"
+            | "ThrottlingException"
+            | "RequestLimitExceeded"
+            | "TooManyRequests"
+            | "RequestTimeout"
+            | "InternalError"
+            | "ServiceUnavailable"
+            | "RequestTimeTooSkewed"
+            | "OperationAborted",
         ) => return Class::Transient,
         _ => {}
     }
@@ -198,7 +216,11 @@ struct Failure {
 
 impl Failure {
     fn new(class: Class, detail: impl Into<String>) -> Failure {
-        Failure { class, status: None, detail: detail.into() }
+        Failure {
+            class,
+            status: None,
+            detail: detail.into(),
+        }
     }
 
     fn from_sdk<E>(op: &str, err: SdkError<E>) -> Failure
@@ -229,7 +251,9 @@ impl Failure {
             // A response came but could not be read or parsed: most often
             // a connection cut mid-body, or a proxy's error page.
             SdkError::ResponseError(_) => match err.raw_response().map(|r| r.status().as_u16()) {
-                Some(s) if (400..500).contains(&s) && s != 408 && s != 429 => classify(Some(s), None),
+                Some(s) if (400..500).contains(&s) && s != 408 && s != 429 => {
+                    classify(Some(s), None)
+                }
                 _ => Class::Transient,
             },
             SdkError::ServiceError(_) => {
@@ -243,7 +267,11 @@ impl Failure {
             (Some(s), None) => format!("{op}: HTTP {s}"),
             _ => format!("{op}: {text}"),
         };
-        Failure { class, status, detail }
+        Failure {
+            class,
+            status,
+            detail,
+        }
     }
 }
 
@@ -331,11 +359,13 @@ async fn build_client(cfg: &S3Config) -> (Client, Option<String>) {
     loader = match &cfg.region {
         Some(r) => loader.region(Region::new(r.clone())),
         None => loader.region(
-            aws_config::meta::region::RegionProviderChain::default_provider().or_else(Region::from_static("us-east-1")),
+            aws_config::meta::region::RegionProviderChain::default_provider()
+                .or_else(Region::from_static("us-east-1")),
         ),
     };
     if let Some((key, secret)) = &cfg.credentials {
-        loader = loader.credentials_provider(Credentials::new(key, secret, None, None, "rewind-static"));
+        loader =
+            loader.credentials_provider(Credentials::new(key, secret, None, None, "rewind-static"));
     }
     if let Some(ep) = &cfg.endpoint {
         loader = loader.endpoint_url(ep);
@@ -351,7 +381,10 @@ async fn build_client(cfg: &S3Config) -> (Client, Option<String>) {
                 .build(),
         )
         .build();
-    (Client::from_conf(conf), shared.endpoint_url().map(str::to_string))
+    (
+        Client::from_conf(conf),
+        shared.endpoint_url().map(str::to_string),
+    )
 }
 
 /// Parses the total size out of a `Content-Range: bytes a-b/total` header.
@@ -441,7 +474,12 @@ impl Inner {
 
     /// Runs `op` until it succeeds, fails for good, or the attempts run
     /// out. Each attempt holds one in-flight slot and has a deadline.
-    async fn retry<T, F, Fut>(&self, what: &str, len: usize, mut op: F) -> std::result::Result<T, Failure>
+    async fn retry<T, F, Fut>(
+        &self,
+        what: &str,
+        len: usize,
+        mut op: F,
+    ) -> std::result::Result<T, Failure>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = std::result::Result<T, Failure>>,
@@ -519,7 +557,11 @@ impl Inner {
     /// Uploads `data` in parts, at most `max_concurrency` at once; on any
     /// failure waits for the parts in flight, then aborts the upload so
     /// that no parts are left behind (and billed).
-    async fn put_multipart(self: &Arc<Self>, key: &str, data: Bytes) -> std::result::Result<(), Failure> {
+    async fn put_multipart(
+        self: &Arc<Self>,
+        key: &str,
+        data: Bytes,
+    ) -> std::result::Result<(), Failure> {
         let full = self.full_key(key);
         let created = self
             .retry("CreateMultipartUpload", 0, || async {
@@ -534,7 +576,10 @@ impl Inner {
             })
             .await?;
         let Some(upload_id) = created.upload_id().map(str::to_string) else {
-            return Err(Failure::new(Class::Rejected, "CreateMultipartUpload: no upload id in the answer"));
+            return Err(Failure::new(
+                Class::Rejected,
+                "CreateMultipartUpload: no upload id in the answer",
+            ));
         };
 
         let mut tasks = tokio::task::JoinSet::new();
@@ -556,7 +601,10 @@ impl Inner {
                 }
                 Err(e) if e.is_cancelled() => {}
                 Err(e) => {
-                    failure.get_or_insert(Failure::new(Class::Transient, format!("UploadPart task: {e}")));
+                    failure.get_or_insert(Failure::new(
+                        Class::Transient,
+                        format!("UploadPart task: {e}"),
+                    ));
                     tasks.abort_all();
                 }
             }
@@ -581,7 +629,11 @@ impl Inner {
                         .bucket(&self.cfg.bucket)
                         .key(full)
                         .upload_id(upload_id)
-                        .multipart_upload(CompletedMultipartUpload::builder().set_parts(Some(parts)).build())
+                        .multipart_upload(
+                            CompletedMultipartUpload::builder()
+                                .set_parts(Some(parts))
+                                .build(),
+                        )
                         .send()
                         .await
                         .map(|_| ())
@@ -673,7 +725,14 @@ impl Inner {
 
     async fn head_len(&self, full: &str) -> std::result::Result<Option<i64>, Failure> {
         self.retry("HeadObject", 0, || async {
-            match self.client.head_object().bucket(&self.cfg.bucket).key(full).send().await {
+            match self
+                .client
+                .head_object()
+                .bucket(&self.cfg.bucket)
+                .key(full)
+                .send()
+                .await
+            {
                 Ok(out) => Ok(Some(out.content_length().unwrap_or(0))),
                 Err(e) => match Failure::from_sdk("HeadObject", e) {
                     f if f.class == Class::NotFound => Ok(None),
@@ -692,7 +751,9 @@ impl Inner {
         range: Option<(u64, u64)>,
         if_match: Option<&str>,
     ) -> std::result::Result<(Bytes, Option<u64>, Option<String>), Failure> {
-        let len = range.map(|(a, b)| (b - a + 1) as usize).unwrap_or(self.cfg.part_size);
+        let len = range
+            .map(|(a, b)| (b - a + 1) as usize)
+            .unwrap_or(self.cfg.part_size);
         self.retry("GetObject", len, || async {
             let mut req = self.client.get_object().bucket(&self.cfg.bucket).key(full);
             if let Some((a, b)) = range {
@@ -701,7 +762,10 @@ impl Inner {
             if let Some(tag) = if_match {
                 req = req.if_match(tag);
             }
-            let out = req.send().await.map_err(|e| Failure::from_sdk("GetObject", e))?;
+            let out = req
+                .send()
+                .await
+                .map_err(|e| Failure::from_sdk("GetObject", e))?;
             let total = out.content_range().and_then(total_from_content_range);
             let expect = out.content_length();
             let etag = out.e_tag().map(str::to_string);
@@ -734,7 +798,8 @@ impl Inner {
         let mut tries = 0;
         loop {
             tries += 1;
-            let (first, total, etag) = match self.get_range(&full, Some((0, part - 1)), None).await {
+            let (first, total, etag) = match self.get_range(&full, Some((0, part - 1)), None).await
+            {
                 Ok(v) => v,
                 // S3 answers 416 to any range of an empty object.
                 Err(f) if f.status == Some(416) => {
@@ -753,7 +818,9 @@ impl Inner {
                 let me = Arc::clone(self);
                 let (full, etag) = (full.clone(), etag.clone());
                 tasks.spawn(async move {
-                    let r = me.get_range(&full, Some((start, end)), etag.as_deref()).await;
+                    let r = me
+                        .get_range(&full, Some((start, end)), etag.as_deref())
+                        .await;
                     (start, end, r)
                 });
                 start = end + 1;
@@ -762,11 +829,16 @@ impl Inner {
             let mut failure = None;
             while let Some(joined) = tasks.join_next().await {
                 match joined {
-                    Ok((a, b, Ok((bytes, _, _)))) if bytes.len() as u64 == b - a + 1 => pieces.push((a, bytes)),
+                    Ok((a, b, Ok((bytes, _, _)))) if bytes.len() as u64 == b - a + 1 => {
+                        pieces.push((a, bytes))
+                    }
                     Ok((a, _, Ok((bytes, _, _)))) => {
                         failure.get_or_insert(Failure::new(
                             Class::Transient,
-                            format!("GetObject range at {a}: short body of {} bytes", bytes.len()),
+                            format!(
+                                "GetObject range at {a}: short body of {} bytes",
+                                bytes.len()
+                            ),
                         ));
                         tasks.abort_all();
                     }
@@ -776,7 +848,10 @@ impl Inner {
                     }
                     Err(e) if e.is_cancelled() => {}
                     Err(e) => {
-                        failure.get_or_insert(Failure::new(Class::Transient, format!("GetObject task: {e}")));
+                        failure.get_or_insert(Failure::new(
+                            Class::Transient,
+                            format!("GetObject task: {e}"),
+                        ));
                         tasks.abort_all();
                     }
                 }
@@ -798,7 +873,11 @@ impl Inner {
 
     async fn list(&self, prefix: &str) -> std::result::Result<Vec<String>, Failure> {
         let full_prefix = self.full_key(prefix);
-        let strip = if self.cfg.prefix.is_empty() { 0 } else { self.cfg.prefix.len() + 1 };
+        let strip = if self.cfg.prefix.is_empty() {
+            0
+        } else {
+            self.cfg.prefix.len() + 1
+        };
         let mut keys = Vec::new();
         let mut token: Option<String> = None;
         loop {
@@ -832,7 +911,10 @@ impl Inner {
         Ok(keys)
     }
 
-    async fn list_uploads(&self, prefix: &str) -> std::result::Result<Vec<(String, String)>, Failure> {
+    async fn list_uploads(
+        &self,
+        prefix: &str,
+    ) -> std::result::Result<Vec<(String, String)>, Failure> {
         let full_prefix = self.full_key(prefix);
         let mut found = Vec::new();
         let (mut key_marker, mut id_marker): (Option<String>, Option<String>) = (None, None);
@@ -877,7 +959,9 @@ impl Store for S3Store {
     }
 
     fn get(&self, key: &str) -> Result<Bytes> {
-        self.rt.block_on(self.inner.get(key)).map_err(|f| self.inner.error(f, key, false))
+        self.rt
+            .block_on(self.inner.get(key))
+            .map_err(|f| self.inner.error(f, key, false))
     }
 
     fn exists(&self, key: &str) -> Result<bool> {
@@ -924,7 +1008,11 @@ mod tests {
             (Some(403), None, Class::Denied),
             (Some(400), Some("ExpiredToken"), Class::Denied),
             (Some(301), Some("PermanentRedirect"), Class::WrongRegion),
-            (Some(400), Some("AuthorizationHeaderMalformed"), Class::WrongRegion),
+            (
+                Some(400),
+                Some("AuthorizationHeaderMalformed"),
+                Class::WrongRegion,
+            ),
             (Some(503), Some("SlowDown"), Class::Transient),
             (Some(500), Some("InternalError"), Class::Transient),
             (Some(502), None, Class::Transient),
@@ -936,7 +1024,11 @@ mod tests {
             (None, None, Class::Transient),
         ];
         for (status, code, want) in cases {
-            assert_eq!(classify(*status, *code), *want, "status {status:?} code {code:?}");
+            assert_eq!(
+                classify(*status, *code),
+                *want,
+                "status {status:?} code {code:?}"
+            );
         }
     }
 

@@ -33,7 +33,15 @@ pub const APP_GRACE: &str = "rewind.dev/app-grace-period-seconds";
 /// The pod label the MutatingWebhookConfiguration selects on.
 pub const INJECT_LABEL: &str = "rewind.dev/inject";
 
-const USER_KEYS: [&str; 7] = [VOLUMES, STORE, SEGMENT_INTERVAL, CPU, MEMORY, RESTORE_AT, RESTORE_OVERWRITE];
+const USER_KEYS: [&str; 7] = [
+    VOLUMES,
+    STORE,
+    SEGMENT_INTERVAL,
+    CPU,
+    MEMORY,
+    RESTORE_AT,
+    RESTORE_OVERWRITE,
+];
 const OWN_KEYS: [&str; 2] = [INJECTED, APP_GRACE];
 
 /// What the annotations ask for, validated.
@@ -56,9 +64,14 @@ pub fn parse(annotations: &BTreeMap<String, String>) -> Result<Option<Protection
     // leave data unprotected or not restored, so unknown keys are refused.
     for key in annotations.keys() {
         if key == INJECT_LABEL {
-            return Err(format!("{INJECT_LABEL} is a label, not an annotation; move it under metadata.labels"));
+            return Err(format!(
+                "{INJECT_LABEL} is a label, not an annotation; move it under metadata.labels"
+            ));
         }
-        if key.starts_with("rewind.dev/") && !USER_KEYS.contains(&key.as_str()) && !OWN_KEYS.contains(&key.as_str()) {
+        if key.starts_with("rewind.dev/")
+            && !USER_KEYS.contains(&key.as_str())
+            && !OWN_KEYS.contains(&key.as_str())
+        {
             return Err(format!(
                 "unknown annotation {key}; rewind understands {}",
                 USER_KEYS.join(", ")
@@ -67,7 +80,9 @@ pub fn parse(annotations: &BTreeMap<String, String>) -> Result<Option<Protection
     }
     let Some(list) = annotations.get(VOLUMES) else {
         if let Some(other) = USER_KEYS.iter().find(|k| annotations.contains_key(**k)) {
-            return Err(format!("annotation {other} needs {VOLUMES} to say which volumes to protect"));
+            return Err(format!(
+                "annotation {other} needs {VOLUMES} to say which volumes to protect"
+            ));
         }
         return Ok(None);
     };
@@ -104,12 +119,26 @@ pub fn parse(annotations: &BTreeMap<String, String>) -> Result<Option<Protection
     let restore_overwrite = match annotations.get(RESTORE_OVERWRITE).map(String::as_str) {
         None | Some("false") => false,
         Some("true") => true,
-        Some(other) => return Err(format!("{RESTORE_OVERWRITE}: {other:?} is neither \"true\" nor \"false\"")),
+        Some(other) => {
+            return Err(format!(
+                "{RESTORE_OVERWRITE}: {other:?} is neither \"true\" nor \"false\""
+            ))
+        }
     };
     if restore_overwrite && restore_at.is_none() {
-        return Err(format!("{RESTORE_OVERWRITE} only applies together with {RESTORE_AT}"));
+        return Err(format!(
+            "{RESTORE_OVERWRITE} only applies together with {RESTORE_AT}"
+        ));
     }
-    Ok(Some(Protection { volumes, store, segment_interval, cpu, memory, restore_at, restore_overwrite }))
+    Ok(Some(Protection {
+        volumes,
+        store,
+        segment_interval,
+        cpu,
+        memory,
+        restore_at,
+        restore_overwrite,
+    }))
 }
 
 /// Accepts only `s3://` stores: a `file://` store would live inside the
@@ -123,7 +152,9 @@ pub fn parse_store(url: &str) -> Result<(), String> {
     match StoreUrl::parse(url) {
         Ok(StoreUrl::S3 { bucket, .. }) => {
             let ok = (3..=63).contains(&bucket.len())
-                && bucket.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
+                && bucket.bytes().all(|b| {
+                    b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.'
+                });
             if ok {
                 Ok(())
             } else {
@@ -138,8 +169,9 @@ pub fn parse_store(url: &str) -> Result<(), String> {
 /// The segment interval with the same parser `rewind run` uses, bounded to
 /// what makes sense for continuous protection.
 pub fn parse_interval(s: &str) -> Result<Duration, String> {
-    let d = humantime::parse_duration(s)
-        .map_err(|e| format!("{s:?} is not a duration ({e}); write e.g. \"1s\", \"500ms\" or \"2m\""))?;
+    let d = humantime::parse_duration(s).map_err(|e| {
+        format!("{s:?} is not a duration ({e}); write e.g. \"1s\", \"500ms\" or \"2m\"")
+    })?;
     if d < Duration::from_millis(100) || d > Duration::from_secs(3600) {
         return Err(format!("{s:?} is out of range; use between 100ms and 1h"));
     }
@@ -150,7 +182,9 @@ pub fn parse_interval(s: &str) -> Result<Duration, String> {
 /// (RFC 3339, `@<unix seconds>` or `latest`), so an accepted annotation can
 /// never make the restore container fail on its own command line.
 pub fn parse_time(s: &str) -> Result<(), String> {
-    crate::clock::parse_at(s).map(|_| ()).map_err(|e| e.to_string())
+    crate::clock::parse_at(s)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
 }
 
 /// Which resource a quantity is for; memory has a floor.
@@ -165,10 +199,16 @@ pub enum Quantity {
 /// sidecar cannot run in. The API server would refuse a malformed quantity
 /// too, but with a message that does not name the annotation.
 pub fn parse_quantity(s: &str, kind: Quantity) -> Result<f64, String> {
-    let bad = || format!("{s:?} is not a Kubernetes quantity; write e.g. \"250m\" for CPU or \"512Mi\" for memory");
-    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
+    let bad = || {
+        format!("{s:?} is not a Kubernetes quantity; write e.g. \"250m\" for CPU or \"512Mi\" for memory")
+    };
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
     let (number, suffix) = s.split_at(split);
-    let (whole, frac) = number.split_once('.').map_or((number, None), |(w, f)| (w, Some(f)));
+    let (whole, frac) = number
+        .split_once('.')
+        .map_or((number, None), |(w, f)| (w, Some(f)));
     let has_digits = !whole.is_empty() || frac.is_some_and(|f| !f.is_empty());
     let one_point = !frac.is_some_and(|f| f.contains('.'));
     if !(has_digits && one_point) {
@@ -218,7 +258,13 @@ pub fn parse_quantity(s: &str, kind: Quantity) -> Result<f64, String> {
 pub fn restore_marker_name(time: &str) -> String {
     let safe: String = time
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_') { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_') {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect();
     format!("restored-at-{safe}")
 }
@@ -229,20 +275,44 @@ mod tests {
 
     #[test]
     fn quantities_follow_the_kubernetes_grammar() {
-        for (s, v) in [("250m", 0.25), ("1", 1.0), ("1.5", 1.5), (".5", 0.5), ("2.", 2.0), ("1e3", 1000.0), ("1E-1", 0.1), ("2k", 2000.0)] {
+        for (s, v) in [
+            ("250m", 0.25),
+            ("1", 1.0),
+            ("1.5", 1.5),
+            (".5", 0.5),
+            ("2.", 2.0),
+            ("1e3", 1000.0),
+            ("1E-1", 0.1),
+            ("2k", 2000.0),
+        ] {
             assert_eq!(parse_quantity(s, Quantity::Cpu), Ok(v), "{s}");
         }
-        assert_eq!(parse_quantity("512Mi", Quantity::Memory), Ok(512.0 * 1024.0 * 1024.0));
-        for bad in ["", ".", "1..2", "1.2.3", "m", "-1", "+1", "0", "0m", "1 Gi", "1gi", "1e", "1e+", "lots", "1e999"] {
-            assert!(parse_quantity(bad, Quantity::Cpu).is_err(), "{bad:?} accepted");
+        assert_eq!(
+            parse_quantity("512Mi", Quantity::Memory),
+            Ok(512.0 * 1024.0 * 1024.0)
+        );
+        for bad in [
+            "", ".", "1..2", "1.2.3", "m", "-1", "+1", "0", "0m", "1 Gi", "1gi", "1e", "1e+",
+            "lots", "1e999",
+        ] {
+            assert!(
+                parse_quantity(bad, Quantity::Cpu).is_err(),
+                "{bad:?} accepted"
+            );
         }
         assert!(parse_quantity("63Mi", Quantity::Memory).is_err());
     }
 
     #[test]
     fn marker_names_are_plain_file_names() {
-        assert_eq!(restore_marker_name("2026-11-24T12:00:05.5+01:00"), "restored-at-2026-11-24T12_00_05.5_01_00");
-        assert_eq!(restore_marker_name("@1764000000"), "restored-at-_1764000000");
+        assert_eq!(
+            restore_marker_name("2026-11-24T12:00:05.5+01:00"),
+            "restored-at-2026-11-24T12_00_05.5_01_00"
+        );
+        assert_eq!(
+            restore_marker_name("@1764000000"),
+            "restored-at-_1764000000"
+        );
         assert_eq!(restore_marker_name("../x"), "restored-at-.._x");
     }
 }

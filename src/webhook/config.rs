@@ -100,10 +100,11 @@ impl Config {
             path: path.display().to_string(),
             source,
         })?;
-        let config: Config = serde_json::from_slice(&text).map_err(|source| ConfigError::Parse {
-            path: path.display().to_string(),
-            source,
-        })?;
+        let config: Config =
+            serde_json::from_slice(&text).map_err(|source| ConfigError::Parse {
+                path: path.display().to_string(),
+                source,
+            })?;
         config.validate()?;
         Ok(config)
     }
@@ -114,8 +115,14 @@ impl Config {
         if self.image.trim().is_empty() {
             return invalid("image", "must name the rewind image".into());
         }
-        if !matches!(self.image_pull_policy.as_str(), "Always" | "IfNotPresent" | "Never") {
-            return invalid("imagePullPolicy", "must be Always, IfNotPresent or Never".into());
+        if !matches!(
+            self.image_pull_policy.as_str(),
+            "Always" | "IfNotPresent" | "Never"
+        ) {
+            return invalid(
+                "imagePullPolicy",
+                "must be Always, IfNotPresent or Never".into(),
+            );
         }
         if !self.binary.starts_with('/') {
             return invalid("binary", "must be an absolute path inside the image".into());
@@ -147,10 +154,17 @@ impl Config {
         }
         for (field, list) in [("env", &self.env), ("envFrom", &self.env_from)] {
             if list.iter().any(|v| !v.is_object()) {
-                return invalid(field, "every entry must be an object (a Kubernetes EnvVar / EnvFromSource)".into());
+                return invalid(
+                    field,
+                    "every entry must be an object (a Kubernetes EnvVar / EnvFromSource)".into(),
+                );
             }
         }
-        if self.env.iter().any(|v| v.get("name").and_then(Value::as_str).is_none()) {
+        if self
+            .env
+            .iter()
+            .any(|v| v.get("name").and_then(Value::as_str).is_none())
+        {
             return invalid("env", "every entry needs a name".into());
         }
         Ok(())

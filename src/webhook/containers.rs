@@ -83,8 +83,14 @@ fn common(name: String, config: &Config, args: Vec<String>, plan: &Plan) -> Map<
         c.insert("envFrom".into(), Value::Array(config.env_from.clone()));
     }
     c.insert("resources".into(), resources(plan));
-    c.insert("terminationMessagePath".into(), json!("/dev/termination-log"));
-    c.insert("terminationMessagePolicy".into(), json!("FallbackToLogsOnError"));
+    c.insert(
+        "terminationMessagePath".into(),
+        json!("/dev/termination-log"),
+    );
+    c.insert(
+        "terminationMessagePolicy".into(),
+        json!("FallbackToLogsOnError"),
+    );
     c
 }
 
@@ -136,12 +142,18 @@ pub fn sidecar(plan: &Plan, config: &Config) -> Value {
     );
     // The startup probe holds every later container until the mount is
     // live; ten minutes covers redoing a large journal after a crash.
-    c.insert("startupProbe".into(), probe("/healthz", plan.port, 1, 1, 600));
+    c.insert(
+        "startupProbe".into(),
+        probe("/healthz", plan.port, 1, 1, 600),
+    );
     // Readiness is mount live and journal writable; a store outage only
     // shows in metrics, so it never pulls the app out of its Service. There
     // is deliberately no liveness probe: restarting the sidecar over an
     // outage would break the app's mount and fix nothing.
-    c.insert("readinessProbe".into(), probe("/readyz", plan.port, 5, 2, 3));
+    c.insert(
+        "readinessProbe".into(),
+        probe("/readyz", plan.port, 5, 2, 3),
+    );
     c.insert(
         "volumeMounts".into(),
         json!([
@@ -173,8 +185,14 @@ pub fn restore(plan: &Plan, time: &str, config: &Config) -> Value {
     }
     let mut c = common(restore_name(plan.volume), config, args, plan);
     // Root (not privileged) so that restored files get their recorded owners.
-    c.insert("securityContext".into(), json!({"runAsUser": 0, "runAsGroup": 0, "runAsNonRoot": false}));
-    c.insert("volumeMounts".into(), json!([{"name": plan.volume, "mountPath": SOURCE_PATH}]));
+    c.insert(
+        "securityContext".into(),
+        json!({"runAsUser": 0, "runAsGroup": 0, "runAsNonRoot": false}),
+    );
+    c.insert(
+        "volumeMounts".into(),
+        json!([{"name": plan.volume, "mountPath": SOURCE_PATH}]),
+    );
     Value::Object(c)
 }
 

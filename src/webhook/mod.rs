@@ -117,7 +117,10 @@ pub fn mutate(pod: &Value, ns: Namespace, config: &Config) -> Result<Mutation, D
                 annotations::VOLUMES
             ));
         }
-        return Ok(Mutation { patch: Vec::new(), warnings });
+        return Ok(Mutation {
+            patch: Vec::new(),
+            warnings,
+        });
     };
     if let Some(level) = ns.pod_security {
         return Err(Denial::Refused(format!(
@@ -184,12 +187,16 @@ pub fn mutate(pod: &Value, ns: Namespace, config: &Config) -> Result<Mutation, D
     }
     // The webhook only ever adds init containers, so one of its names among
     // the regular containers is a user's container whatever the marker says.
-    if let Some(c) = regular.iter().find(|c| own_containers.contains(str_field(c, "name"))) {
+    if let Some(c) = regular
+        .iter()
+        .find(|c| own_containers.contains(str_field(c, "name")))
+    {
         return Err(conflict("container", str_field(c, "name")));
     }
 
-    let (existing_own, mut user_init): (Vec<_>, Vec<_>) =
-        init.drain(..).partition(|c| own_containers.contains(str_field(c, "name")));
+    let (existing_own, mut user_init): (Vec<_>, Vec<_>) = init
+        .drain(..)
+        .partition(|c| own_containers.contains(str_field(c, "name")));
 
     // Ports the sidecars listen on must not collide with ports the pod's
     // other containers declare (they share one network namespace).
@@ -219,7 +226,10 @@ pub fn mutate(pod: &Value, ns: Namespace, config: &Config) -> Result<Mutation, D
             volume,
             store_volume,
             store: &store,
-            segment_interval: prot.segment_interval.as_deref().unwrap_or(&config.segment_interval),
+            segment_interval: prot
+                .segment_interval
+                .as_deref()
+                .unwrap_or(&config.segment_interval),
             cpu: prot.cpu.as_deref().unwrap_or(&config.cpu),
             memory: prot.memory.as_deref().unwrap_or(&config.memory),
             port,
@@ -274,10 +284,15 @@ pub fn mutate(pod: &Value, ns: Namespace, config: &Config) -> Result<Mutation, D
     // app's own shutdown (the kubelet signals sidecars only once the app's
     // containers have exited). The original is kept in an annotation so a
     // second call computes the same value instead of adding again.
-    let current = spec.get("terminationGracePeriodSeconds").and_then(Value::as_i64);
+    let current = spec
+        .get("terminationGracePeriodSeconds")
+        .and_then(Value::as_i64);
     let original = match annotations.get(annotations::APP_GRACE) {
         Some(s) => s.parse::<i64>().map_err(|_| {
-            Denial::Refused(format!("annotation {} is not a number of seconds", annotations::APP_GRACE))
+            Denial::Refused(format!(
+                "annotation {} is not a number of seconds",
+                annotations::APP_GRACE
+            ))
         })?,
         None => current.unwrap_or(DEFAULT_GRACE_SECONDS),
     };
@@ -290,19 +305,29 @@ pub fn mutate(pod: &Value, ns: Namespace, config: &Config) -> Result<Mutation, D
         .expect("checked above")
         .entry("metadata")
         .or_insert_with(|| json!({}));
-    let meta = meta.as_object_mut().ok_or_else(|| malformed("metadata is not an object"))?;
+    let meta = meta
+        .as_object_mut()
+        .ok_or_else(|| malformed("metadata is not an object"))?;
     let ann = meta.entry("annotations").or_insert_with(|| json!({}));
-    let ann = ann.as_object_mut().ok_or_else(|| malformed("metadata.annotations is not an object"))?;
+    let ann = ann
+        .as_object_mut()
+        .ok_or_else(|| malformed("metadata.annotations is not an object"))?;
     ann.insert(annotations::INJECTED.into(), json!(prot.volumes.join(",")));
     ann.insert(annotations::APP_GRACE.into(), json!(original.to_string()));
 
-    Ok(Mutation { patch: patch::diff(pod, &new), warnings: Vec::new() })
+    Ok(Mutation {
+        patch: patch::diff(pod, &new),
+        warnings: Vec::new(),
+    })
 }
 
 /// Whether the webhook's own objects are already in the pod. A stale
 /// marker for other volumes (a pod copied and edited by hand) is refused
 /// rather than guessed at.
-fn previously_injected(annotations: &BTreeMap<String, String>, prot: &Protection) -> Result<bool, Denial> {
+fn previously_injected(
+    annotations: &BTreeMap<String, String>,
+    prot: &Protection,
+) -> Result<bool, Denial> {
     match annotations.get(annotations::INJECTED) {
         None => Ok(false),
         Some(list) if *list == prot.volumes.join(",") => Ok(true),
@@ -336,7 +361,11 @@ fn claims_of(prot: &Protection, volumes: &[Map<String, Value>]) -> Result<Vec<St
             )));
         };
         let Some(pvc) = volume.get("persistentVolumeClaim") else {
-            let kind = volume.keys().find(|k| *k != "name").map(String::as_str).unwrap_or("unknown");
+            let kind = volume
+                .keys()
+                .find(|k| *k != "name")
+                .map(String::as_str)
+                .unwrap_or("unknown");
             let hint = if kind == "ephemeral" {
                 "a generic ephemeral volume is deleted with its pod, so its history could never be restored into a new pod"
             } else {
@@ -367,8 +396,15 @@ fn check_pod_level(spec: &Map<String, Value>) -> Result<(), Denial> {
                 .into(),
         ));
     }
-    if spec.get("os").and_then(|os| os.get("name")).and_then(Value::as_str) == Some("windows") {
-        return Err(Denial::Refused("rewind's sidecar runs on Linux nodes only (spec.os.name is windows)".into()));
+    if spec
+        .get("os")
+        .and_then(|os| os.get("name"))
+        .and_then(Value::as_str)
+        == Some("windows")
+    {
+        return Err(Denial::Refused(
+            "rewind's sidecar runs on Linux nodes only (spec.os.name is windows)".into(),
+        ));
     }
     Ok(())
 }
@@ -381,15 +417,20 @@ fn rewire(container: &mut Map<String, Value>, protected: &[String]) -> Result<()
     let Some(mounts) = container.get_mut("volumeMounts") else {
         return Ok(());
     };
-    let mounts = mounts
-        .as_array_mut()
-        .ok_or_else(|| Denial::Malformed(format!("volumeMounts of container {cname:?} is not a list")))?;
+    let mounts = mounts.as_array_mut().ok_or_else(|| {
+        Denial::Malformed(format!("volumeMounts of container {cname:?} is not a list"))
+    })?;
     for mount in mounts {
-        let mount = mount
-            .as_object_mut()
-            .ok_or_else(|| Denial::Malformed(format!("a volumeMount of container {cname:?} is not an object")))?;
+        let mount = mount.as_object_mut().ok_or_else(|| {
+            Denial::Malformed(format!(
+                "a volumeMount of container {cname:?} is not an object"
+            ))
+        })?;
         let name = str_field(mount, "name").to_string();
-        let Some(volume) = protected.iter().find(|v| **v == name || containers::sidecar_name(v) == name) else {
+        let Some(volume) = protected
+            .iter()
+            .find(|v| **v == name || containers::sidecar_name(v) == name)
+        else {
             continue;
         };
         if mount
@@ -416,13 +457,17 @@ fn rewire(container: &mut Map<String, Value>, protected: &[String]) -> Result<()
 fn covers(existing: &Value, wanted: &Value, in_resources: bool) -> bool {
     match (existing, wanted) {
         (Value::Object(e), Value::Object(w)) => w.iter().all(|(k, wv)| {
-            e.get(k).is_some_and(|ev| covers(ev, wv, in_resources || k == "resources"))
+            e.get(k)
+                .is_some_and(|ev| covers(ev, wv, in_resources || k == "resources"))
         }),
         (Value::Array(e), Value::Array(w)) => {
             e.len() == w.len() && e.iter().zip(w).all(|(ev, wv)| covers(ev, wv, in_resources))
         }
         (Value::String(e), Value::String(w)) if in_resources && e != w => {
-            match (parse_quantity(e, Quantity::Cpu), parse_quantity(w, Quantity::Cpu)) {
+            match (
+                parse_quantity(e, Quantity::Cpu),
+                parse_quantity(w, Quantity::Cpu),
+            ) {
                 (Ok(a), Ok(b)) => (a - b).abs() <= f64::EPSILON * a.abs().max(b.abs()),
                 _ => false,
             }
@@ -463,7 +508,9 @@ fn string_map(pod: &Value, key: &str) -> Result<BTreeMap<String, String>, Denial
     obj.iter()
         .map(|(k, v)| match v.as_str() {
             Some(s) => Ok((k.clone(), s.to_string())),
-            None => Err(Denial::Malformed(format!("metadata.{key}.{k} is not a string"))),
+            None => Err(Denial::Malformed(format!(
+                "metadata.{key}.{k} is not a string"
+            ))),
         })
         .collect()
 }
@@ -475,9 +522,9 @@ fn object_list(spec: &Map<String, Value>, key: &str) -> Result<Vec<Map<String, V
         Some(Value::Array(items)) => items
             .iter()
             .map(|i| {
-                i.as_object()
-                    .cloned()
-                    .ok_or_else(|| Denial::Malformed(format!("an entry of spec.{key} is not an object")))
+                i.as_object().cloned().ok_or_else(|| {
+                    Denial::Malformed(format!("an entry of spec.{key} is not an object"))
+                })
             })
             .collect(),
         Some(_) => Err(Denial::Malformed(format!("spec.{key} is not a list"))),
@@ -489,5 +536,8 @@ fn set_list(spec: &mut Map<String, Value>, key: &str, items: Vec<Map<String, Val
     if items.is_empty() && !spec.contains_key(key) {
         return;
     }
-    spec.insert(key.into(), Value::Array(items.into_iter().map(Value::Object).collect()));
+    spec.insert(
+        key.into(),
+        Value::Array(items.into_iter().map(Value::Object).collect()),
+    );
 }

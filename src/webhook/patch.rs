@@ -35,11 +35,19 @@ fn diff_at(path: &mut String, old: &Value, new: &Value, ops: &mut Patch) {
     }
     match (old, new) {
         (Value::Object(a), Value::Object(b)) => diff_objects(path, a, b, ops),
-        _ => ops.push(Op::Replace { path: path.clone(), value: new.clone() }),
+        _ => ops.push(Op::Replace {
+            path: path.clone(),
+            value: new.clone(),
+        }),
     }
 }
 
-fn diff_objects(path: &mut String, a: &Map<String, Value>, b: &Map<String, Value>, ops: &mut Patch) {
+fn diff_objects(
+    path: &mut String,
+    a: &Map<String, Value>,
+    b: &Map<String, Value>,
+    ops: &mut Patch,
+) {
     for (key, old) in a {
         let len = path.len();
         push_token(path, key);
@@ -53,7 +61,10 @@ fn diff_objects(path: &mut String, a: &Map<String, Value>, b: &Map<String, Value
         if !a.contains_key(key) {
             let len = path.len();
             push_token(path, key);
-            ops.push(Op::Add { path: path.clone(), value: new.clone() });
+            ops.push(Op::Add {
+                path: path.clone(),
+                value: new.clone(),
+            });
             path.truncate(len);
         }
     }
@@ -86,7 +97,8 @@ mod tests {
     #[test]
     fn keys_are_escaped_and_arrays_replaced_whole() {
         let old = json!({"metadata": {"annotations": {"x": "1"}}, "list": [1, 2]});
-        let new = json!({"metadata": {"annotations": {"x": "1", "rewind.dev/a~b": "2"}}, "list": [2]});
+        let new =
+            json!({"metadata": {"annotations": {"x": "1", "rewind.dev/a~b": "2"}}, "list": [2]});
         assert_eq!(
             serde_json::to_value(diff(&old, &new)).unwrap(),
             json!([

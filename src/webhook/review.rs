@@ -34,15 +34,26 @@ pub struct Outcome {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
     /// Admitted; the number of patch operations (0: untouched).
-    Admitted { operations: usize },
-    Denied { message: String },
+    Admitted {
+        operations: usize,
+    },
+    Denied {
+        message: String,
+    },
 }
 
 /// Answers one AdmissionReview body. `pod_security` comes from the path the
 /// webhook configuration routed the request to.
-pub fn review(body: &[u8], pod_security: Option<PodSecurity>, config: &Config) -> Result<(Value, Outcome), ReviewError> {
+pub fn review(
+    body: &[u8],
+    pod_security: Option<PodSecurity>,
+    config: &Config,
+) -> Result<(Value, Outcome), ReviewError> {
     let doc: Value = serde_json::from_slice(body).map_err(ReviewError::NotJson)?;
-    let api_version = doc.get("apiVersion").and_then(Value::as_str).unwrap_or_default();
+    let api_version = doc
+        .get("apiVersion")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
     let kind = doc.get("kind").and_then(Value::as_str).unwrap_or_default();
     if api_version != "admission.k8s.io/v1" || kind != "AdmissionReview" {
         return Err(ReviewError::NotReview(format!(
@@ -64,36 +75,62 @@ pub fn review(body: &[u8], pod_security: Option<PodSecurity>, config: &Config) -
             && k.get("version").and_then(Value::as_str) == Some("v1")
             && k.get("kind").and_then(Value::as_str) == Some("Pod")
     });
-    let operation = request.get("operation").and_then(Value::as_str).unwrap_or_default();
-    let sub_resource = request.get("subResource").and_then(Value::as_str).unwrap_or_default();
+    let operation = request
+        .get("operation")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let sub_resource = request
+        .get("subResource")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
     // Only pod creation is ours; anything else a misconfigured webhook
     // configuration sends is let through untouched rather than blocked.
-    let namespace = request.get("namespace").and_then(Value::as_str).unwrap_or_default();
-    let meta = |key| request.pointer(&format!("/object/metadata/{key}")).and_then(Value::as_str);
+    let namespace = request
+        .get("namespace")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let meta = |key| {
+        request
+            .pointer(&format!("/object/metadata/{key}"))
+            .and_then(Value::as_str)
+    };
     let outcome = |decision| Outcome {
         uid: uid.to_string(),
         namespace: namespace.to_string(),
-        pod: meta("name").map(str::to_string).or_else(|| meta("generateName").map(|g| format!("{g}*"))).unwrap_or_default(),
+        pod: meta("name")
+            .map(str::to_string)
+            .or_else(|| meta("generateName").map(|g| format!("{g}*")))
+            .unwrap_or_default(),
         decision,
     };
     if !is_pod || operation != "CREATE" || !sub_resource.is_empty() {
-        return Ok((allowed(uid, None, Vec::new()), outcome(Decision::Admitted { operations: 0 })));
+        return Ok((
+            allowed(uid, None, Vec::new()),
+            outcome(Decision::Admitted { operations: 0 }),
+        ));
     }
     let object = request
         .get("object")
         .filter(|o| o.is_object())
         .ok_or_else(|| ReviewError::Malformed("request.object is missing".into()))?;
-    let ns = Namespace { name: namespace, pod_security };
+    let ns = Namespace {
+        name: namespace,
+        pod_security,
+    };
     match mutate(object, ns, config) {
         Ok(m) => {
             let operations = m.patch.len();
             let patch = if m.patch.is_empty() {
                 None
             } else {
-                let bytes = serde_json::to_vec(&m.patch).map_err(|e| ReviewError::Malformed(e.to_string()))?;
+                let bytes = serde_json::to_vec(&m.patch)
+                    .map_err(|e| ReviewError::Malformed(e.to_string()))?;
                 Some(base64::engine::general_purpose::STANDARD.encode(bytes))
             };
-            Ok((allowed(uid, patch, m.warnings), outcome(Decision::Admitted { operations })))
+            Ok((
+                allowed(uid, patch, m.warnings),
+                outcome(Decision::Admitted { operations }),
+            ))
         }
         Err(denial @ Denial::Refused(_)) => {
             let message = denial.to_string();
@@ -108,7 +145,9 @@ pub fn review(body: &[u8], pod_security: Option<PodSecurity>, config: &Config) -
             });
             Ok((response, outcome(Decision::Denied { message })))
         }
-        Err(Denial::Malformed(why)) => Err(ReviewError::Malformed(format!("request.object: {why}"))),
+        Err(Denial::Malformed(why)) => {
+            Err(ReviewError::Malformed(format!("request.object: {why}")))
+        }
     }
 }
 

@@ -87,7 +87,11 @@ impl Proxy {
                 }
             }
         });
-        Proxy { endpoint: format!("http://{addr}"), addr, shared }
+        Proxy {
+            endpoint: format!("http://{addr}"),
+            addr,
+            shared,
+        }
     }
 
     /// Applies `fault` to the next `times` requests whose method is
@@ -152,14 +156,19 @@ fn read_head(s: &mut TcpStream) -> io::Result<(String, Vec<u8>)> {
         }
         let n = s.read(&mut chunk)?;
         if n == 0 {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "closed before head"));
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "closed before head",
+            ));
         }
         buf.extend_from_slice(&chunk[..n]);
     }
 }
 
 fn header<'a>(head: &'a [(String, String)], name: &str) -> Option<&'a str> {
-    head.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    head.iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_str())
 }
 
 fn parse_head(text: &str) -> (String, Vec<(String, String)>) {
@@ -174,9 +183,15 @@ fn parse_head(text: &str) -> (String, Vec<(String, String)>) {
 
 /// Reads the request body: by Content-Length, or chunked to its end.
 /// With `limit`, stops after that many bytes (to cut an upload).
-fn read_body(s: &mut TcpStream, head: &[(String, String)], mut body: Vec<u8>, limit: Option<usize>) -> io::Result<Vec<u8>> {
+fn read_body(
+    s: &mut TcpStream,
+    head: &[(String, String)],
+    mut body: Vec<u8>,
+    limit: Option<usize>,
+) -> io::Result<Vec<u8>> {
     let mut chunk = [0u8; 65536];
-    let chunked = header(head, "transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked"));
+    let chunked =
+        header(head, "transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked"));
     let len: Option<usize> = header(head, "content-length").and_then(|v| v.parse().ok());
     loop {
         if let Some(l) = limit {
@@ -184,20 +199,30 @@ fn read_body(s: &mut TcpStream, head: &[(String, String)], mut body: Vec<u8>, li
                 return Ok(body);
             }
         }
-        let done = if chunked { find(&body, b"\r\n0\r\n").is_some() && body.ends_with(b"\r\n\r\n") || body.starts_with(b"0\r\n\r\n") } else { body.len() >= len.unwrap_or(0) };
+        let done = if chunked {
+            find(&body, b"\r\n0\r\n").is_some() && body.ends_with(b"\r\n\r\n")
+                || body.starts_with(b"0\r\n\r\n")
+        } else {
+            body.len() >= len.unwrap_or(0)
+        };
         if done {
             return Ok(body);
         }
         let n = s.read(&mut chunk)?;
         if n == 0 {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "closed mid-body"));
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "closed mid-body",
+            ));
         }
         body.extend_from_slice(&chunk[..n]);
     }
 }
 
 fn body_len(head: &[(String, String)]) -> usize {
-    header(head, "content-length").and_then(|v| v.parse().ok()).unwrap_or(0)
+    header(head, "content-length")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
 }
 
 fn handle(sh: &Shared, mut client: TcpStream) -> io::Result<()> {
@@ -218,7 +243,11 @@ fn handle(sh: &Shared, mut client: TcpStream) -> io::Result<()> {
             r.fault
         })
     };
-    sh.log.lock().unwrap().push(Seen { method: method.clone(), target: target.clone(), fault });
+    sh.log.lock().unwrap().push(Seen {
+        method: method.clone(),
+        target: target.clone(),
+        fault,
+    });
 
     if header(&head, "expect").is_some_and(|v| v.eq_ignore_ascii_case("100-continue")) {
         client.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")?;
@@ -228,14 +257,23 @@ fn handle(sh: &Shared, mut client: TcpStream) -> io::Result<()> {
         _ => None,
     };
     let body = read_body(&mut client, &head, rest, limit)?;
-    let req = Request { method, target, head, body };
+    let req = Request {
+        method,
+        target,
+        head,
+        body,
+    };
 
     match fault {
         Some(Fault::Status(status, code)) => {
             let xml = format!(
                 "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>{code}</Code><Message>injected by the test proxy</Message></Error>"
             );
-            let body = if req.method == "HEAD" { String::new() } else { xml };
+            let body = if req.method == "HEAD" {
+                String::new()
+            } else {
+                xml
+            };
             write!(
                 client,
                 "HTTP/1.1 {status} Injected\r\nContent-Type: application/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
@@ -253,7 +291,11 @@ fn handle(sh: &Shared, mut client: TcpStream) -> io::Result<()> {
                 match client.read(&mut b) {
                     Ok(0) => break,
                     Ok(_) => {}
-                    Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                        ) => {}
                     Err(_) => break,
                 }
             }
@@ -262,17 +304,27 @@ fn handle(sh: &Shared, mut client: TcpStream) -> io::Result<()> {
         Some(Fault::CutResponse) | None => {
             let response = forward(sh.upstream, &req)?;
             let (text, body) = match find(&response, b"\r\n\r\n") {
-                Some(i) => (String::from_utf8_lossy(&response[..i]).into_owned(), &response[i + 4..]),
+                Some(i) => (
+                    String::from_utf8_lossy(&response[..i]).into_owned(),
+                    &response[i + 4..],
+                ),
                 None => return Err(io::Error::other("upstream sent no head")),
             };
             let (first, head) = parse_head(&text);
             let mut out = format!("{first}\r\n");
-            for (k, v) in head.iter().filter(|(k, _)| !k.eq_ignore_ascii_case("connection")) {
+            for (k, v) in head
+                .iter()
+                .filter(|(k, _)| !k.eq_ignore_ascii_case("connection"))
+            {
                 out.push_str(&format!("{k}: {v}\r\n"));
             }
             out.push_str("Connection: close\r\n\r\n");
             client.write_all(out.as_bytes())?;
-            let n = if fault == Some(Fault::CutResponse) { body.len() / 2 } else { body.len() };
+            let n = if fault == Some(Fault::CutResponse) {
+                body.len() / 2
+            } else {
+                body.len()
+            };
             client.write_all(&body[..n])?;
             client.flush()?;
         }
