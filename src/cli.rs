@@ -133,6 +133,15 @@ pub struct RunArgs {
     /// default because an application's writable open must never fail because of a reader.
     #[arg(long)]
     pub read_passthrough: bool,
+    /// Serve files opened for writing through the mount's page cache. By default they bypass it:
+    /// every write goes to the journal anyway, and the kernel asks the daemon for the file's
+    /// security.capability attribute before every cached write, which doubles the round trips
+    /// of small writes. The price of the default is that reads through a writable open always
+    /// reach the daemon (served from the source's page cache). Set this when an application
+    /// rereads much of what it reads through files it also has open for writing and relies on the
+    /// page cache for it (PostgreSQL with small shared_buffers).
+    #[arg(long)]
+    pub cached_writes: bool,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -413,6 +413,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         watch.clone(),
     )?;
     core.set_read_passthrough(args.read_passthrough);
+    core.set_cached_writes(args.cached_writes);
     let core = Arc::new(core);
     let session =
         fuse::mount(fuse::FuseFs::new(core.clone()), &mount, args.threads).with_context(|| {

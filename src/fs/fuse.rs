@@ -42,6 +42,10 @@ pub struct FuseFs {
     backing: Mutex<HashMap<Ino, (BackingId, u32)>>,
     /// Passthrough handles and their inode, to release the backing id.
     passthrough_fh: Mutex<HashMap<u64, Ino>>,
+    /// Whether the kernel lets a FOPEN_DIRECT_IO file be mmap()ed shared
+    /// (FUSE_DIRECT_IO_ALLOW_MMAP, Linux 6.6). Without it, `OpenMode::Direct`
+    /// handles are served cached: SQLite's -shm and LMDB need shared maps.
+    direct_io: bool,
 }
 
 fn err(e: rustix::io::Errno) -> Errno {
@@ -56,6 +60,23 @@ impl FuseFs {
             root,
             backing: Mutex::new(HashMap::new()),
             passthrough_fh: Mutex::new(HashMap::new()),
+            direct_io: false,
+        }
+    }
+
+    /// The open flags for a handle the daemon serves. Every write is applied
+    /// and journaled before it is answered, so a close has nothing to flush:
+    /// FOPEN_NOFLUSH saves the round trip on every close().
+    fn open_flags(&self, mode: OpenMode) -> FopenFlags {
+        match mode {
+            OpenMode::Direct if self.direct_io => {
+                // Parallel writes to one file are serialized by the
+                // inode's lock in the core, in the order they arrive.
+                FopenFlags::FOPEN_DIRECT_IO
+                    | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES
+                    | FopenFlags::FOPEN_NOFLUSH
+            }
+            _ => FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_NOFLUSH,
         }
     }
 
@@ -149,6 +170,12 @@ impl Filesystem for FuseFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.set_max_write(1 << 20);
         let _ = config.add_capabilities(fuser::InitFlags::FUSE_PARALLEL_DIROPS);
+        self.direct_io = config
+            .add_capabilities(fuser::InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP)
+            .is_ok();
+        if !self.direct_io {
+            tracing::warn!("the kernel cannot mmap direct-io files (Linux 6.6 or later can): files opened for writing are served through the page cache, at one more round trip per write");
+        }
         if self.core.read_passthrough() {
             // Passthrough needs the kernel's consent and a stacking depth
             // of at least one (the source is a plain filesystem).
@@ -313,10 +340,9 @@ impl Filesystem for FuseFs {
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let src = self.src(ino);
         match self.core.open(src, flags.0) {
-            Ok((fh, OpenMode::Cached)) => reply.opened(
-                FileHandle(fh),
-                FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_NOFLUSH,
-            ),
+            Ok((fh, mode @ (OpenMode::Cached | OpenMode::Direct))) => {
+                reply.opened(FileHandle(fh), self.open_flags(mode))
+            }
             Ok((fh, OpenMode::Passthrough)) => {
                 let mut backing = self.backing.lock();
                 if !backing.contains_key(&src) {
@@ -558,12 +584,12 @@ impl Filesystem for FuseFs {
             .core
             .create(self.src(parent), name, mode, umask, flags, caller(req))
         {
-            Ok((st, fh)) => reply.created(
+            Ok((st, fh, mode)) => reply.created(
                 &TTL,
                 &self.attr(&st),
                 Generation(0),
                 FileHandle(fh),
-                FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_NOFLUSH,
+                self.open_flags(mode),
             ),
             Err(e) => reply.error(err(e)),
         }

@@ -64,11 +64,19 @@ struct IoMode {
     passthrough: u32,
 }
 
-/// What `open` decided about kernel passthrough for a handle.
+/// How the kernel should serve a handle: what `open` decided.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OpenMode {
-    /// Reads and writes come to the daemon.
+    /// Reads and writes come to the daemon through the mount's page cache.
     Cached,
+    /// A writable handle that bypasses the mount's page cache: every read
+    /// and write comes to the daemon as the application issued it. This is
+    /// the default for writable opens because a cached write costs a second
+    /// round trip: the kernel asks for `security.capability` before every
+    /// buffered write on FUSE (it never caches that the attribute is
+    /// absent). Reads are then served from the source's page cache, so data
+    /// is cached once instead of twice.
+    Direct,
     /// A read-only handle whose reads the kernel serves from the source
     /// file (`Passthrough::backing_fd` gives the descriptor to register).
     Passthrough,
@@ -161,6 +169,7 @@ pub struct Passthrough {
     kept: AtomicU64,
     keep_cap: u64,
     read_passthrough: bool,
+    cached_writes: bool,
 }
 
 fn proc_path(fd: &impl AsRawFd) -> CString {
@@ -225,6 +234,7 @@ impl Passthrough {
             kept: AtomicU64::new(1),
             keep_cap,
             read_passthrough: false,
+            cached_writes: false,
         })
     }
 
@@ -236,6 +246,20 @@ impl Passthrough {
 
     pub fn read_passthrough(&self) -> bool {
         self.read_passthrough
+    }
+
+    /// Serves writable opens through the mount's page cache (`OpenMode::Cached`)
+    /// instead of `OpenMode::Direct`.
+    pub fn set_cached_writes(&mut self, on: bool) {
+        self.cached_writes = on;
+    }
+
+    fn writable_mode(&self) -> OpenMode {
+        if self.cached_writes {
+            OpenMode::Cached
+        } else {
+            OpenMode::Direct
+        }
     }
 
     pub fn root_ino(&self) -> Ino {
@@ -805,7 +829,7 @@ impl Passthrough {
                 return Err(Errno::TXTBSY);
             }
             io.writers += 1;
-            Ok(OpenMode::Cached)
+            Ok(self.writable_mode())
         } else if passthrough_ok && inode.kind == Kind::File && io.writers == 0 {
             io.passthrough += 1;
             Ok(OpenMode::Passthrough)
@@ -864,7 +888,7 @@ impl Passthrough {
         umask: u32,
         flags: i32,
         caller: Caller,
-    ) -> FsResult<(Stat, u64)> {
+    ) -> FsResult<(Stat, u64, OpenMode)> {
         let op = self.begin()?;
         if self.is_hidden(parent, name) {
             return Err(Errno::PERM);
@@ -879,11 +903,14 @@ impl Passthrough {
                 let (st, op) = self.finish_create(parent, &p, name, caller, perm, b"")?;
                 self.record(&[op])?;
                 let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
-                if writable {
+                let mode = if writable {
                     self.inode(st.st_ino)?.io.lock().writers += 1;
-                }
-                // A new file is never passthrough: nobody else has it open.
-                Ok((st, self.new_handle(st.st_ino, fd, flags, OpenMode::Cached)))
+                    self.writable_mode()
+                } else {
+                    // A new file is never passthrough: nobody else has it open.
+                    OpenMode::Cached
+                };
+                Ok((st, self.new_handle(st.st_ino, fd, flags, mode), mode))
             }
             Err(Errno::EXIST) if flags & libc::O_EXCL == 0 => {
                 // Lost a race with another creator: open what is there.
@@ -891,8 +918,8 @@ impl Passthrough {
                 drop(op);
                 let st = self.lookup(parent, name)?;
                 // A CREATE reply carries no backing file: served cached.
-                let (fh, _) = self.open_as(st.st_ino, flags, false)?;
-                Ok((rfs::fstat(&self.handle(fh)?.fd)?, fh))
+                let (fh, mode) = self.open_as(st.st_ino, flags, false)?;
+                Ok((rfs::fstat(&self.handle(fh)?.fd)?, fh, mode))
             }
             Err(e) => Err(e),
         }
