@@ -111,11 +111,24 @@ pub const LZ4_BLOCK: usize = 1 << 20;
 /// Appends `raw` as a run of lz4 blocks: `(raw_len:u32 comp_len:u32 bytes)*`.
 pub fn put_lz4_blocks(out: &mut Vec<u8>, raw: &[u8]) {
     for block in raw.chunks(LZ4_BLOCK) {
-        let c = lz4_flex::block::compress(block);
+        // Compressed in place at the end of `out`: no buffer per block.
+        let at = out.len();
         out.put_u32_le(block.len() as u32);
-        out.put_u32_le(c.len() as u32);
-        out.extend_from_slice(&c);
+        out.put_u32_le(0);
+        out.resize(
+            at + 8 + lz4_flex::block::get_maximum_output_size(block.len()),
+            0,
+        );
+        let n = lz4_flex::block::compress_into(block, &mut out[at + 8..])
+            .expect("the output was sized for the worst case");
+        out.truncate(at + 8 + n);
+        out[at + 4..at + 8].copy_from_slice(&(n as u32).to_le_bytes());
     }
+}
+
+/// An upper bound of what `put_lz4_blocks` appends for `raw_len` bytes.
+pub fn lz4_blocks_max_len(raw_len: usize) -> usize {
+    lz4_flex::block::get_maximum_output_size(raw_len) + 8 * (raw_len / LZ4_BLOCK + 1)
 }
 
 /// Reads lz4 blocks until the reader is exhausted; `raw_len` is the total

@@ -309,6 +309,18 @@ pub fn encode_record(rec: &Record, out: &mut Vec<u8>) {
     encode_op(&rec.op, out);
 }
 
+/// The smallest encoded record: seq, time and a tag.
+pub const MIN_RECORD_LEN: usize = 17;
+
+/// The sequence number and time an encoded record starts with, without
+/// decoding the rest (`bytes` holds at least `MIN_RECORD_LEN` bytes).
+pub fn record_head(bytes: &[u8]) -> (Seq, Nanos) {
+    (
+        u64::from_le_bytes(bytes[0..8].try_into().unwrap()),
+        i64::from_le_bytes(bytes[8..16].try_into().unwrap()),
+    )
+}
+
 pub fn decode_record(r: &mut Reader<'_>) -> Result<Record, DecodeError> {
     let seq = r.u64()?;
     let time = r.i64()?;

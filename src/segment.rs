@@ -18,8 +18,10 @@
 use bytes::{BufMut, Bytes};
 
 use crate::clock::Nanos;
-use crate::codec::{put_lz4_blocks, read_lz4_blocks, seal, unseal, DecodeError, Reader};
-use crate::record::{decode_record, encode_record, Record, Seq};
+use crate::codec::{
+    lz4_blocks_max_len, put_lz4_blocks, read_lz4_blocks, seal, unseal, DecodeError, Reader,
+};
+use crate::record::{decode_record, encode_record, record_head, Record, Seq};
 
 pub const MAGIC: &[u8; 8] = b"RWSEG001";
 pub const VERSION: u16 = 1;
@@ -77,35 +79,74 @@ pub enum SegmentError {
 /// Encodes records (consecutive sequence numbers, one lineage) as a segment.
 pub fn encode(lineage: u64, records: &[Record]) -> (SegmentMeta, Bytes) {
     assert!(!records.is_empty(), "segments are never empty");
-    let meta = SegmentMeta {
-        lineage,
-        first_seq: records[0].seq,
-        last_seq: records[records.len() - 1].seq,
-        first_ns: records[0].time,
-        last_ns: records[records.len() - 1].time,
-    };
-    let mut raw = Vec::new();
+    let mut b = Builder::default();
     let mut tmp = Vec::new();
     for r in records {
         tmp.clear();
         encode_record(r, &mut tmp);
-        raw.put_u32_le(tmp.len() as u32);
-        raw.extend_from_slice(&tmp);
+        b.push(&tmp);
     }
-    let mut out = Vec::with_capacity(raw.len() / 2 + 128);
-    out.extend_from_slice(MAGIC);
-    out.put_u16_le(VERSION);
-    out.put_u16_le(0);
-    out.put_u64_le(lineage);
-    out.put_u64_le(meta.first_seq);
-    out.put_u64_le(meta.last_seq);
-    out.put_i64_le(meta.first_ns);
-    out.put_i64_le(meta.last_ns);
-    out.put_u64_le(records.len() as u64);
-    out.put_u64_le(raw.len() as u64);
-    put_lz4_blocks(&mut out, &raw);
-    seal(&mut out);
-    (meta, Bytes::from(out))
+    b.finish(lineage)
+}
+
+/// Builds a segment from encoded records (record.rs) as they come, so that
+/// the shipper copies journal frames into a segment without decoding them.
+/// Its buffer is kept between segments.
+#[derive(Default)]
+pub struct Builder {
+    raw: Vec<u8>,
+    count: u64,
+    first: (Seq, Nanos),
+    last: (Seq, Nanos),
+}
+
+impl Builder {
+    /// Appends one encoded record; the caller keeps sequence numbers
+    /// consecutive.
+    pub fn push(&mut self, record: &[u8]) {
+        let head = record_head(record);
+        if self.count == 0 {
+            self.first = head;
+        }
+        self.last = head;
+        self.count += 1;
+        self.raw.put_u32_le(record.len() as u32);
+        self.raw.extend_from_slice(record);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Compresses and seals what was pushed, and empties the builder.
+    pub fn finish(&mut self, lineage: u64) -> (SegmentMeta, Bytes) {
+        assert!(self.count > 0, "segments are never empty");
+        let meta = SegmentMeta {
+            lineage,
+            first_seq: self.first.0,
+            last_seq: self.last.0,
+            first_ns: self.first.1,
+            last_ns: self.last.1,
+        };
+        // Room for incompressible data (lz4's worst case), the header and
+        // the seal, so the output is never reallocated while it grows.
+        let mut out = Vec::with_capacity(lz4_blocks_max_len(self.raw.len()) + 128);
+        out.extend_from_slice(MAGIC);
+        out.put_u16_le(VERSION);
+        out.put_u16_le(0);
+        out.put_u64_le(lineage);
+        out.put_u64_le(meta.first_seq);
+        out.put_u64_le(meta.last_seq);
+        out.put_i64_le(meta.first_ns);
+        out.put_i64_le(meta.last_ns);
+        out.put_u64_le(self.count);
+        out.put_u64_le(self.raw.len() as u64);
+        put_lz4_blocks(&mut out, &self.raw);
+        seal(&mut out);
+        self.raw.clear();
+        self.count = 0;
+        (meta, Bytes::from(out))
+    }
 }
 
 /// Decodes and fully checks a segment: checksum, version, block sizes,

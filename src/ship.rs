@@ -46,6 +46,8 @@ pub struct Shipper {
     store: Arc<dyn Store>,
     journal: Arc<Journal>,
     reader: Mutex<JournalReader>,
+    /// The segment being built, kept between rounds for its buffer.
+    builder: Mutex<segment::Builder>,
     control: Mutex<VecDeque<(String, Bytes)>>,
     pub stats: Arc<ShipStats>,
     last_put: Mutex<Instant>,
@@ -68,6 +70,7 @@ impl Shipper {
             store,
             journal,
             reader: Mutex::new(JournalReader::new(stored + 1)),
+            builder: Mutex::new(segment::Builder::default()),
             control: Mutex::new(VecDeque::new()),
             stats,
             last_put: Mutex::new(Instant::now()),
@@ -150,13 +153,20 @@ impl Shipper {
         let upto = self.journal.last_seq();
         loop {
             let files = self.journal.files();
-            let batch = {
+            let mut builder = self.builder.lock();
+            let lineage = {
                 let mut r = self.reader.lock();
                 let before = r.next_seq();
-                match r.read_upto(&files, MAX_SEGMENT_BYTES, upto) {
-                    Ok(b) => b,
+                // Frames go into the segment as they are: the checksum has
+                // vouched for them, and the restore decodes every record.
+                match r.read_raw_upto(&files, MAX_SEGMENT_BYTES, upto, |rec| {
+                    builder.push(rec);
+                    Ok(())
+                }) {
+                    Ok(l) => l,
                     Err(e) => {
                         *r = JournalReader::new(before);
+                        *builder = segment::Builder::default();
                         return Err(ShipError::Journal(e.to_string()));
                     }
                 }
@@ -165,17 +175,16 @@ impl Shipper {
                 upto,
                 files = files.len(),
                 first = files.first().map(|f| f.first_seq),
-                got = batch.as_ref().map(|b| b.1.len()),
                 "ship round read"
             );
-            let Some((lineage, records)) = batch else {
+            let Some(lineage) = lineage else {
                 break;
             };
-            if records.is_empty() {
+            if builder.is_empty() {
                 break;
             }
-            let (meta, data) = segment::encode(lineage, &records);
-            drop(records);
+            let (meta, data) = builder.finish(lineage);
+            drop(builder);
             let len = data.len() as u64;
             if let Err(e) = self.put_retrying(&meta.key(), &data, deadline) {
                 // Rewind the cursor so the same records are sealed again.

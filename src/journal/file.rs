@@ -29,7 +29,7 @@ use bytes::BufMut;
 use super::JournalFile;
 use crate::clock::Nanos;
 use crate::codec::Reader;
-use crate::record::{decode_record, encode_op, Record, Seq};
+use crate::record::{decode_record, encode_op, Record, Seq, MIN_RECORD_LEN};
 
 pub const FILE_EXT: &str = "rwj";
 pub const MAGIC: &[u8; 8] = b"RWJRNL01";
@@ -108,11 +108,19 @@ pub fn decode_header(b: &[u8]) -> Result<Header, String> {
     })
 }
 
-fn check(len_le: &[u8], rec: &[u8]) -> [u8; 8] {
-    let mut h = blake3::Hasher::new();
-    h.update(len_le);
-    h.update(rec);
-    h.finalize().as_bytes()[..8].try_into().unwrap()
+/// The check of the frame at `off` whose record is `len` bytes long. The
+/// hash input `len_le || record` is made contiguous by putting the length
+/// in the frame's 4 bytes right before the record for the duration (they
+/// are restored): blake3 then hashes whole 1 KiB chunks in parallel, which
+/// it cannot do when the input arrives in two pieces (4 KiB frames hash
+/// about twice as fast).
+fn check_at(data: &mut [u8], off: usize, len: usize) -> [u8; 8] {
+    let at = off + FRAME_HEAD - 4;
+    let saved: [u8; 4] = data[at..at + 4].try_into().unwrap();
+    data[at..at + 4].copy_from_slice(&(len as u32).to_le_bytes());
+    let h = blake3::hash(&data[at..at + 4 + len]);
+    data[at..at + 4].copy_from_slice(&saved);
+    h.as_bytes()[..8].try_into().unwrap()
 }
 
 pub fn encode_frame(rec: &Record, out: &mut Vec<u8>) {
@@ -133,10 +141,9 @@ pub fn encode_frame_with(
     out.put_u64_le(seq);
     out.put_i64_le(time);
     body(out);
-    let len = (out.len() - start - FRAME_HEAD) as u32;
-    let len_le = len.to_le_bytes();
-    let c = check(&len_le, &out[start + FRAME_HEAD..]);
-    out[start..start + 4].copy_from_slice(&len_le);
+    let len = out.len() - start - FRAME_HEAD;
+    let c = check_at(out, start, len);
+    out[start..start + 4].copy_from_slice(&(len as u32).to_le_bytes());
     out[start + 4..start + FRAME_HEAD].copy_from_slice(&c);
 }
 
@@ -249,25 +256,55 @@ enum Frame {
     Bad(String),
 }
 
-fn read_frame(data: &[u8], off: usize) -> Frame {
+/// A frame whose checksum holds, before its record is decoded.
+enum RawFrame<'a> {
+    /// The record's bytes (record.rs); the frame is FRAME_HEAD longer.
+    Ok(&'a [u8]),
+    End,
+    Bad(String),
+}
+
+/// Reads the frame at `off`. `data` is borrowed mutably only to check the
+/// frame in one pass (see `check_at`); it is left as it was.
+fn read_raw_frame(data: &mut [u8], off: usize) -> RawFrame<'_> {
     if data.len() - off < FRAME_HEAD {
-        return Frame::End;
+        return RawFrame::End;
     }
     let len = u32::from_le_bytes(data[off..off + 4].try_into().unwrap()) as usize;
     if len == 0 && data[off + 4..off + FRAME_HEAD].iter().all(|&b| b == 0) {
-        return Frame::End;
+        return RawFrame::End;
     }
     if len > MAX_FRAME || off + FRAME_HEAD + len > data.len() {
-        return Frame::Bad(format!("frame length {len} runs past the end of the file"));
+        return RawFrame::Bad(format!("frame length {len} runs past the end of the file"));
+    }
+    if check_at(data, off, len) != data[off + 4..off + FRAME_HEAD] {
+        return RawFrame::Bad("frame checksum mismatch".into());
     }
     let body = &data[off + FRAME_HEAD..off + FRAME_HEAD + len];
-    if check(&data[off..off + 4], body) != data[off + 4..off + FRAME_HEAD] {
-        return Frame::Bad("frame checksum mismatch".into());
+    if len < MIN_RECORD_LEN {
+        return RawFrame::Bad(format!(
+            "checksummed frame of {len} bytes is too short for a record"
+        ));
     }
+    RawFrame::Ok(body)
+}
+
+/// Decodes a record's bytes, with the message a damaged frame reports.
+pub fn decode_body(body: &[u8]) -> Result<Record, String> {
     let mut r = Reader::new(body);
-    match decode_record(&mut r).and_then(|rec| r.end().map(|_| rec)) {
-        Ok(rec) => Frame::Ok(rec, FRAME_HEAD + len),
-        Err(e) => Frame::Bad(format!("checksummed frame does not decode: {e}")),
+    decode_record(&mut r)
+        .and_then(|rec| r.end().map(|_| rec))
+        .map_err(|e| format!("checksummed frame does not decode: {e}"))
+}
+
+fn read_frame(data: &mut [u8], off: usize) -> Frame {
+    match read_raw_frame(data, off) {
+        RawFrame::End => Frame::End,
+        RawFrame::Bad(why) => Frame::Bad(why),
+        RawFrame::Ok(body) => match decode_body(body) {
+            Ok(rec) => Frame::Ok(rec, FRAME_HEAD + body.len()),
+            Err(why) => Frame::Bad(why),
+        },
     }
 }
 
@@ -280,7 +317,7 @@ pub fn scan_file(
     expect_seq: Option<Seq>,
     is_last: bool,
 ) -> Result<FileScan, JournalError> {
-    let data = std::fs::read(path).map_err(|e| JournalError::io(path, e))?;
+    let mut data = std::fs::read(path).map_err(|e| JournalError::io(path, e))?;
     let corrupt = |offset: usize, why: String| JournalError::Corrupt {
         path: path.to_path_buf(),
         offset: offset as u64,
@@ -309,7 +346,7 @@ pub fn scan_file(
     };
     let mut next = header.first_seq;
     loop {
-        match read_frame(&data, off) {
+        match read_frame(&mut data, off) {
             Frame::End => break,
             // A checksummed frame older than the file is a stale frame of
             // a recycled file whose end mark a machine crash lost: the
@@ -335,7 +372,7 @@ pub fn scan_file(
                 let len = u32::from_le_bytes(data[off..off + 4].try_into().unwrap()) as usize;
                 let after = off + FRAME_HEAD + len;
                 let valid_after = after < data.len()
-                    && matches!(read_frame(&data, after), Frame::Ok(ref r, _) if r.seq == next + 1);
+                    && matches!(read_frame(&mut data, after), Frame::Ok(ref r, _) if r.seq == next + 1);
                 if valid_after || !is_last {
                     return Err(corrupt(off, why));
                 }
@@ -373,8 +410,21 @@ pub struct FrameIter {
 
 impl FrameIter {
     pub fn new(f: &JournalFile, from: u64, to: u64) -> Result<FrameIter, JournalError> {
+        Self::with_buf(f, from, to, Vec::new())
+    }
+
+    /// `new`, reading into `data` (a buffer kept from an earlier iterator,
+    /// see `into_buf`): the shipper reads many megabytes per second, and a
+    /// fresh buffer per window costs a page fault per 4 KiB.
+    pub fn with_buf(
+        f: &JournalFile,
+        from: u64,
+        to: u64,
+        mut data: Vec<u8>,
+    ) -> Result<FrameIter, JournalError> {
         let to = to.min(f.end);
-        let mut data = vec![0u8; to.saturating_sub(from) as usize];
+        data.clear();
+        data.resize(to.saturating_sub(from) as usize, 0);
         f.file
             .read_exact_at(&mut data, from)
             .map_err(|e| JournalError::io(&f.path, e))?;
@@ -391,11 +441,15 @@ impl FrameIter {
     pub fn offset(&self) -> u64 {
         self.base + self.off as u64
     }
-}
 
-impl Iterator for FrameIter {
-    type Item = Result<(Record, usize), JournalError>;
-    fn next(&mut self) -> Option<Self::Item> {
+    /// The buffer, for the next iterator's `with_buf`.
+    pub fn into_buf(self) -> Vec<u8> {
+        self.data
+    }
+
+    /// The next frame's record bytes (record.rs), checksum verified but not
+    /// decoded: what the shipper copies into a segment as it is.
+    pub fn next_raw(&mut self) -> Option<Result<&[u8], JournalError>> {
         if self.off >= self.data.len() {
             return None;
         }
@@ -408,29 +462,44 @@ impl Iterator for FrameIter {
         } else if self.windowed {
             return None;
         }
-        match read_frame(&self.data, self.off) {
-            Frame::End => None,
-            Frame::Ok(rec, n) => {
-                self.off += n;
-                Some(Ok((rec, n)))
+        let at = self.off;
+        match read_raw_frame(&mut self.data, at) {
+            RawFrame::End => None,
+            RawFrame::Ok(body) => {
+                self.off = at + FRAME_HEAD + body.len();
+                Some(Ok(&self.data[at + FRAME_HEAD..self.off]))
             }
-            Frame::Bad(why) => {
-                let offset = self.base + self.off as u64;
-                self.off = self.data.len();
-                Some(Err(JournalError::Corrupt {
-                    path: self.path.clone(),
-                    offset,
-                    why,
-                }))
-            }
+            RawFrame::Bad(why) => Some(Err(self.corrupt_at(at, why))),
         }
+    }
+
+    /// Stops the iteration at damage found at `at` and describes it.
+    fn corrupt_at(&mut self, at: usize, why: String) -> JournalError {
+        self.off = self.data.len();
+        JournalError::Corrupt {
+            path: self.path.clone(),
+            offset: self.base + at as u64,
+            why,
+        }
+    }
+}
+
+impl Iterator for FrameIter {
+    type Item = Result<(Record, usize), JournalError>;
+    fn next(&mut self) -> Option<Self::Item> {
+        let at = self.off;
+        let decoded = match self.next_raw()? {
+            Ok(body) => decode_body(body).map(|rec| (rec, FRAME_HEAD + body.len())),
+            Err(e) => return Some(Err(e)),
+        };
+        Some(decoded.map_err(|why| self.corrupt_at(at, why)))
     }
 }
 
 /// Lists the valid frames of a journal file without modifying it:
 /// `(offset, length, record)` each.
 pub fn dump_file(path: &Path) -> Result<Vec<(u64, u64, Record)>, JournalError> {
-    let data = std::fs::read(path).map_err(|e| JournalError::io(path, e))?;
+    let mut data = std::fs::read(path).map_err(|e| JournalError::io(path, e))?;
     let header = decode_header(&data).map_err(|why| JournalError::Corrupt {
         path: path.to_path_buf(),
         offset: 0,
@@ -438,7 +507,7 @@ pub fn dump_file(path: &Path) -> Result<Vec<(u64, u64, Record)>, JournalError> {
     })?;
     let mut off = HEADER_LEN;
     let mut out = Vec::new();
-    while let Frame::Ok(rec, n) = read_frame(&data, off) {
+    while let Frame::Ok(rec, n) = read_frame(&mut data, off) {
         if rec.seq < header.first_seq {
             break;
         }

@@ -27,7 +27,7 @@ use std::sync::Arc;
 use parking_lot::{Condvar, Mutex};
 
 use crate::clock::{Nanos, RecordClock};
-use crate::record::{encode_op, encode_write, Ino, Op, Record, Seq};
+use crate::record::{encode_op, encode_write, record_head, Ino, Op, Record, Seq};
 
 /// Size each journal file is preallocated to; a larger record gets a file
 /// of its own size.
@@ -56,6 +56,9 @@ struct Inner {
     file_size: u64,
     lineage: u64,
     buf: Vec<u8>,
+    /// The current file's bytes from the start of the page holding `end`
+    /// up to `end`, when loaded (see `append_with`).
+    tail: Option<Vec<u8>>,
     /// Total bytes of all journal files still on disk (unreleased).
     bytes: u64,
     rotated_since_sync: bool,
@@ -194,6 +197,7 @@ impl Journal {
                 file_size,
                 lineage,
                 buf: Vec::with_capacity(1 << 20),
+                tail: None,
                 bytes,
                 rotated_since_sync: false,
                 spares,
@@ -287,6 +291,17 @@ impl Journal {
         let (time, step) = self.clock.tick();
         let mut buf = std::mem::take(&mut inner.buf);
         buf.clear();
+        // Appends write whole pages: the current page's earlier bytes (the
+        // tail), the new frames, then zeros to the end of the page. A write
+        // that covers part of a page which is not in the page cache makes
+        // the filesystem read it from disk first, under this lock; recycled
+        // files are mostly not cached.
+        if let Err(e) = self.load_tail(&mut inner) {
+            inner.buf = buf;
+            return Err(e);
+        }
+        buf.extend_from_slice(inner.tail.as_deref().unwrap_or_default());
+        let head = buf.len();
         let mut first = inner.next_seq;
         if let Some(back_ns) = step {
             file::encode_frame(
@@ -301,26 +316,41 @@ impl Journal {
         }
         encode(first, time, &mut buf);
         let last = first + count - 1;
-        let need = buf.len() as u64;
+        let need = (buf.len() - head) as u64;
         let cur_end = inner.files.back().map(|f| f.end).unwrap_or(0);
         let cur_cap = inner.files.back().map(|f| f.cap).unwrap_or(0);
         if cur_end + need > cur_cap {
-            if let Err(e) = self.rotate(&mut inner, need) {
+            let rotated = self.rotate(&mut inner, need).and_then(|()| {
+                // The frames go after the new file's tail instead.
+                let frames = buf.split_off(head);
+                buf.clear();
+                self.load_tail(&mut inner)?;
+                buf.extend_from_slice(inner.tail.as_deref().unwrap_or_default());
+                buf.extend_from_slice(&frames);
+                Ok(())
+            });
+            if let Err(e) = rotated {
                 inner.buf = buf;
                 return Err(e);
             }
         }
         let res = {
             let cur = inner.files.back_mut().expect("a current file");
-            // The end mark after the frames keeps stale frames of a
-            // recycled file out of every scan; it is overwritten by the
-            // next append.
-            let mark = (cur.cap - cur.end - need).min(file::FRAME_HEAD as u64) as usize;
-            buf.resize(buf.len() + mark, 0);
-            match cur.file.write_all_at(&buf, cur.end) {
+            let start = page_start(cur.end);
+            let new_end = cur.end + need;
+            // Zeros after the frames, at least an end mark's worth, keep
+            // stale frames of a recycled file out of every scan; the next
+            // append overwrites them.
+            let padded = (page_start(new_end + file::FRAME_HEAD as u64 + PAGE - 1)).min(cur.cap);
+            buf.resize((padded - start) as usize, 0);
+            match cur.file.write_all_at(&buf, start) {
                 Ok(()) => {
-                    cur.end += need;
+                    cur.end = new_end;
                     cur.last_seq = last;
+                    let t = (page_start(new_end) - start) as usize..(new_end - start) as usize;
+                    let tail = inner.tail.get_or_insert_with(Vec::new);
+                    tail.clear();
+                    tail.extend_from_slice(&buf[t]);
                     Ok(())
                 }
                 Err(e) => Err(JournalError::io(&cur.path, e)),
@@ -341,7 +371,26 @@ impl Journal {
         Ok((last, time))
     }
 
+    /// Loads the current file's tail (see `Inner::tail`) unless it is known.
+    fn load_tail(&self, inner: &mut Inner) -> Result<(), JournalError> {
+        if inner.tail.is_some() {
+            return Ok(());
+        }
+        let Some(cur) = inner.files.back() else {
+            return Ok(());
+        };
+        let start = page_start(cur.end);
+        let mut t = vec![0u8; (cur.end - start) as usize];
+        cur.file
+            .read_exact_at(&mut t, start)
+            .map_err(|e| JournalError::io(&cur.path, e))?;
+        inner.tail = Some(t);
+        Ok(())
+    }
+
     fn rotate(&self, inner: &mut Inner, need: u64) -> Result<(), JournalError> {
+        // Whatever happens below, the current file may change.
+        inner.tail = None;
         if let Some(cur) = inner.files.back() {
             // The old file's tail must be durable before records land in a
             // newer file, or a machine crash could keep the newer records
@@ -543,6 +592,16 @@ pub struct JournalReader {
     next_seq: Seq,
     /// (first_seq of the file, offset) just past the last record read.
     pos: Option<(Seq, u64)>,
+    /// The read window, kept between reads (see `FrameIter::with_buf`).
+    buf: Vec<u8>,
+}
+
+/// The unit appends write in (see `append_with`): the page size, and the
+/// block size of the filesystems journals live on.
+const PAGE: u64 = 4096;
+
+fn page_start(off: u64) -> u64 {
+    off / PAGE * PAGE
 }
 
 /// Largest encoded record: a 1 MiB write plus its fields, with slack.
@@ -553,6 +612,7 @@ impl JournalReader {
         JournalReader {
             next_seq: from_seq,
             pos: None,
+            buf: Vec::new(),
         }
     }
 
@@ -579,6 +639,25 @@ impl JournalReader {
         max_seq: Seq,
     ) -> Result<Option<(u64, Vec<Record>)>, JournalError> {
         let mut out = Vec::new();
+        let lineage = self.read_raw_upto(files, max_payload, max_seq, |body| {
+            out.push(file::decode_body(body)?);
+            Ok(())
+        })?;
+        Ok(lineage.map(|l| (l, out)))
+    }
+
+    /// `read_upto` without decoding: `sink` gets each record's bytes
+    /// (record.rs, checksum verified) in sequence order, and an error it
+    /// returns (a message) is reported as damage at that frame. Returns the lineage of
+    /// the records given, or None if there were none. The shipper copies
+    /// these bytes into a segment as they are.
+    pub fn read_raw_upto(
+        &mut self,
+        files: &[JournalFile],
+        max_payload: usize,
+        max_seq: Seq,
+        mut sink: impl FnMut(&[u8]) -> Result<(), String>,
+    ) -> Result<Option<u64>, JournalError> {
         let mut lineage = None;
         let mut bytes = 0usize;
         for f in files {
@@ -601,33 +680,48 @@ impl JournalReader {
                     _ => file::HEADER_LEN as u64,
                 };
                 let to = start + (max_payload.saturating_sub(bytes)) as u64 + MAX_RECORD;
-                let mut it = FrameIter::new(f, start, to)?;
+                let mut it = FrameIter::with_buf(f, start, to, std::mem::take(&mut self.buf))?;
                 let mut progressed = false;
-                while let Some(frame) = it.next() {
-                    let (rec, len) = frame?;
+                let mut full = false;
+                while let Some(frame) = it.next_raw() {
+                    let body = frame?;
+                    let (seq, _) = record_head(body);
+                    let len = file::FRAME_HEAD + body.len();
                     progressed = true;
-                    if rec.seq < self.next_seq {
+                    if seq < self.next_seq {
                         self.pos = Some((f.first_seq, it.offset()));
                         continue;
                     }
-                    if rec.seq > max_seq {
-                        return Ok(lineage.map(|l| (l, out)));
+                    if seq > max_seq {
+                        full = true;
+                        break;
                     }
-                    if rec.seq != self.next_seq {
+                    if seq != self.next_seq {
                         return Err(JournalError::Corrupt {
                             path: f.path.clone(),
-                            offset: it.offset(),
-                            why: format!("sequence jumps from {} to {}", self.next_seq, rec.seq),
+                            offset: it.offset() - len as u64,
+                            why: format!("sequence jumps from {} to {}", self.next_seq, seq),
+                        });
+                    }
+                    if let Err(why) = sink(body) {
+                        return Err(JournalError::Corrupt {
+                            path: f.path.clone(),
+                            offset: it.offset() - len as u64,
+                            why,
                         });
                     }
                     lineage = Some(f.lineage);
                     bytes += len;
                     self.next_seq += 1;
                     self.pos = Some((f.first_seq, it.offset()));
-                    out.push(rec);
                     if bytes >= max_payload {
-                        return Ok(Some((f.lineage, out)));
+                        full = true;
+                        break;
                     }
+                }
+                self.buf = it.into_buf();
+                if full {
+                    return Ok(lineage);
                 }
                 if self.next_seq > f.last_seq || !progressed {
                     break;
@@ -638,7 +732,7 @@ impl JournalReader {
                 break;
             }
         }
-        Ok(lineage.map(|l| (l, out)))
+        Ok(lineage)
     }
 }
 
