@@ -46,6 +46,19 @@ pub struct FuseFs {
     /// (FUSE_DIRECT_IO_ALLOW_MMAP, Linux 6.6). Without it, `OpenMode::Direct`
     /// handles are served cached: SQLite's -shm and LMDB need shared maps.
     direct_io: bool,
+    /// fsync replies waiting for the journal sync that runs next.
+    syncs: Mutex<SyncQueue>,
+}
+
+/// Group commit without parking worker threads: the first fsync runs the
+/// journal sync on its worker thread; fsyncs that arrive meanwhile leave
+/// their reply here and return to serve other requests, and the syncing
+/// thread answers them after one more sync (their writes may have been
+/// appended after the running sync started).
+#[derive(Default)]
+struct SyncQueue {
+    running: bool,
+    waiting: Vec<ReplyEmpty>,
 }
 
 fn err(e: rustix::io::Errno) -> Errno {
@@ -61,6 +74,7 @@ impl FuseFs {
             backing: Mutex::new(HashMap::new()),
             passthrough_fh: Mutex::new(HashMap::new()),
             direct_io: false,
+            syncs: Mutex::new(SyncQueue::default()),
         }
     }
 
@@ -455,10 +469,33 @@ impl Filesystem for FuseFs {
         _req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
-        datasync: bool,
+        _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        empty(reply, self.core.fsync(fh.0, datasync))
+        if let Err(e) = self.core.check_handle(fh.0) {
+            return reply.error(err(e));
+        }
+        {
+            let mut q = self.syncs.lock();
+            if q.running {
+                q.waiting.push(reply);
+                return;
+            }
+            q.running = true;
+        }
+        let mut mine = vec![reply];
+        loop {
+            let r = self.core.sync_journal();
+            for reply in mine.drain(..) {
+                empty(reply, r);
+            }
+            let mut q = self.syncs.lock();
+            if q.waiting.is_empty() {
+                q.running = false;
+                return;
+            }
+            mine = std::mem::take(&mut q.waiting);
+        }
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {

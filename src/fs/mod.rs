@@ -1037,7 +1037,18 @@ impl Passthrough {
     /// re-applies the journal to the source, so what fsync acknowledged is
     /// in the journal until it is durable in the source.
     pub fn fsync(&self, fh: u64, _datasync: bool) -> FsResult<()> {
-        self.handle(fh)?;
+        self.check_handle(fh)?;
+        self.sync_journal()
+    }
+
+    /// EBADF unless `fh` is an open handle.
+    pub fn check_handle(&self, fh: u64) -> FsResult<()> {
+        self.handle(fh).map(drop)
+    }
+
+    /// Makes every change acknowledged so far durable: an fsync of any file
+    /// waits for the journal alone (see redo.rs for the source).
+    pub fn sync_journal(&self) -> FsResult<()> {
         self.journal.sync().map_err(|e| {
             tracing::error!("journal sync failed: {e}");
             Errno::IO
