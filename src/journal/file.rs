@@ -224,7 +224,11 @@ pub fn recycle(
         created_ns: crate::clock::wall_now(),
     })
     .to_vec();
-    head.extend_from_slice(&[0u8; FRAME_HEAD]);
+    // The end mark, and zeros to the end of the first page: appends only
+    // pad pages they reach into (see Journal::append_with), and a whole
+    // page is written without reading the stale one from disk.
+    let len = f.metadata().map_err(|e| JournalError::io(spare, e))?.len();
+    head.resize((len as usize).clamp(head.len(), 4096), 0);
     f.write_all_at(&head, 0)
         .map_err(|e| JournalError::io(spare, e))?;
     f.sync_data().map_err(|e| JournalError::io(spare, e))?;

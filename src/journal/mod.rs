@@ -56,9 +56,6 @@ struct Inner {
     file_size: u64,
     lineage: u64,
     buf: Vec<u8>,
-    /// The current file's bytes from the start of the page holding `end`
-    /// up to `end`, when loaded (see `append_with`).
-    tail: Option<Vec<u8>>,
     /// Total bytes of all journal files still on disk (unreleased).
     bytes: u64,
     rotated_since_sync: bool,
@@ -197,7 +194,6 @@ impl Journal {
                 file_size,
                 lineage,
                 buf: Vec::with_capacity(1 << 20),
-                tail: None,
                 bytes,
                 rotated_since_sync: false,
                 spares,
@@ -291,17 +287,6 @@ impl Journal {
         let (time, step) = self.clock.tick();
         let mut buf = std::mem::take(&mut inner.buf);
         buf.clear();
-        // Appends write whole pages: the current page's earlier bytes (the
-        // tail), the new frames, then zeros to the end of the page. A write
-        // that covers part of a page which is not in the page cache makes
-        // the filesystem read it from disk first, under this lock; recycled
-        // files are mostly not cached.
-        if let Err(e) = self.load_tail(&mut inner) {
-            inner.buf = buf;
-            return Err(e);
-        }
-        buf.extend_from_slice(inner.tail.as_deref().unwrap_or_default());
-        let head = buf.len();
         let mut first = inner.next_seq;
         if let Some(back_ns) = step {
             file::encode_frame(
@@ -316,41 +301,39 @@ impl Journal {
         }
         encode(first, time, &mut buf);
         let last = first + count - 1;
-        let need = (buf.len() - head) as u64;
+        let need = buf.len() as u64;
         let cur_end = inner.files.back().map(|f| f.end).unwrap_or(0);
         let cur_cap = inner.files.back().map(|f| f.cap).unwrap_or(0);
         if cur_end + need > cur_cap {
-            let rotated = self.rotate(&mut inner, need).and_then(|()| {
-                // The frames go after the new file's tail instead.
-                let frames = buf.split_off(head);
-                buf.clear();
-                self.load_tail(&mut inner)?;
-                buf.extend_from_slice(inner.tail.as_deref().unwrap_or_default());
-                buf.extend_from_slice(&frames);
-                Ok(())
-            });
-            if let Err(e) = rotated {
+            if let Err(e) = self.rotate(&mut inner, need) {
                 inner.buf = buf;
                 return Err(e);
             }
         }
         let res = {
             let cur = inner.files.back_mut().expect("a current file");
-            let start = page_start(cur.end);
             let new_end = cur.end + need;
             // Zeros after the frames, at least an end mark's worth, keep
             // stale frames of a recycled file out of every scan; the next
-            // append overwrites them.
-            let padded = (page_start(new_end + file::FRAME_HEAD as u64 + PAGE - 1)).min(cur.cap);
-            buf.resize((padded - start) as usize, 0);
-            match cur.file.write_all_at(&buf, start) {
+            // append overwrites them. An append that reaches into a page
+            // the file has not written since it became current pads that
+            // page to its end: a write over part of a page that is not in
+            // the page cache makes the filesystem read it from disk first,
+            // under this lock, and a recycled file's pages mostly are not
+            // cached. The page where the append starts was written whole
+            // by an earlier append (or by `recycle`), so it is cached.
+            let mark = new_end + file::FRAME_HEAD as u64;
+            let padded = if page_start(mark) > page_start(cur.end) {
+                page_start(mark + PAGE - 1)
+            } else {
+                mark
+            }
+            .min(cur.cap);
+            buf.resize((padded - cur.end) as usize, 0);
+            match cur.file.write_all_at(&buf, cur.end) {
                 Ok(()) => {
                     cur.end = new_end;
                     cur.last_seq = last;
-                    let t = (page_start(new_end) - start) as usize..(new_end - start) as usize;
-                    let tail = inner.tail.get_or_insert_with(Vec::new);
-                    tail.clear();
-                    tail.extend_from_slice(&buf[t]);
                     Ok(())
                 }
                 Err(e) => Err(JournalError::io(&cur.path, e)),
@@ -371,26 +354,7 @@ impl Journal {
         Ok((last, time))
     }
 
-    /// Loads the current file's tail (see `Inner::tail`) unless it is known.
-    fn load_tail(&self, inner: &mut Inner) -> Result<(), JournalError> {
-        if inner.tail.is_some() {
-            return Ok(());
-        }
-        let Some(cur) = inner.files.back() else {
-            return Ok(());
-        };
-        let start = page_start(cur.end);
-        let mut t = vec![0u8; (cur.end - start) as usize];
-        cur.file
-            .read_exact_at(&mut t, start)
-            .map_err(|e| JournalError::io(&cur.path, e))?;
-        inner.tail = Some(t);
-        Ok(())
-    }
-
     fn rotate(&self, inner: &mut Inner, need: u64) -> Result<(), JournalError> {
-        // Whatever happens below, the current file may change.
-        inner.tail = None;
         if let Some(cur) = inner.files.back() {
             // The old file's tail must be durable before records land in a
             // newer file, or a machine crash could keep the newer records
