@@ -170,6 +170,7 @@ def test_machine_crash_redo_puts_fsynced_data_back_into_the_source(volume, workd
     os.chmod(m / "mode", 0o600)
     with open(m / "log", "ab") as f:
         os.fsync(f.fileno())  # one group commit makes all of the above durable
+    before = volume.wait_window()["lineage"]
     volume.kill9()
 
     # What a lost page cache leaves in the source.
@@ -185,7 +186,10 @@ def test_machine_crash_redo_puts_fsynced_data_back_into_the_source(volume, workd
     assert (m / "log").read_bytes() == b"line 1\nline 2\n"
     assert (m / "d" / "renamed").read_bytes() == b"to be renamed" and not (m / "old").exists()
     assert (m / "mode").stat().st_mode & 0o777 == 0o600
-    volume.wait_window()
+    # The machine crash starts a new lineage, restorable once its base is
+    # complete; the old lineage's window does not cover what follows.
+    helpers.wait_until(lambda: (volume.window() or {}).get("lineage") not in (None, before), 120,
+                       "the new lineage's window to open", interval=0.1)
     want = helpers.snapshot(m)
     t = time.time_ns()
     (m / "after").write_bytes(b"x")
