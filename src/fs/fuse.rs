@@ -187,7 +187,7 @@ impl Filesystem for FuseFs {
         self.direct_io = config
             .add_capabilities(fuser::InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP)
             .is_ok();
-        if !self.direct_io {
+        if !self.direct_io && !self.core.cached_writes() {
             tracing::warn!("the kernel cannot mmap direct-io files (Linux 6.6 or later can): files opened for writing are served through the page cache, at one more round trip per write");
         }
         if self.core.read_passthrough() {

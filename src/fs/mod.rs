@@ -254,6 +254,10 @@ impl Passthrough {
         self.cached_writes = on;
     }
 
+    pub fn cached_writes(&self) -> bool {
+        self.cached_writes
+    }
+
     fn writable_mode(&self) -> OpenMode {
         if self.cached_writes {
             OpenMode::Cached

@@ -31,6 +31,17 @@ def pytest_sessionstart(session):
         problems.append("the e2e suites run as root (FUSE mounts, chown, setpriv)")
     if shutil.which("fusermount3") is None:
         problems.append("fusermount3 is missing (Debian package fuse3)")
+    # Some operations run as a non-root user (workload.py's "nonroot", the
+    # sidecar's permission checks): that user must be able to reach the
+    # mounts under TMP_ROOT. A clone under a 0700 directory (mktemp -d) makes
+    # every such operation fail with EACCES on both sides, which shows up
+    # much later as "workload did not reach the minimum counts".
+    for d in [TMP_ROOT, *TMP_ROOT.parents]:
+        if d.exists() and d != TMP_ROOT and not os.stat(d).st_mode & 0o001:
+            problems.append(f"{d} has mode {os.stat(d).st_mode & 0o777:o}: non-root users cannot reach "
+                            f"the test mounts under {TMP_ROOT}; run from a directory others can traverse "
+                            f"(chmod o+x {d}) or set REWIND_E2E_TMP to one")
+            break
     session.config._rewind_problems = problems
 
 
