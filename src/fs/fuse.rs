@@ -61,6 +61,12 @@ struct SyncQueue {
     waiting: Vec<ReplyEmpty>,
 }
 
+thread_local! {
+    /// Each worker's read buffer, kept between requests (see `Passthrough::read`):
+    /// at most max_read (1 MiB) per worker thread.
+    static READ_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 fn err(e: rustix::io::Errno) -> Errno {
     Errno::from_i32(e.raw_os_error())
 }
@@ -398,11 +404,12 @@ impl Filesystem for FuseFs {
         _lo: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let mut buf = Vec::new();
-        match self.core.read(fh.0, offset, &mut buf, size as usize) {
-            Ok(()) => reply.data(&buf),
-            Err(e) => reply.error(err(e)),
-        }
+        READ_BUF.with_borrow_mut(
+            |buf| match self.core.read(fh.0, offset, buf, size as usize) {
+                Ok(n) => reply.data(&buf[..n]),
+                Err(e) => reply.error(err(e)),
+            },
+        )
     }
 
     fn write(

@@ -929,7 +929,11 @@ impl Passthrough {
         }
     }
 
-    pub fn read(&self, fh: u64, offset: u64, buf: &mut Vec<u8>, size: usize) -> FsResult<()> {
+    /// Reads up to `size` bytes at `offset` into the start of `buf` and
+    /// returns how many were read. `buf` only grows, and bytes past the
+    /// count are left as they were: the caller keeps one buffer per thread,
+    /// so a read neither allocates nor zero-fills.
+    pub fn read(&self, fh: u64, offset: u64, buf: &mut Vec<u8>, size: usize) -> FsResult<usize> {
         let h = self.handle(fh)?;
         // The application's access pattern reaches us as the kernel's read
         // requests, but its fadvise does not: pass the pattern on, or every
@@ -957,18 +961,19 @@ impl Passthrough {
                 h.random.store(!random, Ordering::Relaxed);
             }
         }
-        buf.resize(size, 0);
+        if buf.len() < size {
+            buf.resize(size, 0);
+        }
         let mut done = 0;
         while done < size {
-            match rustix::io::pread(&h.fd, &mut buf[done..], offset + done as u64) {
+            match rustix::io::pread(&h.fd, &mut buf[done..size], offset + done as u64) {
                 Ok(0) => break,
                 Ok(n) => done += n,
                 Err(Errno::INTR) => continue,
                 Err(e) => return Err(e),
             }
         }
-        buf.truncate(done);
-        Ok(())
+        Ok(done)
     }
 
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<usize> {
