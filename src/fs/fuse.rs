@@ -3,7 +3,9 @@
 //! numbers, attributes, errno), mounts the session with the options the
 //! contract fixes (allow_other, default_permissions, 1 MiB writes, one
 //! cloned /dev/fuse fd per worker thread), and nothing else: no logic that
-//! the core could hold.
+//! the core could hold. What needs fuser's types stays here: the open flags
+//! for each `OpenMode`, and fsync replies left with the worker that is
+//! syncing the journal (`SyncQueue`).
 
 use std::ffi::OsStr;
 use std::path::Path;
