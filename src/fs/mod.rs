@@ -1045,11 +1045,6 @@ impl Passthrough {
     /// synced past it (`ship.rs`), and after a machine crash `redo.rs`
     /// re-applies the journal to the source, so what fsync acknowledged is
     /// in the journal until it is durable in the source.
-    pub fn fsync(&self, fh: u64, _datasync: bool) -> FsResult<()> {
-        self.check_handle(fh)?;
-        self.sync_journal()
-    }
-
     /// EBADF unless `fh` is an open handle.
     pub fn check_handle(&self, fh: u64) -> FsResult<()> {
         self.handle(fh).map(drop)

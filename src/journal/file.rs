@@ -36,6 +36,9 @@ pub const MAGIC: &[u8; 8] = b"RWJRNL01";
 pub const VERSION: u16 = 1;
 pub const HEADER_LEN: usize = 64;
 pub const FRAME_HEAD: usize = 12;
+/// The unit appends write in (see `Journal::append_with`): the page size,
+/// and the block size of the filesystems journals live on.
+pub const PAGE: u64 = 4096;
 /// No record is larger than a 1 MiB write plus its fields; anything larger
 /// in a length field is damage, not a record.
 const MAX_FRAME: usize = 64 << 20;
@@ -228,7 +231,7 @@ pub fn recycle(
     // pad pages they reach into (see Journal::append_with), and a whole
     // page is written without reading the stale one from disk.
     let len = f.metadata().map_err(|e| JournalError::io(spare, e))?.len();
-    head.resize((len as usize).clamp(head.len(), 4096), 0);
+    head.resize((len as usize).clamp(head.len(), PAGE as usize), 0);
     f.write_all_at(&head, 0)
         .map_err(|e| JournalError::io(spare, e))?;
     f.sync_data().map_err(|e| JournalError::io(spare, e))?;
@@ -413,14 +416,10 @@ pub struct FrameIter {
 }
 
 impl FrameIter {
-    pub fn new(f: &JournalFile, from: u64, to: u64) -> Result<FrameIter, JournalError> {
-        Self::with_buf(f, from, to, Vec::new())
-    }
-
-    /// `new`, reading into `data` (a buffer kept from an earlier iterator,
-    /// see `into_buf`): the shipper reads many megabytes per second, and a
-    /// fresh buffer per window costs a page fault per 4 KiB.
-    pub fn with_buf(
+    /// Reads the window into `data` (a buffer kept from an earlier
+    /// iterator, see `into_buf`): the shipper reads many megabytes per
+    /// second, and a fresh buffer per window costs a page fault per 4 KiB.
+    pub fn new(
         f: &JournalFile,
         from: u64,
         to: u64,
@@ -452,7 +451,8 @@ impl FrameIter {
     }
 
     /// The next frame's record bytes (record.rs), checksum verified but not
-    /// decoded: what the shipper copies into a segment as it is.
+    /// decoded: the shipper copies them into a segment as they are, and
+    /// `decode_body` makes a `Record` of them.
     pub fn next_raw(&mut self) -> Option<Result<&[u8], JournalError>> {
         if self.off >= self.data.len() {
             return None;
@@ -485,18 +485,6 @@ impl FrameIter {
             offset: self.base + at as u64,
             why,
         }
-    }
-}
-
-impl Iterator for FrameIter {
-    type Item = Result<(Record, usize), JournalError>;
-    fn next(&mut self) -> Option<Self::Item> {
-        let at = self.off;
-        let decoded = match self.next_raw()? {
-            Ok(body) => decode_body(body).map(|rec| (rec, FRAME_HEAD + body.len())),
-            Err(e) => return Some(Err(e)),
-        };
-        Some(decoded.map_err(|why| self.corrupt_at(at, why)))
     }
 }
 

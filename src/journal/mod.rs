@@ -28,6 +28,7 @@ use parking_lot::{Condvar, Mutex};
 
 use crate::clock::{Nanos, RecordClock};
 use crate::record::{encode_op, encode_write, record_head, Ino, Op, Record, Seq};
+use file::PAGE;
 
 /// Size each journal file is preallocated to; a larger record gets a file
 /// of its own size.
@@ -556,13 +557,9 @@ pub struct JournalReader {
     next_seq: Seq,
     /// (first_seq of the file, offset) just past the last record read.
     pos: Option<(Seq, u64)>,
-    /// The read window, kept between reads (see `FrameIter::with_buf`).
+    /// The read window, kept between reads (see `FrameIter::new`).
     buf: Vec<u8>,
 }
-
-/// The unit appends write in (see `append_with`): the page size, and the
-/// block size of the filesystems journals live on.
-const PAGE: u64 = 4096;
 
 fn page_start(off: u64) -> u64 {
     off / PAGE * PAGE
@@ -644,7 +641,7 @@ impl JournalReader {
                     _ => file::HEADER_LEN as u64,
                 };
                 let to = start + (max_payload.saturating_sub(bytes)) as u64 + MAX_RECORD;
-                let mut it = FrameIter::with_buf(f, start, to, std::mem::take(&mut self.buf))?;
+                let mut it = FrameIter::new(f, start, to, std::mem::take(&mut self.buf))?;
                 let mut progressed = false;
                 let mut full = false;
                 while let Some(frame) = it.next_raw() {

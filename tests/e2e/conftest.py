@@ -1,7 +1,8 @@
 """Fixtures for the end-to-end suites.
 
 `workdir` is a fresh directory per test under $REWIND_E2E_TMP (default
-<repo>/.test-tmp), kept when the test fails so its logs and store can be
+<repo>/.test-tmp, or a directory under /tmp when non-root users cannot
+reach the repository), kept when the test fails so its logs and store can be
 read, removed when it passes. `volume` / `make_volume` give `helpers.Volume`
 objects whose daemons are killed and whose mounts are detached (lazily,
 `fusermount3 -uz`) at teardown whatever happened.
@@ -9,16 +10,38 @@ objects whose daemons are killed and whose mounts are detached (lazily,
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 import helpers
 
-TMP_ROOT = Path(os.environ.get("REWIND_E2E_TMP", helpers.REPO / ".test-tmp"))
+def _blocked_ancestor(path: Path) -> Path | None:
+    """The first existing ancestor of path that other users cannot traverse."""
+    return next((d for d in path.parents if d.exists() and not os.stat(d).st_mode & 0o001), None)
+
+
+def _tmp_root() -> Path:
+    """Where the tests work: $REWIND_E2E_TMP, else <repo>/.test-tmp, unless
+    non-root users cannot reach it (a clone under `mktemp -d`, mode 0700);
+    then a directory under the system's temporary directory named after the
+    repository. Some operations run as a non-root user (workload.py's
+    "nonroot", the sidecar's permission checks) and must reach the mounts."""
+    if "REWIND_E2E_TMP" in os.environ:
+        return Path(os.environ["REWIND_E2E_TMP"])
+    root = helpers.REPO / ".test-tmp"
+    if _blocked_ancestor(root) is None:
+        return root
+    tag = hashlib.sha256(str(helpers.REPO).encode()).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / f"rewind-e2e-{tag}"
+
+
+TMP_ROOT = _tmp_root()
 
 
 def pytest_sessionstart(session):
@@ -31,17 +54,14 @@ def pytest_sessionstart(session):
         problems.append("the e2e suites run as root (FUSE mounts, chown, setpriv)")
     if shutil.which("fusermount3") is None:
         problems.append("fusermount3 is missing (Debian package fuse3)")
-    # Some operations run as a non-root user (workload.py's "nonroot", the
-    # sidecar's permission checks): that user must be able to reach the
-    # mounts under TMP_ROOT. A clone under a 0700 directory (mktemp -d) makes
-    # every such operation fail with EACCES on both sides, which shows up
-    # much later as "workload did not reach the minimum counts".
-    for d in [TMP_ROOT, *TMP_ROOT.parents]:
-        if d.exists() and d != TMP_ROOT and not os.stat(d).st_mode & 0o001:
-            problems.append(f"{d} has mode {os.stat(d).st_mode & 0o777:o}: non-root users cannot reach "
-                            f"the test mounts under {TMP_ROOT}; run from a directory others can traverse "
-                            f"(chmod o+x {d}) or set REWIND_E2E_TMP to one")
-            break
+    # A REWIND_E2E_TMP that non-root users cannot reach would make every
+    # non-root operation fail with EACCES on both sides of the differential
+    # tests, which shows up much later as "did not reach the minimum counts".
+    blocked = _blocked_ancestor(TMP_ROOT)
+    if blocked is not None:
+        problems.append(f"{blocked} has mode {os.stat(blocked).st_mode & 0o777:o}: non-root users cannot "
+                        f"reach the test mounts under {TMP_ROOT}; set REWIND_E2E_TMP to a directory "
+                        f"others can traverse (or chmod o+x {blocked})")
     session.config._rewind_problems = problems
 
 
