@@ -9,7 +9,7 @@
 
 use std::ffi::OsStr;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
@@ -35,6 +35,14 @@ use crate::record::{Ino, Kind};
 /// until that is understood, the timeout stays short.)
 const TTL: Duration = Duration::from_secs(1);
 
+/// How long the kernel may remember that a name does not exist. Only a
+/// change made outside the mount can make such an entry wrong, and such a
+/// change is outside the contract anyway (it is not journaled); creates,
+/// links and renames through the mount replace the cached entry, and
+/// `O_EXCL` opens always ask. Without it, every stat of a missing name
+/// (fio before each create, SQLite's hot-journal checks) is a round trip.
+const NEGATIVE_TTL: Duration = Duration::from_secs(10);
+
 pub struct FuseFs {
     core: Arc<Passthrough>,
     root: Ino,
@@ -50,6 +58,9 @@ pub struct FuseFs {
     direct_io: bool,
     /// fsync replies waiting for the journal sync that runs next.
     syncs: Mutex<SyncQueue>,
+    /// The way to tell the kernel that cached attributes went stale; set
+    /// once the session exists (`mount`).
+    notifier: Arc<OnceLock<fuser::Notifier>>,
 }
 
 /// Group commit without parking worker threads: the first fsync runs the
@@ -83,6 +94,7 @@ impl FuseFs {
             passthrough_fh: Mutex::new(HashMap::new()),
             direct_io: false,
             syncs: Mutex::new(SyncQueue::default()),
+            notifier: Arc::new(OnceLock::new()),
         }
     }
 
@@ -213,7 +225,31 @@ impl Filesystem for FuseFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        self.entry(reply, self.core.lookup(self.src(parent), name))
+        match self.core.lookup(self.src(parent), name) {
+            // Node id 0 is the kernel's "no such entry, and remember that".
+            Err(rustix::io::Errno::NOENT) => reply.entry(
+                &NEGATIVE_TTL,
+                &FileAttr {
+                    ino: INodeNo(0),
+                    size: 0,
+                    blocks: 0,
+                    atime: UNIX_EPOCH,
+                    mtime: UNIX_EPOCH,
+                    ctime: UNIX_EPOCH,
+                    crtime: UNIX_EPOCH,
+                    kind: FileType::RegularFile,
+                    perm: 0,
+                    nlink: 0,
+                    uid: 0,
+                    gid: 0,
+                    rdev: 0,
+                    blksize: 0,
+                    flags: 0,
+                },
+                Generation(0),
+            ),
+            r => self.entry(reply, r),
+        }
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
@@ -417,17 +453,29 @@ impl Filesystem for FuseFs {
     fn write(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _wf: WriteFlags,
+        wf: WriteFlags,
         _flags: OpenFlags,
         _lo: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        match self.core.write(fh.0, offset, data) {
-            Ok(n) => reply.written(n as u32),
+        let kill_privs = wf.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID);
+        match self.core.write(fh.0, offset, data, kill_privs) {
+            Ok((n, mode_changed)) => {
+                if mode_changed {
+                    // The kernel keeps the file's old mode for the attribute
+                    // timeout otherwise: `stat` right after the write would
+                    // still show the set-user-ID bit. A negative offset
+                    // drops the attributes only, not cached pages.
+                    if let Some(n) = self.notifier.get() {
+                        let _ = n.inval_inode(ino, -1, 0);
+                    }
+                }
+                reply.written(n as u32)
+            }
             Err(e) => reply.error(err(e)),
         }
     }
@@ -702,5 +750,8 @@ pub fn mount(
     cfg.acl = SessionACL::All;
     cfg.n_threads = Some(threads.max(1));
     cfg.clone_fd = true;
-    fuser::spawn_mount(fs, mountpoint, &cfg)
+    let notifier = fs.notifier.clone();
+    let session = fuser::spawn_mount(fs, mountpoint, &cfg)?;
+    let _ = notifier.set(session.notifier());
+    Ok(session)
 }

@@ -976,11 +976,25 @@ impl Passthrough {
         Ok(done)
     }
 
-    pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<usize> {
+    /// `kill_privs` is the kernel's word that the writer lacks CAP_FSETID
+    /// (FUSE_WRITE_KILL_SUIDGID, sent with writes that bypass the mount's
+    /// page cache). The daemon writes as root, which keeps set-user-ID and
+    /// set-group-ID bits, so it clears them itself first, as the kernel
+    /// does natively: without it, a user could write into a set-user-ID
+    /// file and keep the bit. Returns the bytes written and whether the
+    /// mode changed (the adapter then drops the kernel's cached mode).
+    pub fn write(
+        &self,
+        fh: u64,
+        offset: u64,
+        data: &[u8],
+        kill_privs: bool,
+    ) -> FsResult<(usize, bool)> {
         let _op = self.begin()?;
         let h = self.handle(fh)?;
         let inode = self.inode(h.ino)?;
         let _g = inode.data.lock();
+        let mode_changed = kill_privs && self.kill_privs(&h)?;
         let off = if h.append {
             rfs::fstat(&h.fd)?.st_size as u64
         } else {
@@ -1002,7 +1016,29 @@ impl Passthrough {
             self.journal
                 .append_write(h.ino, off, st.st_size as u64, mtime_of(&st), &data[..done])
         })?;
-        Ok(done)
+        Ok((done, mode_changed))
+    }
+
+    /// Clears set-user-ID, and set-group-ID when the file is group-executable
+    /// (without group execute the bit marks mandatory locking and stays),
+    /// and journals the new mode before the write that caused it. Returns
+    /// whether anything was cleared.
+    fn kill_privs(&self, h: &Handle) -> FsResult<bool> {
+        let mode = rfs::fstat(&h.fd)?.st_mode & 0o7777;
+        let (suid, sgid, xgrp) = (libc::S_ISUID, libc::S_ISGID, libc::S_IXGRP);
+        let sgid_kill = if mode & (sgid | xgrp) == sgid | xgrp {
+            sgid
+        } else {
+            0
+        };
+        let kill = (mode & suid) | sgid_kill;
+        if kill == 0 {
+            return Ok(false);
+        }
+        rfs::fchmod(&h.fd, Mode::from_bits_truncate(mode & !kill))?;
+        let st = rfs::fstat(&h.fd)?;
+        self.record(&[self.attr_record(h.ino, &st)])?;
+        Ok(true)
     }
 
     pub fn fallocate(&self, fh: u64, offset: u64, len: u64, mode: i32) -> FsResult<()> {

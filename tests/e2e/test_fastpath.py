@@ -24,6 +24,15 @@ with --cached-writes it does not (checked with fincore); in both modes a
 reader with a cached page sees a writer's later write, a shared map of the
 writable open reaches the journal on msync, O_APPEND writes land at the end,
 and a restore matches the mount.
+
+test_remembered_missing_names_never_hide_a_change: the kernel caches "no such
+name" answers; creates, exclusive creates, links, renames, mkdir, symlink,
+mknod and re-creates after an unlink through the mount show at once, and the
+restore has them.
+
+test_a_write_by_an_unprivileged_user_clears_set_id_bits: set-user-ID and
+set-group-ID bits after writes and truncates by a non-root user match the
+native filesystem's, in both writable-open modes, and survive the restore.
 """
 
 from __future__ import annotations
@@ -264,3 +273,101 @@ def test_writable_opens_direct_or_cached(volume, workdir, cached):
     got = (target / "data").read_bytes()
     assert got[5000:5005] == b"HELLO" and got.endswith(b"tail-1tail-2")
     assert _digest(target / "data") == want
+
+
+def test_remembered_missing_names_never_hide_a_change(volume, workdir):
+    """The daemon lets the kernel remember that a name does not exist
+    (negative entries, see NEGATIVE_TTL in fs/fuse.rs). Every way of making
+    the name exist through the mount must show at once, to this process and
+    to another one, and the restore must have it."""
+    volume.start()
+    m = volume.mount
+
+    def missing(name):
+        with pytest.raises(FileNotFoundError):
+            os.stat(m / name)
+
+    def seen_elsewhere(name) -> bool:
+        return subprocess.run(["stat", str(m / name)], capture_output=True).returncode == 0
+
+    for name in ("file", "excl", "link", "moved", "dir", "sym", "node", ".rewind"):
+        missing(name)
+    assert not seen_elsewhere("file")
+
+    (m / "file").write_bytes(b"one")
+    assert (m / "file").read_bytes() == b"one" and seen_elsewhere("file")
+    fd = os.open(m / "excl", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    os.close(fd)
+    os.link(m / "file", m / "link")
+    assert os.stat(m / "link").st_nlink == 2
+    os.rename(m / "link", m / "moved")
+    missing("link")
+    assert (m / "moved").read_bytes() == b"one" and seen_elsewhere("moved")
+    os.mkdir(m / "dir")
+    os.symlink("file", m / "sym")
+    os.mkfifo(m / "node")
+    for name in ("excl", "dir", "sym", "node"):
+        assert seen_elsewhere(name), name
+
+    # Gone, remembered as gone, and back again.
+    os.unlink(m / "file")
+    missing("file")
+    (m / "file").write_bytes(b"two")
+    assert (m / "file").read_bytes() == b"two"
+    missing(".rewind")
+
+    listing = sorted(os.listdir(m))
+    assert listing == ["dir", "excl", "file", "moved", "node", "sym"], listing
+    volume.stop()
+    volume.delete_local()
+    target = workdir / "restored"
+    volume.restore("latest", target)
+    assert sorted(os.listdir(target)) == listing
+    assert (target / "file").read_bytes() == b"two" and (target / "moved").read_bytes() == b"one"
+    assert os.readlink(target / "sym") == "file"
+
+
+_KILL_PRIVS = """
+cd "$1"
+for m in 6775 6755 2755 2745 4700 0755; do
+  touch "w$m" && chmod "$m" "w$m" && printf x >> "w$m"
+  touch "t$m" && chmod "$m" "t$m" && : > "t$m"
+done
+stat -c '%n %a' w* t*
+"""
+
+
+@pytest.mark.parametrize("cached", [False, True], ids=["direct", "cached-writes"])
+def test_a_write_by_an_unprivileged_user_clears_set_id_bits(volume, workdir, cached):
+    """As natively: a write (or truncate) by a user without CAP_FSETID clears
+    set-user-ID, and set-group-ID when group-executable; a write by root keeps
+    them. The daemon writes as root, so for writes that bypass the mount's
+    page cache it must clear them itself; stat shows it at once, and the
+    restore has the cleared modes."""
+    native = workdir / "native"
+    native.mkdir()
+    os.chmod(native, 0o777)
+    volume.start(*(["--cached-writes"] if cached else []))
+    os.chmod(volume.mount, 0o777)
+    outs = []
+    for d in (native, volume.mount):
+        r = helpers.as_user(helpers.NONROOT_UID, helpers.NONROOT_GID, _KILL_PRIVS, d)
+        assert r.returncode == 0, r.stderr.decode()
+        outs.append(r.stdout.decode())
+    assert outs[0] == outs[1], f"native:\n{outs[0]}\nmount:\n{outs[1]}"
+    assert "w6775 775" in outs[1] and "w2745 2745" in outs[1], outs[1]
+
+    for d in (native, volume.mount):
+        (d / "root").write_bytes(b"")
+        os.chmod(d / "root", 0o6775)
+        with open(d / "root", "ab") as f:
+            f.write(b"x")
+    assert os.stat(volume.mount / "root").st_mode & 0o7777 == 0o6775
+    assert os.stat(native / "root").st_mode & 0o7777 == 0o6775
+
+    modes = {p.name: p.stat().st_mode & 0o7777 for p in volume.mount.iterdir()}
+    volume.stop()
+    volume.delete_local()
+    target = workdir / "restored"
+    volume.restore("latest", target)
+    assert {p.name: p.stat().st_mode & 0o7777 for p in target.iterdir()} == modes
