@@ -399,3 +399,76 @@ fn page_sized_appends_keep_every_record_across_reopens_and_rotations() {
         }
     }
 }
+
+/// Group commit with callbacks: every `sync_then` callback runs exactly once,
+/// only after the records appended before the call are durable, whichever
+/// thread runs it; blocking `sync` callers mixed in see the same guarantee.
+#[test]
+fn every_sync_then_callback_runs_once_after_its_records_are_durable() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    let dir = tempfile::tempdir().unwrap();
+    let (j, _) = Journal::open(dir.path(), 1, 1, 0, u64::MAX).unwrap();
+    let j = Arc::new(j);
+    let answered = Arc::new(AtomicU64::new(0));
+    let early = Arc::new(AtomicU64::new(0));
+    let other_thread = Arc::new(AtomicU64::new(0));
+    const THREADS: u64 = 6;
+    const EACH: u64 = 300;
+    std::thread::scope(|s| {
+        for t in 0..THREADS {
+            let (j, answered, early, other_thread) = (
+                j.clone(),
+                answered.clone(),
+                early.clone(),
+                other_thread.clone(),
+            );
+            s.spawn(move || {
+                for i in 0..EACH {
+                    let (seq, _) = j.append(&[write_op(t * EACH + i)]).unwrap();
+                    if i % 50 == 49 {
+                        j.sync().unwrap();
+                        assert!(
+                            j.synced_seq() >= seq,
+                            "sync returned before seq {seq} was durable"
+                        );
+                        continue;
+                    }
+                    let caller = std::thread::current().id();
+                    let jj = j.clone();
+                    let (answered, early, other_thread) =
+                        (answered.clone(), early.clone(), other_thread.clone());
+                    j.sync_then(Box::new(move |r| {
+                        r.unwrap();
+                        if jj.synced_seq() < seq {
+                            early.fetch_add(1, Ordering::Relaxed);
+                        }
+                        if std::thread::current().id() != caller {
+                            other_thread.fetch_add(1, Ordering::Relaxed);
+                        }
+                        answered.fetch_add(1, Ordering::Relaxed);
+                    }));
+                }
+            });
+        }
+    });
+    let want = THREADS * (EACH - EACH / 50);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while answered.load(Ordering::Relaxed) < want && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(answered.load(Ordering::Relaxed), want, "callbacks answered");
+    assert_eq!(
+        early.load(Ordering::Relaxed),
+        0,
+        "callbacks ran before their records were durable"
+    );
+    // Nothing is left for a sync that will never run.
+    assert_eq!(j.synced_seq(), THREADS * EACH);
+    eprintln!(
+        "{} of {want} callbacks ran on another caller's thread",
+        other_thread.load(Ordering::Relaxed)
+    );
+}

@@ -4,8 +4,10 @@
 //! contract fixes (allow_other, default_permissions, 1 MiB writes, one
 //! cloned /dev/fuse fd per worker thread), and nothing else: no logic that
 //! the core could hold. What needs fuser's types stays here: the open flags
-//! for each `OpenMode`, and fsync replies left with the worker that is
-//! syncing the journal (`SyncQueue`).
+//! for each `OpenMode`, fsync replies handed to the journal's group commit
+//! as callbacks (`Journal::sync_then`: a worker never waits for a sync
+//! another runs), and attribute invalidations after the daemon itself
+//! changed a mode.
 
 use std::ffi::OsStr;
 use std::path::Path;
@@ -56,22 +58,9 @@ pub struct FuseFs {
     /// (FUSE_DIRECT_IO_ALLOW_MMAP, Linux 6.6). Without it, `OpenMode::Direct`
     /// handles are served cached: SQLite's -shm and LMDB need shared maps.
     direct_io: bool,
-    /// fsync replies waiting for the journal sync that runs next.
-    syncs: Mutex<SyncQueue>,
     /// The way to tell the kernel that cached attributes went stale; set
     /// once the session exists (`mount`).
     notifier: Arc<OnceLock<fuser::Notifier>>,
-}
-
-/// Group commit without parking worker threads: the first fsync runs the
-/// journal sync on its worker thread; fsyncs that arrive meanwhile leave
-/// their reply here and return to serve other requests, and the syncing
-/// thread answers them after one more sync (their writes may have been
-/// appended after the running sync started).
-#[derive(Default)]
-struct SyncQueue {
-    running: bool,
-    waiting: Vec<ReplyEmpty>,
 }
 
 thread_local! {
@@ -93,7 +82,6 @@ impl FuseFs {
             backing: Mutex::new(HashMap::new()),
             passthrough_fh: Mutex::new(HashMap::new()),
             direct_io: false,
-            syncs: Mutex::new(SyncQueue::default()),
             notifier: Arc::new(OnceLock::new()),
         }
     }
@@ -532,27 +520,7 @@ impl Filesystem for FuseFs {
         if let Err(e) = self.core.check_handle(fh.0) {
             return reply.error(err(e));
         }
-        {
-            let mut q = self.syncs.lock();
-            if q.running {
-                q.waiting.push(reply);
-                return;
-            }
-            q.running = true;
-        }
-        let mut mine = vec![reply];
-        loop {
-            let r = self.core.sync_journal();
-            for reply in mine.drain(..) {
-                empty(reply, r);
-            }
-            let mut q = self.syncs.lock();
-            if q.waiting.is_empty() {
-                q.running = false;
-                return;
-            }
-            mine = std::mem::take(&mut q.waiting);
-        }
+        self.core.sync_journal_then(move |r| empty(reply, r));
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {

@@ -1086,13 +1086,17 @@ impl Passthrough {
         self.handle(fh).map(drop)
     }
 
-    /// Makes every change acknowledged so far durable: an fsync of any file
-    /// waits for the journal alone (see redo.rs for the source).
-    pub fn sync_journal(&self) -> FsResult<()> {
-        self.journal.sync().map_err(|e| {
-            tracing::error!("journal sync failed: {e}");
-            Errno::IO
-        })
+    /// Calls `done` once every change acknowledged so far is durable: an
+    /// fsync of any file waits for the journal alone (see redo.rs for the
+    /// source). A caller that arrives while a sync runs does not wait for
+    /// it: the syncing thread calls `done` (`Journal::sync_then`).
+    pub fn sync_journal_then(&self, done: impl FnOnce(FsResult<()>) + Send + 'static) {
+        self.journal.sync_then(Box::new(move |r| {
+            done(r.map_err(|e| {
+                tracing::error!("journal sync failed: {e}");
+                Errno::IO
+            }))
+        }))
     }
 
     pub fn release(&self, fh: u64) {

@@ -11,7 +11,15 @@
 //! # State
 //! `Inner` (one mutex) holds the open file, the write offset and the next
 //! sequence number; `SyncState` (another mutex + condvar) holds how far the
-//! journal is known durable. A writer never holds both.
+//! journal is known durable, whether a sync runs, and the callbacks of
+//! `sync_then` callers waiting for the next one. A writer never holds both.
+//!
+//! # Group commit
+//! One thread at a time runs `fdatasync`. Callers that arrive meanwhile
+//! either block (`sync`) or leave a callback (`sync_then`, for FUSE workers,
+//! which must not be parked) and return; the syncing thread runs one more
+//! round for them, since their records may have been appended after its
+//! round began, and answers them.
 
 mod file;
 
@@ -68,7 +76,14 @@ struct Inner {
 struct SyncState {
     synced_seq: Seq,
     syncing: bool,
+    /// `sync_then` callbacks that arrived while a sync ran, with the
+    /// sequence number each needs durable.
+    deferred: Vec<(Seq, SyncDone)>,
 }
+
+/// What `Journal::sync_then` calls once the caller's records are durable,
+/// or the sync failed.
+pub type SyncDone = Box<dyn FnOnce(Result<(), JournalError>) + Send>;
 
 pub struct Journal {
     dir: PathBuf,
@@ -205,6 +220,7 @@ impl Journal {
             sync: Mutex::new(SyncState {
                 synced_seq: next_seq - 1,
                 syncing: false,
+                deferred: Vec::new(),
             }),
             synced: Condvar::new(),
             appended: AtomicU64::new(next_seq - 1),
@@ -399,8 +415,8 @@ impl Journal {
         Ok(())
     }
 
-    /// Makes every record appended so far durable (group commit: one
-    /// fdatasync serves every caller waiting while it runs).
+    /// Makes every record appended so far durable, blocking until it is
+    /// (group commit: one fdatasync serves every caller waiting while it runs).
     pub fn sync(&self) -> Result<(), JournalError> {
         let target = self.appended.load(Ordering::Acquire);
         let mut st = self.sync.lock();
@@ -408,35 +424,105 @@ impl Journal {
             if st.synced_seq >= target {
                 return Ok(());
             }
-            if st.syncing {
-                self.synced.wait(&mut st);
-                continue;
+            if !st.syncing {
+                break;
             }
-            st.syncing = true;
+            self.synced.wait(&mut st);
+        }
+        st.syncing = true;
+        drop(st);
+        let mut out = Ok(());
+        self.sync_rounds(|r| out = r);
+        out
+    }
+
+    /// Calls `done` once every record appended so far is durable, without
+    /// waiting for a sync another thread runs: then `done` is left to that
+    /// thread and this returns at once. Otherwise the sync runs here, and
+    /// this thread also answers callbacks left meanwhile.
+    pub fn sync_then(&self, done: SyncDone) {
+        let target = self.appended.load(Ordering::Acquire);
+        let mut st = self.sync.lock();
+        if st.synced_seq >= target {
             drop(st);
-            let (upto, file, dirsync) = {
-                let mut inner = self.inner.lock();
-                let cur = inner.files.back().expect("a current file").clone();
-                let d = std::mem::take(&mut inner.rotated_since_sync);
-                (inner.next_seq - 1, cur, d)
-            };
-            let mut res = file
-                .file
-                .sync_data()
-                .map_err(|e| JournalError::io(&file.path, e));
-            if res.is_ok() && dirsync {
-                res = File::open(&self.dir)
-                    .and_then(|d| d.sync_all())
-                    .map_err(|e| JournalError::io(&self.dir, e));
-            }
-            st = self.sync.lock();
-            st.syncing = false;
-            if res.is_ok() {
+            return done(Ok(()));
+        }
+        if st.syncing {
+            st.deferred.push((target, done));
+            return;
+        }
+        st.syncing = true;
+        drop(st);
+        self.sync_rounds(done);
+    }
+
+    /// How far the journal is known durable.
+    pub fn synced_seq(&self) -> Seq {
+        self.sync.lock().synced_seq
+    }
+
+    /// Runs syncs on the thread that set `syncing` until no callback is
+    /// left waiting. `first` (the caller's own) hears after the first round,
+    /// which covers every record appended before the caller came in.
+    fn sync_rounds(&self, first: impl FnOnce(Result<(), JournalError>)) {
+        let mut first = Some(first);
+        loop {
+            let res = self.sync_once();
+            let mut st = self.sync.lock();
+            if let Ok(upto) = res {
                 st.synced_seq = st.synced_seq.max(upto);
             }
+            // After a failure every waiter hears of it; after a success,
+            // those whose records the round covered.
+            let synced = st.synced_seq;
+            let (ready, later): (Vec<_>, Vec<_>) = std::mem::take(&mut st.deferred)
+                .into_iter()
+                .partition(|(t, _)| res.is_err() || *t <= synced);
+            st.deferred = later;
+            let finished = st.deferred.is_empty();
+            if finished {
+                st.syncing = false;
+            }
             self.synced.notify_all();
-            res?;
+            drop(st);
+            let failed = res.as_ref().err().map(|e| format!("journal sync: {e}"));
+            for (_, cb) in ready {
+                cb(failed
+                    .clone()
+                    .map_or(Ok(()), |e| Err(JournalError::Failed(e))));
+            }
+            if let Some(f) = first.take() {
+                f(res.map(drop));
+            }
+            if finished {
+                return;
+            }
         }
+    }
+
+    /// One fdatasync of the current file (and of the directory after a
+    /// rotation); returns the last sequence number it made durable.
+    fn sync_once(&self) -> Result<Seq, JournalError> {
+        let (upto, file, dirsync) = {
+            let mut inner = self.inner.lock();
+            let cur = inner.files.back().expect("a current file").clone();
+            let d = std::mem::take(&mut inner.rotated_since_sync);
+            (inner.next_seq - 1, cur, d)
+        };
+        let mut res = file
+            .file
+            .sync_data()
+            .map_err(|e| JournalError::io(&file.path, e));
+        if res.is_ok() && dirsync {
+            res = File::open(&self.dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| JournalError::io(&self.dir, e));
+        }
+        if res.is_err() && dirsync {
+            // The next round must sync the directory again.
+            self.inner.lock().rotated_since_sync = true;
+        }
+        res.map(|_| upto)
     }
 
     /// Makes sure one spare file is ready for the next rotation, zero-filling
