@@ -580,7 +580,15 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
             Ok(())
         }
     });
+    let journal_failed = d.core.is_broken() || d.journal.has_failed();
     match shipped {
+        Ok(()) if journal_failed => {
+            // Not a clean stop: the source may hold changes the journal lost
+            // (pages a failed flush dropped, an operation applied before its
+            // append failed), so the next start must take a repair base.
+            tracing::error!("the journal failed during this run (see above); what it held is stored, and the next start takes a repair base");
+            Ok(4)
+        }
         Ok(()) if base_ok => {
             // A clean stop means no redo at the next start, so the source
             // must hold everything fsync acknowledged (fsync waited for the
@@ -668,7 +676,9 @@ fn monitor(d: &Daemon, mut earliest: Option<crate::clock::Nanos>) {
         if let Some(e) = earliest {
             m.set_restore_window(ns_time(e), ns_time(stored_ns.max(e)));
         }
-        m.set_journal_writable(!d.journal.writers_waiting() && !d.core.is_broken());
+        m.set_journal_writable(
+            !d.journal.writers_waiting() && !d.core.is_broken() && !d.journal.has_failed(),
+        );
         if last_log.elapsed() >= Duration::from_secs(60) {
             last_log = Instant::now();
             tracing::info!(

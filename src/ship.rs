@@ -204,6 +204,9 @@ impl Shipper {
             *self.last_put.lock() = Instant::now();
             self.release(meta.last_seq);
         }
+        // Writers waiting for disk space may wait for the current file,
+        // whose records were stored before they started waiting.
+        self.release(self.stats.stored_seq.load(Ordering::Relaxed));
         // Ready the next journal file off the request path.
         if let Err(e) = self.journal.keep_spare() {
             tracing::warn!("cannot prepare a spare journal file: {e}");

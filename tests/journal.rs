@@ -472,3 +472,55 @@ fn every_sync_then_callback_runs_once_after_its_records_are_durable() {
         other_thread.load(Ordering::Relaxed)
     );
 }
+
+/// After a failed fdatasync the kernel may have dropped the pages it could
+/// not write, so a later sync could succeed without them: the journal must
+/// refuse every later append and sync instead of acknowledging records that
+/// may be gone. The failure is real: the current file's descriptor is
+/// replaced by a pipe, on which fdatasync fails with EINVAL.
+#[test]
+fn a_failed_sync_fails_the_journal_for_good() {
+    use std::os::fd::AsRawFd;
+
+    let dir = tempfile::tempdir().unwrap();
+    let (j, _) = Journal::open(dir.path(), 1, 1, 0, u64::MAX).unwrap();
+    j.append(&[write_op(0)]).unwrap();
+    j.sync().unwrap();
+    let (seq, _) = j.append(&[write_op(1)]).unwrap();
+
+    let file_fd = j.files().last().unwrap().file.as_raw_fd();
+    let mut pipe = [0; 2];
+    // SAFETY: plain syscalls on descriptors this test owns; dup2 swaps what
+    // the journal's descriptor number refers to, and the journal closes it.
+    unsafe {
+        assert_eq!(libc::pipe(pipe.as_mut_ptr()), 0);
+        assert_eq!(libc::dup2(pipe[1], file_fd), file_fd);
+    }
+    let err = j.sync().unwrap_err().to_string();
+    assert!(err.contains(&dir.path().display().to_string()), "{err}");
+    assert!(j.synced_seq() < seq);
+    assert!(j.has_failed(), "readiness reads this");
+
+    // Every later sync and append is refused, with the first cause.
+    let again = j.sync().unwrap_err().to_string();
+    assert!(
+        again.contains("stopped accepting") && again.contains("Invalid argument"),
+        "{again}"
+    );
+    let (tx, rx) = std::sync::mpsc::channel();
+    j.sync_then(Box::new(move |r| {
+        tx.send(r.map_err(|e| e.to_string())).unwrap()
+    }));
+    assert!(rx
+        .recv()
+        .unwrap()
+        .unwrap_err()
+        .contains("stopped accepting"));
+    assert!(j.append(&[write_op(2)]).is_err());
+    assert!(j.synced_seq() < seq);
+    // SAFETY: the pipe's own descriptors, not used elsewhere.
+    unsafe {
+        libc::close(pipe[0]);
+        libc::close(pipe[1]);
+    }
+}

@@ -342,7 +342,9 @@ impl Passthrough {
     /// and holds the gate that `barrier` uses to wait for operations in
     /// flight (applied to the source but not yet journaled).
     fn begin(&self) -> FsResult<parking_lot::RwLockReadGuard<'_, ()>> {
-        if self.broken.load(Ordering::Relaxed) {
+        // A failed journal flush fails the journal without an append
+        // failing here: check it too, so nothing reaches the source after.
+        if self.broken.load(Ordering::Relaxed) || self.journal.has_failed() {
             return Err(Errno::IO);
         }
         Ok(self.gate.read())

@@ -69,6 +69,12 @@ impl JournalError {
             source,
         }
     }
+
+    /// ENOSPC or EDQUOT: nothing was written, and space may come back.
+    pub fn is_no_space(&self) -> bool {
+        matches!(self, JournalError::Io { source, .. }
+            if matches!(source.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)))
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -158,9 +164,12 @@ pub fn create(path: &Path, lineage: u64, first_seq: Seq, size: u64) -> Result<Fi
         .open(path)
         .map_err(|e| JournalError::io(path, e))?;
     // Preallocate so that appends never allocate: a full disk shows up
-    // here, at rotation, not in the middle of a record.
-    rustix::fs::fallocate(&f, rustix::fs::FallocateFlags::empty(), 0, size)
-        .map_err(|e| JournalError::io(path, e.into()))?;
+    // here, at rotation, not in the middle of a record. A failed attempt
+    // leaves no file behind to hold the space it did get.
+    if let Err(e) = rustix::fs::fallocate(&f, rustix::fs::FallocateFlags::empty(), 0, size) {
+        let _ = std::fs::remove_file(path);
+        return Err(JournalError::io(path, e.into()));
+    }
     let h = encode_header(&Header {
         lineage,
         first_seq,
@@ -196,13 +205,19 @@ pub fn create_spare(path: &Path, size: u64) -> Result<(), JournalError> {
         .map_err(|e| JournalError::io(&tmp, e))?;
     let zeros = vec![0u8; 1 << 20];
     let mut off = 0;
-    while off < size {
-        let n = zeros.len().min((size - off) as usize);
-        f.write_all_at(&zeros[..n], off)
-            .map_err(|e| JournalError::io(&tmp, e))?;
-        off += n as u64;
+    let filled = (|| {
+        while off < size {
+            let n = zeros.len().min((size - off) as usize);
+            f.write_all_at(&zeros[..n], off)?;
+            off += n as u64;
+        }
+        f.sync_data()
+    })();
+    if let Err(e) = filled {
+        // On a full disk a half-written spare would keep what it got.
+        let _ = std::fs::remove_file(&tmp);
+        return Err(JournalError::io(&tmp, e));
     }
-    f.sync_data().map_err(|e| JournalError::io(&tmp, e))?;
     std::fs::rename(&tmp, path).map_err(|e| JournalError::io(path, e))?;
     Ok(())
 }

@@ -2,9 +2,10 @@
 //! operation is appended to before its reply leaves the daemon. It owns the
 //! global sequence (assigned under the append lock, so sequence order is
 //! append order), the record clock, journal files on disk (preallocated so
-//! appends never hit ENOSPC mid-record), group commit for fsync, the bound
-//! on unshipped bytes, and the recovery scan that cuts a torn tail and
-//! refuses damage in the middle. It must not know about the store or the
+//! appends never hit ENOSPC mid-record; a full disk at rotation is waited
+//! out), group commit for fsync, the bound on unshipped bytes, and the
+//! recovery scan that cuts a torn tail and refuses damage in the middle.
+//! It must not know about the store or the
 //! filesystem it protects: shipping reads it through `JournalReader`, and
 //! space is released only when the shipper says records are stored.
 //!
@@ -41,6 +42,10 @@ use file::PAGE;
 /// Size each journal file is preallocated to; a larger record gets a file
 /// of its own size.
 pub const DEFAULT_FILE_SIZE: u64 = 64 << 20;
+
+/// A spare is zero-filled ahead of time only while the journal's disk has
+/// this many files' worth of free space.
+const SPARE_HEADROOM: u64 = 4;
 /// Released journal files kept for reuse (see `file::recycle`).
 const MAX_SPARES: usize = 2;
 
@@ -98,6 +103,8 @@ pub struct Journal {
     written_bytes: AtomicU64,
     max_bytes: u64,
     waiting: AtomicBool,
+    /// Writers waiting because a new journal file found the disk full.
+    disk_waiters: std::sync::atomic::AtomicU32,
     failed: Mutex<Option<String>>,
     /// Set together with `failed`, so appends check one atomic, not a lock.
     has_failed: AtomicBool,
@@ -227,6 +234,7 @@ impl Journal {
             written_bytes: AtomicU64::new(0),
             max_bytes,
             waiting: AtomicBool::new(false),
+            disk_waiters: std::sync::atomic::AtomicU32::new(0),
             failed: Mutex::new(None),
             has_failed: AtomicBool::new(false),
         };
@@ -280,12 +288,9 @@ impl Journal {
         &self,
         count: u64,
         payload: usize,
-        encode: impl FnOnce(Seq, Nanos, &mut Vec<u8>),
+        mut encode: impl FnMut(Seq, Nanos, &mut Vec<u8>),
     ) -> Result<(Seq, Nanos), JournalError> {
-        if self.has_failed.load(Ordering::Acquire) {
-            let why = self.failed.lock().clone().unwrap_or_default();
-            return Err(JournalError::Failed(why));
-        }
+        self.check_failed()?;
         let mut inner = self.inner.lock();
         // Past the bound writers wait for the shipper to release space;
         // they are never dropped (see --on-journal-full).
@@ -301,31 +306,68 @@ impl Journal {
             }
             self.waiting.store(false, Ordering::Relaxed);
         }
-        let (time, step) = self.clock.tick();
-        let mut buf = std::mem::take(&mut inner.buf);
-        buf.clear();
-        let mut first = inner.next_seq;
-        if let Some(back_ns) = step {
-            file::encode_frame(
-                &Record {
-                    seq: first,
-                    time,
-                    op: Op::ClockStep { back_ns },
-                },
-                &mut buf,
-            );
-            first += 1;
-        }
-        encode(first, time, &mut buf);
-        let last = first + count - 1;
-        let need = buf.len() as u64;
-        let cur_end = inner.files.back().map(|f| f.end).unwrap_or(0);
-        let cur_cap = inner.files.back().map(|f| f.cap).unwrap_or(0);
-        if cur_end + need > cur_cap {
-            if let Err(e) = self.rotate(&mut inner, need) {
-                inner.buf = buf;
-                return Err(e);
+        // A full disk at rotation is waited out, not failed: the operation
+        // is applied to the source already, so its record must land, and
+        // the shipper frees journal space as it stores records (the current
+        // file itself once everything in it is stored). The frames are
+        // encoded again after a wait, with a fresh time.
+        let mut disk_wait: Option<std::time::Instant> = None;
+        let (time, last, need, mut buf) = loop {
+            let (time, step) = self.clock.tick();
+            let mut buf = std::mem::take(&mut inner.buf);
+            buf.clear();
+            let mut first = inner.next_seq;
+            if let Some(back_ns) = step {
+                file::encode_frame(
+                    &Record {
+                        seq: first,
+                        time,
+                        op: Op::ClockStep { back_ns },
+                    },
+                    &mut buf,
+                );
+                first += 1;
             }
+            encode(first, time, &mut buf);
+            let last = first + count - 1;
+            let need = buf.len() as u64;
+            let cur_end = inner.files.back().map(|f| f.end).unwrap_or(0);
+            let cur_cap = inner.files.back().map(|f| f.cap).unwrap_or(0);
+            if cur_end + need > cur_cap {
+                match self.rotate(&mut inner, need) {
+                    Ok(()) => {}
+                    Err(e) if e.is_no_space() => {
+                        inner.buf = buf;
+                        if disk_wait.is_none() {
+                            disk_wait = Some(std::time::Instant::now());
+                            self.disk_waiters.fetch_add(1, Ordering::Relaxed);
+                            tracing::warn!("journal disk full ({e}): writers wait until shipping frees journal space");
+                        }
+                        self.space
+                            .wait_for(&mut inner, std::time::Duration::from_secs(1));
+                        if let Err(e) = self.check_failed() {
+                            self.disk_waiters.fetch_sub(1, Ordering::Relaxed);
+                            return Err(e);
+                        }
+                        continue;
+                    }
+                    Err(e) => {
+                        inner.buf = buf;
+                        if disk_wait.is_some() {
+                            self.disk_waiters.fetch_sub(1, Ordering::Relaxed);
+                        }
+                        return Err(e);
+                    }
+                }
+            }
+            break (time, last, need, buf);
+        };
+        if let Some(since) = disk_wait {
+            self.disk_waiters.fetch_sub(1, Ordering::Relaxed);
+            tracing::info!(
+                waited_ms = since.elapsed().as_millis() as u64,
+                "journal space found again"
+            );
         }
         let res = {
             let cur = inner.files.back_mut().expect("a current file");
@@ -360,8 +402,7 @@ impl Journal {
         if let Err(e) = res {
             // A failed append leaves the file's tail undefined; refuse all
             // further appends rather than write after a hole.
-            *self.failed.lock() = Some(e.to_string());
-            self.has_failed.store(true, Ordering::Release);
+            self.fail(&e);
             return Err(e);
         }
         inner.next_seq = last + 1;
@@ -415,9 +456,37 @@ impl Journal {
         Ok(())
     }
 
+    /// Refuses every later append and sync. After a failed append the
+    /// file's tail is undefined; after a failed fdatasync the kernel may
+    /// have dropped the dirty pages it could not write and marked them
+    /// clean, so a later sync could succeed without them, and an fsync
+    /// would acknowledge records that are gone.
+    fn fail(&self, e: &JournalError) {
+        let mut f = self.failed.lock();
+        if f.is_none() {
+            tracing::error!("journal failed, refusing all further changes: {e}");
+            *f = Some(e.to_string());
+        }
+        self.has_failed.store(true, Ordering::Release);
+    }
+
+    /// Whether the journal refuses changes after an I/O error.
+    pub fn has_failed(&self) -> bool {
+        self.has_failed.load(Ordering::Acquire)
+    }
+
+    fn check_failed(&self) -> Result<(), JournalError> {
+        if self.has_failed.load(Ordering::Acquire) {
+            let why = self.failed.lock().clone().unwrap_or_default();
+            return Err(JournalError::Failed(why));
+        }
+        Ok(())
+    }
+
     /// Makes every record appended so far durable, blocking until it is
     /// (group commit: one fdatasync serves every caller waiting while it runs).
     pub fn sync(&self) -> Result<(), JournalError> {
+        self.check_failed()?;
         let target = self.appended.load(Ordering::Acquire);
         let mut st = self.sync.lock();
         loop {
@@ -441,6 +510,9 @@ impl Journal {
     /// thread and this returns at once. Otherwise the sync runs here, and
     /// this thread also answers callbacks left meanwhile.
     pub fn sync_then(&self, done: SyncDone) {
+        if let Err(e) = self.check_failed() {
+            return done(Err(e));
+        }
         let target = self.appended.load(Ordering::Acquire);
         let mut st = self.sync.lock();
         if st.synced_seq >= target {
@@ -468,6 +540,9 @@ impl Journal {
         let mut first = Some(first);
         loop {
             let res = self.sync_once();
+            if let Err(e) = &res {
+                self.fail(e);
+            }
             let mut st = self.sync.lock();
             if let Ok(upto) = res {
                 st.synced_seq = st.synced_seq.max(upto);
@@ -503,9 +578,14 @@ impl Journal {
     /// One fdatasync of the current file (and of the directory after a
     /// rotation); returns the last sequence number it made durable.
     fn sync_once(&self) -> Result<Seq, JournalError> {
+        self.check_failed()?;
         let (upto, file, dirsync) = {
             let mut inner = self.inner.lock();
-            let cur = inner.files.back().expect("a current file").clone();
+            let Some(cur) = inner.files.back().cloned() else {
+                // Only after a failed reuse of the current file, whose
+                // records were all stored: nothing to flush.
+                return Ok(inner.next_seq - 1);
+            };
             let d = std::mem::take(&mut inner.rotated_since_sync);
             (inner.next_seq - 1, cur, d)
         };
@@ -527,11 +607,20 @@ impl Journal {
 
     /// Makes sure one spare file is ready for the next rotation, zero-filling
     /// a new one if none was released yet (the shipper calls this between
-    /// rounds, so the request path rarely preallocates).
+    /// rounds, so the request path rarely preallocates). Not on a nearly
+    /// full disk: a spare is only a head start, and the application's last
+    /// free space is not the journal's to take (the rotation allocates what
+    /// it needs when it comes).
     pub fn keep_spare(&self) -> Result<(), JournalError> {
         let (path, size) = {
             let mut inner = self.inner.lock();
             if !inner.spares.is_empty() {
+                return Ok(());
+            }
+            let free = rustix::fs::statvfs(&self.dir)
+                .map(|v| v.f_bavail.saturating_mul(v.f_frsize))
+                .map_err(|e| JournalError::io(&self.dir, e.into()))?;
+            if free < inner.file_size.saturating_mul(SPARE_HEADROOM) {
                 return Ok(());
             }
             inner.spare_counter += 1;
@@ -579,7 +668,7 @@ impl Journal {
     }
 
     pub fn writers_waiting(&self) -> bool {
-        self.waiting.load(Ordering::Relaxed)
+        self.waiting.load(Ordering::Relaxed) || self.disk_waiters.load(Ordering::Relaxed) > 0
     }
 
     /// Switches new appends to `lineage` (after a gap or a machine crash).
@@ -593,14 +682,26 @@ impl Journal {
     /// syncs the source only when it matters).
     pub fn releasable(&self, seq: Seq) -> bool {
         let inner = self.inner.lock();
-        inner.files.len() > 1 && inner.files.front().is_some_and(|f| f.last_seq <= seq)
+        (inner.files.len() > 1 && inner.files.front().is_some_and(|f| f.last_seq <= seq))
+            || self.current_reusable(&inner, seq)
+    }
+
+    /// Whether writers wait for disk space and every record of the current
+    /// (and only) file is stored: then the file itself is reused.
+    fn current_reusable(&self, inner: &Inner, seq: Seq) -> bool {
+        self.disk_waiters.load(Ordering::Relaxed) > 0
+            && inner.files.len() == 1
+            && inner.files.back().is_some_and(|f| {
+                f.last_seq <= seq && f.last_seq >= f.first_seq && f.cap == inner.file_size
+            })
     }
 
     /// Deletes journal files whose records are all stored (`seq` and
     /// below). The caller must have synced the source past them.
     pub fn release_through(&self, seq: Seq) -> Result<(), JournalError> {
         let mut inner = self.inner.lock();
-        while inner.files.len() > 1 {
+        let reuse_current = self.current_reusable(&inner, seq);
+        while inner.files.len() > 1 || (reuse_current && !inner.files.is_empty()) {
             let f = inner.files.front().unwrap().clone();
             if f.last_seq > seq {
                 break;
@@ -621,9 +722,17 @@ impl Journal {
             inner.bytes = inner.bytes.saturating_sub(len);
             inner.files.pop_front();
         }
+        let res = if inner.files.is_empty() {
+            // The current file was released as a spare: it becomes the
+            // next current file at once (the store holds every record it
+            // had, and the source was synced past them).
+            self.rotate(&mut inner, 0)
+        } else {
+            Ok(())
+        };
         drop(inner);
         self.space.notify_all();
-        Ok(())
+        res
     }
 }
 
