@@ -102,8 +102,11 @@ import traceback
 import urllib.request
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import lagload  # noqa: E402  (benches/lagload.py: the LAG load, shared with s3_lag.sh)
+from lagload import MiB, pct  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
-MiB = 1 << 20
 
 ALL_JOBS = ["B1", "B2", "B3-1", "B3-8", "B4", "B5-seq-ro", "B5-seq-rw", "B5-rand-ro", "B5-rand-rw", "B6", "LAG", "B7"]
 # Ratio targets (rewind / native); the comparison is ">=".
@@ -145,11 +148,6 @@ def wait_for(cond, timeout, what, poll=0.05):
 
 def sh(cmd, **kw):
     return subprocess.run(cmd, capture_output=True, text=True, **kw)
-
-
-def pct(xs, p):
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))] if xs else float("nan")
 
 
 # ---------------------------------------------------------------- machine
@@ -625,34 +623,15 @@ def _run_lag(ctx):
 
     th = threading.Thread(target=lister, daemon=True)
     th.start()
-    buf = os.urandom(16 * MiB)  # lz4 finds nothing to compress in it
     fds = [os.open(d / f"f{k}", os.O_CREAT | os.O_WRONLY, 0o644) for k in range(nfiles)]
-    acks = []  # (monotonic after, wall ns after the call returned, wall ns before the call)
     c0, d0 = busy_cpu_s(), daemon.cpu_s()
     log(f"LAG: writing {rate / 1e6:.0f} MB/s through the mount for {warm + secs} s")
-    t0 = time.monotonic()
-    n, late = 0, 0.0
     try:
-        while True:
-            now = time.monotonic()
-            if now - t0 >= warm + secs:
-                break
-            due = t0 + n * chunk / rate
-            if now < due:
-                time.sleep(due - now)  # pacing, not waiting for a condition
-            else:
-                late = max(late, now - due)
-            k, off = divmod((n * chunk) % (nfiles * ring), ring)
-            s = (n * chunk) % len(buf)
-            data = n.to_bytes(8, "little") + buf[s + 8:s + chunk]
-            b = time.time_ns()
-            os.pwrite(fds[k], data, off)
-            acks.append((time.monotonic(), time.time_ns(), b))
-            n += 1
+        acks, t0, t_end, late = lagload.paced_writes(fds, ring, rate, warm + secs, chunk)
     finally:
         for fd in fds:
             os.close(fd)
-    t_end = time.monotonic()
+    n = len(acks)
     last_call_ns = acks[-1][2]
 
     def segs():
@@ -666,13 +645,7 @@ def _run_lag(ctx):
     if lister_error:
         raise BenchError(f"LAG: listing {segdir} failed: {lister_error[0]}")
     c1, d1 = busy_cpu_s(), daemon.cpu_s()
-    sl = segs()
-    lags, j = [], 0
-    for mono, a, _ in acks:
-        while j + 1 < len(sl) and sl[j + 1][0] <= a:
-            j += 1
-        if mono - t0 >= warm:
-            lags.append(sl[j][2] - a / 1e9)
+    lags = lagload.per_write_lags(acks, segs(), t0, warm)
     measured = sum(1 for mono, _, _ in acks if mono - t0 >= warm)
     achieved = measured * chunk / (t_end - t0 - warm) / 1e6
     gb = n * chunk / 1e9

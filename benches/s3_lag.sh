@@ -53,15 +53,13 @@ SECS = float(os.environ.get("SECONDS_LOAD", "30"))
 WARM = float(os.environ.get("WARMUP", "5"))
 REPO = Path.cwd()
 sys.path.insert(0, str(REPO / "tests" / "e2e"))
+sys.path.insert(0, str(REPO / "benches"))
 from s3server import S3Server  # noqa: E402
+import lagload  # noqa: E402  (the load and the lag, shared with compare.py's LAG)
+from lagload import pct  # noqa: E402
 
 CHUNK, FILE, NFILES = 1 << 20, 128 << 20, 4
 procs = []
-
-
-def pct(xs, p):
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))] if xs else float("nan")
 
 
 def scrape(addr):
@@ -132,35 +130,14 @@ try:
     for t in threads:
         t.start()
 
-    buf = os.urandom(16 << 20)  # 16 MiB of noise: lz4's 64 KiB window finds nothing to compress
     fds = [os.open(W / "mnt" / f"f{k}", os.O_CREAT | os.O_WRONLY, 0o644) for k in range(NFILES)]
-    acks = []  # (monotonic after, wall ns after pwrite returned, wall ns before the call)
     print(f"bench: writing {RATE / 1e6:.0f} MB/s of incompressible data for {WARM + SECS:.0f} s through the mount",
           flush=True)
-    t0 = time.monotonic()
-    n = 0
-    late = 0.0
-    while True:
-        now = time.monotonic()
-        if now - t0 >= WARM + SECS:
-            break
-        due = t0 + n * CHUNK / RATE
-        if now < due:
-            time.sleep(due - now)
-        else:
-            late = max(late, now - due)
-        off = (n * CHUNK) % (NFILES * FILE)
-        k, o = divmod(off, FILE)
-        s = (n * CHUNK) % len(buf)
-        chunk = buf[s:s + CHUNK] if s + CHUNK <= len(buf) else buf[:CHUNK]
-        data = n.to_bytes(8, "little") + chunk[8:]
-        b = time.time_ns()
-        os.pwrite(fds[k], data, o)
-        acks.append((time.monotonic(), time.time_ns(), b))
-        n += 1
-    t_load_end = time.monotonic()
-    for fd in fds:
-        os.close(fd)
+    try:
+        acks, t0, t_load_end, late = lagload.paced_writes(fds, FILE, RATE, WARM + SECS, CHUNK)
+    finally:
+        for fd in fds:
+            os.close(fd)
     last_call_ns = acks[-1][2]
 
     def segs():
@@ -183,14 +160,7 @@ try:
         t.join(5)
 
     # Per-write lag over the measured interval.
-    sl = segs()
-    lags = []
-    j = 0
-    for mono, a, _ in acks:
-        while j + 1 < len(sl) and sl[j + 1][0] <= a:
-            j += 1
-        if mono - t0 >= WARM:
-            lags.append(sl[j][2] - a / 1e9)
+    lags = lagload.per_write_lags(acks, segs(), t0, WARM)
     # Metrics over the measured interval.
     meas = [(t, m) for t, m in samples if WARM <= t - t0 <= WARM + SECS]
     (ta, ma), (tb, mb) = meas[0], meas[-1]

@@ -45,9 +45,9 @@ pub struct ShipStats {
 pub struct Shipper {
     store: Arc<dyn Store>,
     journal: Arc<Journal>,
-    reader: Mutex<JournalReader>,
-    /// The segment being built, kept between rounds for its buffer.
-    builder: Mutex<segment::Builder>,
+    /// Where shipping is in the journal, and the segment being built (kept
+    /// between rounds for its buffer): one lock, as they move together.
+    cursor: Mutex<Cursor>,
     control: Mutex<VecDeque<(String, Bytes)>>,
     pub stats: Arc<ShipStats>,
     last_put: Mutex<Instant>,
@@ -55,10 +55,17 @@ pub struct Shipper {
     /// Set at shutdown so that the background loop stops retrying and the
     /// final, deadline-bound round can take over.
     abort: AtomicBool,
+    /// The last round could not prepare a spare journal file.
+    spare_failing: AtomicBool,
     /// The protected source, synced before journal space is released:
     /// fsync does not sync the source, so the journal is the only durable
     /// copy of recent changes until this sync (see `redo.rs`).
     source: Option<std::os::fd::OwnedFd>,
+}
+
+struct Cursor {
+    reader: JournalReader,
+    builder: segment::Builder,
 }
 
 impl Shipper {
@@ -69,13 +76,16 @@ impl Shipper {
         Shipper {
             store,
             journal,
-            reader: Mutex::new(JournalReader::new(stored + 1)),
-            builder: Mutex::new(segment::Builder::default()),
+            cursor: Mutex::new(Cursor {
+                reader: JournalReader::new(stored + 1),
+                builder: segment::Builder::default(),
+            }),
             control: Mutex::new(VecDeque::new()),
             stats,
             last_put: Mutex::new(Instant::now()),
             lineage: AtomicU64::new(lineage),
             abort: AtomicBool::new(false),
+            spare_failing: AtomicBool::new(false),
             source: None,
         }
     }
@@ -153,22 +163,20 @@ impl Shipper {
         let upto = self.journal.last_seq();
         loop {
             let files = self.journal.files();
-            let mut builder = self.builder.lock();
-            let lineage = {
-                let mut r = self.reader.lock();
-                let before = r.next_seq();
-                // Frames go into the segment as they are: the checksum has
-                // vouched for them, and the restore decodes every record.
-                match r.read_raw_upto(&files, MAX_SEGMENT_BYTES, upto, |rec| {
-                    builder.push(rec);
-                    Ok(())
-                }) {
-                    Ok(l) => l,
-                    Err(e) => {
-                        *r = JournalReader::new(before);
-                        *builder = segment::Builder::default();
-                        return Err(ShipError::Journal(e.to_string()));
-                    }
+            let mut cursor = self.cursor.lock();
+            let Cursor { reader, builder } = &mut *cursor;
+            let before = reader.next_seq();
+            // Frames go into the segment as they are: the checksum has
+            // vouched for them, and the restore decodes every record.
+            let lineage = match reader.read_raw_upto(&files, MAX_SEGMENT_BYTES, upto, |rec| {
+                builder.push(rec);
+                Ok(())
+            }) {
+                Ok(l) => l,
+                Err(e) => {
+                    *reader = JournalReader::new(before);
+                    *builder = segment::Builder::default();
+                    return Err(ShipError::Journal(e.to_string()));
                 }
             };
             tracing::debug!(
@@ -184,11 +192,11 @@ impl Shipper {
                 break;
             }
             let (meta, data) = builder.finish(lineage);
-            drop(builder);
+            drop(cursor);
             let len = data.len() as u64;
             if let Err(e) = self.put_retrying(&meta.key(), &data, deadline) {
                 // Rewind the cursor so the same records are sealed again.
-                *self.reader.lock() = JournalReader::new(meta.first_seq);
+                self.cursor.lock().reader = JournalReader::new(meta.first_seq);
                 return Err(ShipError::Store(e));
             }
             let now = wall_now();
@@ -208,8 +216,17 @@ impl Shipper {
         // whose records were stored before they started waiting.
         self.release(self.stats.stored_seq.load(Ordering::Relaxed));
         // Ready the next journal file off the request path.
-        if let Err(e) = self.journal.keep_spare() {
-            tracing::warn!("cannot prepare a spare journal file: {e}");
+        match self.journal.keep_spare() {
+            // Once per failure streak, not once per round.
+            Err(e) if !self.spare_failing.swap(true, Ordering::Relaxed) => {
+                tracing::warn!("cannot prepare a spare journal file (retried every round): {e}")
+            }
+            Err(_) => {}
+            Ok(()) => {
+                if self.spare_failing.swap(false, Ordering::Relaxed) {
+                    tracing::info!("spare journal files are prepared again");
+                }
+            }
         }
         loop {
             let Some((key, data)) = self.control.lock().front().cloned() else {

@@ -290,7 +290,9 @@ class Gate:
                     if not data:
                         return
                     (b if s is a else a).sendall(data)
-        except OSError:
+        except (OSError, ValueError):
+            # Cut by close_all() (the simulated outage) from another thread:
+            # a closed socket reads as fd -1, which select() refuses.
             pass
         finally:
             with self.lock:
