@@ -458,8 +458,8 @@ impl Filesystem for FuseFs {
                     // timeout otherwise: `stat` right after the write would
                     // still show the set-user-ID bit. A negative offset
                     // drops the attributes only, not cached pages.
-                    if let Some(n) = self.notifier.get() {
-                        let _ = n.inval_inode(ino, -1, 0);
+                    if let Some(notifier) = self.notifier.get() {
+                        let _ = notifier.inval_inode(ino, -1, 0);
                     }
                 }
                 reply.written(n as u32)
