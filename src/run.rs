@@ -580,9 +580,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
             Ok(())
         }
     });
-    let journal_failed = d.core.is_broken() || d.journal.has_failed();
     match shipped {
-        Ok(()) if journal_failed => {
+        Ok(()) if d.journal.has_failed() => {
             // Not a clean stop: the source may hold changes the journal lost
             // (pages a failed flush dropped, an operation applied before its
             // append failed), so the next start must take a repair base.
@@ -676,9 +675,7 @@ fn monitor(d: &Daemon, mut earliest: Option<crate::clock::Nanos>) {
         if let Some(e) = earliest {
             m.set_restore_window(ns_time(e), ns_time(stored_ns.max(e)));
         }
-        m.set_journal_writable(
-            !d.journal.writers_waiting() && !d.core.is_broken() && !d.journal.has_failed(),
-        );
+        m.set_journal_writable(!d.journal.writers_waiting() && !d.journal.has_failed());
         if last_log.elapsed() >= Duration::from_secs(60) {
             last_log = Instant::now();
             tracing::info!(

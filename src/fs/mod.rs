@@ -165,7 +165,6 @@ pub struct Passthrough {
     gate: RwLock<()>,
     journal: Arc<Journal>,
     watch: Arc<BaseWatch>,
-    broken: AtomicBool,
     kept: AtomicU64,
     keep_cap: u64,
     read_passthrough: bool,
@@ -230,7 +229,6 @@ impl Passthrough {
             gate: RwLock::new(()),
             journal,
             watch,
-            broken: AtomicBool::new(false),
             kept: AtomicU64::new(1),
             keep_cap,
             read_passthrough: false,
@@ -315,8 +313,9 @@ impl Passthrough {
     }
 
     /// Appends the records of an applied operation. A journal that cannot
-    /// take records makes the mount fail every later change loudly (EIO)
-    /// rather than acknowledge what is not journaled.
+    /// take records fails for good (`Journal::has_failed`), and the mount
+    /// then fails every later change loudly (EIO) rather than acknowledge
+    /// what is not journaled.
     fn record(&self, ops: &[Op]) -> FsResult<()> {
         self.journaled(|| self.journal.append(ops))
     }
@@ -325,26 +324,16 @@ impl Passthrough {
         &self,
         append: impl FnOnce() -> Result<T, crate::journal::JournalError>,
     ) -> FsResult<()> {
-        if self.broken.load(Ordering::Relaxed) {
-            return Err(Errno::IO);
-        }
-        match append() {
-            Ok(_) => Ok(()),
-            Err(e) => {
-                tracing::error!("journal append failed, refusing further changes: {e}");
-                self.broken.store(true, Ordering::Relaxed);
-                Err(Errno::IO)
-            }
-        }
+        // The journal logged why when it failed.
+        append().map(drop).map_err(|_| Errno::IO)
     }
 
-    /// Starts a mutating operation: refuses it once the journal failed,
-    /// and holds the gate that `barrier` uses to wait for operations in
-    /// flight (applied to the source but not yet journaled).
+    /// Starts a mutating operation: refuses it once the journal failed (an
+    /// append or a flush), so nothing reaches the source after, and holds
+    /// the gate that `barrier` uses to wait for operations in flight
+    /// (applied to the source but not yet journaled).
     fn begin(&self) -> FsResult<parking_lot::RwLockReadGuard<'_, ()>> {
-        // A failed journal flush fails the journal without an append
-        // failing here: check it too, so nothing reaches the source after.
-        if self.broken.load(Ordering::Relaxed) || self.journal.has_failed() {
+        if self.journal.has_failed() {
             return Err(Errno::IO);
         }
         Ok(self.gate.read())
@@ -1283,11 +1272,6 @@ impl Passthrough {
             out.push(owned);
         }
         out
-    }
-
-    /// Whether a journal failure has made the mount refuse changes.
-    pub fn is_broken(&self) -> bool {
-        self.broken.load(Ordering::Relaxed)
     }
 
     /// The number of open handles, for shutdown.

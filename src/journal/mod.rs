@@ -352,10 +352,13 @@ impl Journal {
                         continue;
                     }
                     Err(e) => {
+                        // Among these a failed flush of the old file: the
+                        // journal cannot go on (see `fail`).
                         inner.buf = buf;
                         if disk_wait.is_some() {
                             self.disk_waiters.fetch_sub(1, Ordering::Relaxed);
                         }
+                        self.fail(&e);
                         return Err(e);
                     }
                 }
@@ -456,8 +459,11 @@ impl Journal {
         Ok(())
     }
 
-    /// Refuses every later append and sync. After a failed append the
-    /// file's tail is undefined; after a failed fdatasync the kernel may
+    /// Refuses every later append and sync; every error an append or a sync
+    /// returns comes through here, except a full disk at rotation (waited
+    /// out). After a failed append the operation it records is applied to
+    /// the source but not journaled, and the file's tail is undefined;
+    /// after a failed fdatasync the kernel may
     /// have dropped the dirty pages it could not write and marked them
     /// clean, so a later sync could succeed without them, and an fsync
     /// would acknowledge records that are gone.
