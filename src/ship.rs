@@ -161,6 +161,7 @@ impl Shipper {
         // Seal only what was journaled when this round began, so that a
         // busy volume still makes one segment per interval (per 32 MiB).
         let upto = self.journal.last_seq();
+        let mut shipped = false;
         loop {
             let files = self.journal.files();
             let mut cursor = self.cursor.lock();
@@ -211,10 +212,14 @@ impl Shipper {
                 .store(now - meta.first_ns, Ordering::Relaxed);
             *self.last_put.lock() = Instant::now();
             self.release(meta.last_seq);
+            shipped = true;
         }
-        // Writers waiting for disk space may wait for the current file,
-        // whose records were stored before they started waiting.
-        self.release(self.stats.stored_seq.load(Ordering::Relaxed));
+        if !shipped {
+            // Writers waiting for disk space may wait for the current
+            // file, whose records were stored before they started waiting
+            // (a round that shipped released after each segment).
+            self.release(self.stats.stored_seq.load(Ordering::Relaxed));
+        }
         // Ready the next journal file off the request path.
         match self.journal.keep_spare() {
             // Once per failure streak, not once per round.

@@ -45,6 +45,25 @@ const TTL: Duration = Duration::from_secs(1);
 /// (fio before each create, SQLite's hot-journal checks) is a round trip.
 const NEGATIVE_TTL: Duration = Duration::from_secs(10);
 
+/// A negative entry: node id 0, the rest is ignored by the kernel.
+const NO_ENTRY: FileAttr = FileAttr {
+    ino: INodeNo(0),
+    size: 0,
+    blocks: 0,
+    atime: UNIX_EPOCH,
+    mtime: UNIX_EPOCH,
+    ctime: UNIX_EPOCH,
+    crtime: UNIX_EPOCH,
+    kind: FileType::RegularFile,
+    perm: 0,
+    nlink: 0,
+    uid: 0,
+    gid: 0,
+    rdev: 0,
+    blksize: 0,
+    flags: 0,
+};
+
 pub struct FuseFs {
     core: Arc<Passthrough>,
     root: Ino,
@@ -215,27 +234,7 @@ impl Filesystem for FuseFs {
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         match self.core.lookup(self.src(parent), name) {
             // Node id 0 is the kernel's "no such entry, and remember that".
-            Err(rustix::io::Errno::NOENT) => reply.entry(
-                &NEGATIVE_TTL,
-                &FileAttr {
-                    ino: INodeNo(0),
-                    size: 0,
-                    blocks: 0,
-                    atime: UNIX_EPOCH,
-                    mtime: UNIX_EPOCH,
-                    ctime: UNIX_EPOCH,
-                    crtime: UNIX_EPOCH,
-                    kind: FileType::RegularFile,
-                    perm: 0,
-                    nlink: 0,
-                    uid: 0,
-                    gid: 0,
-                    rdev: 0,
-                    blksize: 0,
-                    flags: 0,
-                },
-                Generation(0),
-            ),
+            Err(rustix::io::Errno::NOENT) => reply.entry(&NEGATIVE_TTL, &NO_ENTRY, Generation(0)),
             r => self.entry(reply, r),
         }
     }
@@ -517,10 +516,7 @@ impl Filesystem for FuseFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        if let Err(e) = self.core.check_handle(fh.0) {
-            return reply.error(err(e));
-        }
-        self.core.sync_journal_then(move |r| empty(reply, r));
+        self.core.fsync_then(fh.0, move |r| empty(reply, r));
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {

@@ -1066,22 +1066,19 @@ impl Passthrough {
         Ok(rfs::seek(&h.fd, pos)?)
     }
 
-    /// fsync/fdatasync: the journal only (group commit: one flush serves
-    /// every fsync waiting on it). The source file is not synced here:
-    /// journal space is released only after the source's filesystem was
-    /// synced past it (`ship.rs`), and after a machine crash `redo.rs`
-    /// re-applies the journal to the source, so what fsync acknowledged is
-    /// in the journal until it is durable in the source.
-    /// EBADF unless `fh` is an open handle.
-    pub fn check_handle(&self, fh: u64) -> FsResult<()> {
-        self.handle(fh).map(drop)
-    }
-
-    /// Calls `done` once every change acknowledged so far is durable: an
-    /// fsync of any file waits for the journal alone (see redo.rs for the
-    /// source). A caller that arrives while a sync runs does not wait for
-    /// it: the syncing thread calls `done` (`Journal::sync_then`).
-    pub fn sync_journal_then(&self, done: impl FnOnce(FsResult<()>) + Send + 'static) {
+    /// fsync/fdatasync: calls `done` once every change acknowledged so far
+    /// is durable in the journal (EBADF at once unless `fh` is an open
+    /// handle). The source file is not synced here: journal space is
+    /// released only after the source's filesystem was synced past it
+    /// (`ship.rs`), and after a machine crash `redo.rs` re-applies the
+    /// journal to the source, so what fsync acknowledged is in the journal
+    /// until it is durable in the source. A caller that arrives while a sync
+    /// runs does not wait for it: the syncing thread calls `done`
+    /// (`Journal::sync_then`, group commit).
+    pub fn fsync_then(&self, fh: u64, done: impl FnOnce(FsResult<()>) + Send + 'static) {
+        if let Err(e) = self.handle(fh) {
+            return done(Err(e));
+        }
         self.journal.sync_then(Box::new(move |r| {
             done(r.map_err(|e| {
                 tracing::error!("journal sync failed: {e}");

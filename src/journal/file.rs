@@ -441,7 +441,7 @@ impl FrameIter {
         mut data: Vec<u8>,
     ) -> Result<FrameIter, JournalError> {
         let to = to.min(f.end);
-        data.clear();
+        // Only growth is zero-filled: the read overwrites the rest.
         data.resize(to.saturating_sub(from) as usize, 0);
         f.file
             .read_exact_at(&mut data, from)

@@ -86,6 +86,29 @@ struct SyncState {
     deferred: Vec<(Seq, SyncDone)>,
 }
 
+/// A writer counted in `Journal::disk_waiters` for as long as it lives,
+/// however the wait ends.
+struct DiskWait<'a> {
+    waiters: &'a std::sync::atomic::AtomicU32,
+    since: std::time::Instant,
+}
+
+impl<'a> DiskWait<'a> {
+    fn new(waiters: &'a std::sync::atomic::AtomicU32) -> Self {
+        waiters.fetch_add(1, Ordering::Relaxed);
+        DiskWait {
+            waiters,
+            since: std::time::Instant::now(),
+        }
+    }
+}
+
+impl Drop for DiskWait<'_> {
+    fn drop(&mut self) {
+        self.waiters.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// What `Journal::sync_then` calls once the caller's records are durable,
 /// or the sync failed.
 pub type SyncDone = Box<dyn FnOnce(Result<(), JournalError>) + Send>;
@@ -311,7 +334,7 @@ impl Journal {
         // the shipper frees journal space as it stores records (the current
         // file itself once everything in it is stored). The frames are
         // encoded again after a wait, with a fresh time.
-        let mut disk_wait: Option<std::time::Instant> = None;
+        let mut disk_wait: Option<DiskWait<'_>> = None;
         let (time, last, need, mut buf) = loop {
             let (time, step) = self.clock.tick();
             let mut buf = std::mem::take(&mut inner.buf);
@@ -338,26 +361,19 @@ impl Journal {
                     Ok(()) => {}
                     Err(e) if e.is_no_space() => {
                         inner.buf = buf;
-                        if disk_wait.is_none() {
-                            disk_wait = Some(std::time::Instant::now());
-                            self.disk_waiters.fetch_add(1, Ordering::Relaxed);
+                        disk_wait.get_or_insert_with(|| {
                             tracing::warn!("journal disk full ({e}): writers wait until shipping frees journal space");
-                        }
+                            DiskWait::new(&self.disk_waiters)
+                        });
                         self.space
                             .wait_for(&mut inner, std::time::Duration::from_secs(1));
-                        if let Err(e) = self.check_failed() {
-                            self.disk_waiters.fetch_sub(1, Ordering::Relaxed);
-                            return Err(e);
-                        }
+                        self.check_failed()?;
                         continue;
                     }
                     Err(e) => {
                         // Among these a failed flush of the old file: the
                         // journal cannot go on (see `fail`).
                         inner.buf = buf;
-                        if disk_wait.is_some() {
-                            self.disk_waiters.fetch_sub(1, Ordering::Relaxed);
-                        }
                         self.fail(&e);
                         return Err(e);
                     }
@@ -365,10 +381,9 @@ impl Journal {
             }
             break (time, last, need, buf);
         };
-        if let Some(since) = disk_wait {
-            self.disk_waiters.fetch_sub(1, Ordering::Relaxed);
+        if let Some(w) = disk_wait {
             tracing::info!(
-                waited_ms = since.elapsed().as_millis() as u64,
+                waited_ms = w.since.elapsed().as_millis() as u64,
                 "journal space found again"
             );
         }
@@ -556,10 +571,10 @@ impl Journal {
             // After a failure every waiter hears of it; after a success,
             // those whose records the round covered.
             let synced = st.synced_seq;
-            let (ready, later): (Vec<_>, Vec<_>) = std::mem::take(&mut st.deferred)
-                .into_iter()
-                .partition(|(t, _)| res.is_err() || *t <= synced);
-            st.deferred = later;
+            let ready: Vec<_> = st
+                .deferred
+                .extract_if(.., |(t, _)| res.is_err() || *t <= synced)
+                .collect();
             let finished = st.deferred.is_empty();
             if finished {
                 st.syncing = false;
@@ -706,8 +721,9 @@ impl Journal {
     /// below). The caller must have synced the source past them.
     pub fn release_through(&self, seq: Seq) -> Result<(), JournalError> {
         let mut inner = self.inner.lock();
-        let reuse_current = self.current_reusable(&inner, seq);
-        while inner.files.len() > 1 || (reuse_current && !inner.files.is_empty()) {
+        // The current file stays, unless writers wait for it.
+        let keep = usize::from(!self.current_reusable(&inner, seq));
+        while inner.files.len() > keep {
             let f = inner.files.front().unwrap().clone();
             if f.last_seq > seq {
                 break;

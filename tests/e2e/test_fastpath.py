@@ -277,11 +277,17 @@ def test_writable_opens_direct_or_cached(volume, workdir, cached):
 
 def test_remembered_missing_names_never_hide_a_change(volume, workdir):
     """The daemon lets the kernel remember that a name does not exist
-    (negative entries, see NEGATIVE_TTL in fs/fuse.rs). Every way of making
-    the name exist through the mount must show at once, to this process and
-    to another one, and the restore must have it."""
-    volume.start()
+    (negative entries, see NEGATIVE_TTL in fs/fuse.rs): asked about a
+    missing name three times, the daemon sees one LOOKUP (fuser's request
+    log). Every way of making the name exist through the mount must show at
+    once, to this process and to another one, and the restore must have it."""
+    volume.start(env={"REWIND_LOG": "info,fuser::request=debug"})
     m = volume.mount
+
+    for _ in range(3):
+        assert not os.path.exists(m / "asked-thrice")
+    lookups = volume.log().count('LOOKUP name "asked-thrice"')
+    assert lookups == 1, f"a missing name was looked up {lookups} times, not remembered"
 
     def missing(name):
         with pytest.raises(FileNotFoundError):
