@@ -30,7 +30,7 @@ use std::collections::VecDeque;
 use std::fs::{self, File};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::{Condvar, Mutex};
@@ -86,24 +86,25 @@ struct SyncState {
     deferred: Vec<(Seq, SyncDone)>,
 }
 
-/// A writer counted in `Journal::disk_waiters` for as long as it lives,
-/// however the wait ends.
-struct DiskWait<'a> {
-    waiters: &'a std::sync::atomic::AtomicU32,
+/// A writer counted as waiting (`Journal::full_waiters`, `disk_waiters`)
+/// for as long as it lives, however the wait ends: readiness reports it,
+/// and a writer that leaves cannot uncount one still waiting.
+struct Waiter<'a> {
+    waiters: &'a AtomicU32,
     since: std::time::Instant,
 }
 
-impl<'a> DiskWait<'a> {
-    fn new(waiters: &'a std::sync::atomic::AtomicU32) -> Self {
+impl<'a> Waiter<'a> {
+    fn new(waiters: &'a AtomicU32) -> Self {
         waiters.fetch_add(1, Ordering::Relaxed);
-        DiskWait {
+        Waiter {
             waiters,
             since: std::time::Instant::now(),
         }
     }
 }
 
-impl Drop for DiskWait<'_> {
+impl Drop for Waiter<'_> {
     fn drop(&mut self) {
         self.waiters.fetch_sub(1, Ordering::Relaxed);
     }
@@ -125,9 +126,10 @@ pub struct Journal {
     /// Total payload bytes ever appended, for metrics.
     written_bytes: AtomicU64,
     max_bytes: u64,
-    waiting: AtomicBool,
+    /// Writers waiting because the journal holds more than `max_bytes`.
+    full_waiters: AtomicU32,
     /// Writers waiting because a new journal file found the disk full.
-    disk_waiters: std::sync::atomic::AtomicU32,
+    disk_waiters: AtomicU32,
     failed: Mutex<Option<String>>,
     /// Set together with `failed`, so appends check one atomic, not a lock.
     has_failed: AtomicBool,
@@ -256,8 +258,8 @@ impl Journal {
             appended: AtomicU64::new(next_seq - 1),
             written_bytes: AtomicU64::new(0),
             max_bytes,
-            waiting: AtomicBool::new(false),
-            disk_waiters: std::sync::atomic::AtomicU32::new(0),
+            full_waiters: AtomicU32::new(0),
+            disk_waiters: AtomicU32::new(0),
             failed: Mutex::new(None),
             has_failed: AtomicBool::new(false),
         };
@@ -318,7 +320,7 @@ impl Journal {
         // Past the bound writers wait for the shipper to release space;
         // they are never dropped (see --on-journal-full).
         if inner.bytes > self.max_bytes {
-            self.waiting.store(true, Ordering::Relaxed);
+            let _counted = Waiter::new(&self.full_waiters);
             tracing::warn!(
                 bytes = inner.bytes,
                 max = self.max_bytes,
@@ -327,14 +329,13 @@ impl Journal {
             while inner.bytes > self.max_bytes {
                 self.space.wait(&mut inner);
             }
-            self.waiting.store(false, Ordering::Relaxed);
         }
         // A full disk at rotation is waited out, not failed: the operation
         // is applied to the source already, so its record must land, and
         // the shipper frees journal space as it stores records (the current
         // file itself once everything in it is stored). The frames are
         // encoded again after a wait, with a fresh time.
-        let mut disk_wait: Option<DiskWait<'_>> = None;
+        let mut disk_wait: Option<Waiter<'_>> = None;
         let (time, last, need, mut buf) = loop {
             let (time, step) = self.clock.tick();
             let mut buf = std::mem::take(&mut inner.buf);
@@ -363,7 +364,7 @@ impl Journal {
                         inner.buf = buf;
                         disk_wait.get_or_insert_with(|| {
                             tracing::warn!("journal disk full ({e}): writers wait until shipping frees journal space");
-                            DiskWait::new(&self.disk_waiters)
+                            Waiter::new(&self.disk_waiters)
                         });
                         self.space
                             .wait_for(&mut inner, std::time::Duration::from_secs(1));
@@ -689,7 +690,7 @@ impl Journal {
     }
 
     pub fn writers_waiting(&self) -> bool {
-        self.waiting.load(Ordering::Relaxed) || self.disk_waiters.load(Ordering::Relaxed) > 0
+        self.full_waiters.load(Ordering::Relaxed) + self.disk_waiters.load(Ordering::Relaxed) > 0
     }
 
     /// Switches new appends to `lineage` (after a gap or a machine crash).
