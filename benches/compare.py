@@ -5,6 +5,7 @@ Usage (as root; needs /dev/fuse, fio, fusermount3, /usr/bin/time):
 
     benches/compare.py [--reps 3] [--quick] [--jobs B1,B2,...] [--journal-dir DIR]
                        [--workdir DIR] [--json OUT] [--keep] [--rewind-arg=--threads=8 ...]
+                       [--reference]
 
     REWIND_BIN=/path/to/rewind benches/compare.py ...   (skips `cargo build --release`)
 
@@ -17,6 +18,15 @@ interleaved (native, rewind, native, rewind, ...) --reps times, each run in a
 fresh directory that is deleted afterwards (through the mount for Rewind),
 after `sync` and dropping the page cache. The table shows medians; the rep
 values follow it so the spread is visible.
+
+--reference adds a third side to every fio job and B6: libfuse's C
+passthrough example (passthrough_ll.c, shipped by Debian's libfuse3-dev,
+installed with apt-get if missing and compiled into WORKDIR; nothing of it is
+kept in this repository), mounted from refsrc/ at refmnt/ with its defaults:
+multi-threaded, cache=auto (1 s timeouts), no kernel passthrough, no
+writeback cache. It keeps no journal and ships nothing, so its column is what
+the FUSE round trip alone costs on this machine, measured in the same run:
+the issue's reference figures, no longer quoted from elsewhere.
 
 Jobs and their figures (MB = 10^6 bytes, GB = 10^9 bytes):
   B1          sequential 1 MiB writes of a 1 GiB file, fsync at the end
@@ -328,6 +338,71 @@ class Daemon:
         sh(["fusermount3", "-uz", str(self.mnt)])
 
 
+REF_EXAMPLES = Path("/usr/share/doc/libfuse3-dev/examples")
+
+
+class Reference:
+    """libfuse's passthrough_ll example, built here and mounted for the session (see --reference)."""
+
+    def __init__(self, workdir):
+        self.workdir = workdir
+        self.src, self.mnt = workdir / "refsrc", workdir / "refmnt"
+        self.binary = workdir / "passthrough_ll"
+        self.logpath = workdir / "libfuse.log"
+        self.proc = None
+
+    def build(self):
+        source = REF_EXAMPLES / "passthrough_ll.c"
+        if not (source.exists() or source.with_suffix(".c.gz").exists()) or not shutil.which("pkg-config"):
+            log("--reference: apt-get install libfuse3-dev pkg-config (the example's source and headers)")
+            r = sh(["apt-get", "install", "-y", "-q", "libfuse3-dev", "pkg-config"],
+                   env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
+            if r.returncode != 0:
+                raise BenchError(f"--reference: apt-get install libfuse3-dev pkg-config failed:\n{r.stderr[-2000:]}")
+        if not source.exists():
+            # Some Debian releases compress the examples.
+            gz = source.with_suffix(".c.gz")
+            if not gz.exists():
+                raise BenchError(f"--reference: libfuse3-dev is installed but {source} is missing")
+            text = sh(["gzip", "-dc", str(gz)]).stdout
+            source = self.workdir / "passthrough_ll.c"
+            source.write_text(text)
+        flags = sh(["pkg-config", "--cflags", "--libs", "fuse3"])
+        if flags.returncode != 0:
+            raise BenchError(f"--reference: pkg-config fuse3 failed: {flags.stderr.strip()}")
+        cmd = ["gcc", "-O2", "-o", str(self.binary), str(source), *flags.stdout.split(), "-lpthread"]
+        r = sh(cmd)
+        if r.returncode != 0:
+            raise BenchError(f"--reference: {' '.join(cmd)} failed:\n{r.stderr[-2000:]}")
+        version = sh(["pkg-config", "--modversion", "fuse3"]).stdout.strip()
+        return f"libfuse {version} example passthrough_ll.c, gcc -O2, defaults (multi-threaded, cache=auto)"
+
+    def start(self):
+        cmd = [str(self.binary), "-f", "-o", f"source={self.src}", str(self.mnt)]
+        log(f"starting the reference: {' '.join(cmd)}")
+        self.logfile = open(self.logpath, "wb")
+        self.proc = subprocess.Popen(cmd, stdout=self.logfile, stderr=subprocess.STDOUT, start_new_session=True)
+        wait_for(lambda: self.check("at startup") or fuse_mounted(self.mnt), 30, f"the reference mount at {self.mnt}")
+
+    def check(self, where):
+        if self.proc.poll() is not None:
+            raise BenchError(f"the reference passthrough_ll died {where} (exit code {self.proc.returncode}); "
+                             f"log {self.logpath}")
+        return None
+
+    def cpu_s(self):
+        return proc_cpu_s(self.proc.pid)
+
+    def cleanup(self):
+        sh(["fusermount3", "-uz", str(self.mnt)])
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
 # ---------------------------------------------------------------- workloads
 
 def fio(outdir, tag, args, timeout):
@@ -412,7 +487,8 @@ def run_b5(mode, rw):
         f = ctx.b5_file()
         # "Cold" is checked, not assumed: what is cached, on the mount and under it,
         # before the run and after it (how much of the file the run pulled in).
-        files = [f] + ([ctx.daemon.src / f.relative_to(ctx.daemon.mnt)] if ctx.side == "rewind" else [])
+        fs = ctx.fuse()
+        files = [f] + ([fs.src / f.relative_to(fs.mnt)] if fs else [])
         cached = [resident_bytes(p) for p in files]
         size = f"--size={ctx.size['b5']}M"
         if mode == "seq":
@@ -490,19 +566,23 @@ JOBS = {
 class Ctx:
     """What a run needs: sizes, directories, the daemon, and the current side."""
 
-    def __init__(self, size, workdir, daemon):
-        self.size, self.workdir, self.daemon = size, workdir, daemon
+    def __init__(self, size, workdir, daemon, reference=None):
+        self.size, self.workdir, self.daemon, self.reference = size, workdir, daemon, reference
         self.fiodir = workdir / "fio"
         self.side = None
         self._b5 = {}
 
+    def fuse(self):
+        """The FUSE daemon behind the current side: the Daemon, the Reference, or None for native."""
+        return {"rewind": self.daemon, "libfuse": self.reference}.get(self.side)
+
     def root(self):
-        return self.workdir / "native" if self.side == "native" else self.daemon.mnt
+        return self.workdir / "native" if self.side == "native" else self.fuse().mnt
 
     def start_clock(self):
         """Starts (or restarts) the CPU accounting of the current run."""
         self.cpu0 = busy_cpu_s()
-        self.daemon_cpu0 = self.daemon.cpu_s() if self.side == "rewind" else None
+        self.daemon_cpu0 = self.fuse().cpu_s() if self.fuse() else None
 
     def settle(self):
         """Between an untimed setup step and the timed step: everything on disk,
@@ -540,15 +620,15 @@ def measured_run(ctx, job, rep, runner, prepare=None):
         return _measured_run(ctx, job, rep, runner, prepare, tag)
     except (BenchError, OSError, subprocess.SubprocessError, ValueError) as e:
         # A dead daemon explains any failure on the mount: say so first.
-        if ctx.side == "rewind":
-            ctx.daemon.check(f"during {tag}")
+        if ctx.fuse():
+            ctx.fuse().check(f"during {tag}")
         raise BenchError(f"{tag} on {ctx.root()}: {e}") from e
 
 
 def _measured_run(ctx, job, rep, runner, prepare, tag):
-    rewind = ctx.side == "rewind"
-    if rewind:
-        ctx.daemon.check(f"before {tag}")
+    rewind, fs = ctx.side == "rewind", ctx.fuse()
+    if fs:
+        fs.check(f"before {tag}")
     d = ctx.root() / f"run-{tag}"
     d.mkdir()
     if prepare:
@@ -565,13 +645,14 @@ def _measured_run(ctx, job, rep, runner, prepare, tag):
     cpu = busy_cpu_s() - ctx.cpu0
     gb = res["bytes"] / 1e9
     res.update(job=job, side=ctx.side, rep=rep, cpu_s=cpu, cpu_s_per_gb=cpu / gb if gb else None)
+    if fs:
+        dc = fs.cpu_s() - ctx.daemon_cpu0
+        res.update(daemon_cpu_s=dc, daemon_cpu_s_per_gb=dc / gb if gb else None)
     if rewind:
-        dc = ctx.daemon.cpu_s() - ctx.daemon_cpu0
-        res.update(daemon_cpu_s=dc, daemon_cpu_s_per_gb=dc / gb if gb else None,
-                   peak_anon_mib=ctx.daemon.take_window_peak())
+        res.update(peak_anon_mib=ctx.daemon.take_window_peak())
     shutil.rmtree(d)
-    if rewind:
-        ctx.daemon.check(f"after {tag}")
+    if fs:
+        fs.check(f"after {tag}")
     return res
 
 
@@ -705,20 +786,25 @@ def fmt(v, nd=None):
 def summarize(job, unit, runs):
     nat = [r["value"] for r in runs if r["side"] == "native"]
     rew = [r["value"] for r in runs if r["side"] == "rewind"]
+    ref = [r["value"] for r in runs if r["side"] == "libfuse"]
     med = lambda xs: statistics.median(xs) if xs else None
-    n, w = med(nat), med(rew)
+    n, w, lf = med(nat), med(rew), med(ref)
     ratio = w / n if n and w is not None else None
     target = TARGETS.get(job)
     cpu = lambda side, k: med([r[k] for r in runs if r["side"] == side and r.get(k) is not None])
     return dict(job=job, unit=unit, native=n, rewind=w, ratio=ratio, target=target,
                 met=None if ratio is None or target is None else ratio >= target,
                 cpu_native=cpu("native", "cpu_s_per_gb"), cpu_rewind=cpu("rewind", "cpu_s_per_gb"),
-                cpu_daemon=cpu("rewind", "daemon_cpu_s_per_gb"), native_reps=nat, rewind_reps=rew)
+                cpu_daemon=cpu("rewind", "daemon_cpu_s_per_gb"), native_reps=nat, rewind_reps=rew,
+                libfuse=lf, libfuse_ratio=lf / n if n and lf is not None else None, libfuse_reps=ref,
+                cpu_libfuse=cpu("libfuse", "cpu_s_per_gb"), cpu_libfuse_daemon=cpu("libfuse", "daemon_cpu_s_per_gb"))
 
 
-def table(rows):
+def table(rows, reference):
     head = ["job", "figure unit", "native (median)", "rewind (median)", "ratio rewind/native", "target", "met?",
             "CPU s/GB native", "CPU s/GB rewind (daemon share)"]
+    if reference:
+        head += ["libfuse ref (median)", "ratio libfuse/native", "CPU s/GB libfuse (daemon share)"]
     widths = [max(len(head[i]), *(len(r[i]) for r in rows)) for i in range(len(head))]
     line = lambda cells: " | ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
     return "\n".join([line(head), "-+-".join("-" * w for w in widths)] + [line(r) for r in rows])
@@ -726,19 +812,24 @@ def table(rows):
 
 def report(summaries, lag, b7, peak_mib, env, runs):
     yes = lambda b: "-" if b is None else ("yes" if b else "NO")
+    reference = any(s["libfuse"] is not None for s in summaries)
+    extra = ["-", "-", "-"] if reference else []
     rows = []
     for s in summaries:
         rows.append([s["job"], s["unit"], fmt(s["native"]), fmt(s["rewind"]), fmt(s["ratio"], 2),
                      f">= {s['target']:.2f}", yes(s["met"]), fmt(s["cpu_native"], 2),
                      f"{fmt(s['cpu_rewind'], 2)} ({fmt(s['cpu_daemon'], 2)})"])
+        if reference:
+            rows[-1] += [fmt(s["libfuse"]), fmt(s["libfuse_ratio"], 2),
+                         f"{fmt(s['cpu_libfuse'], 2)} ({fmt(s['cpu_libfuse_daemon'], 2)})"]
     if lag:
         rows.append(["LAG p99", "s", "-", fmt(lag["p99"], 2), "-", f"<= {LAG_P99_TARGET_S:.0f} s",
                      yes(lag["p99"] <= LAG_P99_TARGET_S), "-",
-                     f"{fmt(lag['cpu_s_per_gb'], 2)} ({fmt(lag['daemon_cpu_s_per_gb'], 2)})"])
+                     f"{fmt(lag['cpu_s_per_gb'], 2)} ({fmt(lag['daemon_cpu_s_per_gb'], 2)})", *extra])
     if peak_mib is not None:
         rows.append(["peak anon memory", "MiB", "-", fmt(peak_mib, 1), "-", f"<= {MEM_TARGET_MIB} MiB",
-                     yes(peak_mib <= MEM_TARGET_MIB), "-", "-"])
-    out = [table(rows), ""]
+                     yes(peak_mib <= MEM_TARGET_MIB), "-", "-", *extra])
+    out = [table(rows, reference), ""]
     if peak_mib is not None:
         out.append(f"peak anonymous memory of rewind run (RssAnon, 100 ms samples, whole session): {peak_mib:.1f} MiB")
     if b7:
@@ -753,21 +844,23 @@ def report(summaries, lag, b7, peak_mib, env, runs):
                    f"{lag['rate_mbs']:.1f} MB/s of {lag['target_mbs']:.0f} (worst pacing delay "
                    f"{lag['worst_pacing_delay_s'] * 1000:.0f} ms)")
     if summaries:
-        out += ["", "rep values (run order native, rewind, ...):"]
+        out += ["", f"rep values (run order native, rewind{', libfuse' if reference else ''}, ...):"]
     for s in summaries:
         out.append(f"  {s['job']:<11} {s['unit']:<8} native: {' '.join(fmt(v) for v in s['native_reps'])}"
-                   f"  | rewind: {' '.join(fmt(v) for v in s['rewind_reps'])}")
+                   f"  | rewind: {' '.join(fmt(v) for v in s['rewind_reps'])}"
+                   + (f"  | libfuse: {' '.join(fmt(v) for v in s['libfuse_reps'])}" if reference else ""))
         mine = lambda side, k: [r[k] for r in runs if r["job"] == s["job"] and r["side"] == side and k in r]
         if s["job"] == "B4":
             w = lambda side: " ".join(fmt(v) for v in mine(side, "files_per_wall_s"))
             out.append(f"  {'':<20} files/s over fio's wall time (start-up included): native {w('native')}"
-                       f"  | rewind {w('rewind')}")
+                       f"  | rewind {w('rewind')}" + (f"  | libfuse {w('libfuse')}" if reference else ""))
         if s["job"].startswith("B5"):
             mib = lambda v: "+".join(fmt((b or 0) / MiB, 0) for b in v)
             c = lambda side: " ".join(f"{mib(a)}->{mib(b)}" for a, b in zip(mine(side, "cached_before"),
                                                                             mine(side, "cached_after")))
             out.append(f"  {'':<20} MiB of the file cached before->after each run: native {c('native')}  | "
-                       f"rewind (mount+source) {c('rewind')}")
+                       f"rewind (mount+source) {c('rewind')}"
+                       + (f"  | libfuse (mount+source) {c('libfuse')}" if reference else ""))
         out.append(f"  {'':<20} rewind peak anon MiB per run: "
                    f"{' '.join(fmt(v, 0) for v in mine('rewind', 'peak_anon_mib'))}")
     out.append("")
@@ -808,8 +901,9 @@ def binary_path():
 
 def prepare_workdir(workdir, journal_dir):
     workdir.mkdir(parents=True, exist_ok=True)
-    sh(["fusermount3", "-uz", str(workdir / "mnt")])  # a mount left by an interrupted run
-    for name in ("native", "src", "mnt", "store", "fio", "b7"):
+    for mnt in ("mnt", "refmnt"):
+        sh(["fusermount3", "-uz", str(workdir / mnt)])  # a mount left by an interrupted run
+    for name in ("native", "src", "mnt", "store", "fio", "b7", "refsrc", "refmnt"):
         shutil.rmtree(workdir / name, ignore_errors=True)
         if name not in ("b7",):
             (workdir / name).mkdir()
@@ -831,6 +925,8 @@ def parse_args():
     p.add_argument("--keep", action="store_true", help="keep the data directories and the store at the end")
     p.add_argument("--rewind-arg", action="append", default=[], metavar="ARG",
                    help="extra flag for rewind run, e.g. --rewind-arg=--threads=8 (repeatable)")
+    p.add_argument("--reference", action="store_true",
+                   help="also run every fio job and B6 through libfuse's C passthrough example (see above)")
     return p.parse_args()
 
 
@@ -850,20 +946,25 @@ def main():
     binary = binary_path()
     prepare_workdir(workdir, a.journal_dir)
     daemon = Daemon(binary, workdir, a.journal_dir, a.rewind_arg)
+    reference = Reference(workdir) if a.reference else None
+    sides = ("native", "rewind", "libfuse") if reference else ("native", "rewind")
     runs, summaries, lag, b7, peak, env, exit_code = [], [], None, None, None, {}, 0
     try:
         fio_jobs = [j for j in jobs if j in JOBS]
         if fio_jobs or "LAG" in jobs:
             daemon.start()
             env = environment(workdir, daemon.journal, daemon.store, binary)
+            if reference and fio_jobs:
+                env["reference"] = reference.build()
+                reference.start()
             for k, v in env.items():
                 log(f"{k}: {v}")
-            ctx = Ctx(size, workdir, daemon)
+            ctx = Ctx(size, workdir, daemon, reference)
             for job in fio_jobs:
                 unit, runner, prepare = JOBS[job]
                 job_runs = []
                 for rep in range(1, a.reps + 1):
-                    for side in ("native", "rewind"):
+                    for side in sides:
                         ctx.side = side
                         r = measured_run(ctx, job, rep, runner, prepare)
                         log(f"{job} rep {rep} {side}: {fmt(r['value'])} {unit} (CPU {fmt(r['cpu_s_per_gb'], 2)} s/GB)")
@@ -897,8 +998,10 @@ def main():
         exit_code = 1
     finally:
         daemon.cleanup()
+        if reference:
+            reference.cleanup()
         if not a.keep:
-            for name in ("native", "src", "store", "b7"):
+            for name in ("native", "src", "store", "b7", "refsrc"):
                 shutil.rmtree(workdir / name, ignore_errors=True)
     env["load average"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     if summaries or lag or b7:
