@@ -51,12 +51,14 @@ Jobs and their figures (MB = 10^6 bytes, GB = 10^9 bytes):
               rw = opened O_RDWR but only read (--rw=rw/randrw --rwmixread=100),
               which tells whether Rewind's read path depends on the open mode.
               The rep lines show how much of the file was cached before (0:
-              checked with fincore) and after each run. Through Rewind a page
-              is cached twice (mount and source), and fio's FADV_RANDOM hint
-              reaches only the FUSE file: the daemon's reads of the source get
-              the kernel's default readahead, so a random run pulls in much
-              more of the source than it asked for (on a small file, all of it,
-              which can make rand faster than native).
+              checked with fincore) and after each run. Through a FUSE mount
+              a page is cached twice (mount and source), and fio's FADV_RANDOM
+              hint reaches only the FUSE file: the daemon's reads of the
+              source get the kernel's readahead heuristics, which grow reads
+              next to pages already cached, so a random run pulls in more of
+              the source than it asked for (of a 1 GiB file in 10 s, all of
+              it), which makes rand faster than native. libfuse's example
+              (--reference) reads the source the same way.
   B6          SQLite (Python's stdlib module, one subprocess per run), WAL,
               synchronous=FULL: transactions of one ~200-byte insert plus a
               counter update, for 10 s, fresh database. tx/s.
