@@ -1,7 +1,8 @@
 //! The `file://` backend: one file per object under a root directory. It
 //! owns atomic publication on a local filesystem (write to a temporary name,
-//! fsync, rename, fsync the directory) and must not be used for anything
-//! but object storage semantics: no partial objects, no in-place updates.
+//! fsync, rename, fsync the directory, drop the object's pages from the
+//! page cache) and must not be used for anything but object storage
+//! semantics: no partial objects, no in-place updates.
 
 use std::fs;
 use std::io::Write;
