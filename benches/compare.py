@@ -351,7 +351,6 @@ class Reference:
     """libfuse's passthrough_ll example, built here and mounted for the session (see --reference)."""
 
     def __init__(self, workdir):
-        self.workdir = workdir
         self.src, self.mnt = workdir / "refsrc", workdir / "refmnt"
         self.binary = workdir / "passthrough_ll"
         self.logpath = workdir / "libfuse.log"
@@ -359,20 +358,14 @@ class Reference:
 
     def build(self):
         source = REF_EXAMPLES / "passthrough_ll.c"
-        if not (source.exists() or source.with_suffix(".c.gz").exists()) or not shutil.which("pkg-config"):
+        if not source.exists() or not shutil.which("pkg-config"):
             log("--reference: apt-get install libfuse3-dev pkg-config (the example's source and headers)")
             r = sh(["apt-get", "install", "-y", "-q", "libfuse3-dev", "pkg-config"],
                    env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
             if r.returncode != 0:
                 raise BenchError(f"--reference: apt-get install libfuse3-dev pkg-config failed:\n{r.stderr[-2000:]}")
         if not source.exists():
-            # Some Debian releases compress the examples.
-            gz = source.with_suffix(".c.gz")
-            if not gz.exists():
-                raise BenchError(f"--reference: libfuse3-dev is installed but {source} is missing")
-            text = sh(["gzip", "-dc", str(gz)]).stdout
-            source = self.workdir / "passthrough_ll.c"
-            source.write_text(text)
+            raise BenchError(f"--reference: libfuse3-dev is installed but {source} is missing")
         flags = sh(["pkg-config", "--cflags", "--libs", "fuse3"])
         if flags.returncode != 0:
             raise BenchError(f"--reference: pkg-config fuse3 failed: {flags.stderr.strip()}")
@@ -790,9 +783,9 @@ def fmt(v, nd=None):
 
 
 def summarize(job, unit, runs):
-    nat = [r["value"] for r in runs if r["side"] == "native"]
-    rew = [r["value"] for r in runs if r["side"] == "rewind"]
-    ref = [r["value"] for r in runs if r["side"] == "libfuse" and r["value"] is not None]
+    # A failed reference run has no value (see main).
+    values = lambda side: [r["value"] for r in runs if r["side"] == side and r["value"] is not None]
+    nat, rew, ref = values("native"), values("rewind"), values("libfuse")
     med = lambda xs: statistics.median(xs) if xs else None
     n, w, lf = med(nat), med(rew), med(ref)
     ratio = w / n if n and w is not None else None

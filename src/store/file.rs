@@ -93,9 +93,9 @@ impl Store for FileStore {
             f.write_all(&data)?;
             f.sync_all()?;
             // The object is clean on disk now and is read again only by a
-            // restore: drop its pages, so that the store's copy of every
-            // write does not crowd the application's own pages out of the
-            // page cache. Advice only; a failure changes nothing stored.
+            // restore or a verify: drop its pages, so that the store's copy
+            // of every write does not crowd the application's own pages out
+            // of the page cache. Advice only; a failure changes nothing stored.
             let _ = rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed);
             fs::rename(&tmp, &path)?;
             fs::File::open(dir)?.sync_all()
