@@ -1088,12 +1088,25 @@ fn replay(r: &Replay, config: &Config) -> Result<(), String> {
         &reinvocation(&first, &pod2, "9c4e7d21-0b6a-4f3e-8a5d-2e1f0c9b7a63"),
         config,
     );
-    for op in patch2.as_array().unwrap() {
-        let path = op["path"].as_str().unwrap();
-        if ["/spec/initContainers", "/spec/containers", "/spec/volumes"].contains(&path) {
-            return Err(format!("the reinvocation replaces a whole list: {op}"));
-        }
+    let pod3 = apply(&pod2, &patch2);
+    for o in r.before.iter().chain(r.between) {
+        (o.survived)(&pod3).map_err(|e| format!("{}: {e}", o.name))?;
     }
+    check_wired(&pod3, &["data", "wal"])?;
+    let whole: Vec<&Value> = patch2
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|op| &op["path"])
+        .filter(|p| {
+            ["/spec/initContainers", "/spec/containers", "/spec/volumes"]
+                .contains(&p.as_str().unwrap())
+        })
+        .collect();
+    if !whole.is_empty() {
+        return Err(format!("the reinvocation replaces whole lists: {whole:?}"));
+    }
+    apply_checking_ownership(&pod2, &patch2, config)?;
     let moved = patch2
         .as_array()
         .unwrap()
@@ -1102,7 +1115,6 @@ fn replay(r: &Replay, config: &Config) -> Result<(), String> {
     if moved != r.moves {
         return Err(format!("moves {moved}, expected {}: {patch2}", r.moves));
     }
-    let pod3 = apply_checking_ownership(&pod2, &patch2, config)?;
     let foreign_init = |pod: &Value| -> Vec<Value> {
         init_containers(pod)
             .into_iter()
@@ -1116,10 +1128,6 @@ fn replay(r: &Replay, config: &Config) -> Result<(), String> {
             foreign_init(&pod3)
         ));
     }
-    for o in r.before.iter().chain(r.between) {
-        (o.survived)(&pod3).map_err(|e| format!("{}: {e}", o.name))?;
-    }
-    check_wired(&pod3, &["data", "wal"])?;
     let shipper = pod3["spec"]["containers"]
         .as_array()
         .unwrap()

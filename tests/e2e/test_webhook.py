@@ -302,17 +302,19 @@ def test_reinvocation_keeps_what_other_mutators_added(webhooks):
     pod = reinvoked["request"]["object"]
     response, ops = send_review(webhook, reinvoked)
     assert response["allowed"] is True and ops, "the log shipper needs wiring"
-    whole = [op for op in ops if op["path"] in ("/spec/initContainers", "/spec/containers", "/spec/volumes")]
-    assert not whole, f"lists holding others' entries are replaced whole: {whole}"
     after = jsonpatch.apply_patch(pod, ops)
 
     containers = after["spec"]["initContainers"] + after["spec"]["containers"]
     for c in containers:
-        mounts = c.get("volumeMounts", [])
-        assert any(m["mountPath"] == TOKEN_PATH and m["name"].startswith("kube-api-access-") for m in mounts), c["name"]
-        assert {"name": "vault-ca", "mountPath": "/vault/ca", "readOnly": True} in mounts, c["name"]
-        assert {"name": "VAULT_ADDR", "value": "https://vault.vault.svc:8200"} in c.get("env", []), c["name"]
-        assert c["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, c["name"]
+        name, mounts = c["name"], c.get("volumeMounts", [])
+        assert any(m["mountPath"] == TOKEN_PATH and m["name"].startswith("kube-api-access-") for m in mounts), \
+            f"{name} lost the ServiceAccount plugin's token mount"
+        assert {"name": "vault-ca", "mountPath": "/vault/ca", "readOnly": True} in mounts, f"{name} lost the CA mount"
+        assert {"name": "VAULT_ADDR", "value": "https://vault.vault.svc:8200"} in c.get("env", []), f"{name} lost VAULT_ADDR"
+        assert c.get("securityContext", {}).get("seccompProfile") == {"type": "RuntimeDefault"}, \
+            f"{name} lost its seccompProfile"
+    whole = [op["path"] for op in ops if op["path"] in ("/spec/initContainers", "/spec/containers", "/spec/volumes")]
+    assert not whole, f"lists holding others' entries are replaced whole: {whole}"
     shipper = next(c for c in after["spec"]["containers"] if c["name"] == "log-shipper")
     assert {"name": "rewind-data", "mountPath": "/var/lib/postgresql/data", "readOnly": True,
             "mountPropagation": "HostToContainer"} in shipper["volumeMounts"]
