@@ -879,6 +879,32 @@ const INIT_FIRST: Other = Other {
     patch: init_injector,
     survived: init_injector_survived,
 };
+/// A webhook that adds a container declaring the port Rewind's first
+/// sidecar took (a metrics agent on 9746): the sidecar moves to a free
+/// port, its arguments, probes and declared port with it.
+fn port_taker(_pod: &Value) -> Value {
+    json!([{"op": "add", "path": "/spec/containers/-", "value": {
+        "name": "metrics-agent", "image": "agent:2",
+        "ports": [{"name": "metrics", "containerPort": 9746, "protocol": "TCP"}]}}])
+}
+
+fn port_taker_survived(pod: &Value) -> Result<(), String> {
+    match pod["spec"]["containers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "metrics-agent")
+    {
+        Some(c) if c["ports"][0]["containerPort"] == 9746 => Ok(()),
+        other => Err(format!("metrics-agent is gone or changed: {other:?}")),
+    }
+}
+
+const PORT_TAKER: Other = Other {
+    name: "port taker",
+    patch: port_taker,
+    survived: port_taker_survived,
+};
 const SEEDER: Other = Other {
     name: "seeding injector",
     patch: seeding_injector,
@@ -1055,6 +1081,28 @@ fn check_wired(pod: &Value, protected: &[&str]) -> Result<(), String> {
         {
             return Err(format!("rewind-{v} lost its probe or limits"));
         }
+        // The port it listens on is the one its probes ask and it declares,
+        // and no other container of the pod declares it.
+        let port: u64 = args
+            .listen
+            .as_deref()
+            .unwrap()
+            .rsplit(':')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let declared: Vec<u64> = all_containers(pod)
+            .iter()
+            .flat_map(|(_, _, c)| c["ports"].as_array().cloned().unwrap_or_default())
+            .filter_map(|p| p["containerPort"].as_u64())
+            .collect();
+        if sidecar["startupProbe"]["httpGet"]["port"] != port
+            || sidecar["readinessProbe"]["httpGet"]["port"] != port
+            || declared.iter().filter(|p| **p == port).count() != 1
+        {
+            return Err(format!("rewind-{v} listens on {port}, probes or declares another, or shares it: {declared:?}"));
+        }
     }
     Ok(())
 }
@@ -1204,6 +1252,12 @@ fn reinvocation_keeps_what_other_mutators_added() {
             before: &[],
             between: &[SEEDER, POLICY],
             moves: true,
+        },
+        Replay {
+            name: "a webhook adds a container declaring the sidecar's port",
+            before: &[],
+            between: &[PORT_TAKER, POLICY, SERVICE_ACCOUNT],
+            moves: false,
         },
     ];
     let failures: Vec<String> = replays

@@ -210,8 +210,6 @@ pub fn mutate(pod: &Value, ns: Namespace, config: &Config) -> Result<Mutation, D
         return Err(conflict("container", str_field(c, "name")));
     }
 
-    // Ports the sidecars listen on must not collide with ports the pod's
-    // other containers declare (they share one network namespace).
     let used_ports: BTreeSet<i64> = init
         .iter()
         .filter(|c| !own_containers.contains(str_field(c, "name")))
@@ -220,49 +218,12 @@ pub fn mutate(pod: &Value, ns: Namespace, config: &Config) -> Result<Mutation, D
         .flatten()
         .filter_map(|p| p.get("containerPort").and_then(Value::as_i64))
         .collect();
-    let mut next_port = i64::from(config.metrics_port);
-
-    let mut wanted_restores = Vec::new();
-    let mut wanted_sidecars = Vec::new();
-    for (index, (volume, claim)) in prot.volumes.iter().zip(&claims).enumerate() {
-        while used_ports.contains(&next_port) {
-            next_port += 1;
-        }
-        let port = u16::try_from(next_port)
-            .map_err(|_| Denial::Refused("no free port for the sidecar's metrics".into()))?;
-        next_port += 1;
-        let store_volume = match &config.cluster_id {
-            Some(id) => format!("{id}/{}/{claim}", ns.name),
-            None => format!("{}/{claim}", ns.name),
-        };
-        let plan = Plan {
-            volume,
-            store_volume,
-            store: &store,
-            segment_interval: prot
-                .segment_interval
-                .as_deref()
-                .unwrap_or(&config.segment_interval),
-            cpu: prot.cpu.as_deref().unwrap_or(&config.cpu),
-            memory: prot.memory.as_deref().unwrap_or(&config.memory),
-            port,
-            index,
-            restore_at: prot.restore_at.as_deref(),
-            restore_overwrite: prot.restore_overwrite,
-        };
-        if let Some(time) = plan.restore_at {
-            wanted_restores.push(containers::restore(&plan, time, config));
-        }
-        wanted_sidecars.push(containers::sidecar(&plan, config));
-    }
+    let wanted = wanted_containers(&prot, &claims, &store, ns.name, &used_ports, config)?;
 
     // The patch is built against a working copy, one precise operation at a
     // time, so that whatever other mutators put into the pod (also into
     // Rewind's own containers) stays as they left it.
     let mut ed = Editor::new(pod);
-    // Restore containers first (the data must be back before the sidecar
-    // journals it), then the sidecars.
-    let wanted: Vec<Value> = wanted_restores.into_iter().chain(wanted_sidecars).collect();
     place_own_containers(&mut ed, &wanted, &own_containers, &prot.volumes)?;
     for list in ["initContainers", "containers"] {
         rewire(&mut ed, list, &own_containers, &prot.volumes)?;
@@ -308,6 +269,57 @@ pub fn mutate(pod: &Value, ns: Namespace, config: &Config) -> Result<Mutation, D
         patch: ed.finish(),
         warnings: Vec::new(),
     })
+}
+
+/// Rewind's init containers as it would build them for this pod, in the
+/// order they must run: the restore containers first (the data must be
+/// back before the sidecar journals it), then the sidecars. Each sidecar
+/// listens on the first port from `metricsPort` on that no other container
+/// declares (they share one network namespace).
+fn wanted_containers(
+    prot: &Protection,
+    claims: &[String],
+    store: &str,
+    namespace: &str,
+    used_ports: &BTreeSet<i64>,
+    config: &Config,
+) -> Result<Vec<Value>, Denial> {
+    let mut next_port = i64::from(config.metrics_port);
+    let mut wanted_restores = Vec::new();
+    let mut wanted_sidecars = Vec::new();
+    for (index, (volume, claim)) in prot.volumes.iter().zip(claims).enumerate() {
+        while used_ports.contains(&next_port) {
+            next_port += 1;
+        }
+        let port = u16::try_from(next_port)
+            .map_err(|_| Denial::Refused("no free port for the sidecar's metrics".into()))?;
+        next_port += 1;
+        let store_volume = match &config.cluster_id {
+            Some(id) => format!("{id}/{namespace}/{claim}"),
+            None => format!("{namespace}/{claim}"),
+        };
+        let plan = Plan {
+            volume,
+            store_volume,
+            store,
+            segment_interval: prot
+                .segment_interval
+                .as_deref()
+                .unwrap_or(&config.segment_interval),
+            cpu: prot.cpu.as_deref().unwrap_or(&config.cpu),
+            memory: prot.memory.as_deref().unwrap_or(&config.memory),
+            port,
+            index,
+            restore_at: prot.restore_at.as_deref(),
+            restore_overwrite: prot.restore_overwrite,
+        };
+        if let Some(time) = plan.restore_at {
+            wanted_restores.push(containers::restore(&plan, time, config));
+        }
+        wanted_sidecars.push(containers::sidecar(&plan, config));
+    }
+
+    Ok(wanted_restores.into_iter().chain(wanted_sidecars).collect())
 }
 
 /// Puts Rewind's init containers (`wanted`, in the order they must run)
