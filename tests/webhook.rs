@@ -5,7 +5,10 @@
 //! independent RFC 6902 implementation, the injected command lines are
 //! parsed by the real CLI, and the result is sent back (as is, after the
 //! API server's defaulting, and with another webhook's container added) to
-//! pin idempotency.
+//! pin idempotency. The admission chain is replayed too: AdmissionReview
+//! bodies shaped like the API server's (tests/fixtures/webhook/chain/),
+//! Rewind's patch, then other mutators' patches, then Rewind again, to pin
+//! that Rewind keeps what the others added and touches only what it owns.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -1271,4 +1274,81 @@ fn reinvocation_keeps_what_other_mutators_added() {
         replays.len(),
         failures.join("\n")
     );
+}
+
+/// The exact operations of a reinvocation, for one change another mutator
+/// made to Rewind's own output: each at the path of the one field it
+/// concerns, with the array indices the pod has at that point of the patch
+/// and '/' in annotation keys escaped as "~1".
+#[test]
+fn reinvocation_patches_are_exact() {
+    let case = cases()
+        .into_iter()
+        .find(|c| c.name.starts_with("deployment pod"))
+        .unwrap();
+    let injected = apply(&case.pod, &patch_json(&run(&case, &case.pod).unwrap()));
+    let token = json!({"name": "kube-api-access-7xk2p", "readOnly": true, "mountPath": TOKEN_PATH});
+    let rows = [
+        (
+            "the token mount on the sidecar",
+            json!([{"op": "add", "path": "/spec/initContainers/0/volumeMounts/-", "value": token}]),
+            json!([]),
+        ),
+        (
+            "a mirror's image on the sidecar",
+            json!([{"op": "replace", "path": "/spec/initContainers/0/image", "value": "mirror.example/rewind:test"}]),
+            json!([{"op": "replace", "path": "/spec/initContainers/0/image", "value": "rewind:test"}]),
+        ),
+        (
+            "a policy's securityContext and CPU request on the sidecar",
+            json!([{"op": "replace", "path": "/spec/initContainers/0/securityContext/privileged", "value": false},
+                {"op": "add", "path": "/spec/initContainers/0/securityContext/seccompProfile", "value": {"type": "RuntimeDefault"}},
+                {"op": "replace", "path": "/spec/initContainers/0/resources/requests/cpu", "value": "10m"}]),
+            json!([{"op": "replace", "path": "/spec/initContainers/0/securityContext/privileged", "value": true},
+                {"op": "replace", "path": "/spec/initContainers/0/resources/requests/cpu", "value": "100m"}]),
+        ),
+        (
+            "an init container put first that does not read the volume",
+            json!([{"op": "add", "path": "/spec/initContainers/0", "value": {"name": "vault-agent-init", "image": "vault:1.18"}}]),
+            json!([]),
+        ),
+        (
+            "an init container put first that reads the volume",
+            json!([{"op": "add", "path": "/spec/initContainers/0", "value": {"name": "seed", "image": "busybox:1.36",
+                 "volumeMounts": [{"name": "data", "mountPath": "/seed"}]}}]),
+            json!([{"op": "move", "from": "/spec/initContainers/1", "path": "/spec/initContainers/0"},
+                {"op": "add", "path": "/spec/initContainers/1/volumeMounts/0/mountPropagation", "value": "HostToContainer"},
+                {"op": "replace", "path": "/spec/initContainers/1/volumeMounts/0/name", "value": "rewind-data"}]),
+        ),
+        (
+            "an application container mounting the claim",
+            json!([{"op": "add", "path": "/spec/containers/-", "value": {"name": "shipper", "image": "fluent-bit:3",
+                 "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}, {"name": "data", "mountPath": "/logs", "readOnly": true}]}}]),
+            json!([{"op": "add", "path": "/spec/containers/1/volumeMounts/1/mountPropagation", "value": "HostToContainer"},
+                {"op": "replace", "path": "/spec/containers/1/volumeMounts/1/name", "value": "rewind-data"}]),
+        ),
+        (
+            "the grace period lowered",
+            json!([{"op": "replace", "path": "/spec/terminationGracePeriodSeconds", "value": 30}]),
+            json!([{"op": "replace", "path": "/spec/terminationGracePeriodSeconds", "value": 65}]),
+        ),
+        // Without its record of the original, Rewind can only take the
+        // current grace period as the application's and raise it again.
+        (
+            "the record of the original grace period removed",
+            json!([{"op": "remove", "path": "/metadata/annotations/rewind.dev~1app-grace-period-seconds"}]),
+            json!([{"op": "replace", "path": "/spec/terminationGracePeriodSeconds", "value": 100},
+                {"op": "add", "path": "/metadata/annotations/rewind.dev~1app-grace-period-seconds", "value": "65"}]),
+        ),
+    ];
+    for (what, edit, want) in rows {
+        let pod = apply(&injected, &edit);
+        let got = patch_json(&run(&case, &pod).unwrap());
+        assert_eq!(got, want, "{what}");
+        let again = apply(&pod, &got);
+        assert!(
+            run(&case, &again).unwrap().patch.is_empty(),
+            "{what}: not a fixed point"
+        );
+    }
 }
