@@ -90,6 +90,14 @@ fn cases() -> Vec<Case> {
         .collect()
 }
 
+/// The first case of the table: a Deployment's pod protecting one claim.
+fn deployment_case() -> Case {
+    cases()
+        .into_iter()
+        .find(|c| c.name.starts_with("deployment pod"))
+        .expect("cases.json has the deployment pod")
+}
+
 fn run(case: &Case, pod: &Value) -> Result<Mutation, Denial> {
     webhook::mutate(
         pod,
@@ -416,10 +424,7 @@ fn every_case_in_cases_json_behaves_as_expected() {
 
 #[test]
 fn long_volume_names_give_distinct_valid_names() {
-    let mut case = cases()
-        .into_iter()
-        .find(|c| c.name.starts_with("deployment pod"))
-        .unwrap();
+    let mut case = deployment_case();
     let long_a = format!("{}a", "v".repeat(60));
     let long_b = format!("{}b", "v".repeat(60));
     let vols = &mut case.pod["spec"]["volumes"];
@@ -445,10 +450,7 @@ fn long_volume_names_give_distinct_valid_names() {
 
 #[test]
 fn a_stale_injection_marker_is_refused_not_guessed_at() {
-    let case = cases()
-        .into_iter()
-        .find(|c| c.name.starts_with("deployment pod"))
-        .unwrap();
+    let case = deployment_case();
     let mut pod = case.pod.clone();
     pod["metadata"]["annotations"]["rewind.dev/injected"] = json!("logs");
     let err = run(&case, &pod).unwrap_err().to_string();
@@ -457,10 +459,7 @@ fn a_stale_injection_marker_is_refused_not_guessed_at() {
 
 #[test]
 fn grace_period_is_raised_never_lowered() {
-    let case = cases()
-        .into_iter()
-        .find(|c| c.name.starts_with("deployment pod"))
-        .unwrap();
+    let case = deployment_case();
     for (before, after) in [(Some(0), 35), (None, 65), (Some(30), 65), (Some(600), 635)] {
         let mut pod = case.pod.clone();
         match before {
@@ -660,6 +659,20 @@ struct Other {
     name: &'static str,
     patch: fn(&Value) -> Value,
     survived: fn(&Value) -> Result<(), String>,
+}
+
+impl Other {
+    const fn new(
+        name: &'static str,
+        patch: fn(&Value) -> Value,
+        survived: fn(&Value) -> Result<(), String>,
+    ) -> Self {
+        Other {
+            name,
+            patch,
+            survived,
+        }
+    }
 }
 
 /// The ServiceAccount admission plugin: a projected token volume (reused
@@ -862,26 +875,6 @@ fn seeding_injector_survived(pod: &Value) -> Result<(), String> {
     Ok(())
 }
 
-const SERVICE_ACCOUNT: Other = Other {
-    name: "ServiceAccount plugin",
-    patch: service_account_plugin,
-    survived: service_account_survived,
-};
-const POLICY: Other = Other {
-    name: "policy webhook",
-    patch: policy_webhook,
-    survived: policy_survived,
-};
-const APP_CONTAINER: Other = Other {
-    name: "app container webhook",
-    patch: app_container_webhook,
-    survived: app_container_survived,
-};
-const INIT_FIRST: Other = Other {
-    name: "init injector",
-    patch: init_injector,
-    survived: init_injector_survived,
-};
 /// A webhook that adds a container declaring the port Rewind's first
 /// sidecar took (a metrics agent on 9746): the sidecar moves to a free
 /// port, its arguments, probes and declared port with it.
@@ -903,16 +896,24 @@ fn port_taker_survived(pod: &Value) -> Result<(), String> {
     }
 }
 
-const PORT_TAKER: Other = Other {
-    name: "port taker",
-    patch: port_taker,
-    survived: port_taker_survived,
-};
-const SEEDER: Other = Other {
-    name: "seeding injector",
-    patch: seeding_injector,
-    survived: seeding_injector_survived,
-};
+const SERVICE_ACCOUNT: Other = Other::new(
+    "ServiceAccount plugin",
+    service_account_plugin,
+    service_account_survived,
+);
+const POLICY: Other = Other::new("policy webhook", policy_webhook, policy_survived);
+const APP_CONTAINER: Other = Other::new(
+    "app container webhook",
+    app_container_webhook,
+    app_container_survived,
+);
+const INIT_FIRST: Other = Other::new("init injector", init_injector, init_injector_survived);
+const PORT_TAKER: Other = Other::new("port taker", port_taker, port_taker_survived);
+const SEEDER: Other = Other::new(
+    "seeding injector",
+    seeding_injector,
+    seeding_injector_survived,
+);
 
 /// Whether one operation of Rewind's reinvocation patch touches only what
 /// Rewind owns, judged against the pod as the earlier operations left it:
@@ -1282,10 +1283,7 @@ fn reinvocation_keeps_what_other_mutators_added() {
 /// and '/' in annotation keys escaped as "~1".
 #[test]
 fn reinvocation_patches_are_exact() {
-    let case = cases()
-        .into_iter()
-        .find(|c| c.name.starts_with("deployment pod"))
-        .unwrap();
+    let case = deployment_case();
     let injected = apply(&case.pod, &patch_json(&run(&case, &case.pod).unwrap()));
     let token = json!({"name": "kube-api-access-7xk2p", "readOnly": true, "mountPath": TOKEN_PATH});
     let rows = [

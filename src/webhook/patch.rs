@@ -32,7 +32,7 @@ pub type Patch = Vec<Op>;
 /// patch the API server would refuse.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("cannot apply {op} at {path}: {why}")]
-pub struct EditError {
+pub(crate) struct EditError {
     op: &'static str,
     path: String,
     why: &'static str,
@@ -109,15 +109,7 @@ impl Editor {
     /// The value at `at` in the working copy, as the operations recorded so
     /// far left it.
     pub(crate) fn get(&self, at: &Pointer) -> Option<&Value> {
-        let mut v = &self.doc;
-        for token in &at.0 {
-            v = match v {
-                Value::Object(m) => m.get(token)?,
-                Value::Array(a) => a.get(token.parse::<usize>().ok()?)?,
-                _ => return None,
-            };
-        }
-        Some(v)
+        self.doc.pointer(&at.render())
     }
 
     /// Adds `value` at `at`: a new key, or an insertion before an array
@@ -173,15 +165,7 @@ impl Editor {
     }
 
     fn get_mut(&mut self, at: &Pointer) -> Option<&mut Value> {
-        let mut v = &mut self.doc;
-        for token in &at.0 {
-            v = match v {
-                Value::Object(m) => m.get_mut(token)?,
-                Value::Array(a) => a.get_mut(token.parse::<usize>().ok()?)?,
-                _ => return None,
-            };
-        }
-        Some(v)
+        self.doc.pointer_mut(&at.render())
     }
 
     fn insert(&mut self, at: &Pointer, value: Value, op: &'static str) -> Result<(), EditError> {
