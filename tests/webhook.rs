@@ -1339,14 +1339,33 @@ fn reinvocation_patches_are_exact() {
                 {"op": "add", "path": "/metadata/annotations/rewind.dev~1app-grace-period-seconds", "value": "65"}]),
         ),
     ];
-    for (what, edit, want) in rows {
-        let pod = apply(&injected, &edit);
-        let got = patch_json(&run(&case, &pod).unwrap());
-        assert_eq!(got, want, "{what}");
-        let again = apply(&pod, &got);
-        assert!(
-            run(&case, &again).unwrap().patch.is_empty(),
-            "{what}: not a fixed point"
-        );
-    }
+    let failures: Vec<String> = rows
+        .into_iter()
+        .filter_map(|(what, edit, want)| {
+            let pod = apply(&injected, &edit);
+            let got = patch_json(&run(&case, &pod).unwrap());
+            if got != want {
+                let ops: Vec<String> = got
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|op| {
+                        format!(
+                            "{} {}",
+                            op["op"].as_str().unwrap_or_default(),
+                            op["path"].as_str().unwrap_or_default()
+                        )
+                    })
+                    .collect();
+                return Some(format!("{what}: got {ops:?}, full: {got}"));
+            }
+            let again = apply(&pod, &got);
+            if run(&case, &again).unwrap().patch.is_empty() {
+                None
+            } else {
+                Some(format!("{what}: not a fixed point"))
+            }
+        })
+        .collect();
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
