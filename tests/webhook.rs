@@ -709,6 +709,15 @@ fn service_account_plugin(pod: &Value) -> Value {
 }
 
 fn service_account_survived(pod: &Value) -> Result<(), String> {
+    let projected = pod["spec"]["volumes"].as_array().unwrap().iter().any(|v| {
+        v["name"]
+            .as_str()
+            .is_some_and(|n| n.starts_with("kube-api-access-"))
+            && v["projected"]["sources"][0]["serviceAccountToken"]["path"] == "token"
+    });
+    if !projected {
+        return Err("the projected token volume is gone".into());
+    }
     for (_, _, c) in all_containers(pod) {
         let has = c["volumeMounts"].as_array().into_iter().flatten().any(|m| {
             m["mountPath"] == TOKEN_PATH
@@ -725,6 +734,38 @@ fn service_account_survived(pod: &Value) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// Not a mutator: takes the ServiceAccount plugin's token volume and
+/// mounts out of the pod, so that the plugin's run after Rewind is its
+/// first and adds the projected volume as well.
+fn without_token(pod: &Value) -> Value {
+    let mut ops = Vec::new();
+    for (list, i, c) in all_containers(pod) {
+        let mounts = c["volumeMounts"].as_array().cloned().unwrap_or_default();
+        for (j, m) in mounts.iter().enumerate().rev() {
+            if m["mountPath"] == TOKEN_PATH {
+                ops.push(
+                    json!({"op": "remove", "path": format!("/spec/{list}/{i}/volumeMounts/{j}")}),
+                );
+            }
+        }
+    }
+    for (i, v) in pod["spec"]["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .enumerate()
+        .rev()
+    {
+        if v["name"]
+            .as_str()
+            .is_some_and(|n| n.starts_with("kube-api-access-"))
+        {
+            ops.push(json!({"op": "remove", "path": format!("/spec/volumes/{i}")}));
+        }
+    }
+    Value::Array(ops)
 }
 
 /// A policy engine or secrets injector that touches every container: an
@@ -896,6 +937,7 @@ fn port_taker_survived(pod: &Value) -> Result<(), String> {
     }
 }
 
+const WITHOUT_TOKEN: Other = Other::new("a pod without its token yet", without_token, |_| Ok(()));
 const SERVICE_ACCOUNT: Other = Other::new(
     "ServiceAccount plugin",
     service_account_plugin,
@@ -1218,6 +1260,12 @@ fn reinvocation_keeps_what_other_mutators_added() {
         Replay {
             name: "the ServiceAccount plugin re-runs after Rewind",
             before: &[],
+            between: &[SERVICE_ACCOUNT],
+            moves: false,
+        },
+        Replay {
+            name: "the ServiceAccount plugin's first run comes after Rewind",
+            before: &[WITHOUT_TOKEN],
             between: &[SERVICE_ACCOUNT],
             moves: false,
         },
