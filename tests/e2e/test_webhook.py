@@ -5,7 +5,8 @@ implementation, and the patched pod validated strictly against the
 Kubernetes OpenAPI schema (the oldest supported and the latest version) and
 against the API server's own rules. The cases are the table in
 tests/fixtures/webhook/cases.json, which tests/webhook.rs also runs through
-the pure core.
+the pure core. The admission chain's reinvocation is replayed from the
+request bodies in tests/fixtures/webhook/chain/.
 """
 
 import base64
