@@ -5,7 +5,10 @@
 //! independent RFC 6902 implementation, the injected command lines are
 //! parsed by the real CLI, and the result is sent back (as is, after the
 //! API server's defaulting, and with another webhook's container added) to
-//! pin idempotency.
+//! pin idempotency. The admission chain is replayed too: AdmissionReview
+//! bodies shaped like the API server's (tests/fixtures/webhook/chain/),
+//! Rewind's patch, then other mutators' patches, then Rewind again, to pin
+//! that Rewind keeps what the others added and touches only what it owns.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -85,6 +88,14 @@ fn cases() -> Vec<Case> {
             }
         })
         .collect()
+}
+
+/// The first case of the table: a Deployment's pod protecting one claim.
+fn deployment_case() -> Case {
+    cases()
+        .into_iter()
+        .find(|c| c.name.starts_with("deployment pod"))
+        .expect("cases.json has the deployment pod")
 }
 
 fn run(case: &Case, pod: &Value) -> Result<Mutation, Denial> {
@@ -413,10 +424,7 @@ fn every_case_in_cases_json_behaves_as_expected() {
 
 #[test]
 fn long_volume_names_give_distinct_valid_names() {
-    let mut case = cases()
-        .into_iter()
-        .find(|c| c.name.starts_with("deployment pod"))
-        .unwrap();
+    let mut case = deployment_case();
     let long_a = format!("{}a", "v".repeat(60));
     let long_b = format!("{}b", "v".repeat(60));
     let vols = &mut case.pod["spec"]["volumes"];
@@ -442,10 +450,7 @@ fn long_volume_names_give_distinct_valid_names() {
 
 #[test]
 fn a_stale_injection_marker_is_refused_not_guessed_at() {
-    let case = cases()
-        .into_iter()
-        .find(|c| c.name.starts_with("deployment pod"))
-        .unwrap();
+    let case = deployment_case();
     let mut pod = case.pod.clone();
     pod["metadata"]["annotations"]["rewind.dev/injected"] = json!("logs");
     let err = run(&case, &pod).unwrap_err().to_string();
@@ -454,10 +459,7 @@ fn a_stale_injection_marker_is_refused_not_guessed_at() {
 
 #[test]
 fn grace_period_is_raised_never_lowered() {
-    let case = cases()
-        .into_iter()
-        .find(|c| c.name.starts_with("deployment pod"))
-        .unwrap();
+    let case = deployment_case();
     for (before, after) in [(Some(0), 35), (None, 65), (Some(30), 65), (Some(600), 635)] {
         let mut pod = case.pod.clone();
         match before {
@@ -586,4 +588,832 @@ fn status_server_reports_health_and_metrics() {
         std::net::TcpStream::connect(addr).is_err(),
         "dropping the server closes the port"
     );
+}
+
+// The API server's admission chain, replayed. Rewind is one mutator among
+// several: built-in plugins (ServiceAccount) and other webhooks run before
+// and after it, and with `reinvocationPolicy: IfNeeded` the API server
+// calls Rewind again once others changed the pod it patched. Each other
+// mutator here answers a JSON Patch computed from the pod it is given, as
+// a webhook does, and the patches are applied with the independent
+// json-patch crate. The requests are AdmissionReview bodies shaped like
+// the API server's (tests/fixtures/webhook/chain/).
+
+const TOKEN_PATH: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+
+fn chain_fixture(name: &str) -> Value {
+    read_json(&fixtures().join("chain").join(name))
+}
+
+/// Runs `rewind::webhook::review` on an AdmissionReview body and returns
+/// the decoded patch (empty when the response carries none).
+fn review_patch(review: &Value, config: &Config) -> Value {
+    use base64::Engine;
+    let body = serde_json::to_vec(review).unwrap();
+    let (answer, _) = webhook::review::review(&body, None, config).expect("a valid review");
+    let response = &answer["response"];
+    assert_eq!(
+        response["uid"], review["request"]["uid"],
+        "the uid is echoed"
+    );
+    assert_eq!(response["allowed"], true, "{response}");
+    match response.get("patch").and_then(Value::as_str) {
+        None => json!([]),
+        Some(b64) => {
+            assert_eq!(response["patchType"], "JSONPatch");
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(b64)
+                .unwrap();
+            serde_json::from_slice(&bytes).unwrap()
+        }
+    }
+}
+
+/// The same AdmissionReview with another object (and request uid), as the
+/// API server sends when it reinvokes a webhook.
+fn reinvocation(first: &Value, pod: &Value, uid: &str) -> Value {
+    let mut review = first.clone();
+    review["request"]["object"] = pod.clone();
+    review["request"]["uid"] = json!(uid);
+    review
+}
+
+fn all_containers(pod: &Value) -> Vec<(&'static str, usize, Value)> {
+    let mut out = Vec::new();
+    for list in ["initContainers", "containers"] {
+        for (i, c) in pod["spec"][list]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .enumerate()
+        {
+            out.push((list, i, c.clone()));
+        }
+    }
+    out
+}
+
+/// A mutator other than Rewind: the patch it answers for a pod, and a
+/// check that what it added is still in a later pod.
+struct Other {
+    name: &'static str,
+    patch: fn(&Value) -> Value,
+    survived: fn(&Value) -> Result<(), String>,
+}
+
+impl Other {
+    const fn new(
+        name: &'static str,
+        patch: fn(&Value) -> Value,
+        survived: fn(&Value) -> Result<(), String>,
+    ) -> Self {
+        Other {
+            name,
+            patch,
+            survived,
+        }
+    }
+}
+
+/// The ServiceAccount admission plugin: a projected token volume (reused
+/// if the pod has one) mounted read-only at the token path in every
+/// container that lacks a mount there, init containers included.
+fn service_account_plugin(pod: &Value) -> Value {
+    let mut ops = Vec::new();
+    let existing = pod["spec"]["volumes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v["name"].as_str())
+        .find(|n| n.starts_with("kube-api-access-"))
+        .map(str::to_string);
+    let volume = existing
+        .clone()
+        .unwrap_or_else(|| "kube-api-access-7f2xk".into());
+    if existing.is_none() {
+        ops.push(json!({"op": "add", "path": "/spec/volumes/-", "value": {
+            "name": volume, "projected": {"defaultMode": 420, "sources": [
+                {"serviceAccountToken": {"expirationSeconds": 3607, "path": "token"}},
+                {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
+                {"downwardAPI": {"items": [{"path": "namespace", "fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.namespace"}}]}}]}}}));
+    }
+    let mount = json!({"name": volume, "readOnly": true, "mountPath": TOKEN_PATH});
+    for (list, i, c) in all_containers(pod) {
+        match c["volumeMounts"].as_array() {
+            None => ops.push(json!({"op": "add", "path": format!("/spec/{list}/{i}/volumeMounts"), "value": [mount]})),
+            Some(ms) if ms.iter().any(|m| m["mountPath"] == TOKEN_PATH) => {}
+            Some(_) => ops.push(json!({"op": "add", "path": format!("/spec/{list}/{i}/volumeMounts/-"), "value": mount})),
+        }
+    }
+    Value::Array(ops)
+}
+
+fn service_account_survived(pod: &Value) -> Result<(), String> {
+    let projected = pod["spec"]["volumes"].as_array().unwrap().iter().any(|v| {
+        v["name"]
+            .as_str()
+            .is_some_and(|n| n.starts_with("kube-api-access-"))
+            && v["projected"]["sources"][0]["serviceAccountToken"]["path"] == "token"
+    });
+    if !projected {
+        return Err("the projected token volume is gone".into());
+    }
+    for (_, _, c) in all_containers(pod) {
+        let has = c["volumeMounts"].as_array().into_iter().flatten().any(|m| {
+            m["mountPath"] == TOKEN_PATH
+                && m["readOnly"] == true
+                && m["name"]
+                    .as_str()
+                    .is_some_and(|n| n.starts_with("kube-api-access-"))
+        });
+        if !has {
+            return Err(format!(
+                "{} lost the service account token mount",
+                c["name"]
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Not a mutator: takes the ServiceAccount plugin's token volume and
+/// mounts out of the pod, so that the plugin's run after Rewind is its
+/// first and adds the projected volume as well.
+fn without_token(pod: &Value) -> Value {
+    let mut ops = Vec::new();
+    for (list, i, c) in all_containers(pod) {
+        let mounts = c["volumeMounts"].as_array().cloned().unwrap_or_default();
+        for (j, m) in mounts.iter().enumerate().rev() {
+            if m["mountPath"] == TOKEN_PATH {
+                ops.push(
+                    json!({"op": "remove", "path": format!("/spec/{list}/{i}/volumeMounts/{j}")}),
+                );
+            }
+        }
+    }
+    for (i, v) in pod["spec"]["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .enumerate()
+        .rev()
+    {
+        if v["name"]
+            .as_str()
+            .is_some_and(|n| n.starts_with("kube-api-access-"))
+        {
+            ops.push(json!({"op": "remove", "path": format!("/spec/volumes/{i}")}));
+        }
+    }
+    Value::Array(ops)
+}
+
+/// A policy engine or secrets injector that touches every container: an
+/// environment variable, a CA bundle volume mounted read-only, and a
+/// seccomp profile in its securityContext.
+fn policy_webhook(pod: &Value) -> Value {
+    // Idempotent, as a webhook with reinvocationPolicy IfNeeded must be:
+    // it adds only what is missing.
+    let mut ops = Vec::new();
+    if !pod["spec"]["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|v| v["name"] == "vault-ca")
+    {
+        ops.push(json!({"op": "add", "path": "/spec/volumes/-",
+            "value": {"name": "vault-ca", "configMap": {"name": "vault-ca", "defaultMode": 420}}}));
+    }
+    let env = json!({"name": "VAULT_ADDR", "value": "https://vault.vault.svc:8200"});
+    let mount = json!({"name": "vault-ca", "mountPath": "/vault/ca", "readOnly": true});
+    for (list, i, c) in all_containers(pod) {
+        if c["env"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|e| e["name"] == "VAULT_ADDR")
+        {
+            continue;
+        }
+        let at = format!("/spec/{list}/{i}");
+        for (key, value) in [("env", &env), ("volumeMounts", &mount)] {
+            if c.get(key).is_some_and(Value::is_array) {
+                ops.push(json!({"op": "add", "path": format!("{at}/{key}/-"), "value": value}));
+            } else {
+                ops.push(json!({"op": "add", "path": format!("{at}/{key}"), "value": [value]}));
+            }
+        }
+        let profile = json!({"type": "RuntimeDefault"});
+        if c.get("securityContext").is_some_and(Value::is_object) {
+            ops.push(json!({"op": "add", "path": format!("{at}/securityContext/seccompProfile"), "value": profile}));
+        } else {
+            ops.push(json!({"op": "add", "path": format!("{at}/securityContext"), "value": {"seccompProfile": profile}}));
+        }
+    }
+    Value::Array(ops)
+}
+
+fn policy_survived(pod: &Value) -> Result<(), String> {
+    if !pod["spec"]["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|v| v["name"] == "vault-ca")
+    {
+        return Err("the vault-ca volume is gone".into());
+    }
+    for (_, _, c) in all_containers(pod) {
+        let name = &c["name"];
+        if !c["env"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|e| e["name"] == "VAULT_ADDR")
+        {
+            return Err(format!("{name} lost VAULT_ADDR"));
+        }
+        if !c["volumeMounts"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|m| *m == json!({"name": "vault-ca", "mountPath": "/vault/ca", "readOnly": true}))
+        {
+            return Err(format!("{name} lost the vault-ca mount"));
+        }
+        if c["securityContext"]["seccompProfile"] != json!({"type": "RuntimeDefault"}) {
+            return Err(format!("{name} lost its seccompProfile"));
+        }
+    }
+    Ok(())
+}
+
+/// A webhook that adds an application container reading the protected
+/// volume under its original name (a log shipper, a backup agent).
+fn app_container_webhook(_pod: &Value) -> Value {
+    json!([{"op": "add", "path": "/spec/containers/-", "value": {
+        "name": "log-shipper", "image": "fluent-bit:3", "imagePullPolicy": "IfNotPresent",
+        "volumeMounts": [{"name": "data", "mountPath": "/var/lib/postgresql/data", "readOnly": true}]}}])
+}
+
+fn app_container_survived(pod: &Value) -> Result<(), String> {
+    let c = pod["spec"]["containers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "log-shipper")
+        .ok_or("the log-shipper container is gone")?;
+    if c["image"] != "fluent-bit:3" {
+        return Err(format!("log-shipper changed: {c}"));
+    }
+    Ok(())
+}
+
+/// An injector that puts its own init container first, reading nothing
+/// Rewind protects (a secrets agent's init, a mesh's iptables setup).
+fn init_injector(pod: &Value) -> Value {
+    let value = json!({"name": "vault-agent-init", "image": "vault:1.18", "args": ["agent", "-exit-after-auth"]});
+    if pod["spec"]["initContainers"].is_array() {
+        json!([{"op": "add", "path": "/spec/initContainers/0", "value": value}])
+    } else {
+        json!([{"op": "add", "path": "/spec/initContainers", "value": [value]}])
+    }
+}
+
+fn init_injector_survived(pod: &Value) -> Result<(), String> {
+    match init_containers(pod)
+        .iter()
+        .find(|c| c["name"] == "vault-agent-init")
+    {
+        Some(c) if c["args"] == json!(["agent", "-exit-after-auth"]) => Ok(()),
+        other => Err(format!("vault-agent-init is gone or changed: {other:?}")),
+    }
+}
+
+/// An injector that puts an init container first which reads the protected
+/// volume: Rewind's containers must run before it, so they move ahead.
+fn seeding_injector(_pod: &Value) -> Value {
+    let value = json!({"name": "seed", "image": "busybox:1.36", "command": ["true"],
+        "volumeMounts": [{"name": "data", "mountPath": "/seed", "subPath": "seed"}]});
+    json!([{"op": "add", "path": "/spec/initContainers/0", "value": value}])
+}
+
+fn seeding_injector_survived(pod: &Value) -> Result<(), String> {
+    let init = init_containers(pod);
+    let seed = init
+        .iter()
+        .position(|c| c["name"] == "seed")
+        .ok_or("the seed init container is gone")?;
+    let last_own = init
+        .iter()
+        .rposition(|c| c["name"].as_str().unwrap().starts_with("rewind-"))
+        .unwrap();
+    if seed < last_own {
+        return Err(format!("seed runs before the sidecar is up: {init:?}"));
+    }
+    if init[seed]["volumeMounts"][0]["subPath"] != "seed" {
+        return Err("seed's subPath was lost".into());
+    }
+    Ok(())
+}
+
+/// A webhook that adds a container declaring the port Rewind's first
+/// sidecar took (a metrics agent on 9746): the sidecar moves to a free
+/// port, its arguments, probes and declared port with it.
+fn port_taker(_pod: &Value) -> Value {
+    json!([{"op": "add", "path": "/spec/containers/-", "value": {
+        "name": "metrics-agent", "image": "agent:2",
+        "ports": [{"name": "metrics", "containerPort": 9746, "protocol": "TCP"}]}}])
+}
+
+fn port_taker_survived(pod: &Value) -> Result<(), String> {
+    match pod["spec"]["containers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "metrics-agent")
+    {
+        Some(c) if c["ports"][0]["containerPort"] == 9746 => Ok(()),
+        other => Err(format!("metrics-agent is gone or changed: {other:?}")),
+    }
+}
+
+const WITHOUT_TOKEN: Other = Other::new("a pod without its token yet", without_token, |_| Ok(()));
+const SERVICE_ACCOUNT: Other = Other::new(
+    "ServiceAccount plugin",
+    service_account_plugin,
+    service_account_survived,
+);
+const POLICY: Other = Other::new("policy webhook", policy_webhook, policy_survived);
+const APP_CONTAINER: Other = Other::new(
+    "app container webhook",
+    app_container_webhook,
+    app_container_survived,
+);
+const INIT_FIRST: Other = Other::new("init injector", init_injector, init_injector_survived);
+const PORT_TAKER: Other = Other::new("port taker", port_taker, port_taker_survived);
+const SEEDER: Other = Other::new(
+    "seeding injector",
+    seeding_injector,
+    seeding_injector_survived,
+);
+
+/// Whether one operation of Rewind's reinvocation patch touches only what
+/// Rewind owns, judged against the pod as the earlier operations left it:
+/// its own init containers (whole, or their image, command, args,
+/// restartPolicy, the four securityContext keys, probes, resources, and
+/// their own entries of volumeMounts, ports, env and envFrom), the name and
+/// propagation of an application's mount of a protected volume, the
+/// shared emptyDirs, the grace period and its own annotations.
+fn touches_only_owned(pod: &Value, op: &Value, config: &Config) -> Result<(), String> {
+    let path = op["path"].as_str().unwrap();
+    let tokens: Vec<String> = path
+        .split('/')
+        .skip(1)
+        .map(|t| t.replace("~1", "/").replace("~0", "~"))
+        .collect();
+    let t: Vec<&str> = tokens.iter().map(String::as_str).collect();
+    let own = |name: &Value| name.as_str().is_some_and(|n| n.starts_with("rewind-"));
+    let ok = match t.as_slice() {
+        ["metadata", "annotations", key] => key.starts_with("rewind.dev/"),
+        ["spec", "terminationGracePeriodSeconds"] => true,
+        ["spec", "volumes", _] => own(&op["value"]["name"]),
+        ["spec", "initContainers", i] => match op["op"].as_str().unwrap() {
+            "add" => own(&op["value"]["name"]),
+            "move" => {
+                let from = op["from"].as_str().unwrap();
+                own(&pod.pointer(from).unwrap()["name"])
+            }
+            _ => own(&pod["spec"]["initContainers"][i.parse::<usize>().unwrap()]["name"]),
+        },
+        ["spec", list @ ("initContainers" | "containers"), i, rest @ ..] => {
+            let c = &pod["spec"][*list][i.parse::<usize>().unwrap()];
+            let entry = |key: &str| {
+                rest.get(1)
+                    .map(|j| &c[rest[0]][j.parse::<usize>().unwrap_or(usize::MAX)])
+                    .map(|e| e[key].clone())
+            };
+            if own(&c["name"]) {
+                match rest {
+                    [f, ..]
+                        if [
+                            "image",
+                            "command",
+                            "args",
+                            "restartPolicy",
+                            "startupProbe",
+                            "readinessProbe",
+                            "resources",
+                        ]
+                        .contains(f) =>
+                    {
+                        true
+                    }
+                    ["securityContext", k] => {
+                        ["privileged", "runAsUser", "runAsGroup", "runAsNonRoot"].contains(k)
+                    }
+                    ["volumeMounts", "-"] => op["value"]["mountPath"]
+                        .as_str()
+                        .unwrap()
+                        .starts_with("/rewind/"),
+                    ["volumeMounts", _, ..] => entry("mountPath")
+                        .unwrap()
+                        .as_str()
+                        .unwrap_or("")
+                        .starts_with("/rewind/"),
+                    ["ports", "-"] => own(&op["value"]["name"]),
+                    ["ports", _, ..] => own(&entry("name").unwrap()),
+                    ["env", "-"] => config.env.iter().any(|e| e["name"] == op["value"]["name"]),
+                    ["env", _, ..] => config
+                        .env
+                        .iter()
+                        .any(|e| e["name"] == entry("name").unwrap()),
+                    _ => false,
+                }
+            } else {
+                matches!(rest, ["volumeMounts", _, "name" | "mountPropagation"])
+            }
+        }
+        _ => false,
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("{op} touches what Rewind does not own"))
+    }
+}
+
+/// Applies Rewind's patch one operation at a time, checking each against
+/// the pod as the earlier ones left it.
+fn apply_checking_ownership(pod: &Value, patch: &Value, config: &Config) -> Result<Value, String> {
+    let mut pod = pod.clone();
+    for op in patch.as_array().unwrap() {
+        touches_only_owned(&pod, op, config)?;
+        pod = apply(&pod, &json!([op]));
+    }
+    Ok(pod)
+}
+
+/// Rewind's contract on a pod it admitted: its containers in order before
+/// any init container reading a protected volume, running what they
+/// should, the sidecars privileged with Bidirectional propagation, and
+/// every application container seeing the protected view.
+fn check_wired(pod: &Value, protected: &[&str]) -> Result<(), String> {
+    let init = init_containers(pod);
+    let names: Vec<&str> = init.iter().map(|c| c["name"].as_str().unwrap()).collect();
+    let own: Vec<&str> = names
+        .iter()
+        .copied()
+        .filter(|n| n.starts_with("rewind-"))
+        .collect();
+    let mut want: Vec<String> = protected
+        .iter()
+        .map(|v| format!("rewind-restore-{v}"))
+        .collect();
+    want.extend(protected.iter().map(|v| format!("rewind-{v}")));
+    if own != want {
+        return Err(format!("Rewind's containers {own:?}, wanted {want:?}"));
+    }
+    let last_own = names
+        .iter()
+        .rposition(|n| n.starts_with("rewind-"))
+        .unwrap();
+    for (list, _, c) in all_containers(pod) {
+        let cname = c["name"].as_str().unwrap();
+        let is_own = cname.starts_with("rewind-");
+        for m in c["volumeMounts"].as_array().into_iter().flatten() {
+            let vname = m["name"].as_str().unwrap();
+            let is_protected = protected
+                .iter()
+                .any(|p| *p == vname || format!("rewind-{p}") == vname);
+            if !is_protected || is_own {
+                continue;
+            }
+            if protected.contains(&vname) {
+                return Err(format!("{cname} still mounts the claim {vname}"));
+            }
+            if m["mountPropagation"] != "HostToContainer" {
+                return Err(format!("{cname} mounts {vname} without HostToContainer"));
+            }
+            if list == "initContainers"
+                && names.iter().position(|n| *n == cname).unwrap() < last_own
+            {
+                return Err(format!(
+                    "init container {cname} reads {vname} before the sidecar is up"
+                ));
+            }
+        }
+    }
+    for v in protected {
+        let sidecar = container(&init, &format!("rewind-{v}"));
+        let Command::Run(args) = parse_command(sidecar) else {
+            return Err(format!("rewind-{v} does not run `rewind run`"));
+        };
+        if args.source != Path::new("/rewind/source") || sidecar["restartPolicy"] != "Always" {
+            return Err(format!("rewind-{v} is not the sidecar: {sidecar}"));
+        }
+        if sidecar["securityContext"]["privileged"] != true
+            || sidecar["securityContext"]["runAsUser"] != 0
+        {
+            return Err(format!("rewind-{v} is not privileged root"));
+        }
+        let mounts = sidecar["volumeMounts"].as_array().unwrap();
+        if !mounts.contains(&json!({"name": format!("rewind-{v}"), "mountPath": "/rewind/mnt", "mountPropagation": "Bidirectional"}))
+            || !mounts.contains(&json!({"name": v, "mountPath": "/rewind/source"}))
+        {
+            return Err(format!("rewind-{v} lost a mount it needs: {mounts:?}"));
+        }
+        if sidecar["startupProbe"]["httpGet"]["path"] != "/healthz"
+            || sidecar["resources"]["limits"]["memory"].is_null()
+        {
+            return Err(format!("rewind-{v} lost its probe or limits"));
+        }
+        // The port it listens on is the one its probes ask and it declares,
+        // and no other container of the pod declares it.
+        let port: u64 = args
+            .listen
+            .as_deref()
+            .unwrap()
+            .rsplit(':')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let declared: Vec<u64> = all_containers(pod)
+            .iter()
+            .flat_map(|(_, _, c)| c["ports"].as_array().cloned().unwrap_or_default())
+            .filter_map(|p| p["containerPort"].as_u64())
+            .collect();
+        if sidecar["startupProbe"]["httpGet"]["port"] != port
+            || sidecar["readinessProbe"]["httpGet"]["port"] != port
+            || declared.iter().filter(|p| **p == port).count() != 1
+        {
+            return Err(format!("rewind-{v} listens on {port}, probes or declares another, or shares it: {declared:?}"));
+        }
+    }
+    Ok(())
+}
+
+/// One replay: `before` run ahead of Rewind's first call, `between` after
+/// it and before the API server calls Rewind again.
+struct Replay {
+    name: &'static str,
+    before: &'static [Other],
+    between: &'static [Other],
+    /// Whether Rewind must move its containers (ahead of an init container
+    /// that reads a protected volume); otherwise nothing is moved.
+    moves: bool,
+}
+
+fn replay(r: &Replay, config: &Config) -> Result<(), String> {
+    let first = chain_fixture("create-db-0.json");
+    let run_others = |pod: &Value, others: &[Other]| -> Value {
+        others.iter().fold(pod.clone(), |pod, o| {
+            let p = (o.patch)(&pod);
+            apply(&pod, &p)
+        })
+    };
+    let pod0 = run_others(&first["request"]["object"], r.before);
+    let review1 = reinvocation(&first, &pod0, "3b8f8f2e-5c1a-4e0f-9d2b-7a61c0e4d901");
+    let pod1 = apply(&pod0, &review_patch(&review1, config));
+    // The API server re-runs the built-in plugins and the later webhooks on
+    // the patched pod, then calls Rewind again.
+    let pod2 = run_others(&pod1, r.between);
+    let patch2 = review_patch(
+        &reinvocation(&first, &pod2, "9c4e7d21-0b6a-4f3e-8a5d-2e1f0c9b7a63"),
+        config,
+    );
+    let pod3 = apply(&pod2, &patch2);
+    for o in r.before.iter().chain(r.between) {
+        (o.survived)(&pod3).map_err(|e| format!("{}: {e}", o.name))?;
+    }
+    check_wired(&pod3, &["data", "wal"])?;
+    let whole: Vec<&Value> = patch2
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|op| &op["path"])
+        .filter(|p| {
+            ["/spec/initContainers", "/spec/containers", "/spec/volumes"]
+                .contains(&p.as_str().unwrap())
+        })
+        .collect();
+    if !whole.is_empty() {
+        return Err(format!("the reinvocation replaces whole lists: {whole:?}"));
+    }
+    apply_checking_ownership(&pod2, &patch2, config)?;
+    let moved = patch2
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|op| op["op"] == "move");
+    if moved != r.moves {
+        return Err(format!("moves {moved}, expected {}: {patch2}", r.moves));
+    }
+    let foreign_init = |pod: &Value| -> Vec<Value> {
+        init_containers(pod)
+            .into_iter()
+            .filter(|c| !c["name"].as_str().unwrap().starts_with("rewind-"))
+            .map(|c| c["name"].clone())
+            .collect()
+    };
+    if foreign_init(&pod3) != foreign_init(&pod2) {
+        return Err(format!(
+            "the other init containers were reordered: {:?}",
+            foreign_init(&pod3)
+        ));
+    }
+    let shipper = pod3["spec"]["containers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "log-shipper");
+    if let Some(c) = shipper {
+        let want = json!({"name": "rewind-data", "mountPath": "/var/lib/postgresql/data", "readOnly": true, "mountPropagation": "HostToContainer"});
+        if c["volumeMounts"][0] != want {
+            return Err(format!("log-shipper not wired: {}", c["volumeMounts"]));
+        }
+    }
+    // A third call changes nothing, also once the API server has defaulted
+    // the pod again.
+    for (what, pod) in [
+        ("third call", pod3.clone()),
+        (
+            "third call after defaulting",
+            default_like_api_server(&pod3),
+        ),
+    ] {
+        let patch3 = review_patch(
+            &reinvocation(&first, &pod, "e1d2c3b4-a596-4788-99aa-bbccddeeff00"),
+            config,
+        );
+        if patch3 != json!([]) {
+            return Err(format!("{what} still patches: {patch3}"));
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn reinvocation_keeps_what_other_mutators_added() {
+    let config = config_with(None);
+    let replays = [
+        Replay {
+            name: "the ServiceAccount plugin re-runs after Rewind",
+            before: &[],
+            between: &[SERVICE_ACCOUNT],
+            moves: false,
+        },
+        Replay {
+            name: "the ServiceAccount plugin's first run comes after Rewind",
+            before: &[WITHOUT_TOKEN],
+            between: &[SERVICE_ACCOUNT],
+            moves: false,
+        },
+        Replay {
+            name: "a policy webhook after Rewind",
+            before: &[],
+            between: &[POLICY],
+            moves: false,
+        },
+        Replay {
+            name: "a webhook adds an application container after Rewind",
+            before: &[],
+            between: &[APP_CONTAINER],
+            moves: false,
+        },
+        Replay {
+            name: "all of them after Rewind",
+            before: &[],
+            between: &[APP_CONTAINER, POLICY, SERVICE_ACCOUNT],
+            moves: false,
+        },
+        Replay {
+            name: "the others first, Rewind last, then the others reinvoked",
+            before: &[POLICY, APP_CONTAINER, INIT_FIRST],
+            between: &[SERVICE_ACCOUNT, POLICY],
+            moves: false,
+        },
+        Replay {
+            name: "an injector prepends an init container after Rewind",
+            before: &[],
+            between: &[INIT_FIRST, SERVICE_ACCOUNT],
+            moves: false,
+        },
+        Replay {
+            name: "an injector prepends an init container that reads the volume",
+            before: &[],
+            between: &[SEEDER, POLICY],
+            moves: true,
+        },
+        Replay {
+            name: "a webhook adds a container declaring the sidecar's port",
+            before: &[],
+            between: &[PORT_TAKER, POLICY, SERVICE_ACCOUNT],
+            moves: false,
+        },
+    ];
+    let failures: Vec<String> = replays
+        .iter()
+        .filter_map(|r| replay(r, &config).err().map(|e| format!("{}: {e}", r.name)))
+        .collect();
+    assert!(
+        failures.is_empty(),
+        "{} of {} replays failed:\n{}",
+        failures.len(),
+        replays.len(),
+        failures.join("\n")
+    );
+}
+
+/// The exact operations of a reinvocation, for one change another mutator
+/// made to Rewind's own output: each at the path of the one field it
+/// concerns, with the array indices the pod has at that point of the patch
+/// and '/' in annotation keys escaped as "~1".
+#[test]
+fn reinvocation_patches_are_exact() {
+    let case = deployment_case();
+    let injected = apply(&case.pod, &patch_json(&run(&case, &case.pod).unwrap()));
+    let token = json!({"name": "kube-api-access-7xk2p", "readOnly": true, "mountPath": TOKEN_PATH});
+    let rows = [
+        (
+            "the token mount on the sidecar",
+            json!([{"op": "add", "path": "/spec/initContainers/0/volumeMounts/-", "value": token}]),
+            json!([]),
+        ),
+        (
+            "a mirror's image on the sidecar",
+            json!([{"op": "replace", "path": "/spec/initContainers/0/image", "value": "mirror.example/rewind:test"}]),
+            json!([{"op": "replace", "path": "/spec/initContainers/0/image", "value": "rewind:test"}]),
+        ),
+        (
+            "a policy's securityContext and CPU request on the sidecar",
+            json!([{"op": "replace", "path": "/spec/initContainers/0/securityContext/privileged", "value": false},
+                {"op": "add", "path": "/spec/initContainers/0/securityContext/seccompProfile", "value": {"type": "RuntimeDefault"}},
+                {"op": "replace", "path": "/spec/initContainers/0/resources/requests/cpu", "value": "10m"}]),
+            json!([{"op": "replace", "path": "/spec/initContainers/0/securityContext/privileged", "value": true},
+                {"op": "replace", "path": "/spec/initContainers/0/resources/requests/cpu", "value": "100m"}]),
+        ),
+        (
+            "an init container put first that does not read the volume",
+            json!([{"op": "add", "path": "/spec/initContainers/0", "value": {"name": "vault-agent-init", "image": "vault:1.18"}}]),
+            json!([]),
+        ),
+        (
+            "an init container put first that reads the volume",
+            json!([{"op": "add", "path": "/spec/initContainers/0", "value": {"name": "seed", "image": "busybox:1.36",
+                 "volumeMounts": [{"name": "data", "mountPath": "/seed"}]}}]),
+            json!([{"op": "move", "from": "/spec/initContainers/1", "path": "/spec/initContainers/0"},
+                {"op": "add", "path": "/spec/initContainers/1/volumeMounts/0/mountPropagation", "value": "HostToContainer"},
+                {"op": "replace", "path": "/spec/initContainers/1/volumeMounts/0/name", "value": "rewind-data"}]),
+        ),
+        (
+            "an application container mounting the claim",
+            json!([{"op": "add", "path": "/spec/containers/-", "value": {"name": "shipper", "image": "fluent-bit:3",
+                 "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}, {"name": "data", "mountPath": "/logs", "readOnly": true}]}}]),
+            json!([{"op": "add", "path": "/spec/containers/1/volumeMounts/1/mountPropagation", "value": "HostToContainer"},
+                {"op": "replace", "path": "/spec/containers/1/volumeMounts/1/name", "value": "rewind-data"}]),
+        ),
+        (
+            "the grace period lowered",
+            json!([{"op": "replace", "path": "/spec/terminationGracePeriodSeconds", "value": 30}]),
+            json!([{"op": "replace", "path": "/spec/terminationGracePeriodSeconds", "value": 65}]),
+        ),
+        // Without its record of the original, Rewind can only take the
+        // current grace period as the application's and raise it again.
+        (
+            "the record of the original grace period removed",
+            json!([{"op": "remove", "path": "/metadata/annotations/rewind.dev~1app-grace-period-seconds"}]),
+            json!([{"op": "replace", "path": "/spec/terminationGracePeriodSeconds", "value": 100},
+                {"op": "add", "path": "/metadata/annotations/rewind.dev~1app-grace-period-seconds", "value": "65"}]),
+        ),
+    ];
+    let failures: Vec<String> = rows
+        .into_iter()
+        .filter_map(|(what, edit, want)| {
+            let pod = apply(&injected, &edit);
+            let got = patch_json(&run(&case, &pod).unwrap());
+            if got != want {
+                let ops: Vec<String> = got
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|op| {
+                        format!(
+                            "{} {}",
+                            op["op"].as_str().unwrap_or_default(),
+                            op["path"].as_str().unwrap_or_default()
+                        )
+                    })
+                    .collect();
+                return Some(format!("{what}: got {ops:?}, full: {got}"));
+            }
+            let again = apply(&pod, &got);
+            if run(&case, &again).unwrap().patch.is_empty() {
+                None
+            } else {
+                Some(format!("{what}: not a fixed point"))
+            }
+        })
+        .collect();
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }

@@ -1,9 +1,11 @@
 //! The objects the webhook adds to a pod: the sidecar (a native sidecar
 //! running `rewind run`), the one-shot restore init container, and the
 //! `emptyDir` that carries the mount to the application. Every field the
-//! API server would default is written out, so that a reinvocation sees
-//! exactly what it would build again. This module builds JSON values only;
-//! deciding where they go in the pod is `mod.rs`'s job.
+//! API server would default is written out, so that a reinvocation finds
+//! what it would build again. These are whole containers, as Rewind adds
+//! them the first time; which of their fields Rewind keeps claiming after
+//! other mutators ran is `owned.rs`'s decision. This module builds JSON
+//! values only; deciding where they go in the pod is `mod.rs`'s job.
 
 use serde_json::{json, Map, Value};
 

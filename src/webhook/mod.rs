@@ -2,9 +2,10 @@
 //! the namespace of the request and the webhook's settings, decide whether
 //! to inject the Rewind sidecar and compute the JSON Patch that does it, or
 //! the message that denies the pod. Everything here is a function of its
-//! inputs, so tests feed captured pods without a server. This module owns
-//! the annotation contract (`annotations`), the settings (`config`), the
-//! injected objects (`containers`), the patch (`patch`) and the
+//! inputs (pod in, operations out), so tests feed captured pods without a
+//! server. This module owns the annotation contract (`annotations`), the
+//! settings (`config`), the injected objects (`containers`), which fields
+//! of the pod are Rewind's (`owned`), the patch (`patch`) and the
 //! AdmissionReview envelope (`review`); it must not touch HTTP, files or
 //! the clock (`src/http.rs` serves it).
 //!
@@ -20,13 +21,20 @@
 //! - with `rewind.dev/restore-at`, an init container `rewind-restore-V`
 //!   restores V once, before the sidecar starts.
 //!
-//! # Idempotency
-//! The patch is the diff between the pod received and the pod wanted, and
-//! the pod wanted is computed from the pod received, keeping any of the
-//! webhook's own objects that already say what it would write (the API
-//! server's defaulting only adds fields). So the webhook's own output sent
-//! back yields an empty patch, and containers another webhook added since
-//! are rewired.
+//! # Living in an admission chain
+//! Other mutators run before and after Rewind, and the API server calls
+//! Rewind again after them (`reinvocationPolicy: IfNeeded`). The patch
+//! therefore claims only what Rewind decides: the existence and order of
+//! its containers, the fields listed in `owned`, the name and propagation
+//! of the application's mounts of protected volumes, the shared emptyDir,
+//! the grace period and its two annotations. Each is brought to what Rewind
+//! wants by an operation at its own path, against a working copy that
+//! already holds the earlier operations; everything else, on Rewind's
+//! containers too, is left as found. An existing value satisfies Rewind
+//! when it contains what Rewind would write (the API server's defaulting
+//! only adds fields), so Rewind's own output sent back yields an empty
+//! patch, a pod changed by others since gets operations on Rewind's fields
+//! only, and containers another webhook added are rewired.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -35,14 +43,16 @@ use serde_json::{json, Map, Value};
 pub mod annotations;
 pub mod config;
 pub mod containers;
+mod owned;
 pub mod patch;
 pub mod review;
 
 pub use config::{Config, ConfigError};
 pub use patch::{Op, Patch};
 
-use annotations::{parse_quantity, Protection, Quantity};
+use annotations::Protection;
 use containers::Plan;
+use patch::{EditError, Editor, Pointer};
 
 /// The namespace's Pod Security enforcement level, when it forbids
 /// privileged pods. The webhook cannot read Namespace objects (it has no
@@ -82,6 +92,12 @@ pub enum Denial {
     /// The object is not a pod at all; the HTTP layer answers 400.
     #[error("malformed pod: {0}")]
     Malformed(String),
+}
+
+impl From<EditError> for Denial {
+    fn from(e: EditError) -> Self {
+        Denial::Malformed(e.to_string())
+    }
 }
 
 /// The webhook's answer for an admitted pod.
@@ -137,15 +153,14 @@ pub fn mutate(pod: &Value, ns: Namespace, config: &Config) -> Result<Mutation, D
         return Err(malformed("the request names no namespace"));
     }
 
-    let mut new = pod.clone();
-    let spec = new
-        .get_mut("spec")
-        .and_then(Value::as_object_mut)
+    let spec = pod
+        .get("spec")
+        .and_then(Value::as_object)
         .ok_or_else(|| malformed("the pod has no spec object"))?;
     check_pod_level(spec)?;
-    let mut volumes = object_list(spec, "volumes")?;
-    let mut init = object_list(spec, "initContainers")?;
-    let mut regular = object_list(spec, "containers")?;
+    let volumes = object_list(spec, "volumes")?;
+    let init = object_list(spec, "initContainers")?;
+    let regular = object_list(spec, "containers")?;
     if regular.is_empty() {
         return Err(malformed("spec.containers is empty"));
     }
@@ -153,6 +168,7 @@ pub fn mutate(pod: &Value, ns: Namespace, config: &Config) -> Result<Mutation, D
         if c.get("name").and_then(Value::as_str).is_none() {
             return Err(malformed("a container has no name"));
         }
+        check_mounts(c)?;
     }
 
     let previously = previously_injected(&annotations, &prot)?;
@@ -165,7 +181,7 @@ pub fn mutate(pod: &Value, ns: Namespace, config: &Config) -> Result<Mutation, D
     let claims = claims_of(&prot, &volumes)?;
 
     // Names the webhook owns for this pod, and which of them exist from a
-    // previous invocation (then they are replaced, not a conflict).
+    // previous invocation (then they are reconciled, not a conflict).
     let mut own_containers = BTreeSet::new();
     let mut own_volumes = BTreeSet::new();
     for v in &prot.volumes {
@@ -194,91 +210,25 @@ pub fn mutate(pod: &Value, ns: Namespace, config: &Config) -> Result<Mutation, D
         return Err(conflict("container", str_field(c, "name")));
     }
 
-    let (existing_own, mut user_init): (Vec<_>, Vec<_>) = init
-        .drain(..)
-        .partition(|c| own_containers.contains(str_field(c, "name")));
-
-    // Ports the sidecars listen on must not collide with ports the pod's
-    // other containers declare (they share one network namespace).
-    let used_ports: BTreeSet<i64> = user_init
+    let used_ports: BTreeSet<i64> = init
         .iter()
+        .filter(|c| !own_containers.contains(str_field(c, "name")))
         .chain(&regular)
         .filter_map(|c| c.get("ports").and_then(Value::as_array))
         .flatten()
         .filter_map(|p| p.get("containerPort").and_then(Value::as_i64))
         .collect();
-    let mut next_port = i64::from(config.metrics_port);
+    let wanted = wanted_containers(&prot, &claims, &store, ns.name, &used_ports, config)?;
 
-    let mut wanted_restores = Vec::new();
-    let mut wanted_sidecars = Vec::new();
-    for (index, (volume, claim)) in prot.volumes.iter().zip(&claims).enumerate() {
-        while used_ports.contains(&next_port) {
-            next_port += 1;
-        }
-        let port = u16::try_from(next_port)
-            .map_err(|_| Denial::Refused("no free port for the sidecar's metrics".into()))?;
-        next_port += 1;
-        let store_volume = match &config.cluster_id {
-            Some(id) => format!("{id}/{}/{claim}", ns.name),
-            None => format!("{}/{claim}", ns.name),
-        };
-        let plan = Plan {
-            volume,
-            store_volume,
-            store: &store,
-            segment_interval: prot
-                .segment_interval
-                .as_deref()
-                .unwrap_or(&config.segment_interval),
-            cpu: prot.cpu.as_deref().unwrap_or(&config.cpu),
-            memory: prot.memory.as_deref().unwrap_or(&config.memory),
-            port,
-            index,
-            restore_at: prot.restore_at.as_deref(),
-            restore_overwrite: prot.restore_overwrite,
-        };
-        if let Some(time) = plan.restore_at {
-            wanted_restores.push(containers::restore(&plan, time, config));
-        }
-        wanted_sidecars.push(containers::sidecar(&plan, config));
+    // The patch is built against a working copy, one precise operation at a
+    // time, so that whatever other mutators put into the pod (also into
+    // Rewind's own containers) stays as they left it.
+    let mut ed = Editor::new(pod);
+    place_own_containers(&mut ed, &wanted, &own_containers, &prot.volumes)?;
+    for list in ["initContainers", "containers"] {
+        rewire(&mut ed, list, &own_containers, &prot.volumes)?;
     }
-
-    // Restore containers first (the data must be back before the sidecar
-    // journals it), then the sidecars, then the user's init containers,
-    // which may read the volume and so need the mount live.
-    let mut new_init: Vec<Map<String, Value>> = Vec::new();
-    for wanted in wanted_restores.into_iter().chain(wanted_sidecars) {
-        let name = wanted["name"].as_str().unwrap_or_default().to_string();
-        let keep = existing_own
-            .iter()
-            .find(|c| str_field(c, "name") == name)
-            .filter(|c| covers(&Value::Object((*c).clone()), &wanted, false));
-        new_init.push(match keep {
-            Some(existing) => existing.clone(),
-            None => into_map(wanted),
-        });
-    }
-    for c in user_init.iter_mut().chain(regular.iter_mut()) {
-        rewire(c, &prot.volumes)?;
-    }
-    new_init.extend(user_init);
-
-    for v in &prot.volumes {
-        let wanted = containers::shared_volume(v);
-        let name = containers::sidecar_name(v);
-        match volumes.iter_mut().find(|x| str_field(x, "name") == name) {
-            Some(existing) => {
-                if !covers(&Value::Object(existing.clone()), &wanted, false) {
-                    *existing = into_map(wanted);
-                }
-            }
-            None => volumes.push(into_map(wanted)),
-        }
-    }
-
-    set_list(spec, "initContainers", new_init);
-    set_list(spec, "containers", regular);
-    set_list(spec, "volumes", volumes);
+    ensure_shared_volumes(&mut ed, &prot.volumes)?;
 
     // Raise the grace period so the sidecar's final flush fits after the
     // app's own shutdown (the kubelet signals sidecars only once the app's
@@ -298,27 +248,251 @@ pub fn mutate(pod: &Value, ns: Namespace, config: &Config) -> Result<Mutation, D
     };
     let needed = original + i64::from(config.shutdown_timeout_seconds) + GRACE_MARGIN_SECONDS;
     let grace = needed.max(current.unwrap_or(DEFAULT_GRACE_SECONDS));
-    spec.insert("terminationGracePeriodSeconds".into(), json!(grace));
-
-    let meta = new
-        .as_object_mut()
-        .expect("checked above")
-        .entry("metadata")
-        .or_insert_with(|| json!({}));
-    let meta = meta
-        .as_object_mut()
-        .ok_or_else(|| malformed("metadata is not an object"))?;
-    let ann = meta.entry("annotations").or_insert_with(|| json!({}));
-    let ann = ann
-        .as_object_mut()
-        .ok_or_else(|| malformed("metadata.annotations is not an object"))?;
-    ann.insert(annotations::INJECTED.into(), json!(prot.volumes.join(",")));
-    ann.insert(annotations::APP_GRACE.into(), json!(original.to_string()));
+    let root = Pointer::root();
+    owned::ensure(
+        &mut ed,
+        &root.key("spec").key("terminationGracePeriodSeconds"),
+        &json!(grace),
+        false,
+    )?;
+    let mut own_annotations = Map::new();
+    own_annotations.insert(annotations::INJECTED.into(), json!(prot.volumes.join(",")));
+    own_annotations.insert(annotations::APP_GRACE.into(), json!(original.to_string()));
+    owned::ensure(
+        &mut ed,
+        &root.key("metadata"),
+        &json!({ "annotations": own_annotations }),
+        false,
+    )?;
 
     Ok(Mutation {
-        patch: patch::diff(pod, &new),
+        patch: ed.finish(),
         warnings: Vec::new(),
     })
+}
+
+/// Rewind's init containers as it would build them for this pod, in the
+/// order they must run: the restore containers first (the data must be
+/// back before the sidecar journals it), then the sidecars. Each sidecar
+/// listens on the first port from `metricsPort` on that no other container
+/// declares (they share one network namespace).
+fn wanted_containers(
+    prot: &Protection,
+    claims: &[String],
+    store: &str,
+    namespace: &str,
+    used_ports: &BTreeSet<i64>,
+    config: &Config,
+) -> Result<Vec<Value>, Denial> {
+    let mut next_port = i64::from(config.metrics_port);
+    let mut wanted_restores = Vec::new();
+    let mut wanted_sidecars = Vec::new();
+    for (index, (volume, claim)) in prot.volumes.iter().zip(claims).enumerate() {
+        while used_ports.contains(&next_port) {
+            next_port += 1;
+        }
+        let port = u16::try_from(next_port)
+            .map_err(|_| Denial::Refused("no free port for the sidecar's metrics".into()))?;
+        next_port += 1;
+        let store_volume = match &config.cluster_id {
+            Some(id) => format!("{id}/{namespace}/{claim}"),
+            None => format!("{namespace}/{claim}"),
+        };
+        let plan = Plan {
+            volume,
+            store_volume,
+            store,
+            segment_interval: prot
+                .segment_interval
+                .as_deref()
+                .unwrap_or(&config.segment_interval),
+            cpu: prot.cpu.as_deref().unwrap_or(&config.cpu),
+            memory: prot.memory.as_deref().unwrap_or(&config.memory),
+            port,
+            index,
+            restore_at: prot.restore_at.as_deref(),
+            restore_overwrite: prot.restore_overwrite,
+        };
+        if let Some(time) = plan.restore_at {
+            wanted_restores.push(containers::restore(&plan, time, config));
+        }
+        wanted_sidecars.push(containers::sidecar(&plan, config));
+    }
+
+    Ok(wanted_restores.into_iter().chain(wanted_sidecars).collect())
+}
+
+/// Puts Rewind's init containers (`wanted`, in the order they must run)
+/// into the pod and brings the fields Rewind owns on each to what it
+/// wants. Rewind needs only this order: its containers in `wanted`'s order,
+/// all of them before any other init container that mounts a protected
+/// volume (which needs the mount live). Init containers other mutators put
+/// elsewhere stay where they are, so two injectors that each insert
+/// their own containers agree whichever runs first. A missing container
+/// goes right after the previous one of Rewind's (the first at the front);
+/// one out of place is moved there with its foreign fields intact.
+fn place_own_containers(
+    ed: &mut Editor,
+    wanted: &[Value],
+    own: &BTreeSet<String>,
+    protected: &[String],
+) -> Result<(), Denial> {
+    let list = Pointer::root().key("spec").key("initContainers");
+    // A container of Rewind's the pod no longer asks for (a restore
+    // container once restore-at is gone) is removed.
+    while let Some(stale) = containers_at(ed, &list).iter().position(|c| {
+        let name = str_field(c, "name");
+        own.contains(name) && !wanted.iter().any(|w| w["name"] == name)
+    }) {
+        ed.remove(&list.index(stale))?;
+    }
+    let mut next = 0;
+    for w in wanted {
+        let current = containers_at(ed, &list);
+        let first_dependent = current.iter().position(|c| {
+            !own.contains(str_field(c, "name")) && mounted_protected(c, protected).next().is_some()
+        });
+        let found = current.iter().position(|c| c.get("name") == w.get("name"));
+        let at = match found {
+            None if ed.get(&list).is_some_and(Value::is_array) => {
+                ed.add(&list.index(next), w.clone())?;
+                next
+            }
+            None => {
+                owned::ensure(ed, &list, &json!([w]), false)?;
+                0
+            }
+            Some(i) if i >= next && first_dependent.is_none_or(|d| i < d) => i,
+            Some(i) => {
+                // Moving forward removes the container first, which shifts
+                // the previous one of Rewind's back by one.
+                let to = if i < next { next - 1 } else { next };
+                ed.move_to(&list.index(i), &list.index(to))?;
+                to
+            }
+        };
+        owned::ensure_container(ed, &list.index(at), w)?;
+        next = at + 1;
+    }
+    Ok(())
+}
+
+/// Points the application's mounts of protected volumes, in `spec.<list>`,
+/// at the shared emptyDir, with HostToContainer so that a new FUSE mount
+/// made by a restarted sidecar reaches them. Only each mount's `name` and
+/// `mountPropagation` are Rewind's; its path, subPath and readOnly stay
+/// the application's.
+fn rewire(
+    ed: &mut Editor,
+    list: &str,
+    own: &BTreeSet<String>,
+    protected: &[String],
+) -> Result<(), Denial> {
+    let at = Pointer::root().key("spec").key(list);
+    for (i, c) in containers_at(ed, &at).iter().enumerate() {
+        let cname = str_field(c, "name");
+        if own.contains(cname) {
+            continue;
+        }
+        for (j, mount, volume) in mounted_protected(c, protected) {
+            if mount
+                .get("recursiveReadOnly")
+                .and_then(Value::as_str)
+                .is_some_and(|r| r != "Disabled")
+            {
+                return Err(Denial::Refused(format!(
+                    "container {cname:?} mounts protected volume {volume:?} with recursiveReadOnly, which \
+                     Kubernetes allows only without mount propagation, and the protected view needs \
+                     HostToContainer propagation; use readOnly without recursiveReadOnly"
+                )));
+            }
+            let wanted = json!({
+                "name": containers::sidecar_name(volume),
+                "mountPropagation": "HostToContainer",
+            });
+            owned::ensure(
+                ed,
+                &at.index(i).key("volumeMounts").index(j),
+                &wanted,
+                false,
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// Adds the emptyDir each sidecar mounts FUSE over, or puts it back if
+/// something turned it into another kind of volume; fields another mutator
+/// added to it (a sizeLimit) stay.
+fn ensure_shared_volumes(ed: &mut Editor, protected: &[String]) -> Result<(), Denial> {
+    let list = Pointer::root().key("spec").key("volumes");
+    for v in protected {
+        let wanted = containers::shared_volume(v);
+        let found = containers_at(ed, &list)
+            .iter()
+            .position(|x| x.get("name") == wanted.get("name"))
+            .map(|i| {
+                (
+                    i,
+                    ed.get(&list.index(i))
+                        .is_some_and(|x| owned::covers(x, &wanted, false)),
+                )
+            });
+        match found {
+            Some((_, true)) => {}
+            Some((i, false)) => ed.replace(&list.index(i), wanted)?,
+            None => ed.add(&list.end(), wanted)?,
+        }
+    }
+    Ok(())
+}
+
+/// The mounts of `container` that name a protected volume, by its own name
+/// or by the shared emptyDir's: (index, mount, protected volume).
+fn mounted_protected<'a>(
+    container: &'a Map<String, Value>,
+    protected: &'a [String],
+) -> impl Iterator<Item = (usize, &'a Map<String, Value>, &'a String)> + 'a {
+    container
+        .get("volumeMounts")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .enumerate()
+        .filter_map(move |(j, m)| {
+            let mount = m.as_object()?;
+            let name = str_field(mount, "name");
+            let volume = protected
+                .iter()
+                .find(|v| **v == name || containers::sidecar_name(v) == name)?;
+            Some((j, mount, volume))
+        })
+}
+
+/// Refuses a container whose volumeMounts are not a list of objects, so
+/// that the rest can read them without checking again.
+fn check_mounts(container: &Map<String, Value>) -> Result<(), Denial> {
+    let cname = str_field(container, "name");
+    match container.get("volumeMounts") {
+        None | Some(Value::Null) => Ok(()),
+        Some(Value::Array(mounts)) if mounts.iter().all(Value::is_object) => Ok(()),
+        Some(Value::Array(_)) => Err(Denial::Malformed(format!(
+            "a volumeMount of container {cname:?} is not an object"
+        ))),
+        Some(_) => Err(Denial::Malformed(format!(
+            "volumeMounts of container {cname:?} is not a list"
+        ))),
+    }
+}
+
+/// The objects of the list at `at` in the working copy (absent is empty).
+fn containers_at(ed: &Editor, at: &Pointer) -> Vec<Map<String, Value>> {
+    ed.get(at)
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|c| c.as_object().cloned())
+        .collect()
 }
 
 /// Whether the webhook's own objects are already in the pod. A stale
@@ -372,9 +546,10 @@ fn claims_of(prot: &Protection, volumes: &[Map<String, Value>]) -> Result<Vec<St
                 "rewind protects PersistentVolumeClaims only, because the name on the store (<namespace>/<claim>) must survive pod recreation"
             };
             return Err(Denial::Refused(format!(
-                "volume {name:?} listed in {} is a {kind} volume, not a persistentVolumeClaim: {hint}; \
+                "volume {name:?} listed in {} is {} volume, not a persistentVolumeClaim: {hint}; \
                  remove it from the annotation or back it with a PersistentVolumeClaim",
-                annotations::VOLUMES
+                annotations::VOLUMES,
+                with_article(kind)
             )));
         };
         let claim = pvc
@@ -409,71 +584,28 @@ fn check_pod_level(spec: &Map<String, Value>) -> Result<(), Denial> {
     Ok(())
 }
 
-/// Points an application container's mounts of protected volumes at the
-/// shared emptyDir, with HostToContainer so that a new FUSE mount made by a
-/// restarted sidecar reaches it.
-fn rewire(container: &mut Map<String, Value>, protected: &[String]) -> Result<(), Denial> {
-    let cname = str_field(container, "name").to_string();
-    let Some(mounts) = container.get_mut("volumeMounts") else {
-        return Ok(());
-    };
-    let mounts = mounts.as_array_mut().ok_or_else(|| {
-        Denial::Malformed(format!("volumeMounts of container {cname:?} is not a list"))
-    })?;
-    for mount in mounts {
-        let mount = mount.as_object_mut().ok_or_else(|| {
-            Denial::Malformed(format!(
-                "a volumeMount of container {cname:?} is not an object"
-            ))
-        })?;
-        let name = str_field(mount, "name").to_string();
-        let Some(volume) = protected
-            .iter()
-            .find(|v| **v == name || containers::sidecar_name(v) == name)
-        else {
-            continue;
-        };
-        if mount
-            .get("recursiveReadOnly")
-            .and_then(Value::as_str)
-            .is_some_and(|r| r != "Disabled")
+/// `word` after its indefinite article, "a" or "an" by the sound it starts
+/// with: volume kinds are field names, read as words ("an emptyDir", "a
+/// configMap", "an ephemeral") unless they have no vowel, and then letter by
+/// letter ("an nfs", "an rbd", "an fc").
+fn with_article(word: &str) -> String {
+    let lower = word.to_ascii_lowercase();
+    let is_vowel = |c: char| "aeiou".contains(c);
+    let an = match lower.chars().next() {
+        None => false,
+        // Spelt out: the letters whose names start with a vowel sound.
+        Some(first) if !lower.chars().any(is_vowel) => "aefhilmnorsx".contains(first),
+        // Words that start with a vowel letter but a consonant sound.
+        Some(_)
+            if ["uni", "use", "usu", "eu", "one"]
+                .iter()
+                .any(|p| lower.starts_with(p)) =>
         {
-            return Err(Denial::Refused(format!(
-                "container {cname:?} mounts protected volume {volume:?} with recursiveReadOnly, which \
-                 Kubernetes allows only without mount propagation, and the protected view needs \
-                 HostToContainer propagation; use readOnly without recursiveReadOnly"
-            )));
+            false
         }
-        mount.insert("name".into(), json!(containers::sidecar_name(volume)));
-        mount.insert("mountPropagation".into(), json!("HostToContainer"));
-    }
-    Ok(())
-}
-
-/// Whether `existing` already says everything `wanted` says. Extra fields
-/// are allowed (the API server defaults some), and under `resources`
-/// quantities compare by value, since the API server rewrites them in
-/// canonical form ("0.5" becomes "500m").
-fn covers(existing: &Value, wanted: &Value, in_resources: bool) -> bool {
-    match (existing, wanted) {
-        (Value::Object(e), Value::Object(w)) => w.iter().all(|(k, wv)| {
-            e.get(k)
-                .is_some_and(|ev| covers(ev, wv, in_resources || k == "resources"))
-        }),
-        (Value::Array(e), Value::Array(w)) => {
-            e.len() == w.len() && e.iter().zip(w).all(|(ev, wv)| covers(ev, wv, in_resources))
-        }
-        (Value::String(e), Value::String(w)) if in_resources && e != w => {
-            match (
-                parse_quantity(e, Quantity::Cpu),
-                parse_quantity(w, Quantity::Cpu),
-            ) {
-                (Ok(a), Ok(b)) => (a - b).abs() <= f64::EPSILON * a.abs().max(b.abs()),
-                _ => false,
-            }
-        }
-        _ => existing == wanted,
-    }
+        Some(first) => is_vowel(first),
+    };
+    format!("{} {word}", if an { "an" } else { "a" })
 }
 
 fn conflict(kind: &str, name: &str) -> Denial {
@@ -485,13 +617,6 @@ fn conflict(kind: &str, name: &str) -> Denial {
 
 fn str_field<'a>(obj: &'a Map<String, Value>, key: &str) -> &'a str {
     obj.get(key).and_then(Value::as_str).unwrap_or_default()
-}
-
-fn into_map(v: Value) -> Map<String, Value> {
-    match v {
-        Value::Object(m) => m,
-        _ => Map::new(),
-    }
 }
 
 /// Reads `metadata.<key>` as a map of strings (absent is empty).
@@ -531,13 +656,30 @@ fn object_list(spec: &Map<String, Value>, key: &str) -> Result<Vec<Map<String, V
     }
 }
 
-/// Writes `spec.<key>` back, leaving it absent when it was absent and stays empty.
-fn set_list(spec: &mut Map<String, Value>, key: &str, items: Vec<Map<String, Value>>) {
-    if items.is_empty() && !spec.contains_key(key) {
-        return;
+#[cfg(test)]
+mod tests {
+    use super::with_article;
+
+    #[test]
+    fn the_article_follows_the_sound() {
+        for (kind, want) in [
+            ("emptyDir", "an emptyDir"),
+            ("ephemeral", "an ephemeral"),
+            ("image", "an image"),
+            ("iscsi", "an iscsi"),
+            ("azureDisk", "an azureDisk"),
+            ("unknown", "an unknown"),
+            ("configMap", "a configMap"),
+            ("hostPath", "a hostPath"),
+            ("secret", "a secret"),
+            ("csi", "a csi"),
+            ("gcePersistentDisk", "a gcePersistentDisk"),
+            ("nfs", "an nfs"),
+            ("rbd", "an rbd"),
+            ("fc", "an fc"),
+            ("uniqueThing", "a uniqueThing"),
+        ] {
+            assert_eq!(with_article(kind), want);
+        }
     }
-    spec.insert(
-        key.into(),
-        Value::Array(items.into_iter().map(Value::Object).collect()),
-    );
 }

@@ -5,7 +5,8 @@ implementation, and the patched pod validated strictly against the
 Kubernetes OpenAPI schema (the oldest supported and the latest version) and
 against the API server's own rules. The cases are the table in
 tests/fixtures/webhook/cases.json, which tests/webhook.rs also runs through
-the pure core.
+the pure core. The admission chain's reinvocation is replayed from the
+request bodies in tests/fixtures/webhook/chain/.
 """
 
 import base64
@@ -31,6 +32,8 @@ from webhook_support import (
 )
 
 CASES = json.loads((FIXTURES / "cases.json").read_text())
+CHAIN = FIXTURES / "chain"
+TOKEN_PATH = "/var/run/secrets/kubernetes.io/serviceaccount"
 API_SERVER_NAME = "rewind-webhook.rewind-system.svc"
 
 
@@ -82,15 +85,20 @@ def path_for(case):
 
 def send(webhook, pod, case, uid="6f1b2c3d-0000-4000-8000-00000000abcd"):
     """Sends the pod and returns (response, patched pod or None)."""
-    answer = webhook.review(admission_review(pod, case["namespace"], uid=uid), path_for(case))
+    response, ops = send_review(webhook, admission_review(pod, case["namespace"], uid=uid), path_for(case))
+    return response, None if ops is None else jsonpatch.apply_patch(pod, ops)
+
+
+def send_review(webhook, review, path="/mutate"):
+    """Sends an AdmissionReview and returns (response, patch operations or None)."""
+    answer = webhook.review(review, path)
     assert answer["apiVersion"] == "admission.k8s.io/v1" and answer["kind"] == "AdmissionReview"
     response = answer["response"]
-    assert response["uid"] == uid, "the response must echo the request's uid"
+    assert response["uid"] == review["request"]["uid"], "the response must echo the request's uid"
     if "patch" not in response:
         return response, None
     assert response["patchType"] == "JSONPatch"
-    ops = json.loads(base64.b64decode(response["patch"]))
-    return response, jsonpatch.apply_patch(pod, ops)
+    return response, json.loads(base64.b64decode(response["patch"]))
 
 
 def assert_valid_pod(pod):
@@ -274,3 +282,65 @@ def test_rotated_certificate_is_served_without_restart(tmp_path):
         assert webhook.proc.poll() is None
     finally:
         assert webhook.stop() == 0
+
+
+def test_reinvocation_keeps_what_other_mutators_added(webhooks):
+    """The API server's sequence for one StatefulSet pod, with request
+    bodies shaped like its own (tests/fixtures/webhook/chain/): Rewind's
+    first call; then the reinvocation after the ServiceAccount plugin
+    mounted its token into every container (Rewind's too), a policy webhook
+    gave every container an env var, a CA mount and a seccomp profile, and
+    another webhook added a log shipper that mounts the claim; then a third
+    call with the result. Rewind must wire the log shipper, keep everything
+    the others added, and answer the third call with no patch."""
+    webhook = webhooks()
+    first = json.loads((CHAIN / "create-db-0.json").read_text())
+    response, ops = send_review(webhook, first)
+    assert response["allowed"] is True and ops
+    assert_valid_pod(jsonpatch.apply_patch(without_null_timestamp(first["request"]["object"]), ops))
+
+    reinvoked = json.loads((CHAIN / "reinvoke-db-0.json").read_text())
+    pod = reinvoked["request"]["object"]
+    response, ops = send_review(webhook, reinvoked)
+    assert response["allowed"] is True and ops, "the log shipper needs wiring"
+    after = jsonpatch.apply_patch(pod, ops)
+
+    containers = after["spec"]["initContainers"] + after["spec"]["containers"]
+    for c in containers:
+        name, mounts = c["name"], c.get("volumeMounts", [])
+        assert any(m["mountPath"] == TOKEN_PATH and m["name"].startswith("kube-api-access-") for m in mounts), \
+            f"{name} lost the ServiceAccount plugin's token mount"
+        assert {"name": "vault-ca", "mountPath": "/vault/ca", "readOnly": True} in mounts, f"{name} lost the CA mount"
+        assert {"name": "VAULT_ADDR", "value": "https://vault.vault.svc:8200"} in c.get("env", []), f"{name} lost VAULT_ADDR"
+        assert c.get("securityContext", {}).get("seccompProfile") == {"type": "RuntimeDefault"}, \
+            f"{name} lost its seccompProfile"
+    whole = [op["path"] for op in ops if op["path"] in ("/spec/initContainers", "/spec/containers", "/spec/volumes")]
+    assert not whole, f"lists holding others' entries are replaced whole: {whole}"
+    shipper = next(c for c in after["spec"]["containers"] if c["name"] == "log-shipper")
+    assert {"name": "rewind-data", "mountPath": "/var/lib/postgresql/data", "readOnly": True,
+            "mountPropagation": "HostToContainer"} in shipper["volumeMounts"]
+    # Apart from that mount, nothing the pod held changed.
+    unchanged = copy.deepcopy(after)
+    for m in next(c for c in unchanged["spec"]["containers"] if c["name"] == "log-shipper")["volumeMounts"]:
+        if m["name"] == "rewind-data":
+            m["name"] = "data"
+            del m["mountPropagation"]
+    assert unchanged == pod
+    assert_valid_pod(without_null_timestamp(after))
+
+    third = copy.deepcopy(reinvoked)
+    third["request"]["uid"] = "e1d2c3b4-a596-4788-99aa-bbccddeeff00"
+    for obj in (after, default_like_api_server(after)):
+        third["request"]["object"] = obj
+        response, ops = send_review(webhook, third)
+        assert response["allowed"] is True and ops is None, f"a third call still patches: {ops}"
+
+
+def without_null_timestamp(pod):
+    """The API server sends metadata.creationTimestamp as null on CREATE
+    (the object is not stored yet); the OpenAPI schema wants a string or
+    nothing, so the validation sees it absent."""
+    pod = copy.deepcopy(pod)
+    if pod["metadata"].get("creationTimestamp", "") is None:
+        del pod["metadata"]["creationTimestamp"]
+    return pod
