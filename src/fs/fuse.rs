@@ -722,6 +722,18 @@ pub fn mount(
         MountOption::Subtype("rewind".into()),
         MountOption::DefaultPermissions,
     ];
+    // fuser mounts nodev unless told otherwise; the mount follows the
+    // source's own mount instead, so a device node made through it (or
+    // restored into the source) opens where it would natively. The daemon
+    // creates nothing the source could not hold already.
+    if let Ok(s) = fs.core.statfs() {
+        if !s
+            .f_flag
+            .contains(rustix::fs::StatVfsMountFlags::NODEV)
+        {
+            cfg.mount_options.push(MountOption::Dev);
+        }
+    }
     cfg.acl = SessionACL::All;
     cfg.n_threads = Some(threads.max(1));
     cfg.clone_fd = true;
