@@ -2,7 +2,9 @@
 //! kernel requests into `Passthrough` calls and results into replies (inode
 //! numbers, attributes, errno), mounts the session with the options the
 //! contract fixes (allow_other, default_permissions, 1 MiB writes, one
-//! cloned /dev/fuse fd per worker thread), and nothing else: no logic that
+//! cloned /dev/fuse fd per worker thread; nodev only where the source is
+//! nodev), asks for unmasked create modes (FUSE_DONT_MASK), and nothing
+//! else: no logic that
 //! the core could hold. What needs fuser's types stays here: the open flags
 //! for each `OpenMode`, fsync replies handed to the journal's group commit
 //! as callbacks (`Journal::sync_then`: a worker never waits for a sync
