@@ -1328,3 +1328,48 @@ impl Passthrough {
         &self.root_fd
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mode_of(dir: &std::path::Path, name: &str) -> u32 {
+        rfs::lstat(dir.join(name)).unwrap().st_mode & 0o7777
+    }
+
+    /// A create under `with_umask` gets the caller's umask applied by the
+    /// filesystem (not the process umask on top), on a thread of its own,
+    /// and leaves the umask of the process's other threads alone.
+    #[test]
+    fn creates_run_under_the_callers_umask_on_their_own_thread() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = rfs::open(dir.path(), OFlags::RDONLY | OFlags::DIRECTORY, Mode::empty()).unwrap();
+        let process_umask = rustix::process::umask(Mode::from_bits_truncate(0o022));
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                for (umask, mode, name) in [(0, 0o620, "a"), (0o002, 0o664, "b"), (0o077, 0o777, "c")] {
+                    let fd = with_umask(mode, umask, |m| {
+                        rfs::openat(&d, name, OFlags::CREATE | OFlags::EXCL | OFlags::WRONLY, m)
+                    });
+                    drop(fd.unwrap());
+                }
+                with_umask(0o2775, 0o002, |m| rfs::mkdirat(&d, "d", m)).unwrap();
+                with_umask(libc::S_IFSOCK | 0o777, 0, |m| {
+                    rfs::mknodat(&d, "s", rfs::FileType::Socket, m, 0)
+                })
+                .unwrap();
+            });
+        });
+        // This thread's (the process's) umask was not changed.
+        assert_eq!(
+            rustix::process::umask(process_umask),
+            Mode::from_bits_truncate(0o022)
+        );
+        assert_eq!(mode_of(dir.path(), "a"), 0o620);
+        assert_eq!(mode_of(dir.path(), "b"), 0o664);
+        assert_eq!(mode_of(dir.path(), "c"), 0o700);
+        // mkdir drops set-group-ID where the parent is not setgid.
+        assert_eq!(mode_of(dir.path(), "d"), 0o775);
+        assert_eq!(mode_of(dir.path(), "s"), 0o777);
+    }
+}
