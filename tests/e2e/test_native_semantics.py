@@ -403,3 +403,22 @@ def test_redo_after_a_machine_crash_makes_special_files_again(make_volume):
     helpers.assert_same_tree(snap, helpers.snapshot(vol.mount), "the mount after the redo")
     assert specials(vol.mount) == want
     vol.stop()
+
+
+def test_the_base_walk_captures_special_files(make_volume, workdir):
+    """Sockets' nodes, fifos and device nodes already in the source when
+    protection starts are in the initial base and restore with their type,
+    mode, owner and device number (3847756's walk skipped sockets and
+    devices with a warning, so a restore lacked them)."""
+    vol = make_volume("v")
+    prepare(vol.source)
+    res = run_ops(vol.source, mknod_ops("plain", 0) + [["bind", "sgid/bound"]], umask=0)
+    assert all(r[0] == 0 for r in res), res
+    os.chown(vol.source / "plain" / "loop-000", NONROOT_UID, SETGID_GID)
+    os.link(vol.source / "plain" / "null-000", vol.source / "sgid" / "null-link")
+    vol.start()
+    vol.wait_window()
+    snap = helpers.snapshot(vol.mount)
+    assert specials(vol.mount) == specials(vol.source)
+    assert len(specials(vol.mount)) == len(NODES) + 2
+    stop_and_restore(vol, workdir, snap, "special files in the initial base")
