@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import stat
 import struct
 import subprocess
@@ -272,6 +273,11 @@ def test_unix_socket_binds_and_connects(pair, workdir, who):
     snap = assert_same_as_native(vol, native, f"sockets as {who}")
     assert stat.S_ISSOCK(snap.entries["plain/s-002"].mode)
     stop_and_restore(vol, workdir, snap, f"sockets as {who}")
+    # The node, not a listener, comes back (docs/SEMANTICS.md).
+    c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    with pytest.raises(ConnectionRefusedError):
+        c.connect(str(workdir / "restored" / "plain" / "s-002"))
+    c.close()
 
 
 # (name, type, mode, major, minor): minor 1048575 and major 4095 are the
@@ -309,6 +315,7 @@ def test_mknod_of_every_special_type(pair, workdir):
 
 FALLOC_KEEP_SIZE, FALLOC_PUNCH_HOLE, FALLOC_COLLAPSE_RANGE = 0x01, 0x02, 0x08
 FALLOC_ZERO_RANGE, FALLOC_INSERT_RANGE = 0x10, 0x20
+FALLOC_UNSHARE_RANGE, FALLOC_WRITE_ZEROES = 0x40, 0x80
 K = 1024
 
 
@@ -343,7 +350,8 @@ def test_what_fuse_cannot_carry_fails_with_the_documented_errno(pair):
     on ext4 but not through FUSE (fuser has no TMPFILE opcode; the kernel's
     fuse_file_fallocate refuses the two modes before the daemon sees them):
     the mount answers EOPNOTSUPP, as docs/SEMANTICS.md says, and the file
-    is left unchanged."""
+    is left unchanged. So do UNSHARE_RANGE and WRITE_ZEROES, whatever the
+    native filesystem would say."""
     vol, native = pair
     data = os.urandom(16 * K).hex()
     ops = [["write", "plain/f", data, 0],
@@ -354,6 +362,10 @@ def test_what_fuse_cannot_carry_fails_with_the_documented_errno(pair):
     want = run_ops(native, ops)
     assert [r[0] for r in want] == [0, 0, 0, 0], f"ext4 itself refused: {want}"
     assert [r[0] for r in got] == [0, "EOPNOTSUPP", "EOPNOTSUPP", "EOPNOTSUPP"], got
+    assert (vol.mount / "plain" / "f").read_bytes().hex() == data
+    got = run_ops(vol.mount, [["fallocate", "plain/f", FALLOC_UNSHARE_RANGE, 0, 4 * K],
+                              ["fallocate", "plain/f", FALLOC_WRITE_ZEROES, 0, 4 * K]])
+    assert [r[0] for r in got] == ["EOPNOTSUPP", "EOPNOTSUPP"], got
     assert (vol.mount / "plain" / "f").read_bytes().hex() == data
 
 
