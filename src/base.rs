@@ -512,7 +512,11 @@ impl<'a> Walker<'a> {
         };
         let ino = st.st_ino;
         let Some(kind) = Kind::from_mode(st.st_mode) else {
-            tracing::warn!(path, mode = st.st_mode, "skipping an entry of unknown file type");
+            tracing::warn!(
+                path,
+                mode = st.st_mode,
+                "skipping an entry of unknown file type"
+            );
             return Ok(None);
         };
         if !self.seen.insert(ino) {

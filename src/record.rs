@@ -466,17 +466,19 @@ pub(crate) mod tests {
                 data.clone(),
                 any::<u32>()
             )
-                .prop_map(|(parent, name, ino, k, mode, mtime, target, rdev)| Op::Create {
-                    parent,
-                    name,
-                    ino,
-                    kind: Kind::from_u8(k).unwrap(),
-                    mode,
-                    uid: mode ^ 1,
-                    gid: mode ^ 2,
-                    mtime,
-                    rdev: rdev as u64,
-                    target
+                .prop_map(|(parent, name, ino, k, mode, mtime, target, rdev)| {
+                    Op::Create {
+                        parent,
+                        name,
+                        ino,
+                        kind: Kind::from_u8(k).unwrap(),
+                        mode,
+                        uid: mode ^ 1,
+                        gid: mode ^ 2,
+                        mtime,
+                        rdev: rdev as u64,
+                        target,
+                    }
                 }),
             (any::<u64>(), any::<u64>(), name.clone()).prop_map(|(ino, parent, name)| Op::Link {
                 ino,

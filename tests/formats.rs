@@ -51,7 +51,13 @@ fn sample_records_v2() -> Vec<Record> {
         (b"null".as_slice(), 21, Kind::CharDev, 0o666, (1 << 8) | 3),
         // major 4095, minor 1048575: the largest the kernel encodes.
         (b"big".as_slice(), 22, Kind::CharDev, 0o640, 0xffff_ffff),
-        (b"loop".as_slice(), 23, Kind::BlockDev, 0o660, (7 << 8) | 200),
+        (
+            b"loop".as_slice(),
+            23,
+            Kind::BlockDev,
+            0o660,
+            (7 << 8) | 200,
+        ),
     ];
     let last = recs.last().unwrap().clone();
     for (i, (name, ino, kind, mode, rdev)) in specials.into_iter().enumerate() {
@@ -392,8 +398,14 @@ fn a_store_made_by_version_1_restores() {
         xattr_of(&t.join("d/a"), "user.k").as_deref(),
         Some(&b"val"[..])
     );
-    assert_eq!(std::fs::read_link(t.join("sym")).unwrap(), PathBuf::from("d/a"));
-    assert_eq!(std::fs::read_link(t.join("e/dl")).unwrap(), PathBuf::from("../d"));
+    assert_eq!(
+        std::fs::read_link(t.join("sym")).unwrap(),
+        PathBuf::from("d/a")
+    );
+    assert_eq!(
+        std::fs::read_link(t.join("e/dl")).unwrap(),
+        PathBuf::from("../d")
+    );
     assert!(meta("fifo").file_type().is_fifo() && mode("fifo") == 0o640);
     assert!(meta("e/p").file_type().is_fifo());
     assert_eq!(std::fs::read(t.join("e/b")).unwrap(), b"segment file\n");

@@ -729,10 +729,7 @@ pub fn mount(
     // restored into the source) opens where it would natively. The daemon
     // creates nothing the source could not hold already.
     if let Ok(s) = fs.core.statfs() {
-        if !s
-            .f_flag
-            .contains(rustix::fs::StatVfsMountFlags::NODEV)
-        {
+        if !s.f_flag.contains(rustix::fs::StatVfsMountFlags::NODEV) {
             cfg.mount_options.push(MountOption::Dev);
         }
     }

@@ -1343,11 +1343,18 @@ mod tests {
     #[test]
     fn creates_run_under_the_callers_umask_on_their_own_thread() {
         let dir = tempfile::tempdir().unwrap();
-        let d = rfs::open(dir.path(), OFlags::RDONLY | OFlags::DIRECTORY, Mode::empty()).unwrap();
+        let d = rfs::open(
+            dir.path(),
+            OFlags::RDONLY | OFlags::DIRECTORY,
+            Mode::empty(),
+        )
+        .unwrap();
         let process_umask = rustix::process::umask(Mode::from_bits_truncate(0o022));
         std::thread::scope(|s| {
             s.spawn(|| {
-                for (umask, mode, name) in [(0, 0o620, "a"), (0o002, 0o664, "b"), (0o077, 0o777, "c")] {
+                for (umask, mode, name) in
+                    [(0, 0o620, "a"), (0o002, 0o664, "b"), (0o077, 0o777, "c")]
+                {
                     let fd = with_umask(mode, umask, |m| {
                         rfs::openat(&d, name, OFlags::CREATE | OFlags::EXCL | OFlags::WRONLY, m)
                     });
