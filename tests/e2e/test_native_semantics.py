@@ -434,3 +434,34 @@ def test_the_base_walk_captures_special_files(make_volume, workdir):
     assert specials(vol.mount) == specials(vol.source)
     assert len(specials(vol.mount)) == len(NODES) + 2
     stop_and_restore(vol, workdir, snap, "special files in the initial base")
+
+
+def test_a_store_made_by_the_format_1_build_restores_through_the_cli(workdir):
+    """tests/golden/store-v1 was written by 3847756 (segment, manifest and
+    journal format 1; see tests/formats.rs for how): `rewind verify` accepts
+    it and `rewind restore` rebuilds its tree, as the build that wrote it
+    did."""
+    store = f"file://{helpers.REPO / 'tests' / 'golden' / 'store-v1'}"
+    c = helpers.rewind("verify", "--store", store, "--volume", "vol")
+    assert c.code == 0, f"verify of the format 1 store failed:\n{c}"
+    target = workdir / "restored"
+    c = helpers.rewind("restore", "--store", store, "--volume", "vol", "--at", "latest", "--target", target)
+    assert c.code == 0, f"restore of the format 1 store failed:\n{c}"
+    snap = helpers.snapshot(target)
+    got = {p: (stat.S_IFMT(e.mode), e.mode & 0o7777, e.uid, e.gid, e.size if e.kind != "dir" else None,
+               e.target) for p, e in snap.entries.items()}
+    assert got == {
+        "d": (stat.S_IFDIR, 0o2775, 0, 0, None, None),
+        "d/a": (stat.S_IFREG, 0o644, 1234, 2000, 15, None),
+        "e": (stat.S_IFDIR, 0o700, 0, 0, None, None),
+        "e/b": (stat.S_IFREG, 0o644, 0, 0, 13, None),
+        "e/dl": (stat.S_IFLNK, 0o777, 0, 0, 4, "../d"),
+        "e/p": (stat.S_IFIFO, 0o644, 0, 0, None, None),
+        "e/sparse": (stat.S_IFREG, 0o600, 0, 0, 100004, None),
+        "fifo": (stat.S_IFIFO, 0o640, 0, 0, None, None),
+        "hl": (stat.S_IFREG, 0o644, 1234, 2000, 15, None),
+        "sym": (stat.S_IFLNK, 0o777, 0, 0, 3, "d/a"),
+    }, got
+    assert snap.links == frozenset({frozenset({"d/a", "hl"})})
+    assert (target / "d" / "a").read_bytes() == b"base file\nmore\n"
+    assert os.getxattr(target / "d" / "a", "user.k") == b"val"
