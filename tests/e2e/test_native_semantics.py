@@ -14,7 +14,9 @@ and the cases FUSE cannot carry (O_TMPFILE, FALLOC_FL_COLLAPSE_RANGE and
 FALLOC_FL_INSERT_RANGE), which must fail with the errno docs/SEMANTICS.md
 names. A restore by a user without CAP_MKNOD must complete, leave the
 device nodes out and name them; a redo after a machine crash must make the
-special files again.
+special files again; special files already in the source must be in the
+initial base; and a store written by the last format 1 build must still
+verify and restore.
 """
 
 from __future__ import annotations
