@@ -11,7 +11,7 @@
 //! Chunk format (version 1): `magic "RWCHK001" | version:u16 | raw_len:u32 |
 //! lz4 blocks (codec) | blake3 trailer`; key `chunk/<blake3 of raw, hex>`.
 //!
-//! Manifest format (version 1): `magic "RWBASE01" | version:u16 | lineage:u64
+//! Manifest format (version 2): `magic "RWBASE01" | version:u16 | lineage:u64
 //! | start_seq:u64 | started_ns:i64 | completed_ns:i64 | kind:u8 | root:u64 |
 //! raw_len:u64 | lz4 blocks of body | blake3 trailer`, where
 //! `body := n_objects:u64 object* n_links:u64 (parent:u64 name:bytes ino:u64)*`
@@ -19,6 +19,10 @@
 //! rdev:u64 target:bytes n_xattrs:u32 (name:bytes value:bytes)* n_extents:u32
 //! (offset:u64 len:u32 hash:32)*`.
 //! Key: `base/<completed_ns:020>-<lineage:016x>-<start_seq:020>-<kind>.rwb`.
+//! An object's kind is a record `Kind` (record.rs). Manifest version 2 has
+//! the layout of version 1 and adds the kinds socket, character device and
+//! block device (5-7), whose `rdev` is the device number; version 1
+//! manifests (which never hold them) are decoded forever.
 
 use std::collections::HashSet;
 use std::ffi::{CStr, CString, OsStr};
@@ -37,7 +41,13 @@ use crate::store::{Store, StoreError};
 
 pub const CHUNK_MAGIC: &[u8; 8] = b"RWCHK001";
 pub const MANIFEST_MAGIC: &[u8; 8] = b"RWBASE01";
+/// The chunk format's version.
 pub const VERSION: u16 = 1;
+/// The manifest version this build writes: 2 since objects may be sockets
+/// and device nodes.
+pub const MANIFEST_VERSION: u16 = 2;
+/// The oldest manifest version this build reads.
+pub const MANIFEST_MIN_VERSION: u16 = 1;
 /// Files are cut into chunks at fixed 1 MiB offsets: databases rewrite
 /// pages in place, so fixed offsets dedupe unchanged regions best.
 pub const CHUNK_SIZE: u64 = 1 << 20;
@@ -255,7 +265,7 @@ pub fn encode_manifest(m: &Manifest) -> Bytes {
     }
     let mut out = Vec::with_capacity(body.len() / 2 + 128);
     out.extend_from_slice(MANIFEST_MAGIC);
-    out.put_u16_le(VERSION);
+    out.put_u16_le(MANIFEST_VERSION);
     out.put_u64_le(m.lineage);
     out.put_u64_le(m.start_seq);
     out.put_i64_le(m.started_ns);
@@ -279,8 +289,10 @@ pub fn decode_manifest(data: &[u8]) -> Result<Manifest, DecodeError> {
         return Err(r.err("not a Rewind base manifest (bad magic)"));
     }
     let v = r.u16()?;
-    if v != VERSION {
-        return Err(r.err(format!("manifest format version {v} is not supported")));
+    if !(MANIFEST_MIN_VERSION..=MANIFEST_VERSION).contains(&v) {
+        return Err(r.err(format!(
+            "manifest format version {v} is not supported (this build reads {MANIFEST_MIN_VERSION} to {MANIFEST_VERSION})"
+        )));
     }
     let lineage = r.u64()?;
     let start_seq = r.u64()?;
@@ -301,7 +313,9 @@ pub fn decode_manifest(data: &[u8]) -> Result<Manifest, DecodeError> {
     for _ in 0..n {
         let ino = r.u64()?;
         let k = r.u8()?;
-        let kind = Kind::from_u8(k).ok_or_else(|| r.err(format!("unknown file kind {k}")))?;
+        let kind = Kind::from_u8(k)
+            .filter(|k| k.in_version(v))
+            .ok_or_else(|| r.err(format!("unknown file kind {k} for manifest version {v}")))?;
         let mode = r.u32()?;
         let uid = r.u32()?;
         let gid = r.u32()?;
@@ -498,7 +512,11 @@ impl<'a> Walker<'a> {
         };
         let ino = st.st_ino;
         let Some(kind) = Kind::from_mode(st.st_mode) else {
-            tracing::warn!(path, "skipping a socket or device node: not supported");
+            tracing::warn!(
+                path,
+                mode = st.st_mode,
+                "skipping an entry of unknown file type"
+            );
             return Ok(None);
         };
         if !self.seen.insert(ino) {
@@ -551,7 +569,9 @@ impl<'a> Walker<'a> {
                         .into_bytes(),
                 );
             }
-            Kind::Fifo => {
+            // Special files hold no data: their mode, owner, device
+            // number (`rdev`, from the stat above) and xattrs are all.
+            Kind::Fifo | Kind::Socket | Kind::CharDev | Kind::BlockDev => {
                 let fd = rfs::openat(
                     dir,
                     name,
@@ -783,39 +803,41 @@ impl Walker<'_> {
             self.walk_dir(&d, st.st_ino, "(moved dir)", false)?;
             return Ok(Some(st.st_ino));
         }
+        let Some(kind) = Kind::from_mode(st.st_mode) else {
+            return Ok(None);
+        };
         let mut obj = Object {
             ino: st.st_ino,
-            kind: Kind::Fifo,
+            kind,
             mode: st.st_mode & 0o7777,
             uid: st.st_uid,
             gid: st.st_gid,
             size: st.st_size as u64,
             mtime: st.st_mtime * 1_000_000_000 + st.st_mtime_nsec as i64,
-            rdev: 0,
+            rdev: st.st_rdev,
             target: Bytes::new(),
             xattrs: Vec::new(),
             extents: Vec::new(),
         };
-        match Kind::from_mode(st.st_mode) {
-            Some(Kind::File) => {
+        match kind {
+            Kind::File => {
                 // The magic link names the inode itself, so following it is
                 // safe here.
                 let f = rfs::openat(proc, name, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())
                     .map_err(|e| io_err("moved file", e))?;
-                obj.kind = Kind::File;
                 obj.extents = self.capture_file(&f, &st, "(moved file)")?;
                 obj.xattrs = xattrs_of(&f, None);
             }
-            Some(Kind::Symlink) => {
-                obj.kind = Kind::Symlink;
+            Kind::Symlink => {
                 obj.target = Bytes::from(
                     rfs::readlinkat(fd, c"", Vec::new())
                         .map_err(|e| io_err("moved symlink", e))?
                         .into_bytes(),
                 );
             }
-            Some(Kind::Fifo) => {}
-            _ => return Ok(None),
+            // Special files: the stat holds everything (xattrs of moved
+            // special files are not captured, as before for fifos).
+            _ => {}
         }
         self.seen.insert(st.st_ino);
         self.objects.push(obj);

@@ -128,8 +128,17 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                     args.target.display()
                 )
             })?;
+            // Warnings are printed even with --quiet: the target lacks
+            // these paths.
+            for s in &r.skipped {
+                eprintln!("rewind: warning: {s}");
+            }
+            let skipped = match r.skipped.len() {
+                0 => String::new(),
+                n => format!("; {n} device node(s) NOT restored (see the warnings above)"),
+            };
             println!(
-                "restored {} at {} (lineage {}, base completed {}, {} records from {} segments, last change {}) into {} in {:.2}s",
+                "restored {} at {} (lineage {}, base completed {}, {} records from {} segments, last change {}) into {} in {:.2}s{skipped}",
                 args.store.volume,
                 fmt_ns(r.at_ns),
                 lineage_id(r.lineage),

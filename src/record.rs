@@ -7,7 +7,11 @@
 //! file exists), never by path alone. This module owns the record types and
 //! their byte encoding; it must not do I/O.
 //!
-//! Format (version 1), all integers little-endian, `bytes` = u32 length + data:
+//! Format, all integers little-endian, `bytes` = u32 length + data. The
+//! record has no version of its own: it is versioned by its container (the
+//! journal file header, the segment header). Containers of version 2 may
+//! hold Create records of kinds 5-7 (socket, character and block device);
+//! version 1 containers never do, and decode as before.
 //!
 //! ```text
 //! record  := seq:u64 time_ns:i64 tag:u8 body
@@ -23,7 +27,10 @@
 //! tag 10 ClockStep  back_ns:i64
 //! ```
 //!
-//! `replaced` is 0 when a rename replaced nothing; flag bit 0 marks
+//! kind: 1 file, 2 directory, 3 symlink, 4 fifo, 5 socket, 6 character
+//! device, 7 block device (5-7 since container version 2; `rdev` is the
+//! device number of 6 and 7, in the kernel's `st_rdev` encoding, and 0
+//! otherwise). `replaced` is 0 when a rename replaced nothing; flag bit 0 marks
 //! RENAME_EXCHANGE (then `replaced` is the other file). `size` and `mtime` in
 //! SetAttr apply to regular files only.
 
@@ -42,6 +49,11 @@ pub enum Kind {
     Dir = 2,
     Symlink = 3,
     Fifo = 4,
+    /// A Unix domain socket's node (what `bind()` leaves in the directory).
+    /// Since format version 2, as are the two device kinds.
+    Socket = 5,
+    CharDev = 6,
+    BlockDev = 7,
 }
 
 impl Kind {
@@ -51,6 +63,9 @@ impl Kind {
             2 => Kind::Dir,
             3 => Kind::Symlink,
             4 => Kind::Fifo,
+            5 => Kind::Socket,
+            6 => Kind::CharDev,
+            7 => Kind::BlockDev,
             _ => return None,
         })
     }
@@ -60,8 +75,38 @@ impl Kind {
             libc::S_IFDIR => Kind::Dir,
             libc::S_IFLNK => Kind::Symlink,
             libc::S_IFIFO => Kind::Fifo,
+            libc::S_IFSOCK => Kind::Socket,
+            libc::S_IFCHR => Kind::CharDev,
+            libc::S_IFBLK => Kind::BlockDev,
             _ => return None,
         })
+    }
+
+    /// The `S_IFMT` bits of this kind.
+    pub fn type_bits(self) -> u32 {
+        match self {
+            Kind::File => libc::S_IFREG,
+            Kind::Dir => libc::S_IFDIR,
+            Kind::Symlink => libc::S_IFLNK,
+            Kind::Fifo => libc::S_IFIFO,
+            Kind::Socket => libc::S_IFSOCK,
+            Kind::CharDev => libc::S_IFCHR,
+            Kind::BlockDev => libc::S_IFBLK,
+        }
+    }
+
+    /// Special files: nodes made with mknod that hold no data of their own
+    /// (a fifo, a socket's node, a device node).
+    pub fn is_special(self) -> bool {
+        matches!(
+            self,
+            Kind::Fifo | Kind::Socket | Kind::CharDev | Kind::BlockDev
+        )
+    }
+
+    /// Whether records of format version `version` can name this kind.
+    pub fn in_version(self, version: u16) -> bool {
+        version >= 2 || (self as u8) <= Kind::Fifo as u8
     }
 }
 
@@ -415,22 +460,25 @@ pub(crate) mod tests {
                 any::<u64>(),
                 name.clone(),
                 any::<u64>(),
-                1u8..5,
+                1u8..8,
                 any::<u32>(),
                 any::<i64>(),
-                data.clone()
+                data.clone(),
+                any::<u32>()
             )
-                .prop_map(|(parent, name, ino, k, mode, mtime, target)| Op::Create {
-                    parent,
-                    name,
-                    ino,
-                    kind: Kind::from_u8(k).unwrap(),
-                    mode,
-                    uid: mode ^ 1,
-                    gid: mode ^ 2,
-                    mtime,
-                    rdev: 0,
-                    target
+                .prop_map(|(parent, name, ino, k, mode, mtime, target, rdev)| {
+                    Op::Create {
+                        parent,
+                        name,
+                        ino,
+                        kind: Kind::from_u8(k).unwrap(),
+                        mode,
+                        uid: mode ^ 1,
+                        gid: mode ^ 2,
+                        mtime,
+                        rdev: rdev as u64,
+                        target,
+                    }
                 }),
             (any::<u64>(), any::<u64>(), name.clone()).prop_map(|(ino, parent, name)| Op::Link {
                 ino,
@@ -482,6 +530,55 @@ pub(crate) mod tests {
             (any::<u64>(), name).prop_map(|(ino, name)| Op::RemoveXattr { ino, name }),
             any::<i64>().prop_map(|back_ns| Op::ClockStep { back_ns }),
         ]
+    }
+
+    #[test]
+    fn every_kind_maps_to_its_file_type_and_back() {
+        for k in 1..=7u8 {
+            let kind = Kind::from_u8(k).unwrap();
+            assert_eq!(kind as u8, k);
+            assert_eq!(Kind::from_mode(kind.type_bits() | 0o644), Some(kind));
+        }
+        assert_eq!(Kind::from_u8(0), None);
+        assert_eq!(Kind::from_u8(8), None);
+        assert_eq!(Kind::from_mode(libc::S_IFSOCK), Some(Kind::Socket));
+        assert_eq!(Kind::from_mode(libc::S_IFCHR), Some(Kind::CharDev));
+        assert_eq!(Kind::from_mode(libc::S_IFBLK), Some(Kind::BlockDev));
+        assert!(Kind::Fifo.in_version(1) && !Kind::Socket.in_version(1));
+        assert!(Kind::BlockDev.in_version(2));
+        assert!(Kind::CharDev.is_special() && !Kind::File.is_special());
+    }
+
+    /// The byte layout of a Create of a device node: kind 6 after the
+    /// inode number, the device number as a u64 after the mtime.
+    #[test]
+    fn a_device_create_encodes_its_kind_and_number() {
+        let rec = Record {
+            seq: 1,
+            time: 2,
+            op: Op::Create {
+                parent: 3,
+                name: Bytes::from_static(b"n"),
+                ino: 4,
+                kind: Kind::CharDev,
+                mode: 0o620,
+                uid: 5,
+                gid: 6,
+                mtime: 7,
+                rdev: 0x0011_2233,
+                target: Bytes::new(),
+            },
+        };
+        let mut buf = Vec::new();
+        encode_record(&rec, &mut buf);
+        let body = &buf[16..];
+        assert_eq!(body[0], 1, "tag");
+        // parent(8) name(4+1) ino(8) -> kind at 1+8+5+8
+        assert_eq!(body[22], 6, "kind");
+        // kind(1) mode(4) uid(4) gid(4) mtime(8) -> rdev
+        assert_eq!(&body[43..51], &0x0011_2233u64.to_le_bytes());
+        let mut r = Reader::new(&buf);
+        assert_eq!(decode_record(&mut r).unwrap(), rec);
     }
 
     proptest! {

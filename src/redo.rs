@@ -269,6 +269,22 @@ impl Redo {
                     if let Some(d) = self.open(*ino, OFlags::RDONLY | OFlags::DIRECTORY) {
                         let _ = rfs::fchmod(&d, Mode::from_bits_truncate(*mode));
                     }
+                } else if Kind::from_mode(st.st_mode).is_some_and(Kind::is_special) {
+                    // Fifos, sockets and device nodes are not opened (that
+                    // would block, or touch a device): chmod goes through
+                    // the O_PATH handle's magic link, which names the inode
+                    // itself.
+                    let p = CString::new(format!(
+                        "/proc/self/fd/{}",
+                        std::os::fd::AsRawFd::as_raw_fd(&f)
+                    ))
+                    .unwrap();
+                    let _ = rfs::chmodat(
+                        rfs::CWD,
+                        p.as_c_str(),
+                        Mode::from_bits_truncate(*mode),
+                        AtFlags::empty(),
+                    );
                 }
             }
             Op::Fallocate {
@@ -335,7 +351,21 @@ impl Redo {
                             rfs::unlinkat(&dir, OsStr::from_bytes(name), AtFlags::empty())
                                 .map_err(|e| io("remove an entry a redone create replaces", e))?;
                         }
-                        let new = make(&dir, name, *kind, *mode, *uid, *gid, *rdev, target)?;
+                        let new = match make(&dir, name, *kind, *mode, *uid, *gid, *rdev, target) {
+                            Ok(new) => new,
+                            // The journal's device node was made by a
+                            // process with CAP_MKNOD, which this one lacks:
+                            // the new base records the source as it is.
+                            Err(RedoError::Io { source, .. })
+                                if matches!(kind, Kind::CharDev | Kind::BlockDev)
+                                    && source.raw_os_error() == Some(libc::EPERM) =>
+                            {
+                                tracing::warn!(parent, name = %String::from_utf8_lossy(name), "redo: cannot make a device node without CAP_MKNOD; left out");
+                                self.stats.skipped += 1;
+                                return Ok(());
+                            }
+                            Err(e) => return Err(e),
+                        };
                         if *kind == Kind::File {
                             if let Ok(f) = rfs::openat(
                                 &dir,
@@ -516,8 +546,19 @@ fn make(
             })?;
             rfs::symlinkat(t.as_c_str(), dir, n).map_err(|e| io(what(), e))?
         }
-        Kind::Fifo => {
-            rfs::mknodat(dir, n, rfs::FileType::Fifo, m, rdev as _).map_err(|e| io(what(), e))?
+        Kind::Fifo | Kind::Socket | Kind::CharDev | Kind::BlockDev => {
+            let ft = match kind {
+                Kind::Fifo => rfs::FileType::Fifo,
+                Kind::Socket => rfs::FileType::Socket,
+                Kind::CharDev => rfs::FileType::CharacterDevice,
+                _ => rfs::FileType::BlockDevice,
+            };
+            let dev = if matches!(kind, Kind::CharDev | Kind::BlockDev) {
+                rdev
+            } else {
+                0
+            };
+            rfs::mknodat(dir, n, ft, m, dev).map_err(|e| io(what(), e))?
         }
     }
     let _ = rfs::chownat(

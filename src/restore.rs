@@ -13,6 +13,14 @@
 //! into the tree, so hard links, renames and writes to unlinked open files
 //! replay by identity. Directories live in place (or in
 //! `.rewind/restore-tmp/d/<ino>` while unlinked or not yet placed).
+//!
+//! # Device nodes the restoring user may not make
+//! Making a character or block device needs CAP_MKNOD, which a restore
+//! into a container often lacks. Such a node is stood in for by an empty
+//! placeholder file, so that every later record (links, renames, modes)
+//! replays as for any other identity; at the end each placeholder's names
+//! are removed and reported (`Restored::skipped`), and the restore still
+//! completes: a missing device node must not cost the user the data.
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::CString;
@@ -120,6 +128,9 @@ pub struct Tree {
     /// name a file that died before the walk could see it (written, then
     /// replaced or unlinked and closed). Such records only remove entries.
     fuzzy_until: Nanos,
+    /// Device nodes that could not be made, with their device number: a
+    /// placeholder file stands in for each until `finish` removes it.
+    unmade: HashMap<Ino, u64>,
 }
 
 /// Open descriptors the restore keeps for files and directories.
@@ -194,6 +205,7 @@ impl Tree {
             staging,
             dead: 0,
             fuzzy_until: i64::MIN,
+            unmade: HashMap::new(),
         })
     }
 
@@ -299,8 +311,42 @@ impl Tree {
                 &name,
             )
             .map_err(|e| io(format!("symlink {ino}"), e))?,
-            Kind::Fifo => rfs::mknodat(&self.objs, &name, rfs::FileType::Fifo, m, rdev as _)
+            Kind::Fifo => rfs::mknodat(&self.objs, &name, rfs::FileType::Fifo, m, 0)
                 .map_err(|e| io(format!("mkfifo {ino}"), e))?,
+            // A socket's node is made the way bind() makes it; no process
+            // listens on it after a restore, exactly as after a reboot.
+            Kind::Socket => rfs::mknodat(&self.objs, &name, rfs::FileType::Socket, m, 0)
+                .map_err(|e| io(format!("mknod socket {ino}"), e))?,
+            Kind::CharDev | Kind::BlockDev => {
+                let ft = if kind == Kind::CharDev {
+                    rfs::FileType::CharacterDevice
+                } else {
+                    rfs::FileType::BlockDevice
+                };
+                match rfs::mknodat(&self.objs, &name, ft, m, rdev) {
+                    Ok(()) => {}
+                    // No CAP_MKNOD (a container, a user namespace): a
+                    // placeholder keeps the identity's names in step, and
+                    // `finish` removes and reports them.
+                    Err(rustix::io::Errno::PERM) => {
+                        drop(
+                            rfs::openat(
+                                &self.objs,
+                                &name,
+                                OFlags::WRONLY
+                                    | OFlags::CREATE
+                                    | OFlags::EXCL
+                                    | OFlags::NOFOLLOW
+                                    | OFlags::CLOEXEC,
+                                m,
+                            )
+                            .map_err(|e| io(format!("create placeholder {ino}"), e))?,
+                        );
+                        self.unmade.insert(ino, rdev);
+                    }
+                    Err(e) => return Err(io(format!("mknod device {ino}"), e)),
+                }
+            }
         }
         self.nodes.insert(
             ino,
@@ -320,6 +366,7 @@ impl Tree {
         let Some(node) = self.nodes.remove(&ino) else {
             return Ok(());
         };
+        self.unmade.remove(&ino);
         self.files.remove(&ino);
         self.dir_fds.remove(&ino);
         match node.kind {
@@ -874,9 +921,60 @@ impl Tree {
         }
     }
 
+    /// The path of entry `name` in directory `parent`, relative to the
+    /// target, if that directory is placed in the tree.
+    fn entry_path(&self, parent: Ino, name: &CString) -> Option<String> {
+        let mut parts = vec![String::from_utf8_lossy(name.as_bytes()).into_owned()];
+        let mut at = parent;
+        while at != self.root {
+            let (p, n) = self.nodes.get(&at)?.place.clone()?;
+            parts.push(String::from_utf8_lossy(n.as_bytes()).into_owned());
+            at = p;
+            if parts.len() > 4096 {
+                return None;
+            }
+        }
+        parts.reverse();
+        Some(parts.join("/"))
+    }
+
+    /// Removes the placeholders of device nodes that could not be made and
+    /// returns one line per name they had in the tree.
+    fn drop_unmade(&mut self) -> Result<Vec<String>> {
+        let mut out = Vec::new();
+        let mut unmade: Vec<(Ino, u64)> = self.unmade.drain().collect();
+        unmade.sort();
+        for (ino, rdev) in unmade {
+            let Some(node) = self.nodes.get(&ino) else {
+                continue;
+            };
+            let what = if node.kind == Kind::BlockDev {
+                "block"
+            } else {
+                "character"
+            };
+            let mut links: Vec<(Ino, CString)> = node.links.iter().cloned().collect();
+            links.sort();
+            for (p, n) in links {
+                if let Some(path) = self.entry_path(p, &n) {
+                    out.push(format!(
+                        "{path}: {what} device {}:{} not restored (making device nodes needs CAP_MKNOD)",
+                        rustix::fs::major(rdev),
+                        rustix::fs::minor(rdev)
+                    ));
+                }
+                self.remove_entry(p, &n)?;
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
     /// Sets file mtimes (last, since every write moves them), removes the
-    /// staging area and the marker, and syncs the target.
-    pub fn finish(mut self) -> Result<()> {
+    /// staging area and the marker, and syncs the target. Returns the
+    /// device nodes that could not be made (see the module doc).
+    pub fn finish(mut self) -> Result<Vec<String>> {
+        let skipped = self.drop_unmade()?;
         let mtimes: Vec<(Ino, Nanos)> = self
             .nodes
             .iter()
@@ -903,7 +1001,7 @@ impl Tree {
         std::fs::remove_file(hidden.join(INCOMPLETE_MARKER)).map_err(|e| io("remove marker", e))?;
         let _ = std::fs::remove_dir(&hidden);
         rfs::syncfs(&self.root_fd).map_err(|e| io("sync target", e))?;
-        Ok(())
+        Ok(skipped)
     }
 }
 
@@ -917,6 +1015,9 @@ pub struct Restored {
     pub last_record_ns: Option<Nanos>,
     pub segments: usize,
     pub files: usize,
+    /// Paths that are in the volume at the instant but not in the target,
+    /// each with the reason: device nodes the restoring user may not make.
+    pub skipped: Vec<String>,
 }
 
 /// Restores the volume in `store` at `plan` into `target`.
@@ -991,7 +1092,7 @@ pub fn restore(
         }
     }
     let files = tree.nodes.len();
-    tree.finish()?;
+    let skipped = tree.finish()?;
     Ok(Restored {
         at_ns: plan.at_ns,
         lineage: plan.lineage,
@@ -1000,6 +1101,7 @@ pub fn restore(
         last_record_ns,
         segments: n,
         files,
+        skipped,
     })
 }
 

@@ -415,6 +415,12 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     core.set_read_passthrough(args.read_passthrough);
     core.set_cached_writes(args.cached_writes);
     let core = Arc::new(core);
+    // SIGTERM/SIGINT are caught from before the mount goes live: a stop
+    // sent as soon as the mount answers (a quick test, a pod deleted at
+    // once) must get the clean shutdown, not the default disposition.
+    let term = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGTERM, term.clone())?;
+    signal_hook::flag::register(signal_hook::consts::SIGINT, term.clone())?;
     let session =
         fuse::mount(fuse::FuseFs::new(core.clone()), &mount, args.threads).with_context(|| {
             format!(
@@ -495,9 +501,6 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     };
 
     // Wait for SIGTERM/SIGINT (or the mount going away under us).
-    let term = Arc::new(AtomicBool::new(false));
-    signal_hook::flag::register(signal_hook::consts::SIGTERM, term.clone())?;
-    signal_hook::flag::register(signal_hook::consts::SIGINT, term.clone())?;
     while !term.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(50));
         if !is_mounted(&mount) {

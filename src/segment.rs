@@ -3,10 +3,10 @@
 //! version) and the segment's object key, which carries its time and
 //! sequence range so that a LIST is in timeline order. It must not do I/O.
 //!
-//! Format (version 1), little-endian:
+//! Format (version 2), little-endian:
 //!
 //! ```text
-//! segment := magic "RWSEG001" | version:u16 = 1 | reserved:u16 | lineage:u64
+//! segment := magic "RWSEG001" | version:u16 = 2 | reserved:u16 | lineage:u64
 //!            | first_seq:u64 | last_seq:u64 | first_ns:i64 | last_ns:i64
 //!            | count:u64 | raw_len:u64 | block* | blake3(everything before):32
 //! block   := raw_len:u32 | comp_len:u32 | lz4 block (comp_len bytes)
@@ -14,6 +14,12 @@
 //! ```
 //!
 //! Key: `seg/<first_ns:020>-<last_ns:020>-<lineage:016x>-<first_seq:020>-<last_seq:020>.rws`.
+//!
+//! Version 2 has the layout of version 1; its records may also be Create
+//! records of the kinds socket, character device and block device
+//! (record.rs). Version 1 segments are decoded forever; a version 1 segment
+//! that holds one of those kinds is refused as inconsistent, since no
+//! writer of version 1 could have made it.
 
 use bytes::{BufMut, Bytes};
 
@@ -24,7 +30,11 @@ use crate::codec::{
 use crate::record::{decode_record, encode_record, record_head, Record, Seq};
 
 pub const MAGIC: &[u8; 8] = b"RWSEG001";
-pub const VERSION: u16 = 1;
+/// The version this build writes. Version 2 added the special file kinds
+/// (sockets and device nodes) to Create records; the layout is unchanged.
+pub const VERSION: u16 = 2;
+/// The oldest version this build reads.
+pub const MIN_VERSION: u16 = 1;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SegmentMeta {
@@ -160,7 +170,7 @@ pub fn decode(data: &[u8]) -> Result<(SegmentMeta, Vec<Record>), SegmentError> {
         ));
     }
     let version = r.u16()?;
-    if version != VERSION {
+    if !(MIN_VERSION..=VERSION).contains(&version) {
         return Err(SegmentError::Version(version));
     }
     r.u16()?;
@@ -188,6 +198,14 @@ pub fn decode(data: &[u8]) -> Result<(SegmentMeta, Vec<Record>), SegmentError> {
         let mut one = Reader::new(rec_bytes);
         let rec = decode_record(&mut one)?;
         one.end()?;
+        if let crate::record::Op::Create { kind, .. } = &rec.op {
+            if !kind.in_version(version) {
+                return Err(SegmentError::Inconsistent(format!(
+                    "record {} creates a {kind:?}, which segments of version {version} cannot hold",
+                    rec.seq
+                )));
+            }
+        }
         let want = meta.first_seq + records.len() as u64;
         if rec.seq != want {
             return Err(SegmentError::Inconsistent(format!(

@@ -2,7 +2,9 @@
 //! in tests/golden/ forever. A build must decode every golden file and
 //! encode the sample to exactly the same bytes; a change to a format needs
 //! a new version (and new golden files), never an edit of the old ones.
-//! Regenerate only new files with REWIND_BLESS=1.
+//! Regenerate only new files with REWIND_BLESS=1. Files of versions this
+//! build no longer writes are decoded only (`old_golden`), and a store made
+//! by an older build (`tests/golden/store-v1`) must still restore.
 
 use std::path::PathBuf;
 
@@ -30,6 +32,53 @@ fn golden(name: &str, bytes: &[u8]) -> Vec<u8> {
         "encoding of {name} changed: formats are versioned, add a new version instead"
     );
     want
+}
+
+/// A golden file of a version this build reads but no longer writes.
+fn old_golden(name: &str) -> Vec<u8> {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden")
+        .join(name);
+    std::fs::read(&p).unwrap_or_else(|_| panic!("missing golden file {}", p.display()))
+}
+
+/// The records of version 2 beyond version 1's: Create records of the
+/// special kinds, device numbers at the edges of the kernel's encoding.
+fn sample_records_v2() -> Vec<Record> {
+    let mut recs = sample_records();
+    let specials = [
+        (b"sock".as_slice(), 20, Kind::Socket, 0o755, 0),
+        (b"null".as_slice(), 21, Kind::CharDev, 0o666, (1 << 8) | 3),
+        // major 4095, minor 1048575: the largest the kernel encodes.
+        (b"big".as_slice(), 22, Kind::CharDev, 0o640, 0xffff_ffff),
+        (
+            b"loop".as_slice(),
+            23,
+            Kind::BlockDev,
+            0o660,
+            (7 << 8) | 200,
+        ),
+    ];
+    let last = recs.last().unwrap().clone();
+    for (i, (name, ino, kind, mode, rdev)) in specials.into_iter().enumerate() {
+        recs.push(Record {
+            seq: last.seq + 1 + i as u64,
+            time: last.time + 1 + i as i64,
+            op: Op::Create {
+                parent: 2,
+                name: Bytes::copy_from_slice(name),
+                ino,
+                kind,
+                mode,
+                uid: 1234,
+                gid: 2000,
+                mtime: 8,
+                rdev,
+                target: Bytes::new(),
+            },
+        });
+    }
+    recs
 }
 
 fn sample_records() -> Vec<Record> {
@@ -135,12 +184,35 @@ fn sample_records() -> Vec<Record> {
 
 #[test]
 fn segment_v1() {
-    let recs = sample_records();
+    let g = old_golden("segment-v1.rws");
+    assert_eq!(u16::from_le_bytes([g[8], g[9]]), 1);
+    let (meta, decoded) = segment::decode(&g).unwrap();
+    assert_eq!(decoded, sample_records());
+    assert_eq!(meta.lineage, 0xfeed);
+}
+
+#[test]
+fn segment_v2() {
+    let recs = sample_records_v2();
     let (_, data) = segment::encode(0xfeed, &recs);
-    let g = golden("segment-v1.rws", &data);
+    let g = golden("segment-v2.rws", &data);
+    assert_eq!(u16::from_le_bytes([g[8], g[9]]), 2);
     let (meta, decoded) = segment::decode(&g).unwrap();
     assert_eq!(decoded, recs);
     assert_eq!(meta.lineage, 0xfeed);
+}
+
+/// No build of version 1 made a socket or device record: a version 1
+/// segment that holds one is damage, not data.
+#[test]
+fn a_v1_segment_with_a_v2_kind_is_refused() {
+    let (_, data) = segment::encode(0xfeed, &sample_records_v2());
+    let mut body = data[..data.len() - 32].to_vec();
+    body[8..10].copy_from_slice(&1u16.to_le_bytes());
+    let hash = *blake3::hash(&body).as_bytes();
+    body.extend_from_slice(&hash);
+    let err = segment::decode(&body).unwrap_err().to_string();
+    assert!(err.contains("version 1"), "{err}");
 }
 
 #[test]
@@ -153,9 +225,8 @@ fn chunk_v1() {
     );
 }
 
-#[test]
-fn manifest_v1() {
-    let m = Manifest {
+fn sample_manifest() -> Manifest {
+    Manifest {
         lineage: 0xfeed,
         start_seq: 99,
         started_ns: 1,
@@ -199,14 +270,160 @@ fn manifest_v1() {
             name: Bytes::from_static(b"f"),
             ino: 11,
         }],
-    };
-    let g = golden("manifest-v1.rwb", &base::encode_manifest(&m));
+    }
+}
+
+#[test]
+fn manifest_v1() {
+    let g = old_golden("manifest-v1.rwb");
+    assert_eq!(u16::from_le_bytes([g[8], g[9]]), 1);
+    assert_eq!(base::decode_manifest(&g).unwrap(), sample_manifest());
+}
+
+#[test]
+fn manifest_v2() {
+    let mut m = sample_manifest();
+    for (ino, kind, mode, rdev, name) in [
+        (20, Kind::Socket, 0o755, 0, "sock"),
+        (21, Kind::CharDev, 0o666, (1 << 8) | 3, "null"),
+        (22, Kind::BlockDev, 0o660, 0xffff_ffff, "big"),
+    ] {
+        m.objects.push(Object {
+            ino,
+            kind,
+            mode,
+            uid: 1234,
+            gid: 2000,
+            size: 0,
+            mtime: 9,
+            rdev,
+            target: Bytes::new(),
+            xattrs: vec![],
+            extents: vec![],
+        });
+        m.links.push(Link {
+            parent: 2,
+            name: Bytes::copy_from_slice(name.as_bytes()),
+            ino,
+        });
+    }
+    let g = golden("manifest-v2.rwb", &base::encode_manifest(&m));
+    assert_eq!(u16::from_le_bytes([g[8], g[9]]), 2);
     assert_eq!(base::decode_manifest(&g).unwrap(), m);
+}
+
+/// A journal file: a golden header, then one frame per record (see
+/// src/journal/file.rs), then the zeros that end it.
+fn journal_file(header: &[u8], recs: &[Record]) -> Vec<u8> {
+    let mut out = header.to_vec();
+    for r in recs {
+        let mut body = Vec::new();
+        rewind::record::encode_record(r, &mut body);
+        let len = (body.len() as u32).to_le_bytes();
+        let mut h = blake3::Hasher::new();
+        h.update(&len);
+        h.update(&body);
+        out.extend_from_slice(&len);
+        out.extend_from_slice(&h.finalize().as_bytes()[..8]);
+        out.extend_from_slice(&body);
+    }
+    out.resize(out.len() + 4096, 0);
+    out
+}
+
+fn read_journal(name: &str, bytes: &[u8]) -> Vec<Record> {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join(name);
+    std::fs::write(&p, bytes).unwrap();
+    rewind::journal::dump_file(&p)
+        .unwrap()
+        .into_iter()
+        .map(|(_, _, r)| r)
+        .collect()
 }
 
 #[test]
 fn journal_header_v1() {
-    let h = rewind::journal::file_header(0xfeed, 100, 1_795_780_805_000_000_000);
-    let g = golden("journal-header-v1.bin", &h);
+    let g = old_golden("journal-header-v1.bin");
     assert_eq!(&g[..8], b"RWJRNL01");
+    assert_eq!(u16::from_le_bytes([g[8], g[9]]), 1);
+    // A journal file an older build left behind reads as before.
+    let recs = sample_records();
+    assert_eq!(
+        read_journal("00000000000000000100.rwj", &journal_file(&g, &recs)),
+        recs
+    );
+}
+
+#[test]
+fn journal_header_v2() {
+    let h = rewind::journal::file_header(0xfeed, 100, 1_795_780_805_000_000_000);
+    let g = golden("journal-header-v2.bin", &h);
+    assert_eq!(&g[..8], b"RWJRNL01");
+    assert_eq!(u16::from_le_bytes([g[8], g[9]]), 2);
+    let recs = sample_records_v2();
+    assert_eq!(
+        read_journal("00000000000000000100.rwj", &journal_file(&g, &recs)),
+        recs
+    );
+}
+
+/// A store written by the build before format version 2 (3847756: `rewind
+/// run` over a source holding a setgid directory, a file with an xattr and
+/// a second hard link, a symlink and a fifo, then through the mount a new
+/// file, a 0700 directory, an append, a rename, a symlink, a fifo and a
+/// sparse file) restores exactly with this build.
+#[test]
+fn a_store_made_by_version_1_restores() {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+    let golden = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden/store-v1");
+    let root: std::sync::Arc<dyn rewind::store::Store> =
+        std::sync::Arc::new(rewind::store::file::FileStore::open(golden).unwrap());
+    let store = rewind::store::Prefixed::new(root, "vol");
+    let plan = rewind::timeline::Timeline::load(&store)
+        .unwrap()
+        .plan(rewind::clock::At::Latest, None)
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let t = dir.path().join("t");
+    let r = rewind::restore::restore(&store, &plan, &t, false, &mut |_| {}).unwrap();
+    assert!(r.skipped.is_empty());
+    let meta = |p: &str| std::fs::symlink_metadata(t.join(p)).unwrap();
+    let mode = |p: &str| meta(p).permissions().mode() & 0o7777;
+    assert_eq!(std::fs::read(t.join("d/a")).unwrap(), b"base file\nmore\n");
+    assert_eq!((mode("d"), mode("d/a"), mode("e")), (0o2775, 0o644, 0o700));
+    assert_eq!((meta("d/a").uid(), meta("d/a").gid()), (1234, 2000));
+    assert_eq!(meta("d/a").ino(), meta("hl").ino());
+    assert_eq!(
+        xattr_of(&t.join("d/a"), "user.k").as_deref(),
+        Some(&b"val"[..])
+    );
+    assert_eq!(
+        std::fs::read_link(t.join("sym")).unwrap(),
+        PathBuf::from("d/a")
+    );
+    assert_eq!(
+        std::fs::read_link(t.join("e/dl")).unwrap(),
+        PathBuf::from("../d")
+    );
+    assert!(meta("fifo").file_type().is_fifo() && mode("fifo") == 0o640);
+    assert!(meta("e/p").file_type().is_fifo());
+    assert_eq!(std::fs::read(t.join("e/b")).unwrap(), b"segment file\n");
+    let sparse = std::fs::read(t.join("e/sparse")).unwrap();
+    assert_eq!(sparse.len(), 100_004);
+    assert!(sparse[..100_000].iter().all(|&b| b == 0) && &sparse[100_000..] == b"tail");
+    assert_eq!(mode("e/sparse"), 0o600);
+    let mut names: Vec<String> = std::fs::read_dir(&t)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["d", "e", "fifo", "hl", "sym"]);
+}
+
+fn xattr_of(p: &std::path::Path, name: &str) -> Option<Vec<u8>> {
+    let mut buf = vec![0u8; 256];
+    let n = rustix::fs::getxattr(p, name, &mut buf).ok()?;
+    buf.truncate(n);
+    Some(buf)
 }

@@ -2,7 +2,9 @@
 //! kernel requests into `Passthrough` calls and results into replies (inode
 //! numbers, attributes, errno), mounts the session with the options the
 //! contract fixes (allow_other, default_permissions, 1 MiB writes, one
-//! cloned /dev/fuse fd per worker thread), and nothing else: no logic that
+//! cloned /dev/fuse fd per worker thread; nodev only where the source is
+//! nodev), asks for unmasked create modes (FUSE_DONT_MASK), and nothing
+//! else: no logic that
 //! the core could hold. What needs fuser's types stays here: the open flags
 //! for each `OpenMode`, fsync replies handed to the journal's group commit
 //! as callbacks (`Journal::sync_then`: a worker never waits for a sync
@@ -145,17 +147,7 @@ impl FuseFs {
                 UNIX_EPOCH - Duration::new((-s) as u64, 0)
             }
         };
-        let kind = match Kind::from_mode(st.st_mode) {
-            Some(Kind::Dir) => FileType::Directory,
-            Some(Kind::Symlink) => FileType::Symlink,
-            Some(Kind::Fifo) => FileType::NamedPipe,
-            Some(Kind::File) => FileType::RegularFile,
-            None => match st.st_mode & libc::S_IFMT {
-                libc::S_IFCHR => FileType::CharDevice,
-                libc::S_IFBLK => FileType::BlockDevice,
-                _ => FileType::Socket,
-            },
-        };
+        let kind = file_type(Kind::from_mode(st.st_mode));
         FileAttr {
             ino: INodeNo(self.map(st.st_ino)),
             size: st.st_size as u64,
@@ -180,6 +172,20 @@ impl FuseFs {
             Ok(st) => reply.entry(&TTL, &self.attr(&st), Generation(0)),
             Err(e) => reply.error(err(e)),
         }
+    }
+}
+
+/// The FUSE file type of a kind (None: the source showed a type Linux
+/// does not define; answered as a regular file, as readdir does).
+fn file_type(kind: Option<Kind>) -> FileType {
+    match kind {
+        Some(Kind::Dir) => FileType::Directory,
+        Some(Kind::Symlink) => FileType::Symlink,
+        Some(Kind::Fifo) => FileType::NamedPipe,
+        Some(Kind::Socket) => FileType::Socket,
+        Some(Kind::CharDev) => FileType::CharDevice,
+        Some(Kind::BlockDev) => FileType::BlockDevice,
+        Some(Kind::File) | None => FileType::RegularFile,
     }
 }
 
@@ -211,6 +217,11 @@ impl Filesystem for FuseFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.set_max_write(1 << 20);
         let _ = config.add_capabilities(fuser::InitFlags::FUSE_PARALLEL_DIROPS);
+        // Creates arrive with the caller's mode unmasked and its umask
+        // beside it, so the core can let the source filesystem decide
+        // between the umask and a default ACL (`Passthrough::create`).
+        // Without it the kernel masks first, which ignores default ACLs.
+        let _ = config.add_capabilities(fuser::InitFlags::FUSE_DONT_MASK);
         self.direct_io = config
             .add_capabilities(fuser::InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP)
             .is_ok();
@@ -297,13 +308,21 @@ impl Filesystem for FuseFs {
         name: &OsStr,
         mode: u32,
         umask: u32,
-        _rdev: u32,
+        rdev: u32,
         reply: ReplyEntry,
     ) {
+        // FUSE carries the kernel's 32-bit device encoding, whose value is
+        // the st_rdev the source will report for it.
         self.entry(
             reply,
-            self.core
-                .mknod(self.src(parent), name, mode, umask, caller(req)),
+            self.core.mknod(
+                self.src(parent),
+                name,
+                mode,
+                umask,
+                u64::from(rdev),
+                caller(req),
+            ),
         )
     }
 
@@ -537,13 +556,7 @@ impl Filesystem for FuseFs {
         let r = self
             .core
             .readdir(fh.0, offset, &mut |ino, off, kind, name| {
-                let ft = match kind {
-                    Some(Kind::Dir) => FileType::Directory,
-                    Some(Kind::Symlink) => FileType::Symlink,
-                    Some(Kind::Fifo) => FileType::NamedPipe,
-                    _ => FileType::RegularFile,
-                };
-                reply.add(INodeNo(self.map(ino)), off, ft, name)
+                reply.add(INodeNo(self.map(ino)), off, file_type(kind), name)
             });
         match r {
             Ok(()) => reply.ok(),
@@ -711,6 +724,15 @@ pub fn mount(
         MountOption::Subtype("rewind".into()),
         MountOption::DefaultPermissions,
     ];
+    // fuser mounts nodev unless told otherwise; the mount follows the
+    // source's own mount instead, so a device node made through it (or
+    // restored into the source) opens where it would natively. The daemon
+    // creates nothing the source could not hold already.
+    if let Ok(s) = fs.core.statfs() {
+        if !s.f_flag.contains(rustix::fs::StatVfsMountFlags::NODEV) {
+            cfg.mount_options.push(MountOption::Dev);
+        }
+    }
     cfg.acl = SessionACL::All;
     cfg.n_threads = Some(threads.max(1));
     cfg.clone_fd = true;

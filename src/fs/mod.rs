@@ -15,6 +15,12 @@
 //! leaves the source ahead of the journal by at most the requests in
 //! flight, none of them acknowledged; the next start takes a repair base
 //! (see `run.rs`), which the timeline marks as a gap until it completes.
+//!
+//! New entries get the mode the source filesystem gives them for the
+//! caller's mode and umask, as if the caller had made them natively (see
+//! `with_umask`): the adapter asks the kernel for the unmasked mode
+//! (FUSE_DONT_MASK), so a parent's default POSIX ACL decides instead of the
+//! umask where it would natively.
 
 pub mod fuse;
 
@@ -172,6 +178,60 @@ fn proc_path(fd: &impl AsRawFd) -> CString {
 
 fn mtime_of(st: &Stat) -> i64 {
     st.st_mtime * 1_000_000_000 + st.st_mtime_nsec as i64
+}
+
+thread_local! {
+    /// Whether this thread has its own umask: None until the first create
+    /// on the thread tried to unshare it (`with_umask`).
+    static OWN_UMASK: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `create` (one mkdirat, mknodat or openat(O_CREAT) on the source)
+/// with the calling thread's umask set to the FUSE caller's `umask`, and
+/// puts the thread's umask back after.
+///
+/// Why the source filesystem applies the umask, and not the daemon: where
+/// the parent directory has a default POSIX ACL, Linux ignores the umask
+/// and derives the mode from the ACL instead; anywhere else it masks. Only
+/// the source filesystem knows which holds, so the daemon passes the
+/// caller's unmasked mode (FUSE_DONT_MASK) and lets the syscall run under
+/// the caller's umask. The daemon's own umask (022 as started) used to be
+/// applied on top, so umask 002 and mode 0664 gave 0644.
+///
+/// Why per thread: the umask is per process unless a thread unshares its
+/// filesystem attributes (CLONE_FS, which no privilege guards), and the
+/// daemon's other threads keep creating the journal, state.json and store
+/// files with the process umask. Each FUSE worker unshares once, on its
+/// first create; the daemon never changes its working directory or root,
+/// the other attributes CLONE_FS carries. Should unshare fail (a seccomp
+/// policy), the umask is applied here by masking the mode, without default
+/// ACL semantics, under the process umask: the behaviour before this fix,
+/// with one warning in the log.
+fn with_umask<T>(mode: u32, umask: u32, create: impl FnOnce(Mode) -> T) -> T {
+    let own = OWN_UMASK.with(|c| match c.get() {
+        Some(own) => own,
+        None => {
+            // SAFETY: unshare(CLONE_FS) only gives this thread a private
+            // copy of its umask, working directory and root; it touches no
+            // memory.
+            let own = unsafe { libc::unshare(libc::CLONE_FS) } == 0;
+            if !own {
+                tracing::warn!(
+                    "cannot give a FUSE worker its own umask (unshare(CLONE_FS): {}): new files get the daemon's umask on top of the caller's",
+                    std::io::Error::last_os_error()
+                );
+            }
+            c.set(Some(own));
+            own
+        }
+    });
+    if !own {
+        return create(Mode::from_bits_truncate(mode & 0o7777 & !umask));
+    }
+    let saved = rustix::process::umask(Mode::from_bits_truncate(umask & 0o777));
+    let r = create(Mode::from_bits_truncate(mode & 0o7777));
+    rustix::process::umask(saved);
+    r
 }
 
 /// What a new file or directory should be owned by: the caller, with the
@@ -522,15 +582,14 @@ impl Passthrough {
         Ok((caller.uid, gid))
     }
 
-    /// Gives a just-created entry its owner and intended mode, then returns
-    /// its stat and the Create record.
+    /// Gives a just-created entry its owner, keeping the mode the source
+    /// filesystem gave it, then returns its stat and the Create record.
     fn finish_create(
         &self,
         parent: Ino,
         pinode: &Inode,
         name: &OsStr,
         caller: Caller,
-        mode: u32,
         target: &[u8],
     ) -> FsResult<(Stat, Op)> {
         let pfd = self.fd(pinode)?;
@@ -541,6 +600,9 @@ impl Passthrough {
         // and group (a root application, the common sidecar case), the
         // chown and its checks are skipped: two syscalls per create.
         if st.st_uid != caller.uid || st.st_gid != caller.gid {
+            // The mode as created: the caller's mode under its umask, or
+            // under the parent's default ACL (which chmod would rewrite).
+            let created = st.st_mode & 0o7777;
             let (uid, gid) = self.new_owner(pinode, caller)?;
             rfs::chownat(
                 &*pfd,
@@ -549,12 +611,16 @@ impl Passthrough {
                 Some(rfs::Gid::from_raw(gid)),
                 AtFlags::SYMLINK_NOFOLLOW,
             )?;
-            // chown clears set-id bits; put back what the caller asked for.
-            if kind != Kind::Symlink && kind != Kind::Dir {
+            // chown clears the set-id bits of anything but a directory;
+            // put back the ones it was created with (the kernel already
+            // dropped set-group-ID where the caller may not have it). Only
+            // then: a chmod would also rewrite a default ACL's mask entry.
+            let setid = libc::S_ISUID | libc::S_ISGID;
+            if kind != Kind::Symlink && kind != Kind::Dir && created & setid != 0 {
                 rfs::chmodat(
                     &*pfd,
                     name,
-                    Mode::from_bits_truncate(mode & 0o7777),
+                    Mode::from_bits_truncate(created),
                     AtFlags::empty(),
                 )?;
             }
@@ -575,30 +641,39 @@ impl Passthrough {
         Ok((st, op))
     }
 
+    /// Makes a fifo, a socket's node, a device node or an empty file;
+    /// `rdev` is the device number (the kernel's encoding, as in st_rdev).
+    #[allow(clippy::too_many_arguments)]
     pub fn mknod(
         &self,
         parent: Ino,
         name: &OsStr,
         mode: u32,
         umask: u32,
+        rdev: u64,
         caller: Caller,
     ) -> FsResult<Stat> {
         let _op = self.begin()?;
         if self.is_hidden(parent, name) {
             return Err(Errno::PERM);
         }
-        let ft = match mode & libc::S_IFMT {
-            libc::S_IFIFO => rfs::FileType::Fifo,
-            libc::S_IFREG | 0 => rfs::FileType::RegularFile,
-            // Device nodes and sockets are not protected (docs/SEMANTICS.md).
-            _ => return Err(Errno::PERM),
+        // The kernel checked CAP_MKNOD for device nodes (as natively)
+        // before sending the request; the source filesystem checks again
+        // that the daemon may make them.
+        let (ft, rdev) = match mode & libc::S_IFMT {
+            libc::S_IFIFO => (rfs::FileType::Fifo, 0),
+            libc::S_IFREG | 0 => (rfs::FileType::RegularFile, 0),
+            // bind() of a Unix domain socket makes its node this way.
+            libc::S_IFSOCK => (rfs::FileType::Socket, 0),
+            libc::S_IFCHR => (rfs::FileType::CharacterDevice, rdev),
+            libc::S_IFBLK => (rfs::FileType::BlockDevice, rdev),
+            _ => return Err(Errno::INVAL),
         };
         let p = self.inode(parent)?;
         let pfd = self.fd(&p)?;
         let _ns = self.namespace.lock();
-        let perm = mode & 0o7777 & !umask;
-        rfs::mknodat(&*pfd, name, ft, Mode::from_bits_truncate(perm), 0)?;
-        let (st, op) = self.finish_create(parent, &p, name, caller, perm, b"")?;
+        with_umask(mode, umask, |m| rfs::mknodat(&*pfd, name, ft, m, rdev))?;
+        let (st, op) = self.finish_create(parent, &p, name, caller, b"")?;
         self.record(&[op])?;
         Ok(st)
     }
@@ -618,9 +693,8 @@ impl Passthrough {
         let p = self.inode(parent)?;
         let pfd = self.fd(&p)?;
         let _ns = self.namespace.lock();
-        let perm = mode & 0o7777 & !umask;
-        rfs::mkdirat(&*pfd, name, Mode::from_bits_truncate(perm))?;
-        let (st, op) = self.finish_create(parent, &p, name, caller, perm, b"")?;
+        with_umask(mode, umask, |m| rfs::mkdirat(&*pfd, name, m))?;
+        let (st, op) = self.finish_create(parent, &p, name, caller, b"")?;
         self.record(&[op])?;
         Ok(st)
     }
@@ -640,7 +714,7 @@ impl Passthrough {
         let pfd = self.fd(&p)?;
         let _ns = self.namespace.lock();
         rfs::symlinkat(target, &*pfd, name)?;
-        let (st, op) = self.finish_create(parent, &p, name, caller, 0o777, target.as_bytes())?;
+        let (st, op) = self.finish_create(parent, &p, name, caller, target.as_bytes())?;
         self.record(&[op])?;
         Ok(st)
     }
@@ -883,11 +957,10 @@ impl Passthrough {
         let p = self.inode(parent)?;
         let pfd = self.fd(&p)?;
         let ns = self.namespace.lock();
-        let perm = mode & 0o7777 & !umask;
         let oflags = Self::reopen_flags(flags) | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW;
-        match rfs::openat(&*pfd, name, oflags, Mode::from_bits_truncate(perm)) {
+        match with_umask(mode, umask, |m| rfs::openat(&*pfd, name, oflags, m)) {
             Ok(fd) => {
-                let (st, op) = self.finish_create(parent, &p, name, caller, perm, b"")?;
+                let (st, op) = self.finish_create(parent, &p, name, caller, b"")?;
                 self.record(&[op])?;
                 let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
                 let mode = if writable {
@@ -1134,6 +1207,9 @@ impl Passthrough {
                     libc::DT_REG => Some(Kind::File),
                     libc::DT_LNK => Some(Kind::Symlink),
                     libc::DT_FIFO => Some(Kind::Fifo),
+                    libc::DT_SOCK => Some(Kind::Socket),
+                    libc::DT_CHR => Some(Kind::CharDev),
+                    libc::DT_BLK => Some(Kind::BlockDev),
                     _ => None,
                 };
                 if emit(d_ino, d_off, kind, name) {
@@ -1250,5 +1326,57 @@ impl Passthrough {
 
     pub fn source_fd(&self) -> impl AsFd + '_ {
         &self.root_fd
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mode_of(dir: &std::path::Path, name: &str) -> u32 {
+        rfs::lstat(dir.join(name)).unwrap().st_mode & 0o7777
+    }
+
+    /// A create under `with_umask` gets the caller's umask applied by the
+    /// filesystem (not the process umask on top), on a thread of its own,
+    /// and leaves the umask of the process's other threads alone.
+    #[test]
+    fn creates_run_under_the_callers_umask_on_their_own_thread() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = rfs::open(
+            dir.path(),
+            OFlags::RDONLY | OFlags::DIRECTORY,
+            Mode::empty(),
+        )
+        .unwrap();
+        let process_umask = rustix::process::umask(Mode::from_bits_truncate(0o022));
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                for (umask, mode, name) in
+                    [(0, 0o620, "a"), (0o002, 0o664, "b"), (0o077, 0o777, "c")]
+                {
+                    let fd = with_umask(mode, umask, |m| {
+                        rfs::openat(&d, name, OFlags::CREATE | OFlags::EXCL | OFlags::WRONLY, m)
+                    });
+                    drop(fd.unwrap());
+                }
+                with_umask(0o2775, 0o002, |m| rfs::mkdirat(&d, "d", m)).unwrap();
+                with_umask(libc::S_IFSOCK | 0o777, 0, |m| {
+                    rfs::mknodat(&d, "s", rfs::FileType::Socket, m, 0)
+                })
+                .unwrap();
+            });
+        });
+        // This thread's (the process's) umask was not changed.
+        assert_eq!(
+            rustix::process::umask(process_umask),
+            Mode::from_bits_truncate(0o022)
+        );
+        assert_eq!(mode_of(dir.path(), "a"), 0o620);
+        assert_eq!(mode_of(dir.path(), "b"), 0o664);
+        assert_eq!(mode_of(dir.path(), "c"), 0o700);
+        // mkdir drops set-group-ID where the parent is not setgid.
+        assert_eq!(mode_of(dir.path(), "d"), 0o775);
+        assert_eq!(mode_of(dir.path(), "s"), 0o777);
     }
 }

@@ -1,10 +1,10 @@
 //! One journal file: its header, its frames, and the scan that decides
 //! where the valid prefix ends.
 //!
-//! Format (version 1):
+//! Format (version 2):
 //!
 //! ```text
-//! header (64 bytes) := magic "RWJRNL01" | version:u16 = 1 | reserved:u16 | reserved:u32
+//! header (64 bytes) := magic "RWJRNL01" | version:u16 = 2 | reserved:u16 | reserved:u32
 //!                      | lineage:u64 | first_seq:u64 | created_ns:i64 | zero padding to 64
 //! frame             := len:u32 | check:8 bytes | record (len bytes, see record.rs)
 //! check             := first 8 bytes of blake3(len_le || record)
@@ -19,6 +19,12 @@
 //! the scan never reaches. A frame that fails its check is a torn tail when
 //! nothing valid follows it (cut and reported) and damage otherwise
 //! (refused: records after it would be replayed without their predecessor).
+//!
+//! Version 2 has the layout of version 1; its frames may also hold Create
+//! records of the kinds socket, character device and block device (see
+//! record.rs), which a build that knows only version 1 could not decode,
+//! so it refuses the file by its header instead of failing on a record.
+//! Version 1 files (left by an older build) are read as before.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -33,7 +39,11 @@ use crate::record::{decode_record, encode_op, Record, Seq, MIN_RECORD_LEN};
 
 pub const FILE_EXT: &str = "rwj";
 pub const MAGIC: &[u8; 8] = b"RWJRNL01";
-pub const VERSION: u16 = 1;
+/// The version new and recycled files get (2: special file kinds in
+/// Create records, same layout as 1).
+pub const VERSION: u16 = 2;
+/// The oldest version this build reads.
+pub const MIN_VERSION: u16 = 1;
 pub const HEADER_LEN: usize = 64;
 pub const FRAME_HEAD: usize = 12;
 /// The unit appends write in (see `Journal::append_with`): the page size,
@@ -103,9 +113,9 @@ pub fn decode_header(b: &[u8]) -> Result<Header, String> {
     }
     let mut r = Reader::new(&b[8..HEADER_LEN]);
     let version = r.u16().unwrap();
-    if version != VERSION {
+    if !(MIN_VERSION..=VERSION).contains(&version) {
         return Err(format!(
-            "journal format version {version} is not supported by this build (expects {VERSION})"
+            "journal format version {version} is not supported by this build (reads {MIN_VERSION} to {VERSION})"
         ));
     }
     r.u16().unwrap();
