@@ -22,9 +22,13 @@ Divergence control: when an operation succeeds natively and fails through
 the mount for a kind in REPAIRED_KINDS, the worker brings the two sides back
 together (copies the native contents over the mount's file for
 COLLAPSE/INSERT_RANGE; removes the native node for O_TMPFILE, device nodes
-and sockets) and marks the record, so one difference does not cascade into
-every later operation on that path. The difference itself is still in the
-record and the test decides whether it is an expected one.
+and sockets), and when a touched path differs in its permission bits or
+owner only, it sets the mount's to the native ones (as root, through a
+helper forked before the worker dropped its privileges); the record says
+so. One
+difference then does not cascade into every later operation on that path:
+the records show where behaviour first differs. The difference itself is
+still in the record and the test decides whether it is an expected one.
 """
 
 from __future__ import annotations
@@ -76,7 +80,8 @@ FALLOCATE_MODES = {
     # ext4 has no UNSHARE_RANGE (EOPNOTSUPP natively): compared all the same.
     "fallocate_unshare_range": FALLOC_FL_UNSHARE_RANGE,
 }
-# Combinations the VFS itself refuses (EINVAL), before any file system.
+# Combinations the VFS itself refuses before any file system sees them
+# (EOPNOTSUPP on Linux 6.11+, EINVAL before): compared all the same.
 FALLOCATE_INVALID = [FALLOC_FL_PUNCH_HOLE, FALLOC_FL_COLLAPSE_RANGE | FALLOC_FL_KEEP_SIZE,
                      FALLOC_FL_ZERO_RANGE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
                      FALLOC_FL_INSERT_RANGE | FALLOC_FL_KEEP_SIZE]
@@ -551,9 +556,66 @@ def repair(kind: str, desc: str, targets, native: str, mount: str, rn: dict) -> 
     return "unlinked the native node"
 
 
+class RootHelper:
+    """A child forked while the worker is still root: it applies the
+    worker's resyncs (chown, chmod through the mount) with root's power,
+    which a non-root worker lacks (it could not put back a set-group-ID bit
+    of a group it is not in, nor an owner)."""
+
+    def __init__(self):
+        r1, w1 = os.pipe()
+        r2, w2 = os.pipe()
+        self.pid = os.fork()
+        if self.pid == 0:
+            os.close(w1)
+            os.close(r2)
+            with os.fdopen(r1) as fin, os.fdopen(w2, "w") as fout:
+                for line in fin:
+                    path, uid, gid, mode = json.loads(line)
+                    res = [_try(os.chown, path, uid, gid, follow_symlinks=False) if uid is not None else None,
+                           _try(os.chmod, path, mode, follow_symlinks=False) if mode is not None else None]
+                    fout.write(json.dumps(res) + "\n")
+                    fout.flush()
+            os._exit(0)
+        os.close(r1)
+        os.close(w2)
+        self.to = os.fdopen(w1, "w")
+        self.back = os.fdopen(r2)
+
+    def fix(self, path: str, uid, gid, mode) -> list:
+        self.to.write(json.dumps([path, uid, gid, mode]) + "\n")
+        self.to.flush()
+        return json.loads(self.back.readline())
+
+    def close(self) -> None:
+        self.to.close()
+        os.waitpid(self.pid, 0)
+
+
+def resync_attrs(helper: RootHelper, targets, mount: str, rn: dict, rm: dict) -> str | None:
+    """A path both sides have as the same type, with different permission
+    bits or owner (a umask ignored, say), gets the native ones through the
+    mount, so that later operations do not all differ because of that one."""
+    done = []
+    for t, a, b in zip(targets, rn["st"], rm["st"]):
+        if is_err(a) or is_err(b) or a == b or a[0] != b[0]:
+            continue
+        if a[4:] != b[4:]:
+            continue  # size, links or device differ: not something a chmod mends
+        owner = a[2:4] != b[2:4]
+        res = helper.fix(os.path.join(mount, t), a[2] if owner else None, a[3] if owner else None,
+                         int(a[1], 8) if a[0] != "l" else None)
+        now = lstat_tuple(os.path.join(mount, t))
+        what = (f"set {t} to {a[1]} {a[2]}:{a[3]} through the mount as root"
+                + ("" if now == a else f" but it shows {now} ({res})"))
+        done.append(what)
+    return "; ".join(done) or None
+
+
 def worker(cfg: dict) -> None:
     out = open(cfg["out"], "w")  # opened while still root
     os.chdir("/")
+    helper = RootHelper()
     os.setgroups(cfg["groups"])
     os.setgid(cfg["gid"])
     os.setuid(cfg["uid"])
@@ -570,8 +632,11 @@ def worker(cfg: dict) -> None:
         rec = {"n": n, "w": idx, "kind": kind, "desc": desc, "native": rn, "mount": rm, "repair": None}
         if rn != rm and kind in REPAIRED_KINDS and not is_err(rn["r"]) and is_err(rm["r"]):
             rec["repair"] = repair(kind, desc, targets, native, mount, rn)
+        elif rn != rm:
+            rec["repair"] = resync_attrs(helper, targets, mount, rn, rm)
         out.write(json.dumps(rec) + "\n")
         out.flush()
+    helper.close()
     out.write(json.dumps({"done": True, "w": idx}) + "\n")
     out.close()
 

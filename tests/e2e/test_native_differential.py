@@ -26,7 +26,7 @@ device nodes and sockets are not restored (docs/SEMANTICS.md), only user.*
 xattrs count.
 
 Seeds: REWIND_NATIVE_SEEDS="1,2,3" (the default, fixed for CI); operations
-per worker: REWIND_NATIVE_OPS (default 220); scripts/many-native-seeds runs
+per worker: REWIND_NATIVE_OPS (default 1000); scripts/many-native-seeds runs
 many seeds. Run with -s to see the per-kind outcome counts.
 """
 
@@ -49,9 +49,11 @@ import nativeops
 from nativeops import SHARED, WORKERS, is_err, outcome
 
 SEEDS = [int(s) for s in os.environ.get("REWIND_NATIVE_SEEDS", "1,2,3").replace(" ", "").split(",") if s]
-OPS = int(os.environ.get("REWIND_NATIVE_OPS", "220"))
-MIN_ATTEMPTS = 4   # every kind, per seed
-MIN_OK = 2         # native successes, every kind that can succeed on ext4
+OPS = int(os.environ.get("REWIND_NATIVE_OPS", "1000"))
+# Per seed, every kind must have been attempted MIN_ATTEMPTS times and have
+# succeeded natively MIN_OK times (kinds that can succeed on ext4).
+MIN_ATTEMPTS = max(3, OPS // 50)
+MIN_OK = max(2, OPS // 200)
 
 # The differences the mount has by design, each documented as unsupported:
 # kind -> (native outcomes it applies to, the errno the mount gives then,
@@ -181,7 +183,9 @@ def classify(rec) -> str | None:
             return None
         return (f"EXPECTED_DIFFERENCES says the mount gives {exp[1]} when the native result is "
                 f"{outcome(rn['r'])}, but it gave {outcome(rm['r'])} (entry stale? {exp[2]})")
-    return None if rn == rm else "differs"
+    if rn == rm:
+        return None
+    return "result differs" if rn["r"] != rm["r"] else "same result, the lstat after it differs"
 
 
 def report(records) -> tuple[str, dict]:
@@ -206,20 +210,47 @@ def report(records) -> tuple[str, dict]:
     return "\n".join(lines), by_kind
 
 
-def mismatch_summary(records, limit_per_kind=3) -> list[str]:
-    bad = collections.defaultdict(list)
+STAT_FIELDS = ("type", "mode", "uid", "gid", "size", "nlink", "rdev")
+
+
+def signature(rec, why: str) -> str:
+    """What kind of difference an operation shows, and for whom: the unit
+    the failure message groups by."""
+    rn, rm = rec["native"], rec["mount"]
+    w = WORKERS[rec["w"]]
+    who = f"[uid {w['uid']} gid {w['gid']} groups {w['groups']} umask {w['umask']:03o}]"
+    if why.startswith("EXPECTED"):
+        what = why
+    elif rn["r"] != rm["r"]:
+        on, om = outcome(rn["r"]), outcome(rm["r"])
+        what = f"native {on} / mount {om}" + (" (different values)" if on == om else "")
+    else:
+        parts = []
+        for a, b in zip(rn["st"], rm["st"]):
+            if a == b:
+                continue
+            if is_err(a) or is_err(b):
+                parts.append(f"{outcome(a) if is_err(a) else 'exists'} natively, "
+                             f"{outcome(b) if is_err(b) else 'exists'} on the mount")
+            else:
+                parts.append(",".join(f for f, x, y in zip(STAT_FIELDS, a, b) if x != y))
+        what = "same result, lstat after it differs in " + "; ".join(parts)
+    return f"{rec['kind']}: {what} {who}"
+
+
+def mismatch_summary(records, examples=2) -> list[str]:
+    groups = collections.defaultdict(list)
     for rec in records:
         why = classify(rec)
         if why is not None:
-            bad[rec["kind"]].append((rec, why))
+            groups[signature(rec, why)].append(rec)
     out = []
-    for k, items in sorted(bad.items()):
-        out.append(f"{k}: {len(items)} operation(s) differ")
-        for rec, why in items[:limit_per_kind]:
-            w = WORKERS[rec["w"]]
-            out.append(f"  w{rec['w']} (uid {w['uid']} gid {w['gid']} groups {w['groups']} umask {w['umask']:03o}) "
-                       f"op#{rec['n']} {rec['desc']}: {why}\n    native {json.dumps(rec['native'])}"
-                       f"\n    mount  {json.dumps(rec['mount'])}" + (f"\n    repaired: {rec['repair']}" if rec["repair"] else ""))
+    for sig, recs in sorted(groups.items()):
+        out.append(f"{len(recs):4} x {sig}")
+        for rec in recs[:examples]:
+            out.append(f"       w{rec['w']} op#{rec['n']} {rec['desc']}\n         native {json.dumps(rec['native'])}"
+                       f"\n         mount  {json.dumps(rec['mount'])}"
+                       + (f"\n         then: {rec['repair']}" if rec["repair"] else ""))
     return out
 
 
@@ -292,9 +323,12 @@ def test_native_differential(make_volume, workdir, seed):
     problems = []
     bad = mismatch_summary(records)
     if bad:
-        problems.append("operations that differ between the native file system and the mount:\n" + "\n".join(bad))
+        n = sum(1 for rec in records if classify(rec) is not None)
+        problems.append(f"{n} operations differ between the native file system and the mount "
+                        f"(count x kind: difference [worker]):\n" + "\n".join(bad))
 
     stamped = stamp_mtimes(native, vol.mount, problems)
+    assert len(stamped) >= 10, f"only {len(stamped)} regular files got a common mtime"
     want = tree(native)
     seen = tree(vol.mount)
     seen_user = tree(vol.mount, user_xattrs_only=True)
