@@ -246,6 +246,18 @@ class Gen:
         return newp
 
     def draw(self, s: State):
+        kind, desc, targets, op = self._draw(s)
+        # An operation on a symlink (create, chmod, write, ... through it)
+        # lands on what it points to: look at that path too.
+        for t in list(targets):
+            if t in s.entries and s.entries[t][0] == "l":
+                dest = os.readlink(os.path.join(self.cfg["native"], t))
+                q = os.path.normpath(os.path.join(os.path.dirname(t), dest))
+                if not dest.startswith("/") and not q.startswith("..") and q not in targets:
+                    targets.append(q)
+        return kind, desc, targets, op
+
+    def _draw(self, s: State):
         r = self.r
         kinds = list(WEIGHTS)
         kind = r.choices(kinds, [WEIGHTS[k] for k in kinds])[0]
