@@ -545,7 +545,7 @@ def run_side(op, root: str, targets) -> dict:
     return normal({"r": res, "st": [lstat_tuple(os.path.join(root, t)) for t in targets]})
 
 
-def repair(kind: str, desc: str, targets, native: str, mount: str, rn: dict) -> str:
+def repair(kind: str, targets, native: str, mount: str, rn: dict) -> str:
     """Brings the mount's side back to the native one (or the native back to
     the mount's) after an operation that succeeded only natively."""
     t = targets[0]
@@ -643,7 +643,7 @@ def worker(cfg: dict) -> None:
         rm = run_side(op, mount, targets)
         rec = {"n": n, "w": idx, "kind": kind, "desc": desc, "native": rn, "mount": rm, "repair": None}
         if rn != rm and kind in REPAIRED_KINDS and not is_err(rn["r"]) and is_err(rm["r"]):
-            rec["repair"] = repair(kind, desc, targets, native, mount, rn)
+            rec["repair"] = repair(kind, targets, native, mount, rn)
         elif rn != rm:
             rec["repair"] = resync_attrs(helper, targets, mount, rn, rm)
         out.write(json.dumps(rec) + "\n")
