@@ -27,7 +27,7 @@ use std::collections::HashMap;
 use fuser::BackingId;
 use parking_lot::Mutex;
 
-use super::{Caller, OpenMode, Passthrough};
+use super::{Caller, OpenMode, Passthrough, Requester};
 use crate::record::{Ino, Kind};
 
 /// Every change goes through this mount, so the kernel may cache entries
@@ -190,6 +190,16 @@ fn caller(req: &Request) -> Caller {
     }
 }
 
+/// The process behind a request, for decisions that depend on its groups
+/// and capabilities (`Passthrough::setattr`, `Passthrough::write`).
+fn requester(req: &Request) -> Requester {
+    Requester {
+        pid: req.pid(),
+        uid: req.uid(),
+        gid: req.gid(),
+    }
+}
+
 fn time_arg(t: Option<TimeOrNow>) -> Option<Option<(i64, i64)>> {
     t.map(|t| match t {
         TimeOrNow::Now => None,
@@ -252,7 +262,7 @@ impl Filesystem for FuseFs {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -277,6 +287,7 @@ impl Filesystem for FuseFs {
             time_arg(atime),
             time_arg(mtime),
             fh.map(|f| f.0),
+            requester(req),
         ) {
             Ok(st) => reply.attr(&TTL, &self.attr(&st)),
             Err(e) => reply.error(err(e)),
@@ -439,7 +450,7 @@ impl Filesystem for FuseFs {
 
     fn write(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -449,7 +460,9 @@ impl Filesystem for FuseFs {
         _lo: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        let kill_privs = wf.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID);
+        let kill_privs = wf
+            .contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID)
+            .then(|| requester(req));
         match self.core.write(fh.0, offset, data, kill_privs) {
             Ok((n, mode_changed)) => {
                 if mode_changed {
