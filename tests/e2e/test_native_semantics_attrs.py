@@ -6,7 +6,8 @@ native directory on the same file system:
   `touch -h`) sets the link's own atime and mtime, with explicit times and
   with UTIME_NOW, and leaves the target alone; a restore replays it without
   touching the target either.
-- A write, append, truncate or chown by a caller without CAP_FSETID clears
+- A write, append, truncate (ftruncate and open with O_TRUNC too),
+  fallocate or chown (chown(-1, -1) too) by a caller without CAP_FSETID clears
   set-group-ID from a file that lacks group execute when the caller is not
   in the file's group (and keeps it for a member, by its gid or by a
   supplementary group only, and for root), in both write modes
@@ -50,6 +51,12 @@ for path, op, arg in json.load(sys.stdin):
         elif op == "ftruncate":
             fd = os.open(path, os.O_WRONLY)
             os.ftruncate(fd, 60)
+            os.close(fd)
+        elif op == "open_trunc":
+            os.close(os.open(path, os.O_WRONLY | os.O_TRUNC))
+        elif op == "fallocate":
+            fd = os.open(path, os.O_WRONLY)
+            os.posix_fallocate(fd, 0, 300)
             os.close(fd)
         elif op == "chown":
             os.chown(path, -1, arg)
@@ -162,7 +169,7 @@ CALLERS = {
     "root": (0, 0, []),
 }
 MODES = [0o2666, 0o2676, 0o6666]  # no group execute, group execute, with set-user-ID
-OPS = ["write", "append", "truncate", "ftruncate", "chown-1", "chgrp"]
+OPS = ["write", "append", "truncate", "ftruncate", "open_trunc", "fallocate", "chown-1", "chgrp"]
 
 
 def case_name(caller: str, op: str, mode: int) -> str:
