@@ -449,13 +449,15 @@ impl Passthrough {
         // arriving with nothing to set, or the mode it computed for a
         // set-user-ID file); a chmod by a caller outside the group carries
         // no S_ISGID (the kernel strips it), so treating it alike is exact.
-        // Symlinks and directories lose no set-id bits that way.
+        // Directories keep their set-id bits through all of these natively,
+        // and symlinks have none; every other kind of node can lose S_ISGID
+        // (a chown of a fifo or a device node clears it as a file's).
         let times_only = mode.is_none()
             && uid.is_none()
             && gid.is_none()
             && size.is_none()
             && (atime.is_some() || mtime.is_some());
-        let kill_check = !times_only && matches!(inode.kind, Kind::File | Kind::Fifo);
+        let kill_check = !times_only && !matches!(inode.kind, Kind::Dir | Kind::Symlink);
         // The group before a chown is the one the kernel tests membership of.
         let before = if kill_check {
             Some(rfs::fstat(&*ifd)?)
