@@ -151,6 +151,9 @@ impl Requester {
             && file_gid != self.gid
             && fsetid != Some(true);
         if !undecided {
+            // Here CAP_FSETID either was stated by the kernel or cannot
+            // change the answer, so the stand-in `true` is never consulted
+            // wrongly.
             return should_drop_sgid(mode, file_gid, self.gid, &[], fsetid.unwrap_or(true));
         }
         let p = self.privileges();
