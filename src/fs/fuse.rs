@@ -29,7 +29,7 @@ use std::collections::HashMap;
 use fuser::BackingId;
 use parking_lot::Mutex;
 
-use super::{Caller, OpenMode, Passthrough};
+use super::{Caller, OpenMode, Passthrough, Requester};
 use crate::record::{Ino, Kind};
 
 /// Every change goes through this mount, so the kernel may cache entries
@@ -196,6 +196,16 @@ fn caller(req: &Request) -> Caller {
     }
 }
 
+/// The process behind a request, for decisions that depend on its groups
+/// and capabilities (`Passthrough::setattr`, `Passthrough::write`).
+fn requester(req: &Request) -> Requester {
+    Requester {
+        pid: req.pid(),
+        uid: req.uid(),
+        gid: req.gid(),
+    }
+}
+
 fn time_arg(t: Option<TimeOrNow>) -> Option<Option<(i64, i64)>> {
     t.map(|t| match t {
         TimeOrNow::Now => None,
@@ -263,7 +273,7 @@ impl Filesystem for FuseFs {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -288,6 +298,7 @@ impl Filesystem for FuseFs {
             time_arg(atime),
             time_arg(mtime),
             fh.map(|f| f.0),
+            requester(req),
         ) {
             Ok(st) => reply.attr(&TTL, &self.attr(&st)),
             Err(e) => reply.error(err(e)),
@@ -458,7 +469,7 @@ impl Filesystem for FuseFs {
 
     fn write(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -468,7 +479,9 @@ impl Filesystem for FuseFs {
         _lo: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        let kill_privs = wf.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID);
+        let kill_privs = wf
+            .contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID)
+            .then(|| requester(req));
         match self.core.write(fh.0, offset, data, kill_privs) {
             Ok((n, mode_changed)) => {
                 if mode_changed {

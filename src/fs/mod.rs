@@ -23,6 +23,7 @@
 //! umask where it would natively.
 
 pub mod fuse;
+mod killpriv;
 
 use std::collections::HashMap;
 use std::ffi::{CString, OsStr};
@@ -39,6 +40,8 @@ use rustix::io::Errno;
 use crate::base::{BaseWatch, HIDDEN};
 use crate::journal::Journal;
 use crate::record::{Ino, Kind, Op, RENAME_EXCHANGE_FLAG};
+
+pub use killpriv::Requester;
 
 pub type FsResult<T> = Result<T, Errno>;
 
@@ -495,11 +498,32 @@ impl Passthrough {
         atime: Option<Option<(i64, i64)>>,
         mtime: Option<Option<(i64, i64)>>,
         fh: Option<u64>,
+        who: Requester,
     ) -> FsResult<Stat> {
         let _op = self.begin()?;
         let inode = self.inode(ino)?;
         let _g = inode.data.lock();
         let ifd = self.fd(&inode)?;
+        // Every setattr but a change of times alone can be one the kernel
+        // made to remove privileges (a truncate, a chown, chown(-1, -1)
+        // arriving with nothing to set, or the mode it computed for a
+        // set-user-ID file); a chmod by a caller outside the group carries
+        // no S_ISGID (the kernel strips it), so treating it alike is exact.
+        // Directories keep their set-id bits through all of these natively,
+        // and symlinks have none; every other kind of node can lose S_ISGID
+        // (a chown of a fifo or a device node clears it as a file's).
+        let times_only = mode.is_none()
+            && uid.is_none()
+            && gid.is_none()
+            && size.is_none()
+            && (atime.is_some() || mtime.is_some());
+        let kill_check = !times_only && !matches!(inode.kind, Kind::Dir | Kind::Symlink);
+        // The group before a chown is the one the kernel tests membership of.
+        let before = if kill_check {
+            Some(rfs::fstat(&*ifd)?)
+        } else {
+            None
+        };
         let res = (|| -> FsResult<()> {
             if uid.is_some() || gid.is_some() {
                 rfs::chownat(
@@ -535,9 +559,6 @@ impl Passthrough {
                 }
             }
             if atime.is_some() || mtime.is_some() {
-                if inode.kind == Kind::Symlink {
-                    return Ok(());
-                }
                 let conv = |t: Option<Option<(i64, i64)>>| match t {
                     None => rfs::Timespec {
                         tv_sec: 0,
@@ -556,7 +577,18 @@ impl Passthrough {
                     last_access: conv(atime),
                     last_modification: conv(mtime),
                 };
+                // Through /proc/self/fd the kernel follows the magic link to
+                // the inode the O_PATH handle holds and stops there: for a
+                // symlink that is the link itself, never its target, which
+                // is what utimensat(AT_SYMLINK_NOFOLLOW) and `touch -h` ask
+                // (the kernel sends both as this setattr). The record below
+                // is replayed without following the link either: restore
+                // and redo lchown a symlink and apply a SetAttr's mtime to
+                // regular files only (symlink times are not restored).
                 rfs::utimensat(rfs::CWD, proc_path(&*ifd).as_c_str(), &ts, AtFlags::empty())?;
+            }
+            if let Some(before) = &before {
+                self.drop_sgid_after_setattr(&ifd, before, who)?;
             }
             Ok(())
         })();
@@ -565,6 +597,34 @@ impl Passthrough {
         let st = rfs::fstat(&*ifd)?;
         self.record(&[self.attr_record(ino, &st)])?;
         res.map(|_| st)
+    }
+
+    /// The kernel's FUSE client clears S_ISGID itself (by sending a mode)
+    /// when a truncate or chown of a group-executable file removes
+    /// privileges; the daemon's own chown, made as root, clears no more.
+    /// What is left is the case that depends on the caller's groups: a file
+    /// without group execute, changed by a caller outside its group
+    /// (`before.st_gid`, the group before a chown) without CAP_FSETID,
+    /// which loses the bit natively (`killpriv`).
+    fn drop_sgid_after_setattr(
+        &self,
+        ifd: &OwnedFd,
+        before: &Stat,
+        who: Requester,
+    ) -> FsResult<()> {
+        let st = rfs::fstat(ifd)?;
+        if st.st_mode & (libc::S_ISGID | libc::S_IXGRP) != libc::S_ISGID
+            || !who.kills_sgid(st.st_mode, before.st_gid, None)
+        {
+            return Ok(());
+        }
+        rfs::chmodat(
+            rfs::CWD,
+            proc_path(ifd).as_c_str(),
+            Mode::from_bits_truncate(st.st_mode & 0o7777 & !libc::S_ISGID),
+            AtFlags::empty(),
+        )?;
+        Ok(())
     }
 
     pub fn readlink(&self, ino: Ino) -> FsResult<Vec<u8>> {
@@ -1012,25 +1072,29 @@ impl Passthrough {
         Ok(done)
     }
 
-    /// `kill_privs` is the kernel's word that the writer lacks CAP_FSETID
-    /// (FUSE_WRITE_KILL_SUIDGID, sent with writes that bypass the mount's
-    /// page cache). The daemon writes as root, which keeps set-user-ID and
-    /// set-group-ID bits, so it clears them itself first, as the kernel
-    /// does natively: without it, a user could write into a set-user-ID
-    /// file and keep the bit. Returns the bytes written and whether the
-    /// mode changed (the adapter then drops the kernel's cached mode).
+    /// `kill_privs` names the writer when the kernel says it lacks
+    /// CAP_FSETID (FUSE_WRITE_KILL_SUIDGID, sent with writes that bypass
+    /// the mount's page cache). The daemon writes as root, which keeps
+    /// set-user-ID and set-group-ID bits, so it clears them itself first,
+    /// as the kernel does natively: without it, a user could write into a
+    /// set-user-ID file and keep the bit. Returns the bytes written and
+    /// whether the mode changed (the adapter then drops the kernel's cached
+    /// mode).
     pub fn write(
         &self,
         fh: u64,
         offset: u64,
         data: &[u8],
-        kill_privs: bool,
+        kill_privs: Option<Requester>,
     ) -> FsResult<(usize, bool)> {
         let _op = self.begin()?;
         let h = self.handle(fh)?;
         let inode = self.inode(h.ino)?;
         let _g = inode.data.lock();
-        let mode_changed = kill_privs && self.kill_privs(&h)?;
+        let mode_changed = match kill_privs {
+            Some(who) => self.kill_privs(&h, who)?,
+            None => false,
+        };
         let off = if h.append {
             rfs::fstat(&h.fd)?.st_size as u64
         } else {
@@ -1056,13 +1120,16 @@ impl Passthrough {
     }
 
     /// Clears set-user-ID, and set-group-ID when the file is group-executable
-    /// (without group execute the bit marks mandatory locking and stays),
-    /// and journals the new mode before the write that caused it. Returns
-    /// whether anything was cleared.
-    fn kill_privs(&self, h: &Handle) -> FsResult<bool> {
-        let mode = rfs::fstat(&h.fd)?.st_mode & 0o7777;
-        let (suid, sgid, xgrp) = (libc::S_ISUID, libc::S_ISGID, libc::S_IXGRP);
-        let sgid_kill = if mode & (sgid | xgrp) == sgid | xgrp {
+    /// or the writer is outside the file's group (`killpriv`: without group
+    /// execute the bit stays for the group's members), and journals the new
+    /// mode before the write that caused it. Returns whether anything was
+    /// cleared.
+    fn kill_privs(&self, h: &Handle, who: Requester) -> FsResult<bool> {
+        let st = rfs::fstat(&h.fd)?;
+        let mode = st.st_mode & 0o7777;
+        let (suid, sgid) = (libc::S_ISUID, libc::S_ISGID);
+        // The write flag is the kernel's word that the writer lacks CAP_FSETID.
+        let sgid_kill = if who.kills_sgid(st.st_mode, st.st_gid, Some(false)) {
             sgid
         } else {
             0
