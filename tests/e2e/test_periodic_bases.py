@@ -327,3 +327,50 @@ def test_base_after_triggers_a_base_by_journal_bytes(make_volume, workdir):
     helpers.assert_same_tree(want, helpers.snapshot(target), "restore after a --base-after base")
     used, _ = restored_from(c)
     assert used == max(b["completed"] for b in vol.ls()["bases"]), c
+
+
+@pytest.mark.timeout(300)
+def test_restart_reloads_the_previous_base_and_the_records_after_it(make_volume, workdir):
+    """After a clean restart the previous manifest comes from the store, and
+    so do the records of the earlier run after it: a change that leaves size
+    and mtime alone (an xattr) made before the restart must still be re-read
+    by the first periodic base, not taken from the stale previous object."""
+    vol = make_volume("v")
+    rng = random.Random(11)
+    n = 50
+    for k in range(n):
+        helpers.fill_random(vol.source / f"f{k}", 10_000 + k, rng)
+    vol.start("--base-interval", "1h")
+    vol.wait_window()
+    os.setxattr(vol.mount / "f1", "user.k", b"set before the restart")
+    with open(vol.mount / "f2", "r+b") as f:
+        f.write(b"changed before the restart")
+    t = time.time_ns()
+    (vol.mount / "trailer").write_bytes(b"x")
+    vol.wait_latest(t)
+    vol.stop()
+
+    vol.start("--base-interval", "2s")
+    with open(vol.mount / "f3", "r+b") as f:
+        f.write(b"changed after the restart")
+    helpers.wait_until(lambda: any(l["kind"] == "Periodic" for l in base_lines(vol.log())), 60,
+                       "a periodic base after the restart", interval=0.1, on_timeout=vol.log_tail)
+    log = vol.log()
+    initial = vol.ls()["bases"][0]
+    assert re.search(r"incremental base: reusing the newest stored base.*base=" + re.escape(initial["key"]), log), \
+        vol.log_tail()
+    p = next(l for l in base_lines(log) if l["kind"] == "Periodic")
+    # f1 (xattr), f2 and f3 (writes) and the trailer; the rest is reused.
+    assert p["files_read"] == 4 and p["files_reused"] == n - 3, p["line"]
+    helpers.wait_until(lambda: periodic_bases(vol), 60, "the periodic base's manifest in the store", interval=0.1)
+    t = time.time_ns()
+    (vol.mount / "trailer").write_bytes(b"y")
+    vol.wait_latest(t)
+    vol.stop()
+    want = helpers.snapshot(vol.source, skip_top=(".rewind",))
+    vol.delete_local()
+    target = workdir / "r"
+    c = vol.restore("latest", target)
+    used, _ = restored_from(c)
+    assert used == periodic_bases(vol)[-1]["completed"], c
+    helpers.assert_same_tree(want, helpers.snapshot(target), "restore at latest after the restart")
