@@ -235,7 +235,7 @@ def test_periodic_base_reads_only_changed_files(make_volume, workdir):
     before = helpers.snapshot(vol.mount)
     t_before = time.time_ns()
 
-    # Through the mount: two small files rewritten, a chmod (no data), and
+    # Through the mount: two small files rewritten, a chmod and an xattr (no data), and
     # 4 KiB into the middle of a 5 MiB file (one of its five chunks changes).
     changed = {}
     for k in (3, 150):
@@ -245,6 +245,10 @@ def test_periodic_base_reads_only_changed_files(make_volume, workdir):
         changed[p.name] = p.stat().st_size
     os.chmod(vol.mount / "many" / "d7" / "f77", 0o600)
     changed["f77"] = (vol.mount / "many" / "d7" / "f77").stat().st_size
+    # An xattr changes neither size nor mtime: only the record says so, and
+    # reusing the previous object would lose it.
+    os.setxattr(vol.mount / "many" / "d0" / "f200", "user.only", b"the record knows")
+    changed["f200"] = 20_200
     with open(vol.mount / "big0", "r+b") as f:
         f.seek((2 << 20) + 12345)
         f.write(rng.randbytes(4096))
