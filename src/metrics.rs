@@ -357,7 +357,10 @@ mod tests {
         );
         m.set_journal_bytes_since_base(777);
         let text = m.render(t0);
-        assert!(text.contains("\nrewind_last_base_completed_seconds 1003\n"), "{text}");
+        assert!(
+            text.contains("\nrewind_last_base_completed_seconds 1003\n"),
+            "{text}"
+        );
         assert!(text.contains("\nrewind_last_base_duration_seconds 1.5\n"));
         assert!(text.contains("\nrewind_last_base_files{how=\"read\"} 2\n"));
         assert!(text.contains("\nrewind_last_base_files{how=\"reused\"} 98\n"));

@@ -22,8 +22,8 @@ use crate::cli::RunArgs;
 use crate::clock::fmt_ns;
 use crate::fs::{fuse, Passthrough};
 use crate::journal::Journal;
-use crate::record::{Ino, Seq};
 use crate::metrics::Metrics;
+use crate::record::{Ino, Seq};
 use crate::restore::INCOMPLETE_MARKER;
 use crate::ship::{ShipStats, Shipper};
 use crate::store::{self, Prefixed, Store, StoreOptions};
@@ -260,7 +260,8 @@ impl Daemon {
         lineage: u64,
         j0: Seq,
     ) -> Result<(Previous, HashSet<Ino>, u64), String> {
-        let t = Timeline::load(self.store.as_ref()).map_err(|e| format!("cannot list the store: {e}"))?;
+        let t = Timeline::load(self.store.as_ref())
+            .map_err(|e| format!("cannot list the store: {e}"))?;
         let meta: BaseMeta = t
             .bases
             .iter()
@@ -287,7 +288,10 @@ impl Daemon {
                 continue;
             }
             if s.first_seq > next {
-                return Err(format!("records {next}..{} are not in the store", s.first_seq - 1));
+                return Err(format!(
+                    "records {next}..{} are not in the store",
+                    s.first_seq - 1
+                ));
             }
             let data = self
                 .store
@@ -328,7 +332,10 @@ impl Daemon {
             let why = if since >= after {
                 format!("{since} journal bytes since the last base (--base-after {after})")
             } else if last_start.elapsed() >= interval {
-                format!("{:?} since the last base (--base-interval)", last_start.elapsed())
+                format!(
+                    "{:?} since the last base (--base-interval)",
+                    last_start.elapsed()
+                )
             } else {
                 std::thread::sleep(Duration::from_millis(50));
                 continue;
@@ -643,7 +650,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         .max_by_key(|b| b.completed_ns);
     let (mut last_start, mut last_seq) = (Instant::now(), 0);
     if let (None, Some(b)) = (base_kind, newest) {
-        let age = crate::clock::wall_now().saturating_sub(b.completed_ns).max(0) as u64;
+        let age = crate::clock::wall_now()
+            .saturating_sub(b.completed_ns)
+            .max(0) as u64;
         last_start = Instant::now()
             .checked_sub(Duration::from_nanos(age))
             .unwrap_or_else(Instant::now);
