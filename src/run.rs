@@ -193,6 +193,17 @@ impl Daemon {
                         self.watch.deactivate();
                         self.journal.now()
                     });
+                    // The manifest reaches the store only after the records
+                    // up to its start_seq: a start resumes shipping after the
+                    // highest stored start_seq, so a manifest that overtook
+                    // them would leave those records unshipped for good
+                    // after a crash. The final round at shutdown seals every
+                    // record before it puts control objects.
+                    while self.shipper.stats.stored_seq.load(Ordering::Acquire) < start_seq
+                        && !self.stop.load(Ordering::Acquire)
+                    {
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
                     self.shipper
                         .queue(m.meta().key(), base::encode_manifest(&m));
                     self.metrics.set_base_in_progress(false);
