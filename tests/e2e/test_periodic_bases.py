@@ -131,6 +131,23 @@ def test_periodic_bases_restore_every_instant(make_volume, workdir):
         assert vol.alive(), vol.log_tail()
         for _ in range(rng.randrange(5, 40)):
             w.step()
+        if rng.random() < 0.7:
+            # Changes that leave size and mtime alone, to files the workload
+            # does not otherwise touch: only the touched set can tell a
+            # periodic base to re-read them.
+            p = vol.mount / "pre" / f"p{rng.randrange(40)}"
+            if rng.random() < 0.5:
+                os.setxattr(p, "user.v", b"%d" % rng.randrange(1 << 30))
+            else:
+                # New bytes in place, then the old mtime back (a SetAttr).
+                st = p.stat()
+                if st.st_size:
+                    fd = os.open(p, os.O_WRONLY)
+                    try:
+                        os.pwrite(fd, rng.randbytes(16), rng.randrange(max(1, st.st_size - 16)))
+                    finally:
+                        os.close(fd)
+                    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
         if rng.random() < 0.5:
             # Big writes to a file the bases must keep re-reading.
             with open(vol.mount / "pre" / "big", "r+b") as f:
