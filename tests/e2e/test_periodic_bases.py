@@ -280,11 +280,15 @@ def test_periodic_base_reads_only_changed_files(make_volume, workdir):
     # New chunks: one per rewritten small file, one of big0, the behind-the-mount file.
     new_chunks = 4
 
-    # Now the bytes that set the periodic base off, in a file of their own.
-    filler = vol.mount / "filler"
-    filler.write_bytes(rng.randbytes(3_100_000))
-    changed["filler"] = 3_100_000
-    new_chunks += 3  # 3.1 MB: two chunks of 1 MiB and one of the rest
+    # Now the bytes that set the periodic base off, in a file of their own:
+    # the journal stays under --base-after until the last write, which is
+    # smaller than any request the kernel splits writes into, so the base
+    # starts after every change above.
+    with open(vol.mount / "filler", "wb") as f:
+        f.write(rng.randbytes(2_950_000))
+        f.write(rng.randbytes(100_000))
+    changed["filler"] = 3_050_000
+    new_chunks += 3  # two chunks of 1 MiB and one of the rest
 
     helpers.wait_until(lambda: len(base_lines(vol.log())) >= 2, 120, "a periodic base set off by --base-after",
                        interval=0.1, on_timeout=vol.log_tail)
