@@ -134,8 +134,8 @@ def test_periodic_bases_restore_every_instant(make_volume, workdir):
         if rng.random() < 0.7:
             # Changes that leave size and mtime alone, to files the workload
             # does not otherwise touch: only the touched set can tell a
-            # periodic base to re-read them.
-            p = vol.mount / "pre" / f"p{rng.randrange(40)}"
+            # periodic base to re-read them. p10..p39 stay untouched.
+            p = vol.mount / "pre" / f"p{rng.randrange(10)}"
             if rng.random() < 0.5:
                 os.setxattr(p, "user.v", b"%d" % rng.randrange(1 << 30))
             else:
@@ -178,8 +178,8 @@ def test_periodic_bases_restore_every_instant(make_volume, workdir):
     assert len(lines) >= len(bases)
     seqs = [b["start_seq"] for b in bases]
     assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs), seqs
-    # Periodic bases after the first are incremental: most pre-filled files are reused.
-    assert any(l["files_reused"] >= 30 for l in lines[1:]), [l["line"] for l in lines]
+    # Periodic bases are incremental: the pre-filled files no one touched are reused.
+    assert all(l["files_reused"] >= 30 for l in lines[1:]), [l["line"] for l in lines]
 
     # Restore instants on both sides of every base: the last instant before
     # each completion and the first after it, plus the final one.
@@ -385,8 +385,10 @@ def test_restart_reloads_the_previous_base_and_the_records_after_it(make_volume,
     assert re.search(r"incremental base: reusing the newest stored base.*base=" + re.escape(initial["key"]), log), \
         vol.log_tail()
     p = next(l for l in base_lines(log) if l["kind"] == "Periodic")
-    # f1 (xattr), f2 and f3 (writes) and the trailer; the rest is reused.
-    assert p["files_read"] == 4 and p["files_reused"] == n - 3, p["line"]
+    # f1 (xattr), f2 and the trailer from the earlier run, and f3 unless
+    # the base (due at once: the interval counts from the stored base)
+    # started before it; the rest is reused.
+    assert p["files_read"] in (3, 4) and p["files_reused"] == n + 1 - p["files_read"], p["line"]
     helpers.wait_until(lambda: periodic_bases(vol), 60, "the periodic base's manifest in the store", interval=0.1)
     t = time.time_ns()
     (vol.mount / "trailer").write_bytes(b"y")
