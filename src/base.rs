@@ -6,7 +6,11 @@
 //! identities and replay over it converges, so a base is usable only for
 //! times after `completed_ns`. Entries that a rename or link moves during
 //! the walk are reported by the filesystem (`BaseWatch`) and captured at
-//! the end, so nothing is missed. It must not touch FUSE or journal files.
+//! the end, so nothing is missed. A periodic walk is incremental: a regular
+//! file that no record changed since the previous base's start_seq, and
+//! whose size and mtime still match, keeps the previous base's object
+//! (`reuse_decision`) and is not read. It must not touch FUSE or journal
+//! files.
 //!
 //! Chunk format (version 1): `magic "RWCHK001" | version:u16 | raw_len:u32 |
 //! lz4 blocks (codec) | blake3 trailer`; key `chunk/<blake3 of raw, hex>`.
@@ -896,7 +900,7 @@ impl Previous {
 
 /// Why a file is read rather than taken from the previous base.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ReadWhy {
+pub(crate) enum ReadWhy {
     /// The previous base has no such identity.
     New,
     /// A record changed it since the previous base's start_seq.
@@ -911,7 +915,7 @@ pub enum ReadWhy {
 /// Whether a regular file is captured by reusing the previous base's
 /// object (extents, chunk hashes, xattrs) or by reading it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Capture {
+pub(crate) enum Capture {
     Reuse,
     Read(ReadWhy),
 }
@@ -921,7 +925,7 @@ pub enum Capture {
 /// start_seq; `size` and `mtime` are what the source shows now. A reused
 /// object equals the file's state at the previous start_seq, which no
 /// record has changed since, so replay from the new base converges.
-pub fn reuse_decision(
+pub(crate) fn reuse_decision(
     previous: Option<&Object>,
     touched: bool,
     kind: Kind,
