@@ -6,7 +6,11 @@
 //! identities and replay over it converges, so a base is usable only for
 //! times after `completed_ns`. Entries that a rename or link moves during
 //! the walk are reported by the filesystem (`BaseWatch`) and captured at
-//! the end, so nothing is missed. It must not touch FUSE or journal files.
+//! the end, so nothing is missed. A periodic walk is incremental: a regular
+//! file that no record changed since the previous base's start_seq, and
+//! whose size and mtime still match, keeps the previous base's object
+//! (`reuse_decision`) and is not read. It must not touch FUSE or journal
+//! files.
 //!
 //! Chunk format (version 1): `magic "RWCHK001" | version:u16 | raw_len:u32 |
 //! lz4 blocks (codec) | blake3 trailer`; key `chunk/<blake3 of raw, hex>`.
@@ -24,7 +28,7 @@
 //! block device (5-7), whose `rdev` is the device number; version 1
 //! manifests (which never hold them) are decoded forever.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::ffi::{CStr, CString, OsStr};
 use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
@@ -398,7 +402,11 @@ impl BaseWatch {
 /// Progress of a walk, for logs and metrics.
 #[derive(Debug, Default, Clone)]
 pub struct BaseStats {
+    /// Regular files read from the source.
     pub files: u64,
+    /// Regular files whose previous object was reused without reading.
+    pub files_reused: u64,
+    /// Bytes read from the source.
     pub bytes: u64,
     pub chunks_uploaded: u64,
     pub chunks_reused: u64,
@@ -406,6 +414,8 @@ pub struct BaseStats {
 
 struct Walker<'a> {
     store: &'a dyn Store,
+    previous: Option<&'a Previous>,
+    touched: &'a dyn Fn(Ino) -> bool,
     seen: HashSet<Ino>,
     known_chunks: &'a Mutex<HashSet<[u8; 32]>>,
     objects: Vec<Object>,
@@ -536,6 +546,7 @@ impl<'a> Walker<'a> {
             extents: Vec::new(),
         };
         match kind {
+            Kind::File if self.reuse_previous(&mut obj) => {}
             Kind::File => {
                 let fd = match rfs::openat(
                     dir,
@@ -672,6 +683,12 @@ pub struct BaseRequest<'a> {
     /// is now (moved, or open but unlinked).
     pub unseen: &'a dyn Fn(&HashSet<Ino>) -> Vec<OwnedFd>,
     pub known_chunks: &'a Mutex<HashSet<[u8; 32]>>,
+    /// The previous base of this lineage, for an incremental walk; `None`
+    /// reads every file.
+    pub previous: Option<&'a Previous>,
+    /// Whether an object may have changed since the previous base's
+    /// start_seq, asked when the walk reaches it (see `fs::touched`).
+    pub touched: &'a dyn Fn(Ino) -> bool,
 }
 
 /// Walks the source and uploads its chunks. The manifest is returned, not
@@ -701,6 +718,8 @@ fn walk_inner(req: &BaseRequest<'_>) -> Result<(Manifest, BaseStats), BaseError>
     let root_st = rfs::fstat(req.source).map_err(|e| io_err("source", e))?;
     let mut w = Walker {
         store: req.store,
+        previous: req.previous,
+        touched: req.touched,
         seen: HashSet::new(),
         known_chunks: req.known_chunks,
         objects: Vec::new(),
@@ -825,6 +844,7 @@ impl Walker<'_> {
                 // safe here.
                 let f = rfs::openat(proc, name, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())
                     .map_err(|e| io_err("moved file", e))?;
+                self.stats.files += 1;
                 obj.extents = self.capture_file(&f, &st, "(moved file)")?;
                 obj.xattrs = xattrs_of(&f, None);
             }
@@ -881,3 +901,139 @@ pub fn safe_name(name: &[u8]) -> Option<&OsStr> {
 }
 
 pub type SharedChunks = Arc<Mutex<HashSet<[u8; 32]>>>;
+
+/// The previous base's objects by identity: what an incremental walk may
+/// reuse. Kept in memory by the daemon between bases.
+pub struct Previous {
+    pub meta: BaseMeta,
+    objects: HashMap<Ino, Object>,
+}
+
+impl Previous {
+    pub fn new(m: Manifest) -> Previous {
+        let meta = m.meta();
+        let objects = m.objects.into_iter().map(|o| (o.ino, o)).collect();
+        Previous { meta, objects }
+    }
+    pub fn get(&self, ino: Ino) -> Option<&Object> {
+        self.objects.get(&ino)
+    }
+}
+
+/// Why a file is read rather than taken from the previous base.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ReadWhy {
+    /// The previous base has no such identity.
+    New,
+    /// A record changed it since the previous base's start_seq.
+    Touched,
+    /// The previous base knew this identity as another kind of file.
+    KindChanged,
+    /// Size or mtime differ from the previous object although no record
+    /// changed it: changed behind the mount's back.
+    Differs,
+}
+
+/// Whether a regular file is captured by reusing the previous base's
+/// object (extents, chunk hashes, xattrs) or by reading it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Capture {
+    Reuse,
+    Read(ReadWhy),
+}
+
+/// The reuse rule, kept pure so it can be tested by table. `touched` is
+/// whether a record changed the object since the previous base's
+/// start_seq; `size` and `mtime` are what the source shows now. A reused
+/// object equals the file's state at the previous start_seq, which no
+/// record has changed since, so replay from the new base converges.
+pub(crate) fn reuse_decision(
+    previous: Option<&Object>,
+    touched: bool,
+    kind: Kind,
+    size: u64,
+    mtime: Nanos,
+) -> Capture {
+    let Some(p) = previous else {
+        return Capture::Read(ReadWhy::New);
+    };
+    if touched {
+        Capture::Read(ReadWhy::Touched)
+    } else if p.kind != kind || kind != Kind::File {
+        Capture::Read(ReadWhy::KindChanged)
+    } else if p.size != size || p.mtime != mtime {
+        Capture::Read(ReadWhy::Differs)
+    } else {
+        Capture::Reuse
+    }
+}
+
+impl Walker<'_> {
+    /// Takes a regular file's extents and xattrs from the previous base
+    /// when `reuse_decision` allows, without opening the file; `obj`
+    /// already holds what stat showed (mode and owner are taken from it,
+    /// which is free and exact). Returns whether it reused.
+    fn reuse_previous(&mut self, obj: &mut Object) -> bool {
+        let Some(prev) = self.previous else {
+            return false;
+        };
+        let old = prev.get(obj.ino);
+        let touched = (self.touched)(obj.ino);
+        if reuse_decision(old, touched, obj.kind, obj.size, obj.mtime) != Capture::Reuse {
+            return false;
+        }
+        let old = old.expect("reuse implies a previous object");
+        obj.extents = old.extents.clone();
+        obj.xattrs = old.xattrs.clone();
+        self.stats.files_reused += 1;
+        true
+    }
+}
+
+#[cfg(test)]
+mod reuse_tests {
+    use super::*;
+
+    fn file(size: u64, mtime: Nanos) -> Object {
+        Object {
+            ino: 7,
+            kind: Kind::File,
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            size,
+            mtime,
+            rdev: 0,
+            target: Bytes::new(),
+            xattrs: Vec::new(),
+            extents: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn reuse_only_untouched_files_that_still_look_the_same() {
+        let prev = file(100, 5);
+        let mut fifo = file(0, 5);
+        fifo.kind = Kind::Fifo;
+        use Capture::*;
+        use ReadWhy::*;
+        #[rustfmt::skip]
+        let table: &[(&str, Option<&Object>, bool, Kind, u64, Nanos, Capture)] = &[
+            ("unchanged",                      Some(&prev), false, Kind::File, 100, 5, Reuse),
+            ("not in the previous base",       None,        false, Kind::File, 100, 5, Read(New)),
+            ("a record changed it",            Some(&prev), true,  Kind::File, 100, 5, Read(Touched)),
+            ("touched and looks different",    Some(&prev), true,  Kind::File, 1,   6, Read(Touched)),
+            ("size differs, behind the mount", Some(&prev), false, Kind::File, 101, 5, Read(Differs)),
+            ("mtime differs, behind the mount",Some(&prev), false, Kind::File, 100, 6, Read(Differs)),
+            ("number reused by another kind",  Some(&fifo), false, Kind::File, 0,   5, Read(KindChanged)),
+            ("not a regular file now",         Some(&prev), false, Kind::Fifo, 100, 5, Read(KindChanged)),
+        ];
+        for (what, p, touched, kind, size, mtime, want) in table {
+            assert_eq!(
+                reuse_decision(*p, *touched, *kind, *size, *mtime),
+                *want,
+                "{what}"
+            );
+        }
+    }
+}

@@ -117,6 +117,17 @@ pub struct RunArgs {
     /// Journal size past which writers wait for the store (or a gap is recorded).
     #[arg(long, default_value = "1073741824")]
     pub max_journal_bytes: u64,
+    /// Take a periodic base snapshot this long after the previous one started (default 1h), so
+    /// that a restore replays at most about this much journal. Periodic bases are incremental:
+    /// only files changed since the previous base are read and only new chunks uploaded. No base
+    /// is taken while nothing was written.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    pub base_interval: Duration,
+    /// Also take a periodic base once this many bytes were appended to the journal since the
+    /// previous base started (default 1073741824, 1 GiB), whichever of this and --base-interval
+    /// comes first. Counted from the start of this run after a restart.
+    #[arg(long, default_value = "1073741824")]
+    pub base_after: u64,
     /// What happens when the journal is full.
     #[arg(long, value_enum, default_value = "wait")]
     pub on_journal_full: OnJournalFull,

@@ -29,6 +29,16 @@ pub struct Metrics {
     window_latest_ns: AtomicU64,
     lineage: Mutex<String>,
     base_in_progress: AtomicBool,
+    /// Wall time (ns since the epoch) the last base completed; 0 when none
+    /// is known.
+    last_base_completed_ns: AtomicU64,
+    last_base_duration_ns: AtomicU64,
+    last_base_files_read: AtomicU64,
+    last_base_files_reused: AtomicU64,
+    last_base_read_bytes: AtomicU64,
+    /// Journal bytes appended since the last base started: what a restore
+    /// at latest would replay, give or take compression.
+    journal_bytes_since_base: AtomicU64,
     mount_live: AtomicBool,
     journal_writable: AtomicBool,
 }
@@ -84,6 +94,32 @@ impl Metrics {
     }
     pub fn set_base_in_progress(&self, running: bool) {
         self.base_in_progress.store(running, Relaxed);
+    }
+    /// A base completed at `at` after `took`; `files_read` files and
+    /// `read_bytes` bytes were read from the source, `files_reused` taken
+    /// from the previous base.
+    pub fn set_last_base(
+        &self,
+        at: SystemTime,
+        took: Duration,
+        files_read: u64,
+        files_reused: u64,
+        read_bytes: u64,
+    ) {
+        self.last_base_completed_ns.store(nanos(at), Relaxed);
+        self.last_base_duration_ns
+            .store(u64::try_from(took.as_nanos()).unwrap_or(u64::MAX), Relaxed);
+        self.last_base_files_read.store(files_read, Relaxed);
+        self.last_base_files_reused.store(files_reused, Relaxed);
+        self.last_base_read_bytes.store(read_bytes, Relaxed);
+    }
+    /// The last base known from the store at start (its duration and
+    /// counts are not known).
+    pub fn set_last_base_completed(&self, at: SystemTime) {
+        self.last_base_completed_ns.store(nanos(at), Relaxed);
+    }
+    pub fn set_journal_bytes_since_base(&self, bytes: u64) {
+        self.journal_bytes_since_base.store(bytes, Relaxed);
     }
     /// The FUSE mount is serving requests.
     pub fn set_mount_live(&self, live: bool) {
@@ -190,6 +226,49 @@ impl Metrics {
                 sample(&mut out, name, "gauge", help, "", ns as f64 / 1e9);
             }
         }
+        let last_base = self.last_base_completed_ns.load(Relaxed);
+        if last_base != 0 {
+            sample(
+                &mut out,
+                "rewind_last_base_completed_seconds",
+                "gauge",
+                "When the last base snapshot completed, unix seconds.",
+                "",
+                last_base as f64 / 1e9,
+            );
+        }
+        let took = self.last_base_duration_ns.load(Relaxed);
+        if took != 0 {
+            sample(
+                &mut out,
+                "rewind_last_base_duration_seconds",
+                "gauge",
+                "How long the last base snapshot of this run took.",
+                "",
+                took as f64 / 1e9,
+            );
+            let _ = writeln!(
+                out,
+                "# HELP rewind_last_base_files Regular files the last base read from the source or reused from the previous base.\n\
+                 # TYPE rewind_last_base_files gauge\n\
+                 rewind_last_base_files{{how=\"read\"}} {}\n\
+                 rewind_last_base_files{{how=\"reused\"}} {}",
+                self.last_base_files_read.load(Relaxed),
+                self.last_base_files_reused.load(Relaxed)
+            );
+            gauge_u(
+                &mut out,
+                "rewind_last_base_read_bytes",
+                "Bytes the last base read from the source.",
+                &self.last_base_read_bytes,
+            );
+        }
+        gauge_u(
+            &mut out,
+            "rewind_journal_bytes_since_base",
+            "Journal bytes appended since the last base started (since the start of this run after a restart).",
+            &self.journal_bytes_since_base,
+        );
         let lineage = self.lineage.lock().clone();
         if !lineage.is_empty() {
             let labels = format!("{{lineage=\"{}\"}}", escape(&lineage));
@@ -269,6 +348,24 @@ mod tests {
         assert!(text.contains("\nrewind_restore_window_latest_seconds 1005\n"));
         assert!(text.contains("rewind_lineage_info{lineage=\"L1\"} 1\n"));
         assert!(text.contains("volume=\"ns/\\\"claim\\\"\""));
+        m.set_last_base(
+            t0 + Duration::from_secs(3),
+            Duration::from_millis(1500),
+            2,
+            98,
+            8192,
+        );
+        m.set_journal_bytes_since_base(777);
+        let text = m.render(t0);
+        assert!(
+            text.contains("\nrewind_last_base_completed_seconds 1003\n"),
+            "{text}"
+        );
+        assert!(text.contains("\nrewind_last_base_duration_seconds 1.5\n"));
+        assert!(text.contains("\nrewind_last_base_files{how=\"read\"} 2\n"));
+        assert!(text.contains("\nrewind_last_base_files{how=\"reused\"} 98\n"));
+        assert!(text.contains("\nrewind_last_base_read_bytes 8192\n"));
+        assert!(text.contains("\nrewind_journal_bytes_since_base 777\n"));
         m.set_oldest_unshipped(None);
         assert!(m
             .render(t0)

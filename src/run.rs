@@ -1,13 +1,14 @@
 //! `rewind run`: the daemon that wires the pieces together. It owns
 //! startup (stale-mount cleanup, the journal lock, crash detection from the
 //! state file and the boot id, lineage choice, journal recovery), the base
-//! thread, the shipping thread, and shutdown (lazy detach, serve open files
+//! thread (the base a start needs, then periodic incremental bases, one
+//! walk at a time), the shipping thread, and shutdown (lazy detach, serve open files
 //! until the deadline, final seal and upload, exit status). It must not
 //! implement any format or filesystem operation itself.
 
 use std::collections::HashSet;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,12 +17,13 @@ use parking_lot::Mutex;
 use rustix::fs::{Mode, OFlags};
 use serde::{Deserialize, Serialize};
 
-use crate::base::{self, BaseKind, BaseRequest, BaseWatch, HIDDEN};
+use crate::base::{self, BaseKind, BaseMeta, BaseRequest, BaseWatch, Previous, HIDDEN};
 use crate::cli::RunArgs;
 use crate::clock::fmt_ns;
 use crate::fs::{fuse, Passthrough};
 use crate::journal::Journal;
 use crate::metrics::Metrics;
+use crate::record::{Ino, Seq};
 use crate::restore::INCOMPLETE_MARKER;
 use crate::ship::{ShipStats, Shipper};
 use crate::store::{self, Prefixed, Store, StoreOptions};
@@ -108,18 +110,68 @@ struct Daemon {
     base_completed_ns: std::sync::atomic::AtomicI64,
     base_failed: Mutex<Option<String>>,
     known_chunks: Mutex<HashSet<[u8; 32]>>,
+    /// `journal.written_bytes()` when the last completed base started.
+    written_at_base: AtomicU64,
+}
+
+/// What the base thread carries from one base to the next.
+struct Incremental {
+    /// The last completed base of this lineage, whose objects a periodic
+    /// base reuses for files no record changed since its start_seq.
+    previous: Option<Previous>,
+    /// Identities changed since `previous` started: every set taken from
+    /// the filesystem since (attempts that failed included).
+    pending: HashSet<Ino>,
+    /// After a restart without a base at start: records up to this seq
+    /// came from earlier runs, so the previous base and what changed after
+    /// it are read back from the store before the first periodic base.
+    reload: Option<Seq>,
 }
 
 impl Daemon {
-    fn take_base(&self, lineage: u64, kind: BaseKind) -> anyhow::Result<()> {
+    fn take_base(
+        &self,
+        lineage: u64,
+        kind: BaseKind,
+        inc: &mut Incremental,
+        why: &str,
+    ) -> anyhow::Result<()> {
+        if kind != BaseKind::Periodic {
+            // A first or repair base must read everything: after a crash
+            // the source may hold changes no record describes.
+            inc.previous = None;
+        } else if let Some(j0) = inc.reload.take() {
+            match self.reload_previous(lineage, j0) {
+                Ok((prev, changed, records)) => {
+                    tracing::info!(
+                        base = %prev.meta.key(),
+                        records,
+                        changed = changed.len(),
+                        "incremental base: reusing the newest stored base of this lineage and the records after it"
+                    );
+                    inc.pending.extend(changed);
+                    inc.previous = Some(prev);
+                }
+                Err(e) => {
+                    tracing::info!("the next base reads every file: {e}");
+                    inc.previous = None;
+                }
+            }
+        }
         let mut delay = Duration::from_secs(1);
         loop {
             self.watch.activate();
+            // Taken before start_seq is read; see `fs::touched` for why no
+            // change racing the take is lost.
+            inc.pending.extend(self.core.touched().take());
             let start_seq = self.journal.last_seq();
             let started_ns = self.journal.now();
-            tracing::info!(?kind, start_seq, "taking a base snapshot");
+            let written = self.journal.written_bytes();
+            tracing::info!(?kind, start_seq, why, "taking a base snapshot");
             self.metrics.set_base_in_progress(true);
             let t0 = Instant::now();
+            let (pending, core) = (&inc.pending, &self.core);
+            let touched = |ino: Ino| pending.contains(&ino) || core.touched().contains(ino);
             let req = BaseRequest {
                 source: &self.source_fd,
                 store: self.store.as_ref(),
@@ -130,6 +182,8 @@ impl Daemon {
                 watch: &self.watch,
                 unseen: &|seen| self.core.unseen_handles(seen),
                 known_chunks: &self.known_chunks,
+                previous: inc.previous.as_ref(),
+                touched: &touched,
             };
             match base::walk(&req) {
                 Ok((mut m, stats)) => {
@@ -139,31 +193,180 @@ impl Daemon {
                         self.watch.deactivate();
                         self.journal.now()
                     });
+                    // The manifest reaches the store only after the records
+                    // up to its start_seq: a start resumes shipping after the
+                    // highest stored start_seq, so a manifest that overtook
+                    // them would leave those records unshipped for good
+                    // after a crash. The final round at shutdown seals every
+                    // record before it puts control objects.
+                    while self.shipper.stats.stored_seq.load(Ordering::Acquire) < start_seq
+                        && !self.stop.load(Ordering::Acquire)
+                    {
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
                     self.shipper
                         .queue(m.meta().key(), base::encode_manifest(&m));
                     self.metrics.set_base_in_progress(false);
-                    self.base_completed_ns
-                        .store(m.completed_ns, Ordering::Release);
+                    if kind != BaseKind::Periodic {
+                        self.base_completed_ns
+                            .store(m.completed_ns, Ordering::Release);
+                    }
                     self.metrics.add_shipped_bytes(stats.bytes);
-                    tracing::info!(
-                        files = stats.files,
-                        bytes = stats.bytes,
-                        uploaded = stats.chunks_uploaded,
-                        reused = stats.chunks_reused,
-                        secs = t0.elapsed().as_secs_f64(),
-                        completed = %fmt_ns(m.completed_ns),
-                        "base walk finished; the restore window opens once its manifest is stored"
+                    let took = t0.elapsed();
+                    self.metrics.set_last_base(
+                        ns_time(m.completed_ns),
+                        took,
+                        stats.files,
+                        stats.files_reused,
+                        stats.bytes,
                     );
+                    self.written_at_base.store(written, Ordering::Relaxed);
+                    tracing::info!(
+                        kind = ?kind,
+                        files_read = stats.files,
+                        files_reused = stats.files_reused,
+                        bytes_read = stats.bytes,
+                        chunks_uploaded = stats.chunks_uploaded,
+                        chunks_reused = stats.chunks_reused,
+                        secs = took.as_secs_f64(),
+                        start_seq,
+                        why,
+                        previous = %inc.previous.as_ref().map_or("none (full read)".into(), |p| p.meta.key()),
+                        completed = %fmt_ns(m.completed_ns),
+                        "base walk finished; usable once its manifest is stored"
+                    );
+                    inc.pending.clear();
+                    inc.previous = Some(Previous::new(m));
                     return Ok(());
                 }
                 Err(e) => {
+                    self.metrics.set_base_in_progress(false);
                     self.watch.deactivate();
                     if self.stop.load(Ordering::Relaxed) {
                         bail!("base snapshot interrupted by shutdown: {e}");
                     }
                     tracing::warn!("base snapshot failed, retrying in {delay:?}: {e}");
-                    std::thread::sleep(delay);
+                    self.sleep_unless_stopped(delay);
                     delay = (delay * 2).min(Duration::from_secs(30));
+                }
+            }
+        }
+    }
+
+    /// Sleeps up to `d`, returning early once the daemon stops.
+    fn sleep_unless_stopped(&self, d: Duration) {
+        let until = Instant::now() + d;
+        while !self.stop.load(Ordering::Acquire) && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(50).min(until - Instant::now()));
+        }
+    }
+
+    /// After a restart: the newest stored base of `lineage` and the
+    /// identities that the stored records after its start_seq, up to `j0`
+    /// (the last record of earlier runs), change. Records after `j0` were
+    /// made through this run's mount and are in its touched set. Any doubt
+    /// is an error, and the caller reads every file instead.
+    fn reload_previous(
+        &self,
+        lineage: u64,
+        j0: Seq,
+    ) -> Result<(Previous, HashSet<Ino>, u64), String> {
+        let t = Timeline::load(self.store.as_ref())
+            .map_err(|e| format!("cannot list the store: {e}"))?;
+        let meta: BaseMeta = t
+            .bases
+            .iter()
+            .filter(|b| b.lineage == lineage && b.start_seq <= j0)
+            .max_by_key(|b| (b.completed_ns, b.start_seq))
+            .cloned()
+            .ok_or("the store holds no base of this lineage")?;
+        let stored = self.shipper.stats.stored_seq.load(Ordering::Acquire);
+        if stored < j0 {
+            return Err(format!(
+                "records up to {j0} from before this start are not all stored yet (stored up to {stored})"
+            ));
+        }
+        let m = base::load_manifest(self.store.as_ref(), &meta)
+            .map_err(|e| format!("cannot load base {}: {e}", meta.key()))?;
+        let mut changed = HashSet::new();
+        let mut next = meta.start_seq + 1;
+        let mut records = 0u64;
+        for s in t.segments.iter().filter(|s| s.lineage == lineage) {
+            if next > j0 {
+                break;
+            }
+            if s.last_seq < next {
+                continue;
+            }
+            if s.first_seq > next {
+                return Err(format!(
+                    "records {next}..{} are not in the store",
+                    s.first_seq - 1
+                ));
+            }
+            let data = self
+                .store
+                .get(&s.key())
+                .map_err(|e| format!("cannot read segment {}: {e}", s.key()))?;
+            let (_, recs) = crate::segment::decode(&data)
+                .map_err(|e| format!("segment {} is damaged: {e}", s.key()))?;
+            for r in recs.iter().filter(|r| r.seq >= next) {
+                records += 1;
+                changed.extend(crate::fs::changed_object(&r.op));
+            }
+            next = s.last_seq + 1;
+        }
+        if next <= j0 {
+            return Err(format!("records {next}..={j0} are not in the store"));
+        }
+        Ok((Previous::new(m), changed, records))
+    }
+
+    /// Takes a periodic base whenever `interval` passed since the last one
+    /// started or `after` journal bytes were appended since, until the
+    /// daemon stops. Bases run one at a time on this thread, so two walks
+    /// never overlap; none is taken while nothing was appended.
+    fn periodic_bases(
+        &self,
+        lineage: u64,
+        inc: &mut Incremental,
+        interval: Duration,
+        after: u64,
+        mut last_start: Instant,
+        mut last_seq: Seq,
+    ) {
+        while !self.stop.load(Ordering::Acquire) {
+            let since = self
+                .journal
+                .written_bytes()
+                .saturating_sub(self.written_at_base.load(Ordering::Relaxed));
+            let why = if since >= after {
+                format!("{since} journal bytes since the last base (--base-after {after})")
+            } else if last_start.elapsed() >= interval {
+                format!(
+                    "{:?} since the last base (--base-interval)",
+                    last_start.elapsed()
+                )
+            } else {
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            };
+            let seq = self.journal.last_seq();
+            if seq == last_seq {
+                // Idle: a restore from the last base replays nothing.
+                last_start = Instant::now();
+                continue;
+            }
+            let t0 = Instant::now();
+            match self.take_base(lineage, BaseKind::Periodic, inc, &why) {
+                Ok(()) => {
+                    last_start = t0;
+                    last_seq = seq;
+                }
+                Err(e) => {
+                    if !self.stop.load(Ordering::Acquire) {
+                        tracing::warn!("periodic base failed: {e}");
+                    }
                 }
             }
         }
@@ -171,6 +374,9 @@ impl Daemon {
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<i32> {
+    if args.base_interval.is_zero() || args.base_after == 0 {
+        bail!("--base-interval and --base-after must be more than zero");
+    }
     if args.on_journal_full == crate::cli::OnJournalFull::Gap {
         bail!("--on-journal-full=gap is not available in this build yet; use the default (writers wait for the store)");
     }
@@ -401,6 +607,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     // What the journal already holds ships first, in order, from the ship
     // thread: the mount never waits for the store.
 
+    // Records up to here came from earlier runs; later ones are made
+    // through this run's mount and land in its touched set.
+    let j0 = journal.last_seq();
     let watch = Arc::new(BaseWatch::default());
     let src_dir = rustix::fs::open(
         &source,
@@ -447,17 +656,56 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         base_completed_ns: std::sync::atomic::AtomicI64::new(0),
         base_failed: Mutex::new(None),
         known_chunks: Mutex::new(HashSet::new()),
+        written_at_base: AtomicU64::new(0),
     });
-    let base_thread = base_kind.map(|kind| {
+    // The newest base already stored for this lineage schedules the first
+    // periodic base after a restart.
+    let newest = timeline
+        .bases
+        .iter()
+        .filter(|b| b.lineage == lineage)
+        .max_by_key(|b| b.completed_ns);
+    let (mut last_start, mut last_seq) = (Instant::now(), 0);
+    if let (None, Some(b)) = (base_kind, newest) {
+        let age = crate::clock::wall_now()
+            .saturating_sub(b.completed_ns)
+            .max(0) as u64;
+        last_start = Instant::now()
+            .checked_sub(Duration::from_nanos(age))
+            .unwrap_or_else(Instant::now);
+        last_seq = b.start_seq;
+        metrics.set_last_base_completed(ns_time(b.completed_ns));
+    }
+    let base_thread = {
         let d = d.clone();
+        let (interval, after) = (args.base_interval, args.base_after);
         std::thread::Builder::new()
             .name("rewind-base".into())
-            .spawn(move || match d.take_base(lineage, kind) {
-                Ok(()) => d.base_done.store(true, Ordering::Release),
-                Err(e) => *d.base_failed.lock() = Some(e.to_string()),
+            .spawn(move || {
+                let mut inc = Incremental {
+                    previous: None,
+                    pending: HashSet::new(),
+                    reload: None,
+                };
+                match base_kind {
+                    Some(kind) => {
+                        let t0 = Instant::now();
+                        last_seq = d.journal.last_seq();
+                        match d.take_base(lineage, kind, &mut inc, "needed at start") {
+                            Ok(()) => d.base_done.store(true, Ordering::Release),
+                            Err(e) => {
+                                *d.base_failed.lock() = Some(e.to_string());
+                                return;
+                            }
+                        }
+                        last_start = t0;
+                    }
+                    None => inc.reload = Some(j0),
+                }
+                d.periodic_bases(lineage, &mut inc, interval, after, last_start, last_seq);
             })
             .unwrap()
-    });
+    };
     let ship_thread = {
         let d = d.clone();
         let interval = args.segment_interval;
@@ -526,13 +774,15 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     shipper.set_abort(true);
     let _ = ship_thread.join();
     let _ = monitor.join();
-    if let Some(t) = base_thread {
-        // A base in progress finishes or fails on its own; it is bounded by
-        // the volume size, not by the deadline, so give up on it at the
-        // deadline and let the next start take it again.
-        while !t.is_finished() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
+    // The base a start needs finishes or fails on its own; it is bounded
+    // by the volume size, not by the deadline, so give up on it at the
+    // deadline and let the next start take it again. A periodic base in
+    // progress is abandoned: the previous base keeps the volume restorable.
+    while !base_thread.is_finished()
+        && !d.base_done.load(Ordering::Acquire)
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(20));
     }
     // The final round runs apart, so that a store that hangs inside one
     // request cannot hold the exit past the deadline.
@@ -679,6 +929,7 @@ fn monitor(d: &Daemon, mut earliest: Option<crate::clock::Nanos>) {
             m.set_restore_window(ns_time(e), ns_time(stored_ns.max(e)));
         }
         m.set_journal_writable(!d.journal.writers_waiting() && !d.journal.has_failed());
+        m.set_journal_bytes_since_base(w.saturating_sub(d.written_at_base.load(Ordering::Relaxed)));
         if last_log.elapsed() >= Duration::from_secs(60) {
             last_log = Instant::now();
             tracing::info!(

@@ -24,6 +24,9 @@
 
 pub mod fuse;
 mod killpriv;
+mod touched;
+
+pub(crate) use touched::{changed_object, Touched};
 
 use std::collections::HashMap;
 use std::ffi::{CString, OsStr};
@@ -169,6 +172,8 @@ pub struct Passthrough {
     gate: RwLock<()>,
     journal: Arc<Journal>,
     watch: Arc<BaseWatch>,
+    /// Objects changed since the last base started (see `touched.rs`).
+    touched: Touched,
     kept: AtomicU64,
     keep_cap: u64,
     read_passthrough: bool,
@@ -287,6 +292,7 @@ impl Passthrough {
             gate: RwLock::new(()),
             journal,
             watch,
+            touched: Touched::default(),
             kept: AtomicU64::new(1),
             keep_cap,
             read_passthrough: false,
@@ -375,6 +381,8 @@ impl Passthrough {
     /// then fails every later change loudly (EIO) rather than acknowledge
     /// what is not journaled.
     fn record(&self, ops: &[Op]) -> FsResult<()> {
+        // Applied, not yet appended: the order periodic bases rely on.
+        self.touched.mark_ops(ops);
         self.journaled(|| self.journal.append(ops))
     }
 
@@ -1112,6 +1120,7 @@ impl Passthrough {
             }
         }
         let st = rfs::fstat(&h.fd)?;
+        self.touched.mark(h.ino);
         self.journaled(|| {
             self.journal
                 .append_write(h.ino, off, st.st_size as u64, mtime_of(&st), &data[..done])
@@ -1384,6 +1393,12 @@ impl Passthrough {
             out.push(owned);
         }
         out
+    }
+
+    /// Objects changed since the last base started; the base thread takes
+    /// the set before it reads its start_seq.
+    pub(crate) fn touched(&self) -> &Touched {
+        &self.touched
     }
 
     /// The number of open handles, for shutdown.
