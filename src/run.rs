@@ -5,7 +5,6 @@
 //! until the deadline, final seal and upload, exit status). It must not
 //! implement any format or filesystem operation itself.
 
-use std::collections::HashSet;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -16,12 +15,13 @@ use parking_lot::Mutex;
 use rustix::fs::{Mode, OFlags};
 use serde::{Deserialize, Serialize};
 
-use crate::base::{self, BaseKind, BaseRequest, BaseWatch, HIDDEN};
+use crate::base::{self, BaseError, BaseKind, BaseRequest, BaseWatch, StoredChunks, HIDDEN};
 use crate::cli::RunArgs;
 use crate::clock::fmt_ns;
 use crate::fs::{fuse, Passthrough};
 use crate::journal::Journal;
 use crate::metrics::Metrics;
+use crate::outage::{self, StoreHealth, Watched};
 use crate::restore::INCOMPLETE_MARKER;
 use crate::ship::{ShipStats, Shipper};
 use crate::store::{self, Prefixed, Store, StoreOptions};
@@ -107,10 +107,47 @@ struct Daemon {
     base_done: AtomicBool,
     base_completed_ns: std::sync::atomic::AtomicI64,
     base_failed: Mutex<Option<String>>,
-    known_chunks: Mutex<HashSet<[u8; 32]>>,
+    /// Chunks confirmed stored during this run (this lineage); see
+    /// `base::StoredChunks`.
+    known_chunks: StoredChunks,
+    health: Arc<StoreHealth>,
 }
 
+/// The longest pause between two attempts of a base, so that a base
+/// resumes soon after the store returns.
+const BASE_RETRY_MAX: Duration = Duration::from_secs(10);
+
 impl Daemon {
+    /// Makes sure every chunk `m` names is confirmed stored in this run
+    /// before its manifest may be stored. The walk confirms each chunk it
+    /// captures, so this finds nothing unless a capture path skipped the
+    /// store; then it asks the store, and a chunk it lacks fails the
+    /// attempt (the base is walked again) instead of a manifest naming it.
+    fn confirm_chunks(&self, m: &base::Manifest) -> Result<(), BaseError> {
+        let missing = self.known_chunks.unconfirmed(m);
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let mut absent = 0;
+        for h in &missing {
+            if self.store.exists(&base::chunk_key(h))? {
+                self.known_chunks.confirm(*h);
+            } else {
+                absent += 1;
+            }
+        }
+        if absent == 0 {
+            tracing::warn!(
+                chunks = missing.len(),
+                "the base named chunks it had not confirmed; the store holds them all"
+            );
+            return Ok(());
+        }
+        Err(BaseError::Inconsistent(format!(
+            "the base names {absent} chunks the store does not hold; its manifest is held back and the base is taken again"
+        )))
+    }
+
     fn take_base(&self, lineage: u64, kind: BaseKind) -> anyhow::Result<()> {
         let mut delay = Duration::from_secs(1);
         loop {
@@ -131,7 +168,11 @@ impl Daemon {
                 unseen: &|seen| self.core.unseen_handles(seen),
                 known_chunks: &self.known_chunks,
             };
-            match base::walk(&req) {
+            let walked = base::walk(&req).and_then(|(m, stats)| {
+                self.confirm_chunks(&m)?;
+                Ok((m, stats))
+            });
+            match walked {
                 Ok((mut m, stats)) => {
                     // Every operation the walk may have seen is journaled
                     // before the completion time is taken.
@@ -139,6 +180,9 @@ impl Daemon {
                         self.watch.deactivate();
                         self.journal.now()
                     });
+                    // The manifest is the last object of a base, and the
+                    // restore window opens on it: it is queued only now
+                    // that every chunk it names is confirmed stored.
                     self.shipper
                         .queue(m.meta().key(), base::encode_manifest(&m));
                     self.metrics.set_base_in_progress(false);
@@ -161,9 +205,17 @@ impl Daemon {
                     if self.stop.load(Ordering::Relaxed) {
                         bail!("base snapshot interrupted by shutdown: {e}");
                     }
-                    tracing::warn!("base snapshot failed, retrying in {delay:?}: {e}");
+                    if matches!(&e, BaseError::Store(se) if se.is_transient())
+                        && self.health.is_down()
+                    {
+                        // The outage line says it; a line per retry would
+                        // bury it.
+                        tracing::debug!("base snapshot failed, retrying in {delay:?}: {e}");
+                    } else {
+                        tracing::warn!("base snapshot failed, retrying in {delay:?}: {e}");
+                    }
                     std::thread::sleep(delay);
-                    delay = (delay * 2).min(Duration::from_secs(30));
+                    delay = (delay * 2).min(BASE_RETRY_MAX);
                 }
             }
         }
@@ -386,6 +438,10 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         Mode::empty(),
     )
     .with_context(|| format!("cannot open {}", source.display()))?;
+    // Everything the daemon stores from now on goes through the outage
+    // tracker, which tells the operator when an outage begins and ends.
+    let health = Arc::new(StoreHealth::new(store.describe()));
+    let store: Arc<dyn Store> = Arc::new(Watched::new(store, health.clone()));
     let shipper = Arc::new(
         Shipper::new(store.clone(), journal.clone(), stored, lineage).with_source(source_for_sync),
     );
@@ -440,7 +496,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         base_done: AtomicBool::new(base_kind.is_none()),
         base_completed_ns: std::sync::atomic::AtomicI64::new(0),
         base_failed: Mutex::new(None),
-        known_chunks: Mutex::new(HashSet::new()),
+        known_chunks: StoredChunks::default(),
+        health,
     });
     let base_thread = base_kind.map(|kind| {
         let d = d.clone();
@@ -659,7 +716,13 @@ fn monitor(d: &Daemon, mut earliest: Option<crate::clock::Nanos>) {
         errors = e;
         let stored_seq = s.stored_seq.load(Ordering::Relaxed);
         let stored_ns = s.stored_ns.load(Ordering::Relaxed);
-        if d.journal.last_seq() > stored_seq {
+        let last_seq = d.journal.last_seq();
+        d.health.tick(outage::Progress {
+            stored_seq,
+            last_seq,
+            waiting_bytes: d.shipper.waiting_bytes(),
+        });
+        if last_seq > stored_seq {
             let since = *unshipped_since.get_or_insert_with(crate::clock::wall_now);
             m.set_oldest_unshipped(Some(ns_time(since.max(stored_ns))));
         } else {
@@ -676,7 +739,8 @@ fn monitor(d: &Daemon, mut earliest: Option<crate::clock::Nanos>) {
             m.set_restore_window(ns_time(e), ns_time(stored_ns.max(e)));
         }
         m.set_journal_writable(!d.journal.writers_waiting() && !d.journal.has_failed());
-        if last_log.elapsed() >= Duration::from_secs(60) {
+        // During an outage its own reminders say how far behind shipping is.
+        if last_log.elapsed() >= Duration::from_secs(60) && !d.health.is_down() {
             last_log = Instant::now();
             tracing::info!(
                 segments = segs,
