@@ -150,11 +150,20 @@ impl Daemon {
 
     fn take_base(&self, lineage: u64, kind: BaseKind) -> anyhow::Result<()> {
         let mut delay = Duration::from_secs(1);
+        let mut attempt = 0u32;
         loop {
+            attempt += 1;
             self.watch.activate();
             let start_seq = self.journal.last_seq();
             let started_ns = self.journal.now();
-            tracing::info!(?kind, start_seq, "taking a base snapshot");
+            if attempt == 1 {
+                tracing::info!(?kind, start_seq, "taking a base snapshot");
+            } else if self.health.is_down() {
+                // Retries during an outage are the outage's business.
+                tracing::debug!(?kind, start_seq, attempt, "taking a base snapshot again");
+            } else {
+                tracing::info!(?kind, start_seq, attempt, "taking a base snapshot again");
+            }
             self.metrics.set_base_in_progress(true);
             let t0 = Instant::now();
             let req = BaseRequest {
