@@ -291,7 +291,7 @@ impl StoreHealth {
                 waiting_bytes,
                 catching_up: false,
             } => tracing::warn!(
-                "store outage continues: {store} unreachable for {}, {failures} failed requests; \
+                "store outage continues ({} so far, {failures} failed requests): {store}; \
                  {} of journal waiting to ship",
                 fmt_duration(since),
                 fmt_bytes(waiting_bytes)
@@ -302,10 +302,10 @@ impl StoreHealth {
                 catching_up: true,
                 ..
             } => tracing::info!(
-                "store outage: {store} answers again, catching up; {} of journal still waiting to \
-                 ship ({} since the outage began)",
-                fmt_bytes(waiting_bytes),
-                fmt_duration(since)
+                "store outage ({} so far): {store} takes objects again, catching up; {} of journal \
+                 still waiting to ship",
+                fmt_duration(since),
+                fmt_bytes(waiting_bytes)
             ),
             Say::Ended {
                 lasted,
@@ -313,8 +313,8 @@ impl StoreHealth {
                 caught_up_bytes,
                 catch_up,
             } => tracing::info!(
-                "store outage ended: {store} was unreachable for {} ({failures} failed requests); \
-                 caught up {} of journal in {}",
+                "store outage ended after {} ({failures} failed requests): {store} takes objects \
+                 again; caught up {} of journal in {}",
                 fmt_duration(lasted),
                 fmt_bytes(caught_up_bytes),
                 fmt_duration(catch_up)

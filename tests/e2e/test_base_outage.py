@@ -346,9 +346,10 @@ def small_store_disk(make_volume, workdir):
 
 
 class DiskFiller(threading.Thread):
-    """Keeps a filesystem full: writes filler files until ENOSPC, and keeps
-    taking whatever space is freed (a failed upload's temporary file) until
-    stopped; then deletes what it wrote."""
+    """Fills a filesystem: `ballast` leaves a given amount free (the store
+    then fills it up itself); the thread writes filler files until ENOSPC
+    and keeps taking whatever space is freed (a failed upload's temporary
+    file) until stopped. `free` deletes everything it wrote."""
 
     def __init__(self, root: Path):
         super().__init__(daemon=True, name="disk-filler")
@@ -357,6 +358,15 @@ class DiskFiller(threading.Thread):
         self.full = threading.Event()
         self.error = None
         self.n = 0
+
+    def ballast(self, leave: int):
+        self.dir.mkdir(exist_ok=True)
+        st = os.statvfs(self.dir)
+        size = st.f_bavail * st.f_frsize - leave
+        block = b"\0" * MIB
+        with open(self.dir / "ballast", "wb", buffering=0) as f:
+            while size > 0:
+                size -= f.write(block[:min(size, MIB)])
 
     def _fill(self, size: int):
         block = b"\0" * size
@@ -385,8 +395,10 @@ class DiskFiller(threading.Thread):
 
     def free(self):
         self.stop.set()
-        self.join(30)
-        helpers.rmtree(self.dir)
+        if self.ident is not None:
+            self.join(30)
+        if self.dir.exists():
+            helpers.rmtree(self.dir)
         os.sync()
 
 
@@ -395,11 +407,14 @@ def test_file_store_disk_full_while_chunks_upload(small_store_disk, workdir):
     vol = small_store_disk
     prefill(vol.source, FILE_FILES, 3)
     data_snap = helpers.snapshot(vol.source / "data")
+    # Room for about a third of the base: the disk fills during the base
+    # whatever the speed of the walk, and the filler keeps it full.
+    filler = DiskFiller(vol.store_dir)
+    filler.ballast(FILE_FILES // 3 * MIB)
     vol.start()
     writer = StampedWriter(vol.mount, 13)
     writer.start()
     watch = OutageWatch(vol)
-    filler = DiskFiller(vol.store_dir)
     try:
         helpers.wait_until(lambda: count_chunks(vol) >= FILE_FILES // 10, 120,
                            f"{FILE_FILES // 10} chunks in the store", interval=0.02, on_timeout=vol._diag)
