@@ -172,7 +172,7 @@ def outage_lasts(vol, writer, watch, t_out: float, what: str):
     helpers.wait_until(long_enough, OUTAGE + 60, f"{OUTAGE:.0f} s of {what}", interval=0.5)
 
 
-def after_recovery(vol, writer, watch, workdir, data_snap, what: str):
+def after_recovery(vol, writer, watch, workdir, data_snap, what: str, cause: str):
     """Waits for the base and the catch-up, stops cleanly, and checks
     restores, verify and the log."""
     vol.wait_window(timeout=240)
@@ -200,10 +200,12 @@ def after_recovery(vol, writer, watch, workdir, data_snap, what: str):
         check_restore(vol, writer, data_snap, t, target, what)
     c = vol.verify()
     assert c.code == 0, f"{what}: rewind verify failed:\n{c}"
-    check_log(log, what)
+    check_log(log, what, cause)
 
 
-def check_log(log: str, what: str):
+def check_log(log: str, what: str, cause: str):
+    """One outage-start line naming `cause` (a regex), one end line after
+    retries, at most three WARN lines in all, no long or debug-dump lines."""
     lines = [l for l in log.splitlines() if " rewind" in l]
     began = [l for l in lines if "store outage began" in l]
     ended = [l for l in lines if "store outage ended" in l]
@@ -211,6 +213,9 @@ def check_log(log: str, what: str):
     dumps = [l for l in lines if re.search(r"\w+ \{ \w+: |\w+\(\w+ \{|Os \{ code", l)]
     assert len(began) == 1, f"{what}: {len(began)} outage-start lines, expected one:\n" + "\n".join(l[:300] for l in began[:5])
     assert len(ended) == 1, f"{what}: {len(ended)} outage-end lines, expected one:\n" + "\n".join(l[:300] for l in ended[:5])
+    assert re.search(cause, began[0]), f"{what}: the outage-start line does not say {cause!r}:\n{began[0]}"
+    retried = re.search(r"\((\d+) failed requests\)", ended[0])
+    assert retried and int(retried.group(1)) >= 2, f"{what}: no retries during the outage?\n{ended[0]}"
     assert not long, f"{what}: {len(long)} log lines over {LONG_LINE} characters, e.g.:\n{long[0][:1500]}"
     assert not dumps, f"{what}: {len(dumps)} log lines with nested debug output, e.g.:\n{dumps[0][:1500]}"
     warns = [l for l in lines if " WARN rewind" in l]
@@ -241,7 +246,8 @@ def test_s3_outage_while_chunks_upload(make_s3_volume, workdir, gate, s3):
     except BaseException:
         writer.stop.set()
         raise
-    after_recovery(vol, writer, watch, workdir, data_snap, "S3 outage while the base uploads chunks")
+    after_recovery(vol, writer, watch, workdir, data_snap, "S3 outage while the base uploads chunks",
+                   rf"unreachable: connection .* at {re.escape(gate.endpoint)} .*check the endpoint")
 
 
 class BaseTripGate(Gate):
@@ -316,7 +322,8 @@ def test_s3_outage_while_the_manifest_uploads(make_s3_volume, workdir, s3):
         outage_lasts(vol, writer, watch, trip.tripped_at, "outage during the manifest upload")
         assert not watch.windows, f"a window while the manifest was held back: {watch.windows}"
         trip.open()
-        after_recovery(vol, writer, watch, workdir, data_snap, "S3 outage while the manifest uploads")
+        after_recovery(vol, writer, watch, workdir, data_snap, "S3 outage while the manifest uploads",
+                       rf"unreachable: connection .* PutObject rw/vol/base/\S+ at {re.escape(trip.endpoint)} .*check the endpoint")
     except BaseException:
         if writer is not None:
             writer.stop.set()
@@ -430,4 +437,5 @@ def test_file_store_disk_full_while_chunks_upload(small_store_disk, workdir):
         raise
     finally:
         filler.free()
-    after_recovery(vol, writer, watch, workdir, data_snap, "file:// store disk full while the base uploads chunks")
+    after_recovery(vol, writer, watch, workdir, data_snap, "file:// store disk full while the base uploads chunks",
+                   r"No space left on device.*check the free space")
