@@ -32,7 +32,6 @@ from __future__ import annotations
 import os
 import random
 import re
-import select
 import subprocess
 import threading
 import time
@@ -263,38 +262,18 @@ class BaseTripGate(Gate):
         self.tripped = threading.Event()
         self.tripped_at = None
 
-    def _pump(self, a, b):
-        socks = [a, b]
-        tail = b""
-        try:
-            while True:
-                ready, _, _ = select.select(socks, [], [], 60)
-                if not ready:
-                    break
-                for s in ready:
-                    data = s.recv(65536)
-                    if not data:
-                        return
-                    if s is a and self.armed:
-                        if self.TRIP.search(tail + data):
-                            self.armed = False
-                            self.tripped_at = time.monotonic()
-                            self.tripped.set()
-                            self.close()
-                            return
-                        tail = (tail + data)[-512:]
-                    (b if s is a else a).sendall(data)
-        except (OSError, ValueError):
-            pass
-        finally:
-            with self.lock:
-                self.conns.discard(a)
-                self.conns.discard(b)
-            for s in socks:
-                try:
-                    s.close()
-                except OSError:
-                    pass
+    def admit(self, conn: dict, data: bytes) -> bool:
+        if not self.armed:
+            return True
+        seen = conn.get("tail", b"") + data
+        if self.TRIP.search(seen):
+            self.armed = False
+            self.tripped_at = time.monotonic()
+            self.tripped.set()
+            self.close()
+            return False
+        conn["tail"] = seen[-512:]
+        return True
 
 
 @pytest.mark.timeout(600)
