@@ -24,7 +24,7 @@ use crate::metrics::Metrics;
 use crate::outage::{self, StoreHealth, Watched};
 use crate::restore::INCOMPLETE_MARKER;
 use crate::ship::{ShipStats, Shipper};
-use crate::store::{self, Prefixed, Store, StoreOptions};
+use crate::store::{self, Prefixed, Store, StoreError, StoreOptions};
 use crate::timeline::{LineageStart, Timeline};
 
 /// How long startup waits for the store before protecting without it.
@@ -294,15 +294,15 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         let url = args.store.store.clone();
         let volume = args.store.volume.clone();
         std::thread::spawn(move || {
-            let res = (|| -> anyhow::Result<(Arc<dyn Store>, Option<Timeline>)> {
+            type Opened = (Arc<dyn Store>, Option<Timeline>, Option<StoreError>);
+            let res = (|| -> anyhow::Result<Opened> {
                 let root = store::open(&url, &opts)?;
                 let store: Arc<dyn Store> = Arc::new(Prefixed::new(root, &volume));
-                let timeline = match Timeline::load(store.as_ref()) {
-                    Ok(t) => Some(t),
-                    Err(e) if e.is_transient() => {
-                        tracing::warn!("store unreachable at start ({e}); protecting anyway, the journal holds changes until it returns");
-                        None
-                    }
+                // An unreachable store is reported as the start of an
+                // outage, once the outage tracker exists (below).
+                let (timeline, down) = match Timeline::load(store.as_ref()) {
+                    Ok(t) => (Some(t), None),
+                    Err(e) if e.is_transient() => (None, Some(e)),
                     Err(e) => return Err(e).context("cannot use the store"),
                 };
                 // A daemon killed mid-upload cannot abort its own multipart
@@ -318,12 +318,12 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
                         }
                     }
                 }
-                Ok((store, timeline))
+                Ok((store, timeline, down))
             })();
             let _ = tx.send(res);
         });
     }
-    let (store, timeline) = match rx.recv_timeout(STORE_STARTUP_WAIT) {
+    let (store, timeline, down_at_start) = match rx.recv_timeout(STORE_STARTUP_WAIT) {
         Ok(r) => r?,
         Err(_) => {
             tracing::warn!("the store did not answer within {STORE_STARTUP_WAIT:?}; protecting anyway, the journal holds changes until it returns");
@@ -331,6 +331,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
                 .context("cannot open the store")?;
             (
                 Arc::new(Prefixed::new(root, &args.store.volume)) as Arc<dyn Store>,
+                None,
                 None,
             )
         }
@@ -451,6 +452,10 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     // tracker, which tells the operator when an outage begins and ends.
     let health = Arc::new(StoreHealth::new(store.describe()));
     let store: Arc<dyn Store> = Arc::new(Watched::new(store, health.clone()));
+    if let Some(e) = &down_at_start {
+        // Protection goes on without the store: the journal holds changes.
+        health.failed(e);
+    }
     let shipper = Arc::new(
         Shipper::new(store.clone(), journal.clone(), stored, lineage).with_source(source_for_sync),
     );

@@ -395,7 +395,9 @@ impl S3Store {
         match store.rt.block_on(store.inner.check()) {
             Ok(()) => Ok(store),
             Err(f) if f.class == Class::Transient && store.inner.cfg.tolerate_unreachable => {
-                tracing::warn!(
+                // Debug only: the caller that tolerates it (`rewind run`)
+                // reports the outage when its own first request fails.
+                tracing::debug!(
                     store = %store.describe(),
                     "store unreachable at start ({}); continuing, uploads will retry",
                     store.inner.one_line(&f, "")
