@@ -29,6 +29,7 @@ pub struct Metrics {
     window_latest_ns: AtomicU64,
     lineage: Mutex<String>,
     base_in_progress: AtomicBool,
+    store_outage: AtomicBool,
     mount_live: AtomicBool,
     journal_writable: AtomicBool,
 }
@@ -84,6 +85,11 @@ impl Metrics {
     }
     pub fn set_base_in_progress(&self, running: bool) {
         self.base_in_progress.store(running, Relaxed);
+    }
+    /// A store outage is on (from its first failed request until the store
+    /// has taken what the journal held back; see `outage.rs`).
+    pub fn set_store_outage(&self, on: bool) {
+        self.store_outage.store(on, Relaxed);
     }
     /// The FUSE mount is serving requests.
     pub fn set_mount_live(&self, live: bool) {
@@ -213,6 +219,14 @@ impl Metrics {
         );
         sample(
             &mut out,
+            "rewind_store_outage",
+            "gauge",
+            "1 while the store fails requests, until it has taken what the journal held back.",
+            "",
+            flag(&self.store_outage),
+        );
+        sample(
+            &mut out,
             "rewind_mount_live",
             "gauge",
             "1 while the FUSE mount serves requests.",
@@ -269,10 +283,12 @@ mod tests {
         assert!(text.contains("\nrewind_restore_window_latest_seconds 1005\n"));
         assert!(text.contains("rewind_lineage_info{lineage=\"L1\"} 1\n"));
         assert!(text.contains("volume=\"ns/\\\"claim\\\"\""));
+        assert!(text.contains("\nrewind_store_outage 0\n"));
         m.set_oldest_unshipped(None);
-        assert!(m
-            .render(t0)
-            .contains("\nrewind_replication_lag_seconds 0\n"));
+        m.set_store_outage(true);
+        let text = m.render(t0);
+        assert!(text.contains("\nrewind_replication_lag_seconds 0\n"));
+        assert!(text.contains("\nrewind_store_outage 1\n"));
     }
 
     #[test]

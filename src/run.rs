@@ -753,6 +753,7 @@ fn monitor(d: &Daemon, mut earliest: Option<crate::clock::Nanos>) {
             m.set_restore_window(ns_time(e), ns_time(stored_ns.max(e)));
         }
         m.set_journal_writable(!d.journal.writers_waiting() && !d.journal.has_failed());
+        m.set_store_outage(d.health.is_down());
         // During an outage its own reminders say how far behind shipping is.
         if last_log.elapsed() >= Duration::from_secs(60) && !d.health.is_down() {
             last_log = Instant::now();

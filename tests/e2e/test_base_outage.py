@@ -41,7 +41,7 @@ from pathlib import Path
 import pytest
 
 import helpers
-from s3fixtures import bucket, gate, make_s3_volume, s3  # noqa: F401  (fixtures)
+from s3fixtures import bucket, gate, make_s3_volume, s3, wait_metric  # noqa: F401  (fixtures)
 from s3server import Gate
 
 MIB = 1 << 20
@@ -230,7 +230,7 @@ def test_s3_outage_while_chunks_upload(make_s3_volume, workdir, gate, s3):
     vol = make_s3_volume(run_endpoint=gate.endpoint)
     prefill(vol.source, FILES, 1)
     data_snap = helpers.snapshot(vol.source / "data")
-    vol.start()
+    vol.start("--listen", "127.0.0.1:0")
     writer = StampedWriter(vol.mount, 11)
     writer.start()
     watch = OutageWatch(vol)
@@ -241,7 +241,9 @@ def test_s3_outage_while_chunks_upload(make_s3_volume, workdir, gate, s3):
         t_out = time.monotonic()
         assert count_chunks(vol) < FILES, "the base was over before the outage began"
         outage_lasts(vol, writer, watch, t_out, "outage during the chunk uploads")
+        assert vol.metrics()["rewind_store_outage"] == 1, "the metrics do not show the outage"
         gate.open()
+        wait_metric(vol, "rewind_store_outage", lambda v: v == 0, 120, "rewind_store_outage back to 0")
     except BaseException:
         writer.stop.set()
         raise
