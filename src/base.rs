@@ -919,7 +919,7 @@ impl StoredChunks {
 /// in the manifest's order. Empty means the manifest may be stored: a
 /// manifest is the last object of a base to be written, and the restore
 /// window opens on it, so it must never name a chunk the store may lack.
-pub fn unconfirmed_chunks(m: &Manifest, stored: &HashSet<[u8; 32]>) -> Vec<[u8; 32]> {
+pub(crate) fn unconfirmed_chunks(m: &Manifest, stored: &HashSet<[u8; 32]>) -> Vec<[u8; 32]> {
     let mut seen = HashSet::new();
     m.objects
         .iter()

@@ -8,7 +8,8 @@ the window opened on a base whose chunk was missing: `rewind ls` showed it,
 every restore failed with "object .../chunk/<hash> ... missing".
 
 test_s3_outage_while_chunks_upload: s3://, the gate (a relay in front of
-moto) closes once the store holds a tenth of the chunks.
+moto) closes once the store holds a tenth of the chunks; the metric
+rewind_store_outage is 1 during the outage and back to 0 after it.
 
 test_s3_outage_while_the_manifest_uploads: s3://, the gate closes as the
 base's manifest PUT goes through it (the relay watches the request line),
