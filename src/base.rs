@@ -32,7 +32,6 @@ use std::collections::{HashMap, HashSet};
 use std::ffi::{CStr, CString, OsStr};
 use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
-use std::sync::Arc;
 
 use bytes::{BufMut, Bytes};
 use parking_lot::Mutex;
@@ -417,7 +416,7 @@ struct Walker<'a> {
     previous: Option<&'a Previous>,
     touched: &'a dyn Fn(Ino) -> bool,
     seen: HashSet<Ino>,
-    known_chunks: &'a Mutex<HashSet<[u8; 32]>>,
+    known_chunks: &'a StoredChunks,
     objects: Vec<Object>,
     links: Vec<Link>,
     stats: BaseStats,
@@ -492,9 +491,7 @@ impl<'a> Walker<'a> {
                 let raw = &self.buf[..n];
                 let hash = *blake3::hash(raw).as_bytes();
                 self.stats.bytes += n as u64;
-                let fresh = self.known_chunks.lock().insert(hash);
-                if fresh && !self.store.exists(&chunk_key(&hash))? {
-                    self.store.put(&chunk_key(&hash), encode_chunk(raw))?;
+                if ensure_chunk(self.store, self.known_chunks, &hash, raw)? {
                     self.stats.chunks_uploaded += 1;
                 } else {
                     self.stats.chunks_reused += 1;
@@ -656,6 +653,35 @@ impl<'a> Walker<'a> {
     }
 }
 
+/// Makes sure the chunk `hash` (content `raw`) is in the store before a
+/// manifest may name it, and returns whether it was uploaded. The chunk is
+/// recorded in `stored` only once the store said so in this run: a put
+/// that failed leaves it unrecorded, so the next walk checks it again
+/// instead of trusting a put that never landed. Two walkers may both put
+/// the same chunk while neither has recorded it yet; that costs one
+/// request, nothing else, since chunks are immutable and named by their
+/// content. A put that failed after its bytes reached the store is found
+/// by the next `exists` (or put again, with the same bytes).
+fn ensure_chunk(
+    store: &dyn Store,
+    stored: &StoredChunks,
+    hash: &[u8; 32],
+    raw: &[u8],
+) -> Result<bool, StoreError> {
+    if stored.contains(hash) {
+        return Ok(false);
+    }
+    let key = chunk_key(hash);
+    let uploaded = if store.exists(&key)? {
+        false
+    } else {
+        store.put(&key, encode_chunk(raw))?;
+        true
+    };
+    stored.confirm(*hash);
+    Ok(uploaded)
+}
+
 fn read_full_at(fd: &OwnedFd, buf: &mut [u8], off: u64) -> std::io::Result<usize> {
     let mut done = 0;
     while done < buf.len() {
@@ -682,7 +708,9 @@ pub struct BaseRequest<'a> {
     /// seen: anything the application touched during the walk, wherever it
     /// is now (moved, or open but unlinked).
     pub unseen: &'a dyn Fn(&HashSet<Ino>) -> Vec<OwnedFd>,
-    pub known_chunks: &'a Mutex<HashSet<[u8; 32]>>,
+    /// Chunks this run has confirmed stored; the walk adds each chunk it
+    /// puts or finds in the store, and nothing else.
+    pub known_chunks: &'a StoredChunks,
     /// The previous base of this lineage, for an incremental walk; `None`
     /// reads every file.
     pub previous: Option<&'a Previous>,
@@ -693,7 +721,8 @@ pub struct BaseRequest<'a> {
 
 /// Walks the source and uploads its chunks. The manifest is returned, not
 /// stored: the caller stamps `completed_ns` from the record clock after the
-/// walk (so every record before it is covered) and stores it.
+/// walk (so every record before it is covered) and stores it, once
+/// [`unconfirmed_chunks`] finds every chunk it names confirmed stored.
 /// The caller activates `req.watch` before taking `start_seq` (so no move
 /// after the start goes unwatched) and deactivates it once the completion
 /// time is stamped.
@@ -900,8 +929,6 @@ pub fn safe_name(name: &[u8]) -> Option<&OsStr> {
     Some(OsStr::from_bytes(name))
 }
 
-pub type SharedChunks = Arc<Mutex<HashSet<[u8; 32]>>>;
-
 /// The previous base's objects by identity: what an incremental walk may
 /// reuse. Kept in memory by the daemon between bases.
 pub struct Previous {
@@ -1035,5 +1062,186 @@ mod reuse_tests {
                 "{what}"
             );
         }
+    }
+}
+
+/// The chunks one `rewind run` (one lineage) has confirmed to be in the
+/// store: a put of it succeeded, or `exists` found it, during this run.
+/// It is never persisted nor seeded from an earlier run or a listing, so a
+/// chunk an earlier run knew is checked again, not assumed; and nothing is
+/// recorded before the store has answered, so a failed put leaves no trace
+/// here. A base's manifest may be stored only when every chunk it names is
+/// in this set (see [`unconfirmed_chunks`]).
+#[derive(Debug, Default)]
+pub struct StoredChunks {
+    set: Mutex<HashSet<[u8; 32]>>,
+}
+
+impl StoredChunks {
+    pub fn contains(&self, hash: &[u8; 32]) -> bool {
+        self.set.lock().contains(hash)
+    }
+
+    /// Records that the store holds `hash`; call only after the store said so.
+    pub fn confirm(&self, hash: [u8; 32]) {
+        self.set.lock().insert(hash);
+    }
+
+    /// The chunks `m` names that this run has not confirmed stored.
+    pub fn unconfirmed(&self, m: &Manifest) -> Vec<[u8; 32]> {
+        unconfirmed_chunks(m, &self.set.lock())
+    }
+}
+
+/// The chunk hashes a manifest names that are not in `stored`, each once,
+/// in the manifest's order. Empty means the manifest may be stored: a
+/// manifest is the last object of a base to be written, and the restore
+/// window opens on it, so it must never name a chunk the store may lack.
+pub(crate) fn unconfirmed_chunks(m: &Manifest, stored: &HashSet<[u8; 32]>) -> Vec<[u8; 32]> {
+    let mut seen = HashSet::new();
+    m.objects
+        .iter()
+        .flat_map(|o| o.extents.iter())
+        .map(|e| e.hash)
+        .filter(|h| !stored.contains(h) && seen.insert(*h))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    fn file(ino: Ino, hashes: &[u8]) -> Object {
+        Object {
+            ino,
+            kind: Kind::File,
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            size: hashes.len() as u64 * CHUNK_SIZE,
+            mtime: 0,
+            rdev: 0,
+            target: Bytes::new(),
+            xattrs: Vec::new(),
+            extents: hashes
+                .iter()
+                .enumerate()
+                .map(|(i, &h)| Extent {
+                    offset: i as u64 * CHUNK_SIZE,
+                    len: CHUNK_SIZE as u32,
+                    hash: [h; 32],
+                })
+                .collect(),
+        }
+    }
+
+    fn manifest(files: &[&[u8]]) -> Manifest {
+        let mut objects = vec![Object {
+            kind: Kind::Dir,
+            ..file(1, &[])
+        }];
+        objects.extend(files.iter().enumerate().map(|(i, h)| file(i as Ino + 2, h)));
+        Manifest {
+            lineage: 1,
+            start_seq: 0,
+            started_ns: 0,
+            completed_ns: 1,
+            kind: BaseKind::Initial,
+            root: 1,
+            objects,
+            links: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_manifest_waits_for_every_chunk_it_names() {
+        // (chunks of each file, chunks confirmed stored, expected unconfirmed)
+        let cases: &[(&[&[u8]], &[u8], &[u8])] = &[
+            // Nothing but directories: nothing to wait for.
+            (&[], &[], &[]),
+            // Empty and sparse-only files name no chunk.
+            (&[&[]], &[], &[]),
+            (&[&[1, 2], &[3]], &[1, 2, 3], &[]),
+            // Confirmed chunks that no file names do not matter.
+            (&[&[1]], &[1, 9], &[]),
+            // The chunk whose put failed, between two that landed.
+            (&[&[1, 2, 3]], &[1, 3], &[2]),
+            // Nothing confirmed yet: all, each once, in manifest order.
+            (&[&[3, 1], &[1, 2], &[3]], &[], &[3, 1, 2]),
+            // A chunk shared by two files is reported once.
+            (&[&[4, 5], &[5, 4]], &[4], &[5]),
+        ];
+        for (files, stored, want) in cases {
+            let m = manifest(files);
+            let stored: HashSet<[u8; 32]> = stored.iter().map(|&h| [h; 32]).collect();
+            let want: Vec<[u8; 32]> = want.iter().map(|&h| [h; 32]).collect();
+            assert_eq!(
+                unconfirmed_chunks(&m, &stored),
+                want,
+                "files {files:?}, stored {stored:?}"
+            );
+        }
+    }
+
+    /// A walk whose chunk put fails, retried, stores every chunk before the
+    /// manifest could name it: the bug of issue 12 marked the failed chunk
+    /// known and the retry skipped it. Also a put that landed but whose
+    /// answer was lost.
+    #[test]
+    fn a_retried_walk_stores_the_chunk_whose_put_failed() {
+        use crate::store::faulty::{Fault, FaultyStore, Op};
+        use crate::store::file::FileStore;
+
+        for fault in [Fault::Unreachable, Fault::LandThenFail] {
+            let dir = tempfile::tempdir().unwrap();
+            let src = dir.path().join("src");
+            std::fs::create_dir(&src).unwrap();
+            for i in 0..4u8 {
+                std::fs::write(src.join(format!("f{i}")), vec![i; 1000 + i as usize]).unwrap();
+            }
+            let inner: Arc<dyn Store> =
+                Arc::new(FileStore::open(dir.path().join("store")).unwrap());
+            let store = FaultyStore::new(inner.clone());
+            let fd = rfs::open(&src, OFlags::RDONLY | OFlags::DIRECTORY, Mode::empty()).unwrap();
+            let watch = BaseWatch::default();
+            let known = StoredChunks::default();
+            let req = BaseRequest {
+                source: &fd,
+                store: &store,
+                lineage: 1,
+                start_seq: 0,
+                started_ns: 0,
+                kind: BaseKind::Initial,
+                watch: &watch,
+                unseen: &|_| Vec::new(),
+                known_chunks: &known,
+                previous: None,
+                touched: &|_| false,
+            };
+            store.fail_next(Op::Put, fault, 1);
+            assert!(walk(&req).is_err(), "{fault:?}: the first walk must fail");
+            let (m, _) = walk(&req).expect("the retried walk");
+            assert!(known.unconfirmed(&m).is_empty(), "{fault:?}");
+            let hashes: Vec<_> = m.objects.iter().flat_map(|o| &o.extents).collect();
+            assert_eq!(hashes.len(), 4);
+            for e in hashes {
+                let data = inner
+                    .get(&chunk_key(&e.hash))
+                    .expect("every named chunk is stored");
+                decode_chunk(&data, &e.hash).unwrap();
+            }
+        }
+    }
+
+    #[test]
+    fn only_confirmed_chunks_are_recorded() {
+        let s = StoredChunks::default();
+        let m = manifest(&[&[7, 8]]);
+        assert_eq!(s.unconfirmed(&m), vec![[7; 32], [8; 32]]);
+        s.confirm([7; 32]);
+        assert_eq!(s.unconfirmed(&m), vec![[8; 32]]);
+        assert!(s.contains(&[7; 32]) && !s.contains(&[8; 32]));
     }
 }

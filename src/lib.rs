@@ -10,6 +10,7 @@ pub mod fs;
 pub mod http;
 pub mod journal;
 pub mod metrics;
+pub(crate) mod outage;
 pub mod record;
 pub mod redo;
 pub mod restore;

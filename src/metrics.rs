@@ -39,6 +39,7 @@ pub struct Metrics {
     /// Journal bytes appended since the last base started: what a restore
     /// at latest would replay, give or take compression.
     journal_bytes_since_base: AtomicU64,
+    store_outage: AtomicBool,
     mount_live: AtomicBool,
     journal_writable: AtomicBool,
 }
@@ -120,6 +121,11 @@ impl Metrics {
     }
     pub fn set_journal_bytes_since_base(&self, bytes: u64) {
         self.journal_bytes_since_base.store(bytes, Relaxed);
+    }
+    /// A store outage is on (from its first failed request until the store
+    /// has taken what the journal held back; see `outage.rs`).
+    pub fn set_store_outage(&self, on: bool) {
+        self.store_outage.store(on, Relaxed);
     }
     /// The FUSE mount is serving requests.
     pub fn set_mount_live(&self, live: bool) {
@@ -292,6 +298,14 @@ impl Metrics {
         );
         sample(
             &mut out,
+            "rewind_store_outage",
+            "gauge",
+            "1 while the store fails requests, until it has taken what the journal held back.",
+            "",
+            flag(&self.store_outage),
+        );
+        sample(
+            &mut out,
             "rewind_mount_live",
             "gauge",
             "1 while the FUSE mount serves requests.",
@@ -366,10 +380,12 @@ mod tests {
         assert!(text.contains("\nrewind_last_base_files{how=\"reused\"} 98\n"));
         assert!(text.contains("\nrewind_last_base_read_bytes 8192\n"));
         assert!(text.contains("\nrewind_journal_bytes_since_base 777\n"));
+        assert!(text.contains("\nrewind_store_outage 0\n"));
         m.set_oldest_unshipped(None);
-        assert!(m
-            .render(t0)
-            .contains("\nrewind_replication_lag_seconds 0\n"));
+        m.set_store_outage(true);
+        let text = m.render(t0);
+        assert!(text.contains("\nrewind_replication_lag_seconds 0\n"));
+        assert!(text.contains("\nrewind_store_outage 1\n"));
     }
 
     #[test]

@@ -17,16 +17,19 @@ use parking_lot::Mutex;
 use rustix::fs::{Mode, OFlags};
 use serde::{Deserialize, Serialize};
 
-use crate::base::{self, BaseKind, BaseMeta, BaseRequest, BaseWatch, Previous, HIDDEN};
+use crate::base::{
+    self, BaseError, BaseKind, BaseMeta, BaseRequest, BaseWatch, Previous, StoredChunks, HIDDEN,
+};
 use crate::cli::RunArgs;
 use crate::clock::fmt_ns;
 use crate::fs::{fuse, Passthrough};
 use crate::journal::Journal;
 use crate::metrics::Metrics;
+use crate::outage::{self, StoreHealth, Watched};
 use crate::record::{Ino, Seq};
 use crate::restore::INCOMPLETE_MARKER;
 use crate::ship::{ShipStats, Shipper};
-use crate::store::{self, Prefixed, Store, StoreOptions};
+use crate::store::{self, Prefixed, Store, StoreError, StoreOptions};
 use crate::timeline::{LineageStart, Timeline};
 
 /// How long startup waits for the store before protecting without it.
@@ -109,7 +112,10 @@ struct Daemon {
     base_done: AtomicBool,
     base_completed_ns: std::sync::atomic::AtomicI64,
     base_failed: Mutex<Option<String>>,
-    known_chunks: Mutex<HashSet<[u8; 32]>>,
+    /// Chunks confirmed stored during this run (this lineage); see
+    /// `base::StoredChunks`.
+    known_chunks: StoredChunks,
+    health: Arc<StoreHealth>,
     /// `journal.written_bytes()` when the last completed base started.
     written_at_base: AtomicU64,
 }
@@ -128,7 +134,41 @@ struct Incremental {
     reload: Option<Seq>,
 }
 
+/// The longest pause between two attempts of a base, so that a base
+/// resumes soon after the store returns.
+const BASE_RETRY_MAX: Duration = Duration::from_secs(10);
+
 impl Daemon {
+    /// Makes sure every chunk `m` names is confirmed stored in this run
+    /// before its manifest may be stored. The walk confirms each chunk it
+    /// captures, so this finds nothing unless a capture path skipped the
+    /// store; then it asks the store, and a chunk it lacks fails the
+    /// attempt (the base is walked again) instead of a manifest naming it.
+    fn confirm_chunks(&self, m: &base::Manifest) -> Result<(), BaseError> {
+        let missing = self.known_chunks.unconfirmed(m);
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let mut absent = 0;
+        for h in &missing {
+            if self.store.exists(&base::chunk_key(h))? {
+                self.known_chunks.confirm(*h);
+            } else {
+                absent += 1;
+            }
+        }
+        if absent == 0 {
+            tracing::warn!(
+                chunks = missing.len(),
+                "the base named chunks it had not confirmed; the store holds them all"
+            );
+            return Ok(());
+        }
+        Err(BaseError::Inconsistent(format!(
+            "the base names {absent} chunks the store does not hold; its manifest is held back and the base is taken again"
+        )))
+    }
+
     fn take_base(
         &self,
         lineage: u64,
@@ -159,7 +199,9 @@ impl Daemon {
             }
         }
         let mut delay = Duration::from_secs(1);
+        let mut attempt = 0u32;
         loop {
+            attempt += 1;
             self.watch.activate();
             // Taken before start_seq is read; see `fs::touched` for why no
             // change racing the take is lost.
@@ -167,7 +209,14 @@ impl Daemon {
             let start_seq = self.journal.last_seq();
             let started_ns = self.journal.now();
             let written = self.journal.written_bytes();
-            tracing::info!(?kind, start_seq, why, "taking a base snapshot");
+            if attempt == 1 {
+                tracing::info!(?kind, start_seq, why, "taking a base snapshot");
+            } else if self.health.is_down() {
+                // Retries during an outage are the outage's business.
+                tracing::debug!(?kind, start_seq, attempt, "taking a base snapshot again");
+            } else {
+                tracing::info!(?kind, start_seq, attempt, "taking a base snapshot again");
+            }
             self.metrics.set_base_in_progress(true);
             let t0 = Instant::now();
             let (pending, core) = (&inc.pending, &self.core);
@@ -185,7 +234,11 @@ impl Daemon {
                 previous: inc.previous.as_ref(),
                 touched: &touched,
             };
-            match base::walk(&req) {
+            let walked = base::walk(&req).and_then(|(m, stats)| {
+                self.confirm_chunks(&m)?;
+                Ok((m, stats))
+            });
+            match walked {
                 Ok((mut m, stats)) => {
                     // Every operation the walk may have seen is journaled
                     // before the completion time is taken.
@@ -193,6 +246,9 @@ impl Daemon {
                         self.watch.deactivate();
                         self.journal.now()
                     });
+                    // The manifest is the last object of a base, and the
+                    // restore window opens on it: it is queued only now
+                    // that every chunk it names is confirmed stored.
                     // The manifest reaches the store only after the records
                     // up to its start_seq: a start resumes shipping after the
                     // highest stored start_seq, so a manifest that overtook
@@ -245,9 +301,17 @@ impl Daemon {
                     if self.stop.load(Ordering::Relaxed) {
                         bail!("base snapshot interrupted by shutdown: {e}");
                     }
-                    tracing::warn!("base snapshot failed, retrying in {delay:?}: {e}");
+                    if matches!(&e, BaseError::Store(se) if se.is_transient())
+                        && self.health.is_down()
+                    {
+                        // The outage line says it; a line per retry would
+                        // bury it.
+                        tracing::debug!("base snapshot failed, retrying in {delay:?}: {e}");
+                    } else {
+                        tracing::warn!("base snapshot failed, retrying in {delay:?}: {e}");
+                    }
                     self.sleep_unless_stopped(delay);
-                    delay = (delay * 2).min(Duration::from_secs(30));
+                    delay = (delay * 2).min(BASE_RETRY_MAX);
                 }
             }
         }
@@ -439,15 +503,15 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         let url = args.store.store.clone();
         let volume = args.store.volume.clone();
         std::thread::spawn(move || {
-            let res = (|| -> anyhow::Result<(Arc<dyn Store>, Option<Timeline>)> {
+            type Opened = (Arc<dyn Store>, Option<Timeline>, Option<StoreError>);
+            let res = (|| -> anyhow::Result<Opened> {
                 let root = store::open(&url, &opts)?;
                 let store: Arc<dyn Store> = Arc::new(Prefixed::new(root, &volume));
-                let timeline = match Timeline::load(store.as_ref()) {
-                    Ok(t) => Some(t),
-                    Err(e) if e.is_transient() => {
-                        tracing::warn!("store unreachable at start ({e}); protecting anyway, the journal holds changes until it returns");
-                        None
-                    }
+                // An unreachable store is reported as the start of an
+                // outage, once the outage tracker exists (below).
+                let (timeline, down) = match Timeline::load(store.as_ref()) {
+                    Ok(t) => (Some(t), None),
+                    Err(e) if e.is_transient() => (None, Some(e)),
                     Err(e) => return Err(e).context("cannot use the store"),
                 };
                 // A daemon killed mid-upload cannot abort its own multipart
@@ -463,12 +527,12 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
                         }
                     }
                 }
-                Ok((store, timeline))
+                Ok((store, timeline, down))
             })();
             let _ = tx.send(res);
         });
     }
-    let (store, timeline) = match rx.recv_timeout(STORE_STARTUP_WAIT) {
+    let (store, timeline, down_at_start) = match rx.recv_timeout(STORE_STARTUP_WAIT) {
         Ok(r) => r?,
         Err(_) => {
             tracing::warn!("the store did not answer within {STORE_STARTUP_WAIT:?}; protecting anyway, the journal holds changes until it returns");
@@ -476,6 +540,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
                 .context("cannot open the store")?;
             (
                 Arc::new(Prefixed::new(root, &args.store.volume)) as Arc<dyn Store>,
+                None,
                 None,
             )
         }
@@ -592,6 +657,14 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         Mode::empty(),
     )
     .with_context(|| format!("cannot open {}", source.display()))?;
+    // Everything the daemon stores from now on goes through the outage
+    // tracker, which tells the operator when an outage begins and ends.
+    let health = Arc::new(StoreHealth::new(store.describe()));
+    let store: Arc<dyn Store> = Arc::new(Watched::new(store, health.clone()));
+    if let Some(e) = &down_at_start {
+        // Protection goes on without the store: the journal holds changes.
+        health.failed(e);
+    }
     let shipper = Arc::new(
         Shipper::new(store.clone(), journal.clone(), stored, lineage).with_source(source_for_sync),
     );
@@ -655,7 +728,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         base_done: AtomicBool::new(base_kind.is_none()),
         base_completed_ns: std::sync::atomic::AtomicI64::new(0),
         base_failed: Mutex::new(None),
-        known_chunks: Mutex::new(HashSet::new()),
+        known_chunks: StoredChunks::default(),
+        health,
         written_at_base: AtomicU64::new(0),
     });
     // The newest base already stored for this lineage schedules the first
@@ -912,7 +986,13 @@ fn monitor(d: &Daemon, mut earliest: Option<crate::clock::Nanos>) {
         errors = e;
         let stored_seq = s.stored_seq.load(Ordering::Relaxed);
         let stored_ns = s.stored_ns.load(Ordering::Relaxed);
-        if d.journal.last_seq() > stored_seq {
+        let last_seq = d.journal.last_seq();
+        d.health.tick(outage::Progress {
+            stored_seq,
+            last_seq,
+            waiting_bytes: d.shipper.waiting_bytes(),
+        });
+        if last_seq > stored_seq {
             let since = *unshipped_since.get_or_insert_with(crate::clock::wall_now);
             m.set_oldest_unshipped(Some(ns_time(since.max(stored_ns))));
         } else {
@@ -930,7 +1010,9 @@ fn monitor(d: &Daemon, mut earliest: Option<crate::clock::Nanos>) {
         }
         m.set_journal_writable(!d.journal.writers_waiting() && !d.journal.has_failed());
         m.set_journal_bytes_since_base(w.saturating_sub(d.written_at_base.load(Ordering::Relaxed)));
-        if last_log.elapsed() >= Duration::from_secs(60) {
+        m.set_store_outage(d.health.is_down());
+        // During an outage its own reminders say how far behind shipping is.
+        if last_log.elapsed() >= Duration::from_secs(60) && !d.health.is_down() {
             last_log = Instant::now();
             tracing::info!(
                 segments = segs,

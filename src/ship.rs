@@ -39,7 +39,6 @@ pub struct ShipStats {
     pub stored_ns: AtomicI64,
     /// Nanoseconds from the oldest record of the last segment to its upload.
     pub lag_ns: AtomicI64,
-    pub store_down: AtomicBool,
 }
 
 pub struct Shipper {
@@ -48,6 +47,9 @@ pub struct Shipper {
     /// Where shipping is in the journal, and the segment being built (kept
     /// between rounds for its buffer): one lock, as they move together.
     cursor: Mutex<Cursor>,
+    /// Where in the journal the last stored segment ended (the reader's
+    /// position after its records), to tell how much waits to ship.
+    stored_pos: Mutex<Option<(Seq, u64)>>,
     control: Mutex<VecDeque<(String, Bytes)>>,
     pub stats: Arc<ShipStats>,
     last_put: Mutex<Instant>,
@@ -80,6 +82,7 @@ impl Shipper {
                 reader: JournalReader::new(stored + 1),
                 builder: segment::Builder::default(),
             }),
+            stored_pos: Mutex::new(None),
             control: Mutex::new(VecDeque::new()),
             stats,
             last_put: Mutex::new(Instant::now()),
@@ -126,21 +129,16 @@ impl Shipper {
         let mut delay = Duration::from_millis(100);
         loop {
             match self.store.put(key, data.clone()) {
-                Ok(()) => {
-                    if self.stats.store_down.swap(false, Ordering::Relaxed) {
-                        tracing::info!("store reachable again; catching up");
-                    }
-                    return Ok(());
-                }
+                Ok(()) => return Ok(()),
                 Err(e) => {
+                    // Not logged here: the store the daemon gives the
+                    // shipper reports to its outage tracker (outage.rs),
+                    // which tells the operator once per outage, not once
+                    // per retry.
+                    tracing::debug!("cannot upload {key}, retrying in {delay:?}: {e}");
                     self.stats.errors.fetch_add(1, Ordering::Relaxed);
                     if !e.is_transient() && !matches!(e, StoreError::Denied { .. }) {
                         return Err(e);
-                    }
-                    if !self.stats.store_down.swap(true, Ordering::Relaxed) {
-                        tracing::warn!(
-                            "cannot upload {key}: {e}; retrying, writes stay in the journal"
-                        );
                     }
                     if deadline.is_some_and(|d| Instant::now() + delay > d)
                         || (deadline.is_none() && self.abort.load(Ordering::Acquire))
@@ -193,6 +191,7 @@ impl Shipper {
                 break;
             }
             let (meta, data) = builder.finish(lineage);
+            let pos = reader.position();
             drop(cursor);
             let len = data.len() as u64;
             if let Err(e) = self.put_retrying(&meta.key(), &data, deadline) {
@@ -211,6 +210,7 @@ impl Shipper {
                 .lag_ns
                 .store(now - meta.first_ns, Ordering::Relaxed);
             *self.last_put.lock() = Instant::now();
+            *self.stored_pos.lock() = pos;
             self.release(meta.last_seq);
             shipped = true;
         }
@@ -281,6 +281,15 @@ impl Shipper {
 
     pub fn pending_control(&self) -> usize {
         self.control.lock().len()
+    }
+
+    /// Journal bytes not yet in the store.
+    pub fn waiting_bytes(&self) -> u64 {
+        crate::journal::bytes_after(
+            &self.journal.files(),
+            *self.stored_pos.lock(),
+            self.stats.stored_seq.load(Ordering::Relaxed),
+        )
     }
 }
 

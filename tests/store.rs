@@ -250,6 +250,15 @@ mod s3_configuration {
             msg.contains(&format!("127.0.0.1:{port}")) && msg.contains("check the endpoint"),
             "{msg}"
         );
+        // One line an operator can read: the cause, not the SDK's nested
+        // debug rendering of its error chain.
+        assert!(
+            msg.contains("connection refused (dispatch failure) HeadBucket")
+                && !msg.contains("DispatchFailure")
+                && !msg.contains('\n')
+                && msg.len() < 300,
+            "{msg}"
+        );
 
         // `run` opens with tolerance: it starts, and uploads report the outage.
         cfg.tolerate_unreachable = true;

@@ -799,6 +799,12 @@ impl JournalReader {
         self.next_seq
     }
 
+    /// Where the reader stands: the file (by its first sequence number)
+    /// and the offset just past the last record read, once it read any.
+    pub fn position(&self) -> Option<(Seq, u64)> {
+        self.pos
+    }
+
     /// Reads records with seq >= the cursor, about `max_payload` bytes of
     /// encoded records at most (at least one record if any is available),
     /// stopping at a change of lineage. Returns the lineage and records.
@@ -915,6 +921,23 @@ impl JournalReader {
     }
 }
 
+/// Bytes of journal frames in `files` that a reader standing at `pos` (see
+/// [`JournalReader::position`]) has not read yet: what is still waiting to
+/// ship when `pos` is where the last stored segment ended. Without a
+/// position, every file holding a record after `seq` counts whole.
+pub fn bytes_after(files: &[JournalFile], pos: Option<(Seq, u64)>, seq: Seq) -> u64 {
+    let header = file::HEADER_LEN as u64;
+    files
+        .iter()
+        .map(|f| match pos {
+            Some((first, _)) if f.first_seq < first => 0,
+            Some((first, off)) if f.first_seq == first => f.end.saturating_sub(off.max(header)),
+            None if f.last_seq <= seq => 0,
+            _ => f.end.saturating_sub(header),
+        })
+        .sum()
+}
+
 /// The encoded header of a journal file (for golden tests and tools).
 pub fn file_header(lineage: u64, first_seq: Seq, created_ns: Nanos) -> [u8; 64] {
     file::encode_header(&file::Header {
@@ -922,4 +945,41 @@ pub fn file_header(lineage: u64, first_seq: Seq, created_ns: Nanos) -> [u8; 64] 
         first_seq,
         created_ns,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bytes_waiting_after_a_position() {
+        let null = Arc::new(File::open("/dev/null").unwrap());
+        let f = |first_seq: Seq, last_seq: Seq, end: u64| JournalFile {
+            path: PathBuf::from(format!("{first_seq:020}.rwj")),
+            file: null.clone(),
+            first_seq,
+            end,
+            last_seq,
+            lineage: 1,
+            cap: 1 << 26,
+        };
+        // Three files: records 1-10 (1000 bytes of frames), 11-20 (500), 21-20 (empty).
+        let files = [f(1, 10, 1064), f(11, 20, 564), f(21, 20, 64)];
+        let cases: &[(Option<(Seq, u64)>, Seq, u64)] = &[
+            // Read up to the middle of the first file.
+            (Some((1, 564)), 0, 500 + 500),
+            // Up to the end of the first file.
+            (Some((1, 1064)), 0, 500),
+            // Into the second one: the first counts no more.
+            (Some((11, 164)), 0, 400),
+            (Some((11, 564)), 0, 0),
+            // No position: whole files holding records after seq.
+            (None, 0, 1500),
+            (None, 10, 500),
+            (None, 20, 0),
+        ];
+        for &(pos, seq, want) in cases {
+            assert_eq!(bytes_after(&files, pos, seq), want, "pos {pos:?} seq {seq}");
+        }
+    }
 }

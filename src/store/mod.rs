@@ -24,7 +24,7 @@ pub mod s3;
 pub enum StoreError {
     #[error("object {key} not found in {store}")]
     NotFound { store: String, key: String },
-    #[error("store {store} is unreachable: {detail} (check the endpoint and network; writes stay in the local journal meanwhile)")]
+    #[error("store {store} is unreachable: {detail} (check the endpoint and network)")]
     Unreachable { store: String, detail: String },
     #[error("store {store} refused access: {detail} (check credentials and permissions)")]
     Denied { store: String, detail: String },

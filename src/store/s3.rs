@@ -206,21 +206,34 @@ pub fn classify(status: Option<u16>, code: Option<&str>) -> Class {
     }
 }
 
-/// One failed attempt (or the last of several): its class and a message.
+/// One failed attempt (or the last of several): its class, the request
+/// (`op`, an S3 operation name) and a one-line cause.
 #[derive(Debug, Clone)]
 struct Failure {
     class: Class,
     status: Option<u16>,
-    detail: String,
+    op: String,
+    /// One line, e.g. "connection refused (dispatch failure)" or
+    /// "HTTP 503 SlowDown: Please reduce your request rate".
+    cause: String,
+    /// Set by `retry` when it stops retrying a transient failure.
+    attempts: Option<u32>,
 }
 
 impl Failure {
-    fn new(class: Class, detail: impl Into<String>) -> Failure {
+    fn new(class: Class, op: &str, cause: impl Into<String>) -> Failure {
         Failure {
             class,
             status: None,
-            detail: detail.into(),
+            op: op.to_string(),
+            cause: cause.into(),
+            attempts: None,
         }
+    }
+
+    /// "Op: cause", for the messages that quote the server's answer.
+    fn detail(&self) -> String {
+        format!("{}: {}", self.op, self.cause)
     }
 
     fn from_sdk<E>(op: &str, err: SdkError<E>) -> Failure
@@ -262,16 +275,73 @@ impl Failure {
             _ => Class::Transient,
         };
         let status = err.raw_response().map(|r| r.status().as_u16());
-        let detail = match (status, err.code()) {
-            (Some(s), Some(c)) => format!("{op}: HTTP {s} {c}: {}", err.message().unwrap_or("")),
-            (Some(s), None) => format!("{op}: HTTP {s}"),
-            _ => format!("{op}: {text}"),
+        let cause = match (status, err.code()) {
+            (Some(s), Some(c)) => format!("HTTP {s} {c}: {}", err.message().unwrap_or("")),
+            (Some(s), None) => format!("HTTP {s}"),
+            _ => one_line_cause(&err),
         };
         Failure {
             class,
             status,
-            detail,
+            op: op.to_string(),
+            cause,
+            attempts: None,
         }
+    }
+}
+
+/// Longest cause quoted in a message; the SDK's own rendering of an error
+/// chain runs to several hundred characters of nested debug output.
+const MAX_CAUSE: usize = 160;
+
+/// Renders an SDK failure that carries no HTTP answer as one short line:
+/// the innermost cause (for an I/O error, its kind: "connection refused",
+/// "connection reset") and the SDK's category, e.g. "connection refused
+/// (dispatch failure)".
+fn one_line_cause<E>(err: &SdkError<E>) -> String
+where
+    E: std::error::Error + 'static,
+{
+    let category = match err {
+        SdkError::DispatchFailure(d) if d.is_timeout() => "timeout",
+        SdkError::DispatchFailure(_) => "dispatch failure",
+        SdkError::TimeoutError(_) => "timeout",
+        SdkError::ResponseError(_) => "unreadable response",
+        SdkError::ConstructionFailure(_) => "request not built",
+        _ => "error",
+    };
+    let mut cause: Option<String> = None;
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = next {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            // The kind reads best ("connection refused"), unless it is the
+            // catch-all one, whose message says more.
+            cause = Some(match io.kind() {
+                std::io::ErrorKind::Other => io.to_string(),
+                k => k.to_string(),
+            });
+            break;
+        }
+        let text = e.to_string();
+        if !text.is_empty() {
+            cause = Some(text);
+        }
+        next = e.source();
+    }
+    let cause = cause.unwrap_or_else(|| category.to_string());
+    let mut line = cause.lines().next().unwrap_or("").trim().to_string();
+    if line.len() > MAX_CAUSE {
+        let mut cut = MAX_CAUSE;
+        while !line.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        line.truncate(cut);
+        line.push('…');
+    }
+    if line == category {
+        line
+    } else {
+        format!("{line} ({category})")
     }
 }
 
@@ -325,10 +395,12 @@ impl S3Store {
         match store.rt.block_on(store.inner.check()) {
             Ok(()) => Ok(store),
             Err(f) if f.class == Class::Transient && store.inner.cfg.tolerate_unreachable => {
-                tracing::warn!(
+                // Debug only: the caller that tolerates it (`rewind run`)
+                // reports the outage when its own first request fails.
+                tracing::debug!(
                     store = %store.describe(),
                     "store unreachable at start ({}); continuing, uploads will retry",
-                    f.detail
+                    store.inner.one_line(&f, "")
                 );
                 Ok(store)
             }
@@ -410,6 +482,23 @@ impl Inner {
         self.cfg.attempt_timeout + Duration::from_secs(len as u64 / self.cfg.min_throughput.max(1))
     }
 
+    /// A failure in one line: cause, request, object and endpoint, e.g.
+    /// "connection refused (dispatch failure) PutObject p/vol/chunk/ab12 at
+    /// http://10.0.0.5:9000 (gave up after 6 attempts)".
+    fn one_line(&self, f: &Failure, key: &str) -> String {
+        let mut s = format!("{} {}", f.cause, f.op);
+        if !key.is_empty() {
+            s.push(' ');
+            s.push_str(&self.full_key(key));
+        }
+        s.push_str(" at ");
+        s.push_str(&self.endpoint_name);
+        if let Some(n) = f.attempts {
+            s.push_str(&format!(" (gave up after {n} attempts)"));
+        }
+        s
+    }
+
     /// Turns a final failure into the error callers see, with the fix.
     fn error(&self, f: Failure, key: &str, at_open: bool) -> StoreError {
         let store = self.describe();
@@ -419,7 +508,7 @@ impl Inner {
                 store,
                 detail: format!(
                     "bucket {bucket} does not exist at {} (create it, or fix the bucket in --store) [{}]",
-                    self.endpoint_name, f.detail
+                    self.endpoint_name, f.detail()
                 ),
             },
             Class::NotFound => StoreError::NotFound { store, key: key.to_string() },
@@ -427,7 +516,7 @@ impl Inner {
                 store,
                 detail: format!(
                     "bucket {bucket} does not exist at {} (create it, or fix the bucket in --store) [{}]",
-                    self.endpoint_name, f.detail
+                    self.endpoint_name, f.detail()
                 ),
             },
             Class::Denied => StoreError::Denied {
@@ -436,7 +525,7 @@ impl Inner {
                     "{} (check credentials: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or \
                      the pod's web identity; and that the IAM policy grants what docs/S3.md lists on \
                      bucket {bucket})",
-                    f.detail
+                    self.one_line(&f, key)
                 ),
             },
             Class::WrongRegion => StoreError::Config {
@@ -444,7 +533,7 @@ impl Inner {
                 detail: format!(
                     "bucket {bucket} is in another region than the client uses (set AWS_REGION to \
                      the bucket's region) [{}]",
-                    f.detail
+                    f.detail()
                 ),
             },
             Class::NoCredentials if at_open => StoreError::Config {
@@ -452,7 +541,7 @@ impl Inner {
                 detail: format!(
                     "no AWS credentials found (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, \
                      AWS_PROFILE, or AWS_ROLE_ARN with AWS_WEB_IDENTITY_TOKEN_FILE) [{}]",
-                    f.detail
+                    f.detail()
                 ),
             },
             Class::Rejected => StoreError::Config {
@@ -460,13 +549,13 @@ impl Inner {
                 detail: format!(
                     "the server rejected the request: {} (is {} an S3-compatible endpoint? does it \
                      need --s3-path-style?)",
-                    f.detail, self.endpoint_name
+                    f.detail(), self.endpoint_name
                 ),
             },
             Class::Transient | Class::NoCredentials | Class::Changed | Class::NoUpload => {
                 StoreError::Unreachable {
                     store,
-                    detail: format!("{} at endpoint {}", f.detail, self.endpoint_name),
+                    detail: self.one_line(&f, key),
                 }
             }
         }
@@ -493,7 +582,8 @@ impl Inner {
                     Ok(r) => r,
                     Err(_) => Err(Failure::new(
                         Class::Transient,
-                        format!("{what}: no answer within {deadline:?}"),
+                        what,
+                        format!("no answer within {deadline:?}"),
                     )),
                 }
             };
@@ -502,13 +592,16 @@ impl Inner {
                 Err(f) if f.class == Class::Transient => {
                     failed += 1;
                     if failed >= self.cfg.retry.max_attempts {
-                        return Err(Failure::new(
-                            Class::Transient,
-                            format!("{} (gave up after {failed} attempts)", f.detail),
-                        ));
+                        return Err(Failure {
+                            attempts: Some(failed),
+                            ..f
+                        });
                     }
                     let pause = self.cfg.retry.delay(failed, rand::random::<f64>());
-                    tracing::warn!(store = %self.describe(), "{}; retrying in {pause:?}", f.detail);
+                    // The caller reports what still fails after the last
+                    // attempt (the daemon: once per outage); each attempt
+                    // is only worth a debug line.
+                    tracing::debug!(store = %self.describe(), "{}: {}; retrying in {pause:?}", f.op, f.cause);
                     tokio::time::sleep(pause).await;
                 }
                 Err(f) => return Err(f),
@@ -578,7 +671,8 @@ impl Inner {
         let Some(upload_id) = created.upload_id().map(str::to_string) else {
             return Err(Failure::new(
                 Class::Rejected,
-                "CreateMultipartUpload: no upload id in the answer",
+                "CreateMultipartUpload",
+                "no upload id in the answer",
             ));
         };
 
@@ -603,7 +697,8 @@ impl Inner {
                 Err(e) => {
                     failure.get_or_insert(Failure::new(
                         Class::Transient,
-                        format!("UploadPart task: {e}"),
+                        "UploadPart",
+                        format!("task failed: {e}"),
                     ));
                     tasks.abort_all();
                 }
@@ -713,12 +808,12 @@ impl Inner {
             })
             .await;
         if let Err(f) = res {
-            tracing::error!(
-                store = %self.describe(),
-                key = full,
-                "could not abort multipart upload {upload_id}: {}; it stays open until the next start \
-                 or a bucket lifecycle rule removes it",
-                f.detail
+            // Warned, not an error: nothing is lost, and the daemon aborts
+            // such uploads again at start and after a clean stop.
+            tracing::warn!(
+                "could not abort multipart upload {upload_id} of {full}: {}; it stays open until \
+                 the next start or a bucket lifecycle rule removes it",
+                f.cause
             );
         }
     }
@@ -773,13 +868,20 @@ impl Inner {
                 .body
                 .collect()
                 .await
-                .map_err(|e| Failure::new(Class::Transient, format!("GetObject body: {e}")))?
+                .map_err(|e| {
+                    Failure::new(
+                        Class::Transient,
+                        "GetObject",
+                        format!("body cut short: {e}"),
+                    )
+                })?
                 .into_bytes();
             if let Some(n) = expect {
                 if body.len() as i64 != n {
                     return Err(Failure::new(
                         Class::Transient,
-                        format!("GetObject body: got {} of {n} bytes", body.len()),
+                        "GetObject",
+                        format!("body: got {} of {n} bytes", body.len()),
                     ));
                 }
             }
@@ -835,10 +937,8 @@ impl Inner {
                     Ok((a, _, Ok((bytes, _, _)))) => {
                         failure.get_or_insert(Failure::new(
                             Class::Transient,
-                            format!(
-                                "GetObject range at {a}: short body of {} bytes",
-                                bytes.len()
-                            ),
+                            "GetObject",
+                            format!("range at {a}: short body of {} bytes", bytes.len()),
                         ));
                         tasks.abort_all();
                     }
@@ -850,7 +950,8 @@ impl Inner {
                     Err(e) => {
                         failure.get_or_insert(Failure::new(
                             Class::Transient,
-                            format!("GetObject task: {e}"),
+                            "GetObject",
+                            format!("task failed: {e}"),
                         ));
                         tasks.abort_all();
                     }

@@ -13,7 +13,8 @@ Used three ways:
 moto keeps its state in memory, so an outage is simulated without killing
 it: ``Gate`` is a loopback TCP relay whose listener can be closed
 (connections refused and cut, as if the server were down) and reopened on
-the same port; ``S3Server.freeze()`` stops the process (SIGSTOP: requests
+the same port, and whose `admit` hook lets a subclass close it at a chosen
+request; ``S3Server.freeze()`` stops the process (SIGSTOP: requests
 hang until timeouts fire) and ``thaw()`` resumes it.
 
 moto accepts any credentials until ``enable_auth()``; after it, every
@@ -278,8 +279,15 @@ class Gate:
                 self.conns.update((client, upstream))
             threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
 
+    def admit(self, conn: dict, data: bytes) -> bool:
+        """Sees every piece of bytes a client sends (`conn`: a dict kept per
+        connection) before it is relayed; False cuts the connection instead.
+        Subclasses use it to begin an outage at a given request."""
+        return True
+
     def _pump(self, a, b):
         socks = [a, b]
+        conn = {}
         try:
             while True:
                 ready, _, _ = select.select(socks, [], [], 60)
@@ -288,6 +296,8 @@ class Gate:
                 for s in ready:
                     data = s.recv(65536)
                     if not data:
+                        return
+                    if s is a and not self.admit(conn, data):
                         return
                     (b if s is a else a).sendall(data)
         except (OSError, ValueError):
