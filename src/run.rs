@@ -131,7 +131,21 @@ impl Daemon {
                 unseen: &|seen| self.core.unseen_handles(seen),
                 known_chunks: &self.known_chunks,
             };
-            match base::walk(&req) {
+            // The in-flight marker keeps prune from sweeping the chunks
+            // this base uploads or reuses (crate::prune's module docs).
+            let announced = crate::prune::announce_base(
+                self.store.as_ref(),
+                lineage,
+                start_seq,
+                started_ns,
+                &|| self.stop.load(Ordering::Relaxed),
+            );
+            let walked = match announced {
+                Ok(true) => base::walk(&req),
+                Ok(false) => Err(base::BaseError::Inconsistent("shutdown while waiting for a prune".into())),
+                Err(e) => Err(e.into()),
+            };
+            match walked {
                 Ok((mut m, stats)) => {
                     // Every operation the walk may have seen is journaled
                     // before the completion time is taken.
