@@ -57,7 +57,7 @@ const CHUNK_LIST_VERSION: u16 = 1;
 pub enum PruneError {
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("another prune holds volume's lock: {0}. Try again later")]
+    #[error("another prune holds this volume's lock: {0}. Try again later")]
     Held(String),
     #[error("{0}")]
     Base(#[from] BaseError),
