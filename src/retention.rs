@@ -862,6 +862,45 @@ mod tests {
         }
     }
 
+    /// A year of history at the default policy, as one prune every hour
+    /// would leave it plus the last day unpruned: a day of one-second
+    /// segments, hourly bases. Planning must stay fast (no quadratic walk
+    /// over segments per base).
+    #[test]
+    fn a_year_of_history_plans_quickly() {
+        let mut keys = Vec::new();
+        let mut seq = 0;
+        // Older tiers: one base a day for a year, one an hour for 37 days.
+        for d in (2..=365).rev() {
+            keys.push(base(A, seq, NOW - d * D, BaseKind::Periodic));
+            seq += 10;
+        }
+        for h in (25..=37 * 24).rev() {
+            keys.push(base(A, seq, NOW - h * H, BaseKind::Periodic));
+            seq += 10;
+        }
+        // The last day: a segment a second, a base an hour.
+        for s in 0..86_400 {
+            let ns = NOW - D + s * S;
+            if s % 3600 == 0 {
+                keys.push(base(A, seq, ns, BaseKind::Periodic));
+            }
+            keys.push(seg(A, seq + 1, seq + 1, ns + 1, ns + 1));
+            seq += 1;
+        }
+        let t0 = std::time::Instant::now();
+        let t = Timeline::from_keys(keys);
+        let plan = plan_prune(&t, &Policy::default(), NOW);
+        let pruned_views = t.views();
+        let took = t0.elapsed();
+        assert_eq!(pruned_views.len(), 1);
+        assert!(plan.points.len() > 1000, "{}", plan.points.len());
+        // Generous, so that a debug build on a busy machine passes; a walk
+        // over every segment per base takes minutes.
+        assert!(took < std::time::Duration::from_secs(30), "planning took {took:?}");
+        eprintln!("a year of history: {} points planned in {took:?}", plan.points.len());
+    }
+
     #[test]
     fn between_points_is_refused_and_or_earlier_takes_the_earlier() {
         let keys = lineage(A, NOW - 3 * H, NOW - MIN, MIN, 10);

@@ -242,6 +242,10 @@ pub struct Timeline {
     pub markers: Vec<String>,
     /// Keys under the volume that no format claims.
     pub unknown: Vec<String>,
+    /// For each segment, the highest last_seq of its lineage's segments up
+    /// to it: lets `tail` skip to a base's first record in O(log n). Built
+    /// by `from_keys`; the segments must not change after it.
+    seg_max_last: Vec<Seq>,
 }
 
 /// A restorable instant that is not inside a continuous window: a base
@@ -410,7 +414,22 @@ impl Timeline {
         t.bases.sort_by_key(|b| b.completed_ns);
         t.heartbeats.sort_by_key(|h| h.ns);
         t.condemned.sort_by_key(|c| c.ns());
+        let mut prev: Option<(u64, Seq)> = None;
+        for s in &t.segments {
+            let m = match prev {
+                Some((l, m)) if l == s.lineage => m.max(s.last_seq),
+                _ => s.last_seq,
+            };
+            t.seg_max_last.push(m);
+            prev = Some((s.lineage, m));
+        }
         t
+    }
+
+    /// The index range of one lineage's segments in `segments`.
+    fn lineage_range(&self, l: u64) -> std::ops::Range<usize> {
+        self.segments.partition_point(|s| s.lineage < l)
+            ..self.segments.partition_point(|s| s.lineage <= l)
     }
 
     /// The replay records of `base` up to `at_ns`: the stored segments a
@@ -423,7 +442,14 @@ impl Timeline {
     ) -> Result<Vec<&SegmentMeta>, MissingRecords> {
         let mut out = Vec::new();
         let mut next = base.start_seq + 1;
-        for s in self.segments.iter().filter(|s| s.lineage == base.lineage) {
+        let r = self.lineage_range(base.lineage);
+        // Every segment before `from` ends at or before the base's start.
+        let from = if self.seg_max_last.len() == self.segments.len() {
+            r.start + self.seg_max_last[r.clone()].partition_point(|&m| m < next)
+        } else {
+            r.start
+        };
+        for s in &self.segments[from..r.end] {
             if s.last_seq < next {
                 continue;
             }
@@ -442,38 +468,43 @@ impl Timeline {
         Ok(out)
     }
 
-    /// How far the records run without a break after `base`: the last
-    /// instant whose state the store knows, and the last sequence number.
-    fn reach(&self, base: &BaseMeta) -> (Nanos, Seq) {
-        let mut next = base.start_seq + 1;
-        let mut last_ns = base.completed_ns;
-        for s in self.segments.iter().filter(|s| s.lineage == base.lineage) {
-            if s.last_seq < next {
-                continue;
-            }
-            if s.first_seq > next {
-                break;
-            }
-            next = s.last_seq + 1;
-            last_ns = last_ns.max(s.last_ns);
-        }
-        let last_seq = next - 1;
-        for h in self
-            .heartbeats
-            .iter()
-            .filter(|h| h.lineage == base.lineage && h.seq == last_seq)
-        {
-            last_ns = last_ns.max(h.ns);
-        }
-        (last_ns, last_seq)
-    }
-
     /// Each lineage with a base: its window and its isolated points.
     pub(crate) fn views(&self) -> Vec<LineageView> {
+        let mut hb_at: std::collections::HashMap<(u64, Seq), Nanos> = Default::default();
+        for h in &self.heartbeats {
+            let e = hb_at.entry((h.lineage, h.seq)).or_insert(h.ns);
+            *e = (*e).max(h.ns);
+        }
         let mut out = Vec::new();
         for l in self.lineage_ids() {
             let bases: Vec<&BaseMeta> = self.bases.iter().filter(|b| b.lineage == l).collect();
-            let reaches: Vec<(Nanos, Seq)> = bases.iter().map(|b| self.reach(b)).collect();
+            // Runs of segments without a break in sequence numbers:
+            // (first_seq, last_seq, last_ns).
+            let mut runs: Vec<(Seq, Seq, Nanos)> = Vec::new();
+            for s in &self.segments[self.lineage_range(l)] {
+                match runs.last_mut() {
+                    Some(r) if s.first_seq <= r.1 + 1 => {
+                        r.1 = r.1.max(s.last_seq);
+                        r.2 = r.2.max(s.last_ns);
+                    }
+                    _ => runs.push((s.first_seq, s.last_seq, s.last_ns)),
+                }
+            }
+            // How far the records run without a break after a base: the
+            // last instant whose state the store knows, and the last seq.
+            let reach = |b: &BaseMeta| -> (Nanos, Seq) {
+                let next = b.start_seq + 1;
+                let i = runs.partition_point(|r| r.0 <= next);
+                let (mut ns, seq) = match i.checked_sub(1).map(|i| runs[i]) {
+                    Some(r) if r.1 >= next => (b.completed_ns.max(r.2), r.1),
+                    _ => (b.completed_ns, b.start_seq),
+                };
+                if let Some(h) = hb_at.get(&(l, seq)) {
+                    ns = ns.max(*h);
+                }
+                (ns, seq)
+            };
+            let reaches: Vec<(Nanos, Seq)> = bases.iter().map(|b| reach(b)).collect();
             // The window starts at the oldest base whose records reach
             // furthest; bases are sorted by completion.
             let Some(far) = reaches.iter().map(|r| r.1).max() else {

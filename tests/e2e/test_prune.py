@@ -93,8 +93,11 @@ def wait_bases(vol, n: int, timeout: float = 120) -> list[dict]:
 
 
 def settle(vol) -> int:
-    """Waits until everything written so far is in the store; returns now."""
+    """Waits until everything written through the mount so far is in the
+    store: one more write, timed after the others, and the window reaching
+    it (an idle volume's window ends at its last record)."""
     t = time.time_ns()
+    (vol.mount / "settle").write_text(str(t))
     vol.wait_latest(t)
     return t
 
@@ -174,10 +177,12 @@ def history(request, s3):  # noqa: F811
             b = wait_bases(vol, n)
             snaps.append((b[-1]["completed_ns"], helpers.snapshot(vol.mount)))
         write_gen(vol.mount, 5, rng)
+        settle(vol)
         t5 = time.time_ns()
         snap5 = helpers.snapshot(vol.mount)
-        vol.wait_latest(t5)
         vol.stop()
+        # A clean stop stores a last heartbeat: the window reaches t5.
+        assert vol.window()["latest_ns"] >= t5, vol.ls()["window"]
         bases = [s[0] for s in snaps]
         assert bases == [b["completed_ns"] for b in base_list(vol)]
         coarse = expected_points(bases, bases[-1])
