@@ -42,6 +42,20 @@ pub enum Command {
     /// Check every object's checksum and the continuity of the timeline.
     Verify(VerifyArgs),
     /// Thin out old history by a tiered retention policy and delete what no kept instant needs.
+    ///
+    /// Tiers follow one another by age: every instant of the newest --keep-seconds span stays
+    /// restorable; before that, one point per minute for --keep-minutes, then one per hour for
+    /// --keep-hours, then one per day for --keep-days; older history is deleted. A point in a
+    /// coarse tier is the newest base snapshot completed in its minute, hour or day, so a tier is
+    /// never finer than the interval between bases. A zero span turns a tier off. Each lineage's
+    /// newest base and everything after it are always kept.
+    ///
+    /// Deletes are deferred: a prune first condemns objects (restores planned after that no
+    /// longer use them) and a later prune deletes what was condemned more than --grace ago, so a
+    /// restore or verify that was already running completes. Chunks of a base that is still
+    /// being uploaded are never deleted. One prune runs at a time per volume: a second one exits
+    /// with status 1 naming the holder (a killed prune's lock expires after 10 minutes). This is
+    /// the only command that deletes: it needs s3:DeleteObject (docs/S3.md), the sidecar does not.
     Prune(PruneArgs),
     /// Serve the Kubernetes admission webhook that injects the sidecar (HTTPS, POST /mutate).
     Webhook(WebhookArgs),
@@ -188,17 +202,6 @@ pub struct LsArgs {
 }
 
 #[derive(Debug, Clone, Args)]
-#[command(long_about = "Thin out a volume's old history by a tiered retention policy and delete what no \
-kept instant needs. Tiers follow one another by age: every instant of the newest --keep-seconds span \
-stays restorable; before that, one point per minute for --keep-minutes, then one per hour for \
---keep-hours, then one per day for --keep-days; older history is deleted. A point in a coarse tier is \
-the newest base snapshot completed in its minute, hour or day, so a tier is never finer than the \
-interval between bases (`rewind run --base-interval`). A zero span turns a tier off.\n\n\
-Deletes are deferred: a prune first *condemns* objects (restores planned after that no longer use \
-them) and a later prune deletes what was condemned more than --grace ago, so a restore or verify \
-that was already running completes. Chunks of a base that is still being uploaded are never deleted. \
-Only one prune runs at a time per volume; a second one exits with status 1 naming the holder. \
-The only command that deletes: it needs s3:DeleteObject (docs/S3.md), the sidecar does not.")]
 pub struct PruneArgs {
     #[command(flatten)]
     pub store: StoreArgs,

@@ -44,11 +44,10 @@ use crate::timeline::{lineage_id, Condemned, Timeline, VOLUME_KEY_KINDS};
 
 /// How long a lock is valid before others may ignore it; a running prune
 /// renews it when half is left.
-pub const LOCK_TTL: Duration = Duration::from_secs(600);
+pub(crate) const LOCK_TTL: Duration = Duration::from_secs(600);
 /// An in-flight marker without its manifest blocks the chunk sweep this
 /// long; after that the base is taken to have failed for good.
-pub const INFLIGHT_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
-pub const DEFAULT_GRACE: Duration = Duration::from_secs(3600);
+pub(crate) const INFLIGHT_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
 
 const CHUNK_LIST_MAGIC: &[u8; 8] = b"RWCND001";
 const CHUNK_LIST_VERSION: u16 = 1;
@@ -73,7 +72,7 @@ pub enum PruneError {
 
 /// A prune's claim on a volume.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LockKey {
+pub(crate) struct LockKey {
     pub acquired_ns: Nanos,
     pub expires_ns: Nanos,
     pub id: u64,
@@ -122,7 +121,7 @@ impl LockKey {
 
 /// A base being uploaded (see the module docs).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct InFlight {
+pub(crate) struct InFlight {
     pub started_ns: Nanos,
     pub lineage: u64,
     pub start_seq: Seq,
@@ -163,7 +162,7 @@ impl InFlight {
 /// in-flight marker, then waits while an unexpired prune lock exists (so
 /// that no chunk the base reuses is swept while it decides). `stop` ends
 /// the wait early (shutdown); the caller then gives up on the base.
-pub fn announce_base(
+pub(crate) fn announce_base(
     store: &dyn Store,
     lineage: u64,
     start_seq: Seq,

@@ -199,7 +199,7 @@ fn ser_lineage<S: serde::Serializer>(l: &u64, s: S) -> Result<S::Ok, S::Error> {
 
 /// What a prune keeps, condemns and deletes (see the module docs).
 #[derive(Debug, Default)]
-pub struct PrunePlan {
+pub(crate) struct PrunePlan {
     pub points: Vec<KeptPoint>,
     /// Keys of segments, bases, heartbeats and lineage markers kept.
     pub keep: Vec<String>,
@@ -214,7 +214,7 @@ pub struct PrunePlan {
 }
 
 /// Applies `policy` at `now` to the (non-condemned part of the) timeline.
-pub fn plan_prune(t: &Timeline, policy: &Policy, now: Nanos) -> PrunePlan {
+pub(crate) fn plan_prune(t: &Timeline, policy: &Policy, now: Nanos) -> PrunePlan {
     let mut plan = PrunePlan::default();
     let mut ids: Vec<u64> = t.bases.iter().map(|b| b.lineage).collect();
     ids.extend(t.segments.iter().map(|s| s.lineage));

@@ -132,7 +132,10 @@ impl Daemon {
                 known_chunks: &self.known_chunks,
             };
             // The in-flight marker keeps prune from sweeping the chunks
-            // this base uploads or reuses (crate::prune's module docs).
+            // this base uploads or reuses (crate::prune's module docs). It
+            // protects only what this walk checks: chunks remembered from
+            // an earlier base may have been swept since, so forget them.
+            self.known_chunks.lock().clear();
             let announced = crate::prune::announce_base(
                 self.store.as_ref(),
                 lineage,

@@ -2,10 +2,13 @@
 (moto over HTTP).
 
 One history per backend is built once (module fixture, about a minute): a
-volume with four bases, the first two in one minute and the others in later
-minutes (each base after a kill -9 and restart is a repair base), writes
-between them, and the tree the mount showed at each base's completion and at
-one instant after the last base. Every test prunes its own copy of that
+volume with four bases, the first two usually in one minute and the others
+in later minutes (each base after a kill -9 and restart is a repair base),
+writes between them spread over several segments, writes racing the third
+base's walk (so its point needs the records the walk overlapped), and the
+tree the mount showed at each base's completion and at one instant after
+the last base (for the third base, the tree the unpruned store restores
+there, since no one can snapshot a mount being written at an instant). Every test prunes its own copy of that
 store with a policy of one second of every-instant history and one point a
 minute for an hour, so the kept points are: the newest base of each minute
 before the last base, the last base, and every instant after it.
@@ -21,6 +24,10 @@ What each test asserts:
   restores the earlier one and says which instant it used;
 - test_two_concurrent_prunes: while one prune holds the lock a second exits
   non-zero naming the holder's host and pid; the first finishes;
+- test_two_prunes_started_together: of two prunes started at once, one
+  finishes and the other exits 1 naming it (both back off and retry);
+- test_a_base_waits_while_a_prune_holds_the_lock: a base that starts during
+  a prune uploads no chunk until the prune is done, then restores exactly;
 - test_prune_racing_a_restore: a restore of the oldest kept point started
   while a prune deletes (grace 0) completes exactly;
 - test_prune_racing_a_base_upload: while a base is being uploaded (its
@@ -41,6 +48,7 @@ import re
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -59,24 +67,59 @@ POLICY = ["--keep-seconds", "1s", "--keep-minutes", "1h", "--keep-hours", "0s", 
 # Building the history
 
 
-def write_gen(root: Path, gen: int, rng: random.Random) -> None:
+def write_gen(root: Path, gen: int, rng: random.Random, vol=None) -> None:
     """One generation of changes: new files, overwrites, a rename, an
-    unlink, a hard link and a symlink, so that replay has work to do."""
+    unlink, a hard link and a symlink, so that replay has work to do.
+    Through a mount (`vol` given), the changes are spread over three
+    segments: each part waits until the store holds a new segment."""
     d = root / f"g{gen}"
     d.mkdir(exist_ok=True)
+
+    def next_segment():
+        if vol is None:
+            return
+        n = len(vol.ls()["segments"])
+        t = time.time_ns()
+        (root / "settle").write_text(str(t))
+        wait_until(lambda: len(vol.ls()["segments"]) > n, 60, "a new segment", interval=0.05,
+                   on_timeout=vol._diag)
+
     for i in range(6):
         (d / f"f{i}").write_bytes(rng.randbytes(rng.randrange(1, 300_000)))
+    next_segment()
     shared = root / "shared"
     with open(shared, "ab") as f:
         f.write(f"generation {gen}\n".encode() * 100)
     os.link(d / "f0", d / "f0.link")
     os.symlink(f"f{gen % 6}", d / "sym")
+    next_segment()
     os.rename(d / "f1", d / "f1.moved")
     os.unlink(d / "f2")
     if gen > 1 and (root / f"g{gen - 1}" / "f3").exists():
         with open(root / f"g{gen - 1}" / "f3", "r+b") as f:
             f.seek(1000)
             f.write(rng.randbytes(5000))
+
+
+class Writer(threading.Thread):
+    """Small writes through the mount until stopped: keeps a base walk
+    company, so that the base's point needs the records it overlapped."""
+
+    def __init__(self, root: Path):
+        super().__init__(daemon=True)
+        self.root = root
+        self.stop_flag = threading.Event()
+        self.n = 0
+
+    def run(self):
+        (self.root / "during").mkdir(exist_ok=True)
+        while not self.stop_flag.is_set():
+            (self.root / "during" / f"w{self.n % 50}").write_bytes(os.urandom(4096) * (1 + self.n % 3))
+            self.n += 1
+
+    def stop(self):
+        self.stop_flag.set()
+        self.join()
 
 
 def base_list(vol) -> list[dict]:
@@ -170,13 +213,27 @@ def history(request, s3):  # noqa: F811
                 wait_until(lambda: time.time_ns() // MIN > second // MIN, 70,
                            "the next minute", interval=0.2)
             gen_start[gen] = time.time_ns()
-            write_gen(vol.mount, gen, rng)
+            write_gen(vol.mount, gen, rng, vol)
             settle(vol)
             vol.kill9()
             vol.start()
+            if n == 3:
+                # Writes while the repair base walks: its point needs the
+                # records the walk overlapped. What the mount showed at its
+                # completion is what the unpruned store restores there.
+                w = Writer(vol.mount)
+                w.start()
+                b = wait_bases(vol, n)
+                w.stop()
+                settle(vol)
+                ref = root / "ref3"
+                vol.restore(b[-1]["completed_ns"], ref)
+                snaps.append((b[-1]["completed_ns"], helpers.snapshot(ref)))
+                helpers.rmtree(ref)
+                continue
             b = wait_bases(vol, n)
             snaps.append((b[-1]["completed_ns"], helpers.snapshot(vol.mount)))
-        write_gen(vol.mount, 5, rng)
+        write_gen(vol.mount, 5, rng, vol)
         settle(vol)
         t5 = time.time_ns()
         snap5 = helpers.snapshot(vol.mount)
@@ -348,6 +405,52 @@ def test_two_concurrent_prunes(history, workdir):
             first.kill()
             first.wait()
     check_points(vol, history.points, workdir, "after the concurrent prunes")
+
+
+def test_two_prunes_started_together(history, workdir):
+    vol = history.copy(workdir / "v")
+    env = {"REWIND_TEST_PRUNE_PAUSE": "100ms"}
+    a, b = spawn_prune(vol, "--grace", "0s", env=env), spawn_prune(vol, "--grace", "0s", env=env)
+    outs = [p.communicate(timeout=300) for p in (a, b)]
+    codes = sorted(p.returncode for p in (a, b))
+    assert codes == [0, 1], f"exit codes {codes}: {outs}"
+    loser = a if a.returncode == 1 else b
+    winner = b if loser is a else a
+    err = outs[0][1] if loser is a else outs[1][1]
+    assert f"pid {winner.pid}" in err, err
+    check_points(vol, history.points, workdir, "after two prunes started together")
+
+
+@pytest.mark.parametrize("backend", ["file", "s3"])
+def test_a_base_waits_while_a_prune_holds_the_lock(backend, workdir, s3):  # noqa: F811
+    """The other half of the in-flight protocol: a base that starts while a
+    prune holds the volume writes its marker, then waits for the prune to
+    finish before it checks or uploads any chunk."""
+    if backend == "file":
+        vol = helpers.Volume(workdir / "v")
+    else:
+        bucket = f"base-wait-{random.randrange(1 << 30)}"
+        s3.create_bucket(bucket)
+        vol = S3Volume(workdir / "v", s3, bucket)
+    rng = random.Random(3)
+    for i in range(4):
+        (vol.source / f"f{i}").write_bytes(rng.randbytes(300_000))
+    try:
+        p = spawn_prune(vol, "--grace", "0s", env={"REWIND_TEST_PRUNE_PAUSE": "2s"})
+        wait_until(lambda: any(k.startswith("lock/") for k in store_objects(vol)), 30, "the prune's lock")
+        vol.start()
+        wait_until(lambda: "a prune holds the store" in vol.log(), 30, "the base to wait for the prune",
+                   on_timeout=vol._diag)
+        assert p.poll() is None, "the prune finished too early for this test"
+        assert not any(k.startswith("chunk/") for k in store_objects(vol)), "a chunk went up under the lock"
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, f"{out}\n{err}"
+        b = wait_bases(vol, 1)
+        snap = helpers.snapshot(vol.mount)
+        vol.stop()
+        check_points(vol, [(b[-1]["completed_ns"], snap)], workdir, "base that waited for a prune")
+    finally:
+        vol.cleanup()
 
 
 def test_prune_racing_a_restore(history, workdir):
