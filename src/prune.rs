@@ -580,8 +580,22 @@ fn run(p: &mut Pruner<'_>) -> Result<(), PruneError> {
         })
         .collect();
     let mut live: HashSet<[u8; 32]> = HashSet::new();
+    // A manifest that cannot be read names chunks no one can know: then
+    // no chunk is condemned or deleted (verify reports the damage).
+    let mut unreadable: Option<String> = None;
     for b in t.bases.iter().filter(|b| !condemned_bases.contains(&b.key())) {
-        live.extend(p.refs(b)?.iter().copied());
+        match p.refs(b) {
+            Ok(h) => live.extend(h.iter().copied()),
+            Err(PruneError::Base(e)) if !matches!(e, BaseError::Store(ref s) if s.is_transient()) => {
+                unreadable.get_or_insert(format!("{}: {e}", b.key()));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    if let Some(why) = &unreadable {
+        p.report.notes.push(format!(
+            "no chunk was condemned or deleted: a base manifest cannot be read ({why}); run `rewind verify`"
+        ));
     }
     let mut lists: Vec<(Condemned, Vec<[u8; 32]>)> = Vec::new();
     for c in t.condemned.iter().filter(|c| matches!(c, Condemned::Chunks { .. })) {
@@ -597,6 +611,9 @@ fn run(p: &mut Pruner<'_>) -> Result<(), PruneError> {
         .filter(|h| !live.contains(h) && !pending.contains(h))
         .collect();
     fresh.sort();
+    if unreadable.is_some() {
+        fresh.clear();
+    }
     if !fresh.is_empty() {
         let list = Condemned::Chunks {
             ns: now,
@@ -631,7 +648,9 @@ fn run(p: &mut Pruner<'_>) -> Result<(), PruneError> {
             Condemned::Chunks { .. } => {}
         }
     }
-    sweep_chunks(p, &lists, due_ns)?;
+    if unreadable.is_none() {
+        sweep_chunks(p, &lists, due_ns)?;
+    }
 
     // 4. Others' expired locks are litter.
     for k in keys.iter().filter(|k| k.starts_with("lock/")) {
@@ -715,14 +734,24 @@ fn sweep_chunks(
             ));
         } else {
             let mut named: HashSet<[u8; 32]> = HashSet::new();
+            let mut unreadable = None;
             for b in &bases {
                 match p.refs(b) {
                     Ok(h) => named.extend(h.iter().copied()),
                     // Deleted between the listing and the read: by this
                     // prune's own sweep, which only deletes condemned bases.
                     Err(PruneError::Base(BaseError::Store(StoreError::NotFound { .. }))) => {}
+                    Err(PruneError::Base(e)) if !matches!(e, BaseError::Store(ref s) if s.is_transient()) => {
+                        unreadable.get_or_insert(format!("{}: {e}", b.key()));
+                    }
                     Err(e) => return Err(e),
                 }
+            }
+            if let Some(why) = unreadable {
+                p.report.notes.push(format!(
+                    "no chunk was deleted: a base manifest cannot be read ({why}); run `rewind verify`"
+                ));
+                return Ok(());
             }
             for (list, hashes) in due {
                 for h in hashes.iter().filter(|h| !named.contains(*h)) {

@@ -225,3 +225,23 @@ fn a_dry_run_changes_nothing() {
     assert_eq!(r.kinds["chunks"].deleted.objects, 1, "{r:?}");
     assert_eq!(f.store.list("").unwrap(), before);
 }
+
+#[test]
+fn a_damaged_manifest_stops_the_chunk_sweep_not_the_prune() {
+    let f = Fixture::new();
+    let now = wall_now();
+    let a = chunk(f.store.as_ref(), 1);
+    let orphan = chunk(f.store.as_ref(), 2);
+    let m = manifest(f.store.as_ref(), 0, now - 60 * SEC, &[a]);
+    let mut data = f.store.get(&m.key()).unwrap().to_vec();
+    let n = data.len();
+    data[n / 2] ^= 0xff;
+    f.store.put(&m.key(), Bytes::from(data)).unwrap();
+    let r = f.prune(Duration::ZERO);
+    assert!(f.has(&orphan) && f.has(&a), "{r:?}");
+    assert!(
+        r.notes.iter().any(|n| n.contains("cannot be read")),
+        "{:?}",
+        r.notes
+    );
+}
