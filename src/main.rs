@@ -266,7 +266,10 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
-                print!("{}", rewind::prune::render(&report, &args.store.volume, &opts));
+                print!(
+                    "{}",
+                    rewind::prune::render(&report, &args.store.volume, &opts)
+                );
             }
             Ok(0)
         }
@@ -385,7 +388,11 @@ fn tiers(t: &Timeline) -> Vec<TierLine> {
             from_ns: w.earliest_ns,
             to_ns: w.latest_ns,
         });
-        let points: Vec<_> = t.points().into_iter().filter(|p| p.lineage == w.lineage).collect();
+        let points: Vec<_> = t
+            .points()
+            .into_iter()
+            .filter(|p| p.lineage == w.lineage)
+            .collect();
         let mut groups: std::collections::BTreeMap<Option<Tier>, Vec<rewind::clock::Nanos>> =
             Default::default();
         for p in &points {

@@ -440,7 +440,10 @@ impl<'a> Pruner<'a> {
 }
 
 /// Takes the volume's prune lock (see the module docs), or says who holds it.
-fn acquire(store: &dyn Store, pause: Option<Duration>) -> Result<(LockKey, Vec<String>), PruneError> {
+fn acquire(
+    store: &dyn Store,
+    pause: Option<Duration>,
+) -> Result<(LockKey, Vec<String>), PruneError> {
     let host = hostname();
     let mut notes = Vec::new();
     for attempt in 0..3 {
@@ -527,9 +530,11 @@ pub fn prune(store: &dyn Store, opts: &PruneOptions) -> Result<PruneReport, Prun
     if let Some(lock) = p.lock.take() {
         // Best effort: a lock left behind expires on its own.
         if let Err(e) = store.delete(&lock.key()) {
-            p.report
-                .notes
-                .push(format!("could not remove the prune lock {} ({e}); it expires at {}", lock.key(), fmt_ns(lock.expires_ns)));
+            p.report.notes.push(format!(
+                "could not remove the prune lock {} ({e}); it expires at {}",
+                lock.key(),
+                fmt_ns(lock.expires_ns)
+            ));
         }
     }
     res?;
@@ -566,7 +571,10 @@ fn run(p: &mut Pruner<'_>) -> Result<(), PruneError> {
         policy: p.opts.policy,
     };
     p.put(&mark.key(), Bytes::new())?;
-    for k in keys.iter().filter(|k| k.starts_with("policy/") && **k != mark.key()) {
+    for k in keys
+        .iter()
+        .filter(|k| k.starts_with("policy/") && **k != mark.key())
+    {
         p.delete(k)?;
     }
 
@@ -583,10 +591,15 @@ fn run(p: &mut Pruner<'_>) -> Result<(), PruneError> {
     // A manifest that cannot be read names chunks no one can know: then
     // no chunk is condemned or deleted (verify reports the damage).
     let mut unreadable: Option<String> = None;
-    for b in t.bases.iter().filter(|b| !condemned_bases.contains(&b.key())) {
+    for b in t
+        .bases
+        .iter()
+        .filter(|b| !condemned_bases.contains(&b.key()))
+    {
         match p.refs(b) {
             Ok(h) => live.extend(h.iter().copied()),
-            Err(PruneError::Base(e)) if !matches!(e, BaseError::Store(ref s) if s.is_transient()) => {
+            Err(PruneError::Base(e)) if !matches!(e, BaseError::Store(ref s) if s.is_transient()) =>
+            {
                 unreadable.get_or_insert(format!("{}: {e}", b.key()));
             }
             Err(e) => return Err(e),
@@ -598,10 +611,15 @@ fn run(p: &mut Pruner<'_>) -> Result<(), PruneError> {
         ));
     }
     let mut lists: Vec<(Condemned, Vec<[u8; 32]>)> = Vec::new();
-    for c in t.condemned.iter().filter(|c| matches!(c, Condemned::Chunks { .. })) {
+    for c in t
+        .condemned
+        .iter()
+        .filter(|c| matches!(c, Condemned::Chunks { .. }))
+    {
         let key = c.key();
         let data = p.store.get(&key)?;
-        let hashes = decode_chunk_list(&data).map_err(|source| PruneError::ChunkList { key, source })?;
+        let hashes =
+            decode_chunk_list(&data).map_err(|source| PruneError::ChunkList { key, source })?;
         lists.push((c.clone(), hashes));
     }
     let pending: HashSet<[u8; 32]> = lists.iter().flat_map(|(_, h)| h.iter().copied()).collect();
@@ -632,7 +650,12 @@ fn run(p: &mut Pruner<'_>) -> Result<(), PruneError> {
     let due_ns = wall_now().saturating_sub(p.opts.grace.as_nanos() as i64);
     let mut markers: Vec<Condemned> = t.condemned.clone();
     markers.extend(plan.condemn.iter().cloned());
-    let segments: Vec<_> = t.segments.iter().chain(&t.condemned_segments).cloned().collect();
+    let segments: Vec<_> = t
+        .segments
+        .iter()
+        .chain(&t.condemned_segments)
+        .cloned()
+        .collect();
     for m in markers.iter().filter(|m| m.ns() <= due_ns) {
         match m {
             Condemned::Segments { .. } => {
@@ -741,7 +764,8 @@ fn sweep_chunks(
                     // Deleted between the listing and the read: by this
                     // prune's own sweep, which only deletes condemned bases.
                     Err(PruneError::Base(BaseError::Store(StoreError::NotFound { .. }))) => {}
-                    Err(PruneError::Base(e)) if !matches!(e, BaseError::Store(ref s) if s.is_transient()) => {
+                    Err(PruneError::Base(e)) if !matches!(e, BaseError::Store(ref s) if s.is_transient()) =>
+                    {
                         unreadable.get_or_insert(format!("{}: {e}", b.key()));
                     }
                     Err(e) => return Err(e),
@@ -788,7 +812,9 @@ pub fn render(report: &PruneReport, volume: &str, opts: &PruneOptions) -> String
     );
     let mut by: BTreeMap<(String, Tier), Vec<&crate::retention::KeptPoint>> = BTreeMap::new();
     for pt in &report.points {
-        by.entry((lineage_id(pt.lineage), pt.tier)).or_default().push(pt);
+        by.entry((lineage_id(pt.lineage), pt.tier))
+            .or_default()
+            .push(pt);
     }
     for ((l, tier), pts) in &by {
         if *tier == Tier::Seconds {
@@ -864,7 +890,10 @@ mod tests {
         };
         assert_eq!(InFlight::from_key(&i.key()), Some(i));
         let hashes = vec![[1u8; 32], [2u8; 32]];
-        assert_eq!(decode_chunk_list(&encode_chunk_list(&hashes)).unwrap(), hashes);
+        assert_eq!(
+            decode_chunk_list(&encode_chunk_list(&hashes)).unwrap(),
+            hashes
+        );
         let h = [0xabu8; 32];
         assert_eq!(hash_of_chunk_key(&chunk_key(&h)), Some(h));
         let mut bad = encode_chunk_list(&hashes).to_vec();

@@ -265,7 +265,10 @@ pub(crate) fn plan_prune(t: &Timeline, policy: &Policy, now: Nanos) -> PrunePlan
                 .filter(|b| b.completed_ns <= seconds_start)
                 .max_by_key(|b| (b.completed_ns, b.start_seq))
                 .unwrap_or(&view.window_base);
-            for b in window.iter().filter(|b| b.completed_ns >= anchor.completed_ns) {
+            for b in window
+                .iter()
+                .filter(|b| b.completed_ns >= anchor.completed_ns)
+            {
                 kept.insert(b.key());
             }
             needed.push((anchor.start_seq, Seq::MAX));
@@ -406,11 +409,8 @@ fn condemn_segments(
             vec![marker]
         };
         for m in markers {
-            plan.condemned_keys.extend(
-                run.iter()
-                    .filter(|s| m.covers_segment(s))
-                    .map(|s| s.key()),
-            );
+            plan.condemned_keys
+                .extend(run.iter().filter(|s| m.covers_segment(s)).map(|s| s.key()));
             plan.condemn.push(m);
         }
     }
@@ -465,7 +465,11 @@ mod tests {
         let mut ns = from;
         while ns <= to {
             if seq % base_every == 0 {
-                let kind = if seq == 0 { BaseKind::Initial } else { BaseKind::Periodic };
+                let kind = if seq == 0 {
+                    BaseKind::Initial
+                } else {
+                    BaseKind::Periodic
+                };
                 keys.push(base(l, seq, ns, kind));
             }
             seq += 1;
@@ -517,12 +521,19 @@ mod tests {
                     .plan(crate::clock::At::Instant(at), Some(&id))
                     .unwrap();
                 let seqs = |pl: &crate::timeline::Plan| {
-                    (pl.base.start_seq, pl.segments.iter().map(|s| s.last_seq).max())
+                    (
+                        pl.base.start_seq,
+                        pl.segments.iter().map(|s| s.last_seq).max(),
+                    )
                 };
                 // The same records replay onto a base at or after the one
                 // the unpruned store would use.
                 assert!(got.base.completed_ns >= want.base.completed_ns || got.base == want.base);
-                assert_eq!(seqs(&got).1.max(Some(got.base.start_seq)), seqs(&want).1.max(Some(want.base.start_seq)), "{p:?} at {at}");
+                assert_eq!(
+                    seqs(&got).1.max(Some(got.base.start_seq)),
+                    seqs(&want).1.max(Some(want.base.start_seq)),
+                    "{p:?} at {at}"
+                );
             }
         }
     }
@@ -807,15 +818,27 @@ mod tests {
             let mut want_sorted = c.points.clone();
             want_sorted.sort_by_key(|p| (p.0, p.2));
             let want_sorted: Vec<(Tier, i64)> = want_sorted.iter().map(|p| (p.1, p.2)).collect();
-            assert_eq!(got, want_sorted, "{}: kept points (wanted {want:?})", c.name);
+            assert_eq!(
+                got, want_sorted,
+                "{}: kept points (wanted {want:?})",
+                c.name
+            );
             for k in &c.condemned {
-                assert!(plan.condemned_keys.contains(k), "{}: {k} must be condemned", c.name);
+                assert!(
+                    plan.condemned_keys.contains(k),
+                    "{}: {k} must be condemned",
+                    c.name
+                );
             }
             for k in &c.kept {
                 assert!(plan.keep.contains(k), "{}: {k} must be kept", c.name);
             }
             for k in &c.deleted {
-                assert!(plan.delete_now.contains(k), "{}: {k} must be deleted", c.name);
+                assert!(
+                    plan.delete_now.contains(k),
+                    "{}: {k} must be deleted",
+                    c.name
+                );
             }
             // Every key is accounted for exactly once.
             let mut all: Vec<&String> = plan
@@ -827,7 +850,11 @@ mod tests {
             all.sort();
             let mut input: Vec<&String> = c.keys.iter().collect();
             input.sort();
-            assert_eq!(all, input, "{}: every key kept, condemned or deleted once", c.name);
+            assert_eq!(
+                all, input,
+                "{}: every key kept, condemned or deleted once",
+                c.name
+            );
             // The markers hide exactly the condemned keys.
             let pruned = after(&c.keys, &plan);
             let mut hidden: Vec<String> = pruned
@@ -846,7 +873,9 @@ mod tests {
             for p in plan.points.iter().filter(|p| p.tier != Tier::Seconds) {
                 let w = pruned.windows();
                 let in_window = w.iter().any(|w| {
-                    w.lineage == lineage_id(p.lineage) && w.earliest_ns <= p.ns && p.ns <= w.latest_ns
+                    w.lineage == lineage_id(p.lineage)
+                        && w.earliest_ns <= p.ns
+                        && p.ns <= w.latest_ns
                 });
                 assert!(
                     in_window || pruned.points().iter().any(|q| q.ns == p.ns),
@@ -857,7 +886,12 @@ mod tests {
             // A second prune at the same instant changes nothing.
             let again = plan_prune(&pruned, &c.policy, NOW);
             assert!(again.condemn.is_empty(), "{}: {:?}", c.name, again.condemn);
-            assert!(again.delete_now.is_empty(), "{}: {:?}", c.name, again.delete_now);
+            assert!(
+                again.delete_now.is_empty(),
+                "{}: {:?}",
+                c.name,
+                again.delete_now
+            );
             assert_eq!(again.points, plan.points, "{}", c.name);
         }
     }
@@ -897,14 +931,24 @@ mod tests {
         assert!(plan.points.len() > 1000, "{}", plan.points.len());
         // Generous, so that a debug build on a busy machine passes; a walk
         // over every segment per base takes minutes.
-        assert!(took < std::time::Duration::from_secs(30), "planning took {took:?}");
-        eprintln!("a year of history: {} points planned in {took:?}", plan.points.len());
+        assert!(
+            took < std::time::Duration::from_secs(30),
+            "planning took {took:?}"
+        );
+        eprintln!(
+            "a year of history: {} points planned in {took:?}",
+            plan.points.len()
+        );
     }
 
     #[test]
     fn between_points_is_refused_and_or_earlier_takes_the_earlier() {
         let keys = lineage(A, NOW - 3 * H, NOW - MIN, MIN, 10);
-        let plan = plan_prune(&Timeline::from_keys(keys.clone()), &policy(H, 0, 2 * H, 0), NOW);
+        let plan = plan_prune(
+            &Timeline::from_keys(keys.clone()),
+            &policy(H, 0, 2 * H, 0),
+            NOW,
+        );
         let t = after(&keys, &plan);
         let between = NOW - 2 * H;
         let err = t
@@ -930,6 +974,9 @@ mod tests {
             .plan_at(crate::clock::At::Instant(NOW - 4 * H), None, true)
             .unwrap_err()
             .to_string();
-        assert!(err.contains("outside") && err.contains("earlier point"), "{err}");
+        assert!(
+            err.contains("outside") && err.contains("earlier point"),
+            "{err}"
+        );
     }
 }

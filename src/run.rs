@@ -145,7 +145,9 @@ impl Daemon {
             );
             let walked = match announced {
                 Ok(true) => base::walk(&req),
-                Ok(false) => Err(base::BaseError::Inconsistent("shutdown while waiting for a prune".into())),
+                Ok(false) => Err(base::BaseError::Inconsistent(
+                    "shutdown while waiting for a prune".into(),
+                )),
                 Err(e) => Err(e.into()),
             };
             match walked {

@@ -99,15 +99,23 @@ pub enum Condemned {
         from_seq: Seq,
         to_seq: Seq,
     },
-    Base { ns: Nanos, base: BaseMeta },
+    Base {
+        ns: Nanos,
+        base: BaseMeta,
+    },
     /// An object listing chunk hashes (its body is for prune alone).
-    Chunks { ns: Nanos, id: u64 },
+    Chunks {
+        ns: Nanos,
+        id: u64,
+    },
 }
 
 impl Condemned {
     pub fn ns(&self) -> Nanos {
         match self {
-            Condemned::Segments { ns, .. } | Condemned::Base { ns, .. } | Condemned::Chunks { ns, .. } => *ns,
+            Condemned::Segments { ns, .. }
+            | Condemned::Base { ns, .. }
+            | Condemned::Chunks { ns, .. } => *ns,
         }
     }
 
@@ -373,7 +381,10 @@ impl Timeline {
             } else if let Some(c) = Condemned::from_key(&k) {
                 t.condemned.push(c);
             } else if let Some(p) = PolicyMark::from_key(&k) {
-                if t.policy.as_ref().is_none_or(|q| q.applied_ns < p.applied_ns) {
+                if t.policy
+                    .as_ref()
+                    .is_none_or(|q| q.applied_ns < p.applied_ns)
+                {
                     t.policy = Some(p);
                 }
                 t.markers.push(k);
@@ -550,7 +561,10 @@ impl Timeline {
                 continue;
             }
             let why = match self.tail(b, b.completed_ns) {
-                Err(m) => format!("records {}..{} it needs are missing from the store", m.from, m.to),
+                Err(m) => format!(
+                    "records {}..{} it needs are missing from the store",
+                    m.from, m.to
+                ),
                 Ok(_) => "it is not part of the timeline".into(),
             };
             out.push((b.clone(), why));
@@ -631,11 +645,9 @@ impl Timeline {
                     });
                 }
             }
-            for b in self
-                .bases
-                .iter()
-                .filter(|b| b.lineage == l && b.kind == BaseKind::Repair && b.completed_ns >= window_ns)
-            {
+            for b in self.bases.iter().filter(|b| {
+                b.lineage == l && b.kind == BaseKind::Repair && b.completed_ns >= window_ns
+            }) {
                 let from = segs
                     .iter()
                     .find(|s| s.last_seq > b.start_seq)
@@ -663,7 +675,10 @@ impl Timeline {
             .map(|v| {
                 let points = match v.points.len() {
                     0 => String::new(),
-                    1 => format!(", and the earlier point {}", fmt_ns(v.points[0].completed_ns)),
+                    1 => format!(
+                        ", and the earlier point {}",
+                        fmt_ns(v.points[0].completed_ns)
+                    ),
                     n => format!(
                         ", and {n} earlier points from {} to {}",
                         fmt_ns(v.points[0].completed_ns),
@@ -802,12 +817,17 @@ impl Timeline {
                 })
             }
         };
-        let last_needed = segments.last().map(|s| s.last_seq).unwrap_or(base.start_seq);
+        let last_needed = segments
+            .last()
+            .map(|s| s.last_seq)
+            .unwrap_or(base.start_seq);
         // A repair base not yet complete at T means the source may have held
         // an unrecorded change when records after its start were made.
-        for r in self.bases.iter().filter(|b| {
-            b.lineage == l && b.kind == BaseKind::Repair && b.completed_ns > plan_ns
-        }) {
+        for r in self
+            .bases
+            .iter()
+            .filter(|b| b.lineage == l && b.kind == BaseKind::Repair && b.completed_ns > plan_ns)
+        {
             if r.start_seq > base.start_seq && r.start_seq < last_needed {
                 let needs_after = segments
                     .iter()

@@ -28,7 +28,9 @@ struct Fixture {
 fn chunk(store: &dyn Store, n: u8) -> [u8; 32] {
     let raw = vec![n; 1000];
     let hash = *blake3::hash(&raw).as_bytes();
-    store.put(&chunk_key(&hash), base::encode_chunk(&raw)).unwrap();
+    store
+        .put(&chunk_key(&hash), base::encode_chunk(&raw))
+        .unwrap();
     hash
 }
 
@@ -165,7 +167,10 @@ fn a_chunk_named_by_a_condemned_base_stays_until_that_base_is_deleted() {
     // An old list already names c (condemned long ago, named again since),
     // and the base naming it was condemned just now: a restore planned
     // before that may be reading it.
-    let list = Condemned::Chunks { ns: now - 7200 * SEC, id: 1 };
+    let list = Condemned::Chunks {
+        ns: now - 7200 * SEC,
+        id: 1,
+    };
     let mut body = Vec::new();
     body.extend_from_slice(b"RWCND001");
     body.extend_from_slice(&1u16.to_le_bytes());
@@ -174,10 +179,20 @@ fn a_chunk_named_by_a_condemned_base_stays_until_that_base_is_deleted() {
     body.extend_from_slice(blake3::hash(&body).as_bytes());
     f.store.put(&list.key(), Bytes::from(body)).unwrap();
     f.store
-        .put(&Condemned::Base { ns: now, base: old.clone() }.key(), Bytes::new())
+        .put(
+            &Condemned::Base {
+                ns: now,
+                base: old.clone(),
+            }
+            .key(),
+            Bytes::new(),
+        )
         .unwrap();
     let r = f.prune(HOUR);
-    assert!(f.has(&c), "deleted while a condemned manifest names it: {r:?}");
+    assert!(
+        f.has(&c),
+        "deleted while a condemned manifest names it: {r:?}"
+    );
     assert!(f.store.exists(&old.key()).unwrap());
     // Once the grace is over, the base goes and so does its chunk.
     let r = f.prune(Duration::ZERO);
@@ -198,7 +213,11 @@ fn no_chunk_is_deleted_while_a_base_is_in_flight() {
     let fresh = chunk(f.store.as_ref(), 5);
     let r = f.prune(Duration::ZERO);
     assert!(f.has(&fresh), "{r:?}");
-    assert!(r.notes.iter().any(|n| n.contains("being uploaded")), "{:?}", r.notes);
+    assert!(
+        r.notes.iter().any(|n| n.contains("being uploaded")),
+        "{:?}",
+        r.notes
+    );
     assert!(f.store.exists(&inflight).unwrap());
     // The manifest lands: the marker is resolved and removed, the chunk
     // is named and stays.

@@ -21,8 +21,8 @@ use support::*;
 
 /// The cases every backend must pass. Each takes a fresh, empty store.
 mod cases {
-    use super::*;
     pub use super::cases_delete::*;
+    use super::*;
 
     fn assert_not_found(r: Result<Bytes, StoreError>) {
         match r {
@@ -468,7 +468,10 @@ mod s3_credentials {
         let w = S3Store::open(srv.config_as(&srv.users["sidecar"], BUCKET, "vol")).unwrap();
         w.put("prune/old", Bytes::from_static(b"old")).unwrap();
         let p = S3Store::open(srv.config_as(&srv.users["prune"], BUCKET, "vol")).unwrap();
-        assert_eq!(p.list_sized("prune/").unwrap(), [("prune/old".to_string(), 3)]);
+        assert_eq!(
+            p.list_sized("prune/").unwrap(),
+            [("prune/old".to_string(), 3)]
+        );
         assert_eq!(p.get("prune/old").unwrap(), "old");
         p.put("prune/lock", Bytes::new()).unwrap();
         p.delete("prune/old").unwrap();
