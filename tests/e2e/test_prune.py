@@ -28,6 +28,9 @@ What each test asserts:
   finishes and the other exits 1 naming it (both back off and retry);
 - test_a_base_waits_while_a_prune_holds_the_lock: a base that starts during
   a prune uploads no chunk until the prune is done, then restores exactly;
+- test_a_restore_planned_before_the_condemnation_completes: a restore
+  planned before a prune (default grace) condemned the segments it reads
+  completes exactly; one planned after is refused;
 - test_prune_racing_a_restore: a restore of the oldest kept point started
   while a prune deletes (grace 0) completes exactly;
 - test_prune_racing_a_base_upload: while a base is being uploaded (its
@@ -67,7 +70,7 @@ POLICY = ["--keep-seconds", "1s", "--keep-minutes", "1h", "--keep-hours", "0s", 
 # Building the history
 
 
-def write_gen(root: Path, gen: int, rng: random.Random, vol=None) -> None:
+def write_gen(root: Path, gen: int, rng: random.Random, vol=None, mid=None) -> None:
     """One generation of changes: new files, overwrites, a rename, an
     unlink, a hard link and a symlink, so that replay has work to do.
     Through a mount (`vol` given), the changes are spread over three
@@ -87,6 +90,9 @@ def write_gen(root: Path, gen: int, rng: random.Random, vol=None) -> None:
     for i in range(6):
         (d / f"f{i}").write_bytes(rng.randbytes(rng.randrange(1, 300_000)))
     next_segment()
+    if mid is not None:
+        # Nothing is written until the next part: this instant's tree.
+        mid.append((time.time_ns(), helpers.snapshot(root)))
     shared = root / "shared"
     with open(shared, "ab") as f:
         f.write(f"generation {gen}\n".encode() * 100)
@@ -205,6 +211,7 @@ def history(request, s3):  # noqa: F811
         b = wait_bases(vol, 1)
         snaps.append((b[-1]["completed_ns"], helpers.snapshot(vol.mount)))
         gen_start = {}
+        mid = []
         for n, gen in ((2, 2), (3, 3), (4, 4)):
             if n == 3:
                 # The third base in a later minute than the second, so the
@@ -213,7 +220,7 @@ def history(request, s3):  # noqa: F811
                 wait_until(lambda: time.time_ns() // MIN > second // MIN, 70,
                            "the next minute", interval=0.2)
             gen_start[gen] = time.time_ns()
-            write_gen(vol.mount, gen, rng, vol)
+            write_gen(vol.mount, gen, rng, vol, mid if gen == 3 else None)
             settle(vol)
             vol.kill9()
             vol.start()
@@ -250,7 +257,10 @@ def history(request, s3):  # noqa: F811
         # write the tree was the second base's.
         assert coarse[-2:] == bases[1:3], (coarse, bases)
         between = ((bases[1] + gen_start[3]) // 2, snaps[1][1])
-        yield History(request.param, vol, points, bases, between, s3)
+        h = History(request.param, vol, points, bases, between, s3)
+        # An instant in the third generation's writes: not kept.
+        h.condemned_point = mid[0]
+        yield h
     finally:
         vol.cleanup()
 
@@ -451,6 +461,37 @@ def test_a_base_waits_while_a_prune_holds_the_lock(backend, workdir, s3):  # noq
         check_points(vol, [(b[-1]["completed_ns"], snap)], workdir, "base that waited for a prune")
     finally:
         vol.cleanup()
+
+
+def test_a_restore_planned_before_the_condemnation_completes(history, workdir):
+    """The grace period: a restore planned before a prune condemned what it
+    reads (here stopped with SIGSTOP right after planning, while the prune
+    runs) still finds every object and restores exactly; a restore planned
+    after the condemnation is refused instead."""
+    vol = history.copy(workdir / "v")
+    ns, snap = history.condemned_point
+    target = workdir / "t"
+    argv = [helpers.REWIND_BIN, "restore", *vol.store_args(), "--at", fmt_ns(ns), "--target", target]
+    p = subprocess.Popen([str(a) for a in argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env=vol.env())
+    try:
+        line = p.stderr.readline()
+        assert "restoring lineage" in line, line
+        os.kill(p.pid, signal.SIGSTOP)
+        try:
+            rep = prune_json(vol)
+            assert kinds(rep, "condemned")["segments"] > 0, rep
+            late = vol.restore(ns, workdir / "t2", check=False)
+            assert late.code != 0 and "between two kept points" in late.err, late
+        finally:
+            os.kill(p.pid, signal.SIGCONT)
+        out, err = p.communicate(timeout=300)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 0, f"{out}\n{err}"
+    helpers.assert_same_tree(snap, helpers.snapshot(target), "restore planned before the condemnation")
 
 
 def test_prune_racing_a_restore(history, workdir):
