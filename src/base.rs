@@ -1082,6 +1082,13 @@ impl StoredChunks {
         self.set.lock().contains(hash)
     }
 
+    /// Forgets every confirmation: once prune may delete, a chunk confirmed
+    /// for an earlier base may be gone, so each base checks again what it
+    /// names (the in-flight marker protects only what this walk checks).
+    pub fn forget_all(&self) {
+        self.set.lock().clear();
+    }
+
     /// Records that the store holds `hash`; call only after the store said so.
     pub fn confirm(&self, hash: [u8; 32]) {
         self.set.lock().insert(hash);

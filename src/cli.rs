@@ -41,6 +41,22 @@ pub enum Command {
     Ls(LsArgs),
     /// Check every object's checksum and the continuity of the timeline.
     Verify(VerifyArgs),
+    /// Thin out old history by a tiered retention policy and delete what no kept instant needs.
+    ///
+    /// Tiers follow one another by age: every instant of the newest --keep-seconds span stays
+    /// restorable; before that, one point per minute for --keep-minutes, then one per hour for
+    /// --keep-hours, then one per day for --keep-days; older history is deleted. A point in a
+    /// coarse tier is the newest base snapshot completed in its minute, hour or day, so a tier is
+    /// never finer than the interval between bases. A zero span turns a tier off. Each lineage's
+    /// newest base and everything after it are always kept.
+    ///
+    /// Deletes are deferred: a prune first condemns objects (restores planned after that no
+    /// longer use them) and a later prune deletes what was condemned more than --grace ago, so a
+    /// restore or verify that was already running completes. Chunks of a base that is still
+    /// being uploaded are never deleted. One prune runs at a time per volume: a second one exits
+    /// with status 1 naming the holder (a killed prune's lock expires after 10 minutes). This is
+    /// the only command that deletes: it needs s3:DeleteObject (docs/S3.md), the sidecar does not.
+    Prune(PruneArgs),
     /// Serve the Kubernetes admission webhook that injects the sidecar (HTTPS, POST /mutate).
     Webhook(WebhookArgs),
     /// Inspect local state (for tests and troubleshooting).
@@ -171,6 +187,11 @@ pub struct RestoreArgs {
     /// Which lineage to restore when two overlap in time (see `rewind ls`).
     #[arg(long)]
     pub lineage: Option<String>,
+    /// Where `rewind prune` has thinned the history to isolated points, a TIME between two of
+    /// them is refused (naming both); with this flag the nearest point at or before TIME is
+    /// restored instead, and the output says which instant that was.
+    #[arg(long)]
+    pub or_earlier: bool,
     /// Do not print progress.
     #[arg(long, short)]
     pub quiet: bool,
@@ -187,6 +208,34 @@ pub struct LsArgs {
     #[command(flatten)]
     pub store: StoreArgs,
     /// Print machine-readable JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct PruneArgs {
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// Keep every instant for this span (the newest history).
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+    pub keep_seconds: Duration,
+    /// Then keep one point a minute (the newest base of each minute) for this span.
+    #[arg(long, default_value = "7d", value_parser = humantime::parse_duration)]
+    pub keep_minutes: Duration,
+    /// Then one point an hour for this span.
+    #[arg(long, default_value = "30d", value_parser = humantime::parse_duration)]
+    pub keep_hours: Duration,
+    /// Then one point a day for this span; anything older is deleted.
+    #[arg(long, default_value = "365d", value_parser = humantime::parse_duration)]
+    pub keep_days: Duration,
+    /// How long condemned objects stay before a later prune deletes them. It must be longer than
+    /// any restore or verify takes: one that started before the condemnation may still read them.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    pub grace: Duration,
+    /// Print what would be kept, condemned and deleted, and change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
 }

@@ -107,7 +107,14 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             let at = parse_at(&args.at)?;
             let store = open_store(&args.store)?;
             let t = Timeline::load(store.as_ref())?;
-            let plan = t.plan(at, args.lineage.as_deref())?;
+            let plan = t.plan_at(at, args.lineage.as_deref(), args.or_earlier)?;
+            if let rewind::timeline::Resolved::Earlier { asked_ns } = plan.resolved {
+                println!(
+                    "{} falls between kept points; restoring the nearest point at or before it, {} (--or-earlier)",
+                    fmt_ns(asked_ns),
+                    fmt_ns(plan.at_ns)
+                );
+            }
             let quiet = args.quiet;
             let mut progress = |m: &str| {
                 if !quiet {
@@ -184,6 +191,13 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                     "heartbeats": t.heartbeats,
                     "gaps": t.gaps(),
                     "chunks": t.chunks,
+                    "points": t.points(),
+                    "tiers": tiers(&t),
+                    "condemned": {
+                        "markers": t.condemned.len(),
+                        "segments": t.condemned_segments.len(),
+                        "bases": t.condemned_bases.len(),
+                    },
                 });
                 println!("{}", serde_json::to_string_pretty(&v)?);
                 return Ok(0);
@@ -204,6 +218,9 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                         .map(|l| format!(", started {} ({})", fmt_ns(l.started_ns), l.reason))
                         .unwrap_or_default()
                 );
+            }
+            for tier in tiers(&t) {
+                println!("{}", tier.line);
             }
             for b in &t.bases {
                 println!(
@@ -232,6 +249,37 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 );
             }
             println!("chunks: {}", t.chunks);
+            if !t.condemned.is_empty() {
+                println!(
+                    "condemned by prune, deleted by a later one: {} segments, {} bases ({} markers)",
+                    t.condemned_segments.len(),
+                    t.condemned_bases.len(),
+                    t.condemned.len()
+                );
+            }
+            Ok(0)
+        }
+        Command::Prune(args) => {
+            let store = open_store(&args.store)?;
+            let opts = rewind::prune::PruneOptions {
+                policy: rewind::retention::Policy {
+                    seconds: args.keep_seconds,
+                    minutes: args.keep_minutes,
+                    hours: args.keep_hours,
+                    days: args.keep_days,
+                },
+                grace: args.grace,
+                dry_run: args.dry_run,
+            };
+            let report = rewind::prune::prune(store.as_ref(), &opts)?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!(
+                    "{}",
+                    rewind::prune::render(&report, &args.store.volume, &opts)
+                );
+            }
             Ok(0)
         }
         Command::Verify(args) => {
@@ -316,6 +364,98 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         }
         Command::Webhook(args) => webhook(args),
     }
+}
+
+/// One retention tier of one lineage as `ls` shows it.
+#[derive(serde::Serialize)]
+struct TierLine {
+    lineage: String,
+    tier: &'static str,
+    granularity: &'static str,
+    points: usize,
+    from_ns: rewind::clock::Nanos,
+    to_ns: rewind::clock::Nanos,
+    #[serde(skip)]
+    line: String,
+}
+
+/// Each lineage's continuous window and its kept points, grouped by the
+/// tier the newest prune's policy put them in (by their age at that prune).
+fn tiers(t: &Timeline) -> Vec<TierLine> {
+    use rewind::retention::Tier;
+    let mut out = Vec::new();
+    for w in t.windows() {
+        out.push(TierLine {
+            line: format!(
+                "  lineage {}: every instant from {} to {}",
+                w.lineage, w.earliest, w.latest
+            ),
+            lineage: w.lineage.clone(),
+            tier: Tier::Seconds.name(),
+            granularity: Tier::Seconds.granularity(),
+            points: 0,
+            from_ns: w.earliest_ns,
+            to_ns: w.latest_ns,
+        });
+        let points: Vec<_> = t
+            .points()
+            .into_iter()
+            .filter(|p| p.lineage == w.lineage)
+            .collect();
+        let mut groups: std::collections::BTreeMap<Option<Tier>, Vec<rewind::clock::Nanos>> =
+            Default::default();
+        for p in &points {
+            let tier = t
+                .policy
+                .as_ref()
+                .and_then(|m| m.policy.tier_of_age(m.applied_ns - p.ns));
+            groups.entry(tier).or_default().push(p.ns);
+        }
+        for (tier, ns) in groups.iter().rev() {
+            let (name, gran) = match tier {
+                Some(t) => (t.name(), t.granularity()),
+                None => ("points", "kept bases"),
+            };
+            let (from, to) = (ns[0], ns[ns.len() - 1]);
+            out.push(TierLine {
+                line: format!(
+                    "  lineage {}: {} tier, {} points from {} to {} ({})",
+                    w.lineage,
+                    name,
+                    ns.len(),
+                    fmt_ns(from),
+                    fmt_ns(to),
+                    gran
+                ),
+                lineage: w.lineage.clone(),
+                tier: name,
+                granularity: gran,
+                points: ns.len(),
+                from_ns: from,
+                to_ns: to,
+            });
+        }
+    }
+    if let Some(m) = &t.policy {
+        let d = |x: std::time::Duration| humantime::format_duration(x).to_string();
+        out.push(TierLine {
+            line: format!(
+                "  retention applied {}: every instant for {}, a point a minute for {}, an hour for {}, a day for {}",
+                fmt_ns(m.applied_ns),
+                d(m.policy.seconds),
+                d(m.policy.minutes),
+                d(m.policy.hours),
+                d(m.policy.days)
+            ),
+            lineage: String::new(),
+            tier: "policy",
+            granularity: "",
+            points: 0,
+            from_ns: m.applied_ns,
+            to_ns: m.applied_ns,
+        });
+    }
+    out
 }
 
 fn webhook(args: rewind::cli::WebhookArgs) -> anyhow::Result<i32> {

@@ -360,6 +360,14 @@ impl Store for Watched {
     fn list(&self, prefix: &str) -> Result<Vec<String>> {
         self.watch(self.inner.list(prefix))
     }
+    fn list_sized(&self, prefix: &str) -> Result<Vec<(String, u64)>> {
+        self.watch(self.inner.list_sized(prefix))
+    }
+    fn delete(&self, key: &str) -> Result<()> {
+        // Only prune deletes, and prune does not run through the sidecar's
+        // watched store; forwarding keeps the wrapper a faithful Store.
+        self.watch(self.inner.delete(key))
+    }
     fn describe(&self) -> String {
         self.inner.describe()
     }

@@ -234,10 +234,28 @@ impl Daemon {
                 previous: inc.previous.as_ref(),
                 touched: &touched,
             };
-            let walked = base::walk(&req).and_then(|(m, stats)| {
-                self.confirm_chunks(&m)?;
-                Ok((m, stats))
-            });
+            // The in-flight marker keeps prune from sweeping the chunks
+            // this base uploads or reuses (crate::prune's module docs). It
+            // protects only what this walk checks: chunks remembered from
+            // an earlier base may have been swept since, so forget them.
+            self.known_chunks.forget_all();
+            let announced = crate::prune::announce_base(
+                self.store.as_ref(),
+                lineage,
+                start_seq,
+                started_ns,
+                &|| self.stop.load(Ordering::Relaxed),
+            );
+            let walked = match announced {
+                Ok(true) => base::walk(&req).and_then(|(m, stats)| {
+                    self.confirm_chunks(&m)?;
+                    Ok((m, stats))
+                }),
+                Ok(false) => Err(base::BaseError::Inconsistent(
+                    "shutdown while waiting for a prune".into(),
+                )),
+                Err(e) => Err(e.into()),
+            };
             match walked {
                 Ok((mut m, stats)) => {
                     // Every operation the walk may have seen is journaled

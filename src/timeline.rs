@@ -9,6 +9,18 @@
 //!   seq of lineage was stored and nothing newer had happened.
 //! - `lineage/<started_ns:020>-<lineage:016x>-<reason>`: a lineage began
 //!   (`first-start`, `machine-crash`, `journal-gap`).
+//! - `condemned/<ns:020>-seg-<lineage:016x>-<from_seq:020>-<to_seq:020>` and
+//!   `condemned/<ns:020>-base-<the base key's name>`: `rewind prune` decided
+//!   at ns that these segments or this base are no longer needed. The
+//!   timeline treats them as gone at once (so no restore planned after the
+//!   condemnation reads them); a later prune deletes them after a grace
+//!   period. `condemned/<ns:020>-chunks-<id:016x>` lists chunks and is read
+//!   by prune alone.
+//!
+//! After a prune a lineage is a continuous *window* (any instant from its
+//! first base to its latest stored record) plus isolated *points*: older
+//! bases kept with the records that complete them, restorable exactly at
+//! their completion instant and nowhere between.
 
 use std::collections::BTreeMap;
 
@@ -17,6 +29,7 @@ use serde::Serialize;
 use crate::base::{BaseKind, BaseMeta};
 use crate::clock::{fmt_ns, At, Nanos};
 use crate::record::Seq;
+use crate::retention::PolicyMark;
 use crate::segment::SegmentMeta;
 use crate::store::{Store, StoreError};
 
@@ -76,8 +89,110 @@ impl LineageStart {
     }
 }
 
+/// What `rewind prune` marked as no longer needed (see the module docs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Condemned {
+    /// Every segment of `lineage` whose records all lie in from..=to.
+    Segments {
+        ns: Nanos,
+        lineage: u64,
+        from_seq: Seq,
+        to_seq: Seq,
+    },
+    Base {
+        ns: Nanos,
+        base: BaseMeta,
+    },
+    /// An object listing chunk hashes (its body is for prune alone).
+    Chunks {
+        ns: Nanos,
+        id: u64,
+    },
+}
+
+impl Condemned {
+    pub fn ns(&self) -> Nanos {
+        match self {
+            Condemned::Segments { ns, .. }
+            | Condemned::Base { ns, .. }
+            | Condemned::Chunks { ns, .. } => *ns,
+        }
+    }
+
+    pub fn key(&self) -> String {
+        match self {
+            Condemned::Segments {
+                ns,
+                lineage,
+                from_seq,
+                to_seq,
+            } => format!(
+                "condemned/{:020}-seg-{lineage:016x}-{from_seq:020}-{to_seq:020}",
+                ns.max(&0)
+            ),
+            Condemned::Base { ns, base } => {
+                let k = base.key();
+                let name = k
+                    .strip_prefix("base/")
+                    .and_then(|n| n.strip_suffix(".rwb"))
+                    .expect("base keys are base/<name>.rwb");
+                format!("condemned/{:020}-base-{name}", ns.max(&0))
+            }
+            Condemned::Chunks { ns, id } => {
+                format!("condemned/{:020}-chunks-{id:016x}", ns.max(&0))
+            }
+        }
+    }
+
+    pub fn from_key(k: &str) -> Option<Condemned> {
+        let rest = k.strip_prefix("condemned/")?;
+        let (ns, rest) = rest.split_once('-')?;
+        let ns: Nanos = ns.parse().ok()?;
+        let (what, rest) = rest.split_once('-')?;
+        match what {
+            "seg" => {
+                let p: Vec<&str> = rest.split('-').collect();
+                if p.len() != 3 {
+                    return None;
+                }
+                Some(Condemned::Segments {
+                    ns,
+                    lineage: u64::from_str_radix(p[0], 16).ok()?,
+                    from_seq: p[1].parse().ok()?,
+                    to_seq: p[2].parse().ok()?,
+                })
+            }
+            "base" => Some(Condemned::Base {
+                ns,
+                base: BaseMeta::from_key(&format!("base/{rest}.rwb"))?,
+            }),
+            "chunks" => Some(Condemned::Chunks {
+                ns,
+                id: u64::from_str_radix(rest, 16).ok()?,
+            }),
+            _ => None,
+        }
+    }
+
+    /// Whether this marker condemns segment `s`.
+    pub fn covers_segment(&self, s: &SegmentMeta) -> bool {
+        matches!(self, Condemned::Segments { lineage, from_seq, to_seq, .. }
+            if *lineage == s.lineage && *from_seq <= s.first_seq && s.last_seq <= *to_seq)
+    }
+}
+
 /// The first component of every key a volume owns.
-pub const VOLUME_KEY_KINDS: [&str; 5] = ["seg", "base", "chunk", "hb", "lineage"];
+pub const VOLUME_KEY_KINDS: [&str; 9] = [
+    "seg",
+    "base",
+    "chunk",
+    "hb",
+    "lineage",
+    "condemned",
+    "inflight",
+    "lock",
+    "policy",
+];
 
 /// Checks a `--volume` name: `/`-separated components, none empty, `.` or
 /// `..`, and a last component that is not one of the key kinds (so that no
@@ -117,13 +232,46 @@ pub fn lineage_id(l: u64) -> String {
 /// Everything the store says about one volume.
 #[derive(Debug, Default)]
 pub struct Timeline {
+    /// Segments and bases that are not condemned, the only ones a restore
+    /// may use.
     pub segments: Vec<SegmentMeta>,
     pub bases: Vec<BaseMeta>,
     pub heartbeats: Vec<Heartbeat>,
     pub lineages: Vec<LineageStart>,
     pub chunks: usize,
+    /// Prune's condemnation markers, and what they hide.
+    pub condemned: Vec<Condemned>,
+    pub condemned_segments: Vec<SegmentMeta>,
+    pub condemned_bases: Vec<BaseMeta>,
+    /// The newest retention policy a prune applied, if any.
+    pub policy: Option<PolicyMark>,
+    /// Keys of prune's and the sidecar's coordination markers (`inflight/`,
+    /// `lock/`, `policy/`): known, but no part of the timeline.
+    pub markers: Vec<String>,
     /// Keys under the volume that no format claims.
     pub unknown: Vec<String>,
+    /// For each segment, the highest last_seq of its lineage's segments up
+    /// to it: lets `tail` skip to a base's first record in O(log n). Built
+    /// by `from_keys`; the segments must not change after it.
+    seg_max_last: Vec<Seq>,
+}
+
+/// A restorable instant that is not inside a continuous window: a base
+/// kept by a coarse retention tier, restorable exactly at its completion.
+#[derive(Debug, Clone, Serialize)]
+pub struct Point {
+    pub lineage: String,
+    pub ns: Nanos,
+    pub at: String,
+}
+
+/// How a restore time was resolved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resolved {
+    /// The instant asked for.
+    Exact,
+    /// The nearest kept point before the instant asked for (`--or-earlier`).
+    Earlier { asked_ns: Nanos },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -142,6 +290,13 @@ pub enum TimelineError {
     NoLineage(String),
     #[error("the timeline is broken: {0}")]
     Broken(String),
+    #[error("{time} falls between two kept points of lineage {lineage} (this part of the timeline was thinned by `rewind prune`): the nearest are {before} and {after}. Restore one of them, or add --or-earlier to take {before}")]
+    BetweenPoints {
+        time: String,
+        lineage: String,
+        before: String,
+        after: String,
+    },
 }
 
 /// The span of one lineage that can be restored.
@@ -169,36 +324,266 @@ pub struct Plan {
     pub lineage: u64,
     pub base: BaseMeta,
     pub segments: Vec<SegmentMeta>,
+    pub resolved: Resolved,
+}
+
+/// One lineage as restore sees it: the continuous window and the isolated
+/// points before it.
+#[derive(Debug, Clone)]
+pub(crate) struct LineageView {
+    pub lineage: u64,
+    /// The oldest base from which records run without a break to the
+    /// lineage's latest stored record.
+    pub window_base: BaseMeta,
+    pub earliest_ns: Nanos,
+    pub latest_ns: Nanos,
+    /// Bases before the window whose replay records are all stored, oldest first.
+    pub points: Vec<BaseMeta>,
+}
+
+impl LineageView {
+    fn first_ns(&self) -> Nanos {
+        self.points
+            .first()
+            .map(|b| b.completed_ns)
+            .unwrap_or(self.earliest_ns)
+    }
+}
+
+/// Why a base's replay records are not all in the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct MissingRecords {
+    pub from: Seq,
+    pub to: Seq,
 }
 
 impl Timeline {
     pub fn load(store: &dyn Store) -> Result<Timeline, StoreError> {
+        Ok(Timeline::from_keys(list_volume(store)?))
+    }
+
+    /// The timeline that a listing of the volume's keys describes.
+    pub fn from_keys(keys: impl IntoIterator<Item = String>) -> Timeline {
         let mut t = Timeline::default();
-        // Only this volume's own kinds of keys: a volume nested under this
-        // one ("shop" and "shop/db") must never be read as part of it.
-        let mut keys = Vec::new();
-        for kind in VOLUME_KEY_KINDS {
-            keys.extend(store.list(&format!("{kind}/"))?);
-        }
+        let mut segments = Vec::new();
+        let mut bases = Vec::new();
         for k in keys {
             if let Some(s) = SegmentMeta::from_key(&k) {
-                t.segments.push(s);
+                segments.push(s);
             } else if let Some(b) = BaseMeta::from_key(&k) {
-                t.bases.push(b);
+                bases.push(b);
             } else if let Some(h) = Heartbeat::from_key(&k) {
                 t.heartbeats.push(h);
             } else if let Some(l) = LineageStart::from_key(&k) {
                 t.lineages.push(l);
             } else if k.starts_with("chunk/") {
                 t.chunks += 1;
+            } else if let Some(c) = Condemned::from_key(&k) {
+                t.condemned.push(c);
+            } else if let Some(p) = PolicyMark::from_key(&k) {
+                if t.policy
+                    .as_ref()
+                    .is_none_or(|q| q.applied_ns < p.applied_ns)
+                {
+                    t.policy = Some(p);
+                }
+                t.markers.push(k);
+            } else if k.starts_with("inflight/") || k.starts_with("lock/") {
+                t.markers.push(k);
             } else {
                 t.unknown.push(k);
+            }
+        }
+        let condemned_base: std::collections::HashSet<String> = t
+            .condemned
+            .iter()
+            .filter_map(|c| match c {
+                Condemned::Base { base, .. } => Some(base.key()),
+                _ => None,
+            })
+            .collect();
+        let ranges: Vec<&Condemned> = t
+            .condemned
+            .iter()
+            .filter(|c| matches!(c, Condemned::Segments { .. }))
+            .collect();
+        for s in segments {
+            if ranges.iter().any(|c| c.covers_segment(&s)) {
+                t.condemned_segments.push(s);
+            } else {
+                t.segments.push(s);
+            }
+        }
+        for b in bases {
+            if condemned_base.contains(&b.key()) {
+                t.condemned_bases.push(b);
+            } else {
+                t.bases.push(b);
             }
         }
         t.segments.sort_by_key(|s| (s.lineage, s.first_seq));
         t.bases.sort_by_key(|b| b.completed_ns);
         t.heartbeats.sort_by_key(|h| h.ns);
-        Ok(t)
+        t.condemned.sort_by_key(|c| c.ns());
+        let mut prev: Option<(u64, Seq)> = None;
+        for s in &t.segments {
+            let m = match prev {
+                Some((l, m)) if l == s.lineage => m.max(s.last_seq),
+                _ => s.last_seq,
+            };
+            t.seg_max_last.push(m);
+            prev = Some((s.lineage, m));
+        }
+        t
+    }
+
+    /// The index range of one lineage's segments in `segments`.
+    fn lineage_range(&self, l: u64) -> std::ops::Range<usize> {
+        self.segments.partition_point(|s| s.lineage < l)
+            ..self.segments.partition_point(|s| s.lineage <= l)
+    }
+
+    /// The replay records of `base` up to `at_ns`: the stored segments a
+    /// restore reads, in order, or the first range of sequence numbers that
+    /// is missing. This is the one definition restore, verify and prune use.
+    pub(crate) fn tail(
+        &self,
+        base: &BaseMeta,
+        at_ns: Nanos,
+    ) -> Result<Vec<&SegmentMeta>, MissingRecords> {
+        let mut out = Vec::new();
+        let mut next = base.start_seq + 1;
+        let r = self.lineage_range(base.lineage);
+        // Every segment before `from` ends at or before the base's start.
+        let from = if self.seg_max_last.len() == self.segments.len() {
+            r.start + self.seg_max_last[r.clone()].partition_point(|&m| m < next)
+        } else {
+            r.start
+        };
+        for s in &self.segments[from..r.end] {
+            if s.last_seq < next {
+                continue;
+            }
+            if s.first_ns > at_ns {
+                break;
+            }
+            if s.first_seq > next {
+                return Err(MissingRecords {
+                    from: next,
+                    to: s.first_seq - 1,
+                });
+            }
+            next = s.last_seq + 1;
+            out.push(s);
+        }
+        Ok(out)
+    }
+
+    /// Each lineage with a base: its window and its isolated points.
+    pub(crate) fn views(&self) -> Vec<LineageView> {
+        let mut hb_at: std::collections::HashMap<(u64, Seq), Nanos> = Default::default();
+        for h in &self.heartbeats {
+            let e = hb_at.entry((h.lineage, h.seq)).or_insert(h.ns);
+            *e = (*e).max(h.ns);
+        }
+        let mut out = Vec::new();
+        for l in self.lineage_ids() {
+            let bases: Vec<&BaseMeta> = self.bases.iter().filter(|b| b.lineage == l).collect();
+            // Runs of segments without a break in sequence numbers:
+            // (first_seq, last_seq, last_ns).
+            let mut runs: Vec<(Seq, Seq, Nanos)> = Vec::new();
+            for s in &self.segments[self.lineage_range(l)] {
+                match runs.last_mut() {
+                    Some(r) if s.first_seq <= r.1 + 1 => {
+                        r.1 = r.1.max(s.last_seq);
+                        r.2 = r.2.max(s.last_ns);
+                    }
+                    _ => runs.push((s.first_seq, s.last_seq, s.last_ns)),
+                }
+            }
+            // How far the records run without a break after a base: the
+            // last instant whose state the store knows, and the last seq.
+            let reach = |b: &BaseMeta| -> (Nanos, Seq) {
+                let next = b.start_seq + 1;
+                let i = runs.partition_point(|r| r.0 <= next);
+                let (mut ns, seq) = match i.checked_sub(1).map(|i| runs[i]) {
+                    Some(r) if r.1 >= next => (b.completed_ns.max(r.2), r.1),
+                    _ => (b.completed_ns, b.start_seq),
+                };
+                if let Some(h) = hb_at.get(&(l, seq)) {
+                    ns = ns.max(*h);
+                }
+                (ns, seq)
+            };
+            let reaches: Vec<(Nanos, Seq)> = bases.iter().map(|b| reach(b)).collect();
+            // The window starts at the oldest base whose records reach
+            // furthest; bases are sorted by completion.
+            let Some(far) = reaches.iter().map(|r| r.1).max() else {
+                continue;
+            };
+            let w = reaches.iter().position(|r| r.1 == far).unwrap();
+            let window_base = bases[w].clone();
+            let latest_ns = bases[w..]
+                .iter()
+                .zip(&reaches[w..])
+                .filter(|(_, r)| r.1 == far)
+                .map(|(_, r)| r.0)
+                .max()
+                .unwrap()
+                .max(window_base.completed_ns);
+            let points = bases[..w]
+                .iter()
+                .filter(|b| b.completed_ns < window_base.completed_ns)
+                .filter(|b| self.tail(b, b.completed_ns).is_ok())
+                .map(|b| (*b).clone())
+                .collect();
+            out.push(LineageView {
+                lineage: l,
+                earliest_ns: window_base.completed_ns,
+                latest_ns,
+                window_base,
+                points,
+            });
+        }
+        out
+    }
+
+    /// Bases that no restore can use: neither in a window nor a complete
+    /// point (their replay records are missing).
+    pub fn unusable_bases(&self) -> Vec<(BaseMeta, String)> {
+        let views = self.views();
+        let mut out = Vec::new();
+        for b in &self.bases {
+            let Some(v) = views.iter().find(|v| v.lineage == b.lineage) else {
+                continue;
+            };
+            if b.completed_ns >= v.earliest_ns || v.points.contains(b) {
+                continue;
+            }
+            let why = match self.tail(b, b.completed_ns) {
+                Err(m) => format!(
+                    "records {}..{} it needs are missing from the store",
+                    m.from, m.to
+                ),
+                Ok(_) => "it is not part of the timeline".into(),
+            };
+            out.push((b.clone(), why));
+        }
+        out
+    }
+
+    /// Isolated restorable points, oldest first, per lineage.
+    pub fn points(&self) -> Vec<Point> {
+        self.views()
+            .iter()
+            .flat_map(|v| {
+                v.points.iter().map(|b| Point {
+                    lineage: lineage_id(v.lineage),
+                    ns: b.completed_ns,
+                    at: fmt_ns(b.completed_ns),
+                })
+            })
+            .collect()
     }
 
     fn lineage_ids(&self) -> Vec<u64> {
@@ -209,70 +594,43 @@ impl Timeline {
         ids
     }
 
-    /// The last instant of `lineage` whose state the store fully knows, and
-    /// the last sequence number stored before a break in continuity.
-    fn known_until(&self, lineage: u64) -> Option<(Nanos, Seq)> {
-        let first_base = self
-            .bases
-            .iter()
-            .filter(|b| b.lineage == lineage)
-            .min_by_key(|b| b.start_seq)?;
-        let mut next = first_base.start_seq + 1;
-        let mut last_ns = first_base.completed_ns;
-        for s in self.segments.iter().filter(|s| s.lineage == lineage) {
-            if s.last_seq < next {
-                continue;
-            }
-            if s.first_seq > next {
-                break;
-            }
-            next = s.last_seq + 1;
-            last_ns = last_ns.max(s.last_ns);
-        }
-        let last_seq = next - 1;
-        for h in self
-            .heartbeats
-            .iter()
-            .filter(|h| h.lineage == lineage && h.seq == last_seq)
-        {
-            last_ns = last_ns.max(h.ns);
-        }
-        Some((last_ns, last_seq))
-    }
-
     /// Restore windows, one per lineage with a completed base.
     pub fn windows(&self) -> Vec<Window> {
-        let mut out = Vec::new();
-        for l in self.lineage_ids() {
-            let Some(earliest) = self
-                .bases
-                .iter()
-                .filter(|b| b.lineage == l)
-                .map(|b| b.completed_ns)
-                .min()
-            else {
-                continue;
-            };
-            let Some((latest, _)) = self.known_until(l) else {
-                continue;
-            };
-            out.push(Window {
-                lineage: lineage_id(l),
-                earliest_ns: earliest,
-                latest_ns: latest.max(earliest),
-                earliest: fmt_ns(earliest),
-                latest: fmt_ns(latest.max(earliest)),
-            });
-        }
-        out
+        self.views()
+            .iter()
+            .map(|v| Window {
+                lineage: lineage_id(v.lineage),
+                earliest_ns: v.earliest_ns,
+                latest_ns: v.latest_ns,
+                earliest: fmt_ns(v.earliest_ns),
+                latest: fmt_ns(v.latest_ns),
+            })
+            .collect()
     }
 
-    /// Gaps: breaks in sequence continuity, and the span of each repair
-    /// base (between an unclean restart and the base that covers it).
+    /// Gaps in the continuous part of each lineage: breaks in sequence
+    /// continuity, and the span of each repair base (between an unclean
+    /// restart and the base that covers it). What lies before a lineage's
+    /// window is isolated points, whose own records `unusable_bases` checks.
     pub fn gaps(&self) -> Vec<Gap> {
         let mut out = Vec::new();
+        let views = self.views();
         for l in self.lineage_ids() {
-            let segs: Vec<&SegmentMeta> = self.segments.iter().filter(|s| s.lineage == l).collect();
+            let from_seq = views
+                .iter()
+                .find(|v| v.lineage == l)
+                .map(|v| v.window_base.start_seq)
+                .unwrap_or(0);
+            let window_ns = views
+                .iter()
+                .find(|v| v.lineage == l)
+                .map(|v| v.earliest_ns)
+                .unwrap_or(Nanos::MIN);
+            let segs: Vec<&SegmentMeta> = self
+                .segments
+                .iter()
+                .filter(|s| s.lineage == l && s.last_seq > from_seq)
+                .collect();
             for w in segs.windows(2) {
                 if w[1].first_seq > w[0].last_seq + 1 {
                     out.push(Gap {
@@ -287,11 +645,9 @@ impl Timeline {
                     });
                 }
             }
-            for b in self
-                .bases
-                .iter()
-                .filter(|b| b.lineage == l && b.kind == BaseKind::Repair)
-            {
+            for b in self.bases.iter().filter(|b| {
+                b.lineage == l && b.kind == BaseKind::Repair && b.completed_ns >= window_ns
+            }) {
                 let from = segs
                     .iter()
                     .find(|s| s.last_seq > b.start_seq)
@@ -310,20 +666,52 @@ impl Timeline {
     }
 
     fn describe_windows(&self) -> String {
-        let w = self.windows();
-        if w.is_empty() {
+        let views = self.views();
+        if views.is_empty() {
             return "no base has completed yet".into();
         }
-        w.iter()
-            .map(|w| format!("{} to {} (lineage {})", w.earliest, w.latest, w.lineage))
+        views
+            .iter()
+            .map(|v| {
+                let points = match v.points.len() {
+                    0 => String::new(),
+                    1 => format!(
+                        ", and the earlier point {}",
+                        fmt_ns(v.points[0].completed_ns)
+                    ),
+                    n => format!(
+                        ", and {n} earlier points from {} to {}",
+                        fmt_ns(v.points[0].completed_ns),
+                        fmt_ns(v.points[n - 1].completed_ns)
+                    ),
+                };
+                format!(
+                    "{} to {} (lineage {}){points}",
+                    fmt_ns(v.earliest_ns),
+                    fmt_ns(v.latest_ns),
+                    lineage_id(v.lineage)
+                )
+            })
             .collect::<Vec<_>>()
             .join("; ")
     }
 
-    /// Resolves a restore time to a lineage, a base and the segments to replay.
+    /// Resolves a restore time to a lineage, a base and the segments to
+    /// replay. The time must name a restorable instant exactly.
     pub fn plan(&self, at: At, lineage: Option<&str>) -> Result<Plan, TimelineError> {
-        let windows = self.windows();
-        if windows.is_empty() {
+        self.plan_at(at, lineage, false)
+    }
+
+    /// Like `plan`; with `or_earlier`, a time between two kept points
+    /// resolves to the nearest point before it (and the plan says so).
+    pub fn plan_at(
+        &self,
+        at: At,
+        lineage: Option<&str>,
+        or_earlier: bool,
+    ) -> Result<Plan, TimelineError> {
+        let views = self.views();
+        if views.is_empty() {
             let why = if self.segments.is_empty() {
                 String::new()
             } else {
@@ -335,24 +723,25 @@ impl Timeline {
             Some(id) => {
                 let l =
                     u64::from_str_radix(id, 16).map_err(|_| TimelineError::NoLineage(id.into()))?;
-                if !windows.iter().any(|w| w.lineage == lineage_id(l)) {
+                if !views.iter().any(|v| v.lineage == l) {
                     return Err(TimelineError::NoLineage(id.into()));
                 }
                 Some(l)
             }
             None => None,
         };
-        let candidates: Vec<&Window> = windows
+        let candidates: Vec<&LineageView> = views
             .iter()
-            .filter(|w| wanted.is_none_or(|l| w.lineage == lineage_id(l)))
+            .filter(|v| wanted.is_none_or(|l| v.lineage == l))
             .collect();
         let at_ns = match at {
-            At::Latest => candidates.iter().map(|w| w.latest_ns).max().unwrap(),
+            At::Latest => candidates.iter().map(|v| v.latest_ns).max().unwrap(),
             At::Instant(ns) => ns,
         };
-        let covering: Vec<&&Window> = candidates
+        // A lineage covers T from its oldest kept point to its latest record.
+        let covering: Vec<&&LineageView> = candidates
             .iter()
-            .filter(|w| w.earliest_ns <= at_ns && at_ns <= w.latest_ns)
+            .filter(|v| v.first_ns() <= at_ns && at_ns <= v.latest_ns)
             .collect();
         let chosen = match covering.len() {
             0 => {
@@ -362,69 +751,90 @@ impl Timeline {
                 });
             }
             1 => covering[0],
-            _ if at == At::Latest => covering.iter().max_by_key(|w| w.latest_ns).unwrap(),
+            _ if at == At::Latest => covering.iter().max_by_key(|v| v.latest_ns).unwrap(),
             _ => {
                 return Err(TimelineError::Ambiguous {
                     time: fmt_ns(at_ns),
                     ids: covering
                         .iter()
-                        .map(|w| w.lineage.clone())
+                        .map(|v| lineage_id(v.lineage))
                         .collect::<Vec<_>>()
                         .join(", "),
                 })
             }
         };
-        let l = u64::from_str_radix(&chosen.lineage, 16).unwrap();
-        let base = self
-            .bases
-            .iter()
-            .filter(|b| b.lineage == l && b.completed_ns <= at_ns)
-            .max_by_key(|b| (b.completed_ns, b.start_seq))
-            .cloned()
-            .ok_or_else(|| TimelineError::OutsideWindow {
-                time: fmt_ns(at_ns),
-                window: self.describe_windows(),
-            })?;
-        // Segments after the base, up to the first that starts after T.
-        let mut segments = Vec::new();
-        let mut next = base.start_seq + 1;
-        let mut last_needed = base.start_seq;
-        for s in self.segments.iter().filter(|s| s.lineage == l) {
-            if s.last_seq < next {
-                continue;
-            }
-            if s.first_ns > at_ns {
-                break;
-            }
-            if s.first_seq > next {
-                return Err(TimelineError::InGap {
+        let l = chosen.lineage;
+        let (base, plan_ns, resolved) = if at_ns >= chosen.earliest_ns {
+            let base = self
+                .bases
+                .iter()
+                .filter(|b| b.lineage == l && b.completed_ns <= at_ns)
+                .filter(|b| b.completed_ns >= chosen.earliest_ns)
+                .max_by_key(|b| (b.completed_ns, b.start_seq))
+                .cloned()
+                .expect("the window starts at a base");
+            (base, at_ns, Resolved::Exact)
+        } else if let Some(p) = chosen.points.iter().find(|p| p.completed_ns == at_ns) {
+            (p.clone(), at_ns, Resolved::Exact)
+        } else {
+            // Between two kept points: the first covers T, so one is before.
+            let before = chosen
+                .points
+                .iter()
+                .rfind(|p| p.completed_ns < at_ns)
+                .expect("the oldest point is at or before T");
+            let after = chosen
+                .points
+                .iter()
+                .find(|p| p.completed_ns > at_ns)
+                .map(|p| p.completed_ns)
+                .unwrap_or(chosen.earliest_ns);
+            if !or_earlier {
+                return Err(TimelineError::BetweenPoints {
                     time: fmt_ns(at_ns),
-                    why: format!(
-                        "records {}..{} of lineage {} are missing from the store",
-                        next,
-                        s.first_seq - 1,
-                        chosen.lineage
-                    ),
+                    lineage: lineage_id(l),
+                    before: fmt_ns(before.completed_ns),
+                    after: fmt_ns(after),
                 });
             }
-            next = s.last_seq + 1;
-            last_needed = s.last_seq;
-            segments.push(s.clone());
-        }
+            (
+                before.clone(),
+                before.completed_ns,
+                Resolved::Earlier { asked_ns: at_ns },
+            )
+        };
+        let segments: Vec<SegmentMeta> = match self.tail(&base, plan_ns) {
+            Ok(segs) => segs.into_iter().cloned().collect(),
+            Err(m) => {
+                return Err(TimelineError::InGap {
+                    time: fmt_ns(plan_ns),
+                    why: format!(
+                        "records {}..{} of lineage {} are missing from the store",
+                        m.from,
+                        m.to,
+                        lineage_id(l)
+                    ),
+                })
+            }
+        };
+        let last_needed = segments
+            .last()
+            .map(|s| s.last_seq)
+            .unwrap_or(base.start_seq);
         // A repair base not yet complete at T means the source may have held
         // an unrecorded change when records after its start were made.
         for r in self
             .bases
             .iter()
-            .filter(|b| b.lineage == l && b.kind == BaseKind::Repair && b.completed_ns > at_ns)
+            .filter(|b| b.lineage == l && b.kind == BaseKind::Repair && b.completed_ns > plan_ns)
         {
             if r.start_seq > base.start_seq && r.start_seq < last_needed {
                 let needs_after = segments
                     .iter()
-                    .any(|s| s.last_seq > r.start_seq && s.first_ns <= at_ns);
+                    .any(|s| s.last_seq > r.start_seq && s.first_ns <= plan_ns);
                 if needs_after {
                     return Err(TimelineError::InGap {
-                        time: fmt_ns(at_ns),
+                        time: fmt_ns(plan_ns),
                         why: format!(
                             "the sidecar restarted after a crash and its repair base completed at {}; restore a time before the restart or after that",
                             fmt_ns(r.completed_ns)
@@ -434,10 +844,11 @@ impl Timeline {
             }
         }
         Ok(Plan {
-            at_ns,
+            at_ns: plan_ns,
             lineage: l,
             base,
             segments,
+            resolved,
         })
     }
 
@@ -468,4 +879,14 @@ impl Timeline {
         }
         m
     }
+}
+
+/// Lists every key the volume owns, and only those: a volume nested under
+/// this one ("shop" and "shop/db") must never be read as part of it.
+pub fn list_volume(store: &dyn Store) -> Result<Vec<String>, StoreError> {
+    let mut keys = Vec::new();
+    for kind in VOLUME_KEY_KINDS {
+        keys.extend(store.list(&format!("{kind}/"))?);
+    }
+    Ok(keys)
 }

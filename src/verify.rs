@@ -1,7 +1,9 @@
 //! `rewind verify`: reads every object of a volume and checks it — each
 //! segment, manifest and chunk against its blake3 trailer and its key, and
 //! the timeline for continuity (no missing sequence numbers, a base per
-//! lineage, every chunk a manifest names present). It reports every
+//! lineage, every chunk a manifest names present, every base kept by a
+//! prune complete with its records). Objects that a prune condemned are
+//! gone as far as verify is concerned. It reports every
 //! problem it finds rather than stopping at the first. It must not modify
 //! the store.
 
@@ -74,6 +76,10 @@ pub fn verify(store: &dyn Store, progress: &mut dyn FnMut(&str)) -> Result<Repor
             Err(e) => return Err(e),
         }
         rep.chunks += 1;
+    }
+    for (b, why) in t.unusable_bases() {
+        rep.problems
+            .push(format!("base {} cannot be restored: {why}", b.key()));
     }
     for g in t.gaps() {
         if g.reason.contains("missing") {

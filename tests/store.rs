@@ -21,6 +21,7 @@ use support::*;
 
 /// The cases every backend must pass. Each takes a fresh, empty store.
 mod cases {
+    pub use super::cases_delete::*;
     use super::*;
 
     fn assert_not_found(r: Result<Bytes, StoreError>) {
@@ -161,6 +162,34 @@ mod cases {
     }
 }
 
+mod cases_delete {
+    use super::*;
+
+    /// Deleting removes the object from get, exists and list; deleting a
+    /// key that is not there is success (an interrupted prune repeats its
+    /// deletes).
+    pub fn delete_removes_and_absent_is_success(s: &dyn Store) {
+        s.put("seg/a", Bytes::from_static(b"aa")).unwrap();
+        s.put("seg/b", Bytes::from_static(b"b")).unwrap();
+        s.delete("seg/a").unwrap();
+        assert!(matches!(s.get("seg/a"), Err(StoreError::NotFound { .. })));
+        assert!(!s.exists("seg/a").unwrap());
+        assert_eq!(s.list("seg/").unwrap(), ["seg/b"]);
+        s.delete("seg/a").unwrap();
+        s.delete("never/was").unwrap();
+    }
+
+    pub fn list_sized_gives_each_size(s: &dyn Store) {
+        s.put("hb/1", Bytes::new()).unwrap();
+        s.put("hb/2", Bytes::from(vec![7u8; 1234])).unwrap();
+        s.put("hbx", Bytes::from_static(b"x")).unwrap();
+        assert_eq!(
+            s.list_sized("hb/").unwrap(),
+            [("hb/1".to_string(), 0), ("hb/2".to_string(), 1234)]
+        );
+    }
+}
+
 fn file_store() -> (tempfile::TempDir, Arc<dyn Store>) {
     let dir = tempdir();
     let s = FileStore::open(dir.path().join("store")).unwrap();
@@ -198,6 +227,8 @@ store_suite!(
     large_object_round_trips,
     concurrent_puts_and_gets,
     readers_never_see_a_partial_object,
+    delete_removes_and_absent_is_success,
+    list_sized_gives_each_size,
 );
 
 /// Configuration errors: each fails at open, with a message saying what to fix.
@@ -381,6 +412,8 @@ mod s3_credentials {
                 &format!("sidecar=sidecar:{BUCKET}:vol"),
                 "--user",
                 &format!("restore=restore:{BUCKET}:vol"),
+                "--user",
+                &format!("prune=prune:{BUCKET}:vol"),
                 "--auth",
             ])
         })
@@ -432,6 +465,29 @@ mod s3_credentials {
         // Outside its prefix, it may do nothing.
         let other = S3Store::open(srv.config_as(&srv.users["sidecar"], BUCKET, "other")).unwrap();
         denied(other.put("seg/1", small));
+        // Only prune deletes: the sidecar cannot.
+        let msg = denied(s.delete("seg/1"));
+        assert!(msg.contains("docs/S3.md"), "{msg}");
+        assert!(s.exists("seg/1").unwrap());
+    }
+
+    #[test]
+    fn prune_policy_lists_reads_writes_and_deletes() {
+        let srv = auth_server();
+        let w = S3Store::open(srv.config_as(&srv.users["sidecar"], BUCKET, "vol")).unwrap();
+        w.put("prune/old", Bytes::from_static(b"old")).unwrap();
+        let p = S3Store::open(srv.config_as(&srv.users["prune"], BUCKET, "vol")).unwrap();
+        assert_eq!(
+            p.list_sized("prune/").unwrap(),
+            [("prune/old".to_string(), 3)]
+        );
+        assert_eq!(p.get("prune/old").unwrap(), "old");
+        p.put("prune/lock", Bytes::new()).unwrap();
+        p.delete("prune/old").unwrap();
+        p.delete("prune/lock").unwrap();
+        assert!(p.list("prune/").unwrap().is_empty());
+        let other = S3Store::open(srv.config_as(&srv.users["prune"], BUCKET, "other")).unwrap();
+        denied(other.delete("prune/x"));
     }
 
     #[test]

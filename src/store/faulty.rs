@@ -21,6 +21,7 @@ pub enum Op {
     Get,
     Exists,
     List,
+    Delete,
 }
 
 /// What an injected fault does.
@@ -30,8 +31,8 @@ pub enum Fault {
     Unreachable,
     /// Fail with `StoreError::Denied`.
     Denied,
-    /// Puts only: store the object, then report `Unreachable` (the answer
-    /// was lost), so the caller retries a put that already happened.
+    /// Puts and deletes only: do it, then report `Unreachable` (the answer
+    /// was lost), so the caller retries a call that already happened.
     LandThenFail,
 }
 
@@ -40,7 +41,7 @@ struct State {
     down: bool,
     /// (op, fault, remaining count), consumed first to last.
     queued: Vec<(Op, Fault, usize)>,
-    calls: [u64; 4],
+    calls: [u64; 5],
     failures: u64,
 }
 
@@ -161,6 +162,24 @@ impl Store for FaultyStore {
         match self.fault_for(Op::List) {
             None => self.inner.list(prefix),
             Some(f) => Err(self.error(f, prefix)),
+        }
+    }
+
+    fn list_sized(&self, prefix: &str) -> Result<Vec<(String, u64)>> {
+        match self.fault_for(Op::List) {
+            None => self.inner.list_sized(prefix),
+            Some(f) => Err(self.error(f, prefix)),
+        }
+    }
+
+    fn delete(&self, key: &str) -> Result<()> {
+        match self.fault_for(Op::Delete) {
+            None => self.inner.delete(key),
+            Some(Fault::LandThenFail) => {
+                self.inner.delete(key)?;
+                Err(self.error(Fault::LandThenFail, key))
+            }
+            Some(f) => Err(self.error(f, key)),
         }
     }
 

@@ -52,7 +52,7 @@ impl FileStore {
     }
 }
 
-fn walk(dir: &Path, rel: &str, out: &mut Vec<String>) -> std::io::Result<()> {
+fn walk(dir: &Path, rel: &str, out: &mut Vec<(String, u64)>) -> std::io::Result<()> {
     let rd = match fs::read_dir(dir) {
         Ok(rd) => rd,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
@@ -72,7 +72,13 @@ fn walk(dir: &Path, rel: &str, out: &mut Vec<String>) -> std::io::Result<()> {
         if ent.file_type()?.is_dir() {
             walk(&ent.path(), &key, out)?;
         } else {
-            out.push(key);
+            // A file deleted between the listing and the stat (a concurrent
+            // prune) is simply not listed.
+            match ent.metadata() {
+                Ok(m) => out.push((key, m.len())),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
         }
     }
     Ok(())
@@ -124,6 +130,14 @@ impl Store for FileStore {
     }
 
     fn list(&self, prefix: &str) -> Result<Vec<String>> {
+        Ok(self
+            .list_sized(prefix)?
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect())
+    }
+
+    fn list_sized(&self, prefix: &str) -> Result<Vec<(String, u64)>> {
         // List the deepest directory the prefix names, then filter.
         let dir_rel = match prefix.rfind('/') {
             Some(i) => &prefix[..i],
@@ -136,9 +150,20 @@ impl Store for FileStore {
         };
         let mut out = Vec::new();
         walk(&dir, dir_rel, &mut out).map_err(|e| self.io(prefix, e))?;
-        out.retain(|k| k.starts_with(prefix));
+        out.retain(|(k, _)| k.starts_with(prefix));
         out.sort();
         Ok(out)
+    }
+
+    fn delete(&self, key: &str) -> Result<()> {
+        // Not followed by a directory sync: a deletion that a machine crash
+        // undoes only brings back an object that the next prune deletes
+        // again (every deletion is repeatable).
+        match fs::remove_file(self.path(key)?) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(self.io(key, e)),
+        }
     }
 
     fn describe(&self) -> String {

@@ -58,11 +58,17 @@ pub type Result<T> = std::result::Result<T, StoreError>;
 ///   Putting the same key twice with the same bytes is allowed (retries).
 /// - `list` returns every key under `prefix`, sorted bytewise ascending.
 /// - `get` of an absent key is `StoreError::NotFound`.
+/// - `delete` of an absent key succeeds, so that an interrupted prune can
+///   simply repeat its deletes. Only `rewind prune` deletes; the sidecar's
+///   credentials need not allow it.
 pub trait Store: Send + Sync {
     fn put(&self, key: &str, data: Bytes) -> Result<()>;
     fn get(&self, key: &str) -> Result<Bytes>;
     fn exists(&self, key: &str) -> Result<bool>;
     fn list(&self, prefix: &str) -> Result<Vec<String>>;
+    /// Like `list`, with each object's size in bytes (for prune's report).
+    fn list_sized(&self, prefix: &str) -> Result<Vec<(String, u64)>>;
+    fn delete(&self, key: &str) -> Result<()>;
     /// A human-readable name ("file:///data/store", "s3://bucket/prefix").
     fn describe(&self) -> String;
     /// Aborts multipart uploads that a crashed writer left open under
@@ -203,6 +209,18 @@ impl Store for Prefixed {
             .into_iter()
             .map(|k| k[n..].to_string())
             .collect())
+    }
+    fn list_sized(&self, prefix: &str) -> Result<Vec<(String, u64)>> {
+        let n = self.prefix.len();
+        Ok(self
+            .inner
+            .list_sized(&self.full(prefix))?
+            .into_iter()
+            .map(|(k, size)| (k[n..].to_string(), size))
+            .collect())
+    }
+    fn delete(&self, key: &str) -> Result<()> {
+        self.inner.delete(&self.full(key))
     }
     fn describe(&self) -> String {
         format!(

@@ -972,7 +972,7 @@ impl Inner {
         }
     }
 
-    async fn list(&self, prefix: &str) -> std::result::Result<Vec<String>, Failure> {
+    async fn list(&self, prefix: &str) -> std::result::Result<Vec<(String, u64)>, Failure> {
         let full_prefix = self.full_key(prefix);
         let strip = if self.cfg.prefix.is_empty() {
             0
@@ -997,7 +997,8 @@ impl Inner {
             for obj in out.contents() {
                 if let Some(k) = obj.key() {
                     if k.len() >= strip && k.starts_with(&full_prefix) {
-                        keys.push(k[strip..].to_string());
+                        let size = obj.size().unwrap_or(0).max(0) as u64;
+                        keys.push((k[strip..].to_string(), size));
                     }
                 }
             }
@@ -1008,8 +1009,31 @@ impl Inner {
         }
         // S3 lists in UTF-8 binary order already; other servers may not.
         keys.sort();
-        keys.dedup();
+        keys.dedup_by(|a, b| a.0 == b.0);
         Ok(keys)
+    }
+
+    /// DeleteObject; S3 answers success for a key that is not there, and a
+    /// server that answers NotFound instead means the same.
+    async fn delete(&self, key: &str) -> std::result::Result<(), Failure> {
+        let full = self.full_key(key);
+        self.retry("DeleteObject", 0, || async {
+            match self
+                .client
+                .delete_object()
+                .bucket(&self.cfg.bucket)
+                .key(&full)
+                .send()
+                .await
+            {
+                Ok(_) => Ok(()),
+                Err(e) => match Failure::from_sdk("DeleteObject", e) {
+                    f if f.class == Class::NotFound => Ok(()),
+                    f => Err(f),
+                },
+            }
+        })
+        .await
     }
 
     async fn list_uploads(
@@ -1074,9 +1098,23 @@ impl Store for S3Store {
     }
 
     fn list(&self, prefix: &str) -> Result<Vec<String>> {
+        Ok(self
+            .list_sized(prefix)?
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect())
+    }
+
+    fn list_sized(&self, prefix: &str) -> Result<Vec<(String, u64)>> {
         self.rt
             .block_on(self.inner.list(prefix))
             .map_err(|f| self.inner.error(f, prefix, false))
+    }
+
+    fn delete(&self, key: &str) -> Result<()> {
+        self.rt
+            .block_on(self.inner.delete(key))
+            .map_err(|f| self.inner.error(f, key, false))
     }
 
     fn abort_incomplete_uploads(&self, prefix: &str) -> Result<usize> {
