@@ -129,14 +129,6 @@ impl Store for FileStore {
         Ok(self.path(key)?.exists())
     }
 
-    fn list(&self, prefix: &str) -> Result<Vec<String>> {
-        Ok(self
-            .list_sized(prefix)?
-            .into_iter()
-            .map(|(k, _)| k)
-            .collect())
-    }
-
     fn list_sized(&self, prefix: &str) -> Result<Vec<(String, u64)>> {
         // List the deepest directory the prefix names, then filter.
         let dir_rel = match prefix.rfind('/') {

@@ -65,9 +65,17 @@ pub trait Store: Send + Sync {
     fn put(&self, key: &str, data: Bytes) -> Result<()>;
     fn get(&self, key: &str) -> Result<Bytes>;
     fn exists(&self, key: &str) -> Result<bool>;
-    fn list(&self, prefix: &str) -> Result<Vec<String>>;
     /// Like `list`, with each object's size in bytes (for prune's report).
     fn list_sized(&self, prefix: &str) -> Result<Vec<(String, u64)>>;
+    /// The keys under `prefix`, sorted. Backends list with sizes anyway,
+    /// so this is `list_sized` without them unless a wrapper needs its own.
+    fn list(&self, prefix: &str) -> Result<Vec<String>> {
+        Ok(self
+            .list_sized(prefix)?
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect())
+    }
     fn delete(&self, key: &str) -> Result<()>;
     /// A human-readable name ("file:///data/store", "s3://bucket/prefix").
     fn describe(&self) -> String;

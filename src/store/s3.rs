@@ -1097,14 +1097,6 @@ impl Store for S3Store {
             .map_err(|f| self.inner.error(f, key, false))
     }
 
-    fn list(&self, prefix: &str) -> Result<Vec<String>> {
-        Ok(self
-            .list_sized(prefix)?
-            .into_iter()
-            .map(|(k, _)| k)
-            .collect())
-    }
-
     fn list_sized(&self, prefix: &str) -> Result<Vec<(String, u64)>> {
         self.rt
             .block_on(self.inner.list(prefix))
