@@ -104,8 +104,7 @@ def test_kustomizations_reference_every_file_once():
 
 
 def kustomize(path):
-    if not shutil.which("kubectl"):
-        pytest.skip("kubectl (with kustomize) is not installed")
+    assert shutil.which("kubectl"), "kubectl (with kustomize) is needed to build the kustomizations: install it"
     r = subprocess.run(["kubectl", "kustomize", str(path)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     return [d for d in yaml.safe_load_all(r.stdout) if d]
@@ -309,6 +308,25 @@ def test_restore_job_restores_into_a_new_claim():
     assert argv[argv.index("--volume") + 1] == f"{sts['metadata']['namespace']}/data-db-0", "the source claim's history"
     assert "--force" not in argv, "a new claim is empty; --force would hide a mistake"
     assert validate_pod_of(job) == []
+
+
+def test_prune_cronjob_runs_one_prune_at_a_time_with_its_own_credentials():
+    cron = one("CronJob")
+    assert cron["spec"]["concurrencyPolicy"] == "Forbid", "two prunes would only fight over the lock"
+    pod = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    argv = c["command"][1:] + c["args"]
+    cli_accepts(argv)
+    assert argv[0] == "prune"
+    sts = one("StatefulSet", "db")
+    assert argv[argv.index("--volume") + 1] == f"{sts['metadata']['namespace']}/data-db-0"
+    secrets = [e["secretRef"]["name"] for e in c.get("envFrom", []) if "secretRef" in e]
+    assert secrets == ["rewind-prune-credentials"], "prune deletes: not the sidecar's keys"
+    sa = one("ServiceAccount", pod["serviceAccountName"])
+    assert sa["metadata"]["namespace"] == cron["metadata"]["namespace"]
+    assert pod["automountServiceAccountToken"] is False, "prune talks to the store, not the API server"
+    assert c["securityContext"]["runAsNonRoot"] is True, "prune needs no privilege"
+    assert validate_pod_of(cron["spec"]["jobTemplate"]) == []
 
 
 def test_sidecar_image_ships_the_binary_the_webhook_injects():
