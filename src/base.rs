@@ -39,6 +39,7 @@ use rustix::fs::{self as rfs, Mode, OFlags};
 
 use crate::clock::Nanos;
 use crate::codec::{put_bytes, put_lz4_blocks, read_lz4_blocks, seal, unseal, DecodeError, Reader};
+use crate::layout::HIDDEN;
 use crate::record::{Ino, Kind, Seq};
 use crate::store::{Store, StoreError};
 
@@ -54,8 +55,6 @@ pub const MANIFEST_MIN_VERSION: u16 = 1;
 /// Files are cut into chunks at fixed 1 MiB offsets: databases rewrite
 /// pages in place, so fixed offsets dedupe unchanged regions best.
 pub const CHUNK_SIZE: u64 = 1 << 20;
-/// The name hidden at the root of the mount and skipped by the walk.
-pub const HIDDEN: &str = ".rewind";
 
 #[derive(Debug, thiserror::Error)]
 pub enum BaseError {
@@ -395,6 +394,15 @@ impl BaseWatch {
         if self.is_active() {
             self.moved.lock().push(fd);
         }
+    }
+}
+
+impl crate::fs::MoveWatch for BaseWatch {
+    fn is_active(&self) -> bool {
+        BaseWatch::is_active(self)
+    }
+    fn moved(&self, fd: OwnedFd) {
+        BaseWatch::moved(self, fd)
     }
 }
 

@@ -9,6 +9,7 @@ pub mod codec;
 pub mod fs;
 pub mod http;
 pub mod journal;
+pub mod layout;
 pub mod metrics;
 pub(crate) mod outage;
 pub mod prune;

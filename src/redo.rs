@@ -29,8 +29,8 @@ use std::path::{Path, PathBuf};
 use rustix::fs::{self as rfs, AtFlags, Mode, OFlags, ResolveFlags};
 use rustix::io::Errno;
 
-use crate::base::HIDDEN;
 use crate::journal::{Journal, JournalError, JournalReader};
+use crate::layout::HIDDEN;
 use crate::record::{Ino, Kind, Op, Record, RENAME_EXCHANGE_FLAG};
 
 #[derive(Debug, thiserror::Error)]

@@ -30,8 +30,9 @@ use std::path::{Path, PathBuf};
 use bytes::Bytes;
 use rustix::fs::{self as rfs, AtFlags, Mode, OFlags};
 
-use crate::base::{chunk_key, decode_chunk, load_manifest, safe_name, BaseError, Manifest, HIDDEN};
+use crate::base::{chunk_key, decode_chunk, load_manifest, safe_name, BaseError, Manifest};
 use crate::clock::{fmt_ns, Nanos};
+use crate::layout::HIDDEN;
 use crate::record::{Ino, Kind, Op, Record, RENAME_EXCHANGE_FLAG};
 use crate::segment::{self, SegmentError};
 use crate::store::{Store, StoreError};

@@ -18,12 +18,13 @@ use rustix::fs::{Mode, OFlags};
 use serde::{Deserialize, Serialize};
 
 use crate::base::{
-    self, BaseError, BaseKind, BaseMeta, BaseRequest, BaseWatch, Previous, StoredChunks, HIDDEN,
+    self, BaseError, BaseKind, BaseMeta, BaseRequest, BaseWatch, Previous, StoredChunks,
 };
 use crate::cli::RunArgs;
 use crate::clock::fmt_ns;
 use crate::fs::{fuse, Passthrough};
 use crate::journal::Journal;
+use crate::layout::HIDDEN;
 use crate::metrics::Metrics;
 use crate::outage::{self, StoreHealth, Watched};
 use crate::record::{Ino, Seq};

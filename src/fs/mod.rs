@@ -40,8 +40,8 @@ use parking_lot::{Mutex, RwLock};
 use rustix::fs::{self as rfs, AtFlags, Mode, OFlags, Stat};
 use rustix::io::Errno;
 
-use crate::base::{BaseWatch, HIDDEN};
 use crate::journal::Journal;
+use crate::layout::HIDDEN;
 use crate::record::{Ino, Kind, Op, RENAME_EXCHANGE_FLAG};
 
 pub use killpriv::Requester;
@@ -171,7 +171,7 @@ pub struct Passthrough {
     namespace: Mutex<()>,
     gate: RwLock<()>,
     journal: Arc<Journal>,
-    watch: Arc<BaseWatch>,
+    watch: Arc<dyn MoveWatch>,
     /// Objects changed since the last base started (see `touched.rs`).
     touched: Touched,
     kept: AtomicU64,
@@ -250,11 +250,23 @@ pub struct Caller {
     pub gid: u32,
 }
 
+/// Told about entries that a rename or link moves, so that a snapshot walk
+/// running at the same time can capture what it may have passed already.
+/// The core knows nothing of bases: whoever walks implements this.
+pub trait MoveWatch: Send + Sync {
+    /// Whether a walk wants moved entries now (checked before a handle is
+    /// opened for it, so an idle volume pays nothing).
+    fn is_active(&self) -> bool;
+    /// Called under the namespace lock with an O_PATH handle of the entry
+    /// just moved or linked.
+    fn moved(&self, fd: OwnedFd);
+}
+
 impl Passthrough {
     pub fn new(
         root_fd: OwnedFd,
         journal: Arc<Journal>,
-        watch: Arc<BaseWatch>,
+        watch: Arc<dyn MoveWatch>,
     ) -> std::io::Result<Passthrough> {
         let st = rfs::fstat(&root_fd)?;
         let path_fd = rfs::openat(
