@@ -107,6 +107,8 @@ pub enum OnJournalFull {
     /// Writers wait until the store catches up (nothing is ever dropped).
     Wait,
     /// Record an explicit gap in the timeline, drop the unshipped journal and take a new base.
+    /// Not built yet: hidden from --help, and `rewind run` refuses it with a message.
+    #[value(hide = true)]
     Gap,
 }
 

@@ -139,10 +139,13 @@ def test_symlink_times_are_set_on_the_link(make_volume, workdir):
             f"{where}: utimensat(AT_SYMLINK_NOFOLLOW) changed the target"
     assert outcomes[0] == outcomes[1], f"native {outcomes[0]}, mount {outcomes[1]}"
     # The mount's own view after the attribute cache expires is the source's.
-    time.sleep(1.2)
+    def times(root, n):
+        st = os.lstat(root / n)
+        return st.st_atime_ns, st.st_mtime_ns
+
     for n in ("user_link", "target"):
-        a, b = os.lstat(sides[1] / n), os.lstat(vol.source / "t" / n)
-        assert (a.st_atime_ns, a.st_mtime_ns) == (b.st_atime_ns, b.st_mtime_ns), n
+        helpers.wait_until(lambda: times(sides[1], n) == times(vol.source / "t", n), 5,
+                           f"the mount's times of {n} to be the source's once the attribute cache expires")
 
     # A restore replays the links' records without following them: the
     # target keeps its mtime, the links their targets (symlink times are not
@@ -226,9 +229,11 @@ def test_set_group_id_cleared_for_callers_outside_the_group(make_volume, workdir
 
     # The mount's view once the attribute cache expires is the source's, and
     # the restore gives back the modes (the new mode is journaled).
-    time.sleep(1.2)
-    mount_modes = {n: os.lstat(sides[1] / n).st_mode for n in os.listdir(sides[1])}
-    assert mount_modes == {n: os.lstat(vol.source / "t" / n).st_mode for n in os.listdir(vol.source / "t")}
+    def modes(root):
+        return {n: os.lstat(root / n).st_mode for n in os.listdir(root)}
+
+    helpers.wait_until(lambda: modes(sides[1]) == modes(vol.source / "t"), 5,
+                       "the mount's modes to be the source's once the attribute cache expires")
     vol.stop()
     vol.delete_local()
     target = workdir / "restored"
