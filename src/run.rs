@@ -74,32 +74,6 @@ fn read_state(dir: &Path) -> Option<State> {
     serde_json::from_slice(&std::fs::read(dir.join("state.json")).ok()?).ok()
 }
 
-fn is_mounted(path: &Path) -> bool {
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return false;
-    };
-    let want = path.to_string_lossy();
-    info.lines().any(|l| {
-        l.split(' ')
-            .nth(4)
-            .is_some_and(|m| m.replace("\\040", " ") == want)
-    })
-}
-
-/// A previous daemon that died leaves a dead FUSE mount ("Transport
-/// endpoint is not connected"); detach it so a new mount can take its place.
-fn clear_stale_mount(mount: &Path) -> anyhow::Result<()> {
-    for _ in 0..8 {
-        if !is_mounted(mount) {
-            return Ok(());
-        }
-        tracing::warn!(mount = %mount.display(), "detaching a stale mount left by an earlier run");
-        rustix::mount::unmount(mount, rustix::mount::UnmountFlags::DETACH)
-            .with_context(|| format!("cannot detach the stale mount at {}", mount.display()))?;
-    }
-    Ok(())
-}
-
 /// Everything the threads share.
 struct Daemon {
     metrics: Arc<Metrics>,
@@ -469,7 +443,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         bail!("--source {} is not a directory", source.display());
     }
     let mount = std::path::absolute(&args.mount)?;
-    clear_stale_mount(&mount)?;
+    crate::guard::prepare(&mount)?;
     if !mount.exists() {
         std::fs::create_dir_all(&mount)
             .with_context(|| format!("cannot create --mount {}", mount.display()))?;
@@ -636,9 +610,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     for (p, n) in &rec.torn {
         tracing::warn!("journal {}: cut a torn tail of {n} bytes", p.display());
     }
-    if rec.records > 0 {
+    if rec.unstored > 0 {
         tracing::info!(
-            records = rec.records,
+            records = rec.unstored,
             "journal holds records not yet confirmed stored; shipping them first"
         );
     }
@@ -844,24 +818,24 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     // Wait for SIGTERM/SIGINT (or the mount going away under us).
     while !term.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(50));
-        if !is_mounted(&mount) {
+        if !crate::guard::fuse_on_top(&mount) {
             tracing::warn!("the mount went away; shutting down");
             break;
         }
     }
     let deadline = Instant::now() + args.shutdown_timeout;
     tracing::info!("shutting down: detaching the mount lazily; open files are served until they close or {:?} pass", args.shutdown_timeout);
-    if let Err(e) = rustix::mount::unmount(&mount, rustix::mount::UnmountFlags::DETACH) {
-        tracing::debug!("lazy unmount: {e}");
+    crate::guard::detach_fuse(&mount);
+    if !session.wait_ended(deadline) {
+        tracing::warn!(
+            open = d.core.open_handles(),
+            "files still open at the shutdown deadline; from now on writes through them fail with EIO"
+        );
     }
-    let (tx, rx) = crossbeam_channel::bounded(1);
-    std::thread::spawn(move || {
-        let _ = session.join();
-        let _ = tx.send(());
-    });
-    if rx.recv_deadline(deadline).is_err() {
-        tracing::warn!("files still open at the shutdown deadline; stopping anyway");
-    }
+    // Nothing may be acknowledged after the final round has counted what
+    // to upload: a write answered later would be journaled but not stored,
+    // and "stopped cleanly" would be false. Waits for operations in flight.
+    d.core.stop_mutations();
     metrics.set_mount_live(false);
     d.stop.store(true, Ordering::Release);
     shipper.set_abort(true);

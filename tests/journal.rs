@@ -94,7 +94,7 @@ fn sequence_continues_across_restarts_and_files() {
     let d = tempfile::tempdir().unwrap();
     fill(d.path(), 5);
     let (j, rec) = Journal::open(d.path(), 1, 1, 0, u64::MAX).unwrap();
-    assert_eq!(rec.records, 5);
+    assert_eq!((rec.records, rec.unstored), (5, 5));
     let (seq, _) = j.append(&[write_op(7)]).unwrap();
     assert_eq!(seq, 6);
     assert_eq!(records(&j), (1..=6).collect::<Vec<_>>());
@@ -522,5 +522,18 @@ fn a_failed_sync_fails_the_journal_for_good() {
     unsafe {
         libc::close(pipe[0]);
         libc::close(pipe[1]);
+    }
+}
+
+#[test]
+fn recovery_counts_as_unstored_only_records_the_store_lacks() {
+    // A clean stop leaves stored records in the journal; the next start
+    // must not call them unshipped (it did, with every record since the
+    // files were last reused).
+    for (stored, want) in [(0, 5), (2, 3), (5, 0), (9, 0)] {
+        let d = tempfile::tempdir().unwrap();
+        fill(d.path(), 5);
+        let (_j, rec) = Journal::open(d.path(), 1, stored + 1, 0, u64::MAX).unwrap();
+        assert_eq!((rec.records, rec.unstored), (5, want), "store holds up to {stored}");
     }
 }

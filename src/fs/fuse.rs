@@ -724,13 +724,34 @@ impl Filesystem for FuseFs {
     }
 }
 
+/// The FUSE session serving the mount in the background.
+///
+/// fuser unmounts when its session is dropped, by the mountpoint's *path*:
+/// after the lazy detach at shutdown that path leads to whatever lies
+/// beneath, the read-only guard (`crate::guard`), which must stay. So the
+/// session is never dropped: its threads and its `/dev/fuse` descriptor
+/// end with the process.
+pub struct Served(std::mem::ManuallyDrop<fuser::BackgroundSession>);
+
+impl Served {
+    /// Waits until the kernel has ended the session (the detached mount's
+    /// last open file closed) or the deadline passes; true if it ended.
+    pub fn wait_ended(&self, deadline: std::time::Instant) -> bool {
+        loop {
+            if self.0.guard.is_finished() {
+                return true;
+            }
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+}
+
 /// Mounts `fs` at `mountpoint` with the contract's options and serves it on
 /// `threads` worker threads in the background.
-pub fn mount(
-    fs: FuseFs,
-    mountpoint: &Path,
-    threads: usize,
-) -> std::io::Result<fuser::BackgroundSession> {
+pub fn mount(fs: FuseFs, mountpoint: &Path, threads: usize) -> std::io::Result<Served> {
     let mut cfg = Config::default();
     cfg.mount_options = vec![
         MountOption::FSName("rewind".into()),
@@ -752,5 +773,5 @@ pub fn mount(
     let notifier = fs.notifier.clone();
     let session = fuser::spawn_mount(fs, mountpoint, &cfg)?;
     let _ = notifier.set(session.notifier());
-    Ok(session)
+    Ok(Served(std::mem::ManuallyDrop::new(session)))
 }

@@ -32,7 +32,7 @@ use std::collections::HashMap;
 use std::ffi::{CString, OsStr};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -170,6 +170,9 @@ pub struct Passthrough {
     next_fh: AtomicU64,
     namespace: Mutex<()>,
     gate: RwLock<()>,
+    /// Set by `stop_mutations` under the gate: the daemon is finishing, and
+    /// nothing more may be acknowledged.
+    stopped: AtomicBool,
     journal: Arc<Journal>,
     watch: Arc<dyn MoveWatch>,
     /// Objects changed since the last base started (see `touched.rs`).
@@ -302,6 +305,7 @@ impl Passthrough {
             next_fh: AtomicU64::new(1),
             namespace: Mutex::new(()),
             gate: RwLock::new(()),
+            stopped: AtomicBool::new(false),
             journal,
             watch,
             touched: Touched::default(),
@@ -414,7 +418,21 @@ impl Passthrough {
         if self.journal.has_failed() {
             return Err(Errno::IO);
         }
-        Ok(self.gate.read())
+        let g = self.gate.read();
+        if self.stopped.load(Ordering::Acquire) {
+            return Err(Errno::IO);
+        }
+        Ok(g)
+    }
+
+    /// Refuses every mutating operation from now on (EIO), after those in
+    /// flight have been journaled. A stopping daemon calls it before its
+    /// last upload round, so that no write is acknowledged that the round
+    /// would not store: files kept open past the shutdown deadline get an
+    /// error instead of a write that only the next start would ship.
+    pub fn stop_mutations(&self) {
+        let _g = self.gate.write();
+        self.stopped.store(true, Ordering::Release);
     }
 
     /// Waits until every mutating operation in flight has been journaled,

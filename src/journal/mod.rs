@@ -206,6 +206,9 @@ impl Journal {
                 expect_seq = Some(scan.last_seq + 1);
                 last_time = last_time.max(scan.last_time);
                 recovered.records += scan.frames;
+                // Sequence numbers run without holes within and across files.
+                let from = scan.header.first_seq.max(min_next_seq);
+                recovered.unstored += (scan.last_seq + 1).saturating_sub(from);
             } else if expect_seq.is_none() {
                 expect_seq = Some(scan.header.first_seq);
             }
@@ -762,7 +765,12 @@ impl Journal {
 /// What `Journal::open` found on disk.
 #[derive(Debug, Default)]
 pub struct Recovered {
+    /// Every record the journal files hold, stored ones included: files
+    /// are reused only once everything in them is stored and synced.
     pub records: u64,
+    /// Records numbered `min_next_seq` or later, which the caller's store
+    /// has not confirmed: what the next start still has to ship.
+    pub unstored: u64,
     pub next_seq: Seq,
     pub last_time: Nanos,
     pub bytes: u64,

@@ -99,6 +99,11 @@ def test_metrics_follow_a_running_sidecar(tmp_path):
         addr = run.wait_for_log(r"health and metrics on http://([0-9.]+:[0-9]+)", deadline_s=30).group(1)
         poll("/healthz", lambda: status(addr, "/healthz") == 200)
         poll("/readyz", lambda: status(addr, "/readyz") == 200)
+        # Ready means mount live and journal writable, not "a base is
+        # stored": on a loaded machine the first base completes later, and a
+        # write before it is outside the window.
+        poll("the first base to open the restore window",
+             lambda: "rewind_restore_window_earliest_seconds" in scrape(addr)[1])
         _, m0 = scrape(addr)
         data = os.urandom(1 << 20)  # incompressible: shipped bytes must cover it
         written_at = time.time()

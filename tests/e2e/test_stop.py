@@ -1,0 +1,173 @@
+"""What the application sees when the sidecar stops, and what a stop claims.
+
+- A graceful stop detaches the FUSE mount lazily. What it reveals must not
+  take writes: a read-only guard (tmpfs, mounted by `rewind run` under its
+  FUSE mount) answers EROFS, where 3847756 revealed the bare directory and
+  let the application write into it, unprotected and hidden again by the
+  next start. A restarted sidecar mounts over the same guard.
+- Files still open at the shutdown deadline stop taking writes (EIO) before
+  the last upload round, so that "stopped cleanly: everything is in the
+  store" is true: 3847756 kept acknowledging writes through them after the
+  round had counted what to upload, and the next start found them in the
+  journal ("journal holds records not yet confirmed stored").
+- Only Rewind's own mounts are detached at start: in a pod the mountpoint is
+  itself a mount (the emptyDir shared with the application), which
+  3847756's stale-mount cleanup detached.
+"""
+
+from __future__ import annotations
+
+import errno
+import struct
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import helpers
+
+
+def stack(path) -> list[tuple[str, str]]:
+    """(fstype, source) of every mount at exactly `path`, bottom first."""
+    rows = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fields = left.split()
+            if helpers._unescape_mountinfo(fields[4]) == str(path):
+                r = right.split()
+                rows.append((int(fields[0]), int(fields[1]), r[0], r[1]))
+    ordered, ids = [], {r[0] for r in rows}
+    cur = next((r for r in rows if r[1] not in ids), None)
+    while cur is not None:
+        ordered.append((cur[2], cur[3]))
+        cur = next((r for r in rows if r[1] == cur[0]), None)
+    assert len(ordered) == len(rows), f"mounts at {path} are not one stack: {rows}"
+    return ordered
+
+
+GUARD = ("tmpfs", "rewind-guard")
+FUSE = ("fuse", "rewind")
+
+
+def open_error(path) -> int | None:
+    try:
+        with open(path, "w") as f:
+            f.write("x")
+    except OSError as e:
+        return e.errno
+    return None
+
+
+def test_after_a_stop_the_mountpoint_refuses_writes_and_a_restart_takes_over(make_volume):
+    vol = make_volume("guard")
+    vol.start()
+    assert stack(vol.mount) == [GUARD, FUSE]
+    (vol.mount / "a.txt").write_text("one")
+    vol.stop()
+
+    # Graceful stop: the guard is what the application now reaches.
+    assert stack(vol.mount) == [GUARD]
+    assert open_error(vol.mount / "b.txt") == errno.EROFS
+    assert open_error(vol.mount / "a.txt") == errno.EROFS
+    assert sorted(p.name for p in vol.mount.iterdir()) == []
+    assert not (vol.source / "b.txt").exists()
+
+    vol.start()
+    assert stack(vol.mount) == [GUARD, FUSE], "a restart must mount over the same guard, not a second one"
+    assert (vol.mount / "a.txt").read_text() == "one"
+    (vol.mount / "c.txt").write_text("two")
+
+    # A crash leaves the dead FUSE mount on top: the application gets
+    # ENOTCONN, and the next start detaches it and keeps the guard.
+    vol.kill9()
+    assert open_error(vol.mount / "d.txt") == errno.ENOTCONN
+    vol.start()
+    assert "detaching a dead mount left by an earlier run" in vol.log()
+    assert stack(vol.mount) == [GUARD, FUSE]
+    assert (vol.mount / "c.txt").read_text() == "two"
+    vol.stop()
+    assert stack(vol.mount) == [GUARD]
+
+
+def test_a_volume_mounted_at_the_mountpoint_is_kept(make_volume):
+    """The pod's shape: the mountpoint is the emptyDir's own mount."""
+    vol = make_volume("bind")
+    shared = vol.root / "emptydir"
+    shared.mkdir()
+    subprocess.run(["mount", "--bind", str(shared), str(vol.mount)], check=True)
+    bottom = stack(vol.mount)
+    assert len(bottom) == 1
+    vol.start()
+    assert stack(vol.mount) == bottom + [GUARD, FUSE]
+    (vol.mount / "f").write_text("x")
+    vol.kill9()
+    vol.start()
+    assert stack(vol.mount) == bottom + [GUARD, FUSE], "the restart detached more than its own dead mount"
+    vol.stop()
+    assert stack(vol.mount) == bottom + [GUARD]
+    assert list(shared.iterdir()) == [], "nothing may land in the shared directory itself"
+
+
+def test_a_foreign_mount_over_the_guard_is_refused(make_volume):
+    vol = make_volume("foreign")
+    vol.start()
+    vol.stop()
+    subprocess.run(["mount", "-t", "tmpfs", "somebody", str(vol.mount)], check=True)
+    vol.start(wait_live=False)
+    code = vol.proc.wait(60)
+    assert code != 0
+    assert "unmount what is on top before starting" in vol.log(), vol.log_tail()
+    assert stack(vol.mount) == [GUARD, ("tmpfs", "somebody")]
+
+
+WRITER = textwrap.dedent("""
+    import os, struct, sys, time
+    fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT, 0o644)
+    end = time.monotonic() + 120
+    i = 0
+    while time.monotonic() < end:
+        try:
+            os.pwrite(fd, struct.pack("<Q", i), i * 8)
+        except OSError as e:
+            print("ERR", e.errno, flush=True)
+            sys.exit(0)
+        print(i, flush=True)
+        i += 1
+    print("ERR none", flush=True)
+""")
+
+
+def test_writes_past_the_shutdown_deadline_fail_and_a_clean_stop_stored_every_acknowledged_one(make_volume, tmp_path):
+    vol = make_volume("deadline")
+    vol.start(shutdown_timeout="2s")
+    out = tmp_path / "writer.out"
+    with open(out, "w") as f:
+        writer = subprocess.Popen([sys.executable, "-c", WRITER, str(vol.mount / "log.bin")], stdout=f)
+    try:
+        helpers.wait_until(lambda: len(out.read_text().splitlines()) > 200, 60, "the writer to get going")
+        code = vol.stop(expect=None)
+        writer.wait(60)
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+    lines = out.read_text().splitlines()
+    assert lines[-1].startswith("ERR"), lines[-3:]
+    acked = int(lines[-2])
+    # EIO from the daemon refusing writes before its last round, not
+    # ENOTCONN from a daemon that exited while still acknowledging them.
+    assert lines[-1] == f"ERR {errno.EIO}", f"the writer ended with {lines[-1]!r}\n{vol.log_tail()}"
+    assert code == 0, vol.log_tail()
+    assert "stopped cleanly: everything is in the store" in vol.log()
+
+    target = tmp_path / "restored"
+    vol.restore("latest", target)
+    data = (target / "log.bin").read_bytes()
+    assert len(data) >= 8 * (acked + 1), f"restore holds {len(data) // 8} writes, {acked + 1} were acknowledged"
+    bad = [i for i in range(acked + 1) if struct.unpack_from("<Q", data, i * 8)[0] != i]
+    assert not bad, f"acknowledged writes missing from the store after a clean stop: {bad[:10]}"
+
+    vol.start()
+    assert "not yet confirmed stored" not in vol.log(), vol.log_tail()
+    vol.stop()
