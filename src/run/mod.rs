@@ -6,7 +6,6 @@
 //! until the deadline, final seal and upload, exit status). It must not
 //! implement any format or filesystem operation itself.
 
-use std::collections::HashSet;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -17,21 +16,21 @@ use parking_lot::Mutex;
 use rustix::fs::{Mode, OFlags};
 use serde::{Deserialize, Serialize};
 
-use crate::base::{
-    self, BaseError, BaseKind, BaseMeta, BaseRequest, BaseWatch, Previous, StoredChunks,
-};
+use crate::base::{BaseKind, BaseWatch, StoredChunks};
 use crate::cli::RunArgs;
-use crate::clock::fmt_ns;
 use crate::fs::{fuse, Passthrough};
 use crate::journal::Journal;
 use crate::layout::HIDDEN;
 use crate::metrics::Metrics;
-use crate::outage::{self, StoreHealth, Watched};
-use crate::record::{Ino, Seq};
+use crate::outage::{StoreHealth, Watched};
 use crate::restore::INCOMPLETE_MARKER;
 use crate::ship::{ShipStats, Shipper};
 use crate::store::{self, Prefixed, Store, StoreError, StoreOptions};
 use crate::timeline::{LineageStart, Timeline};
+
+mod base_thread;
+mod monitor;
+mod ship_thread;
 
 /// How long startup waits for the store before protecting without it.
 const STORE_STARTUP_WAIT: Duration = Duration::from_secs(5);
@@ -119,341 +118,6 @@ struct Daemon {
     health: Arc<StoreHealth>,
     /// `journal.written_bytes()` when the last completed base started.
     written_at_base: AtomicU64,
-}
-
-/// What the base thread carries from one base to the next.
-struct Incremental {
-    /// The last completed base of this lineage, whose objects a periodic
-    /// base reuses for files no record changed since its start_seq.
-    previous: Option<Previous>,
-    /// Identities changed since `previous` started: every set taken from
-    /// the filesystem since (attempts that failed included).
-    pending: HashSet<Ino>,
-    /// After a restart without a base at start: records up to this seq
-    /// came from earlier runs, so the previous base and what changed after
-    /// it are read back from the store before the first periodic base.
-    reload: Option<Seq>,
-}
-
-/// The longest pause between two attempts of a base, so that a base
-/// resumes soon after the store returns.
-const BASE_RETRY_MAX: Duration = Duration::from_secs(10);
-
-impl Daemon {
-    /// Makes sure every chunk `m` names is confirmed stored in this run
-    /// before its manifest may be stored. The walk confirms each chunk it
-    /// captures, so this finds nothing unless a capture path skipped the
-    /// store; then it asks the store, and a chunk it lacks fails the
-    /// attempt (the base is walked again) instead of a manifest naming it.
-    fn confirm_chunks(&self, m: &base::Manifest) -> Result<(), BaseError> {
-        let missing = self.known_chunks.unconfirmed(m);
-        if missing.is_empty() {
-            return Ok(());
-        }
-        let mut absent = 0;
-        for h in &missing {
-            if self.store.exists(&base::chunk_key(h))? {
-                self.known_chunks.confirm(*h);
-            } else {
-                absent += 1;
-            }
-        }
-        if absent == 0 {
-            tracing::warn!(
-                chunks = missing.len(),
-                "the base named chunks it had not confirmed; the store holds them all"
-            );
-            return Ok(());
-        }
-        Err(BaseError::Inconsistent(format!(
-            "the base names {absent} chunks the store does not hold; its manifest is held back and the base is taken again"
-        )))
-    }
-
-    fn take_base(
-        &self,
-        lineage: u64,
-        kind: BaseKind,
-        inc: &mut Incremental,
-        why: &str,
-    ) -> anyhow::Result<()> {
-        if kind != BaseKind::Periodic {
-            // A first or repair base must read everything: after a crash
-            // the source may hold changes no record describes.
-            inc.previous = None;
-        } else if let Some(j0) = inc.reload.take() {
-            match self.reload_previous(lineage, j0) {
-                Ok((prev, changed, records)) => {
-                    tracing::info!(
-                        base = %prev.meta.key(),
-                        records,
-                        changed = changed.len(),
-                        "incremental base: reusing the newest stored base of this lineage and the records after it"
-                    );
-                    inc.pending.extend(changed);
-                    inc.previous = Some(prev);
-                }
-                Err(e) => {
-                    tracing::info!("the next base reads every file: {e}");
-                    inc.previous = None;
-                }
-            }
-        }
-        let mut delay = Duration::from_secs(1);
-        let mut attempt = 0u32;
-        loop {
-            attempt += 1;
-            self.watch.activate();
-            // Taken before start_seq is read; see `fs::touched` for why no
-            // change racing the take is lost.
-            inc.pending.extend(self.core.touched().take());
-            let start_seq = self.journal.last_seq();
-            let started_ns = self.journal.now();
-            let written = self.journal.written_bytes();
-            if attempt == 1 {
-                tracing::info!(?kind, start_seq, why, "taking a base snapshot");
-            } else if self.health.is_down() {
-                // Retries during an outage are the outage's business.
-                tracing::debug!(?kind, start_seq, attempt, "taking a base snapshot again");
-            } else {
-                tracing::info!(?kind, start_seq, attempt, "taking a base snapshot again");
-            }
-            self.metrics.set_base_in_progress(true);
-            let t0 = Instant::now();
-            let (pending, core) = (&inc.pending, &self.core);
-            let touched = |ino: Ino| pending.contains(&ino) || core.touched().contains(ino);
-            let req = BaseRequest {
-                source: &self.source_fd,
-                store: self.store.as_ref(),
-                lineage,
-                start_seq,
-                started_ns,
-                kind,
-                watch: &self.watch,
-                unseen: &|seen| self.core.unseen_handles(seen),
-                known_chunks: &self.known_chunks,
-                previous: inc.previous.as_ref(),
-                touched: &touched,
-            };
-            // The in-flight marker keeps prune from sweeping the chunks
-            // this base uploads or reuses (crate::prune's module docs). It
-            // protects only what this walk checks: chunks remembered from
-            // an earlier base may have been swept since, so forget them.
-            self.known_chunks.forget_all();
-            let announced = crate::prune::announce_base(
-                self.store.as_ref(),
-                lineage,
-                start_seq,
-                started_ns,
-                &|| self.stop.load(Ordering::Relaxed),
-            );
-            let walked = match announced {
-                Ok(true) => base::walk(&req).and_then(|(m, stats)| {
-                    self.confirm_chunks(&m)?;
-                    Ok((m, stats))
-                }),
-                Ok(false) => Err(base::BaseError::Inconsistent(
-                    "shutdown while waiting for a prune".into(),
-                )),
-                Err(e) => Err(e.into()),
-            };
-            match walked {
-                Ok((mut m, stats)) => {
-                    // Every operation the walk may have seen is journaled
-                    // before the completion time is taken.
-                    m.completed_ns = self.core.barrier(|| {
-                        self.watch.deactivate();
-                        self.journal.now()
-                    });
-                    // The manifest is the last object of a base, and the
-                    // restore window opens on it: it is queued only now
-                    // that every chunk it names is confirmed stored.
-                    // The manifest reaches the store only after the records
-                    // up to its start_seq: a start resumes shipping after the
-                    // highest stored start_seq, so a manifest that overtook
-                    // them would leave those records unshipped for good
-                    // after a crash. The final round at shutdown seals every
-                    // record before it puts control objects.
-                    while self.shipper.stats.stored_seq.load(Ordering::Acquire) < start_seq
-                        && !self.stop.load(Ordering::Acquire)
-                    {
-                        std::thread::sleep(Duration::from_millis(20));
-                    }
-                    self.shipper
-                        .queue(m.meta().key(), base::encode_manifest(&m));
-                    self.metrics.set_base_in_progress(false);
-                    if kind != BaseKind::Periodic {
-                        self.base_completed_ns
-                            .store(m.completed_ns, Ordering::Release);
-                    }
-                    self.metrics.add_shipped_bytes(stats.bytes);
-                    let took = t0.elapsed();
-                    self.metrics.set_last_base(
-                        ns_time(m.completed_ns),
-                        took,
-                        stats.files,
-                        stats.files_reused,
-                        stats.bytes,
-                    );
-                    self.written_at_base.store(written, Ordering::Relaxed);
-                    tracing::info!(
-                        kind = ?kind,
-                        files_read = stats.files,
-                        files_reused = stats.files_reused,
-                        bytes_read = stats.bytes,
-                        chunks_uploaded = stats.chunks_uploaded,
-                        chunks_reused = stats.chunks_reused,
-                        secs = took.as_secs_f64(),
-                        start_seq,
-                        why,
-                        previous = %inc.previous.as_ref().map_or("none (full read)".into(), |p| p.meta.key()),
-                        completed = %fmt_ns(m.completed_ns),
-                        "base walk finished; usable once its manifest is stored"
-                    );
-                    inc.pending.clear();
-                    inc.previous = Some(Previous::new(m));
-                    return Ok(());
-                }
-                Err(e) => {
-                    self.metrics.set_base_in_progress(false);
-                    self.watch.deactivate();
-                    if self.stop.load(Ordering::Relaxed) {
-                        bail!("base snapshot interrupted by shutdown: {e}");
-                    }
-                    if matches!(&e, BaseError::Store(se) if se.is_transient())
-                        && self.health.is_down()
-                    {
-                        // The outage line says it; a line per retry would
-                        // bury it.
-                        tracing::debug!("base snapshot failed, retrying in {delay:?}: {e}");
-                    } else {
-                        tracing::warn!("base snapshot failed, retrying in {delay:?}: {e}");
-                    }
-                    self.sleep_unless_stopped(delay);
-                    delay = (delay * 2).min(BASE_RETRY_MAX);
-                }
-            }
-        }
-    }
-
-    /// Sleeps up to `d`, returning early once the daemon stops.
-    fn sleep_unless_stopped(&self, d: Duration) {
-        let until = Instant::now() + d;
-        while !self.stop.load(Ordering::Acquire) && Instant::now() < until {
-            std::thread::sleep(Duration::from_millis(50).min(until - Instant::now()));
-        }
-    }
-
-    /// After a restart: the newest stored base of `lineage` and the
-    /// identities that the stored records after its start_seq, up to `j0`
-    /// (the last record of earlier runs), change. Records after `j0` were
-    /// made through this run's mount and are in its touched set. Any doubt
-    /// is an error, and the caller reads every file instead.
-    fn reload_previous(
-        &self,
-        lineage: u64,
-        j0: Seq,
-    ) -> Result<(Previous, HashSet<Ino>, u64), String> {
-        let t = Timeline::load(self.store.as_ref())
-            .map_err(|e| format!("cannot list the store: {e}"))?;
-        let meta: BaseMeta = t
-            .bases
-            .iter()
-            .filter(|b| b.lineage == lineage && b.start_seq <= j0)
-            .max_by_key(|b| (b.completed_ns, b.start_seq))
-            .cloned()
-            .ok_or("the store holds no base of this lineage")?;
-        let stored = self.shipper.stats.stored_seq.load(Ordering::Acquire);
-        if stored < j0 {
-            return Err(format!(
-                "records up to {j0} from before this start are not all stored yet (stored up to {stored})"
-            ));
-        }
-        let m = base::load_manifest(self.store.as_ref(), &meta)
-            .map_err(|e| format!("cannot load base {}: {e}", meta.key()))?;
-        let mut changed = HashSet::new();
-        let mut next = meta.start_seq + 1;
-        let mut records = 0u64;
-        for s in t.segments.iter().filter(|s| s.lineage == lineage) {
-            if next > j0 {
-                break;
-            }
-            if s.last_seq < next {
-                continue;
-            }
-            if s.first_seq > next {
-                return Err(format!(
-                    "records {next}..{} are not in the store",
-                    s.first_seq - 1
-                ));
-            }
-            let data = self
-                .store
-                .get(&s.key())
-                .map_err(|e| format!("cannot read segment {}: {e}", s.key()))?;
-            let (_, recs) = crate::segment::decode(&data)
-                .map_err(|e| format!("segment {} is damaged: {e}", s.key()))?;
-            for r in recs.iter().filter(|r| r.seq >= next) {
-                records += 1;
-                changed.extend(crate::fs::changed_object(&r.op));
-            }
-            next = s.last_seq + 1;
-        }
-        if next <= j0 {
-            return Err(format!("records {next}..={j0} are not in the store"));
-        }
-        Ok((Previous::new(m), changed, records))
-    }
-
-    /// Takes a periodic base whenever `interval` passed since the last one
-    /// started or `after` journal bytes were appended since, until the
-    /// daemon stops. Bases run one at a time on this thread, so two walks
-    /// never overlap; none is taken while nothing was appended.
-    fn periodic_bases(
-        &self,
-        lineage: u64,
-        inc: &mut Incremental,
-        interval: Duration,
-        after: u64,
-        mut last_start: Instant,
-        mut last_seq: Seq,
-    ) {
-        while !self.stop.load(Ordering::Acquire) {
-            let since = self
-                .journal
-                .written_bytes()
-                .saturating_sub(self.written_at_base.load(Ordering::Relaxed));
-            let why = if since >= after {
-                format!("{since} journal bytes since the last base (--base-after {after})")
-            } else if last_start.elapsed() >= interval {
-                format!(
-                    "{:?} since the last base (--base-interval)",
-                    last_start.elapsed()
-                )
-            } else {
-                std::thread::sleep(Duration::from_millis(50));
-                continue;
-            };
-            let seq = self.journal.last_seq();
-            if seq == last_seq {
-                // Idle: a restore from the last base replays nothing.
-                last_start = Instant::now();
-                continue;
-            }
-            let t0 = Instant::now();
-            match self.take_base(lineage, BaseKind::Periodic, inc, &why) {
-                Ok(()) => {
-                    last_start = t0;
-                    last_seq = seq;
-                }
-                Err(e) => {
-                    if !self.stop.load(Ordering::Acquire) {
-                        tracing::warn!("periodic base failed: {e}");
-                    }
-                }
-            }
-        }
-    }
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<i32> {
@@ -769,56 +433,15 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         last_seq = b.start_seq;
         metrics.set_last_base_completed(ns_time(b.completed_ns));
     }
-    let base_thread = {
-        let d = d.clone();
-        let (interval, after) = (args.base_interval, args.base_after);
-        std::thread::Builder::new()
-            .name("rewind-base".into())
-            .spawn(move || {
-                let mut inc = Incremental {
-                    previous: None,
-                    pending: HashSet::new(),
-                    reload: None,
-                };
-                match base_kind {
-                    Some(kind) => {
-                        let t0 = Instant::now();
-                        last_seq = d.journal.last_seq();
-                        match d.take_base(lineage, kind, &mut inc, "needed at start") {
-                            Ok(()) => d.base_done.store(true, Ordering::Release),
-                            Err(e) => {
-                                *d.base_failed.lock() = Some(e.to_string());
-                                return;
-                            }
-                        }
-                        last_start = t0;
-                    }
-                    None => inc.reload = Some(j0),
-                }
-                d.periodic_bases(lineage, &mut inc, interval, after, last_start, last_seq);
-            })
-            .unwrap()
-    };
-    let ship_thread = {
-        let d = d.clone();
-        let interval = args.segment_interval;
-        std::thread::Builder::new()
-            .name("rewind-ship".into())
-            .spawn(move || {
-                while !d.stop.load(Ordering::Acquire) {
-                    let t0 = Instant::now();
-                    if let Err(e) = d.shipper.ship_once(None) {
-                        tracing::error!("shipping failed: {e}");
-                    }
-                    let _ = d.shipper.heartbeat(false, None);
-                    let spent = t0.elapsed();
-                    if spent < interval {
-                        std::thread::sleep(interval - spent);
-                    }
-                }
-            })
-            .unwrap()
-    };
+    let base_thread = base_thread::spawn(
+        d.clone(),
+        lineage,
+        base_kind,
+        j0,
+        (args.base_interval, args.base_after),
+        (last_start, last_seq),
+    );
+    let ship_thread = ship_thread::spawn(d.clone(), args.segment_interval);
     let _ = &d.store;
     let monitor = {
         let d = d.clone();
@@ -830,7 +453,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
             .min();
         std::thread::Builder::new()
             .name("rewind-metrics".into())
-            .spawn(move || monitor(&d, earliest))
+            .spawn(move || monitor::monitor(&d, earliest))
             .unwrap()
     };
     let _status = match &args.listen {
@@ -971,76 +594,4 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
 
 fn ns_time(ns: crate::clock::Nanos) -> std::time::SystemTime {
     std::time::UNIX_EPOCH + Duration::from_nanos(ns.max(0) as u64)
-}
-
-/// Samples the daemon's state into the metrics twice a second, and logs
-/// replication lag once a minute. It runs apart from the shipper so that
-/// metrics stay current while an upload is stuck in retries.
-fn monitor(d: &Daemon, mut earliest: Option<crate::clock::Nanos>) {
-    let m = &d.metrics;
-    let s = &d.shipper.stats;
-    let (mut written, mut segments, mut bytes, mut errors) = (0u64, 0u64, 0u64, 0u64);
-    let mut unshipped_since: Option<crate::clock::Nanos> = None;
-    let mut last_log = Instant::now();
-    while !d.stop.load(Ordering::Acquire) {
-        let w = d.journal.written_bytes();
-        m.add_journal_written(w - written);
-        written = w;
-        m.set_journal_bytes(d.journal.bytes());
-        let segs = s.segments.load(Ordering::Relaxed);
-        let b = s.bytes.load(Ordering::Relaxed);
-        if segs > segments {
-            // Per-segment sizes are not kept; spread the bytes evenly.
-            let per = (b - bytes) / (segs - segments);
-            for _ in segments..segs {
-                m.record_segment_shipped(per);
-            }
-        }
-        segments = segs;
-        bytes = b;
-        let e = s.errors.load(Ordering::Relaxed);
-        for _ in errors..e {
-            m.add_upload_error();
-        }
-        errors = e;
-        let stored_seq = s.stored_seq.load(Ordering::Relaxed);
-        let stored_ns = s.stored_ns.load(Ordering::Relaxed);
-        let last_seq = d.journal.last_seq();
-        d.health.tick(outage::Progress {
-            stored_seq,
-            last_seq,
-            waiting_bytes: d.shipper.waiting_bytes(),
-        });
-        if last_seq > stored_seq {
-            let since = *unshipped_since.get_or_insert_with(crate::clock::wall_now);
-            m.set_oldest_unshipped(Some(ns_time(since.max(stored_ns))));
-        } else {
-            unshipped_since = None;
-            m.set_oldest_unshipped(None);
-        }
-        if d.base_done.load(Ordering::Acquire)
-            && earliest.is_none()
-            && d.shipper.pending_control() == 0
-        {
-            earliest = Some(d.base_completed_ns.load(Ordering::Acquire));
-        }
-        if let Some(e) = earliest {
-            m.set_restore_window(ns_time(e), ns_time(stored_ns.max(e)));
-        }
-        m.set_journal_writable(!d.journal.writers_waiting() && !d.journal.has_failed());
-        m.set_journal_bytes_since_base(w.saturating_sub(d.written_at_base.load(Ordering::Relaxed)));
-        m.set_store_outage(d.health.is_down());
-        // During an outage its own reminders say how far behind shipping is.
-        if last_log.elapsed() >= Duration::from_secs(60) && !d.health.is_down() {
-            last_log = Instant::now();
-            tracing::info!(
-                segments = segs,
-                bytes = b,
-                lag_ms = s.lag_ns.load(Ordering::Relaxed) / 1_000_000,
-                journal_bytes = d.journal.bytes(),
-                "shipping"
-            );
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
 }
