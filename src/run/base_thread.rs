@@ -9,13 +9,16 @@ use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use anyhow::bail;
-
-use super::{ns_time, Daemon};
+use super::{decide, ns_time, Daemon};
 use crate::base::{self, BaseError, BaseKind, BaseMeta, BaseRequest, Previous};
 use crate::clock::fmt_ns;
 use crate::record::{Ino, Seq};
 use crate::timeline::Timeline;
+
+/// A base given up because the daemon is stopping.
+#[derive(Debug, thiserror::Error)]
+#[error("base snapshot interrupted by shutdown: {0}")]
+struct Interrupted(BaseError);
 
 /// What the base thread carries from one base to the next.
 struct Incremental {
@@ -68,17 +71,16 @@ impl Daemon {
 
     fn take_base(
         &self,
-        lineage: u64,
         kind: BaseKind,
         inc: &mut Incremental,
         why: &str,
-    ) -> anyhow::Result<()> {
+    ) -> Result<(), Interrupted> {
         if kind != BaseKind::Periodic {
             // A first or repair base must read everything: after a crash
             // the source may hold changes no record describes.
             inc.previous = None;
         } else if let Some(j0) = inc.reload.take() {
-            match self.reload_previous(lineage, j0) {
+            match self.reload_previous(j0) {
                 Ok((prev, changed, records)) => {
                     tracing::info!(
                         base = %prev.meta.key(),
@@ -121,7 +123,7 @@ impl Daemon {
             let req = BaseRequest {
                 source: &self.source_fd,
                 store: self.store.as_ref(),
-                lineage,
+                lineage: self.lineage.0,
                 start_seq,
                 started_ns,
                 kind,
@@ -138,7 +140,7 @@ impl Daemon {
             self.known_chunks.forget_all();
             let announced = crate::prune::announce_base(
                 self.store.as_ref(),
-                lineage,
+                self.lineage.0,
                 start_seq,
                 started_ns,
                 &|| self.stop.load(Ordering::Relaxed),
@@ -214,7 +216,7 @@ impl Daemon {
                     self.metrics.set_base_in_progress(false);
                     self.watch.deactivate();
                     if self.stop.load(Ordering::Relaxed) {
-                        bail!("base snapshot interrupted by shutdown: {e}");
+                        return Err(Interrupted(e));
                     }
                     if matches!(&e, BaseError::Store(se) if se.is_transient())
                         && self.health.is_down()
@@ -240,22 +242,18 @@ impl Daemon {
         }
     }
 
-    /// After a restart: the newest stored base of `lineage` and the
+    /// After a restart: the newest stored base of this lineage and the
     /// identities that the stored records after its start_seq, up to `j0`
     /// (the last record of earlier runs), change. Records after `j0` were
     /// made through this run's mount and are in its touched set. Any doubt
     /// is an error, and the caller reads every file instead.
-    fn reload_previous(
-        &self,
-        lineage: u64,
-        j0: Seq,
-    ) -> Result<(Previous, HashSet<Ino>, u64), String> {
+    fn reload_previous(&self, j0: Seq) -> Result<(Previous, HashSet<Ino>, u64), String> {
         let t = Timeline::load(self.store.as_ref())
             .map_err(|e| format!("cannot list the store: {e}"))?;
         let meta: BaseMeta = t
             .bases
             .iter()
-            .filter(|b| b.lineage == lineage && b.start_seq <= j0)
+            .filter(|b| b.lineage == self.lineage.0 && b.start_seq <= j0)
             .max_by_key(|b| (b.completed_ns, b.start_seq))
             .cloned()
             .ok_or("the store holds no base of this lineage")?;
@@ -270,7 +268,7 @@ impl Daemon {
         let mut changed = HashSet::new();
         let mut next = meta.start_seq + 1;
         let mut records = 0u64;
-        for s in t.segments.iter().filter(|s| s.lineage == lineage) {
+        for s in t.segments.iter().filter(|s| s.lineage == self.lineage.0) {
             if next > j0 {
                 break;
             }
@@ -307,7 +305,6 @@ impl Daemon {
     /// never overlap; none is taken while nothing was appended.
     fn periodic_bases(
         &self,
-        lineage: u64,
         inc: &mut Incremental,
         interval: Duration,
         after: u64,
@@ -319,25 +316,27 @@ impl Daemon {
                 .journal
                 .written_bytes()
                 .saturating_sub(self.written_at_base.load(Ordering::Relaxed));
-            let why = if since >= after {
-                format!("{since} journal bytes since the last base (--base-after {after})")
-            } else if last_start.elapsed() >= interval {
-                format!(
-                    "{:?} since the last base (--base-interval)",
-                    last_start.elapsed()
-                )
-            } else {
-                std::thread::sleep(Duration::from_millis(50));
-                continue;
-            };
             let seq = self.journal.last_seq();
-            if seq == last_seq {
-                // Idle: a restore from the last base replays nothing.
-                last_start = Instant::now();
-                continue;
-            }
+            let why = match decide::periodic(
+                since,
+                after,
+                last_start.elapsed(),
+                interval,
+                seq != last_seq,
+            ) {
+                decide::Periodic::Wait => {
+                    std::thread::sleep(Duration::from_millis(50));
+                    continue;
+                }
+                decide::Periodic::Idle => {
+                    // A restore from the last base replays nothing.
+                    last_start = Instant::now();
+                    continue;
+                }
+                decide::Periodic::Take(why) => why,
+            };
             let t0 = Instant::now();
-            match self.take_base(lineage, BaseKind::Periodic, inc, &why) {
+            match self.take_base(BaseKind::Periodic, inc, &why) {
                 Ok(()) => {
                     last_start = t0;
                     last_seq = seq;
@@ -359,7 +358,6 @@ impl Daemon {
 /// is the last record of earlier runs.
 pub(super) fn spawn(
     d: std::sync::Arc<Daemon>,
-    lineage: u64,
     kind: Option<BaseKind>,
     j0: Seq,
     (interval, after): (Duration, u64),
@@ -377,7 +375,7 @@ pub(super) fn spawn(
                 Some(kind) => {
                     let t0 = Instant::now();
                     last_seq = d.journal.last_seq();
-                    match d.take_base(lineage, kind, &mut inc, "needed at start") {
+                    match d.take_base(kind, &mut inc, "needed at start") {
                         Ok(()) => d.base_done.store(true, Ordering::Release),
                         Err(e) => {
                             *d.base_failed.lock() = Some(e.to_string());
@@ -388,7 +386,7 @@ pub(super) fn spawn(
                 }
                 None => inc.reload = Some(j0),
             }
-            d.periodic_bases(lineage, &mut inc, interval, after, last_start, last_seq);
+            d.periodic_bases(&mut inc, interval, after, last_start, last_seq);
         })
         .unwrap()
 }

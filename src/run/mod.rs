@@ -1,57 +1,91 @@
-//! `rewind run`: the daemon that wires the pieces together. It owns
-//! startup (stale-mount cleanup, the journal lock, crash detection from the
-//! state file and the boot id, lineage choice, journal recovery), the base
-//! thread (the base a start needs, then periodic incremental bases, one
-//! walk at a time), the shipping thread, and shutdown (lazy detach, serve open files
-//! until the deadline, final seal and upload, exit status). It must not
-//! implement any format or filesystem operation itself.
+//! `rewind run`: the daemon that wires the pieces together. `run` is
+//! `start`, wait for a stop signal, `shutdown`. Start checks the arguments,
+//! detaches a stale mount, locks the journal, opens the store, applies the
+//! start decision (`decide::start`: lineage and base from the state file,
+//! the boot id and the store), recovers the journal, mounts, and starts the
+//! base thread (`base_thread`), the shipping thread (`ship_thread`) and the
+//! metrics thread (`monitor`). Shutdown detaches the mount lazily, serves
+//! open files until the deadline, runs the final seal and upload, and turns
+//! the outcome into an exit status (`decide::stopped`). It must not
+//! implement any format or filesystem operation itself, nor decide anything
+//! that `decide` can decide from plain inputs.
 
-use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
 use parking_lot::Mutex;
 use rustix::fs::{Mode, OFlags};
-use serde::{Deserialize, Serialize};
 
-use crate::base::{BaseKind, BaseWatch, StoredChunks};
+use crate::base::{BaseWatch, StoredChunks};
 use crate::cli::RunArgs;
 use crate::fs::{fuse, Passthrough};
-use crate::journal::Journal;
-use crate::layout::HIDDEN;
+use crate::http::{HttpError, StatusServer};
+use crate::journal::{Journal, JournalError};
+use crate::layout::{self, LocalState, StateError};
 use crate::metrics::Metrics;
 use crate::outage::{StoreHealth, Watched};
-use crate::restore::INCOMPLETE_MARKER;
-use crate::ship::{ShipStats, Shipper};
+use crate::redo::RedoError;
+use crate::ship::{ShipError, Shipper};
 use crate::store::{self, Prefixed, Store, StoreError, StoreOptions};
-use crate::timeline::{LineageStart, Timeline};
+use crate::timeline::{LineageId, LineageStart, Timeline};
 
 mod base_thread;
+mod decide;
 mod monitor;
 mod ship_thread;
 
-/// How long startup waits for the store before protecting without it.
-const STORE_STARTUP_WAIT: Duration = Duration::from_secs(5);
+/// Why `rewind run` could not start or stop. A stop that loses nothing but
+/// is not clean is an exit status, not an error (see `decide::Stopped`).
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// A flag or a directory the operator must fix; the message says how.
+    #[error("{0}")]
+    Usage(String),
+    #[error("{what}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{what}")]
+    Store {
+        what: &'static str,
+        #[source]
+        source: StoreError,
+    },
+    #[error("the state file {}", path.display())]
+    State {
+        path: PathBuf,
+        #[source]
+        source: StateError,
+    },
+    #[error("cannot open the journal")]
+    Journal(#[source] JournalError),
+    #[error("cannot redo the journal onto the source after the machine crash")]
+    Redo(#[source] RedoError),
+    #[error("cannot serve health and metrics on {listen}")]
+    Http {
+        listen: String,
+        #[source]
+        source: HttpError,
+    },
+}
 
-fn opts_clone(args: &RunArgs) -> StoreOptions {
-    StoreOptions {
-        s3_endpoint: args.store.s3_endpoint.clone(),
-        s3_path_style: args.store.s3_path_style,
-        tolerate_unreachable: true,
-        skip_check: true,
+/// Adds what was being done to an I/O error.
+fn io<E: Into<std::io::Error>>(what: impl Into<String>) -> impl FnOnce(E) -> RunError {
+    let what = what.into();
+    move |e| RunError::Io {
+        what,
+        source: e.into(),
     }
 }
 
-/// What the journal directory remembers between runs.
-#[derive(Debug, Serialize, Deserialize)]
-struct State {
-    volume: String,
-    lineage: String,
-    boot_id: String,
-    clean: bool,
-}
+/// How long startup waits for the store before protecting without it.
+const STORE_STARTUP_WAIT: Duration = Duration::from_secs(5);
 
 fn boot_id() -> String {
     std::env::var("REWIND_BOOT_ID")
@@ -59,18 +93,6 @@ fn boot_id() -> String {
         .or_else(|| std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok())
         .map(|s| s.trim().to_string())
         .unwrap_or_default()
-}
-
-fn write_state(dir: &Path, st: &State) -> std::io::Result<()> {
-    let tmp = dir.join("state.json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(st).unwrap())?;
-    std::fs::File::open(&tmp)?.sync_all()?;
-    std::fs::rename(&tmp, dir.join("state.json"))?;
-    std::fs::File::open(dir)?.sync_all()
-}
-
-fn read_state(dir: &Path) -> Option<State> {
-    serde_json::from_slice(&std::fs::read(dir.join("state.json")).ok()?).ok()
 }
 
 fn is_mounted(path: &Path) -> bool {
@@ -87,20 +109,23 @@ fn is_mounted(path: &Path) -> bool {
 
 /// A previous daemon that died leaves a dead FUSE mount ("Transport
 /// endpoint is not connected"); detach it so a new mount can take its place.
-fn clear_stale_mount(mount: &Path) -> anyhow::Result<()> {
+fn clear_stale_mount(mount: &Path) -> Result<(), RunError> {
     for _ in 0..8 {
         if !is_mounted(mount) {
             return Ok(());
         }
         tracing::warn!(mount = %mount.display(), "detaching a stale mount left by an earlier run");
-        rustix::mount::unmount(mount, rustix::mount::UnmountFlags::DETACH)
-            .with_context(|| format!("cannot detach the stale mount at {}", mount.display()))?;
+        rustix::mount::unmount(mount, rustix::mount::UnmountFlags::DETACH).map_err(io(format!(
+            "cannot detach the stale mount at {}",
+            mount.display()
+        )))?;
     }
     Ok(())
 }
 
 /// Everything the threads share.
 struct Daemon {
+    lineage: LineageId,
     metrics: Arc<Metrics>,
     store: Arc<dyn Store>,
     journal: Arc<Journal>,
@@ -110,7 +135,7 @@ struct Daemon {
     source_fd: std::os::fd::OwnedFd,
     stop: AtomicBool,
     base_done: AtomicBool,
-    base_completed_ns: std::sync::atomic::AtomicI64,
+    base_completed_ns: AtomicI64,
     base_failed: Mutex<Option<String>>,
     /// Chunks confirmed stored during this run (this lineage); see
     /// `base::StoredChunks`.
@@ -120,82 +145,147 @@ struct Daemon {
     written_at_base: AtomicU64,
 }
 
-pub fn run(args: RunArgs) -> anyhow::Result<i32> {
+/// A started daemon: the mount is live and the threads run until
+/// `shutdown`.
+struct Running {
+    d: Arc<Daemon>,
+    session: fuser::BackgroundSession,
+    base_thread: JoinHandle<()>,
+    ship_thread: JoinHandle<()>,
+    monitor: JoinHandle<()>,
+    _status: Option<StatusServer>,
+    /// Set by SIGTERM or SIGINT.
+    term: Arc<AtomicBool>,
+    mount: PathBuf,
+    journal_dir: PathBuf,
+    /// Held for the daemon's life: no second daemon opens this journal.
+    _lock: File,
+    volume: String,
+    boot_id: String,
+    shutdown_timeout: Duration,
+}
+
+pub fn run(args: RunArgs) -> Result<i32, RunError> {
+    let daemon = start(&args)?;
+    daemon.wait_for_stop();
+    daemon.shutdown()
+}
+
+/// The checked, absolute directories a daemon works on.
+struct Dirs {
+    source: PathBuf,
+    mount: PathBuf,
+    journal: PathBuf,
+}
+
+fn check_args(args: &RunArgs) -> Result<Dirs, RunError> {
+    let usage = |m: String| Err(RunError::Usage(m));
     if args.base_interval.is_zero() || args.base_after == 0 {
-        bail!("--base-interval and --base-after must be more than zero");
+        return usage("--base-interval and --base-after must be more than zero".into());
     }
     if args.on_journal_full == crate::cli::OnJournalFull::Gap {
-        bail!("--on-journal-full=gap is not available in this build yet; use the default (writers wait for the store)");
+        return usage("--on-journal-full=gap is not available in this build yet; use the default (writers wait for the store)".into());
     }
-    let source = std::fs::canonicalize(&args.source)
-        .with_context(|| format!("--source {} does not exist", args.source.display()))?;
+    let source = std::fs::canonicalize(&args.source).map_err(io(format!(
+        "--source {} does not exist",
+        args.source.display()
+    )))?;
     if !source.is_dir() {
-        bail!("--source {} is not a directory", source.display());
+        return usage(format!("--source {} is not a directory", source.display()));
     }
-    let mount = std::path::absolute(&args.mount)?;
+    let mount = std::path::absolute(&args.mount)
+        .map_err(io(format!("--mount {}", args.mount.display())))?;
     clear_stale_mount(&mount)?;
     if !mount.exists() {
         std::fs::create_dir_all(&mount)
-            .with_context(|| format!("cannot create --mount {}", mount.display()))?;
+            .map_err(io(format!("cannot create --mount {}", mount.display())))?;
     }
-    let mount = std::fs::canonicalize(&mount)?;
+    let mount =
+        std::fs::canonicalize(&mount).map_err(io(format!("--mount {}", mount.display())))?;
     if mount.starts_with(&source) || source.starts_with(&mount) {
-        bail!(
+        return usage(format!(
             "--mount {} and --source {} must not contain each other",
             mount.display(),
             source.display()
-        );
+        ));
     }
-    if source.join(HIDDEN).join(INCOMPLETE_MARKER).exists() {
-        bail!(
+    let marker = layout::incomplete_marker(&source);
+    if marker.exists() {
+        return usage(format!(
             "{} holds an unfinished restore ({}); finish it with `rewind restore --force` or empty the directory before protecting it",
             source.display(),
-            source.join(HIDDEN).join(INCOMPLETE_MARKER).display()
-        );
+            marker.display()
+        ));
     }
-    let jdir = args
+    crate::timeline::check_volume_name(&args.store.volume)
+        .map_err(|e| RunError::Usage(format!("--volume: {e}")))?;
+    let journal = args
         .journal_dir
         .clone()
-        .unwrap_or_else(|| source.join(HIDDEN).join("journal"));
-    std::fs::create_dir_all(&jdir)
-        .with_context(|| format!("cannot create the journal directory {}", jdir.display()))?;
-    let lock = std::fs::File::create(jdir.join("lock"))?;
+        .unwrap_or_else(|| layout::default_journal_dir(&source));
+    Ok(Dirs {
+        source,
+        mount,
+        journal,
+    })
+}
+
+fn lock_journal(dir: &Path) -> Result<File, RunError> {
+    std::fs::create_dir_all(dir).map_err(io(format!(
+        "cannot create the journal directory {}",
+        dir.display()
+    )))?;
+    let path = layout::journal_lock(dir);
+    let lock = File::create(&path).map_err(io(format!("cannot create {}", path.display())))?;
     rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive).map_err(
         |_| {
-            anyhow::anyhow!(
+            RunError::Usage(format!(
                 "another `rewind run` holds the journal {}; stop it first",
-                jdir.display()
-            )
+                dir.display()
+            ))
         },
     )?;
+    Ok(lock)
+}
 
-    crate::timeline::check_volume_name(&args.store.volume)
-        .map_err(|e| anyhow::anyhow!("--volume: {e}"))?;
-    // An unreachable store must not stop protection (the journal holds
-    // changes meanwhile); a missing bucket or refused credentials must. A
-    // store that hangs gets a few seconds, then protection starts without
-    // its answer (a repair base is taken, which is always safe).
-    let opts = StoreOptions {
+/// The volume's store and what it holds. An unreachable store must not
+/// stop protection (the journal holds changes meanwhile); a missing bucket
+/// or refused credentials must. A store that hangs gets a few seconds, then
+/// protection starts without its answer (a repair base is taken, which is
+/// always safe). The timeline is None when the store did not answer; the
+/// error is the transient one it answered with, if any.
+fn open_store(
+    args: &RunArgs,
+) -> Result<(Arc<dyn Store>, Option<Timeline>, Option<StoreError>), RunError> {
+    let opts = |skip_check| StoreOptions {
         s3_endpoint: args.store.s3_endpoint.clone(),
         s3_path_style: args.store.s3_path_style,
         tolerate_unreachable: true,
-        skip_check: false,
+        skip_check,
     };
     let (tx, rx) = crossbeam_channel::bounded(1);
     {
         let url = args.store.store.clone();
         let volume = args.store.volume.clone();
+        let opts = opts(false);
         std::thread::spawn(move || {
-            type Opened = (Arc<dyn Store>, Option<Timeline>, Option<StoreError>);
-            let res = (|| -> anyhow::Result<Opened> {
-                let root = store::open(&url, &opts)?;
+            let res = (|| {
+                let root = store::open(&url, &opts).map_err(|source| RunError::Store {
+                    what: "cannot open the store",
+                    source,
+                })?;
                 let store: Arc<dyn Store> = Arc::new(Prefixed::new(root, &volume));
                 // An unreachable store is reported as the start of an
-                // outage, once the outage tracker exists (below).
+                // outage, once the outage tracker exists.
                 let (timeline, down) = match Timeline::load(store.as_ref()) {
                     Ok(t) => (Some(t), None),
                     Err(e) if e.is_transient() => (None, Some(e)),
-                    Err(e) => return Err(e).context("cannot use the store"),
+                    Err(source) => {
+                        return Err(RunError::Store {
+                            what: "cannot use the store",
+                            source,
+                        })
+                    }
                 };
                 // A daemon killed mid-upload cannot abort its own multipart
                 // uploads; only this volume's own kinds of keys are touched.
@@ -215,88 +305,77 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
             let _ = tx.send(res);
         });
     }
-    let (store, timeline, down_at_start) = match rx.recv_timeout(STORE_STARTUP_WAIT) {
-        Ok(r) => r?,
+    match rx.recv_timeout(STORE_STARTUP_WAIT) {
+        Ok(r) => r,
         Err(_) => {
             tracing::warn!("the store did not answer within {STORE_STARTUP_WAIT:?}; protecting anyway, the journal holds changes until it returns");
-            let root = store::open(&args.store.store, &opts_clone(&args))
-                .context("cannot open the store")?;
-            (
+            let root =
+                store::open(&args.store.store, &opts(true)).map_err(|source| RunError::Store {
+                    what: "cannot open the store",
+                    source,
+                })?;
+            Ok((
                 Arc::new(Prefixed::new(root, &args.store.volume)) as Arc<dyn Store>,
                 None,
                 None,
-            )
+            ))
         }
-    };
+    }
+}
+
+fn open_source(source: &Path) -> Result<std::os::fd::OwnedFd, RunError> {
+    rustix::fs::open(
+        source,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(io(format!("cannot open {}", source.display())))
+}
+
+fn start(args: &RunArgs) -> Result<Running, RunError> {
+    let dirs = check_args(args)?;
+    let lock = lock_journal(&dirs.journal)?;
+    let (store, timeline, down_at_start) = open_store(args)?;
     let known = timeline.is_some();
     let timeline = timeline.unwrap_or_default();
 
-    // Decide the lineage: continue it after a clean stop or a process crash
-    // (with a repair base), start a new one after a machine crash.
     let boot = boot_id();
-    let prev = read_state(&jdir);
+    let state_err = |source| RunError::State {
+        path: layout::state_file(&dirs.journal),
+        source,
+    };
+    let prev = layout::read_state(&dirs.journal).map_err(state_err)?;
     if let Some(p) = &prev {
         if p.volume != args.store.volume {
-            bail!("the journal in {} belongs to volume {:?}, not {:?}; use that --volume or another --journal-dir", jdir.display(), p.volume, args.store.volume);
+            return Err(RunError::Usage(format!("the journal in {} belongs to volume {:?}, not {:?}; use that --volume or another --journal-dir", dirs.journal.display(), p.volume, args.store.volume)));
         }
     }
-    let (lineage, new_lineage, mut base_kind) = match &prev {
-        None => (
-            rand::random::<u64>() >> 1,
-            Some("first-start"),
-            Some(BaseKind::Initial),
-        ),
-        Some(p) => {
-            let l = u64::from_str_radix(&p.lineage, 16)
-                .context("state.json has a malformed lineage")?;
-            if p.boot_id != boot && !p.clean {
-                tracing::warn!("the machine restarted without a clean stop: shipping the journal's intact prefix, then starting a new lineage");
-                (
-                    rand::random::<u64>() >> 1,
-                    Some("machine-crash"),
-                    Some(BaseKind::Initial),
-                )
-            } else if !p.clean {
-                tracing::warn!("the previous run did not stop cleanly: taking a repair base");
-                (l, None, Some(BaseKind::Repair))
-            } else {
-                (l, None, None)
-            }
-        }
-    };
-    if base_kind.is_none() && (!known || !timeline.bases.iter().any(|b| b.lineage == lineage)) {
-        base_kind = Some(if prev.is_some() {
-            BaseKind::Repair
-        } else {
-            BaseKind::Initial
-        });
+    let based: Vec<LineageId> = timeline
+        .bases
+        .iter()
+        .map(|b| LineageId(b.lineage))
+        .collect();
+    let decided = decide::start(
+        prev.as_ref(),
+        &boot,
+        known.then_some(&based[..]),
+        LineageId::random(),
+    );
+    match decided.why {
+        decide::Why::MachineCrash => tracing::warn!("the machine restarted without a clean stop: shipping the journal's intact prefix, then starting a new lineage"),
+        decide::Why::ProcessCrash => tracing::warn!("the previous run did not stop cleanly: taking a repair base"),
+        decide::Why::FirstStart | decide::Why::Clean | decide::Why::CleanWithoutBase => {}
     }
-    let stored = timeline
-        .segments
-        .iter()
-        .map(|s| s.last_seq)
-        .chain(timeline.bases.iter().map(|b| b.start_seq))
-        .max()
-        .unwrap_or(0);
-    let floor = timeline
-        .segments
-        .iter()
-        .map(|s| s.last_ns)
-        .chain(timeline.heartbeats.iter().map(|h| h.ns))
-        .max()
-        .unwrap_or(0);
-    let old_lineage = prev
-        .as_ref()
-        .and_then(|p| u64::from_str_radix(&p.lineage, 16).ok())
-        .unwrap_or(lineage);
+    let lineage = decided.lineage;
+    let (stored, floor) = decide::resume(&timeline);
     let (journal, rec) = Journal::open(
-        &jdir,
-        old_lineage,
+        &dirs.journal,
+        decided.journal_lineage.0,
         stored + 1,
         floor,
         args.max_journal_bytes,
     )
-    .context("cannot open the journal")?;
+    .map_err(RunError::Journal)?;
     for (p, n) in &rec.torn {
         tracing::warn!("journal {}: cut a torn tail of {n} bytes", p.display());
     }
@@ -306,12 +385,11 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
             "journal holds records not yet confirmed stored; shipping them first"
         );
     }
-    if new_lineage == Some("machine-crash") {
+    if decided.redo() {
         // fsync waited for the journal alone: put back into the source
         // whatever the crash took from it before anything reads it.
         let t0 = Instant::now();
-        let st = crate::redo::redo(&source, &journal)
-            .context("cannot redo the journal onto the source after the machine crash")?;
+        let st = crate::redo::redo(&dirs.source, &journal).map_err(RunError::Redo)?;
         tracing::info!(
             records = st.records,
             skipped = st.skipped,
@@ -320,26 +398,19 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
             "redid the journal onto the source"
         );
     }
-    if lineage != old_lineage {
-        journal.set_lineage(lineage)?;
+    if lineage != decided.journal_lineage {
+        journal.set_lineage(lineage.0).map_err(RunError::Journal)?;
     }
     let journal = Arc::new(journal);
-    write_state(
-        &jdir,
-        &State {
-            volume: args.store.volume.clone(),
-            lineage: format!("{lineage:016x}"),
-            boot_id: boot.clone(),
-            clean: false,
-        },
-    )?;
+    let state = LocalState {
+        volume: args.store.volume.clone(),
+        lineage,
+        boot_id: boot.clone(),
+        clean: false,
+    };
+    layout::write_state(&dirs.journal, &state).map_err(|e| state_err(e.into()))?;
 
-    let source_for_sync = rustix::fs::open(
-        &source,
-        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
-    .with_context(|| format!("cannot open {}", source.display()))?;
+    let source_for_sync = open_source(&dirs.source)?;
     // Everything the daemon stores from now on goes through the outage
     // tracker, which tells the operator when an outage begins and ends.
     let health = Arc::new(StoreHealth::new(store.describe()));
@@ -349,16 +420,17 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         health.failed(e);
     }
     let shipper = Arc::new(
-        Shipper::new(store.clone(), journal.clone(), stored, lineage).with_source(source_for_sync),
+        Shipper::new(store.clone(), journal.clone(), stored, lineage.0)
+            .with_source(source_for_sync),
     );
-    if let Some(reason) = new_lineage {
+    if let Some(reason) = decided.new_lineage() {
         let marker = LineageStart {
             started_ns: journal.now(),
-            lineage,
+            lineage: lineage.0,
             reason: reason.into(),
         };
         shipper.queue(marker.key(), bytes::Bytes::new());
-        tracing::info!(lineage = %format!("{lineage:016x}"), reason, "starting a new lineage");
+        tracing::info!(%lineage, reason, "starting a new lineage");
     }
     // What the journal already holds ships first, in order, from the ship
     // thread: the mount never waits for the store.
@@ -367,16 +439,11 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     // through this run's mount and land in its touched set.
     let j0 = journal.last_seq();
     let watch = Arc::new(BaseWatch::default());
-    let src_dir = rustix::fs::open(
-        &source,
-        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-        Mode::empty(),
-    )?;
-    let mut core = Passthrough::new(
-        rustix::io::fcntl_dupfd_cloexec(&src_dir, 0)?,
-        journal.clone(),
-        watch.clone(),
-    )?;
+    let src_dir = open_source(&dirs.source)?;
+    let dup = rustix::io::fcntl_dupfd_cloexec(&src_dir, 0)
+        .map_err(io(format!("cannot open {}", dirs.source.display())))?;
+    let mut core = Passthrough::new(dup, journal.clone(), watch.clone())
+        .map_err(io(format!("cannot serve {}", dirs.source.display())))?;
     core.set_read_passthrough(args.read_passthrough);
     core.set_cached_writes(args.cached_writes);
     let core = Arc::new(core);
@@ -384,22 +451,24 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     // sent as soon as the mount answers (a quick test, a pod deleted at
     // once) must get the clean shutdown, not the default disposition.
     let term = Arc::new(AtomicBool::new(false));
-    signal_hook::flag::register(signal_hook::consts::SIGTERM, term.clone())?;
-    signal_hook::flag::register(signal_hook::consts::SIGINT, term.clone())?;
-    let session =
-        fuse::mount(fuse::FuseFs::new(core.clone()), &mount, args.threads).with_context(|| {
-            format!(
-                "cannot mount at {} (is /dev/fuse available and fusermount3 installed?)",
-                mount.display()
-            )
-        })?;
-    tracing::info!(source = %source.display(), mount = %mount.display(), store = %store.describe(), "protecting");
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, term.clone())
+            .map_err(io("cannot catch SIGTERM and SIGINT"))?;
+    }
+    let session = fuse::mount(fuse::FuseFs::new(core.clone()), &dirs.mount, args.threads).map_err(
+        io(format!(
+            "cannot mount at {} (is /dev/fuse available and fusermount3 installed?)",
+            dirs.mount.display()
+        )),
+    )?;
+    tracing::info!(source = %dirs.source.display(), mount = %dirs.mount.display(), store = %store.describe(), "protecting");
 
     let metrics = Arc::new(Metrics::new(&args.store.volume));
-    metrics.set_lineage(&format!("{lineage:016x}"));
+    metrics.set_lineage(&lineage.to_string());
     metrics.set_mount_live(true);
     metrics.set_journal_writable(true);
     let d = Arc::new(Daemon {
+        lineage,
         metrics: metrics.clone(),
         store: store.clone(),
         journal: journal.clone(),
@@ -408,8 +477,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         watch,
         source_fd: src_dir,
         stop: AtomicBool::new(false),
-        base_done: AtomicBool::new(base_kind.is_none()),
-        base_completed_ns: std::sync::atomic::AtomicI64::new(0),
+        base_done: AtomicBool::new(decided.base.is_none()),
+        base_completed_ns: AtomicI64::new(0),
         base_failed: Mutex::new(None),
         known_chunks: StoredChunks::default(),
         health,
@@ -420,10 +489,10 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     let newest = timeline
         .bases
         .iter()
-        .filter(|b| b.lineage == lineage)
+        .filter(|b| b.lineage == lineage.0)
         .max_by_key(|b| b.completed_ns);
     let (mut last_start, mut last_seq) = (Instant::now(), 0);
-    if let (None, Some(b)) = (base_kind, newest) {
+    if let (None, Some(b)) = (decided.base, newest) {
         let age = crate::clock::wall_now()
             .saturating_sub(b.completed_ns)
             .max(0) as u64;
@@ -435,20 +504,19 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     }
     let base_thread = base_thread::spawn(
         d.clone(),
-        lineage,
-        base_kind,
+        decided.base,
         j0,
         (args.base_interval, args.base_after),
         (last_start, last_seq),
     );
     let ship_thread = ship_thread::spawn(d.clone(), args.segment_interval);
-    let _ = &d.store;
     let monitor = {
         let d = d.clone();
+        let id = lineage.to_string();
         let earliest = timeline
             .windows()
             .iter()
-            .filter(|w| w.lineage == format!("{lineage:016x}"))
+            .filter(|w| w.lineage == id)
             .map(|w| w.earliest_ns)
             .min();
         std::thread::Builder::new()
@@ -456,139 +524,147 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
             .spawn(move || monitor::monitor(&d, earliest))
             .unwrap()
     };
-    let _status = match &args.listen {
+    let status = match &args.listen {
         Some(listen) => Some(
-            crate::http::StatusServer::start(listen, metrics.clone())
-                .with_context(|| format!("cannot serve health and metrics on {listen}"))?,
+            StatusServer::start(listen, metrics.clone()).map_err(|source| RunError::Http {
+                listen: listen.clone(),
+                source,
+            })?,
         ),
         None => None,
     };
+    Ok(Running {
+        d,
+        session,
+        base_thread,
+        ship_thread,
+        monitor,
+        _status: status,
+        term,
+        mount: dirs.mount,
+        journal_dir: dirs.journal,
+        _lock: lock,
+        volume: args.store.volume.clone(),
+        boot_id: boot,
+        shutdown_timeout: args.shutdown_timeout,
+    })
+}
 
-    // Wait for SIGTERM/SIGINT (or the mount going away under us).
-    while !term.load(Ordering::Relaxed) {
-        std::thread::sleep(Duration::from_millis(50));
-        if !is_mounted(&mount) {
-            tracing::warn!("the mount went away; shutting down");
-            break;
-        }
-    }
-    let deadline = Instant::now() + args.shutdown_timeout;
-    tracing::info!("shutting down: detaching the mount lazily; open files are served until they close or {:?} pass", args.shutdown_timeout);
-    if let Err(e) = rustix::mount::unmount(&mount, rustix::mount::UnmountFlags::DETACH) {
-        tracing::debug!("lazy unmount: {e}");
-    }
-    let (tx, rx) = crossbeam_channel::bounded(1);
-    std::thread::spawn(move || {
-        let _ = session.join();
-        let _ = tx.send(());
-    });
-    if rx.recv_deadline(deadline).is_err() {
-        tracing::warn!("files still open at the shutdown deadline; stopping anyway");
-    }
-    metrics.set_mount_live(false);
-    d.stop.store(true, Ordering::Release);
-    shipper.set_abort(true);
-    let _ = ship_thread.join();
-    let _ = monitor.join();
-    // The base a start needs finishes or fails on its own; it is bounded
-    // by the volume size, not by the deadline, so give up on it at the
-    // deadline and let the next start take it again. A periodic base in
-    // progress is abandoned: the previous base keeps the volume restorable.
-    while !base_thread.is_finished()
-        && !d.base_done.load(Ordering::Acquire)
-        && Instant::now() < deadline
-    {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    // The final round runs apart, so that a store that hangs inside one
-    // request cannot hold the exit past the deadline.
-    let (tx, rx) = crossbeam_channel::bounded(1);
-    {
-        let shipper = shipper.clone();
-        let store = store.clone();
-        std::thread::spawn(move || {
-            let r = shipper
-                .ship_once(Some(deadline))
-                .and_then(|_| shipper.heartbeat(true, Some(deadline)));
-            if r.is_ok() {
-                // Uploads a failed attempt could not abort during an outage.
-                for kind in crate::timeline::VOLUME_KEY_KINDS {
-                    if let Err(e) = store.abort_incomplete_uploads(&format!("{kind}/")) {
-                        tracing::warn!(
-                            "cannot abort incomplete uploads: {e}; the next start retries"
-                        );
-                    }
-                }
+impl Running {
+    /// Returns on SIGTERM or SIGINT, or when the mount goes away under us.
+    fn wait_for_stop(&self) {
+        while !self.term.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(50));
+            if !is_mounted(&self.mount) {
+                tracing::warn!("the mount went away; shutting down");
+                break;
             }
-            let _ = tx.send(r);
-        });
+        }
     }
-    let shipped = rx
-        .recv_deadline(deadline + Duration::from_secs(1))
-        .unwrap_or_else(|_| Err(crate::ship::ShipError::Timeout));
-    let base_ok = d.base_done.load(Ordering::Acquire);
-    let stats: &ShipStats = &shipper.stats;
-    // Whatever the final round says, the store must hold the journal's
-    // last record before the stop counts as clean.
-    let shipped = shipped.and_then(|()| {
-        let (stored, last) = (
-            shipper.stats.stored_seq.load(Ordering::Acquire),
-            journal.last_seq(),
-        );
-        if stored < last {
-            tracing::error!(
-                stored,
-                last,
-                "the final upload round left records unshipped"
+
+    /// Stops the daemon and returns its exit status (`decide::Stopped`).
+    fn shutdown(self) -> Result<i32, RunError> {
+        let Running {
+            d,
+            session,
+            base_thread,
+            ship_thread,
+            monitor,
+            ..
+        } = self;
+        let deadline = Instant::now() + self.shutdown_timeout;
+        tracing::info!("shutting down: detaching the mount lazily; open files are served until they close or {:?} pass", self.shutdown_timeout);
+        if let Err(e) = rustix::mount::unmount(&self.mount, rustix::mount::UnmountFlags::DETACH) {
+            tracing::debug!("lazy unmount: {e}");
+        }
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        std::thread::spawn(move || {
+            let _ = session.join();
+            let _ = tx.send(());
+        });
+        if rx.recv_deadline(deadline).is_err() {
+            tracing::warn!("files still open at the shutdown deadline; stopping anyway");
+        }
+        d.metrics.set_mount_live(false);
+        d.stop.store(true, Ordering::Release);
+        d.shipper.set_abort(true);
+        let _ = ship_thread.join();
+        let _ = monitor.join();
+        // The base a start needs finishes or fails on its own; it is bounded
+        // by the volume size, not by the deadline, so give up on it at the
+        // deadline and let the next start take it again. A periodic base in
+        // progress is abandoned: the previous base keeps the volume
+        // restorable.
+        while !base_thread.is_finished()
+            && !d.base_done.load(Ordering::Acquire)
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let shipped = ship_thread::final_round(&d, deadline);
+        let base_ok = d.base_done.load(Ordering::Acquire);
+        // Whatever the final round says, the store must hold the journal's
+        // last record before the stop counts as clean.
+        let shipped = shipped.and_then(|()| {
+            let (stored, last) = (
+                d.shipper.stats.stored_seq.load(Ordering::Acquire),
+                d.journal.last_seq(),
             );
-            Err(crate::ship::ShipError::Journal(format!(
-                "records {}..={last} were not shipped",
-                stored + 1
-            )))
-        } else {
-            Ok(())
-        }
-    });
-    match shipped {
-        Ok(()) if d.journal.has_failed() => {
-            // Not a clean stop: the source may hold changes the journal lost
-            // (pages a failed flush dropped, an operation applied before its
-            // append failed), so the next start must take a repair base.
-            tracing::error!("the journal failed during this run (see above); what it held is stored, and the next start takes a repair base");
-            Ok(4)
-        }
-        Ok(()) if base_ok => {
-            // A clean stop means no redo at the next start, so the source
-            // must hold everything fsync acknowledged (fsync waited for the
-            // journal alone).
-            rustix::fs::syncfs(&d.source_fd).context("cannot sync the source at shutdown; the journal is kept and redone at the next start")?;
-            write_state(
-                &jdir,
-                &State {
-                    volume: args.store.volume.clone(),
-                    lineage: format!("{lineage:016x}"),
-                    boot_id: boot,
+            if stored < last {
+                tracing::error!(
+                    stored,
+                    last,
+                    "the final upload round left records unshipped"
+                );
+                Err(ShipError::Journal(format!(
+                    "records {}..={last} were not shipped",
+                    stored + 1
+                )))
+            } else {
+                Ok(())
+            }
+        });
+        let stopped = decide::stopped(shipped.is_ok(), d.journal.has_failed(), base_ok);
+        match (stopped, shipped) {
+            (decide::Stopped::JournalFailed, _) => {
+                tracing::error!("the journal failed during this run (see above); what it held is stored, and the next start takes a repair base");
+            }
+            (decide::Stopped::Clean, _) => {
+                // A clean stop means no redo at the next start, so the
+                // source must hold everything fsync acknowledged (fsync
+                // waited for the journal alone).
+                rustix::fs::syncfs(&d.source_fd).map_err(io(
+                    "cannot sync the source at shutdown; the journal is kept and redone at the next start",
+                ))?;
+                let state = LocalState {
+                    volume: self.volume.clone(),
+                    lineage: d.lineage,
+                    boot_id: self.boot_id.clone(),
                     clean: true,
-                },
-            )?;
-            tracing::info!(
-                segments = stats.segments.load(Ordering::Relaxed),
-                bytes = stats.bytes.load(Ordering::Relaxed),
-                "stopped cleanly: everything is in the store"
-            );
-            Ok(0)
+                };
+                layout::write_state(&self.journal_dir, &state).map_err(|e| RunError::State {
+                    path: layout::state_file(&self.journal_dir),
+                    source: e.into(),
+                })?;
+                let stats = &d.shipper.stats;
+                tracing::info!(
+                    segments = stats.segments.load(Ordering::Relaxed),
+                    bytes = stats.bytes.load(Ordering::Relaxed),
+                    "stopped cleanly: everything is in the store"
+                );
+            }
+            (decide::Stopped::WithoutBase, _) => {
+                let why = d.base_failed.lock().clone().unwrap_or_else(|| {
+                    "the base snapshot did not finish by the shutdown deadline".into()
+                });
+                tracing::error!("stopped with every record stored, but without a completed base ({why}); the next start takes one");
+            }
+            (decide::Stopped::Unshipped, r) => {
+                let e = r.err().map_or_else(String::new, |e| e.to_string());
+                tracing::error!("stopped before everything was stored ({e}); the journal in {} keeps it for the next start", self.journal_dir.display());
+            }
         }
-        Ok(()) => {
-            let why = d.base_failed.lock().clone().unwrap_or_else(|| {
-                "the base snapshot did not finish by the shutdown deadline".into()
-            });
-            tracing::error!("stopped with every record stored, but without a completed base ({why}); the next start takes one");
-            Ok(3)
-        }
-        Err(e) => {
-            tracing::error!("stopped before everything was stored ({e}); the journal in {} keeps it for the next start", jdir.display());
-            Ok(2)
-        }
+        Ok(stopped.exit_code())
     }
 }
 
