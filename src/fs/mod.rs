@@ -1413,11 +1413,6 @@ impl Passthrough {
         &self.touched
     }
 
-    /// The number of open handles, for shutdown.
-    pub fn open_handles(&self) -> usize {
-        self.handles.read().len()
-    }
-
     pub fn source_fd(&self) -> impl AsFd + '_ {
         &self.root_fd
     }
