@@ -1412,10 +1412,6 @@ impl Passthrough {
     pub(crate) fn touched(&self) -> &Touched {
         &self.touched
     }
-
-    pub fn source_fd(&self) -> impl AsFd + '_ {
-        &self.root_fd
-    }
 }
 
 #[cfg(test)]
