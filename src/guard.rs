@@ -151,10 +151,10 @@ fn mountinfo() -> Result<String, GuardError> {
     std::fs::read_to_string("/proc/self/mountinfo").map_err(GuardError::MountInfo)
 }
 
-/// Makes the mountpoint ready for the FUSE mount: detaches what earlier
-/// runs left dead on top and puts the guard beneath. A guard that cannot be
-/// mounted (no CAP_SYS_ADMIN) is logged and protection goes on without it.
-pub(crate) fn prepare(path: &Path) -> Result<(), GuardError> {
+/// Detaches what earlier runs left dead on top of the mountpoint, so that
+/// the path can be checked and mounted again; refuses a stack with a
+/// foreign mount over Rewind's own.
+pub(crate) fn clear_dead(path: &Path) -> Result<(), GuardError> {
     let plan = plan(&stack(&mountinfo()?, path)).map_err(GuardError::Refused)?;
     for _ in 0..plan.detach {
         tracing::warn!(mount = %path.display(), "detaching a dead mount left by an earlier run");
@@ -165,6 +165,15 @@ pub(crate) fn prepare(path: &Path) -> Result<(), GuardError> {
             }
         })?;
     }
+    Ok(())
+}
+
+/// Puts the guard at the mountpoint unless one is there already; called
+/// right before the FUSE mount, once every check has passed. A guard that
+/// cannot be mounted (no CAP_SYS_ADMIN) is logged and protection goes on
+/// without it.
+pub(crate) fn ensure_guard(path: &Path) -> Result<(), GuardError> {
+    let plan = plan(&stack(&mountinfo()?, path)).map_err(GuardError::Refused)?;
     if plan.mount_guard {
         use rustix::mount::{mount, MountFlags};
         let flags = MountFlags::RDONLY | MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC;

@@ -93,7 +93,7 @@ fn open_store(a: &StoreArgs) -> anyhow::Result<Arc<dyn Store>> {
 
 fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
-        Command::Run(args) => rewind::run::run(args),
+        Command::Run(args) => Ok(rewind::run::run(args)?),
         Command::Restore(args) => {
             if let Some(marker) = &args.once_marker {
                 if marker.exists() {

@@ -32,13 +32,11 @@ use rustix::fs::{self as rfs, AtFlags, Mode, OFlags};
 
 use crate::base::{chunk_key, decode_chunk, load_manifest, safe_name, BaseError, Manifest};
 use crate::clock::{fmt_ns, Nanos};
-use crate::layout::HIDDEN;
+use crate::layout::{HIDDEN, INCOMPLETE_MARKER};
 use crate::record::{Ino, Kind, Op, Record, RENAME_EXCHANGE_FLAG};
 use crate::segment::{self, SegmentError};
 use crate::store::{Store, StoreError};
 use crate::timeline::{Plan, Timeline, TimelineError};
-
-pub const INCOMPLETE_MARKER: &str = "restore-incomplete";
 
 #[derive(Debug, thiserror::Error)]
 pub enum RestoreError {

@@ -275,10 +275,6 @@ impl Shipper {
         self.abort.store(on, Ordering::Release);
     }
 
-    pub fn set_lineage(&self, l: u64) {
-        self.lineage.store(l, Ordering::Relaxed);
-    }
-
     pub fn pending_control(&self) -> usize {
         self.control.lock().len()
     }

@@ -225,8 +225,45 @@ pub fn check_volume_name(v: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// A lineage's id: a u64 below 2^63, written as 16 lowercase hex digits in
+/// object keys, the local state file and everything a user reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct LineageId(pub u64);
+
+impl LineageId {
+    /// A fresh id for a new lineage. The top bit stays clear so that the id
+    /// fits an i64 wherever one is wanted.
+    pub(crate) fn random() -> LineageId {
+        LineageId(rand::random::<u64>() >> 1)
+    }
+}
+
+impl std::fmt::Display for LineageId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{0:?} is not a lineage id (16 hex digits, as `rewind ls` prints them)")]
+pub struct BadLineageId(String);
+
+impl std::str::FromStr for LineageId {
+    type Err = BadLineageId;
+    fn from_str(s: &str) -> Result<LineageId, BadLineageId> {
+        if s.is_empty() || s.len() > 16 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(BadLineageId(s.into()));
+        }
+        u64::from_str_radix(s, 16)
+            .map(LineageId)
+            .map_err(|_| BadLineageId(s.into()))
+    }
+}
+
+/// `LineageId(l).to_string()`, for the modules that still carry lineages
+/// as bare u64.
 pub fn lineage_id(l: u64) -> String {
-    format!("{l:016x}")
+    LineageId(l).to_string()
 }
 
 /// Everything the store says about one volume.
@@ -889,4 +926,28 @@ pub fn list_volume(store: &dyn Store) -> Result<Vec<String>, StoreError> {
         keys.extend(store.list(&format!("{kind}/"))?);
     }
     Ok(keys)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::LineageId;
+
+    #[test]
+    fn lineage_ids_print_as_16_hex_digits_and_parse_back() {
+        for (text, id) in [
+            ("0000000000000000", Some(0)),
+            ("00000000000000ff", Some(255)),
+            ("7fffffffffffffff", Some(i64::MAX as u64)),
+            ("ff", Some(255)),
+            ("", None),
+            ("+1", None),
+            ("0x10", None),
+            ("00000000000000001", None),
+            ("zz", None),
+        ] {
+            assert_eq!(text.parse::<LineageId>().ok().map(|l| l.0), id, "{text:?}");
+        }
+        assert_eq!(LineageId(255).to_string(), "00000000000000ff");
+        assert!(LineageId::random().0 < 1 << 63);
+    }
 }

@@ -427,3 +427,29 @@ fn xattr_of(p: &std::path::Path, name: &str) -> Option<Vec<u8>> {
     buf.truncate(n);
     Some(buf)
 }
+
+fn sample_state() -> rewind::layout::LocalState {
+    rewind::layout::LocalState {
+        volume: "db".into(),
+        lineage: rewind::timeline::LineageId(0xfeed_beef),
+        boot_id: "3b0c1f1e-5d2a-4f43-9a57-6d1f0e7c2a10".into(),
+        clean: true,
+    }
+}
+
+/// Version 1 of the state file, written by builds before the format had a
+/// version field.
+#[test]
+fn state_v1() {
+    let g = old_golden("state-v1.json");
+    assert_eq!(rewind::layout::decode_state(&g).unwrap(), sample_state());
+}
+
+#[test]
+fn state_v2() {
+    let g = golden(
+        "state-v2.json",
+        &rewind::layout::encode_state(&sample_state()),
+    );
+    assert_eq!(rewind::layout::decode_state(&g).unwrap(), sample_state());
+}

@@ -1401,6 +1401,11 @@ impl Passthrough {
         }])
     }
 
+    /// The number of open handles, for the shutdown log.
+    pub fn open_handles(&self) -> usize {
+        self.handles.read().len()
+    }
+
     /// O_PATH handles of every known inode not in `seen` (for a base walk).
     pub fn unseen_handles(&self, seen: &std::collections::HashSet<Ino>) -> Vec<OwnedFd> {
         let inodes: Vec<Arc<Inode>> = self
@@ -1429,15 +1434,6 @@ impl Passthrough {
     /// the set before it reads its start_seq.
     pub(crate) fn touched(&self) -> &Touched {
         &self.touched
-    }
-
-    /// The number of open handles, for shutdown.
-    pub fn open_handles(&self) -> usize {
-        self.handles.read().len()
-    }
-
-    pub fn source_fd(&self) -> impl AsFd + '_ {
-        &self.root_fd
     }
 }
 

@@ -1,0 +1,649 @@
+//! `rewind run`: the daemon that wires the pieces together. `run` is
+//! `start`, wait for a stop signal, `shutdown`. Start checks the arguments,
+//! detaches a stale mount, locks the journal, opens the store, applies the
+//! start decision (`decide::start`: lineage and base from the state file,
+//! the boot id and the store), recovers the journal, mounts, and starts the
+//! base thread (`base_thread`), the shipping thread (`ship_thread`) and the
+//! metrics thread (`monitor`). Shutdown detaches the mount lazily, serves
+//! open files until the deadline, runs the final seal and upload, and turns
+//! the outcome into an exit status (`decide::stopped`). It must not
+//! implement any format or filesystem operation itself, nor decide anything
+//! that `decide` can decide from plain inputs.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use rustix::fs::{Mode, OFlags};
+
+use crate::base::{BaseWatch, StoredChunks};
+use crate::cli::RunArgs;
+use crate::fs::{fuse, Passthrough};
+use crate::http::{HttpError, StatusServer};
+use crate::journal::{Journal, JournalError};
+use crate::layout::{self, LocalState, StateError};
+use crate::metrics::Metrics;
+use crate::outage::{StoreHealth, Watched};
+use crate::redo::RedoError;
+use crate::ship::{ShipError, Shipper};
+use crate::store::{self, Prefixed, Store, StoreError, StoreOptions};
+use crate::timeline::{LineageId, LineageStart, Timeline};
+
+mod base_thread;
+mod decide;
+mod monitor;
+mod ship_thread;
+
+/// Why `rewind run` could not start or stop. A stop that loses nothing but
+/// is not clean is an exit status, not an error (see `decide::Stopped`).
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// A flag or a directory the operator must fix; the message says how.
+    #[error("{0}")]
+    Usage(String),
+    #[error("{what}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{what}")]
+    Store {
+        what: &'static str,
+        #[source]
+        source: StoreError,
+    },
+    #[error("the state file {}", path.display())]
+    State {
+        path: PathBuf,
+        #[source]
+        source: StateError,
+    },
+    #[error(transparent)]
+    Guard(#[from] crate::guard::GuardError),
+    #[error("cannot open the journal")]
+    Journal(#[source] JournalError),
+    #[error("cannot redo the journal onto the source after the machine crash")]
+    Redo(#[source] RedoError),
+    #[error("cannot serve health and metrics on {listen}")]
+    Http {
+        listen: String,
+        #[source]
+        source: HttpError,
+    },
+}
+
+/// Adds what was being done to an I/O error.
+fn io<E: Into<std::io::Error>>(what: impl Into<String>) -> impl FnOnce(E) -> RunError {
+    let what = what.into();
+    move |e| RunError::Io {
+        what,
+        source: e.into(),
+    }
+}
+
+/// How long startup waits for the store before protecting without it.
+const STORE_STARTUP_WAIT: Duration = Duration::from_secs(5);
+
+fn boot_id() -> String {
+    std::env::var("REWIND_BOOT_ID")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok())
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// Everything the threads share.
+struct Daemon {
+    lineage: LineageId,
+    metrics: Arc<Metrics>,
+    store: Arc<dyn Store>,
+    journal: Arc<Journal>,
+    shipper: Arc<Shipper>,
+    core: Arc<Passthrough>,
+    watch: Arc<BaseWatch>,
+    source_fd: std::os::fd::OwnedFd,
+    stop: AtomicBool,
+    base_done: AtomicBool,
+    base_completed_ns: AtomicI64,
+    base_failed: Mutex<Option<String>>,
+    /// Chunks confirmed stored during this run (this lineage); see
+    /// `base::StoredChunks`.
+    known_chunks: StoredChunks,
+    health: Arc<StoreHealth>,
+    /// `journal.written_bytes()` when the last completed base started.
+    written_at_base: AtomicU64,
+}
+
+/// A started daemon: the mount is live and the threads run until
+/// `shutdown`.
+struct Running {
+    d: Arc<Daemon>,
+    session: fuse::Served,
+    base_thread: JoinHandle<()>,
+    ship_thread: JoinHandle<()>,
+    monitor: JoinHandle<()>,
+    _status: Option<StatusServer>,
+    /// Set by SIGTERM or SIGINT.
+    term: Arc<AtomicBool>,
+    mount: PathBuf,
+    journal_dir: PathBuf,
+    /// Held for the daemon's life: no second daemon opens this journal.
+    _lock: File,
+    volume: String,
+    boot_id: String,
+    shutdown_timeout: Duration,
+}
+
+pub fn run(args: RunArgs) -> Result<i32, RunError> {
+    let daemon = start(&args)?;
+    daemon.wait_for_stop();
+    daemon.shutdown()
+}
+
+/// The checked, absolute directories a daemon works on.
+struct Dirs {
+    source: PathBuf,
+    mount: PathBuf,
+    journal: PathBuf,
+}
+
+fn check_args(args: &RunArgs) -> Result<Dirs, RunError> {
+    let usage = |m: String| Err(RunError::Usage(m));
+    if args.base_interval.is_zero() || args.base_after == 0 {
+        return usage("--base-interval and --base-after must be more than zero".into());
+    }
+    if args.on_journal_full == crate::cli::OnJournalFull::Gap {
+        return usage("--on-journal-full=gap is not available in this build yet; use the default (writers wait for the store)".into());
+    }
+    let source = std::fs::canonicalize(&args.source).map_err(io(format!(
+        "--source {} does not exist",
+        args.source.display()
+    )))?;
+    if !source.is_dir() {
+        return usage(format!("--source {} is not a directory", source.display()));
+    }
+    let mount = std::path::absolute(&args.mount)
+        .map_err(io(format!("--mount {}", args.mount.display())))?;
+    crate::guard::clear_dead(&mount)?;
+    if !mount.exists() {
+        std::fs::create_dir_all(&mount)
+            .map_err(io(format!("cannot create --mount {}", mount.display())))?;
+    }
+    let mount =
+        std::fs::canonicalize(&mount).map_err(io(format!("--mount {}", mount.display())))?;
+    if mount.starts_with(&source) || source.starts_with(&mount) {
+        return usage(format!(
+            "--mount {} and --source {} must not contain each other",
+            mount.display(),
+            source.display()
+        ));
+    }
+    let marker = layout::incomplete_marker(&source);
+    if marker.exists() {
+        return usage(format!(
+            "{} holds an unfinished restore ({}); finish it with `rewind restore --force` or empty the directory before protecting it",
+            source.display(),
+            marker.display()
+        ));
+    }
+    crate::timeline::check_volume_name(&args.store.volume)
+        .map_err(|e| RunError::Usage(format!("--volume: {e}")))?;
+    let journal = args
+        .journal_dir
+        .clone()
+        .unwrap_or_else(|| layout::default_journal_dir(&source));
+    Ok(Dirs {
+        source,
+        mount,
+        journal,
+    })
+}
+
+fn lock_journal(dir: &Path) -> Result<File, RunError> {
+    std::fs::create_dir_all(dir).map_err(io(format!(
+        "cannot create the journal directory {}",
+        dir.display()
+    )))?;
+    let path = layout::journal_lock(dir);
+    let lock = File::create(&path).map_err(io(format!("cannot create {}", path.display())))?;
+    rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive).map_err(
+        |_| {
+            RunError::Usage(format!(
+                "another `rewind run` holds the journal {}; stop it first",
+                dir.display()
+            ))
+        },
+    )?;
+    Ok(lock)
+}
+
+/// The volume's store and what it holds. An unreachable store must not
+/// stop protection (the journal holds changes meanwhile); a missing bucket
+/// or refused credentials must. A store that hangs gets a few seconds, then
+/// protection starts without its answer (a repair base is taken, which is
+/// always safe). The timeline is None when the store did not answer; the
+/// error is the transient one it answered with, if any.
+fn open_store(
+    args: &RunArgs,
+) -> Result<(Arc<dyn Store>, Option<Timeline>, Option<StoreError>), RunError> {
+    let opts = |skip_check| StoreOptions {
+        s3_endpoint: args.store.s3_endpoint.clone(),
+        s3_path_style: args.store.s3_path_style,
+        tolerate_unreachable: true,
+        skip_check,
+    };
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    {
+        let url = args.store.store.clone();
+        let volume = args.store.volume.clone();
+        let opts = opts(false);
+        std::thread::spawn(move || {
+            let res = (|| {
+                let root = store::open(&url, &opts).map_err(|source| RunError::Store {
+                    what: "cannot open the store",
+                    source,
+                })?;
+                let store: Arc<dyn Store> = Arc::new(Prefixed::new(root, &volume));
+                // An unreachable store is reported as the start of an
+                // outage, once the outage tracker exists.
+                let (timeline, down) = match Timeline::load(store.as_ref()) {
+                    Ok(t) => (Some(t), None),
+                    Err(e) if e.is_transient() => (None, Some(e)),
+                    Err(source) => {
+                        return Err(RunError::Store {
+                            what: "cannot use the store",
+                            source,
+                        })
+                    }
+                };
+                // A daemon killed mid-upload cannot abort its own multipart
+                // uploads; only this volume's own kinds of keys are touched.
+                if timeline.is_some() {
+                    for kind in crate::timeline::VOLUME_KEY_KINDS {
+                        match store.abort_incomplete_uploads(&format!("{kind}/")) {
+                            Ok(0) => {}
+                            Ok(n) => tracing::info!(
+                                "aborted {n} incomplete uploads left by an earlier run"
+                            ),
+                            Err(e) => tracing::warn!("cannot list incomplete uploads: {e}"),
+                        }
+                    }
+                }
+                Ok((store, timeline, down))
+            })();
+            let _ = tx.send(res);
+        });
+    }
+    match rx.recv_timeout(STORE_STARTUP_WAIT) {
+        Ok(r) => r,
+        Err(_) => {
+            tracing::warn!("the store did not answer within {STORE_STARTUP_WAIT:?}; protecting anyway, the journal holds changes until it returns");
+            let root =
+                store::open(&args.store.store, &opts(true)).map_err(|source| RunError::Store {
+                    what: "cannot open the store",
+                    source,
+                })?;
+            Ok((
+                Arc::new(Prefixed::new(root, &args.store.volume)) as Arc<dyn Store>,
+                None,
+                None,
+            ))
+        }
+    }
+}
+
+fn open_source(source: &Path) -> Result<std::os::fd::OwnedFd, RunError> {
+    rustix::fs::open(
+        source,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(io(format!("cannot open {}", source.display())))
+}
+
+fn start(args: &RunArgs) -> Result<Running, RunError> {
+    let dirs = check_args(args)?;
+    let lock = lock_journal(&dirs.journal)?;
+    let (store, timeline, down_at_start) = open_store(args)?;
+    let known = timeline.is_some();
+    let timeline = timeline.unwrap_or_default();
+
+    let boot = boot_id();
+    let state_err = |source| RunError::State {
+        path: layout::state_file(&dirs.journal),
+        source,
+    };
+    let prev = layout::read_state(&dirs.journal).map_err(state_err)?;
+    if let Some(p) = &prev {
+        if p.volume != args.store.volume {
+            return Err(RunError::Usage(format!("the journal in {} belongs to volume {:?}, not {:?}; use that --volume or another --journal-dir", dirs.journal.display(), p.volume, args.store.volume)));
+        }
+    }
+    let based: Vec<LineageId> = timeline
+        .bases
+        .iter()
+        .map(|b| LineageId(b.lineage))
+        .collect();
+    let decided = decide::start(
+        prev.as_ref(),
+        &boot,
+        known.then_some(&based[..]),
+        LineageId::random(),
+    );
+    match decided.why {
+        decide::Why::MachineCrash => tracing::warn!("the machine restarted without a clean stop: shipping the journal's intact prefix, then starting a new lineage"),
+        decide::Why::ProcessCrash => tracing::warn!("the previous run did not stop cleanly: taking a repair base"),
+        decide::Why::FirstStart | decide::Why::Clean | decide::Why::CleanWithoutBase => {}
+    }
+    let lineage = decided.lineage;
+    let (stored, floor) = decide::resume(&timeline);
+    let (journal, rec) = Journal::open(
+        &dirs.journal,
+        decided.journal_lineage.0,
+        stored + 1,
+        floor,
+        args.max_journal_bytes,
+    )
+    .map_err(RunError::Journal)?;
+    for (p, n) in &rec.torn {
+        tracing::warn!("journal {}: cut a torn tail of {n} bytes", p.display());
+    }
+    if rec.unstored > 0 {
+        tracing::info!(
+            records = rec.unstored,
+            "journal holds records not yet confirmed stored; shipping them first"
+        );
+    }
+    if decided.redo() {
+        // fsync waited for the journal alone: put back into the source
+        // whatever the crash took from it before anything reads it.
+        let t0 = Instant::now();
+        let st = crate::redo::redo(&dirs.source, &journal).map_err(RunError::Redo)?;
+        tracing::info!(
+            records = st.records,
+            skipped = st.skipped,
+            recreated = st.recreated,
+            secs = t0.elapsed().as_secs_f64(),
+            "redid the journal onto the source"
+        );
+    }
+    if lineage != decided.journal_lineage {
+        journal.set_lineage(lineage.0).map_err(RunError::Journal)?;
+    }
+    let journal = Arc::new(journal);
+    let state = LocalState {
+        volume: args.store.volume.clone(),
+        lineage,
+        boot_id: boot.clone(),
+        clean: false,
+    };
+    layout::write_state(&dirs.journal, &state).map_err(|e| state_err(e.into()))?;
+
+    let source_for_sync = open_source(&dirs.source)?;
+    // Everything the daemon stores from now on goes through the outage
+    // tracker, which tells the operator when an outage begins and ends.
+    let health = Arc::new(StoreHealth::new(store.describe()));
+    let store: Arc<dyn Store> = Arc::new(Watched::new(store, health.clone()));
+    if let Some(e) = &down_at_start {
+        // Protection goes on without the store: the journal holds changes.
+        health.failed(e);
+    }
+    let shipper = Arc::new(
+        Shipper::new(store.clone(), journal.clone(), stored, lineage.0)
+            .with_source(source_for_sync),
+    );
+    if let Some(reason) = decided.new_lineage() {
+        let marker = LineageStart {
+            started_ns: journal.now(),
+            lineage: lineage.0,
+            reason: reason.into(),
+        };
+        shipper.queue(marker.key(), bytes::Bytes::new());
+        tracing::info!(%lineage, reason, "starting a new lineage");
+    }
+    // What the journal already holds ships first, in order, from the ship
+    // thread: the mount never waits for the store.
+
+    // Records up to here came from earlier runs; later ones are made
+    // through this run's mount and land in its touched set.
+    let j0 = journal.last_seq();
+    let watch = Arc::new(BaseWatch::default());
+    let src_dir = open_source(&dirs.source)?;
+    let dup = rustix::io::fcntl_dupfd_cloexec(&src_dir, 0)
+        .map_err(io(format!("cannot open {}", dirs.source.display())))?;
+    let mut core = Passthrough::new(dup, journal.clone(), watch.clone())
+        .map_err(io(format!("cannot serve {}", dirs.source.display())))?;
+    core.set_read_passthrough(args.read_passthrough);
+    core.set_cached_writes(args.cached_writes);
+    let core = Arc::new(core);
+    // SIGTERM/SIGINT are caught from before the mount goes live: a stop
+    // sent as soon as the mount answers (a quick test, a pod deleted at
+    // once) must get the clean shutdown, not the default disposition.
+    let term = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, term.clone())
+            .map_err(io("cannot catch SIGTERM and SIGINT"))?;
+    }
+    crate::guard::ensure_guard(&dirs.mount)?;
+    let session = fuse::mount(fuse::FuseFs::new(core.clone()), &dirs.mount, args.threads).map_err(
+        io(format!(
+            "cannot mount at {} (is /dev/fuse available and fusermount3 installed?)",
+            dirs.mount.display()
+        )),
+    )?;
+    tracing::info!(source = %dirs.source.display(), mount = %dirs.mount.display(), store = %store.describe(), "protecting");
+
+    let metrics = Arc::new(Metrics::new(&args.store.volume));
+    metrics.set_lineage(&lineage.to_string());
+    metrics.set_mount_live(true);
+    metrics.set_journal_writable(true);
+    let d = Arc::new(Daemon {
+        lineage,
+        metrics: metrics.clone(),
+        store: store.clone(),
+        journal: journal.clone(),
+        shipper: shipper.clone(),
+        core: core.clone(),
+        watch,
+        source_fd: src_dir,
+        stop: AtomicBool::new(false),
+        base_done: AtomicBool::new(decided.base.is_none()),
+        base_completed_ns: AtomicI64::new(0),
+        base_failed: Mutex::new(None),
+        known_chunks: StoredChunks::default(),
+        health,
+        written_at_base: AtomicU64::new(0),
+    });
+    // The newest base already stored for this lineage schedules the first
+    // periodic base after a restart.
+    let newest = timeline
+        .bases
+        .iter()
+        .filter(|b| b.lineage == lineage.0)
+        .max_by_key(|b| b.completed_ns);
+    let (mut last_start, mut last_seq) = (Instant::now(), 0);
+    if let (None, Some(b)) = (decided.base, newest) {
+        let age = crate::clock::wall_now()
+            .saturating_sub(b.completed_ns)
+            .max(0) as u64;
+        last_start = Instant::now()
+            .checked_sub(Duration::from_nanos(age))
+            .unwrap_or_else(Instant::now);
+        last_seq = b.start_seq;
+        metrics.set_last_base_completed(ns_time(b.completed_ns));
+    }
+    let base_thread = base_thread::spawn(
+        d.clone(),
+        decided.base,
+        j0,
+        (args.base_interval, args.base_after),
+        (last_start, last_seq),
+    );
+    let ship_thread = ship_thread::spawn(d.clone(), args.segment_interval);
+    let monitor = {
+        let d = d.clone();
+        let id = lineage.to_string();
+        let earliest = timeline
+            .windows()
+            .iter()
+            .filter(|w| w.lineage == id)
+            .map(|w| w.earliest_ns)
+            .min();
+        std::thread::Builder::new()
+            .name("rewind-metrics".into())
+            .spawn(move || monitor::monitor(&d, earliest))
+            .unwrap()
+    };
+    let status = match &args.listen {
+        Some(listen) => Some(
+            StatusServer::start(listen, metrics.clone()).map_err(|source| RunError::Http {
+                listen: listen.clone(),
+                source,
+            })?,
+        ),
+        None => None,
+    };
+    Ok(Running {
+        d,
+        session,
+        base_thread,
+        ship_thread,
+        monitor,
+        _status: status,
+        term,
+        mount: dirs.mount,
+        journal_dir: dirs.journal,
+        _lock: lock,
+        volume: args.store.volume.clone(),
+        boot_id: boot,
+        shutdown_timeout: args.shutdown_timeout,
+    })
+}
+
+impl Running {
+    /// Returns on SIGTERM or SIGINT, or when the mount goes away under us.
+    fn wait_for_stop(&self) {
+        while !self.term.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(50));
+            if !crate::guard::fuse_on_top(&self.mount) {
+                tracing::warn!("the mount went away; shutting down");
+                break;
+            }
+        }
+    }
+
+    /// Stops the daemon and returns its exit status (`decide::Stopped`).
+    fn shutdown(self) -> Result<i32, RunError> {
+        let Running {
+            d,
+            session,
+            base_thread,
+            ship_thread,
+            monitor,
+            ..
+        } = self;
+        let deadline = Instant::now() + self.shutdown_timeout;
+        tracing::info!("shutting down: detaching the mount lazily; open files are served until they close or {:?} pass", self.shutdown_timeout);
+        crate::guard::detach_fuse(&self.mount);
+        if !session.wait_ended(deadline) {
+            tracing::warn!(
+                open = d.core.open_handles(),
+                "files still open at the shutdown deadline; from now on writes through them fail with EIO"
+            );
+        }
+        // Nothing may be acknowledged after the final round has counted
+        // what to upload: a write answered later would be journaled but not
+        // stored, and "stopped cleanly" would be false. Waits for
+        // operations in flight.
+        d.core.stop_mutations();
+        d.metrics.set_mount_live(false);
+        d.stop.store(true, Ordering::Release);
+        d.shipper.set_abort(true);
+        let _ = ship_thread.join();
+        let _ = monitor.join();
+        // The base a start needs finishes or fails on its own; it is bounded
+        // by the volume size, not by the deadline, so give up on it at the
+        // deadline and let the next start take it again. A periodic base in
+        // progress is abandoned: the previous base keeps the volume
+        // restorable.
+        while !base_thread.is_finished()
+            && !d.base_done.load(Ordering::Acquire)
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let shipped = ship_thread::final_round(&d, deadline);
+        let base_ok = d.base_done.load(Ordering::Acquire);
+        // Whatever the final round says, the store must hold the journal's
+        // last record before the stop counts as clean.
+        let shipped = shipped.and_then(|()| {
+            let (stored, last) = (
+                d.shipper.stats.stored_seq.load(Ordering::Acquire),
+                d.journal.last_seq(),
+            );
+            if stored < last {
+                tracing::error!(
+                    stored,
+                    last,
+                    "the final upload round left records unshipped"
+                );
+                Err(ShipError::Journal(format!(
+                    "records {}..={last} were not shipped",
+                    stored + 1
+                )))
+            } else {
+                Ok(())
+            }
+        });
+        let stopped = decide::stopped(shipped.is_ok(), d.journal.has_failed(), base_ok);
+        match (stopped, shipped) {
+            (decide::Stopped::JournalFailed, _) => {
+                tracing::error!("the journal failed during this run (see above); what it held is stored, and the next start takes a repair base");
+            }
+            (decide::Stopped::Clean, _) => {
+                // A clean stop means no redo at the next start, so the
+                // source must hold everything fsync acknowledged (fsync
+                // waited for the journal alone).
+                rustix::fs::syncfs(&d.source_fd).map_err(io(
+                    "cannot sync the source at shutdown; the journal is kept and redone at the next start",
+                ))?;
+                let state = LocalState {
+                    volume: self.volume.clone(),
+                    lineage: d.lineage,
+                    boot_id: self.boot_id.clone(),
+                    clean: true,
+                };
+                layout::write_state(&self.journal_dir, &state).map_err(|e| RunError::State {
+                    path: layout::state_file(&self.journal_dir),
+                    source: e.into(),
+                })?;
+                let stats = &d.shipper.stats;
+                tracing::info!(
+                    segments = stats.segments.load(Ordering::Relaxed),
+                    bytes = stats.bytes.load(Ordering::Relaxed),
+                    "stopped cleanly: everything is in the store"
+                );
+            }
+            (decide::Stopped::WithoutBase, _) => {
+                let why = d.base_failed.lock().clone().unwrap_or_else(|| {
+                    "the base snapshot did not finish by the shutdown deadline".into()
+                });
+                tracing::error!("stopped with every record stored, but without a completed base ({why}); the next start takes one");
+            }
+            (decide::Stopped::Unshipped, r) => {
+                let e = r.err().map_or_else(String::new, |e| e.to_string());
+                tracing::error!("stopped before everything was stored ({e}); the journal in {} keeps it for the next start", self.journal_dir.display());
+            }
+        }
+        Ok(stopped.exit_code())
+    }
+}
+
+fn ns_time(ns: crate::clock::Nanos) -> std::time::SystemTime {
+    std::time::UNIX_EPOCH + Duration::from_nanos(ns.max(0) as u64)
+}

@@ -1,0 +1,80 @@
+//! The metrics thread of `rewind run`: samples the journal, the shipper
+//! and the store's health into `Metrics`. It must not change any of them.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use super::{ns_time, Daemon};
+use crate::outage;
+
+/// Samples the daemon's state into the metrics twice a second, and logs
+/// replication lag once a minute. It runs apart from the shipper so that
+/// metrics stay current while an upload is stuck in retries.
+pub(super) fn monitor(d: &Daemon, mut earliest: Option<crate::clock::Nanos>) {
+    let m = &d.metrics;
+    let s = &d.shipper.stats;
+    let (mut written, mut segments, mut bytes, mut errors) = (0u64, 0u64, 0u64, 0u64);
+    let mut unshipped_since: Option<crate::clock::Nanos> = None;
+    let mut last_log = Instant::now();
+    while !d.stop.load(Ordering::Acquire) {
+        let w = d.journal.written_bytes();
+        m.add_journal_written(w - written);
+        written = w;
+        m.set_journal_bytes(d.journal.bytes());
+        let segs = s.segments.load(Ordering::Relaxed);
+        let b = s.bytes.load(Ordering::Relaxed);
+        if segs > segments {
+            // Per-segment sizes are not kept; spread the bytes evenly.
+            let per = (b - bytes) / (segs - segments);
+            for _ in segments..segs {
+                m.record_segment_shipped(per);
+            }
+        }
+        segments = segs;
+        bytes = b;
+        let e = s.errors.load(Ordering::Relaxed);
+        for _ in errors..e {
+            m.add_upload_error();
+        }
+        errors = e;
+        let stored_seq = s.stored_seq.load(Ordering::Relaxed);
+        let stored_ns = s.stored_ns.load(Ordering::Relaxed);
+        let last_seq = d.journal.last_seq();
+        d.health.tick(outage::Progress {
+            stored_seq,
+            last_seq,
+            waiting_bytes: d.shipper.waiting_bytes(),
+        });
+        if last_seq > stored_seq {
+            let since = *unshipped_since.get_or_insert_with(crate::clock::wall_now);
+            m.set_oldest_unshipped(Some(ns_time(since.max(stored_ns))));
+        } else {
+            unshipped_since = None;
+            m.set_oldest_unshipped(None);
+        }
+        if d.base_done.load(Ordering::Acquire)
+            && earliest.is_none()
+            && d.shipper.pending_control() == 0
+        {
+            earliest = Some(d.base_completed_ns.load(Ordering::Acquire));
+        }
+        if let Some(e) = earliest {
+            m.set_restore_window(ns_time(e), ns_time(stored_ns.max(e)));
+        }
+        m.set_journal_writable(!d.journal.writers_waiting() && !d.journal.has_failed());
+        m.set_journal_bytes_since_base(w.saturating_sub(d.written_at_base.load(Ordering::Relaxed)));
+        m.set_store_outage(d.health.is_down());
+        // During an outage its own reminders say how far behind shipping is.
+        if last_log.elapsed() >= Duration::from_secs(60) && !d.health.is_down() {
+            last_log = Instant::now();
+            tracing::info!(
+                segments = segs,
+                bytes = b,
+                lag_ms = s.lag_ns.load(Ordering::Relaxed) / 1_000_000,
+                journal_bytes = d.journal.bytes(),
+                "shipping"
+            );
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
