@@ -102,7 +102,7 @@ for age in "${ages_s[@]}"; do
   echo x >"$W/mnt/after"
   wait_latest "$t_end"
   prune
-  bytes=$(find "$W/store" -type f ! -name '.tmp.*' -printf '%s\n' | awk '{s+=$1} END {printf "%d\n", s}')
+  bytes=$(find "$W/store" -type f ! -name '.tmp.*' -printf '%s\n' | awk '{s+=$1} END {printf "%.0f\n", s}')
   objects=$(find "$W/store" -type f ! -name '.tmp.*' | wc -l)
   rm -rf "$W/restored"
   r0=$(date +%s.%N)

@@ -63,7 +63,7 @@ PY
 }
 stored() { # bytes and count of objects under chunk/ and base/
   find "$W/store" \( -path '*/chunk/*' -o -path '*/base/*' \) -type f ! -name '.tmp.*' -printf '%s\n' |
-    awk '{s+=$1; n++} END {printf "%d %d\n", s, n}'
+    awk '{s+=$1; n++} END {printf "%.0f %.0f\n", s, n}'
 }
 start() {
   "$B" run --source "$W/src" --mount "$W/mnt" "${store[@]}" --base-interval 1h --base-after "$AFTER" \
