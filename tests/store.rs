@@ -540,7 +540,11 @@ mod s3_credentials {
         named.sort();
         assert_eq!(named, ["refused/a", "refused/b"]);
         for u in &refused {
-            assert!(matches!(u.error, StoreError::Denied { .. }), "{:?}", u.error);
+            assert!(
+                matches!(u.error, StoreError::Denied { .. }),
+                "{:?}",
+                u.error
+            );
             let msg = u.error.to_string();
             assert!(msg.contains("docs/S3.md") && msg.contains(&u.key), "{msg}");
         }
