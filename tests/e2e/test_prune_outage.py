@@ -83,6 +83,8 @@ def test_store_gone_in_the_middle_of_a_prune(history, workdir, s3):  # noqa: F81
     else:
         failed = prune_cut_by_unwritable_store(vol)
         what = "a prune cut by an unwritable store"
+    # What the operator reads (pytest -rP shows it).
+    print(f"{what}: exit {failed.code}: {failed.err.strip()}")
     assert_recovers(vol, history, workdir, failed, what)
 
 
