@@ -25,7 +25,7 @@
 //! so a chunk a base decides to reuse is never swept under it.
 //!
 //! Test knob: `REWIND_TEST_PRUNE_PAUSE=<duration>` pauses before every
-//! change prune makes to the store, so tests can race it and kill it at
+//! change prune makes to the store (a put, or a batch of deletes), so tests can race it and kill it at
 //! chosen moments.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -331,7 +331,7 @@ fn hostname() -> String {
 }
 
 /// Carries out a prune: every change to the store goes through `put` and
-/// `delete` here, which keep the lock fresh, honour the test pause, and
+/// `delete_all` here, which keep the lock fresh, honour the test pause, and
 /// change nothing in a dry run.
 struct Pruner<'a> {
     store: &'a dyn Store,
