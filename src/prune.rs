@@ -25,8 +25,8 @@
 //! so a chunk a base decides to reuse is never swept under it.
 //!
 //! Test knob: `REWIND_TEST_PRUNE_PAUSE=<duration>` pauses before every
-//! change prune makes to the store (a put, or a batch of deletes), so tests can race it and kill it at
-//! chosen moments.
+//! change prune makes to the store (a put, or a batch of deletes), so tests
+//! can race it and kill it at chosen moments.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
