@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Restore time and store size against the age of a lineage (issue 13): a
-# 256 MiB file under fio's 4 KiB random writes at 20 MB/s through the mount,
+# 256 MiB file under fio's 4 KiB random writes at 20 MB/s through the mount
+# (fresh random data in every write, --refill_buffers, so nothing compresses),
 # with periodic bases (--base-interval, default 1m) and a prune every
 # PRUNE_EVERY seconds (default 120) with short spans (--keep-seconds 2m
 # --keep-minutes 3m, no hour or day tier, --grace 0s), so that the spans are
@@ -53,8 +54,8 @@ store=(--store "file://$W/store" --volume db)
 policy=(--keep-seconds "$KEEP_SECONDS" --keep-minutes "$KEEP_MINUTES" --keep-hours 0s --keep-days 0s --grace 0s)
 
 echo "bench age: $(nproc) cores; load at start: $(uptime)"
-echo "bench age: ${SIZE_MIB} MiB file, fio 4 KiB random writes at --rate=$RATE, --base-interval $BASE_INTERVAL (and the default --base-after of 1 GiB of journal), prune every ${PRUNE_EVERY}s with ${policy[*]}"
-fio --name=prep --filename="$W/src/db" --size="${SIZE_MIB}M" --rw=write --bs=1M >/dev/null
+echo "bench age: ${SIZE_MIB} MiB file, fio 4 KiB random writes of incompressible data at --rate=$RATE, --base-interval $BASE_INTERVAL (and the default --base-after of 1 GiB of journal), prune every ${PRUNE_EVERY}s with ${policy[*]}"
+fio --name=prep --filename="$W/src/db" --size="${SIZE_MIB}M" --rw=write --bs=1M --refill_buffers >/dev/null
 
 "$B" run --source "$W/src" --mount "$W/mnt" "${store[@]}" --base-interval "$BASE_INTERVAL" \
   >"$W/run.log" 2>&1 &
@@ -82,7 +83,7 @@ next_prune=$PRUNE_EVERY
 for age in "${ages_s[@]}"; do
   secs=$((age - done_s))
   ((secs > 0)) || { echo "ages must grow: $age s after $done_s s"; exit 1; }
-  fio --name=w --filename="$W/mnt/db" --size="${SIZE_MIB}M" --rw=randwrite --bs=4k --rate="$RATE" \
+  fio --name=w --filename="$W/mnt/db" --size="${SIZE_MIB}M" --rw=randwrite --bs=4k --refill_buffers --rate="$RATE" \
     --time_based --runtime="$secs" --ioengine=psync --output-format=json --output="$W/fio.json" &
   FIO=$!
   t0=$SECONDS
