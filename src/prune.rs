@@ -25,8 +25,8 @@
 //! so a chunk a base decides to reuse is never swept under it.
 //!
 //! Test knob: `REWIND_TEST_PRUNE_PAUSE=<duration>` pauses before every
-//! change prune makes to the store, so tests can race it and kill it at
-//! chosen moments.
+//! change prune makes to the store (a put, or a batch of deletes), so tests
+//! can race it and kill it at chosen moments.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
@@ -39,7 +39,7 @@ use crate::clock::{fmt_ns, wall_now, Nanos};
 use crate::codec::{seal, unseal, DecodeError, Reader};
 use crate::record::Seq;
 use crate::retention::{plan_prune, Policy, PolicyMark, PrunePlan, Tier};
-use crate::store::{Store, StoreError};
+use crate::store::{Store, StoreError, Undeleted};
 use crate::timeline::{lineage_id, Condemned, Timeline, VOLUME_KEY_KINDS};
 
 /// How long a lock is valid before others may ignore it; a running prune
@@ -48,6 +48,10 @@ pub(crate) const LOCK_TTL: Duration = Duration::from_secs(600);
 /// An in-flight marker without its manifest blocks the chunk sweep this
 /// long; after that the base is taken to have failed for good.
 pub(crate) const INFLIGHT_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// Deletes go to the store in batches of this many keys (one S3
+/// DeleteObjects request each); the lock is checked between batches.
+const DELETE_BATCH: usize = 1000;
 
 const CHUNK_LIST_MAGIC: &[u8; 8] = b"RWCND001";
 const CHUNK_LIST_VERSION: u16 = 1;
@@ -66,6 +70,8 @@ pub enum PruneError {
         #[source]
         source: DecodeError,
     },
+    #[error("the store refused to delete {count} object(s), for example {}: {}; run prune again once that is fixed (it repeats what is left)", .first.key, .first.error)]
+    Undeleted { count: usize, first: Undeleted },
     #[error("the prune lock expired while pruning (paused for longer than {0:?}?); stopped before changing anything else")]
     LockLost(Duration),
 }
@@ -325,7 +331,7 @@ fn hostname() -> String {
 }
 
 /// Carries out a prune: every change to the store goes through `put` and
-/// `delete` here, which keep the lock fresh, honour the test pause, and
+/// `delete_all` here, which keep the lock fresh, honour the test pause, and
 /// change nothing in a dry run.
 struct Pruner<'a> {
     store: &'a dyn Store,
@@ -381,22 +387,40 @@ impl<'a> Pruner<'a> {
     }
 
     fn delete(&mut self, key: &str) -> Result<(), PruneError> {
-        if self.deleted.contains(key) {
-            return Ok(());
+        self.delete_all(&[key.to_string()])
+    }
+
+    /// Deletes `keys` in batches (`Store::delete_many`); a key the store
+    /// refuses stops the prune, as a failed request does.
+    fn delete_all(&mut self, keys: &[String]) -> Result<(), PruneError> {
+        let todo: Vec<String> = keys
+            .iter()
+            .filter(|k| !self.deleted.contains(*k))
+            .cloned()
+            .collect();
+        for batch in todo.chunks(DELETE_BATCH) {
+            if !self.opts.dry_run {
+                self.pause();
+                self.keep_lock()?;
+                let mut refused = self.store.delete_many(batch)?;
+                if !refused.is_empty() {
+                    return Err(PruneError::Undeleted {
+                        count: refused.len(),
+                        first: refused.swap_remove(0),
+                    });
+                }
+            }
+            for key in batch {
+                let size = self.sizes.get(key).copied().unwrap_or(0);
+                self.report
+                    .kinds
+                    .entry(kind_of(key))
+                    .or_default()
+                    .deleted
+                    .add(size);
+                self.deleted.insert(key.clone());
+            }
         }
-        if !self.opts.dry_run {
-            self.pause();
-            self.keep_lock()?;
-            self.store.delete(key)?;
-        }
-        let size = self.sizes.get(key).copied().unwrap_or(0);
-        self.report
-            .kinds
-            .entry(kind_of(key))
-            .or_default()
-            .deleted
-            .add(size);
-        self.deleted.insert(key.to_string());
         Ok(())
     }
 
@@ -563,9 +587,7 @@ fn run(p: &mut Pruner<'_>) -> Result<(), PruneError> {
     for k in &plan.condemned_keys {
         p.condemned(k);
     }
-    for k in &plan.delete_now {
-        p.delete(k)?;
-    }
+    p.delete_all(&plan.delete_now)?;
     let mark = PolicyMark {
         applied_ns: now,
         policy: p.opts.policy,
@@ -659,9 +681,12 @@ fn run(p: &mut Pruner<'_>) -> Result<(), PruneError> {
     for m in markers.iter().filter(|m| m.ns() <= due_ns) {
         match m {
             Condemned::Segments { .. } => {
-                for s in segments.iter().filter(|s| m.covers_segment(s)) {
-                    p.delete(&s.key())?;
-                }
+                let covered: Vec<String> = segments
+                    .iter()
+                    .filter(|s| m.covers_segment(s))
+                    .map(|s| s.key())
+                    .collect();
+                p.delete_all(&covered)?;
                 p.delete(&m.key())?;
             }
             Condemned::Base { base, .. } => {
@@ -778,9 +803,12 @@ fn sweep_chunks(
                 return Ok(());
             }
             for (list, hashes) in due {
-                for h in hashes.iter().filter(|h| !named.contains(*h)) {
-                    p.delete(&chunk_key(h))?;
-                }
+                let unnamed: Vec<String> = hashes
+                    .iter()
+                    .filter(|h| !named.contains(*h))
+                    .map(chunk_key)
+                    .collect();
+                p.delete_all(&unnamed)?;
                 p.delete(&list.key())?;
             }
         }

@@ -179,6 +179,34 @@ mod cases_delete {
         s.delete("never/was").unwrap();
     }
 
+    /// A batch delete removes every key it names, keys that are not there
+    /// included (they count as deleted), across more than one S3
+    /// DeleteObjects request (1000 keys each).
+    pub fn delete_many_removes_every_key_and_missing_ones_are_success(s: &dyn Store) {
+        let keys: Vec<String> = (0..1100).map(|i| format!("chunk/{i:05}")).collect();
+        std::thread::scope(|t| {
+            for part in keys.chunks(140) {
+                t.spawn(move || {
+                    for k in part {
+                        s.put(k, Bytes::from(k.clone())).unwrap();
+                    }
+                });
+            }
+        });
+        s.put("seg/stays", Bytes::from_static(b"s")).unwrap();
+        let mut doomed: Vec<String> = keys.clone();
+        doomed.insert(0, "chunk/never-was".into());
+        doomed.insert(700, "chunk/gone-too".into());
+        doomed.push("nothing/here".into());
+        let refused = s.delete_many(&doomed).unwrap();
+        assert!(refused.is_empty(), "{refused:?}");
+        assert!(s.list("chunk/").unwrap().is_empty());
+        assert_eq!(s.list("seg/").unwrap(), ["seg/stays"]);
+        // Again, now that every key is gone: still success.
+        assert!(s.delete_many(&doomed).unwrap().is_empty());
+        assert!(s.delete_many(&[]).unwrap().is_empty());
+    }
+
     pub fn list_sized_gives_each_size(s: &dyn Store) {
         s.put("hb/1", Bytes::new()).unwrap();
         s.put("hb/2", Bytes::from(vec![7u8; 1234])).unwrap();
@@ -228,6 +256,7 @@ store_suite!(
     concurrent_puts_and_gets,
     readers_never_see_a_partial_object,
     delete_removes_and_absent_is_success,
+    delete_many_removes_every_key_and_missing_ones_are_success,
     list_sized_gives_each_size,
 );
 
@@ -488,6 +517,38 @@ mod s3_credentials {
         assert!(p.list("prune/").unwrap().is_empty());
         let other = S3Store::open(srv.config_as(&srv.users["prune"], BUCKET, "other")).unwrap();
         denied(other.delete("prune/x"));
+        // Batches need no more than s3:DeleteObject.
+        w.put("prune/a", Bytes::from_static(b"a")).unwrap();
+        w.put("prune/b", Bytes::from_static(b"b")).unwrap();
+        let keys = ["prune/a".to_string(), "prune/gone".into(), "prune/b".into()];
+        let refused = p.delete_many(&keys).unwrap();
+        assert!(refused.is_empty(), "{refused:?}");
+        assert!(p.list("prune/").unwrap().is_empty());
+    }
+
+    /// The sidecar may not delete: a batch delete reports every key refused,
+    /// each with a message that points at the IAM policy, and deletes none.
+    #[test]
+    fn sidecar_batch_delete_reports_each_key_refused() {
+        let srv = auth_server();
+        let s = S3Store::open(srv.config_as(&srv.users["sidecar"], BUCKET, "vol")).unwrap();
+        s.put("refused/a", Bytes::from_static(b"a")).unwrap();
+        s.put("refused/b", Bytes::from_static(b"b")).unwrap();
+        let keys = ["refused/a".to_string(), "refused/b".into()];
+        let refused = s.delete_many(&keys).unwrap();
+        let mut named: Vec<&str> = refused.iter().map(|u| u.key.as_str()).collect();
+        named.sort();
+        assert_eq!(named, ["refused/a", "refused/b"]);
+        for u in &refused {
+            assert!(
+                matches!(u.error, StoreError::Denied { .. }),
+                "{:?}",
+                u.error
+            );
+            let msg = u.error.to_string();
+            assert!(msg.contains("docs/S3.md") && msg.contains(&u.key), "{msg}");
+        }
+        assert_eq!(s.list("refused/").unwrap(), keys);
     }
 
     #[test]

@@ -50,6 +50,13 @@ impl StoreError {
 
 pub type Result<T> = std::result::Result<T, StoreError>;
 
+/// A key that `Store::delete_many` could not delete, and why.
+#[derive(Debug)]
+pub struct Undeleted {
+    pub key: String,
+    pub error: StoreError,
+}
+
 /// An object store of immutable, self-contained objects.
 ///
 /// Contract for every backend (the shared test suite in `tests/store.rs`
@@ -59,8 +66,8 @@ pub type Result<T> = std::result::Result<T, StoreError>;
 /// - `list` returns every key under `prefix`, sorted bytewise ascending.
 /// - `get` of an absent key is `StoreError::NotFound`.
 /// - `delete` of an absent key succeeds, so that an interrupted prune can
-///   simply repeat its deletes. Only `rewind prune` deletes; the sidecar's
-///   credentials need not allow it.
+///   simply repeat its deletes; so does `delete_many` for each of its keys.
+///   Only `rewind prune` deletes; the sidecar's credentials need not allow it.
 pub trait Store: Send + Sync {
     fn put(&self, key: &str, data: Bytes) -> Result<()>;
     fn get(&self, key: &str) -> Result<Bytes>;
@@ -77,6 +84,23 @@ pub trait Store: Send + Sync {
             .collect())
     }
     fn delete(&self, key: &str) -> Result<()>;
+    /// Deletes every key in `keys`, each as `delete` would. Backends batch
+    /// what they can (S3: DeleteObjects, up to 1000 keys a request); this
+    /// default deletes one key at a time. `Err` means the store failed as a
+    /// whole, having deleted some keys or none (deleting is repeatable);
+    /// otherwise the result lists the keys that could not be deleted with
+    /// the error of each, and is empty when every key is gone.
+    fn delete_many(&self, keys: &[String]) -> Result<Vec<Undeleted>> {
+        Ok(keys
+            .iter()
+            .filter_map(|key| {
+                self.delete(key).err().map(|error| Undeleted {
+                    key: key.clone(),
+                    error,
+                })
+            })
+            .collect())
+    }
     /// A human-readable name ("file:///data/store", "s3://bucket/prefix").
     fn describe(&self) -> String;
     /// Aborts multipart uploads that a crashed writer left open under
@@ -229,6 +253,19 @@ impl Store for Prefixed {
     }
     fn delete(&self, key: &str) -> Result<()> {
         self.inner.delete(&self.full(key))
+    }
+    fn delete_many(&self, keys: &[String]) -> Result<Vec<Undeleted>> {
+        let full: Vec<String> = keys.iter().map(|k| self.full(k)).collect();
+        let n = self.prefix.len();
+        Ok(self
+            .inner
+            .delete_many(&full)?
+            .into_iter()
+            .map(|u| Undeleted {
+                key: u.key[n..].to_string(),
+                error: u.error,
+            })
+            .collect())
     }
     fn describe(&self) -> String {
         format!(

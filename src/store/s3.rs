@@ -34,18 +34,22 @@ use std::time::Duration;
 use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
 use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
-use aws_sdk_s3::types::{ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart};
+use aws_sdk_s3::types::{
+    ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart, Delete, ObjectIdentifier,
+};
 use aws_sdk_s3::Client;
 use bytes::{Bytes, BytesMut};
 use tokio::sync::Semaphore;
 
-use super::{Result, Store, StoreError};
+use super::{Result, Store, StoreError, Undeleted};
 
 /// Part size and threshold above which puts use multipart upload. 16 MiB
 /// keeps a one-second segment of a busy volume in a handful of parts.
 pub const DEFAULT_PART_SIZE: usize = 16 << 20;
 /// S3 rejects parts smaller than 5 MiB (except the last one).
 pub const MIN_PART_SIZE: usize = 5 << 20;
+/// S3 takes at most this many keys in one DeleteObjects request.
+pub const DELETE_BATCH: usize = 1000;
 
 /// How failed attempts are retried: `max_attempts` tries in all, sleeping a
 /// uniformly random time in `[0, min(max_delay, base_delay * 2^n))` before
@@ -1036,6 +1040,123 @@ impl Inner {
         .await
     }
 
+    /// DeleteObjects, `DELETE_BATCH` keys a request. Returns the keys the
+    /// server refused, with why. A key reported missing is deleted; keys
+    /// that fail transiently (InternalError, SlowDown) are sent again with
+    /// the same backoff as whole requests, and reported once the attempts
+    /// run out.
+    ///
+    /// AWS authorizes each key of a DeleteObjects against s3:DeleteObject
+    /// on that key, but some servers (moto) check the bucket instead and
+    /// refuse every key under a policy that grants deletes on the prefix
+    /// only (docs/S3.md). When every key of a batch is refused access, the
+    /// batch is therefore tried again one DeleteObject at a time, and what
+    /// those refuse is what is reported.
+    async fn delete_many(
+        &self,
+        keys: &[String],
+    ) -> std::result::Result<Vec<(String, Failure)>, Failure> {
+        let mut refused = Vec::new();
+        for batch in keys.chunks(DELETE_BATCH) {
+            let mut pending = batch.to_vec();
+            let mut rounds = 0u32;
+            loop {
+                let (transient, other): (Vec<_>, Vec<_>) = self
+                    .delete_batch(&pending)
+                    .await?
+                    .into_iter()
+                    .partition(|(_, f)| f.class == Class::Transient);
+                if rounds == 0
+                    && other.len() == pending.len()
+                    && other.iter().all(|(_, f)| f.class == Class::Denied)
+                {
+                    tracing::debug!(store = %self.describe(), "DeleteObjects refused every key; deleting them one at a time");
+                    for key in pending {
+                        if let Err(f) = self.delete(&key).await {
+                            refused.push((key, f));
+                        }
+                    }
+                    break;
+                }
+                refused.extend(other);
+                if transient.is_empty() {
+                    break;
+                }
+                rounds += 1;
+                if rounds >= self.cfg.retry.max_attempts {
+                    refused.extend(transient.into_iter().map(|(k, f)| {
+                        (
+                            k,
+                            Failure {
+                                attempts: Some(rounds),
+                                ..f
+                            },
+                        )
+                    }));
+                    break;
+                }
+                tokio::time::sleep(self.cfg.retry.delay(rounds, rand::random::<f64>())).await;
+                pending = transient.into_iter().map(|(k, _)| k).collect();
+            }
+        }
+        Ok(refused)
+    }
+
+    /// One DeleteObjects request in quiet mode (only failures are listed),
+    /// retried as a whole on transient failures; the per-key failures other
+    /// than "not found", by key relative to the store prefix.
+    async fn delete_batch(
+        &self,
+        keys: &[String],
+    ) -> std::result::Result<Vec<(String, Failure)>, Failure> {
+        let unbuildable = |e: aws_sdk_s3::error::BuildError| {
+            Failure::new(Class::Rejected, "DeleteObjects", e.to_string())
+        };
+        let relative: std::collections::HashMap<String, &String> =
+            keys.iter().map(|k| (self.full_key(k), k)).collect();
+        let objects = relative
+            .keys()
+            .map(|full| ObjectIdentifier::builder().key(full).build())
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(unbuildable)?;
+        let delete = Delete::builder()
+            .set_objects(Some(objects))
+            .quiet(true)
+            .build()
+            .map_err(unbuildable)?;
+        let out = self
+            .retry("DeleteObjects", 0, || async {
+                self.client
+                    .delete_objects()
+                    .bucket(&self.cfg.bucket)
+                    .delete(delete.clone())
+                    .send()
+                    .await
+                    .map_err(|e| Failure::from_sdk("DeleteObjects", e))
+            })
+            .await?;
+        let mut refused = Vec::new();
+        for e in out.errors() {
+            // A per-key error carries a code but no HTTP status: an unknown
+            // code is a refusal (400), not a transient failure to retry.
+            let class = classify(Some(400), e.code());
+            if class == Class::NotFound {
+                continue;
+            }
+            let full = e.key().unwrap_or_default();
+            let key = relative
+                .get(full)
+                .map_or_else(|| full.to_string(), |k| k.to_string());
+            let cause = format!(
+                "{}: {}",
+                e.code().unwrap_or("error"),
+                e.message().unwrap_or_default()
+            );
+            refused.push((key, Failure::new(class, "DeleteObjects", cause)));
+        }
+        Ok(refused)
+    }
+
     async fn list_uploads(
         &self,
         prefix: &str,
@@ -1107,6 +1228,20 @@ impl Store for S3Store {
         self.rt
             .block_on(self.inner.delete(key))
             .map_err(|f| self.inner.error(f, key, false))
+    }
+
+    fn delete_many(&self, keys: &[String]) -> Result<Vec<Undeleted>> {
+        let refused = self
+            .rt
+            .block_on(self.inner.delete_many(keys))
+            .map_err(|f| self.inner.error(f, "", false))?;
+        Ok(refused
+            .into_iter()
+            .map(|(key, f)| Undeleted {
+                error: self.inner.error(f, &key, false),
+                key,
+            })
+            .collect())
     }
 
     fn abort_incomplete_uploads(&self, prefix: &str) -> Result<usize> {
