@@ -1,0 +1,436 @@
+"""Model-based retention test (issue 13): random workloads with several
+periodic bases, prunes in between, and every kept point checked against
+what the mount showed.
+
+The workload: the differential writers of workload.py (creates, overwrites,
+appends, truncates, renames, hard links, unlinks, xattrs, mode and owner
+changes, directories, FIFOs; each writer also checks the mount's results
+against a native shadow tree) plus a database-like file whose few hot pages
+are overwritten many times, appended to and truncated. `rewind run` takes a
+periodic base every few seconds.
+
+References: the coordinator pauses every writer at an operation boundary
+(workload.Gate), notes the time, snapshots the mount, notes the time again
+and lets them go on. Nothing changes the tree between the two times, so the
+snapshot is the tree the mount showed at every instant of that *quiet
+interval*. Some pauses wait for a base to complete inside them, and one
+pause straddles every whole UTC minute, so that the instants a coarse tier
+keeps (today the newest base completed in each minute; with compaction
+deltas, each whole minute) often fall inside a quiet interval.
+
+Which instants are kept is asked of the tool, never computed here: an
+instant is kept when it is inside a lineage's window or is one of the
+points `rewind ls --json` lists. At random moments during the workload,
+and twice after it, a prune runs (--keep-seconds 20s --keep-minutes 10m
+--grace 0s). Before each one, every instant this prune may turn into an
+isolated point (the coarse points of its --dry-run plan, and every base
+completion and whole minute a little past the plan's seconds tier, for the
+time that passes before the real prune) is restored from the raw segments
+and kept; after it, every new point is restored again and compared with that
+raw restore and, when it falls in a quiet interval, with the mount's tree.
+After each prune a reference instant that is no longer kept is refused
+(between two kept points, or outside the window) and writes nothing.
+
+At the end the daemon is stopped, the last prunes run, `rewind verify`
+passes, the source, journal and HOME are deleted, and from the store alone:
+every kept instant with a reference restores exactly the mount's tree, every
+kept point restores exactly its raw restore, every reference instant that is
+not kept is refused, `--or-earlier` takes the nearest earlier point, and
+latest is the mount's last tree.
+
+Seeds: REWIND_MODEL_SEED="7" (or "1,2,3"; default "1"); scripts/many-model-seeds
+runs many. A seed fixes every writer's operation sequence and the
+coordinator's choices; thread interleaving and base timing still vary, so a
+replay is close but not identical. REWIND_MODEL_SECONDS sets the workload's
+wall time (default 100).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+
+import pytest
+
+import helpers
+import workload
+from helpers import NS, fmt_ns, rewind, wait_until
+
+SEEDS = [int(s) for s in os.environ.get("REWIND_MODEL_SEED", "1").replace(" ", "").split(",") if s]
+WORKLOAD_SECONDS = float(os.environ.get("REWIND_MODEL_SECONDS", "100"))
+WRITERS = 2
+BASE_INTERVAL = "3s"
+KEEP_SECONDS = 20
+POLICY = ["--keep-seconds", f"{KEEP_SECONDS}s", "--keep-minutes", "10m", "--grace", "0s"]
+MIN = 60 * NS
+# How far past the dry run's seconds-tier start the raw sample reaches: the
+# real prune starts later than its dry run, so its seconds tier starts later
+# too, and whatever it thins in between must already have a raw restore.
+DRIFT_NS = 10 * NS
+# Operation kinds the issue names; each must succeed at least once.
+NAMED_KINDS = ("create", "write", "append", "truncate", "rename", "link", "unlink", "setxattr", "chmod",
+               "mkdir")
+PAGE = 4096
+
+
+@dataclass
+class Ref:
+    """The tree the mount showed at every instant of [from_ns, to_ns]."""
+    n: int
+    kind: str
+    from_ns: int
+    to_ns: int
+    at_ns: int
+    snap: helpers.Snapshot
+
+    def holds(self, t: int) -> bool:
+        return self.from_ns <= t <= self.to_ns
+
+    def __str__(self):
+        return f"reference {self.n} ({self.kind}, quiet {fmt_ns(self.from_ns)} .. {fmt_ns(self.to_ns)})"
+
+
+class Hot(threading.Thread):
+    """An overwrite-heavy database file: most writes land on a few hot
+    pages, some append a page or truncate the file back, and a few fsync.
+    Goes through the same gate as the writers, so pauses are quiet."""
+
+    def __init__(self, path, seed: int, gate: workload.Gate):
+        super().__init__(name="hot", daemon=True)
+        self.path = str(path)
+        self.rng = random.Random(seed * 1000 + 999)
+        self.gate = gate
+        self.stop_flag = threading.Event()
+        self.crash: str | None = None
+        self.writes = 0
+
+    def run(self):
+        r = self.rng
+        try:
+            fd = os.open(self.path, os.O_RDWR)
+            try:
+                while not self.stop_flag.is_set():
+                    self.gate.enter()
+                    try:
+                        if self.stop_flag.is_set():
+                            break
+                        pages = os.fstat(fd).st_size // PAGE
+                        x = r.random()
+                        if x < 0.02 and pages < 96:
+                            os.pwrite(fd, r.randbytes(64) * (PAGE // 64), pages * PAGE)
+                        elif x < 0.03 and pages > 24:
+                            os.ftruncate(fd, r.randrange(16, pages) * PAGE)
+                        else:
+                            page = r.randrange(8) if r.random() < 0.9 else r.randrange(pages)
+                            # Compressible pages keep the store small; each
+                            # is still unique to the write.
+                            os.pwrite(fd, r.randbytes(64) * (PAGE // 64), page * PAGE)
+                            self.writes += 1
+                        if x > 0.995:
+                            os.fsync(fd)
+                    finally:
+                        self.gate.leave()
+                    # The workload's pace (about 300 writes a second), not a wait.
+                    time.sleep(0.003)
+            finally:
+                os.close(fd)
+        except BaseException:
+            self.crash = traceback.format_exc()
+
+
+def whole_minutes(lo: int, hi: int) -> list[int]:
+    first = -(-lo // MIN) * MIN
+    return list(range(first, hi + 1, MIN))
+
+
+class Model:
+    def __init__(self, seed, vol, workdir):
+        self.seed = seed
+        self.vol = vol
+        self.workdir = workdir
+        self.refs: list[Ref] = []
+        # Instant -> the tree restored there from raw segments before a
+        # prune thinned that part of the timeline.
+        self.raw: dict[int, helpers.Snapshot] = {}
+        self.n_restores = 0
+        self.stats = {"point vs reference": 0, "point vs raw": 0, "window vs reference": 0, "refused": 0,
+                      "raw restores": 0, "prunes": 0}
+
+    # -- the tool's answers -------------------------------------------------
+    def kept(self, ls: dict):
+        """(window, points) of the one lineage, as `rewind ls --json` says."""
+        ws = ls["windows"]
+        assert len(ws) == 1, f"expected one lineage: {ws}"
+        assert not ls["gaps"], f"unexpected gaps: {ls['gaps']}"
+        return ws[0], sorted(p["ns"] for p in ls["points"])
+
+    @staticmethod
+    def is_kept(window, points, t: int) -> bool:
+        return window["earliest_ns"] <= t <= window["latest_ns"] or t in points
+
+    def ref_at(self, t: int) -> Ref | None:
+        return next((r for r in self.refs if r.holds(t)), None)
+
+    # -- restores -----------------------------------------------------------
+    def restore(self, t: int, what: str) -> helpers.Snapshot:
+        self.n_restores += 1
+        target = self.workdir / f"restore{self.n_restores}"
+        c = self.vol.restore(t, target, check=False)
+        assert c.code == 0, f"{what}: restore at {fmt_ns(t)} failed:\n{c}"
+        snap = helpers.snapshot(target)
+        helpers.rmtree(target)
+        return snap
+
+    def refused(self, t: int, what: str) -> None:
+        self.n_restores += 1
+        target = self.workdir / f"restore{self.n_restores}"
+        c = self.vol.restore(t, target, check=False)
+        assert c.code != 0, f"{what}: restore at {fmt_ns(t)}, which is not kept, succeeded:\n{c}"
+        assert "between two kept points" in c.err or "outside the restore window" in c.err, \
+            f"{what}: restore at {fmt_ns(t)} was refused without saying it is between kept points or outside the window:\n{c}"
+        assert not target.exists() or not any(target.iterdir()), f"{what}: a refused restore wrote into {target}"
+        self.stats["refused"] += 1
+
+    def check_point(self, t: int, what: str, *, need_raw: bool) -> None:
+        """A kept point restores exactly its raw restore and, inside a quiet
+        interval, the mount's tree."""
+        got = self.restore(t, what)
+        ref = self.ref_at(t)
+        if ref is not None:
+            helpers.assert_same_tree(ref.snap, got, f"{what}: point {fmt_ns(t)} vs the mount's tree ({ref})")
+            self.stats["point vs reference"] += 1
+        if t in self.raw:
+            helpers.assert_same_tree(self.raw[t], got,
+                                     f"{what}: point {fmt_ns(t)} vs its restore from raw segments before the prune")
+            self.stats["point vs raw"] += 1
+        else:
+            assert not need_raw, (f"{what}: the prune kept {fmt_ns(t)} as a point, but the raw sample taken "
+                                  f"before it did not include it (sampled {sorted(map(fmt_ns, self.raw))})")
+
+    def check_refs(self, ls: dict, what: str, rng: random.Random | None, sample: int = 0) -> None:
+        """Every reference instant that is no longer kept is refused; `sample`
+        (all when rng is None) of those still in the window restore exactly."""
+        window, points = self.kept(ls)
+        inside = []
+        for r in self.refs:
+            if self.is_kept(window, points, r.at_ns):
+                inside.append(r)
+            else:
+                self.refused(r.at_ns, f"{what}, {r}")
+        if rng is not None:
+            inside = rng.sample(inside, min(sample, len(inside)))
+        for r in inside:
+            helpers.assert_same_tree(r.snap, self.restore(r.at_ns, f"{what}, {r}"),
+                                     f"{what}: restore at {fmt_ns(r.at_ns)} vs the mount's tree ({r})")
+            self.stats["window vs reference"] += 1
+        # The window's first instant is kept too.
+        ref = self.ref_at(window["earliest_ns"])
+        if ref is not None and (rng is None or rng.random() < 0.5):
+            helpers.assert_same_tree(ref.snap, self.restore(window["earliest_ns"], what),
+                                     f"{what}: restore at the window's start {window['earliest']} vs {ref}")
+            self.stats["window vs reference"] += 1
+
+    # -- prune ------------------------------------------------------------
+    def prune_json(self, *args) -> dict:
+        c = rewind("prune", *self.vol.store_args(), *POLICY, "--json", *args, env=self.vol.env(), timeout=300)
+        assert c.code == 0, f"prune failed:\n{c}"
+        return json.loads(c.out)
+
+    def prune_round(self, what: str, rng: random.Random) -> None:
+        before = self.vol.ls()
+        window, old_points = self.kept(before)
+        dry = self.prune_json("--dry-run")
+        seconds = [p for p in dry["points"] if p["tier"] == "seconds"]
+        assert len(seconds) == 1, f"{what}: the dry run plans {len(seconds)} seconds tiers: {dry['points']}"
+        anchor = seconds[0]["ns"]
+        planned = {p["ns"] for p in dry["points"] if p["tier"] != "seconds"} - set(old_points)
+        # Raw restores of everything this prune may thin into points, until
+        # the sample reaches DRIFT_NS past where the seconds tier would start
+        # if the prune ran now.
+        while True:
+            ls = self.vol.ls()
+            w, _ = self.kept(ls)
+            horizon = time.time_ns() - KEEP_SECONDS * NS + DRIFT_NS
+            todo = {t for t in planned if w["earliest_ns"] <= t <= w["latest_ns"]}
+            todo |= {b["completed_ns"] for b in ls["bases"] if anchor <= b["completed_ns"] <= horizon}
+            todo |= set(whole_minutes(max(anchor, w["earliest_ns"]), min(horizon, w["latest_ns"])))
+            todo -= set(self.raw)
+            if not todo:
+                break
+            for t in sorted(todo):
+                snap = self.restore(t, f"{what}: raw restore before the prune")
+                ref = self.ref_at(t)
+                if ref is not None:
+                    helpers.assert_same_tree(ref.snap, snap, f"{what}: raw restore at {fmt_ns(t)} vs {ref}")
+                self.raw[t] = snap
+                self.stats["raw restores"] += 1
+        rep = self.prune_json()
+        self.stats["prunes"] += 1
+        after = self.vol.ls()
+        window2, points = self.kept(after)
+        assert window2["latest_ns"] >= window["latest_ns"], f"{what}: the window shrank at its end: {window} -> {window2}"
+        new = [t for t in points if t not in old_points]
+        for t in new:
+            self.check_point(t, what, need_raw=True)
+        self.check_refs(after, what, rng, sample=2)
+        print(f"{what}: {len(points)} points, window from {window2['earliest']}; condemned "
+              f"{ {k: v['condemned']['objects'] for k, v in rep['kinds'].items()} }, deleted "
+              f"{ {k: v['deleted']['objects'] for k, v in rep['kinds'].items()} }")
+
+
+def run_model(seed, make_volume, workdir):
+    rng = random.Random(seed)
+    vol = make_volume("v")
+    shadow = workdir / "shadow"
+    shadow.mkdir()
+    for i in range(WRITERS):
+        workload.prefill_writer_dir(vol.source, i, rng)
+        assert os.system(f"cp -a {vol.source}/w{i} {shadow}/w{i}") == 0
+    (vol.source / "hot").mkdir()
+    (vol.source / "hot" / "db").write_bytes(rng.randbytes(64 * PAGE))
+    for k in range(30):
+        helpers.fill_random(vol.source / "cold" / f"c{k}", rng.randrange(0, 200_000), rng)
+
+    model = Model(seed, vol, workdir)
+    gate = workload.Gate()
+    writers = [workload.Writer(i, seed, str(vol.mount), str(shadow), gate) for i in range(WRITERS)]
+    hot = Hot(vol.mount / "hot" / "db", seed, gate)
+    cache = helpers.SnapshotCache()
+
+    def check_threads():
+        for w in writers:
+            assert w.crash is None, f"writer {w.name} crashed:\n{w.crash}\n{vol.log_tail()}"
+        assert hot.crash is None, f"the hot-page writer crashed:\n{hot.crash}\n{vol.log_tail()}"
+
+    def newest_base_ns() -> int:
+        return max((b["completed_ns"] for b in vol.ls()["bases"]), default=0)
+
+    def quiet(kind: str, until=None) -> None:
+        """Pauses the workload, snapshots the mount, optionally waits
+        (`until()` true) while it is quiet, and records the interval."""
+        gate.pause()
+        t_from = time.time_ns()
+        try:
+            check_threads()
+            snap = helpers.snapshot(vol.mount, cache)
+            assert ".rewind" not in snap.entries, "the journal directory is visible through the mount"
+            if until is not None:
+                wait_until(until, 60, f"the quiet interval's condition ({kind})", interval=0.05,
+                           on_timeout=vol._diag)
+            t_to = time.time_ns()
+        finally:
+            gate.resume()
+        at = t_from + rng.randrange(t_to - t_from + 1)
+        model.refs.append(Ref(len(model.refs), kind, t_from, t_to, at, snap))
+
+    try:
+        vol.start("--base-interval", BASE_INTERVAL)
+        for w in writers:
+            w.start()
+            w.go.set()
+        hot.start()
+        vol.wait_window(timeout=120)
+        t0 = time.monotonic()
+        end = t0 + WORKLOAD_SECONDS
+        prune_at = sorted(t0 + rng.uniform(30, WORKLOAD_SECONDS - 5) for _ in range(rng.choice([2, 3])))
+        while time.monotonic() < end:
+            # Let the workload run for a random while (this is the workload, not a wait).
+            time.sleep(rng.uniform(0.5, 2.5))
+            check_threads()
+            assert vol.alive(), vol.log_tail()
+            now = time.time_ns()
+            boundary = -(-now // MIN) * MIN
+            if boundary - now < 8 * NS:
+                # Straddle the whole minute, with a base completed inside
+                # the interval before it if one comes (the newest base of
+                # the minute is what the minutes tier keeps today).
+                t_pause = time.time_ns()
+                quiet("minute", lambda: time.time_ns() > boundary + NS // 5
+                      and (newest_base_ns() > t_pause or time.time_ns() > boundary + 4 * NS))
+            elif rng.random() < 0.3:
+                t_pause = time.time_ns()
+                quiet("base", lambda: newest_base_ns() > t_pause)
+            else:
+                quiet("plain")
+            if prune_at and time.monotonic() >= prune_at[0]:
+                prune_at.pop(0)
+                # The workload goes on while the prune and its checks run.
+                model.prune_round(f"prune {model.stats['prunes'] + 1} (during the workload)", rng)
+
+        gate.pause()
+        for w in writers:
+            w.stop_flag.set()
+        hot.stop_flag.set()
+        gate.resume()
+        for t in writers + [hot]:
+            t.join(60)
+            assert not t.is_alive(), f"{t.name} did not stop"
+        check_threads()
+        for w in writers:
+            w.close_held()
+        t_from = time.time_ns()
+        final = helpers.snapshot(vol.mount, cache)
+        t_to = time.time_ns()
+        model.refs.append(Ref(len(model.refs), "final", t_from, t_to, t_to, final))
+        vol.wait_latest(t_to, timeout=90)
+        vol.stop()
+    finally:
+        for w in writers:
+            w.stop_flag.set()
+        hot.stop_flag.set()
+        gate.resume()
+
+    mismatches = [m for w in writers for m in w.mismatches]
+    assert not mismatches, f"{len(mismatches)} operations behaved differently on the mount:\n" + "\n".join(mismatches[:30])
+    counts = {k: sum(w.counts[k] for w in writers) for k in NAMED_KINDS}
+    assert all(counts.values()), f"operation kinds that never succeeded: {counts}"
+    assert hot.writes > 1000, f"only {hot.writes} hot-page overwrites"
+    bases = vol.ls()["bases"]
+    assert sum(1 for b in bases if b["kind"] == "periodic") >= 5, f"too few periodic bases: {bases}"
+
+    # The last prunes: the first thins what the stopped volume left, the
+    # second deletes what the first condemned (grace 0).
+    model.prune_round("final prune 1", rng)
+    model.prune_round("final prune 2", rng)
+    c = vol.verify()
+    assert c.code == 0, f"verify after the prunes failed:\n{c}"
+
+    # From the store alone.
+    vol.delete_local()
+    ls = vol.ls()
+    window, points = model.kept(ls)
+    assert points, f"the prunes kept no isolated point: {ls['tiers']}"
+    for t in points:
+        model.check_point(t, "from the store alone", need_raw=True)
+    model.check_refs(ls, "from the store alone", None)
+    # --or-earlier takes the nearest earlier point of a refused reference.
+    between = [r for r in model.refs if points[0] < r.at_ns < window["earliest_ns"] and r.at_ns not in points]
+    if between:
+        r = rng.choice(between)
+        earlier = max(t for t in points if t <= r.at_ns)
+        target = workdir / "or-earlier"
+        c = vol.restore(r.at_ns, target, "--or-earlier")
+        assert fmt_ns(earlier)[:19] in c.out, f"--or-earlier at {fmt_ns(r.at_ns)} does not name {fmt_ns(earlier)}:\n{c}"
+        helpers.assert_same_tree(model.raw[earlier], helpers.snapshot(target),
+                                 f"--or-earlier at {fmt_ns(r.at_ns)} vs the point {fmt_ns(earlier)}")
+    latest = model.restore(window["latest_ns"], "latest")
+    helpers.assert_same_tree(final, latest, "restore at the window's end vs the mount's last tree")
+    assert model.stats["point vs reference"] >= 1, \
+        f"no kept point fell inside a quiet interval, so none was compared with the mount: {model.stats}"
+    print(f"\nseed {seed}: {len(model.refs)} references, {len(points)} kept points, "
+          f"{sum(1 for b in bases if b['kind'] == 'periodic')} periodic bases, {hot.writes} hot overwrites, "
+          f"checks {model.stats}")
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("seed", SEEDS)
+def test_model_retention(make_volume, workdir, seed):
+    try:
+        run_model(seed, make_volume, workdir)
+    except AssertionError as e:
+        raise AssertionError(f"seed {seed} (replay with REWIND_MODEL_SEED={seed}): {e}") from e
