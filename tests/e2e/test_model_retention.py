@@ -22,14 +22,18 @@ Which instants are kept is asked of the tool, never computed here: an
 instant is kept when it is inside a lineage's window or is one of the
 points `rewind ls --json` lists. At random moments during the workload,
 and twice after it, a prune runs (--keep-seconds 20s --keep-minutes 10m
---grace 0s). Before each one, every instant this prune may turn into an
-isolated point (the coarse points of its --dry-run plan, and every base
-completion and whole minute a little past the plan's seconds tier, for the
-time that passes before the real prune) is restored from the raw segments
-and kept; after it, every new point is restored again and compared with that
-raw restore and, when it falls in a quiet interval, with the mount's tree.
-After each prune a reference instant that is no longer kept is refused
-(between two kept points, or outside the window) and writes nothing.
+--grace 0s) while the workload goes on. Right before each one the store is
+frozen (a copy made of hard links: objects are never changed in place, so
+the copy keeps what the prune deletes); after it, every instant the prune
+turned into an isolated point (one it thinned, so no longer restored from
+raw segments but from a kept base and its completing records, or from
+compacted deltas) is restored from the frozen raw store and from the pruned
+one, and the two must agree, and agree with the mount's tree when the point
+falls in a quiet interval. The raw restore is kept for the checks at the end.
+Predicting the points from a --dry-run instead would race the clock: the
+real prune's seconds tier starts later than its dry run's. After each
+prune a reference instant that is no longer kept is refused (between two
+kept points, or outside the window) and writes nothing.
 
 At the end the daemon is stopped, the last prunes run, `rewind verify`
 passes, the source, journal and HOME are deleted, and from the store alone:
@@ -68,10 +72,6 @@ BASE_INTERVAL = "3s"
 KEEP_SECONDS = 20
 POLICY = ["--keep-seconds", f"{KEEP_SECONDS}s", "--keep-minutes", "10m", "--grace", "0s"]
 MIN = 60 * NS
-# How far past the dry run's seconds-tier start the raw sample reaches: the
-# real prune starts later than its dry run, so its seconds tier starts later
-# too, and whatever it thins in between must already have a raw restore.
-DRIFT_NS = 10 * NS
 # Operation kinds the issue names; each must succeed at least once.
 NAMED_KINDS = ("create", "write", "append", "truncate", "rename", "link", "unlink", "setxattr", "chmod",
                "mkdir")
@@ -143,11 +143,6 @@ class Hot(threading.Thread):
             self.crash = traceback.format_exc()
 
 
-def whole_minutes(lo: int, hi: int) -> list[int]:
-    first = -(-lo // MIN) * MIN
-    return list(range(first, hi + 1, MIN))
-
-
 class Model:
     def __init__(self, seed, vol, workdir):
         self.seed = seed
@@ -212,16 +207,20 @@ class Model:
             assert not need_raw, (f"{what}: the prune kept {fmt_ns(t)} as a point, but the raw sample taken "
                                   f"before it did not include it (sampled {sorted(map(fmt_ns, self.raw))})")
 
-    def check_refs(self, ls: dict, what: str, rng: random.Random | None, sample: int = 0) -> None:
-        """Every reference instant that is no longer kept is refused; `sample`
-        (all when rng is None) of those still in the window restore exactly."""
+    def check_refs(self, ls: dict, what: str, rng: random.Random | None, sample: int = 0,
+                   thinned_from: int | None = None) -> None:
+        """Every reference instant that is no longer kept (from `thinned_from`
+        on, if given) is refused; `sample` (all when rng is None) of those
+        still in the window restore exactly."""
         window, points = self.kept(ls)
         inside = []
         for r in self.refs:
             if self.is_kept(window, points, r.at_ns):
                 inside.append(r)
-            else:
+            elif r.at_ns < window["earliest_ns"] and (thinned_from is None or r.at_ns >= thinned_from):
                 self.refused(r.at_ns, f"{what}, {r}")
+            # Later than the window's end: not in the store yet (segments
+            # are shipped every second), so neither kept nor thinned.
         if rng is not None:
             inside = rng.sample(inside, min(sample, len(inside)))
         for r in inside:
@@ -241,46 +240,62 @@ class Model:
         assert c.code == 0, f"prune failed:\n{c}"
         return json.loads(c.out)
 
+    def freeze_store(self, name: str):
+        """A copy of the store as it is now, made of hard links: objects are
+        written to a temporary name and renamed, never changed in place, so
+        what a prune deletes afterwards stays in the copy."""
+        src = self.vol.store_dir
+        dst = self.workdir / name
+        for dp, _, fns in os.walk(src):
+            rel = os.path.relpath(dp, src)
+            os.makedirs(dst / rel, exist_ok=True)
+            for n in fns:
+                if n.startswith(".tmp."):
+                    continue
+                try:
+                    os.link(os.path.join(dp, n), dst / rel / n)
+                except FileNotFoundError:
+                    pass  # renamed or deleted while we walked: not part of the store any more
+        return dst
+
+    def restore_from(self, store, t: int, what: str) -> helpers.Snapshot:
+        self.n_restores += 1
+        target = self.workdir / f"restore{self.n_restores}"
+        c = rewind("restore", "--store", f"file://{store}", "--volume", self.vol.name, "--at", fmt_ns(t),
+                   "--target", target, env=self.vol.env(), timeout=600)
+        assert c.code == 0, f"{what}: restore at {fmt_ns(t)} from the store as it was before the prune failed:\n{c}"
+        snap = helpers.snapshot(target)
+        helpers.rmtree(target)
+        self.stats["raw restores"] += 1
+        return snap
+
     def prune_round(self, what: str, rng: random.Random) -> None:
-        before = self.vol.ls()
-        window, old_points = self.kept(before)
-        dry = self.prune_json("--dry-run")
-        seconds = [p for p in dry["points"] if p["tier"] == "seconds"]
-        assert len(seconds) == 1, f"{what}: the dry run plans {len(seconds)} seconds tiers: {dry['points']}"
-        anchor = seconds[0]["ns"]
-        planned = {p["ns"] for p in dry["points"] if p["tier"] != "seconds"} - set(old_points)
-        # Raw restores of everything this prune may thin into points, until
-        # the sample reaches DRIFT_NS past where the seconds tier would start
-        # if the prune ran now.
-        while True:
-            ls = self.vol.ls()
-            w, _ = self.kept(ls)
-            horizon = time.time_ns() - KEEP_SECONDS * NS + DRIFT_NS
-            todo = {t for t in planned if w["earliest_ns"] <= t <= w["latest_ns"]}
-            todo |= {b["completed_ns"] for b in ls["bases"] if anchor <= b["completed_ns"] <= horizon}
-            todo |= set(whole_minutes(max(anchor, w["earliest_ns"]), min(horizon, w["latest_ns"])))
-            todo -= set(self.raw)
-            if not todo:
-                break
-            for t in sorted(todo):
-                snap = self.restore(t, f"{what}: raw restore before the prune")
-                ref = self.ref_at(t)
-                if ref is not None:
-                    helpers.assert_same_tree(ref.snap, snap, f"{what}: raw restore at {fmt_ns(t)} vs {ref}")
-                self.raw[t] = snap
-                self.stats["raw restores"] += 1
-        rep = self.prune_json()
+        t_start = time.monotonic()
         self.stats["prunes"] += 1
+        window, old_points = self.kept(self.vol.ls())
+        frozen = self.freeze_store(f"before-prune{self.stats['prunes']}")
+        rep = self.prune_json()
         after = self.vol.ls()
         window2, points = self.kept(after)
         assert window2["latest_ns"] >= window["latest_ns"], f"{what}: the window shrank at its end: {window} -> {window2}"
-        new = [t for t in points if t not in old_points]
-        for t in new:
+        # Every instant this prune turned into an isolated point (it was in
+        # the window, restored from raw segments) restores the same tree from
+        # the raw segments of the store as it was and from what the prune
+        # left (base and completing records, or compacted deltas).
+        for t in (t for t in points if t not in old_points):
+            assert window["earliest_ns"] <= t <= window["latest_ns"], \
+                f"{what}: new point {fmt_ns(t)} was not restorable before the prune (window {window}, points {old_points})"
+            self.raw[t] = self.restore_from(frozen, t, f"{what}: raw restore")
+            ref = self.ref_at(t)
+            if ref is not None:
+                helpers.assert_same_tree(ref.snap, self.raw[t], f"{what}: raw restore at {fmt_ns(t)} vs {ref}")
             self.check_point(t, what, need_raw=True)
-        self.check_refs(after, what, rng, sample=2)
-        print(f"{what}: {len(points)} points, window from {window2['earliest']}; condemned "
-              f"{ {k: v['condemned']['objects'] for k, v in rep['kinds'].items()} }, deleted "
-              f"{ {k: v['deleted']['objects'] for k, v in rep['kinds'].items()} }")
+        helpers.rmtree(frozen)
+        # Refusals of what this prune thinned; the end checks every one.
+        self.check_refs(after, what, rng, sample=2, thinned_from=window["earliest_ns"])
+        print(f"{what} ({time.monotonic() - t_start:.1f}s with its checks): {len(points)} points, window from "
+              f"{window2['earliest']}; condemned {({k: v['condemned']['objects'] for k, v in rep['kinds'].items()})}, "
+              f"deleted {({k: v['deleted']['objects'] for k, v in rep['kinds'].items()})}", flush=True)
 
 
 def run_model(seed, make_volume, workdir):
@@ -362,6 +377,7 @@ def run_model(seed, make_volume, workdir):
                 # The workload goes on while the prune and its checks run.
                 model.prune_round(f"prune {model.stats['prunes'] + 1} (during the workload)", rng)
 
+        print(f"workload: {time.monotonic() - t0:.0f}s, {len(model.refs)} quiet intervals", flush=True)
         gate.pause()
         for w in writers:
             w.stop_flag.set()
@@ -405,6 +421,10 @@ def run_model(seed, make_volume, workdir):
     ls = vol.ls()
     window, points = model.kept(ls)
     assert points, f"the prunes kept no isolated point: {ls['tiers']}"
+    coarse = [t for t in ls["tiers"] if t["tier"] not in ("seconds", "policy")]
+    assert sum(t["points"] for t in coarse) == len(points), f"ls shows tiers {ls['tiers']} for points {ls['points']}"
+    text = rewind("ls", *vol.store_args(), env=vol.env(), check=True).out
+    assert "minutes tier" in text and "every instant from" in text, f"ls does not show the tiers:\n{text}"
     for t in points:
         model.check_point(t, "from the store alone", need_raw=True)
     model.check_refs(ls, "from the store alone", None)
