@@ -80,7 +80,8 @@ PAGE = 4096
 
 @dataclass
 class Ref:
-    """The tree the mount showed at every instant of [from_ns, to_ns]."""
+    """The tree the mount showed at every instant of [from_ns, to_ns]; at_ns
+    is the instant of the interval the test restores as its reference."""
     n: int
     kind: str
     from_ns: int
@@ -144,8 +145,10 @@ class Hot(threading.Thread):
 
 
 class Model:
-    def __init__(self, seed, vol, workdir):
-        self.seed = seed
+    """What the test knows (the quiet intervals and the raw restores of
+    every point) and the checks it makes against the store."""
+
+    def __init__(self, vol, workdir):
         self.vol = vol
         self.workdir = workdir
         self.refs: list[Ref] = []
@@ -172,11 +175,16 @@ class Model:
         return next((r for r in self.refs if r.holds(t)), None)
 
     # -- restores -----------------------------------------------------------
-    def restore(self, t: int, what: str) -> helpers.Snapshot:
+    def restore(self, t, what: str, store=None) -> helpers.Snapshot:
+        """The tree restored at t (ns, or "latest") from the volume's store,
+        or from `store` (a frozen copy)."""
         self.n_restores += 1
         target = self.workdir / f"restore{self.n_restores}"
-        c = self.vol.restore(t, target, check=False)
-        assert c.code == 0, f"{what}: restore at {fmt_ns(t)} failed:\n{c}"
+        url = f"file://{store}" if store is not None else self.vol.store_url
+        at = fmt_ns(t) if isinstance(t, int) else t
+        c = rewind("restore", "--store", url, "--volume", self.vol.name, "--at", at, "--target", target,
+                   env=self.vol.env(), timeout=600)
+        assert c.code == 0, f"{what}: restore at {at} from {url} failed:\n{c}"
         snap = helpers.snapshot(target)
         helpers.rmtree(target)
         return snap
@@ -204,8 +212,8 @@ class Model:
                                      f"{what}: point {fmt_ns(t)} vs its restore from raw segments before the prune")
             self.stats["point vs raw"] += 1
         else:
-            assert not need_raw, (f"{what}: the prune kept {fmt_ns(t)} as a point, but the raw sample taken "
-                                  f"before it did not include it (sampled {sorted(map(fmt_ns, self.raw))})")
+            assert not need_raw, (f"{what}: {fmt_ns(t)} is a kept point, but no prune turned it into one "
+                                  f"(points restored from raw segments: {sorted(map(fmt_ns, self.raw))})")
 
     def check_refs(self, ls: dict, what: str, rng: random.Random | None, sample: int = 0,
                    thinned_from: int | None = None) -> None:
@@ -258,17 +266,6 @@ class Model:
                     pass  # renamed or deleted while we walked: not part of the store any more
         return dst
 
-    def restore_from(self, store, t: int, what: str) -> helpers.Snapshot:
-        self.n_restores += 1
-        target = self.workdir / f"restore{self.n_restores}"
-        c = rewind("restore", "--store", f"file://{store}", "--volume", self.vol.name, "--at", fmt_ns(t),
-                   "--target", target, env=self.vol.env(), timeout=600)
-        assert c.code == 0, f"{what}: restore at {fmt_ns(t)} from the store as it was before the prune failed:\n{c}"
-        snap = helpers.snapshot(target)
-        helpers.rmtree(target)
-        self.stats["raw restores"] += 1
-        return snap
-
     def prune_round(self, what: str, rng: random.Random) -> None:
         t_start = time.monotonic()
         self.stats["prunes"] += 1
@@ -285,7 +282,8 @@ class Model:
         for t in (t for t in points if t not in old_points):
             assert window["earliest_ns"] <= t <= window["latest_ns"], \
                 f"{what}: new point {fmt_ns(t)} was not restorable before the prune (window {window}, points {old_points})"
-            self.raw[t] = self.restore_from(frozen, t, f"{what}: raw restore")
+            self.raw[t] = self.restore(t, f"{what}: raw restore before the prune", store=frozen)
+            self.stats["raw restores"] += 1
             ref = self.ref_at(t)
             if ref is not None:
                 helpers.assert_same_tree(ref.snap, self.raw[t], f"{what}: raw restore at {fmt_ns(t)} vs {ref}")
@@ -295,7 +293,8 @@ class Model:
         self.check_refs(after, what, rng, sample=2, thinned_from=window["earliest_ns"])
         print(f"{what} ({time.monotonic() - t_start:.1f}s with its checks): {len(points)} points, window from "
               f"{window2['earliest']}; condemned {({k: v['condemned']['objects'] for k, v in rep['kinds'].items()})}, "
-              f"deleted {({k: v['deleted']['objects'] for k, v in rep['kinds'].items()})}", flush=True)
+              f"deleted {({k: v['deleted']['objects'] for k, v in rep['kinds'].items()})}"
+              f"{'; compaction ' + str(rep['compaction']) if 'compaction' in rep else ''}", flush=True)
 
 
 def run_model(seed, make_volume, workdir):
@@ -311,7 +310,7 @@ def run_model(seed, make_volume, workdir):
     for k in range(30):
         helpers.fill_random(vol.source / "cold" / f"c{k}", rng.randrange(0, 200_000), rng)
 
-    model = Model(seed, vol, workdir)
+    model = Model(vol, workdir)
     gate = workload.Gate()
     writers = [workload.Writer(i, seed, str(vol.mount), str(shadow), gate) for i in range(WRITERS)]
     hot = Hot(vol.mount / "hot" / "db", seed, gate)
@@ -438,8 +437,7 @@ def run_model(seed, make_volume, workdir):
         assert fmt_ns(earlier)[:19] in c.out, f"--or-earlier at {fmt_ns(r.at_ns)} does not name {fmt_ns(earlier)}:\n{c}"
         helpers.assert_same_tree(model.raw[earlier], helpers.snapshot(target),
                                  f"--or-earlier at {fmt_ns(r.at_ns)} vs the point {fmt_ns(earlier)}")
-    latest = model.restore(window["latest_ns"], "latest")
-    helpers.assert_same_tree(final, latest, "restore at the window's end vs the mount's last tree")
+    helpers.assert_same_tree(final, model.restore("latest", "latest"), "restore at latest vs the mount's last tree")
     assert model.stats["point vs reference"] >= 1, \
         f"no kept point fell inside a quiet interval, so none was compared with the mount: {model.stats}"
     print(f"\nseed {seed}: {len(model.refs)} references, {len(points)} kept points, "
