@@ -33,7 +33,10 @@ falls in a quiet interval. The raw restore is kept for the checks at the end.
 Predicting the points from a --dry-run instead would race the clock: the
 real prune's seconds tier starts later than its dry run's. After each
 prune a reference instant that is no longer kept is refused (between two
-kept points, or outside the window) and writes nothing.
+kept points, or outside the window) and writes nothing, and every UTC minute
+in which a base completed before the window's start still holds a point
+(the one promise about *which* points that holds for bases-per-minute and
+whole-minute deltas alike).
 
 At the end the daemon is stopped, the last prunes run, `rewind verify`
 passes, the source, journal and HOME are deleted, and from the store alone:
@@ -109,37 +112,34 @@ class Hot(threading.Thread):
         self.stop_flag = threading.Event()
         self.crash: str | None = None
         self.writes = 0
+        self.fd = -1
+
+    def step(self):
+        r = self.rng
+        pages = os.fstat(self.fd).st_size // PAGE
+        x = r.random()
+        # Compressible pages keep the store small; each is still unique to
+        # the write.
+        page_bytes = r.randbytes(64) * (PAGE // 64)
+        if x < 0.02 and pages < 96:
+            os.pwrite(self.fd, page_bytes, pages * PAGE)
+        elif x < 0.03 and pages > 24:
+            os.ftruncate(self.fd, r.randrange(16, pages) * PAGE)
+        else:
+            page = r.randrange(8) if r.random() < 0.9 else r.randrange(pages)
+            os.pwrite(self.fd, page_bytes, page * PAGE)
+            self.writes += 1
+        if x > 0.995:
+            os.fsync(self.fd)
 
     def run(self):
-        r = self.rng
         try:
-            fd = os.open(self.path, os.O_RDWR)
+            self.fd = os.open(self.path, os.O_RDWR)
             try:
-                while not self.stop_flag.is_set():
-                    self.gate.enter()
-                    try:
-                        if self.stop_flag.is_set():
-                            break
-                        pages = os.fstat(fd).st_size // PAGE
-                        x = r.random()
-                        if x < 0.02 and pages < 96:
-                            os.pwrite(fd, r.randbytes(64) * (PAGE // 64), pages * PAGE)
-                        elif x < 0.03 and pages > 24:
-                            os.ftruncate(fd, r.randrange(16, pages) * PAGE)
-                        else:
-                            page = r.randrange(8) if r.random() < 0.9 else r.randrange(pages)
-                            # Compressible pages keep the store small; each
-                            # is still unique to the write.
-                            os.pwrite(fd, r.randbytes(64) * (PAGE // 64), page * PAGE)
-                            self.writes += 1
-                        if x > 0.995:
-                            os.fsync(fd)
-                    finally:
-                        self.gate.leave()
-                    # The workload's pace (about 300 writes a second), not a wait.
-                    time.sleep(0.003)
+                # About 300 writes a second.
+                workload.gated_loop(self.gate, self.stop_flag, self.step, pace=0.003)
             finally:
-                os.close(fd)
+                os.close(self.fd)
         except BaseException:
             self.crash = traceback.format_exc()
 
@@ -155,6 +155,8 @@ class Model:
         # Instant -> the tree restored there from raw segments before a
         # prune thinned that part of the timeline.
         self.raw: dict[int, helpers.Snapshot] = {}
+        # Completion instants of every base `rewind ls` ever listed.
+        self.bases_seen: set[int] = set()
         self.n_restores = 0
         self.stats = {"point vs reference": 0, "point vs raw": 0, "window vs reference": 0, "refused": 0,
                       "raw restores": 0, "prunes": 0}
@@ -166,6 +168,20 @@ class Model:
         assert len(ws) == 1, f"expected one lineage: {ws}"
         assert not ls["gaps"], f"unexpected gaps: {ls['gaps']}"
         return ws[0], sorted(p["ns"] for p in ls["points"])
+
+    def minutes_covered(self, ls: dict, what: str) -> None:
+        """The policy's promise, checked against every base seen: each UTC
+        minute (all are inside --keep-minutes here) in which a base completed
+        before the window's start keeps at least one point."""
+        window, points = self.kept(ls)
+        self.bases_seen |= {b["completed_ns"] for b in ls["bases"]}
+        want = {b // MIN for b in self.bases_seen if b < window["earliest_ns"]}
+        have = {t // MIN for t in points}
+        missing = sorted(want - have)
+        assert not missing, (
+            f"{what}: no point kept in the minute(s) {[fmt_ns(m * MIN)[:16] for m in missing]}, in which bases "
+            f"completed at {[fmt_ns(b) for b in sorted(self.bases_seen) if b // MIN in missing]}; points "
+            f"{[fmt_ns(t) for t in points]}, window from {window['earliest']}")
 
     @staticmethod
     def is_kept(window, points, t: int) -> bool:
@@ -269,12 +285,15 @@ class Model:
     def prune_round(self, what: str, rng: random.Random) -> None:
         t_start = time.monotonic()
         self.stats["prunes"] += 1
-        window, old_points = self.kept(self.vol.ls())
+        before = self.vol.ls()
+        window, old_points = self.kept(before)
+        self.bases_seen |= {b["completed_ns"] for b in before["bases"]}
         frozen = self.freeze_store(f"before-prune{self.stats['prunes']}")
         rep = self.prune_json()
         after = self.vol.ls()
         window2, points = self.kept(after)
         assert window2["latest_ns"] >= window["latest_ns"], f"{what}: the window shrank at its end: {window} -> {window2}"
+        self.minutes_covered(after, what)
         # Every instant this prune turned into an isolated point (it was in
         # the window, restored from raw segments) restores the same tree from
         # the raw segments of the store as it was and from what the prune
@@ -291,7 +310,7 @@ class Model:
         helpers.rmtree(frozen)
         # Refusals of what this prune thinned; the end checks every one.
         self.check_refs(after, what, rng, sample=2, thinned_from=window["earliest_ns"])
-        print(f"{what} ({time.monotonic() - t_start:.1f}s with its checks): {len(points)} points, window from "
+        print(f"{what} ({time.monotonic() - t_start:.1f}s with its checks): points {[fmt_ns(t)[11:23] for t in points]}, window from "
               f"{window2['earliest']}; condemned {({k: v['condemned']['objects'] for k, v in rep['kinds'].items()})}, "
               f"deleted {({k: v['deleted']['objects'] for k, v in rep['kinds'].items()})}"
               f"{'; compaction ' + str(rep['compaction']) if 'compaction' in rep else ''}", flush=True)
@@ -352,7 +371,9 @@ def run_model(seed, make_volume, workdir):
         t0 = time.monotonic()
         end = t0 + WORKLOAD_SECONDS
         prune_at = sorted(t0 + rng.uniform(30, WORKLOAD_SECONDS - 5) for _ in range(rng.choice([2, 3])))
-        while time.monotonic() < end:
+        # A prune and its checks take a while: the workload lasts until the
+        # last one planned has run.
+        while time.monotonic() < end or prune_at:
             # Let the workload run for a random while (this is the workload, not a wait).
             time.sleep(rng.uniform(0.5, 2.5))
             check_threads()
@@ -420,6 +441,7 @@ def run_model(seed, make_volume, workdir):
     ls = vol.ls()
     window, points = model.kept(ls)
     assert points, f"the prunes kept no isolated point: {ls['tiers']}"
+    model.minutes_covered(ls, "from the store alone")
     coarse = [t for t in ls["tiers"] if t["tier"] not in ("seconds", "policy")]
     assert sum(t["points"] for t in coarse) == len(points), f"ls shows tiers {ls['tiers']} for points {ls['points']}"
     text = rewind("ls", *vol.store_args(), env=vol.env(), check=True).out
