@@ -34,9 +34,9 @@ Predicting the points from a --dry-run instead would race the clock: the
 real prune's seconds tier starts later than its dry run's. After each
 prune a reference instant that is no longer kept is refused (between two
 kept points, or outside the window) and writes nothing, and every UTC minute
-in which a base completed before the window's start still holds a point
-(the one promise about *which* points that holds for bases-per-minute and
-whole-minute deltas alike).
+in which a base completed before the window's start still holds a point or
+the window's start (the one promise about *which* points that holds for
+bases-per-minute and whole-minute deltas alike).
 
 At the end the daemon is stopped, the last prunes run, `rewind verify`
 passes, the source, journal and HOME are deleted, and from the store alone:
@@ -157,35 +157,41 @@ class Model:
         self.raw: dict[int, helpers.Snapshot] = {}
         # Completion instants of every base `rewind ls` ever listed.
         self.bases_seen: set[int] = set()
+        self.spans: dict[int, int] = {}
         self.n_restores = 0
         self.stats = {"point vs reference": 0, "point vs raw": 0, "window vs reference": 0, "refused": 0,
                       "raw restores": 0, "prunes": 0}
 
     # -- the tool's answers -------------------------------------------------
     def kept(self, ls: dict):
-        """(window, points) of the one lineage, as `rewind ls --json` says."""
+        """(window, points) of the one lineage, as `rewind ls --json` says.
+        A point may be a span (until_ns: a delta's state lasts until the
+        next record); `spans` remembers them for is_kept."""
         ws = ls["windows"]
         assert len(ws) == 1, f"expected one lineage: {ws}"
         assert not ls["gaps"], f"unexpected gaps: {ls['gaps']}"
-        return ws[0], sorted(p["ns"] for p in ls["points"])
+        self.spans = {p["ns"]: p.get("until_ns", p["ns"]) for p in ls["points"]}
+        return ws[0], sorted(self.spans)
 
     def minutes_covered(self, ls: dict, what: str) -> None:
         """The policy's promise, checked against every base seen: each UTC
         minute (all are inside --keep-minutes here) in which a base completed
-        before the window's start keeps at least one point."""
+        before the window's start keeps at least one point, unless the
+        window starts in that minute (its start is a base of the minute)."""
         window, points = self.kept(ls)
         self.bases_seen |= {b["completed_ns"] for b in ls["bases"]}
         want = {b // MIN for b in self.bases_seen if b < window["earliest_ns"]}
-        have = {t // MIN for t in points}
+        have = {t // MIN for t in points} | {window["earliest_ns"] // MIN}
         missing = sorted(want - have)
         assert not missing, (
             f"{what}: no point kept in the minute(s) {[fmt_ns(m * MIN)[:16] for m in missing]}, in which bases "
             f"completed at {[fmt_ns(b) for b in sorted(self.bases_seen) if b // MIN in missing]}; points "
             f"{[fmt_ns(t) for t in points]}, window from {window['earliest']}")
 
-    @staticmethod
-    def is_kept(window, points, t: int) -> bool:
-        return window["earliest_ns"] <= t <= window["latest_ns"] or t in points
+    def is_kept(self, window, t: int) -> bool:
+        """t is restorable by the newest `kept` answer."""
+        return (window["earliest_ns"] <= t <= window["latest_ns"]
+                or any(ns <= t <= until for ns, until in self.spans.items()))
 
     def ref_at(self, t: int) -> Ref | None:
         return next((r for r in self.refs if r.holds(t)), None)
@@ -217,7 +223,13 @@ class Model:
 
     def check_point(self, t: int, what: str, *, need_raw: bool) -> None:
         """A kept point restores exactly its raw restore and, inside a quiet
-        interval, the mount's tree."""
+        interval, the mount's tree; so does the end of its span, if it has
+        one (nothing changed in between)."""
+        until = self.spans.get(t, t)
+        if until != t and t in self.raw:
+            helpers.assert_same_tree(self.raw[t], self.restore(until, what),
+                                     f"{what}: the end {fmt_ns(until)} of point {fmt_ns(t)}'s span vs the raw restore at its start")
+            self.stats["point vs raw"] += 1
         got = self.restore(t, what)
         ref = self.ref_at(t)
         if ref is not None:
@@ -236,10 +248,10 @@ class Model:
         """Every reference instant that is no longer kept (from `thinned_from`
         on, if given) is refused; `sample` (all when rng is None) of those
         still in the window restore exactly."""
-        window, points = self.kept(ls)
+        window, _ = self.kept(ls)
         inside = []
         for r in self.refs:
-            if self.is_kept(window, points, r.at_ns):
+            if self.is_kept(window, r.at_ns):
                 inside.append(r)
             elif r.at_ns < window["earliest_ns"] and (thinned_from is None or r.at_ns >= thinned_from):
                 self.refused(r.at_ns, f"{what}, {r}")
@@ -450,13 +462,14 @@ def run_model(seed, make_volume, workdir):
         model.check_point(t, "from the store alone", need_raw=True)
     model.check_refs(ls, "from the store alone", None)
     # --or-earlier takes the nearest earlier point of a refused reference.
-    between = [r for r in model.refs if points[0] < r.at_ns < window["earliest_ns"] and r.at_ns not in points]
+    between = [r for r in model.refs if points[0] < r.at_ns < window["earliest_ns"] and not model.is_kept(window, r.at_ns)]
     if between:
         r = rng.choice(between)
         earlier = max(t for t in points if t <= r.at_ns)
         target = workdir / "or-earlier"
         c = vol.restore(r.at_ns, target, "--or-earlier")
-        assert fmt_ns(earlier)[:19] in c.out, f"--or-earlier at {fmt_ns(r.at_ns)} does not name {fmt_ns(earlier)}:\n{c}"
+        named = {fmt_ns(earlier)[:19], fmt_ns(model.spans[earlier])[:19]}
+        assert any(n in c.out for n in named), f"--or-earlier at {fmt_ns(r.at_ns)} does not name {fmt_ns(earlier)}:\n{c}"
         helpers.assert_same_tree(model.raw[earlier], helpers.snapshot(target),
                                  f"--or-earlier at {fmt_ns(r.at_ns)} vs the point {fmt_ns(earlier)}")
     helpers.assert_same_tree(final, model.restore("latest", "latest"), "restore at latest vs the mount's last tree")
