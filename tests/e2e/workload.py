@@ -15,6 +15,7 @@ import errno
 import os
 import random
 import threading
+import time
 import traceback
 
 import helpers
@@ -72,6 +73,21 @@ class Gate:
         with self.cond:
             self.paused = False
             self.cond.notify_all()
+
+
+def gated_loop(gate: Gate, stop_flag: threading.Event, step, pace: float = 0.0) -> None:
+    """Calls step() inside the gate until stop_flag is set, sleeping `pace`
+    seconds outside it after each call (the workload's rate, not a wait)."""
+    while not stop_flag.is_set():
+        gate.enter()
+        try:
+            if stop_flag.is_set():
+                return
+            step()
+        finally:
+            gate.leave()
+        if pace:
+            time.sleep(pace)
 
 
 def _try(f, *a):
@@ -414,14 +430,7 @@ class Writer(threading.Thread):
     def run(self):
         self.go.wait()
         try:
-            while not self.stop_flag.is_set():
-                self.gate.enter()
-                try:
-                    if self.stop_flag.is_set():
-                        break
-                    self.step()
-                finally:
-                    self.gate.leave()
+            gated_loop(self.gate, self.stop_flag, self.step)
         except BaseException:
             self.crash = traceback.format_exc()
 
