@@ -24,6 +24,7 @@ import base64
 import copy
 import json
 import os
+import re
 import shutil
 import ssl
 import subprocess
@@ -129,6 +130,29 @@ def http_probe(name, spec, probe, ca=None):
 
 
 # --- volumes ----------------------------------------------------------------
+
+# The suite's own directory, not pytest's shared /tmp/pytest-of-root, whose
+# old entries other pytest sessions on the machine remove while they run:
+# here they hold live mounts and the stores.
+TMP_ROOT = Path(os.environ.get("REWIND_CONTAINERS_TMP", REPO / ".test-tmp" / "containers"))
+
+
+def remove_tree(d):
+    """Removes d after detaching whatever is mounted beneath it (a failed
+    earlier run may have left its mounts)."""
+    if not d.exists():
+        return
+    r = subprocess.run(["findmnt", "-rn", "-o", "TARGET"], capture_output=True, text=True, check=True)
+    under = sorted((t for t in r.stdout.split() if t == str(d) or t.startswith(f"{d}/")), key=len, reverse=True)
+    for t in under:
+        detach_all(t)
+    shutil.rmtree(d)
+
+
+def fresh_dir(d):
+    remove_tree(d)
+    d.mkdir(parents=True)
+    return d
 
 
 def is_mount(path):
@@ -347,10 +371,10 @@ def images():
 
 
 @pytest.fixture(scope="session")
-def pki(tmp_path_factory):
+def pki():
     """A CA and the webhook's serving certificate for the name the API
     server dials, readable by the webhook's non-root user."""
-    d = tmp_path_factory.mktemp("pki")
+    d = fresh_dir(TMP_ROOT / "session" / "pki")
     ca = make_ca(d)
     cert, key = make_server_cert(d, "server", ["rewind-webhook.rewind-system.svc", "localhost"])
     tls = d / "tls"
@@ -369,7 +393,7 @@ def webhook_deployment():
 
 
 @pytest.fixture(scope="session")
-def webhook(pki, tmp_path_factory):
+def webhook(pki):
     """The image's webhook, run as the manifests' Deployment runs it: its
     command line, user, read-only root and volume paths, with the fixture's
     injection settings (image: the image under test)."""
@@ -377,9 +401,12 @@ def webhook(pki, tmp_path_factory):
     pod_spec = webhook_deployment()
     (spec,) = pod_spec["containers"]
     spec = copy.deepcopy(spec)
+    # The image under test in the manifest's place, as kustomize's
+    # `images:` would set it.
+    spec["image"] = IMAGE
     sc = {**(pod_spec.get("securityContext") or {}), **(spec.get("securityContext") or {})}
     spec["securityContext"] = sc
-    cfg = tmp_path_factory.mktemp("config")
+    cfg = fresh_dir(TMP_ROOT / "session" / "config")
     config = json.loads((FIXTURES / "config.json").read_text())
     config["image"] = IMAGE
     config["shutdownTimeoutSeconds"] = SHUTDOWN_TIMEOUT_S
@@ -451,8 +478,26 @@ def patch_pod(webhook):
 
 
 @pytest.fixture
-def volumes(tmp_path):
-    vols = Volumes(tmp_path / "pod")
+def workdir(request):
+    """A fresh directory per test under TMP_ROOT, kept when the test fails
+    (its store and directories can be read), removed when it passes."""
+    d = fresh_dir(TMP_ROOT / re.sub(r"[^A-Za-z0-9_.-]+", "_", request.node.name)[:80])
+    yield d
+    rep = getattr(request.node, "rep_call", None)
+    if rep is not None and rep.passed:
+        remove_tree(d)
+
+
+@pytest.hookimpl(tryfirst=True, hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    setattr(item, "rep_" + rep.when, rep)
+
+
+@pytest.fixture
+def volumes(workdir):
+    vols = Volumes(workdir / "pod")
     yield vols
     _remove_labelled_pods()
     vols.detach()

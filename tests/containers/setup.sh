@@ -1,12 +1,28 @@
 #!/usr/bin/env bash
 # Makes this Debian machine able to build and run the Rewind image with no
-# container registry: installs podman, runc, debootstrap and fuse-overlayfs
-# from Debian, writes a containers.conf for this host's quirks, makes the two
-# base images sidecar/Dockerfile names (`debian:bookworm-slim` from
-# debootstrap, `rust:1-bookworm` from the machine's own Rust toolchain), then
-# builds sidecar/Dockerfile unchanged, both stages, as the tag given (default
-# localhost/rewind:test). Run as root from anywhere; idempotent, and every
-# step whose result already exists is skipped.
+# container registry, then builds sidecar/Dockerfile, unchanged, as
+# localhost/rewind:test (or $REWIND_IMAGE), and the container suite's
+# application image. It installs podman, runc, debootstrap and
+# fuse-overlayfs from Debian, writes a containers.conf for this host's
+# quirks, and makes the base images the Dockerfile names:
+# `debian:bookworm-slim` from debootstrap and, for --full,
+# `rust:1-bookworm` from the machine's own Rust toolchain.
+#
+#   tests/containers/setup.sh          the runtime stage, with the build stage
+#                                      replaced by this host's release binary
+#                                      ($REWIND_BIN, default
+#                                      target/release/rewind, stripped) through
+#                                      `--build-context build=DIR`: what
+#                                      scripts/test-all runs, in about a minute
+#   tests/containers/setup.sh --full   both stages: cargo builds the binary in
+#                                      the build container, as a user's
+#                                      `docker build` does (tens of minutes
+#                                      cold on a loaded two-core machine; the
+#                                      Dockerfile's cache mounts make a rebuild
+#                                      after a source change take minutes)
+#
+# Run as root from anywhere; idempotent, and every step whose result already
+# exists is skipped.
 #
 # The containers.conf goes to $REWIND_CONTAINERS_STATE (default
 # /var/tmp/rewind-containers); point CONTAINERS_CONF at it to use podman by
@@ -17,7 +33,13 @@
 # to the hard limits.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-tag=${1:-localhost/rewind:test}
+full=0
+case "${1:-}" in
+  --full) full=1 ;;
+  "") ;;
+  *) echo "usage: $0 [--full]" >&2; exit 2 ;;
+esac
+tag=${REWIND_IMAGE:-localhost/rewind:test}
 state=${REWIND_CONTAINERS_STATE:-/var/tmp/rewind-containers}
 mkdir -p "$state"
 say() { echo "containers-setup: $*"; }
@@ -75,32 +97,49 @@ if ! podman image exists docker.io/library/debian:bookworm-slim; then
   rm -rf "$root"
 fi
 
-# The rust image is rebuilt when the machine's toolchain changes.
-sysroot=$(rustc --print sysroot)
-rustc_version=$(rustc --version)
-mkdir -p /usr/local/share/ca-certificates
-cas=$(cat /usr/local/share/ca-certificates/*.crt 2>/dev/null | sha256sum | cut -c1-16)
-want="$rustc_version; CAs $cas"
-have=$(podman image inspect --format '{{index .Labels "rewind.rustc"}}' docker.io/library/rust:1-bookworm 2>/dev/null || true)
-if [[ "$have" != "$want" ]]; then
-  say "making rust:1-bookworm from $sysroot ($rustc_version)"
-  "${heavy[@]}" podman build "${ulimits[@]}" --pull=never --network host --label "rewind.rustc=$want" \
-    --build-context hostca=/usr/local/share/ca-certificates \
-    -f tests/containers/rust.Containerfile --ignorefile tests/containers/rust.ignore \
-    -t docker.io/library/rust:1-bookworm "$sysroot"
-fi
-
-say "building sidecar/Dockerfile as $tag"
 proxy=()
 for v in http_proxy https_proxy no_proxy HTTP_PROXY HTTPS_PROXY NO_PROXY; do
   [[ -n ${!v:-} ]] && proxy+=(--build-arg "$v=${!v}")
 done
-# --network host: the build stage's cargo fetches crates from crates.io and
-# the runtime stage's apt-get reaches Debian exactly as this host does.
-"${heavy[@]}" podman build "${ulimits[@]}" --pull=never --network host "${proxy[@]}" -f sidecar/Dockerfile -t "$tag" .
 
-if ! podman image exists localhost/rewind-test-app; then
-  say "building the suite's application image"
+if ((full)); then
+  # The rust image is rebuilt when the machine's toolchain or local CAs change.
+  sysroot=$(rustc --print sysroot)
+  rustc_version=$(rustc --version)
+  mkdir -p /usr/local/share/ca-certificates
+  cas=$(cat /usr/local/share/ca-certificates/*.crt 2>/dev/null | sha256sum | cut -c1-16)
+  want="$rustc_version; CAs $cas"
+  have=$(podman image inspect --format '{{index .Labels "rewind.rustc"}}' docker.io/library/rust:1-bookworm 2>/dev/null || true)
+  if [[ "$have" != "$want" ]]; then
+    say "making rust:1-bookworm from $sysroot ($rustc_version)"
+    "${heavy[@]}" podman build "${ulimits[@]}" --pull=never --network host --label "rewind.rustc=$want" \
+      --build-context hostca=/usr/local/share/ca-certificates \
+      -f tests/containers/rust.Containerfile --ignorefile tests/containers/rust.ignore \
+      -t docker.io/library/rust:1-bookworm "$sysroot"
+  fi
+
+  say "building sidecar/Dockerfile, both stages, as $tag"
+  # --network host: the build stage's cargo fetches crates from crates.io and
+  # the runtime stage's apt-get reaches Debian exactly as this host does.
+  "${heavy[@]}" podman build "${ulimits[@]}" --pull=never --network host "${proxy[@]}" -f sidecar/Dockerfile -t "$tag" .
+else
+  bin=${REWIND_BIN:-target/release/rewind}
+  [[ -x $bin ]] || { echo "containers-setup: no release binary at $bin: run cargo build --release first (or use --full)" >&2; exit 1; }
+  say "building sidecar/Dockerfile's runtime stage on $bin as $tag"
+  # A build context named like a stage replaces that stage: the runtime
+  # stage's `COPY --from=build /rewind` takes this directory's file, and the
+  # build stage is not run.
+  ctx=$(mktemp -d)
+  trap 'rm -rf "$ctx"' EXIT
+  strip -o "$ctx/rewind" "$bin"
   "${heavy[@]}" podman build "${ulimits[@]}" --pull=never --network host "${proxy[@]}" \
+    --build-context "build=$ctx" -f sidecar/Dockerfile -t "$tag" .
+fi
+
+app_sum=$(sha256sum tests/containers/app.Containerfile | cut -c1-16)
+have=$(podman image inspect --format '{{index .Labels "rewind.app"}}' localhost/rewind-test-app 2>/dev/null || true)
+if [[ "$have" != "$app_sum" ]]; then
+  say "building the suite's application image"
+  "${heavy[@]}" podman build "${ulimits[@]}" --pull=never --network host "${proxy[@]}" --label "rewind.app=$app_sum" \
     -f tests/containers/app.Containerfile -t localhost/rewind-test-app tests/containers
 fi

@@ -109,7 +109,7 @@ def test_webhook_image_serves_https_with_readiness(webhook, patch_pod):
     assert {m["name"]: m.get("mountPropagation") for m in app["volumeMounts"]}["rewind-data"] == "HostToContainer"
 
 
-def test_sidecar_and_app_share_the_volume_and_the_store_gives_it_back(patch_pod, volumes, tmp_path):
+def test_sidecar_and_app_share_the_volume_and_the_store_gives_it_back(patch_pod, volumes, workdir):
     pod = Pod(patch_pod(), "share", volumes, volumes.dir("claim"))
     pod.start_sidecar()
     pod.start_app()
@@ -119,7 +119,7 @@ def test_sidecar_and_app_share_the_volume_and_the_store_gives_it_back(patch_pod,
     stop_sidecar_cleanly(pod)
     assert probes(pod) == [], events(pod.app_name)
 
-    target = restore(pod, tmp_path / "restored")
+    target = restore(pod, workdir / "restored")
     assert rows(target / "app.db") == committed
     assert_same_as_source(pod, target)
     assert_bare_dir_untouched(pod)
@@ -137,7 +137,7 @@ def wait_probe_errno(pod, want, episodes):
          lambda: probes(pod).count(want) >= episodes, deadline_s=60)
 
 
-def test_kill_restart_and_fresh_container_over_the_same_directories(patch_pod, volumes, tmp_path):
+def test_kill_restart_and_fresh_container_over_the_same_directories(patch_pod, volumes, workdir):
     pod = Pod(patch_pod(), "kill", volumes, volumes.dir("claim"))
     pod.start_sidecar()
     pod.start_app()
@@ -160,7 +160,7 @@ def test_kill_restart_and_fresh_container_over_the_same_directories(patch_pod, v
     stop_sidecar_cleanly(pod)
     assert set(probes(pod)) == {errno.ENOTCONN}, events(pod.app_name)
 
-    target = restore(pod, tmp_path / "restored")
+    target = restore(pod, workdir / "restored")
     got = rows(target / "app.db")
     assert set(committed) <= set(got), sorted(set(committed) - set(got))[:20]
     # A commit in flight at the kill may have reached the journal without
@@ -170,7 +170,7 @@ def test_kill_restart_and_fresh_container_over_the_same_directories(patch_pod, v
     assert_bare_dir_untouched(pod)
 
 
-def test_graceful_stop_is_true_and_the_guard_refuses_writes(patch_pod, volumes, tmp_path):
+def test_graceful_stop_is_true_and_the_guard_refuses_writes(patch_pod, volumes, workdir):
     pod = Pod(patch_pod(), "stop", volumes, volumes.dir("claim"))
     pod.start_sidecar()
     pod.start_app()
@@ -195,7 +195,7 @@ def test_graceful_stop_is_true_and_the_guard_refuses_writes(patch_pod, volumes, 
     stop_sidecar_cleanly(pod)
     assert 0 not in probes(pod), events(pod.app_name)
 
-    target = restore(pod, tmp_path / "restored")
+    target = restore(pod, workdir / "restored")
     got = rows(target / "app.db")
     assert set(committed) <= set(got), sorted(set(committed) - set(got))[:20]
     # The commit refused with EIO may have written its pages before the
