@@ -11,9 +11,9 @@ A failure closes the database and the application retries, as a real one
 would, until the volume comes back. SIGTERM ends it after the transaction in
 hand, with {"stopped": true}.
 
-`app.py DIR MODE` writes with journal_mode MODE (wal or delete);
-`app.py DIR MODE check` prints {"rows": [...], "integrity": "..."} for the
-database in DIR and exits.
+`app.py DIR MODE DB` writes DIR/DB with journal_mode MODE (wal or delete);
+`app.py DIR MODE DB check` prints {"rows": [...], "integrity": "..."} for
+that database and exits.
 """
 
 import errno
@@ -26,8 +26,8 @@ import sqlite3
 import sys
 import time
 
-directory, mode = sys.argv[1], sys.argv[2]
-db_path = os.path.join(directory, "app.db")
+directory, mode, db_name = sys.argv[1:4]
+db_path = os.path.join(directory, db_name)
 stopping = False
 
 
@@ -98,7 +98,7 @@ def write_forever():
     emit(stopped=True)
 
 
-if sys.argv[3:] == ["check"]:
+if sys.argv[4:] == ["check"]:
     check()
 else:
     write_forever()

