@@ -22,6 +22,7 @@ happened.
 
 import base64
 import copy
+import hashlib
 import json
 import os
 import re
@@ -29,6 +30,7 @@ import shutil
 import ssl
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -135,7 +137,22 @@ def http_probe(name, spec, probe, ca=None):
 # The suite's own directory, not pytest's shared /tmp/pytest-of-root, whose
 # old entries other pytest sessions on the machine remove while they run:
 # here they hold live mounts and the stores.
-TMP_ROOT = Path(os.environ.get("REWIND_CONTAINERS_TMP", REPO / ".test-tmp" / "containers"))
+def _tmp_root():
+    """$REWIND_CONTAINERS_TMP, else <repo>/.test-tmp/containers, unless an
+    ancestor is closed to other users (a clone under `mktemp -d`): the
+    webhook runs as uid 65532 and must reach its certificate there; then a
+    directory under the system's temporary directory named after the
+    repository."""
+    if "REWIND_CONTAINERS_TMP" in os.environ:
+        return Path(os.environ["REWIND_CONTAINERS_TMP"])
+    root = REPO / ".test-tmp" / "containers"
+    if all(os.stat(d).st_mode & 0o001 for d in root.parents if d.exists()):
+        return root
+    tag = hashlib.sha256(str(REPO).encode()).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / f"rewind-containers-{tag}"
+
+
+TMP_ROOT = _tmp_root()
 
 
 def remove_tree(d):
