@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use crate::base::{
     self, BaseError, BaseKind, BaseMeta, BaseRequest, BaseWatch, Previous, StoredChunks,
 };
+use crate::catalog::{self, Catalog};
 use crate::cli::RunArgs;
 use crate::clock::fmt_ns;
 use crate::fs::{fuse, Passthrough};
@@ -119,6 +120,8 @@ struct Daemon {
     health: Arc<StoreHealth>,
     /// `journal.written_bytes()` when the last completed base started.
     written_at_base: AtomicU64,
+    /// The local catalog (`crate::catalog`), if one could be opened.
+    catalog: Mutex<Option<Catalog>>,
 }
 
 /// What the base thread carries from one base to the next.
@@ -133,6 +136,9 @@ struct Incremental {
     /// came from earlier runs, so the previous base and what changed after
     /// it are read back from the store before the first periodic base.
     reload: Option<Seq>,
+    /// The catalog's base when `previous` is not it: its chunks count as
+    /// stored for the next base if the store still holds its manifest.
+    seed: Option<Previous>,
 }
 
 /// The longest pause between two attempts of a base, so that a base
@@ -145,10 +151,10 @@ impl Daemon {
     /// captures, so this finds nothing unless a capture path skipped the
     /// store; then it asks the store, and a chunk it lacks fails the
     /// attempt (the base is walked again) instead of a manifest naming it.
-    fn confirm_chunks(&self, m: &base::Manifest) -> Result<(), BaseError> {
+    fn confirm_chunks(&self, m: &base::Manifest) -> Result<u64, BaseError> {
         let missing = self.known_chunks.unconfirmed(m);
         if missing.is_empty() {
-            return Ok(());
+            return Ok(0);
         }
         let mut absent = 0;
         for h in &missing {
@@ -163,7 +169,7 @@ impl Daemon {
                 chunks = missing.len(),
                 "the base named chunks it had not confirmed; the store holds them all"
             );
-            return Ok(());
+            return Ok(missing.len() as u64);
         }
         Err(BaseError::Inconsistent(format!(
             "the base names {absent} chunks the store does not hold; its manifest is held back and the base is taken again"
@@ -188,9 +194,10 @@ impl Daemon {
                         base = %prev.meta.key(),
                         records,
                         changed = changed.len(),
-                        "incremental base: reusing the newest stored base of this lineage and the records after it"
+                        "incremental base: reusing the newest stored base of this lineage and the records after it; the catalog is rebuilt from it"
                     );
                     inc.pending.extend(changed);
+                    self.note_base(&prev);
                     inc.previous = Some(prev);
                 }
                 Err(e) => {
@@ -247,11 +254,19 @@ impl Daemon {
                 started_ns,
                 &|| self.stop.load(Ordering::Relaxed),
             );
+            let seed = inc.previous.as_ref().or(inc.seed.as_ref());
             let walked = match announced {
-                Ok(true) => base::walk(&req).and_then(|(m, stats)| {
-                    self.confirm_chunks(&m)?;
-                    Ok((m, stats))
-                }),
+                Ok(true) => seed
+                    .map_or(Ok(0), |p| {
+                        base::trust_chunks_of(self.store.as_ref(), &self.known_chunks, p)
+                    })
+                    .map_err(BaseError::from)
+                    .and_then(|trusted| {
+                        let (m, mut stats) = base::walk(&req)?;
+                        stats.chunks_checked += self.confirm_chunks(&m)?;
+                        stats.chunks_trusted = trusted as u64;
+                        Ok((m, stats))
+                    }),
                 Ok(false) => Err(base::BaseError::Inconsistent(
                     "shutdown while waiting for a prune".into(),
                 )),
@@ -303,6 +318,8 @@ impl Daemon {
                         bytes_read = stats.bytes,
                         chunks_uploaded = stats.chunks_uploaded,
                         chunks_reused = stats.chunks_reused,
+                        chunks_trusted = stats.chunks_trusted,
+                        chunks_checked = stats.chunks_checked,
                         secs = took.as_secs_f64(),
                         start_seq,
                         why,
@@ -311,7 +328,10 @@ impl Daemon {
                         "base walk finished; usable once its manifest is stored"
                     );
                     inc.pending.clear();
-                    inc.previous = Some(Previous::new(m));
+                    let prev = Previous::new(m);
+                    self.note_base(&prev);
+                    inc.previous = Some(prev);
+                    inc.seed = None;
                     return Ok(());
                 }
                 Err(e) => {
@@ -332,6 +352,35 @@ impl Daemon {
                     self.sleep_unless_stopped(delay);
                     delay = (delay * 2).min(BASE_RETRY_MAX);
                 }
+            }
+        }
+    }
+
+    /// Makes the catalog describe `prev`; a failure costs only the next
+    /// restart's shortcut.
+    fn note_base(&self, prev: &Previous) {
+        if let Some(c) = self.catalog.lock().as_mut() {
+            if let Err(e) = c.record_base(prev) {
+                tracing::warn!("cannot update the catalog: {e}; a restart reads the previous base back from the store");
+            }
+        }
+    }
+
+    /// As the base thread ends: records in the catalog which identities
+    /// changed after the previous base, so that the next start needs no
+    /// records from the store. `through` is read before the set is taken,
+    /// so the set covers every record up to it (see `fs::touched`).
+    fn note_changes(&self, inc: &mut Incremental) {
+        let (None, Some(prev)) = (inc.reload, &inc.previous) else {
+            return;
+        };
+        let through = self.journal.last_seq();
+        inc.pending.extend(self.core.touched().take());
+        if let Some(c) = self.catalog.lock().as_mut() {
+            match c.record_touched(&prev.meta.key(), through, &inc.pending) {
+                Ok(true) => tracing::debug!(through, changed = inc.pending.len(), "catalog: recorded the changes since the last base"),
+                Ok(false) => {}
+                Err(e) => tracing::warn!("cannot update the catalog: {e}; a restart reads the records after the last base back from the store"),
             }
         }
     }
@@ -702,6 +751,14 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     // Records up to here came from earlier runs; later ones are made
     // through this run's mount and land in its touched set.
     let j0 = journal.last_seq();
+    let (catalog, found) = Catalog::open(&jdir);
+    // The base a restart's first periodic base continues from.
+    let resume_from = timeline
+        .bases
+        .iter()
+        .filter(|b| b.lineage == lineage && b.start_seq <= j0)
+        .max_by_key(|b| (b.completed_ns, b.start_seq))
+        .cloned();
     let watch = Arc::new(BaseWatch::default());
     let src_dir = rustix::fs::open(
         &source,
@@ -750,6 +807,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         known_chunks: StoredChunks::default(),
         health,
         written_at_base: AtomicU64::new(0),
+        catalog: Mutex::new(catalog),
     });
     // The newest base already stored for this lineage schedules the first
     // periodic base after a restart.
@@ -775,27 +833,27 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         std::thread::Builder::new()
             .name("rewind-base".into())
             .spawn(move || {
+                let r = catalog::resume(found, base_kind, lineage, resume_from.as_ref(), j0);
                 let mut inc = Incremental {
-                    previous: None,
-                    pending: HashSet::new(),
-                    reload: None,
+                    previous: r.previous,
+                    pending: r.pending,
+                    reload: r.reload.then_some(j0),
+                    seed: r.seed,
                 };
-                match base_kind {
-                    Some(kind) => {
-                        let t0 = Instant::now();
-                        last_seq = d.journal.last_seq();
-                        match d.take_base(lineage, kind, &mut inc, "needed at start") {
-                            Ok(()) => d.base_done.store(true, Ordering::Release),
-                            Err(e) => {
-                                *d.base_failed.lock() = Some(e.to_string());
-                                return;
-                            }
+                if let Some(kind) = base_kind {
+                    let t0 = Instant::now();
+                    last_seq = d.journal.last_seq();
+                    match d.take_base(lineage, kind, &mut inc, "needed at start") {
+                        Ok(()) => d.base_done.store(true, Ordering::Release),
+                        Err(e) => {
+                            *d.base_failed.lock() = Some(e.to_string());
+                            return;
                         }
-                        last_start = t0;
                     }
-                    None => inc.reload = Some(j0),
+                    last_start = t0;
                 }
                 d.periodic_bases(lineage, &mut inc, interval, after, last_start, last_seq);
+                d.note_changes(&mut inc);
             })
             .unwrap()
     };
@@ -939,6 +997,12 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
             // must hold everything fsync acknowledged (fsync waited for the
             // journal alone).
             rustix::fs::syncfs(&d.source_fd).context("cannot sync the source at shutdown; the journal is kept and redone at the next start")?;
+            // The base thread records the changes since its last base in
+            // the catalog as it ends; a walk in progress is not waited for.
+            let until = (Instant::now() + Duration::from_secs(1)).min(deadline);
+            while !base_thread.is_finished() && Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(10));
+            }
             write_state(
                 &jdir,
                 &State {
