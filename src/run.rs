@@ -935,6 +935,13 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     {
         std::thread::sleep(Duration::from_millis(20));
     }
+    // As it ends, the base thread queues the manifest of a periodic base
+    // that finishes now and records in the catalog what changed since its
+    // last base; a second is given for that before the final round.
+    let until = (Instant::now() + Duration::from_secs(1)).min(deadline);
+    while !base_thread.is_finished() && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(10));
+    }
     // The final round runs apart, so that a store that hangs inside one
     // request cannot hold the exit past the deadline.
     let (tx, rx) = crossbeam_channel::bounded(1);
@@ -997,12 +1004,6 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
             // must hold everything fsync acknowledged (fsync waited for the
             // journal alone).
             rustix::fs::syncfs(&d.source_fd).context("cannot sync the source at shutdown; the journal is kept and redone at the next start")?;
-            // The base thread records the changes since its last base in
-            // the catalog as it ends; a walk in progress is not waited for.
-            let until = (Instant::now() + Duration::from_secs(1)).min(deadline);
-            while !base_thread.is_finished() && Instant::now() < until {
-                std::thread::sleep(Duration::from_millis(10));
-            }
             write_state(
                 &jdir,
                 &State {
