@@ -497,11 +497,11 @@ pub(crate) fn resume_decision(
 ) -> Resume {
     match start_base {
         Some(BaseKind::Initial) => {
-            return Resume::FullRead("the first base of a lineage reads every file".into())
+            return Resume::FullRead("this start takes the first base of a lineage".into())
         }
         Some(BaseKind::Repair) => {
             return Resume::FullRead(
-                "a repair base after an unclean stop reads every file (the source may hold changes no record describes)"
+                "this start takes a repair base after an unclean stop (the source may hold changes no record describes)"
                     .into(),
             )
         }
