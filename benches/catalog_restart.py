@@ -95,6 +95,7 @@ def variant(name: str, binary: str, args, work: Path) -> dict:
         vol.stop(timeout=600)
     finally:
         vol.cleanup()
+        shutil.rmtree(vol.root, ignore_errors=True)
     walked = int(b["chunks_uploaded"]) + int(b["chunks_reused"])
     if "chunks_checked" in b:
         exists = int(b["chunks_checked"]) + 1

@@ -840,17 +840,21 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
                     reload: r.reload.then_some(j0),
                     seed: r.seed,
                 };
-                if let Some(kind) = base_kind {
-                    let t0 = Instant::now();
-                    last_seq = d.journal.last_seq();
-                    match d.take_base(lineage, kind, &mut inc, "needed at start") {
-                        Ok(()) => d.base_done.store(true, Ordering::Release),
-                        Err(e) => {
-                            *d.base_failed.lock() = Some(e.to_string());
-                            return;
+                match base_kind {
+                    Some(kind) => {
+                        let t0 = Instant::now();
+                        last_seq = d.journal.last_seq();
+                        match d.take_base(lineage, kind, &mut inc, "needed at start") {
+                            Ok(()) => d.base_done.store(true, Ordering::Release),
+                            Err(e) => {
+                                *d.base_failed.lock() = Some(e.to_string());
+                                return;
+                            }
                         }
+                        last_start = t0;
                     }
-                    last_start = t0;
+                    // The catalog or the store gives the previous base.
+                    None => {}
                 }
                 d.periodic_bases(lineage, &mut inc, interval, after, last_start, last_seq);
                 d.note_changes(&mut inc);
