@@ -227,8 +227,10 @@ fn open_db(dir: &Path) -> Result<sled::Db, CatalogError> {
     loop {
         match std::panic::catch_unwind(AssertUnwindSafe(|| cfg.open())) {
             Ok(Ok(db)) => return Ok(db),
+            // sled reports the lock as an error of kind Other whose text
+            // says so; nothing else tells it apart.
             Ok(Err(sled::Error::Io(e)))
-                if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < until =>
+                if e.to_string().contains("could not acquire lock") && Instant::now() < until =>
             {
                 std::thread::sleep(Duration::from_millis(10));
             }
