@@ -238,26 +238,7 @@ pub fn encode_manifest(m: &Manifest) -> Bytes {
     let mut body = Vec::new();
     body.put_u64_le(m.objects.len() as u64);
     for o in &m.objects {
-        body.put_u64_le(o.ino);
-        body.put_u8(o.kind as u8);
-        body.put_u32_le(o.mode);
-        body.put_u32_le(o.uid);
-        body.put_u32_le(o.gid);
-        body.put_u64_le(o.size);
-        body.put_i64_le(o.mtime);
-        body.put_u64_le(o.rdev);
-        put_bytes(&mut body, &o.target);
-        body.put_u32_le(o.xattrs.len() as u32);
-        for (k, v) in &o.xattrs {
-            put_bytes(&mut body, k);
-            put_bytes(&mut body, v);
-        }
-        body.put_u32_le(o.extents.len() as u32);
-        for e in &o.extents {
-            body.put_u64_le(e.offset);
-            body.put_u32_le(e.len);
-            body.extend_from_slice(&e.hash);
-        }
+        put_object(&mut body, o);
     }
     body.put_u64_le(m.links.len() as u64);
     for l in &m.links {
@@ -282,6 +263,75 @@ pub fn encode_manifest(m: &Manifest) -> Bytes {
     put_lz4_blocks(&mut out, &body);
     seal(&mut out);
     Bytes::from(out)
+}
+
+/// Appends one `object` of the manifest body (layout in the module docs).
+/// The local catalog (`crate::catalog`) stores objects in this layout too.
+pub(crate) fn put_object(body: &mut Vec<u8>, o: &Object) {
+    body.put_u64_le(o.ino);
+    body.put_u8(o.kind as u8);
+    body.put_u32_le(o.mode);
+    body.put_u32_le(o.uid);
+    body.put_u32_le(o.gid);
+    body.put_u64_le(o.size);
+    body.put_i64_le(o.mtime);
+    body.put_u64_le(o.rdev);
+    put_bytes(body, &o.target);
+    body.put_u32_le(o.xattrs.len() as u32);
+    for (k, v) in &o.xattrs {
+        put_bytes(body, k);
+        put_bytes(body, v);
+    }
+    body.put_u32_le(o.extents.len() as u32);
+    for e in &o.extents {
+        body.put_u64_le(e.offset);
+        body.put_u32_le(e.len);
+        body.extend_from_slice(&e.hash);
+    }
+}
+
+/// Reads one `object` written by [`put_object`]; `v` is the manifest
+/// version whose file kinds are allowed.
+pub(crate) fn read_object(r: &mut Reader<'_>, v: u16) -> Result<Object, DecodeError> {
+    let ino = r.u64()?;
+    let k = r.u8()?;
+    let kind = Kind::from_u8(k)
+        .filter(|k| k.in_version(v))
+        .ok_or_else(|| r.err(format!("unknown file kind {k} for manifest version {v}")))?;
+    let mode = r.u32()?;
+    let uid = r.u32()?;
+    let gid = r.u32()?;
+    let size = r.u64()?;
+    let mtime = r.i64()?;
+    let rdev = r.u64()?;
+    let target = r.owned()?;
+    let nx = r.u32()?;
+    let mut xattrs = Vec::new();
+    for _ in 0..nx {
+        xattrs.push((r.owned()?, r.owned()?));
+    }
+    let ne = r.u32()?;
+    let mut extents = Vec::new();
+    for _ in 0..ne {
+        extents.push(Extent {
+            offset: r.u64()?,
+            len: r.u32()?,
+            hash: r.hash()?,
+        });
+    }
+    Ok(Object {
+        ino,
+        kind,
+        mode,
+        uid,
+        gid,
+        size,
+        mtime,
+        rdev,
+        target,
+        xattrs,
+        extents,
+    })
 }
 
 pub fn decode_manifest(data: &[u8]) -> Result<Manifest, DecodeError> {
@@ -313,45 +363,7 @@ pub fn decode_manifest(data: &[u8]) -> Result<Manifest, DecodeError> {
     let n = r.u64()?;
     let mut objects = Vec::new();
     for _ in 0..n {
-        let ino = r.u64()?;
-        let k = r.u8()?;
-        let kind = Kind::from_u8(k)
-            .filter(|k| k.in_version(v))
-            .ok_or_else(|| r.err(format!("unknown file kind {k} for manifest version {v}")))?;
-        let mode = r.u32()?;
-        let uid = r.u32()?;
-        let gid = r.u32()?;
-        let size = r.u64()?;
-        let mtime = r.i64()?;
-        let rdev = r.u64()?;
-        let target = r.owned()?;
-        let nx = r.u32()?;
-        let mut xattrs = Vec::new();
-        for _ in 0..nx {
-            xattrs.push((r.owned()?, r.owned()?));
-        }
-        let ne = r.u32()?;
-        let mut extents = Vec::new();
-        for _ in 0..ne {
-            extents.push(Extent {
-                offset: r.u64()?,
-                len: r.u32()?,
-                hash: r.hash()?,
-            });
-        }
-        objects.push(Object {
-            ino,
-            kind,
-            mode,
-            uid,
-            gid,
-            size,
-            mtime,
-            rdev,
-            target,
-            xattrs,
-            extents,
-        });
+        objects.push(read_object(&mut r, v)?);
     }
     let nl = r.u64()?;
     let mut links = Vec::new();
@@ -417,6 +429,11 @@ pub struct BaseStats {
     pub bytes: u64,
     pub chunks_uploaded: u64,
     pub chunks_reused: u64,
+    /// `exists` requests made for chunks not yet confirmed.
+    pub chunks_checked: u64,
+    /// Chunks counted as stored because the store still holds the previous
+    /// base's manifest (`trust_chunks_of`), with one request.
+    pub chunks_trusted: u64,
 }
 
 struct Walker<'a> {
@@ -499,6 +516,9 @@ impl<'a> Walker<'a> {
                 let raw = &self.buf[..n];
                 let hash = *blake3::hash(raw).as_bytes();
                 self.stats.bytes += n as u64;
+                if !self.known_chunks.contains(&hash) {
+                    self.stats.chunks_checked += 1;
+                }
                 if ensure_chunk(self.store, self.known_chunks, &hash, raw)? {
                     self.stats.chunks_uploaded += 1;
                 } else {
@@ -947,12 +967,57 @@ pub struct Previous {
 impl Previous {
     pub fn new(m: Manifest) -> Previous {
         let meta = m.meta();
-        let objects = m.objects.into_iter().map(|o| (o.ino, o)).collect();
+        Previous::from_objects(meta, m.objects)
+    }
+    /// The base `meta` names, from its objects (the local catalog keeps
+    /// them between runs).
+    pub(crate) fn from_objects(meta: BaseMeta, objects: Vec<Object>) -> Previous {
+        let objects = objects.into_iter().map(|o| (o.ino, o)).collect();
         Previous { meta, objects }
     }
     pub fn get(&self, ino: Ino) -> Option<&Object> {
         self.objects.get(&ino)
     }
+    /// Every object, in no particular order.
+    pub(crate) fn objects(&self) -> impl Iterator<Item = &Object> {
+        self.objects.values()
+    }
+    pub(crate) fn len(&self) -> usize {
+        self.objects.len()
+    }
+}
+
+/// Confirms, for the base about to be walked, every chunk that `prev`'s
+/// manifest names, if the store still holds that manifest; returns how
+/// many chunks that confirmed (0 when it does not hold it). One `exists`
+/// replaces one per chunk.
+///
+/// Why this is safe (docs/SEMANTICS.md, "What the catalog may trust"): a
+/// prune deletes a chunk only if no manifest in its listing of `base/`
+/// names it, and never while an in-flight marker without its manifest
+/// exists; a manifest is stored only after every chunk it names was
+/// confirmed, itself under an in-flight marker. So while a manifest is in
+/// the store, so is every chunk it names. The caller must call this after
+/// [`crate::prune::announce_base`] returned: from then on no prune deletes
+/// a chunk until this base's manifest, which names the chunks it reuses,
+/// is stored. A manifest key is written once and never again once it is
+/// deleted, so finding it now means it was never away.
+pub(crate) fn trust_chunks_of(
+    store: &dyn Store,
+    known: &StoredChunks,
+    prev: &Previous,
+) -> Result<usize, StoreError> {
+    if !store.exists(&prev.meta.key())? {
+        return Ok(0);
+    }
+    let mut n = 0;
+    for e in prev.objects().flat_map(|o| o.extents.iter()) {
+        if !known.contains(&e.hash) {
+            known.confirm(e.hash);
+            n += 1;
+        }
+    }
+    Ok(n)
 }
 
 /// Why a file is read rather than taken from the previous base.
@@ -1073,13 +1138,15 @@ mod reuse_tests {
     }
 }
 
-/// The chunks one `rewind run` (one lineage) has confirmed to be in the
-/// store: a put of it succeeded, or `exists` found it, during this run.
-/// It is never persisted nor seeded from an earlier run or a listing, so a
-/// chunk an earlier run knew is checked again, not assumed; and nothing is
-/// recorded before the store has answered, so a failed put leaves no trace
-/// here. A base's manifest may be stored only when every chunk it names is
-/// in this set (see [`unconfirmed_chunks`]).
+/// The chunks confirmed to be in the store for the base being walked: a
+/// put of it succeeded, or `exists` found it, during this base, or a
+/// manifest that names it was found in the store after the base's
+/// in-flight marker ([`trust_chunks_of`]). It is never persisted nor
+/// seeded from a listing of chunks, so a chunk an earlier base knew is
+/// checked again, not assumed; and nothing is recorded before the store
+/// has answered, so a failed put leaves no trace here. A base's manifest
+/// may be stored only when every chunk it names is in this set (see
+/// [`unconfirmed_chunks`]).
 #[derive(Debug, Default)]
 pub struct StoredChunks {
     set: Mutex<HashSet<[u8; 32]>>,
@@ -1092,7 +1159,8 @@ impl StoredChunks {
 
     /// Forgets every confirmation: once prune may delete, a chunk confirmed
     /// for an earlier base may be gone, so each base checks again what it
-    /// names (the in-flight marker protects only what this walk checks).
+    /// names (the in-flight marker protects only what this walk checks), or
+    /// trusts a manifest the store still holds ([`trust_chunks_of`]).
     pub fn forget_all(&self) {
         self.set.lock().clear();
     }

@@ -3,6 +3,7 @@
 //! See docs/ARCHITECTURE.md for the bird's-eye view and the code map.
 
 pub mod base;
+pub(crate) mod catalog;
 pub mod cli;
 pub mod clock;
 pub(crate) mod codec;

@@ -32,6 +32,9 @@ struct Incremental {
     /// came from earlier runs, so the previous base and what changed after
     /// it are read back from the store before the first periodic base.
     reload: Option<Seq>,
+    /// The catalog's base when `previous` is not it: its chunks count as
+    /// stored for the next base if the store still holds its manifest.
+    seed: Option<Previous>,
 }
 
 /// The longest pause between two attempts of a base, so that a base
@@ -44,10 +47,10 @@ impl Daemon {
     /// captures, so this finds nothing unless a capture path skipped the
     /// store; then it asks the store, and a chunk it lacks fails the
     /// attempt (the base is walked again) instead of a manifest naming it.
-    fn confirm_chunks(&self, m: &base::Manifest) -> Result<(), BaseError> {
+    fn confirm_chunks(&self, m: &base::Manifest) -> Result<u64, BaseError> {
         let missing = self.known_chunks.unconfirmed(m);
         if missing.is_empty() {
-            return Ok(());
+            return Ok(0);
         }
         let mut absent = 0;
         for h in &missing {
@@ -62,7 +65,7 @@ impl Daemon {
                 chunks = missing.len(),
                 "the base named chunks it had not confirmed; the store holds them all"
             );
-            return Ok(());
+            return Ok(missing.len() as u64);
         }
         Err(BaseError::Inconsistent(format!(
             "the base names {absent} chunks the store does not hold; its manifest is held back and the base is taken again"
@@ -86,9 +89,10 @@ impl Daemon {
                         base = %prev.meta.key(),
                         records,
                         changed = changed.len(),
-                        "incremental base: reusing the newest stored base of this lineage and the records after it"
+                        "incremental base: reusing the newest stored base of this lineage and the records after it; the catalog is rebuilt from it"
                     );
                     inc.pending.extend(changed);
+                    self.note_base(&prev);
                     inc.previous = Some(prev);
                 }
                 Err(e) => {
@@ -145,11 +149,19 @@ impl Daemon {
                 started_ns,
                 &|| self.stop.load(Ordering::Relaxed),
             );
+            let seed = inc.previous.as_ref().or(inc.seed.as_ref());
             let walked = match announced {
-                Ok(true) => base::walk(&req).and_then(|(m, stats)| {
-                    self.confirm_chunks(&m)?;
-                    Ok((m, stats))
-                }),
+                Ok(true) => seed
+                    .map_or(Ok(0), |p| {
+                        base::trust_chunks_of(self.store.as_ref(), &self.known_chunks, p)
+                    })
+                    .map_err(BaseError::from)
+                    .and_then(|trusted| {
+                        let (m, mut stats) = base::walk(&req)?;
+                        stats.chunks_checked += self.confirm_chunks(&m)?;
+                        stats.chunks_trusted = trusted as u64;
+                        Ok((m, stats))
+                    }),
                 Ok(false) => Err(base::BaseError::Inconsistent(
                     "shutdown while waiting for a prune".into(),
                 )),
@@ -201,6 +213,8 @@ impl Daemon {
                         bytes_read = stats.bytes,
                         chunks_uploaded = stats.chunks_uploaded,
                         chunks_reused = stats.chunks_reused,
+                        chunks_trusted = stats.chunks_trusted,
+                        chunks_checked = stats.chunks_checked,
                         secs = took.as_secs_f64(),
                         start_seq,
                         why,
@@ -209,7 +223,10 @@ impl Daemon {
                         "base walk finished; usable once its manifest is stored"
                     );
                     inc.pending.clear();
-                    inc.previous = Some(Previous::new(m));
+                    let prev = Previous::new(m);
+                    self.note_base(&prev);
+                    inc.previous = Some(prev);
+                    inc.seed = None;
                     return Ok(());
                 }
                 Err(e) => {
@@ -230,6 +247,35 @@ impl Daemon {
                     self.sleep_unless_stopped(delay);
                     delay = (delay * 2).min(BASE_RETRY_MAX);
                 }
+            }
+        }
+    }
+
+    /// Makes the catalog describe `prev`; a failure costs only the next
+    /// restart's shortcut.
+    fn note_base(&self, prev: &Previous) {
+        if let Some(c) = self.catalog.lock().as_mut() {
+            if let Err(e) = c.record_base(prev) {
+                tracing::warn!("cannot update the catalog: {e}; a restart reads the previous base back from the store");
+            }
+        }
+    }
+
+    /// As the base thread ends: records in the catalog which identities
+    /// changed after the previous base, so that the next start needs no
+    /// records from the store. `through` is read before the set is taken,
+    /// so the set covers every record up to it (see `fs::touched`).
+    fn note_changes(&self, inc: &mut Incremental) {
+        let (None, Some(prev)) = (inc.reload, &inc.previous) else {
+            return;
+        };
+        let through = self.journal.last_seq();
+        inc.pending.extend(self.core.touched().take());
+        if let Some(c) = self.catalog.lock().as_mut() {
+            match c.record_touched(&prev.meta.key(), through, &inc.pending) {
+                Ok(true) => tracing::debug!(through, changed = inc.pending.len(), "catalog: recorded the changes since the last base"),
+                Ok(false) => {}
+                Err(e) => tracing::warn!("cannot update the catalog: {e}; a restart reads the records after the last base back from the store"),
             }
         }
     }
@@ -360,16 +406,19 @@ pub(super) fn spawn(
     d: std::sync::Arc<Daemon>,
     kind: Option<BaseKind>,
     j0: Seq,
+    (found, resume_from): (crate::catalog::Found, Option<BaseMeta>),
     (interval, after): (Duration, u64),
     (mut last_start, mut last_seq): (Instant, Seq),
 ) -> std::thread::JoinHandle<()> {
     std::thread::Builder::new()
         .name("rewind-base".into())
         .spawn(move || {
+            let r = crate::catalog::resume(found, kind, d.lineage.0, resume_from.as_ref(), j0);
             let mut inc = Incremental {
-                previous: None,
-                pending: HashSet::new(),
-                reload: None,
+                previous: r.previous,
+                pending: r.pending,
+                reload: r.reload.then_some(j0),
+                seed: r.seed,
             };
             match kind {
                 Some(kind) => {
@@ -384,9 +433,11 @@ pub(super) fn spawn(
                     }
                     last_start = t0;
                 }
-                None => inc.reload = Some(j0),
+                // The catalog or the store gives the previous base.
+                None => {}
             }
             d.periodic_bases(&mut inc, interval, after, last_start, last_seq);
+            d.note_changes(&mut inc);
         })
         .unwrap()
 }

@@ -117,6 +117,8 @@ struct Daemon {
     health: Arc<StoreHealth>,
     /// `journal.written_bytes()` when the last completed base started.
     written_at_base: AtomicU64,
+    /// The local catalog (`crate::catalog`), if one could be opened.
+    catalog: Mutex<Option<crate::catalog::Catalog>>,
 }
 
 /// A started daemon: the mount is live and the threads run until
@@ -412,6 +414,14 @@ fn start(args: &RunArgs) -> Result<Running, RunError> {
     // Records up to here came from earlier runs; later ones are made
     // through this run's mount and land in its touched set.
     let j0 = journal.last_seq();
+    let (catalog, found) = crate::catalog::Catalog::open(&dirs.journal);
+    // The base a restart's first periodic base continues from.
+    let resume_from = timeline
+        .bases
+        .iter()
+        .filter(|b| b.lineage == lineage.0 && b.start_seq <= j0)
+        .max_by_key(|b| (b.completed_ns, b.start_seq))
+        .cloned();
     let watch = Arc::new(BaseWatch::default());
     let src_dir = open_source(&dirs.source)?;
     let dup = rustix::io::fcntl_dupfd_cloexec(&src_dir, 0)
@@ -458,6 +468,7 @@ fn start(args: &RunArgs) -> Result<Running, RunError> {
         known_chunks: StoredChunks::default(),
         health,
         written_at_base: AtomicU64::new(0),
+        catalog: Mutex::new(catalog),
     });
     // The newest base already stored for this lineage schedules the first
     // periodic base after a restart.
@@ -481,6 +492,7 @@ fn start(args: &RunArgs) -> Result<Running, RunError> {
         d.clone(),
         decided.base,
         j0,
+        (found, resume_from),
         (args.base_interval, args.base_after),
         (last_start, last_seq),
     );
@@ -576,6 +588,13 @@ impl Running {
             && Instant::now() < deadline
         {
             std::thread::sleep(Duration::from_millis(20));
+        }
+        // As it ends, the base thread queues the manifest of a periodic base
+        // that finishes now and records in the catalog what changed since
+        // its last base; a second is given for that before the final round.
+        let until = (Instant::now() + Duration::from_secs(1)).min(deadline);
+        while !base_thread.is_finished() && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(10));
         }
         let shipped = ship_thread::final_round(&d, deadline);
         let base_ok = d.base_done.load(Ordering::Acquire);
