@@ -7,6 +7,7 @@ pub mod cli;
 pub mod clock;
 pub mod codec;
 pub mod fs;
+pub mod gap;
 pub mod http;
 pub mod journal;
 pub mod layout;

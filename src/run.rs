@@ -70,6 +70,34 @@ fn write_state(dir: &Path, st: &State) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
 
+/// What the daemon makes durable before the journal drops records in gap
+/// mode: the source (which holds their effects, and which fsync did not
+/// sync), and the gap's lineage in the state file, so that a start after a
+/// crash continues it.
+fn prepare_drop(
+    source: &Path,
+    jdir: &Path,
+    volume: &str,
+    boot: &str,
+) -> anyhow::Result<crate::journal::PrepareDrop> {
+    let src = rustix::fs::open(
+        source,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    let (jdir, volume, boot) = (jdir.to_path_buf(), volume.to_string(), boot.to_string());
+    Ok(Box::new(move |g| {
+        rustix::fs::syncfs(&src).map_err(|e| format!("cannot sync the source: {e}"))?;
+        let st = State {
+            volume: volume.clone(),
+            lineage: format!("{:016x}", g.to_lineage),
+            boot_id: boot.clone(),
+            clean: false,
+        };
+        write_state(&jdir, &st).map_err(|e| format!("cannot write the state file: {e}"))
+    }))
+}
+
 fn read_state(dir: &Path) -> Option<State> {
     serde_json::from_slice(&std::fs::read(dir.join("state.json")).ok()?).ok()
 }
@@ -111,6 +139,9 @@ struct Daemon {
     source_fd: std::os::fd::OwnedFd,
     stop: AtomicBool,
     base_done: AtomicBool,
+    /// The journal's gap epoch when the last start or after-gap base was
+    /// taken: a later drop leaves the current lineage without a base.
+    base_epoch: AtomicU64,
     base_completed_ns: std::sync::atomic::AtomicI64,
     base_failed: Mutex<Option<String>>,
     /// Chunks confirmed stored during this run (this lineage); see
@@ -133,6 +164,8 @@ struct Incremental {
     /// came from earlier runs, so the previous base and what changed after
     /// it are read back from the store before the first periodic base.
     reload: Option<Seq>,
+    /// The journal's gap epoch this thread has taken a base for.
+    gaps_seen: u64,
 }
 
 /// The longest pause between two attempts of a base, so that a base
@@ -140,6 +173,13 @@ struct Incremental {
 const BASE_RETRY_MAX: Duration = Duration::from_secs(10);
 
 impl Daemon {
+    /// Whether the current lineage has its base (the one a start needs, or
+    /// the first after a journal gap).
+    fn based(&self) -> bool {
+        self.base_done.load(Ordering::Acquire)
+            && self.base_epoch.load(Ordering::Acquire) == self.journal.gap_epoch()
+    }
+
     /// Makes sure every chunk `m` names is confirmed stored in this run
     /// before its manifest may be stored. The walk confirms each chunk it
     /// captures, so this finds nothing unless a capture path skipped the
@@ -203,6 +243,14 @@ impl Daemon {
         let mut attempt = 0u32;
         loop {
             attempt += 1;
+            // A journal drop (--on-journal-full=gap) ends this lineage's
+            // continuity: a base of it would name records that are gone.
+            let epoch = self.journal.gap_epoch();
+            if epoch != inc.gaps_seen || self.journal.lineage() != lineage {
+                bail!(
+                    "superseded: the journal dropped changes and a base of the new lineage follows"
+                );
+            }
             self.watch.activate();
             // Taken before start_seq is read; see `fs::touched` for why no
             // change racing the take is lost.
@@ -276,8 +324,13 @@ impl Daemon {
                     // record before it puts control objects.
                     while self.shipper.stats.stored_seq.load(Ordering::Acquire) < start_seq
                         && !self.stop.load(Ordering::Acquire)
+                        && self.journal.gap_epoch() == epoch
                     {
                         std::thread::sleep(Duration::from_millis(20));
+                    }
+                    if self.journal.gap_epoch() != epoch {
+                        self.metrics.set_base_in_progress(false);
+                        bail!("superseded: the journal dropped changes this base needed");
                     }
                     self.shipper
                         .queue(m.meta().key(), base::encode_manifest(&m));
@@ -285,6 +338,7 @@ impl Daemon {
                     if kind != BaseKind::Periodic {
                         self.base_completed_ns
                             .store(m.completed_ns, Ordering::Release);
+                        self.base_epoch.store(epoch, Ordering::Release);
                     }
                     self.metrics.add_shipped_bytes(stats.bytes);
                     let took = t0.elapsed();
@@ -418,7 +472,25 @@ impl Daemon {
         mut last_start: Instant,
         mut last_seq: Seq,
     ) {
+        let mut lineage = lineage;
         while !self.stop.load(Ordering::Acquire) {
+            // After a journal gap: the new lineage's first base (a full read).
+            let epoch = self.journal.gap_epoch();
+            if epoch != inc.gaps_seen {
+                inc.gaps_seen = epoch;
+                lineage = self.journal.lineage();
+                let (t0, seq) = (Instant::now(), self.journal.last_seq());
+                let why =
+                    "the journal dropped changes the store had not taken (--on-journal-full=gap)";
+                match self.take_base(lineage, BaseKind::Initial, inc, why) {
+                    Ok(()) => {
+                        self.base_done.store(true, Ordering::Release);
+                        (last_start, last_seq) = (t0, seq);
+                    }
+                    Err(e) => tracing::debug!("the base after a journal gap: {e}"),
+                }
+                continue;
+            }
             let since = self
                 .journal
                 .written_bytes()
@@ -459,9 +531,6 @@ impl Daemon {
 pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     if args.base_interval.is_zero() || args.base_after == 0 {
         bail!("--base-interval and --base-after must be more than zero");
-    }
-    if args.on_journal_full == crate::cli::OnJournalFull::Gap {
-        bail!("--on-journal-full=gap is not available in this build yet; use the default (writers wait for the store)");
     }
     let source = std::fs::canonicalize(&args.source)
         .with_context(|| format!("--source {} does not exist", args.source.display()))?;
@@ -642,6 +711,12 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
             "journal holds records not yet confirmed stored; shipping them first"
         );
     }
+    // A journal gap whose marker the store does not hold yet: the journal's
+    // records belong to the gap's lineage (src/gap.rs).
+    let (lineage, new_lineage, base_kind) = crate::gap::after_restart(
+        (lineage, new_lineage, base_kind),
+        journal.pending_gaps().last(),
+    );
     if new_lineage == Some("machine-crash") {
         // fsync waited for the journal alone: put back into the source
         // whatever the crash took from it before anything reads it.
@@ -660,6 +735,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         journal.set_lineage(lineage)?;
     }
     let journal = Arc::new(journal);
+    if args.on_journal_full == crate::cli::OnJournalFull::Gap {
+        journal.set_gap_mode(prepare_drop(&source, &jdir, &args.store.volume, &boot)?);
+    }
     write_state(
         &jdir,
         &State {
@@ -745,6 +823,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         source_fd: src_dir,
         stop: AtomicBool::new(false),
         base_done: AtomicBool::new(base_kind.is_none()),
+        base_epoch: AtomicU64::new(0),
         base_completed_ns: std::sync::atomic::AtomicI64::new(0),
         base_failed: Mutex::new(None),
         known_chunks: StoredChunks::default(),
@@ -779,6 +858,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
                     previous: None,
                     pending: HashSet::new(),
                     reload: None,
+                    gaps_seen: 0,
                 };
                 match base_kind {
                     Some(kind) => {
@@ -786,6 +866,11 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
                         last_seq = d.journal.last_seq();
                         match d.take_base(lineage, kind, &mut inc, "needed at start") {
                             Ok(()) => d.base_done.store(true, Ordering::Release),
+                            // Superseded by a journal gap: the periodic
+                            // loop takes the new lineage's base.
+                            Err(_)
+                                if d.journal.gap_epoch() != 0
+                                    && !d.stop.load(Ordering::Acquire) => {}
                             Err(e) => {
                                 *d.base_failed.lock() = Some(e.to_string());
                                 return;
@@ -830,7 +915,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
             .min();
         std::thread::Builder::new()
             .name("rewind-metrics".into())
-            .spawn(move || monitor(&d, earliest))
+            .spawn(move || monitor(&d, earliest, lineage))
             .unwrap()
     };
     let _status = match &args.listen {
@@ -871,10 +956,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     // by the volume size, not by the deadline, so give up on it at the
     // deadline and let the next start take it again. A periodic base in
     // progress is abandoned: the previous base keeps the volume restorable.
-    while !base_thread.is_finished()
-        && !d.base_done.load(Ordering::Acquire)
-        && Instant::now() < deadline
-    {
+    while !base_thread.is_finished() && !d.based() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
     // The final round runs apart, so that a store that hangs inside one
@@ -903,7 +985,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     let shipped = rx
         .recv_deadline(deadline + Duration::from_secs(1))
         .unwrap_or_else(|_| Err(crate::ship::ShipError::Timeout));
-    let base_ok = d.base_done.load(Ordering::Acquire);
+    let base_ok = d.based();
     let stats: &ShipStats = &shipper.stats;
     // Whatever the final round says, the store must hold the journal's
     // last record before the stop counts as clean.
@@ -943,7 +1025,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
                 &jdir,
                 &State {
                     volume: args.store.volume.clone(),
-                    lineage: format!("{lineage:016x}"),
+                    lineage: format!("{:016x}", journal.lineage()),
                     boot_id: boot,
                     clean: true,
                 },
@@ -976,7 +1058,7 @@ fn ns_time(ns: crate::clock::Nanos) -> std::time::SystemTime {
 /// Samples the daemon's state into the metrics twice a second, and logs
 /// replication lag once a minute. It runs apart from the shipper so that
 /// metrics stay current while an upload is stuck in retries.
-fn monitor(d: &Daemon, mut earliest: Option<crate::clock::Nanos>) {
+fn monitor(d: &Daemon, mut earliest: Option<crate::clock::Nanos>, mut lineage: u64) {
     let m = &d.metrics;
     let s = &d.shipper.stats;
     let (mut written, mut segments, mut bytes, mut errors) = (0u64, 0u64, 0u64, 0u64);
@@ -1018,10 +1100,15 @@ fn monitor(d: &Daemon, mut earliest: Option<crate::clock::Nanos>) {
             unshipped_since = None;
             m.set_oldest_unshipped(None);
         }
-        if d.base_done.load(Ordering::Acquire)
-            && earliest.is_none()
-            && d.shipper.pending_control() == 0
-        {
+        let current = d.journal.lineage();
+        if current != lineage {
+            // A journal gap began a new lineage: its window opens on its base.
+            lineage = current;
+            earliest = None;
+            m.set_lineage(&format!("{lineage:016x}"));
+        }
+        m.set_journal_gaps(d.journal.gap_epoch(), d.journal.dropped_bytes());
+        if d.based() && earliest.is_none() && d.shipper.pending_control() == 0 {
             earliest = Some(d.base_completed_ns.load(Ordering::Acquire));
         }
         if let Some(e) = earliest {
