@@ -717,6 +717,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         (lineage, new_lineage, base_kind),
         journal.pending_gaps().last(),
     );
+    if let Some(g) = journal.pending_gaps().last() {
+        tracing::warn!(lineage = %format!("{lineage:016x}"), "a journal gap of an earlier run is not yet recorded in the store (its note is in the journal directory): continuing its lineage, which takes its first base; the gap marker is stored once the store takes objects ({})", g.key());
+    }
     if new_lineage == Some("machine-crash") {
         // fsync waited for the journal alone: put back into the source
         // whatever the crash took from it before anything reads it.

@@ -282,7 +282,9 @@ impl Journal {
                 spares,
                 spare_counter: 0,
                 prepare_drop: None,
-                stored: (next_seq - 1, None),
+                // What the caller knows the store holds (records of earlier
+                // runs after it are still unshipped).
+                stored: (min_next_seq.saturating_sub(1).min(next_seq - 1), None),
                 notes,
                 open_gap,
             }),
@@ -518,6 +520,7 @@ impl Journal {
         let (stored, pos) = inner.stored;
         let files: Vec<JournalFile> = inner.files.iter().cloned().collect();
         let bytes = bytes_after(&files, pos, stored);
+        let dropping = inner.lineage;
         let (from_lineage, to_lineage) =
             gap::drop_lineages(inner.lineage, inner.open_gap, rand::random::<u64>() >> 1);
         let mark = GapMark {
@@ -561,13 +564,13 @@ impl Journal {
         self.dropped_bytes.fetch_add(bytes, Ordering::Relaxed);
         self.gap_epoch.fetch_add(1, Ordering::AcqRel);
         tracing::warn!(
-            "journal full ({} past --max-journal-bytes {}) and the store has not taken {}: dropping those changes (records {}..={} of lineage {:016x}) because --on-journal-full=gap; writers go on, the timeline records a gap and lineage {:016x} begins with a new base once the store takes it",
+            "journal full: it holds {}, more than --max-journal-bytes {}, and the store has not taken {} of it: dropping those changes (records {}..={} of lineage {:016x}) because --on-journal-full=gap; writers go on, the timeline records a gap, and lineage {:016x} begins with a new base once the store takes objects",
             crate::outage::fmt_bytes(held),
             self.max_bytes,
             crate::outage::fmt_bytes(bytes),
             mark.from_seq,
             mark.to_seq,
-            from_lineage,
+            dropping,
             to_lineage,
         );
         self.rotate(inner, 0)
