@@ -106,9 +106,9 @@ pub struct StoreArgs {
 pub enum OnJournalFull {
     /// Writers wait until the store catches up (nothing is ever dropped).
     Wait,
-    /// Record an explicit gap in the timeline, drop the unshipped journal and take a new base.
-    /// Not built yet: hidden from --help, and `rewind run` refuses it with a message.
-    #[value(hide = true)]
+    /// Writers never wait: the journal drops the changes the store has not taken, the timeline
+    /// records an explicit gap (restores inside it are refused by name) and a new lineage
+    /// begins with a new base once the store takes it.
     Gap,
 }
 
@@ -132,7 +132,9 @@ pub struct RunArgs {
     /// Address for /healthz, /readyz and /metrics, e.g. 0.0.0.0:9746 (off when absent).
     #[arg(long)]
     pub listen: Option<String>,
-    /// Journal size past which writers wait for the store (or a gap is recorded).
+    /// Journal size past which writers wait for the store, or with --on-journal-full=gap the
+    /// changes the store has not taken are dropped (the journal then holds at most this plus one
+    /// 64 MiB journal file).
     #[arg(long, default_value = "1073741824")]
     pub max_journal_bytes: u64,
     /// Take a periodic base snapshot this long after the previous one started (default 1h), so

@@ -8,6 +8,7 @@ pub mod cli;
 pub mod clock;
 pub(crate) mod codec;
 pub(crate) mod fs;
+pub mod gap;
 pub mod guard;
 pub mod http;
 pub mod journal;

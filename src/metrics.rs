@@ -40,6 +40,9 @@ pub struct Metrics {
     /// at latest would replay, give or take compression.
     journal_bytes_since_base: AtomicU64,
     store_outage: AtomicBool,
+    /// Journal drops (`--on-journal-full=gap`) and the bytes they dropped.
+    journal_gaps: AtomicU64,
+    journal_dropped_bytes: AtomicU64,
     mount_live: AtomicBool,
     journal_writable: AtomicBool,
 }
@@ -127,6 +130,11 @@ impl Metrics {
     pub fn set_store_outage(&self, on: bool) {
         self.store_outage.store(on, Relaxed);
     }
+    /// Gaps the journal declared in this run and the journal bytes dropped.
+    pub fn set_journal_gaps(&self, gaps: u64, dropped_bytes: u64) {
+        self.journal_gaps.store(gaps, Relaxed);
+        self.journal_dropped_bytes.store(dropped_bytes, Relaxed);
+    }
     /// The FUSE mount is serving requests.
     pub fn set_mount_live(&self, live: bool) {
         self.mount_live.store(live, Relaxed);
@@ -180,6 +188,18 @@ impl Metrics {
             "rewind_journal_written_bytes_total",
             "Bytes appended to the journal since start.",
             &self.journal_written_bytes,
+        );
+        counter(
+            &mut out,
+            "rewind_journal_gaps_total",
+            "Times the full journal dropped changes the store had not taken (--on-journal-full=gap), each a declared gap in the timeline.",
+            &self.journal_gaps,
+        );
+        counter(
+            &mut out,
+            "rewind_journal_dropped_bytes_total",
+            "Journal bytes dropped by those gaps.",
+            &self.journal_dropped_bytes,
         );
         counter(
             &mut out,
@@ -380,6 +400,13 @@ mod tests {
         assert!(text.contains("\nrewind_last_base_files{how=\"reused\"} 98\n"));
         assert!(text.contains("\nrewind_last_base_read_bytes 8192\n"));
         assert!(text.contains("\nrewind_journal_bytes_since_base 777\n"));
+        m.set_journal_gaps(2, 5000);
+        let text = m.render(SystemTime::now());
+        assert!(text.contains("\nrewind_journal_gaps_total 2\n"), "{text}");
+        assert!(
+            text.contains("\nrewind_journal_dropped_bytes_total 5000\n"),
+            "{text}"
+        );
         assert!(text.contains("\nrewind_store_outage 0\n"));
         m.set_oldest_unshipped(None);
         m.set_store_outage(true);

@@ -5,8 +5,10 @@
 //! releases journal space behind it. It must not reorder objects (a
 //! segment is stored only after every earlier one) and must never drop a
 //! record: an unreachable store makes it wait and retry, nothing else.
+//! Records the journal itself dropped (`--on-journal-full=gap`) are skipped,
+//! and the gap's markers are stored in their place (`follow_gaps`).
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -14,12 +16,14 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use parking_lot::Mutex;
 
-use crate::clock::{wall_now, Nanos};
+use crate::base::BaseMeta;
+use crate::clock::{fmt_ns, wall_now, Nanos};
+use crate::gap::GapMark;
 use crate::journal::{Journal, JournalReader};
 use crate::record::Seq;
 use crate::segment;
 use crate::store::{Store, StoreError};
-use crate::timeline::Heartbeat;
+use crate::timeline::{Heartbeat, LineageStart};
 
 /// Largest amount of encoded records in one segment. A segment is held
 /// about three times while it is sealed (records, raw, compressed), so this
@@ -63,6 +67,19 @@ pub struct Shipper {
     /// fsync does not sync the source, so the journal is the only durable
     /// copy of recent changes until this sync (see `redo.rs`).
     source: Option<std::os::fd::OwnedFd>,
+    /// Gap markers queued (by key), and the lineages whose `journal-gap`
+    /// lineage marker is queued, in this run.
+    gaps_queued: Mutex<(HashSet<String>, HashSet<u64>)>,
+    /// The gap whose new lineage has no stored base yet.
+    gap_open: Mutex<Option<OpenGap>>,
+}
+
+/// What the operator is told when protection is whole again after a gap.
+struct OpenGap {
+    to_lineage: u64,
+    bytes: u64,
+    /// The newest record time stored before the gap, as far as this run knows.
+    before_ns: Nanos,
 }
 
 struct Cursor {
@@ -90,6 +107,8 @@ impl Shipper {
             abort: AtomicBool::new(false),
             spare_failing: AtomicBool::new(false),
             source: None,
+            gaps_queued: Mutex::new((HashSet::new(), HashSet::new())),
+            gap_open: Mutex::new(None),
         }
     }
 
@@ -161,6 +180,7 @@ impl Shipper {
         let upto = self.journal.last_seq();
         let mut shipped = false;
         loop {
+            self.follow_gaps();
             let files = self.journal.files();
             let mut cursor = self.cursor.lock();
             let Cursor { reader, builder } = &mut *cursor;
@@ -211,6 +231,7 @@ impl Shipper {
                 .store(now - meta.first_ns, Ordering::Relaxed);
             *self.last_put.lock() = Instant::now();
             *self.stored_pos.lock() = pos;
+            self.journal.note_stored(meta.last_seq, pos);
             self.release(meta.last_seq);
             shipped = true;
         }
@@ -241,8 +262,82 @@ impl Shipper {
                 .map_err(ShipError::Store)?;
             self.control.lock().pop_front();
             *self.last_put.lock() = Instant::now();
+            self.stored_control(&key);
         }
         Ok(())
+    }
+
+    /// Moves the cursor past records the journal dropped, and queues the
+    /// markers of gaps the store does not hold yet: a `journal-gap` lineage
+    /// marker for each new lineage and the gap marker. Control objects are
+    /// put in order, so both precede the manifest of the new lineage's base.
+    fn follow_gaps(&self) {
+        let through = self.journal.dropped_through();
+        {
+            let mut c = self.cursor.lock();
+            if c.reader.next_seq() <= through {
+                c.reader = JournalReader::new(through + 1);
+                c.builder = segment::Builder::default();
+            }
+        }
+        let pending = self.journal.pending_gaps();
+        if pending.is_empty() {
+            return;
+        }
+        let mut queued = self.gaps_queued.lock();
+        for g in pending {
+            if !queued.0.insert(g.key()) {
+                continue;
+            }
+            if queued.1.insert(g.to_lineage) {
+                let marker = LineageStart {
+                    started_ns: g.ns,
+                    lineage: g.to_lineage,
+                    reason: "journal-gap".into(),
+                };
+                self.queue(marker.key(), Bytes::new());
+            }
+            self.queue(g.key(), Bytes::new());
+            self.set_lineage(g.to_lineage);
+            let mut open = self.gap_open.lock();
+            match open.as_mut() {
+                Some(o) if o.to_lineage == g.to_lineage => o.bytes += g.bytes,
+                _ => {
+                    *open = Some(OpenGap {
+                        to_lineage: g.to_lineage,
+                        bytes: g.bytes,
+                        before_ns: self.stats.stored_ns.load(Ordering::Relaxed),
+                    })
+                }
+            }
+        }
+    }
+
+    /// After a control object is stored: a gap marker's note is settled,
+    /// and the first base of a gap's lineage makes protection whole again.
+    fn stored_control(&self, key: &str) {
+        if let Some(g) = GapMark::from_key(key) {
+            if let Err(e) = self.journal.settle_gap(&g) {
+                tracing::warn!("the gap marker is stored, but its note stays: {e}");
+            }
+        } else if let Some(b) = BaseMeta::from_key(key) {
+            self.journal.gap_closed(b.lineage);
+            let mut open = self.gap_open.lock();
+            if open.as_ref().is_some_and(|o| o.to_lineage == b.lineage) {
+                let o = open.take().unwrap();
+                let before = if o.before_ns > 0 {
+                    fmt_ns(o.before_ns)
+                } else {
+                    "the last record stored before it".into()
+                };
+                tracing::info!(
+                    "protection is whole again after the journal gap: the base of lineage {:016x} is stored, so every instant from {} restores; restores from {before} to then are refused as a gap ({} of changes were dropped; see `rewind ls`)",
+                    b.lineage,
+                    fmt_ns(b.completed_ns),
+                    crate::outage::fmt_bytes(o.bytes),
+                );
+            }
+        }
     }
 
     /// Writes a heartbeat if nothing was put for a while (or `force`).
@@ -273,6 +368,11 @@ impl Shipper {
     /// Makes background rounds (those without a deadline) give up retrying.
     pub fn set_abort(&self, on: bool) {
         self.abort.store(on, Ordering::Release);
+    }
+
+    /// The lineage heartbeats name: a journal gap moves it to the new one.
+    pub(crate) fn set_lineage(&self, l: u64) {
+        self.lineage.store(l, Ordering::Relaxed);
     }
 
     pub fn pending_control(&self) -> usize {

@@ -9,6 +9,11 @@
 //!   seq of lineage was stored and nothing newer had happened.
 //! - `lineage/<started_ns:020>-<lineage:016x>-<reason>`: a lineage began
 //!   (`first-start`, `machine-crash`, `journal-gap`).
+//! - `gap/<ns:020>-<from:016x>-<to:016x>-<from_seq:020>-<to_seq:020>-<bytes:020>`:
+//!   the journal dropped records the store had not taken
+//!   (`--on-journal-full=gap`, `crate::gap::GapMark`); the time from lineage
+//!   `from`'s last restorable instant to lineage `to`'s first base is a
+//!   declared gap, which restore refuses by name and verify accepts.
 //! - `condemned/<ns:020>-seg-<lineage:016x>-<from_seq:020>-<to_seq:020>` and
 //!   `condemned/<ns:020>-base-<the base key's name>`: `rewind prune` decided
 //!   at ns that these segments or this base are no longer needed. The
@@ -28,6 +33,7 @@ use serde::Serialize;
 
 use crate::base::{BaseKind, BaseMeta};
 use crate::clock::{fmt_ns, At, Nanos};
+use crate::gap::GapMark;
 use crate::record::Seq;
 use crate::retention::PolicyMark;
 use crate::segment::SegmentMeta;
@@ -182,8 +188,9 @@ impl Condemned {
 }
 
 /// The first component of every key a volume owns.
-pub const VOLUME_KEY_KINDS: [&str; 9] = [
+pub const VOLUME_KEY_KINDS: [&str; 10] = [
     "seg",
+    "gap",
     "base",
     "chunk",
     "hb",
@@ -275,6 +282,8 @@ pub struct Timeline {
     pub bases: Vec<BaseMeta>,
     pub heartbeats: Vec<Heartbeat>,
     pub lineages: Vec<LineageStart>,
+    /// Markers of records the journal dropped (`--on-journal-full=gap`).
+    pub journal_gaps: Vec<GapMark>,
     pub chunks: usize,
     /// Prune's condemnation markers, and what they hide.
     pub condemned: Vec<Condemned>,
@@ -352,6 +361,54 @@ pub struct Gap {
     pub from_ns: Nanos,
     pub to_ns: Nanos,
     pub reason: String,
+    /// Recorded on purpose (`--on-journal-full=gap`), not damage.
+    pub declared: bool,
+}
+
+/// A gap the journal declared: the time from the last restorable instant
+/// before it to the first base after it, which no restore can give.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct JournalGap {
+    pub from_lineage: u64,
+    pub to_lineage: u64,
+    /// The last restorable instant before the gap (the dropping lineage's
+    /// latest), or the first drop's time when nothing before it restores.
+    pub from_ns: Nanos,
+    /// The completion of the new lineage's first base; None while the store
+    /// holds none (the gap is still open).
+    pub to_ns: Option<Nanos>,
+    pub bytes: u64,
+    pub first_seq: Seq,
+    pub last_seq: Seq,
+}
+
+impl JournalGap {
+    fn covers(&self, ns: Nanos) -> bool {
+        self.from_ns < ns && self.to_ns.is_none_or(|t| ns < t)
+    }
+
+    fn reason(&self) -> String {
+        let after = match self.to_ns {
+            Some(t) => format!(
+                "lineage {} restores from {} (its first base)",
+                lineage_id(self.to_lineage),
+                fmt_ns(t)
+            ),
+            None => format!(
+                "lineage {} has no stored base yet, so nothing after the gap restores until it has",
+                lineage_id(self.to_lineage)
+            ),
+        };
+        format!(
+            "declared by --on-journal-full=gap: the journal reached --max-journal-bytes before the store took its changes, and up to {} of them (records {}..={} of lineage {}) were dropped; lineage {} restores up to {}, {after}",
+            crate::outage::fmt_bytes(self.bytes),
+            self.first_seq,
+            self.last_seq,
+            lineage_id(self.from_lineage),
+            lineage_id(self.from_lineage),
+            fmt_ns(self.from_ns),
+        )
+    }
 }
 
 /// What a restore at a time needs.
@@ -413,6 +470,8 @@ impl Timeline {
                 t.heartbeats.push(h);
             } else if let Some(l) = LineageStart::from_key(&k) {
                 t.lineages.push(l);
+            } else if let Some(g) = GapMark::from_key(&k) {
+                t.journal_gaps.push(g);
             } else if k.starts_with("chunk/") {
                 t.chunks += 1;
             } else if let Some(c) = Condemned::from_key(&k) {
@@ -461,6 +520,7 @@ impl Timeline {
         t.segments.sort_by_key(|s| (s.lineage, s.first_seq));
         t.bases.sort_by_key(|b| b.completed_ns);
         t.heartbeats.sort_by_key(|h| h.ns);
+        t.journal_gaps.sort_by_key(|g| g.ns);
         t.condemned.sort_by_key(|c| c.ns());
         let mut prev: Option<(u64, Seq)> = None;
         for s in &t.segments {
@@ -679,6 +739,7 @@ impl Timeline {
                             w[0].last_seq + 1,
                             w[1].first_seq - 1
                         ),
+                        declared: false,
                     });
                 }
             }
@@ -696,8 +757,58 @@ impl Timeline {
                     to_ns: b.completed_ns,
                     reason: "the sidecar restarted after a crash; a repair base was being taken"
                         .into(),
+                    declared: false,
                 });
             }
+        }
+        for g in self.journal_gaps_with(&views) {
+            out.push(Gap {
+                lineage: lineage_id(g.to_lineage),
+                from_ns: g.from_ns,
+                to_ns: g.to_ns.unwrap_or(g.from_ns),
+                reason: g.reason(),
+                declared: true,
+            });
+        }
+        out
+    }
+
+    /// The declared gaps, one per new lineage (drops that continued an
+    /// open gap are merged into it), oldest first.
+    fn journal_gaps_with(&self, views: &[LineageView]) -> Vec<JournalGap> {
+        let mut out: Vec<JournalGap> = Vec::new();
+        for m in &self.journal_gaps {
+            if let Some(g) = out.iter_mut().find(|g| g.to_lineage == m.to_lineage) {
+                g.bytes += m.bytes;
+                g.first_seq = g.first_seq.min(m.from_seq);
+                g.last_seq = g.last_seq.max(m.to_seq);
+                continue;
+            }
+            // Before the gap: the dropping lineage's latest instant, or, when
+            // it never restored (an earlier gap's lineage without a base),
+            // where that earlier gap began.
+            let from_ns = views
+                .iter()
+                .find(|v| v.lineage == m.from_lineage)
+                .map(|v| v.latest_ns)
+                .or_else(|| {
+                    out.iter()
+                        .find(|g| g.to_lineage == m.from_lineage)
+                        .map(|g| g.from_ns)
+                })
+                .unwrap_or(m.ns);
+            out.push(JournalGap {
+                from_lineage: m.from_lineage,
+                to_lineage: m.to_lineage,
+                from_ns,
+                to_ns: views
+                    .iter()
+                    .find(|v| v.lineage == m.to_lineage)
+                    .map(|v| v.first_ns()),
+                bytes: m.bytes,
+                first_seq: m.from_seq,
+                last_seq: m.to_seq,
+            });
         }
         out
     }
@@ -782,6 +893,23 @@ impl Timeline {
             .collect();
         let chosen = match covering.len() {
             0 => {
+                if let Some(g) = self
+                    .journal_gaps_with(&views)
+                    .into_iter()
+                    .find(|g| g.covers(at_ns))
+                {
+                    return Err(TimelineError::InGap {
+                        time: fmt_ns(at_ns),
+                        why: format!(
+                            "{}. Restore a time at or before {}{}",
+                            g.reason(),
+                            fmt_ns(g.from_ns),
+                            g.to_ns
+                                .map(|t| format!(" or at or after {}", fmt_ns(t)))
+                                .unwrap_or_default()
+                        ),
+                    });
+                }
                 return Err(TimelineError::OutsideWindow {
                     time: fmt_ns(at_ns),
                     window: self.describe_windows(),
@@ -930,7 +1058,142 @@ pub fn list_volume(store: &dyn Store) -> Result<Vec<String>, StoreError> {
 
 #[cfg(test)]
 mod tests {
-    use super::LineageId;
+    use super::*;
+
+    const A: u64 = 0xa;
+    const B: u64 = 0xb;
+
+    fn seg(l: u64, first: Seq, last: Seq, first_ns: Nanos, last_ns: Nanos) -> String {
+        SegmentMeta {
+            lineage: l,
+            first_seq: first,
+            last_seq: last,
+            first_ns,
+            last_ns,
+        }
+        .key()
+    }
+
+    fn base(l: u64, start_seq: Seq, completed_ns: Nanos) -> String {
+        BaseMeta {
+            lineage: l,
+            start_seq,
+            completed_ns,
+            kind: BaseKind::Initial,
+        }
+        .key()
+    }
+
+    /// Lineage A restores 100..=110; its journal dropped records 11..=20
+    /// at 150; lineage B's first base completed at 200 (when `b_base`) and
+    /// its records run to 210.
+    fn dropped(b_base: bool) -> Timeline {
+        let mut keys = vec![
+            base(A, 0, 100),
+            seg(A, 1, 10, 101, 110),
+            GapMark {
+                ns: 150,
+                from_lineage: A,
+                to_lineage: B,
+                from_seq: 11,
+                to_seq: 20,
+                bytes: 4096,
+            }
+            .key(),
+            seg(B, 21, 30, 160, 210),
+        ];
+        if b_base {
+            keys.push(base(B, 25, 200));
+        }
+        Timeline::from_keys(keys)
+    }
+
+    #[test]
+    fn a_declared_gap_is_refused_by_name_and_both_sides_restore() {
+        // (B's base stored, time, Ok(lineage) or Err(part of the message))
+        let cases: &[(bool, Nanos, Result<u64, &str>)] = &[
+            (true, 100, Ok(A)),
+            (true, 110, Ok(A)),
+            (true, 111, Err("--on-journal-full=gap")),
+            (true, 150, Err("Restore a time at or before")),
+            (true, 199, Err("lineage 000000000000000b restores from")),
+            (true, 200, Ok(B)),
+            (true, 210, Ok(B)),
+            // Not in the gap: outside every window, as before.
+            (true, 99, Err("outside the restore window")),
+            (true, 211, Err("outside the restore window")),
+            // Before B's base is stored the gap is open: nothing after it restores.
+            (false, 110, Ok(A)),
+            (false, 111, Err("has no stored base yet")),
+            (false, 5000, Err("falls in a gap")),
+        ];
+        for &(b_base, at, ref want) in cases {
+            let got = dropped(b_base).plan(At::Instant(at), None);
+            match (want, got) {
+                (Ok(l), Ok(p)) => assert_eq!(p.lineage, *l, "at {at}"),
+                (Err(part), Err(e)) => {
+                    let msg = e.to_string();
+                    assert!(msg.contains(part), "at {at}: {msg:?} lacks {part:?}");
+                    if part.contains("gap") || part.contains("lineage") {
+                        assert!(matches!(e, TimelineError::InGap { .. }), "at {at}: {e:?}");
+                    }
+                }
+                (want, got) => panic!("at {at} (B base {b_base}): want {want:?}, got {got:?}"),
+            }
+        }
+        assert_eq!(dropped(true).plan(At::Latest, None).unwrap().lineage, B);
+    }
+
+    #[test]
+    fn a_declared_gap_is_listed_and_is_not_damage() {
+        for (b_base, to_ns) in [(true, 200), (false, 110)] {
+            let gaps = dropped(b_base).gaps();
+            assert_eq!(gaps.len(), 1, "{gaps:?}");
+            let g = &gaps[0];
+            assert_eq!((g.from_ns, g.to_ns), (110, to_ns));
+            assert!(g.declared);
+            assert_eq!(g.lineage, lineage_id(B));
+            assert!(g.reason.contains("up to 4.0 KiB"), "{}", g.reason);
+            assert!(g.reason.contains("records 11..=20"), "{}", g.reason);
+        }
+    }
+
+    #[test]
+    fn drops_that_continue_an_open_gap_make_one_gap() {
+        let mut keys = vec![
+            base(A, 0, 100),
+            seg(A, 1, 10, 101, 110),
+            base(B, 45, 300),
+            seg(B, 41, 50, 290, 310),
+        ];
+        for (ns, from, to, bytes) in [(150, 11, 20, 1000), (250, 21, 40, 3000)] {
+            keys.push(
+                GapMark {
+                    ns,
+                    from_lineage: A,
+                    to_lineage: B,
+                    from_seq: from,
+                    to_seq: to,
+                    bytes,
+                }
+                .key(),
+            );
+        }
+        let t = Timeline::from_keys(keys);
+        let gaps = t.gaps();
+        assert_eq!(gaps.len(), 1, "{gaps:?}");
+        assert_eq!((gaps[0].from_ns, gaps[0].to_ns), (110, 300));
+        assert!(
+            gaps[0].reason.contains("records 11..=40"),
+            "{}",
+            gaps[0].reason
+        );
+        assert!(gaps[0].reason.contains("3.9 KiB"), "{}", gaps[0].reason);
+        assert!(matches!(
+            t.plan(At::Instant(260), None),
+            Err(TimelineError::InGap { .. })
+        ));
+    }
 
     #[test]
     fn lineage_ids_print_as_16_hex_digits_and_parse_back() {

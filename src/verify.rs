@@ -82,7 +82,7 @@ pub fn verify(store: &dyn Store, progress: &mut dyn FnMut(&str)) -> Result<Repor
             .push(format!("base {} cannot be restored: {why}", b.key()));
     }
     for g in t.gaps() {
-        if g.reason.contains("missing") {
+        if !g.declared && g.reason.contains("missing") {
             rep.problems
                 .push(format!("lineage {}: {}", g.lineage, g.reason));
         }

@@ -537,3 +537,131 @@ fn recovery_counts_as_unstored_only_records_the_store_lacks() {
         assert_eq!((rec.records, rec.unstored), (5, want), "store holds up to {stored}");
     }
 }
+
+/// `--on-journal-full=gap`: past the bound the journal drops what the store
+/// has not taken instead of holding writers, keeps a note of the gap that
+/// survives a restart until the store records it, and goes on in a new
+/// lineage (one lineage for drops while the gap is open).
+#[test]
+fn gap_mode_drops_unshipped_records_and_notes_the_gap() {
+    use rewind::gap::GapMark;
+    use std::sync::{Arc, Mutex};
+    let d = tempfile::tempdir().unwrap();
+    let (file, max) = (4u64 << 10, 6u64 << 10);
+    let (j, _) = Journal::open_sized(d.path(), 1, 1, 0, max, file).unwrap();
+    let j = Arc::new(j);
+    let prepared: Arc<Mutex<Vec<GapMark>>> = Arc::default();
+    let p = prepared.clone();
+    j.set_gap_mode(Box::new(move |g| {
+        p.lock().unwrap().push(g.clone());
+        Ok(())
+    }));
+    let big = |i: u64| Op::Write {
+        ino: 5,
+        offset: 0,
+        size: 1000,
+        mtime: 1,
+        data: Bytes::from(vec![i as u8; 1000]),
+    };
+    // Records 1..=2 are stored; nothing is released yet.
+    j.append(&[big(0)]).unwrap();
+    j.append(&[big(1)]).unwrap();
+    j.note_stored(2, None);
+    let j2 = j.clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for i in 2..40 {
+            j2.append(&[big(i)]).unwrap();
+            assert!(j2.bytes() <= max + file, "the journal outgrew its bound");
+        }
+        tx.send(()).unwrap();
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(20))
+        .expect("writers must not wait in gap mode");
+    let gaps = j.pending_gaps();
+    assert!(!gaps.is_empty(), "no gap was noted");
+    assert_eq!(
+        *prepared.lock().unwrap(),
+        gaps,
+        "each drop was prepared first"
+    );
+    assert_eq!(j.gap_epoch(), gaps.len() as u64);
+    let first = &gaps[0];
+    assert_eq!((first.from_lineage, first.from_seq), (1, 3), "{first:?}");
+    assert!(first.bytes >= 1000, "{first:?}");
+    let l2 = j.lineage();
+    assert_ne!(l2, 1);
+    // The gap stays open until a base of its lineage is stored: every drop
+    // continues it, and the sequence runs on.
+    for (a, b) in gaps.iter().zip(gaps.iter().skip(1)) {
+        assert_eq!((b.from_lineage, b.to_lineage), (1, l2));
+        assert_eq!(b.from_seq, a.to_seq + 1);
+    }
+    assert_eq!(j.dropped_through(), gaps.last().unwrap().to_seq);
+    // What is left reads from just after the last drop, in the new lineage.
+    let mut r = JournalReader::new(j.dropped_through() + 1);
+    let (lineage, recs) = r.read(&j.files(), 1 << 20).unwrap().unwrap();
+    assert_eq!(lineage, l2);
+    assert_eq!(recs.last().unwrap().seq, j.last_seq());
+
+    // The notes survive a restart (a kill -9: nothing closed cleanly).
+    drop(j);
+    let (j, _) = Journal::open_sized(d.path(), l2, 1, 0, max, file).unwrap();
+    assert_eq!(j.pending_gaps(), gaps);
+    assert_eq!(j.dropped_through(), gaps.last().unwrap().to_seq);
+    for g in &gaps {
+        j.settle_gap(g).unwrap();
+    }
+    assert!(j.pending_gaps().is_empty());
+    drop(j);
+    let (j, _) = Journal::open_sized(d.path(), l2, 1, 0, max, file).unwrap();
+    assert!(j.pending_gaps().is_empty(), "a settled note came back");
+}
+
+/// A drop whose preparation fails (the source cannot be synced) drops
+/// nothing and leaves no note: writers wait as without gap mode.
+#[test]
+fn gap_mode_waits_when_the_drop_cannot_be_prepared() {
+    let d = tempfile::tempdir().unwrap();
+    let (j, _) = Journal::open_sized(d.path(), 1, 1, 0, 6 << 10, 4 << 10).unwrap();
+    let j = std::sync::Arc::new(j);
+    j.set_gap_mode(Box::new(|_| Err("cannot sync the source: EIO".into())));
+    let j2 = j.clone();
+    std::thread::spawn(move || {
+        for i in 0..40u64 {
+            let _ = j2.append(&[Op::Write {
+                ino: 5,
+                offset: 0,
+                size: 1000,
+                mtime: 1,
+                data: Bytes::from(vec![i as u8; 1000]),
+            }]);
+        }
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !j.writers_waiting() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the writer never started waiting"
+        );
+        std::thread::yield_now();
+    }
+    assert!(j.pending_gaps().is_empty());
+    assert_eq!(j.gap_epoch(), 0);
+    assert!(!std::fs::read_dir(d.path()).unwrap().any(|e| e
+        .unwrap()
+        .path()
+        .extension()
+        .is_some_and(|x| x == "gap")));
+    // Release so the writer thread ends.
+    let mut last = 0;
+    while last < 40 {
+        last = j.last_seq();
+        j.release_through(last).unwrap();
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the writer did not finish"
+        );
+        std::thread::yield_now();
+    }
+}

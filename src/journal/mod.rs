@@ -3,8 +3,11 @@
 //! global sequence (assigned under the append lock, so sequence order is
 //! append order), the record clock, journal files on disk (preallocated so
 //! appends never hit ENOSPC mid-record; a full disk at rotation is waited
-//! out), group commit for fsync, the bound on unshipped bytes, and the
-//! recovery scan that cuts a torn tail and refuses damage in the middle.
+//! out), group commit for fsync, the bound on unshipped bytes (writers wait,
+//! or with `--on-journal-full=gap` unshipped records are dropped behind a
+//! note that keeps the gap until the store records it: `drop_unshipped`),
+//! and the recovery scan that cuts a torn tail and refuses damage in the
+//! middle.
 //! It must not know about the store or the
 //! filesystem it protects: shipping reads it through `JournalReader`, and
 //! space is released only when the shipper says records are stored.
@@ -36,6 +39,7 @@ use std::sync::Arc;
 use parking_lot::{Condvar, Mutex};
 
 use crate::clock::{Nanos, RecordClock};
+use crate::gap::{self, Full, GapMark, Policy};
 use crate::record::{encode_op, encode_write, record_head, Ino, Op, Record, Seq};
 use file::PAGE;
 
@@ -76,7 +80,24 @@ struct Inner {
     /// Spare files (zero-filled or released), reused by `rotate`.
     spares: Vec<PathBuf>,
     spare_counter: u64,
+    /// Set in gap mode (`set_gap_mode`): what must be made durable
+    /// elsewhere before records are dropped.
+    prepare_drop: Option<PrepareDrop>,
+    /// The last sequence number the store holds as the shipper reported
+    /// it, and where in the journal it ends (see `JournalReader::position`).
+    stored: (Seq, Option<(Seq, u64)>),
+    /// Gaps whose notes are on disk: the store does not hold their markers yet.
+    notes: Vec<GapMark>,
+    /// The (from, to) lineages of the last gap while its new lineage has no
+    /// stored base (see `gap::drop_lineages`).
+    open_gap: Option<(u64, u64)>,
 }
+
+/// What the daemon makes durable before the journal drops records: the
+/// source they describe (fsync waited for the journal alone, so without a
+/// sync a machine crash could lose what fsync acknowledged), and its own
+/// record of the new lineage. An error keeps the records (writers wait).
+pub type PrepareDrop = Box<dyn Fn(&GapMark) -> Result<(), String> + Send>;
 
 struct SyncState {
     synced_seq: Seq,
@@ -133,6 +154,12 @@ pub struct Journal {
     failed: Mutex<Option<String>>,
     /// Set together with `failed`, so appends check one atomic, not a lock.
     has_failed: AtomicBool,
+    /// Drops in this run (readers compare it to notice one).
+    gap_epoch: AtomicU64,
+    /// The highest sequence number dropped (this run or a noted earlier one).
+    dropped_through: AtomicU64,
+    /// Journal bytes dropped in this run, for metrics.
+    dropped_bytes: AtomicU64,
 }
 
 impl Journal {
@@ -192,6 +219,12 @@ impl Journal {
                 _ => {}
             }
         }
+        let mut notes: Vec<GapMark> = fs::read_dir(dir)
+            .map_err(|e| JournalError::io(dir, e))?
+            .flatten()
+            .filter_map(|e| GapMark::from_note_name(e.file_name().to_str()?))
+            .collect();
+        notes.sort_by_key(|g| g.ns);
         let mut files = VecDeque::new();
         let mut recovered = Recovered::default();
         let mut expect_seq: Option<Seq> = None;
@@ -237,6 +270,8 @@ impl Journal {
         recovered.next_seq = next_seq;
         recovered.last_time = last_time;
         let bytes = recovered.bytes;
+        let dropped_through = notes.iter().map(|g| g.to_seq).max().unwrap_or(0);
+        let open_gap = notes.last().map(|g| (g.from_lineage, g.to_lineage));
         let j = Journal {
             dir: dir.to_path_buf(),
             inner: Mutex::new(Inner {
@@ -249,6 +284,12 @@ impl Journal {
                 rotated_since_sync: false,
                 spares,
                 spare_counter: 0,
+                prepare_drop: None,
+                // What the caller knows the store holds (records of earlier
+                // runs after it are still unshipped).
+                stored: (min_next_seq.saturating_sub(1).min(next_seq - 1), None),
+                notes,
+                open_gap,
             }),
             space: Condvar::new(),
             clock: RecordClock::new(last_time),
@@ -265,6 +306,9 @@ impl Journal {
             disk_waiters: AtomicU32::new(0),
             failed: Mutex::new(None),
             has_failed: AtomicBool::new(false),
+            gap_epoch: AtomicU64::new(0),
+            dropped_through: AtomicU64::new(dropped_through),
+            dropped_bytes: AtomicU64::new(0),
         };
         // The first file is a spare left by an earlier run when there is
         // one; otherwise it is preallocated, and the shipper zero-fills a
@@ -320,19 +364,48 @@ impl Journal {
     ) -> Result<(Seq, Nanos), JournalError> {
         self.check_failed()?;
         let mut inner = self.inner.lock();
-        // Past the bound writers wait for the shipper to release space;
-        // they are never dropped (see --on-journal-full).
-        if inner.bytes > self.max_bytes {
-            let _counted = Waiter::new(&self.full_waiters);
-            tracing::warn!(
-                bytes = inner.bytes,
-                max = self.max_bytes,
-                "journal full: writers wait until the store catches up"
-            );
-            while inner.bytes > self.max_bytes {
-                self.space.wait(&mut inner);
+        // Past the bound writers wait for the shipper to release space, or
+        // in gap mode the unshipped records are dropped (`gap::when_full`).
+        let mut full_wait: Option<Waiter<'_>> = None;
+        let mut drop_failed = false;
+        loop {
+            let full = if inner.bytes <= self.max_bytes {
+                Full::Append
+            } else if inner.prepare_drop.is_some() && !drop_failed {
+                let (seq, pos) = inner.stored;
+                let files: Vec<JournalFile> = inner.files.iter().cloned().collect();
+                gap::when_full(
+                    Policy::Gap,
+                    inner.bytes,
+                    self.max_bytes,
+                    bytes_after(&files, pos, seq),
+                    files.len(),
+                )
+            } else {
+                Full::Wait
+            };
+            match full {
+                Full::Append => break,
+                Full::Drop => {
+                    if let Err(e) = self.drop_unshipped(&mut inner) {
+                        tracing::error!("journal full and the gap cannot be recorded ({e}); writers wait until the store catches up instead");
+                        drop_failed = true;
+                    }
+                }
+                Full::Wait => {
+                    full_wait.get_or_insert_with(|| {
+                        tracing::warn!(
+                            bytes = inner.bytes,
+                            max = self.max_bytes,
+                            "journal full: writers wait until the store catches up"
+                        );
+                        Waiter::new(&self.full_waiters)
+                    });
+                    self.space.wait(&mut inner);
+                }
             }
         }
+        drop(full_wait);
         // A full disk at rotation is waited out, not failed: the operation
         // is applied to the source already, so its record must land, and
         // the shipper frees journal space as it stores records (the current
@@ -432,6 +505,78 @@ impl Journal {
         self.written_bytes
             .fetch_add(payload as u64, Ordering::Relaxed);
         Ok((last, time))
+    }
+
+    /// Drops every record the store has not taken (`--on-journal-full=gap`):
+    /// notes the gap durably in the journal directory, lets the daemon make
+    /// the records' effects and the new lineage durable (`PrepareDrop`),
+    /// then releases every journal file and goes on in a fresh file of the
+    /// gap's lineage. Called under the append lock, so no record lands
+    /// between the last dropped one and the first of the new lineage.
+    ///
+    /// The note comes first: a crash after it and before the files are
+    /// released keeps records the note says are dropped, which are shipped
+    /// as usual (the marker then overstates the loss); a crash after the
+    /// release finds the note, so the gap is never lost.
+    fn drop_unshipped(&self, inner: &mut Inner) -> Result<(), JournalError> {
+        let held = inner.bytes;
+        let (stored, pos) = inner.stored;
+        let files: Vec<JournalFile> = inner.files.iter().cloned().collect();
+        let bytes = bytes_after(&files, pos, stored);
+        let dropping = inner.lineage;
+        let (from_lineage, to_lineage) =
+            gap::drop_lineages(inner.lineage, inner.open_gap, rand::random::<u64>() >> 1);
+        let mark = GapMark {
+            ns: self.clock.tick().0,
+            from_lineage,
+            to_lineage,
+            from_seq: stored + 1,
+            to_seq: inner.next_seq - 1,
+            bytes,
+        };
+        let note = self.dir.join(mark.note_name());
+        File::create(&note)
+            .and_then(|_| File::open(&self.dir)?.sync_all())
+            .map_err(|e| JournalError::io(&note, e))?;
+        let prepared = inner.prepare_drop.as_ref().map_or(Ok(()), |p| p(&mark));
+        if let Err(e) = prepared {
+            let _ = fs::remove_file(&note);
+            return Err(JournalError::Failed(e));
+        }
+        for f in files {
+            if f.cap == inner.file_size && inner.spares.len() < MAX_SPARES {
+                inner.spare_counter += 1;
+                let spare = self.dir.join(format!(
+                    "{:020}-{}.{SPARE_EXT}",
+                    f.first_seq, inner.spare_counter
+                ));
+                fs::rename(&f.path, &spare).map_err(|e| JournalError::io(&f.path, e))?;
+                inner.spares.push(spare);
+            } else {
+                fs::remove_file(&f.path).map_err(|e| JournalError::io(&f.path, e))?;
+            }
+            inner.bytes = inner.bytes.saturating_sub(f.cap);
+            inner.files.pop_front();
+        }
+        inner.lineage = to_lineage;
+        inner.stored = (mark.to_seq, None);
+        inner.open_gap = Some((from_lineage, to_lineage));
+        inner.notes.push(mark.clone());
+        self.dropped_through
+            .fetch_max(mark.to_seq, Ordering::AcqRel);
+        self.dropped_bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.gap_epoch.fetch_add(1, Ordering::AcqRel);
+        tracing::warn!(
+            "journal full: it holds {}, more than --max-journal-bytes {}, and the store has not taken {} of it: dropping those changes (records {}..={} of lineage {:016x}) because --on-journal-full=gap; writers go on, the timeline records a gap, and lineage {:016x} begins with a new base once the store takes objects",
+            crate::outage::fmt_bytes(held),
+            self.max_bytes,
+            crate::outage::fmt_bytes(bytes),
+            mark.from_seq,
+            mark.to_seq,
+            dropping,
+            to_lineage,
+        );
+        self.rotate(inner, 0)
     }
 
     fn rotate(&self, inner: &mut Inner, need: u64) -> Result<(), JournalError> {
@@ -701,6 +846,71 @@ impl Journal {
         let mut inner = self.inner.lock();
         inner.lineage = lineage;
         self.rotate(&mut inner, 0)
+    }
+
+    /// Gap mode (`--on-journal-full=gap`): past the bound, unshipped
+    /// records are dropped after `prepare` succeeded, instead of writers
+    /// waiting.
+    pub fn set_gap_mode(&self, prepare: PrepareDrop) {
+        self.inner.lock().prepare_drop = Some(prepare);
+    }
+
+    /// The shipper's report that the store holds every record up to `seq`,
+    /// which ends at `pos` in the journal: what a drop would lose starts
+    /// after it. Records a drop already gave up (a segment put that was in
+    /// flight during the drop) do not move it back.
+    pub fn note_stored(&self, seq: Seq, pos: Option<(Seq, u64)>) {
+        let mut inner = self.inner.lock();
+        if seq > inner.stored.0 {
+            inner.stored = (seq, pos);
+        }
+    }
+
+    /// The lineage new records belong to.
+    pub fn lineage(&self) -> u64 {
+        self.inner.lock().lineage
+    }
+
+    /// How many drops happened in this run: a change means a new gap.
+    pub fn gap_epoch(&self) -> u64 {
+        self.gap_epoch.load(Ordering::Acquire)
+    }
+
+    /// The highest sequence number a drop gave up (0 when none): readers
+    /// skip past it.
+    pub fn dropped_through(&self) -> Seq {
+        self.dropped_through.load(Ordering::Acquire)
+    }
+
+    /// Journal bytes dropped in this run.
+    pub fn dropped_bytes(&self) -> u64 {
+        self.dropped_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Gaps whose markers the store does not hold yet, oldest first (noted
+    /// in this run or found at open).
+    pub fn pending_gaps(&self) -> Vec<GapMark> {
+        self.inner.lock().notes.clone()
+    }
+
+    /// The store holds this gap's marker: its note is no longer needed.
+    pub fn settle_gap(&self, mark: &GapMark) -> Result<(), JournalError> {
+        let mut inner = self.inner.lock();
+        inner.notes.retain(|g| g != mark);
+        let note = self.dir.join(mark.note_name());
+        match fs::remove_file(&note) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(JournalError::io(&note, e)),
+            _ => Ok(()),
+        }
+    }
+
+    /// A base of `lineage` is stored: a gap that began it is closed, and a
+    /// later drop starts a lineage of its own.
+    pub fn gap_closed(&self, lineage: u64) {
+        let mut inner = self.inner.lock();
+        if inner.open_gap.is_some_and(|(_, to)| to == lineage) {
+            inner.open_gap = None;
+        }
     }
 
     /// Whether `release_through(seq)` would release a file (so the caller

@@ -15,10 +15,15 @@ use crate::clock::fmt_ns;
 use crate::record::{Ino, Seq};
 use crate::timeline::Timeline;
 
-/// A base given up because the daemon is stopping.
+/// A base given up: the daemon is stopping, or a journal drop
+/// (`--on-journal-full=gap`) superseded it.
 #[derive(Debug, thiserror::Error)]
-#[error("base snapshot interrupted by shutdown: {0}")]
+#[error("base snapshot given up: {0}")]
 struct Interrupted(BaseError);
+
+fn superseded(why: &str) -> Interrupted {
+    Interrupted(BaseError::Inconsistent(format!("superseded: {why}")))
+}
 
 /// What the base thread carries from one base to the next.
 struct Incremental {
@@ -35,6 +40,8 @@ struct Incremental {
     /// The catalog's base when `previous` is not it: its chunks count as
     /// stored for the next base if the store still holds its manifest.
     seed: Option<Previous>,
+    /// The journal's gap epoch this thread has taken a base for.
+    gaps_seen: u64,
 }
 
 /// The longest pause between two attempts of a base, so that a base
@@ -101,10 +108,20 @@ impl Daemon {
                 }
             }
         }
+        // The lineage the journal writes now: a journal gap moves it on.
+        let lineage = self.journal.lineage();
         let mut delay = Duration::from_secs(1);
         let mut attempt = 0u32;
         loop {
             attempt += 1;
+            // A journal drop (--on-journal-full=gap) ends this lineage's
+            // continuity: a base of it would name records that are gone.
+            let epoch = self.journal.gap_epoch();
+            if epoch != inc.gaps_seen || self.journal.lineage() != lineage {
+                return Err(superseded(
+                    "the journal dropped changes and a base of the new lineage follows",
+                ));
+            }
             self.watch.activate();
             // Taken before start_seq is read; see `fs::touched` for why no
             // change racing the take is lost.
@@ -127,7 +144,7 @@ impl Daemon {
             let req = BaseRequest {
                 source: &self.source_fd,
                 store: self.store.as_ref(),
-                lineage: self.lineage.0,
+                lineage,
                 start_seq,
                 started_ns,
                 kind,
@@ -144,7 +161,7 @@ impl Daemon {
             self.known_chunks.forget_all();
             let announced = crate::prune::announce_base(
                 self.store.as_ref(),
-                self.lineage.0,
+                lineage,
                 start_seq,
                 started_ns,
                 &|| self.stop.load(Ordering::Relaxed),
@@ -186,8 +203,14 @@ impl Daemon {
                     // record before it puts control objects.
                     while self.shipper.stats.stored_seq.load(Ordering::Acquire) < start_seq
                         && !self.stop.load(Ordering::Acquire)
+                        && self.journal.gap_epoch() == epoch
                     {
                         std::thread::sleep(Duration::from_millis(20));
+                    }
+                    if self.journal.gap_epoch() != epoch {
+                        self.metrics.set_base_in_progress(false);
+                        self.watch.deactivate();
+                        return Err(superseded("the journal dropped changes this base needed"));
                     }
                     self.shipper
                         .queue(m.meta().key(), base::encode_manifest(&m));
@@ -195,6 +218,7 @@ impl Daemon {
                     if kind != BaseKind::Periodic {
                         self.base_completed_ns
                             .store(m.completed_ns, Ordering::Release);
+                        self.base_epoch.store(epoch, Ordering::Release);
                     }
                     self.metrics.add_shipped_bytes(stats.bytes);
                     let took = t0.elapsed();
@@ -358,6 +382,22 @@ impl Daemon {
         mut last_seq: Seq,
     ) {
         while !self.stop.load(Ordering::Acquire) {
+            // After a journal gap: the new lineage's first base (a full read).
+            let epoch = self.journal.gap_epoch();
+            if epoch != inc.gaps_seen {
+                inc.gaps_seen = epoch;
+                let (t0, seq) = (Instant::now(), self.journal.last_seq());
+                let why =
+                    "the journal dropped changes the store had not taken (--on-journal-full=gap)";
+                match self.take_base(BaseKind::Initial, inc, why) {
+                    Ok(()) => {
+                        self.base_done.store(true, Ordering::Release);
+                        (last_start, last_seq) = (t0, seq);
+                    }
+                    Err(e) => tracing::debug!("the base after a journal gap: {e}"),
+                }
+                continue;
+            }
             let since = self
                 .journal
                 .written_bytes()
@@ -419,6 +459,7 @@ pub(super) fn spawn(
                 pending: r.pending,
                 reload: r.reload.then_some(j0),
                 seed: r.seed,
+                gaps_seen: 0,
             };
             match kind {
                 Some(kind) => {
@@ -426,6 +467,9 @@ pub(super) fn spawn(
                     last_seq = d.journal.last_seq();
                     match d.take_base(kind, &mut inc, "needed at start") {
                         Ok(()) => d.base_done.store(true, Ordering::Release),
+                        // Superseded by a journal gap: the periodic loop
+                        // takes the new lineage's base.
+                        Err(_) if d.journal.gap_epoch() != 0 && !d.stop.load(Ordering::Acquire) => {}
                         Err(e) => {
                             *d.base_failed.lock() = Some(e.to_string());
                             return;

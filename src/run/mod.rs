@@ -109,6 +109,9 @@ struct Daemon {
     source_fd: std::os::fd::OwnedFd,
     stop: AtomicBool,
     base_done: AtomicBool,
+    /// The journal's gap epoch when the last start or after-gap base was
+    /// taken: a later drop leaves the current lineage without a base.
+    base_epoch: AtomicU64,
     base_completed_ns: AtomicI64,
     base_failed: Mutex<Option<String>>,
     /// Chunks confirmed stored during this run (this lineage); see
@@ -119,6 +122,38 @@ struct Daemon {
     written_at_base: AtomicU64,
     /// The local catalog (`crate::catalog`), if one could be opened.
     catalog: Mutex<Option<crate::catalog::Catalog>>,
+}
+
+impl Daemon {
+    /// Whether the current lineage has its base (the one a start needs, or
+    /// the first after a journal gap).
+    fn based(&self) -> bool {
+        self.base_done.load(Ordering::Acquire)
+            && self.base_epoch.load(Ordering::Acquire) == self.journal.gap_epoch()
+    }
+}
+
+/// What the daemon makes durable before the journal drops records in gap
+/// mode: the source (which holds their effects, and which fsync did not
+/// sync), and the gap's lineage in the state file, so that a start after a
+/// crash continues it.
+fn prepare_drop(
+    dirs: &Dirs,
+    volume: &str,
+    boot: &str,
+) -> Result<crate::journal::PrepareDrop, RunError> {
+    let src = open_source(&dirs.source)?;
+    let (jdir, volume, boot) = (dirs.journal.clone(), volume.to_string(), boot.to_string());
+    Ok(Box::new(move |g| {
+        rustix::fs::syncfs(&src).map_err(|e| format!("cannot sync the source: {e}"))?;
+        let st = LocalState {
+            volume: volume.clone(),
+            lineage: LineageId(g.to_lineage),
+            boot_id: boot.clone(),
+            clean: false,
+        };
+        layout::write_state(&jdir, &st).map_err(|e| format!("cannot write the state file: {e}"))
+    }))
 }
 
 /// A started daemon: the mount is live and the threads run until
@@ -158,9 +193,6 @@ fn check_args(args: &RunArgs) -> Result<Dirs, RunError> {
     let usage = |m: String| Err(RunError::Usage(m));
     if args.base_interval.is_zero() || args.base_after == 0 {
         return usage("--base-interval and --base-after must be more than zero".into());
-    }
-    if args.on_journal_full == crate::cli::OnJournalFull::Gap {
-        return usage("--on-journal-full=gap is not available in this build yet; use the default (writers wait for the store)".into());
     }
     let source = std::fs::canonicalize(&args.source).map_err(io(format!(
         "--source {} does not exist",
@@ -361,6 +393,18 @@ fn start(args: &RunArgs) -> Result<Running, RunError> {
             "journal holds records not yet confirmed stored; shipping them first"
         );
     }
+    // A journal gap whose marker the store does not hold yet: the journal's
+    // records belong to the gap's lineage, which takes its first base
+    // (src/gap.rs).
+    let pending_gap = journal.pending_gaps().last().cloned();
+    let (gap_lineage, _, start_base) = crate::gap::after_restart(
+        (lineage.0, decided.new_lineage(), decided.base),
+        pending_gap.as_ref(),
+    );
+    let lineage = LineageId(gap_lineage);
+    if let Some(g) = &pending_gap {
+        tracing::warn!(%lineage, "a journal gap of an earlier run is not yet recorded in the store (its note is in the journal directory): continuing its lineage, which takes its first base; the gap marker is stored once the store takes objects ({})", g.key());
+    }
     if decided.redo() {
         // fsync waited for the journal alone: put back into the source
         // whatever the crash took from it before anything reads it.
@@ -378,6 +422,9 @@ fn start(args: &RunArgs) -> Result<Running, RunError> {
         journal.set_lineage(lineage.0).map_err(RunError::Journal)?;
     }
     let journal = Arc::new(journal);
+    if args.on_journal_full == crate::cli::OnJournalFull::Gap {
+        journal.set_gap_mode(prepare_drop(&dirs, &args.store.volume, &boot)?);
+    }
     let state = LocalState {
         volume: args.store.volume.clone(),
         lineage,
@@ -462,7 +509,8 @@ fn start(args: &RunArgs) -> Result<Running, RunError> {
         watch,
         source_fd: src_dir,
         stop: AtomicBool::new(false),
-        base_done: AtomicBool::new(decided.base.is_none()),
+        base_done: AtomicBool::new(start_base.is_none()),
+        base_epoch: AtomicU64::new(0),
         base_completed_ns: AtomicI64::new(0),
         base_failed: Mutex::new(None),
         known_chunks: StoredChunks::default(),
@@ -478,7 +526,7 @@ fn start(args: &RunArgs) -> Result<Running, RunError> {
         .filter(|b| b.lineage == lineage.0)
         .max_by_key(|b| b.completed_ns);
     let (mut last_start, mut last_seq) = (Instant::now(), 0);
-    if let (None, Some(b)) = (decided.base, newest) {
+    if let (None, Some(b)) = (start_base, newest) {
         let age = crate::clock::wall_now()
             .saturating_sub(b.completed_ns)
             .max(0) as u64;
@@ -490,7 +538,7 @@ fn start(args: &RunArgs) -> Result<Running, RunError> {
     }
     let base_thread = base_thread::spawn(
         d.clone(),
-        decided.base,
+        start_base,
         j0,
         (found, resume_from),
         (args.base_interval, args.base_after),
@@ -508,7 +556,7 @@ fn start(args: &RunArgs) -> Result<Running, RunError> {
             .min();
         std::thread::Builder::new()
             .name("rewind-metrics".into())
-            .spawn(move || monitor::monitor(&d, earliest))
+            .spawn(move || monitor::monitor(&d, earliest, lineage.0))
             .unwrap()
     };
     let status = match &args.listen {
@@ -584,7 +632,7 @@ impl Running {
         // progress is abandoned: the previous base keeps the volume
         // restorable.
         while !base_thread.is_finished()
-            && !d.base_done.load(Ordering::Acquire)
+            && !d.based()
             && Instant::now() < deadline
         {
             std::thread::sleep(Duration::from_millis(20));
@@ -597,7 +645,7 @@ impl Running {
             std::thread::sleep(Duration::from_millis(10));
         }
         let shipped = ship_thread::final_round(&d, deadline);
-        let base_ok = d.base_done.load(Ordering::Acquire);
+        let base_ok = d.based();
         // Whatever the final round says, the store must hold the journal's
         // last record before the stop counts as clean.
         let shipped = shipped.and_then(|()| {
@@ -633,7 +681,7 @@ impl Running {
                 ))?;
                 let state = LocalState {
                     volume: self.volume.clone(),
-                    lineage: d.lineage,
+                    lineage: LineageId(d.journal.lineage()),
                     boot_id: self.boot_id.clone(),
                     clean: true,
                 };

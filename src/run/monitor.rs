@@ -10,7 +10,7 @@ use crate::outage;
 /// Samples the daemon's state into the metrics twice a second, and logs
 /// replication lag once a minute. It runs apart from the shipper so that
 /// metrics stay current while an upload is stuck in retries.
-pub(super) fn monitor(d: &Daemon, mut earliest: Option<crate::clock::Nanos>) {
+pub(super) fn monitor(d: &Daemon, mut earliest: Option<crate::clock::Nanos>, mut lineage: u64) {
     let m = &d.metrics;
     let s = &d.shipper.stats;
     let (mut written, mut segments, mut bytes, mut errors) = (0u64, 0u64, 0u64, 0u64);
@@ -52,10 +52,15 @@ pub(super) fn monitor(d: &Daemon, mut earliest: Option<crate::clock::Nanos>) {
             unshipped_since = None;
             m.set_oldest_unshipped(None);
         }
-        if d.base_done.load(Ordering::Acquire)
-            && earliest.is_none()
-            && d.shipper.pending_control() == 0
-        {
+        let current = d.journal.lineage();
+        if current != lineage {
+            // A journal gap began a new lineage: its window opens on its base.
+            lineage = current;
+            earliest = None;
+            m.set_lineage(&crate::timeline::LineageId(lineage).to_string());
+        }
+        m.set_journal_gaps(d.journal.gap_epoch(), d.journal.dropped_bytes());
+        if d.based() && earliest.is_none() && d.shipper.pending_control() == 0 {
             earliest = Some(d.base_completed_ns.load(Ordering::Acquire));
         }
         if let Some(e) = earliest {
