@@ -6,6 +6,8 @@ pub mod base;
 pub mod cli;
 pub mod clock;
 pub mod codec;
+pub(crate) mod compact;
+pub mod delta;
 pub mod fs;
 pub mod http;
 pub mod journal;

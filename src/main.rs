@@ -145,13 +145,14 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 n => format!("; {n} device node(s) NOT restored (see the warnings above)"),
             };
             println!(
-                "restored {} at {} (lineage {}, base completed {}, {} records from {} segments, last change {}) into {} in {:.2}s{skipped}",
+                "restored {} at {} (lineage {}, base completed {}, {} records from {} segments and {} deltas, last change {}) into {} in {:.2}s{skipped}",
                 args.store.volume,
                 fmt_ns(r.at_ns),
                 lineage_id(r.lineage),
                 fmt_ns(r.base_completed_ns),
                 r.records,
                 r.segments,
+                r.deltas,
                 r.last_record_ns.map(fmt_ns).unwrap_or_else(|| "none after the base".into()),
                 args.target.display(),
                 started.elapsed().as_secs_f64()
@@ -286,8 +287,8 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             let store = open_store(&args.store)?;
             let rep = rewind::verify::verify(store.as_ref(), &mut |m| eprintln!("rewind: {m}"))?;
             println!(
-                "checked {} segments ({} records), {} bases, {} chunks",
-                rep.segments, rep.records, rep.bases, rep.chunks
+                "checked {} segments ({} records), {} deltas, {} bases, {} chunks",
+                rep.segments, rep.records, rep.deltas, rep.bases, rep.chunks
             );
             if rep.problems.is_empty() {
                 println!("ok: every object checks out and the timeline is continuous");

@@ -18,10 +18,19 @@
 //!   a lineage that ended before every tier and is not the volume's newest
 //!   loses its head.
 //! - A coarse tier keeps, in each of its minute, hour or day buckets (UTC),
-//!   the newest base completed in that bucket, with the segments that
+//!   the newest base completed in that bucket, with the records that
 //!   complete it (sequence numbers after its start up to its completion).
 //!   A tier's real granularity is the coarser of its bucket and the
 //!   interval between bases.
+//! - The minutes tier also keeps every whole UTC minute T before the
+//!   seconds tier's anchor completed (the state of every record timed at or
+//!   before T), restored from the newest kept base completed at or before
+//!   T. The plan names the records those minutes need that are not yet in
+//!   deltas (`CompactJob`); prune compacts them into deltas cut at every
+//!   such minute and every kept base's start and completion (with the
+//!   records a kept base's walk raced stored raw, see `compact`), stores
+//!   them, and plans again: from then on the minutes need only deltas.
+//! - Deltas that no kept instant's replay uses are condemned like segments.
 //! - Bases and segments that no kept instant needs are condemned;
 //!   heartbeats that no longer extend a window, and the lineage marker of
 //!   a lineage with nothing kept, are deleted outright (nothing reads them
@@ -35,9 +44,11 @@ use serde::Serialize;
 
 use crate::base::BaseMeta;
 use crate::clock::Nanos;
+use crate::compact::Cuts;
+use crate::delta::DeltaMeta;
 use crate::record::Seq;
 use crate::segment::SegmentMeta;
-use crate::timeline::{lineage_id, Condemned, Timeline};
+use crate::timeline::{lineage_id, Chain, Condemned, Piece, Timeline};
 
 const NS_PER_SEC: i64 = 1_000_000_000;
 
@@ -101,7 +112,7 @@ impl Tier {
     pub fn granularity(self) -> &'static str {
         match self {
             Tier::Seconds => "every instant",
-            Tier::Minutes => "the newest base of each minute",
+            Tier::Minutes => "each whole minute, from deltas",
             Tier::Hours => "the newest base of each hour",
             Tier::Days => "the newest base of each day",
         }
@@ -211,6 +222,60 @@ pub(crate) struct PrunePlan {
     pub delete_now: Vec<String>,
     /// Lineages left alone because none of their bases has completed.
     pub untouched_lineages: Vec<u64>,
+    /// Records to compact into deltas before condemning anything.
+    pub jobs: Vec<CompactJob>,
+}
+
+/// Records of one lineage that kept minutes need and no delta holds yet:
+/// those after `after_seq` up to `through_seq`, and no later than
+/// `until_ns`, to be cut at `cuts` and stored as deltas.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct CompactJob {
+    pub lineage: u64,
+    pub after_seq: Seq,
+    pub through_seq: Seq,
+    pub until_ns: Nanos,
+    pub cuts: Cuts,
+}
+
+const MINUTE_NS: i64 = 60 * NS_PER_SEC;
+
+/// What a kept instant's replay needs: segment ranges (after, through] in
+/// the sense of `condemn_segments`, and delta keys.
+fn needs_of(b: &BaseMeta, chain: &Chain, needed: &mut Vec<(Seq, Seq)>, deltas: &mut HashSet<String>) {
+    let has_delta = chain.pieces.iter().any(|p| matches!(p, Piece::Delta(_)));
+    if !has_delta {
+        let last = chain.pieces.last().map_or(b.start_seq, |p| p.last_seq());
+        needed.push((b.start_seq, last));
+        return;
+    }
+    for p in &chain.pieces {
+        match p {
+            Piece::Segment(s) => needed.push((s.first_seq.saturating_sub(1), s.last_seq)),
+            Piece::Delta(d) => {
+                deltas.insert(d.key());
+            }
+        }
+    }
+}
+
+/// The parts of (lo, hi] that no delta of the lineage covers.
+fn uncovered(deltas: &[&DeltaMeta], lo: Seq, hi: Seq) -> Vec<(Seq, Seq)> {
+    let mut out = Vec::new();
+    let mut at = lo;
+    for d in deltas {
+        if d.to_seq <= at || d.from_seq >= hi {
+            continue;
+        }
+        if d.from_seq > at {
+            out.push((at, d.from_seq));
+        }
+        at = at.max(d.to_seq);
+    }
+    if at < hi {
+        out.push((at, hi));
+    }
+    out
 }
 
 /// Applies `policy` at `now` to the (non-condemned part of the) timeline.
@@ -247,6 +312,8 @@ pub(crate) fn plan_prune(t: &Timeline, policy: &Policy, now: Nanos) -> PrunePlan
             .filter(|b| b.completed_ns >= view.earliest_ns)
             .collect();
         let mut kept: HashSet<String> = HashSet::new();
+        let mut needed_deltas: HashSet<String> = HashSet::new();
+        let mut anchor_base: Option<&BaseMeta> = None;
         // Sequence ranges (after, through] whose segments are needed.
         let mut needed: Vec<(Seq, Seq)> = Vec::new();
         let mut candidates: Vec<&BaseMeta> = Vec::new();
@@ -265,6 +332,7 @@ pub(crate) fn plan_prune(t: &Timeline, policy: &Policy, now: Nanos) -> PrunePlan
                 .filter(|b| b.completed_ns <= seconds_start)
                 .max_by_key(|b| (b.completed_ns, b.start_seq))
                 .unwrap_or(&view.window_base);
+            anchor_base = Some(anchor);
             for b in window
                 .iter()
                 .filter(|b| b.completed_ns >= anchor.completed_ns)
@@ -278,7 +346,7 @@ pub(crate) fn plan_prune(t: &Timeline, policy: &Policy, now: Nanos) -> PrunePlan
                 ns: anchor.completed_ns,
                 until_ns: Some(view.latest_ns),
             });
-            candidates.extend(view.points.iter());
+            candidates.extend(view.points.iter().map(|p| &p.base));
             candidates.extend(
                 window
                     .iter()
@@ -286,7 +354,7 @@ pub(crate) fn plan_prune(t: &Timeline, policy: &Policy, now: Nanos) -> PrunePlan
                     .filter(|b| b.completed_ns < anchor.completed_ns),
             );
         } else {
-            candidates.extend(view.points.iter());
+            candidates.extend(view.points.iter().map(|p| &p.base));
             candidates.extend(window.iter().copied());
         }
         // Coarse tiers: the newest base of each bucket.
@@ -308,11 +376,11 @@ pub(crate) fn plan_prune(t: &Timeline, policy: &Policy, now: Nanos) -> PrunePlan
             }
         }
         for ((tier, _), b) in buckets {
-            let Ok(tail) = t.tail(b, b.completed_ns) else {
+            let Ok(chain) = t.tail(b, b.completed_ns) else {
                 continue;
             };
             kept.insert(b.key());
-            needed.push((b.start_seq, tail.last().map_or(b.start_seq, |s| s.last_seq)));
+            needs_of(b, &chain, &mut needed, &mut needed_deltas);
             plan.points.push(KeptPoint {
                 lineage: l,
                 tier,
@@ -320,6 +388,69 @@ pub(crate) fn plan_prune(t: &Timeline, policy: &Policy, now: Nanos) -> PrunePlan
                 until_ns: None,
             });
         }
+        // The minutes tier's whole minutes, each from the newest kept base
+        // at or before it, while the store shows exactly which records
+        // precede it.
+        let mut kept_bases: Vec<&BaseMeta> = bases
+            .iter()
+            .copied()
+            .filter(|b| kept.contains(&b.key()))
+            .collect();
+        kept_bases.sort_by_key(|b| (b.completed_ns, b.start_seq));
+        let (young, old) = policy.ages(Tier::Minutes);
+        let mut minute_lo: Option<Seq> = None;
+        let mut minute_hi: Option<(Seq, Nanos)> = None;
+        if let (Some(anchor), true) = (anchor_base, old > young) {
+            let oldest = now.saturating_sub(old);
+            let newest = now.saturating_sub(young).min(anchor.completed_ns - 1);
+            let mut m = (oldest.div_euclid(MINUTE_NS) + 1) * MINUTE_NS;
+            while m <= newest {
+                let i = kept_bases.partition_point(|b| b.completed_ns <= m);
+                if let Some(b) = i.checked_sub(1).map(|i| kept_bases[i]) {
+                    if let Ok(chain) = t.tail(b, m).map_err(|_| ()).and_then(|c| {
+                        if c.evident {
+                            Ok(c)
+                        } else {
+                            Err(())
+                        }
+                    }) {
+                        needs_of(b, &chain, &mut needed, &mut needed_deltas);
+                        plan.points.push(KeptPoint {
+                            lineage: l,
+                            tier: Tier::Minutes,
+                            ns: m,
+                            until_ns: None,
+                        });
+                        minute_lo = Some(minute_lo.map_or(b.start_seq, |x| x.min(b.start_seq)));
+                        let last = chain.pieces.last().map_or(b.start_seq, |p| p.last_seq());
+                        minute_hi = Some((minute_hi.map_or(last, |x| x.0.max(last)), m));
+                    }
+                }
+                m += MINUTE_NS;
+            }
+        }
+        let deltas: Vec<&DeltaMeta> = t.deltas.iter().filter(|d| d.lineage == l).collect();
+        if let (Some(lo), Some((hi, until_ns))) = (minute_lo, minute_hi) {
+            let cuts = Cuts {
+                after_seqs: kept_bases.iter().map(|b| b.start_seq).collect(),
+                at_times: kept_bases.iter().map(|b| b.completed_ns).collect(),
+                minutes: Some((now.saturating_sub(old), now.saturating_sub(young) + 1)),
+                bases: kept_bases
+                    .iter()
+                    .map(|b| (b.start_seq, b.completed_ns))
+                    .collect(),
+            };
+            for (after_seq, through_seq) in uncovered(&deltas, lo, hi) {
+                plan.jobs.push(CompactJob {
+                    lineage: l,
+                    after_seq,
+                    through_seq,
+                    until_ns,
+                    cuts: cuts.clone(),
+                });
+            }
+        }
+        condemn_deltas(&mut plan, l, &deltas, &needed_deltas, now);
         for b in &bases {
             if kept.contains(&b.key()) {
                 plan.keep.push(b.key());
@@ -351,6 +482,55 @@ pub(crate) fn plan_prune(t: &Timeline, policy: &Policy, now: Nanos) -> PrunePlan
     }
     plan.points.sort_by_key(|p| (p.lineage, p.ns));
     plan
+}
+
+/// Condemns the deltas no kept instant uses, one marker per run of
+/// consecutive ones (deltas never overlap: prune only compacts records no
+/// delta holds).
+fn condemn_deltas(
+    plan: &mut PrunePlan,
+    lineage: u64,
+    deltas: &[&DeltaMeta],
+    needed: &HashSet<String>,
+    now: Nanos,
+) {
+    let mut runs: Vec<Vec<&DeltaMeta>> = vec![Vec::new()];
+    for d in deltas {
+        if needed.contains(&d.key()) {
+            plan.keep.push(d.key());
+            if !runs.last().unwrap().is_empty() {
+                runs.push(Vec::new());
+            }
+        } else {
+            runs.last_mut().unwrap().push(d);
+        }
+    }
+    let kept: Vec<&&DeltaMeta> = deltas.iter().filter(|d| needed.contains(&d.key())).collect();
+    for run in runs.into_iter().filter(|r| !r.is_empty()) {
+        let whole = Condemned::Deltas {
+            ns: now,
+            lineage,
+            from_seq: run[0].from_seq,
+            to_seq: run.iter().map(|d| d.to_seq).max().unwrap(),
+        };
+        let markers = if kept.iter().any(|k| whole.covers_delta(k)) {
+            run.iter()
+                .map(|d| Condemned::Deltas {
+                    ns: now,
+                    lineage,
+                    from_seq: d.from_seq,
+                    to_seq: d.to_seq,
+                })
+                .collect()
+        } else {
+            vec![whole]
+        };
+        for m in markers {
+            plan.condemned_keys
+                .extend(run.iter().filter(|d| m.covers_delta(d)).map(|d| d.key()));
+            plan.condemn.push(m);
+        }
+    }
 }
 
 /// Condemns the segments that no range in `needed` touches, with one
