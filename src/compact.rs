@@ -452,7 +452,7 @@ impl<'a> Cutter<'a> {
                 (self.cuts.between(a, b)
                     || self.cuts.is_raw(a) != self.cuts.is_raw(b)
                     || self.bytes >= self.max_bytes)
-                    .then(|| self.take())
+                    .then(|| self.take(Some(r.time)))
                     .flatten()
             }
             None => None,
@@ -462,12 +462,13 @@ impl<'a> Cutter<'a> {
         closed
     }
 
-    /// The last piece, if records are pending.
-    pub fn finish(mut self) -> Option<Piece> {
-        self.take()
+    /// The last piece, if records are pending; `next_ns` is the time of
+    /// the record after it, if the caller read one.
+    pub fn finish(mut self, next_ns: Option<Nanos>) -> Option<Piece> {
+        self.take(next_ns)
     }
 
-    fn take(&mut self) -> Option<Piece> {
+    fn take(&mut self, next_ns: Option<Nanos>) -> Option<Piece> {
         let first = self.records.first()?;
         let last = self.records.last().unwrap();
         let meta = DeltaMeta {
@@ -476,6 +477,7 @@ impl<'a> Cutter<'a> {
             to_seq: last.seq,
             first_ns: first.time,
             last_ns: last.time,
+            next_ns: next_ns.unwrap_or(last.time + 1).max(last.time + 1),
         };
         let raw = self.cuts.is_raw((first.seq, first.time));
         self.from_seq = last.seq;

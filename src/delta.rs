@@ -13,15 +13,19 @@
 //! ```text
 //! delta := magic "RWDLT001" | version:u16 = 1 | flags:u16 | lineage:u64
 //!          | from_seq:u64 | to_seq:u64 | first_ns:i64 | last_ns:i64
-//!          | count:u64 | raw_len:u64 | block* | blake3(everything before):32
+//!          | next_ns:i64 | count:u64 | raw_len:u64 | block*
+//!          | blake3(everything before):32
 //! block := raw_len:u32 | comp_len:u32 | lz4 block (comp_len bytes)
 //! raw   := (len:u32 | record)*   -- record.rs, as in a segment of version 2
 //! ```
 //!
-//! Key: `delta/<first_ns:020>-<last_ns:020>-<lineage:016x>-<from_seq:020>-<to_seq:020>.rwd`.
+//! Key: `delta/<first_ns:020>-<last_ns:020>-<lineage:016x>-<from_seq:020>-<to_seq:020>-<next_ns:020>.rwd`.
 //!
 //! `first_ns` and `last_ns` are the times of records `from_seq + 1` and
-//! `to_seq` of the original stream (the delta's records carry the sequence
+//! `to_seq` of the original stream; `next_ns` is the time of record
+//! `to_seq + 1` when prune had read it, else `last_ns + 1` (record times
+//! only grow), so the state after the delta is the state at every instant
+//! from `last_ns` to `next_ns - 1`, whatever later prunes delete (the delta's records carry the sequence
 //! number and time of an original record they stand for, so every record's
 //! seq lies in `from_seq+1..=to_seq` and its time in `first_ns..=last_ns`,
 //! but they need not be in order). Flag bit 0 (`RAW`) says the records are
@@ -52,17 +56,20 @@ pub struct DeltaMeta {
     /// Times of the first and last original records it stands for.
     pub first_ns: Nanos,
     pub last_ns: Nanos,
+    /// The time of the record after `to_seq` (see the module docs).
+    pub next_ns: Nanos,
 }
 
 impl DeltaMeta {
     pub fn key(&self) -> String {
         format!(
-            "delta/{:020}-{:020}-{:016x}-{:020}-{:020}.rwd",
+            "delta/{:020}-{:020}-{:016x}-{:020}-{:020}-{:020}.rwd",
             self.first_ns.max(0),
             self.last_ns.max(0),
             self.lineage,
             self.from_seq,
-            self.to_seq
+            self.to_seq,
+            self.next_ns.max(0)
         )
     }
 
@@ -70,7 +77,7 @@ impl DeltaMeta {
     pub fn from_key(key: &str) -> Option<DeltaMeta> {
         let name = key.strip_prefix("delta/")?.strip_suffix(".rwd")?;
         let p: Vec<&str> = name.split('-').collect();
-        if p.len() != 5 {
+        if p.len() != 6 {
             return None;
         }
         let m = DeltaMeta {
@@ -79,8 +86,9 @@ impl DeltaMeta {
             lineage: u64::from_str_radix(p[2], 16).ok()?,
             from_seq: p[3].parse().ok()?,
             to_seq: p[4].parse().ok()?,
+            next_ns: p[5].parse().ok()?,
         };
-        (m.from_seq < m.to_seq && m.first_ns <= m.last_ns).then_some(m)
+        (m.from_seq < m.to_seq && m.first_ns <= m.last_ns && m.last_ns < m.next_ns).then_some(m)
     }
 }
 
@@ -121,6 +129,7 @@ pub fn encode(meta: &DeltaMeta, raw: bool, records: &[Record]) -> Bytes {
     out.put_u64_le(meta.to_seq);
     out.put_i64_le(meta.first_ns);
     out.put_i64_le(meta.last_ns);
+    out.put_i64_le(meta.next_ns);
     out.put_u64_le(records.len() as u64);
     out.put_u64_le(body.len() as u64);
     put_lz4_blocks(&mut out, &body);
@@ -153,8 +162,12 @@ pub fn decode(data: &[u8]) -> Result<Delta, DeltaError> {
         to_seq: r.u64()?,
         first_ns: r.i64()?,
         last_ns: r.i64()?,
+        next_ns: r.i64()?,
     };
-    if meta.to_seq <= meta.from_seq || meta.last_ns < meta.first_ns {
+    if meta.to_seq <= meta.from_seq
+        || meta.last_ns < meta.first_ns
+        || meta.next_ns <= meta.last_ns
+    {
         return Err(DeltaError::Inconsistent(format!(
             "empty or reversed range {}..{}",
             meta.from_seq, meta.to_seq
@@ -239,6 +252,7 @@ mod tests {
             to_seq: 12,
             first_ns: 100,
             last_ns: 300,
+            next_ns: 450,
         }
     }
 

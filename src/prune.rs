@@ -583,6 +583,7 @@ fn compact_jobs(p: &mut Pruner<'_>, t: &Timeline, jobs: &[CompactJob]) -> Result
     for job in jobs {
         let mut cutter = Cutter::new(&job.cuts, job.lineage, job.after_seq, PIECE_MAX_BYTES);
         let mut next = job.after_seq + 1;
+        let mut next_ns = None;
         let segs: Vec<_> = t
             .segments
             .iter()
@@ -614,6 +615,7 @@ fn compact_jobs(p: &mut Pruner<'_>, t: &Timeline, jobs: &[CompactJob]) -> Result
                     continue;
                 }
                 if r.seq > job.through_seq || r.time > job.until_ns {
+                    next_ns = Some(r.time);
                     break 'segments;
                 }
                 next = r.seq + 1;
@@ -625,7 +627,7 @@ fn compact_jobs(p: &mut Pruner<'_>, t: &Timeline, jobs: &[CompactJob]) -> Result
                 }
             }
         }
-        if let Some(piece) = cutter.finish() {
+        if let Some(piece) = cutter.finish(next_ns) {
             store_piece(p, piece)?;
             written += 1;
         }

@@ -398,8 +398,8 @@ pub(crate) fn plan_prune(t: &Timeline, policy: &Policy, now: Nanos) -> PrunePlan
             .collect();
         kept_bases.sort_by_key(|b| (b.completed_ns, b.start_seq));
         let (young, old) = policy.ages(Tier::Minutes);
-        let mut minute_lo: Option<Seq> = None;
-        let mut minute_hi: Option<(Seq, Nanos)> = None;
+        // Records the minutes replay from segments: (after, through, until).
+        let mut to_compact: Vec<(Seq, Seq, Nanos)> = Vec::new();
         if let (Some(anchor), true) = (anchor_base, old > young) {
             let oldest = now.saturating_sub(old);
             let newest = now.saturating_sub(young).min(anchor.completed_ns - 1);
@@ -421,16 +421,31 @@ pub(crate) fn plan_prune(t: &Timeline, policy: &Policy, now: Nanos) -> PrunePlan
                             ns: m,
                             until_ns: None,
                         });
-                        minute_lo = Some(minute_lo.map_or(b.start_seq, |x| x.min(b.start_seq)));
-                        let last = chain.pieces.last().map_or(b.start_seq, |p| p.last_seq());
-                        minute_hi = Some((minute_hi.map_or(last, |x| x.0.max(last)), m));
+                        let mut at = b.start_seq;
+                        for p in &chain.pieces {
+                            if let Piece::Segment(s) = p {
+                                to_compact.push((at, s.last_seq, m));
+                            }
+                            at = p.last_seq();
+                        }
                     }
                 }
                 m += MINUTE_NS;
             }
         }
         let deltas: Vec<&DeltaMeta> = t.deltas.iter().filter(|d| d.lineage == l).collect();
-        if let (Some(lo), Some((hi, until_ns))) = (minute_lo, minute_hi) {
+        to_compact.sort();
+        let mut runs: Vec<(Seq, Seq, Nanos)> = Vec::new();
+        for r in to_compact {
+            match runs.last_mut() {
+                Some(last) if r.0 <= last.1 => {
+                    last.1 = last.1.max(r.1);
+                    last.2 = last.2.max(r.2);
+                }
+                _ => runs.push(r),
+            }
+        }
+        if !runs.is_empty() {
             let cuts = Cuts {
                 after_seqs: kept_bases.iter().map(|b| b.start_seq).collect(),
                 at_times: kept_bases.iter().map(|b| b.completed_ns).collect(),
@@ -440,14 +455,16 @@ pub(crate) fn plan_prune(t: &Timeline, policy: &Policy, now: Nanos) -> PrunePlan
                     .map(|b| (b.start_seq, b.completed_ns))
                     .collect(),
             };
-            for (after_seq, through_seq) in uncovered(&deltas, lo, hi) {
-                plan.jobs.push(CompactJob {
-                    lineage: l,
-                    after_seq,
-                    through_seq,
-                    until_ns,
-                    cuts: cuts.clone(),
-                });
+            for (lo, hi, until_ns) in runs {
+                for (after_seq, through_seq) in uncovered(&deltas, lo, hi) {
+                    plan.jobs.push(CompactJob {
+                        lineage: l,
+                        after_seq,
+                        through_seq,
+                        until_ns,
+                        cuts: cuts.clone(),
+                    });
+                }
             }
         }
         condemn_deltas(&mut plan, l, &deltas, &needed_deltas, now);
@@ -681,10 +698,72 @@ mod tests {
         Timeline::from_keys(k)
     }
 
+    /// The time of record `seq` of a segment in these fixtures: records are
+    /// spread evenly over the segment's time range.
+    fn time_of(s: &SegmentMeta, seq: Seq) -> Nanos {
+        if s.last_seq == s.first_seq {
+            return s.first_ns;
+        }
+        s.first_ns
+            + ((seq - s.first_seq) as i64) * (s.last_ns - s.first_ns)
+                / ((s.last_seq - s.first_seq) as i64)
+    }
+
+    /// The last record a plan replays.
+    fn replayed(pl: &crate::timeline::Plan) -> Seq {
+        let mut last = pl.base.start_seq;
+        for p in &pl.pieces {
+            match p {
+                Piece::Delta(d) => last = last.max(d.to_seq),
+                Piece::Segment(s) => {
+                    for seq in s.first_seq..=s.last_seq {
+                        if time_of(s, seq) <= pl.at_ns {
+                            last = last.max(seq);
+                        }
+                    }
+                }
+            }
+        }
+        last
+    }
+
+    /// What prune's compaction stores for the plan's jobs, as keys: the
+    /// real cutter over the fixtures' records.
+    fn with_deltas(keys: &[String], plan: &PrunePlan) -> Vec<String> {
+        use crate::compact::Cutter;
+        use crate::record::{Op, Record};
+        let t = Timeline::from_keys(keys.to_vec());
+        let mut out = keys.to_vec();
+        for job in &plan.jobs {
+            let mut cutter = Cutter::new(&job.cuts, job.lineage, job.after_seq, usize::MAX);
+            let mut next = job.after_seq + 1;
+            let mut next_ns = None;
+            let mut pieces = Vec::new();
+            'segments: for s in t.segments.iter().filter(|s| s.lineage == job.lineage) {
+                for seq in s.first_seq..=s.last_seq {
+                    if seq < next {
+                        continue;
+                    }
+                    let time = time_of(s, seq);
+                    if seq != next || seq > job.through_seq || time > job.until_ns {
+                        next_ns = (seq == next).then_some(time);
+                        break 'segments;
+                    }
+                    next += 1;
+                    let op = Op::ClockStep { back_ns: 0 };
+                    pieces.extend(cutter.push(Record { seq, time, op }));
+                }
+            }
+            pieces.extend(cutter.finish(next_ns));
+            out.extend(pieces.iter().map(|p| p.meta.key()));
+        }
+        out
+    }
+
     /// Every kept point restores from what the plan leaves, with exactly
-    /// the segments the full timeline would have replayed.
-    fn check_points_restorable(keys: &[String], plan: &PrunePlan) {
-        let before = Timeline::from_keys(keys.to_vec());
+    /// the records the full timeline would have replayed.
+    fn check_points_restorable(original: &[String], keys: &[String], plan: &PrunePlan) {
+        let before = Timeline::from_keys(original.to_vec());
         let t = after(keys, plan);
         for p in &plan.points {
             let id = lineage_id(p.lineage);
@@ -700,20 +779,22 @@ mod tests {
                 let want = before
                     .plan(crate::clock::At::Instant(at), Some(&id))
                     .unwrap();
-                let seqs = |pl: &crate::timeline::Plan| {
-                    (
-                        pl.base.start_seq,
-                        pl.segments.iter().map(|s| s.last_seq).max(),
-                    )
-                };
                 // The same records replay onto a base at or after the one
                 // the unpruned store would use.
-                assert!(got.base.completed_ns >= want.base.completed_ns || got.base == want.base);
-                assert_eq!(
-                    seqs(&got).1.max(Some(got.base.start_seq)),
-                    seqs(&want).1.max(Some(want.base.start_seq)),
-                    "{p:?} at {at}"
+                // (a minute restores from the newest *kept* base before it).
+                assert!(
+                    p.tier == Tier::Minutes
+                        || got.base.completed_ns >= want.base.completed_ns
+                        || got.base == want.base
                 );
+                assert_eq!(replayed(&got), replayed(&want), "{p:?} at {at}");
+                if p.tier == Tier::Minutes {
+                    assert!(
+                        got.pieces.iter().all(|x| matches!(x, Piece::Delta(_))),
+                        "{p:?} replays deltas only: {:?}",
+                        got.pieces
+                    );
+                }
             }
         }
     }
@@ -802,17 +883,25 @@ mod tests {
             // Minutes tier with bases every 30 s: one point per minute.
             let keys = lineage(A, NOW - 10 * MIN, NOW - S, 15 * S, 2);
             out.push(Case {
-                name: "minutes tier: one point per minute bucket, the newest",
+                name: "minutes tier: each whole minute from deltas, and the newest base of each minute",
                 policy: policy(2 * MIN, 5 * MIN, 0, 0),
                 points: vec![
                     (A, Tier::Minutes, NOW - 7 * MIN + 30 * S),
+                    (A, Tier::Minutes, NOW - 6 * MIN),
+                    (A, Tier::Minutes, NOW - 5 * MIN),
+                    (A, Tier::Minutes, NOW - 4 * MIN),
+                    (A, Tier::Minutes, NOW - 3 * MIN),
                     (A, Tier::Minutes, NOW - 6 * MIN + 30 * S),
                     (A, Tier::Minutes, NOW - 5 * MIN + 30 * S),
                     (A, Tier::Minutes, NOW - 4 * MIN + 30 * S),
                     (A, Tier::Minutes, NOW - 3 * MIN + 30 * S),
                     (A, Tier::Seconds, NOW - 2 * MIN),
                 ],
-                condemned: vec![base(A, 20, NOW - 5 * MIN, BaseKind::Periodic)],
+                condemned: vec![
+                    base(A, 20, NOW - 5 * MIN, BaseKind::Periodic),
+                    // Replaced by the delta that ends at the minute after it.
+                    seg(A, 15, 15, NOW - 7 * MIN + 30 * S + 1, NOW - 7 * MIN + 30 * S + 1),
+                ],
                 kept: vec![],
                 deleted: vec![],
                 keys,
@@ -990,9 +1079,15 @@ mod tests {
 
     #[test]
     fn plan_prune_table() {
-        for c in cases() {
+        for mut c in cases() {
+            // As prune does: compact what the plan asks, then plan again.
+            let first = plan_prune(&Timeline::from_keys(c.keys.clone()), &c.policy, NOW);
+            let original = c.keys.clone();
+            c.keys = with_deltas(&c.keys, &first);
             let t = Timeline::from_keys(c.keys.clone());
             let plan = plan_prune(&t, &c.policy, NOW);
+            assert_eq!(plan.points, first.points, "{}: the same points", c.name);
+            assert!(plan.jobs.is_empty(), "{}: {:?}", c.name, plan.jobs);
             let want: Vec<(Tier, i64)> = c.points.iter().map(|p| (p.1, p.2)).collect();
             let got: Vec<(Tier, i64)> = plan.points.iter().map(|p| (p.tier, p.ns)).collect();
             let mut want_sorted = c.points.clone();
@@ -1030,9 +1125,11 @@ mod tests {
             all.sort();
             let mut input: Vec<&String> = c.keys.iter().collect();
             input.sort();
+            let missing: Vec<&&String> = input.iter().filter(|k| !all.contains(k)).collect();
+            let extra: Vec<&&String> = all.iter().filter(|k| !input.contains(k)).collect();
             assert_eq!(
                 all, input,
-                "{}: every key kept, condemned or deleted once",
+                "{}: every key kept, condemned or deleted once; unaccounted {missing:?}, twice or unknown {extra:?}",
                 c.name
             );
             // The markers hide exactly the condemned keys.
@@ -1042,12 +1139,13 @@ mod tests {
                 .iter()
                 .map(|s| s.key())
                 .chain(pruned.condemned_bases.iter().map(|b| b.key()))
+                .chain(pruned.condemned_deltas.iter().map(|d| d.key()))
                 .collect();
             hidden.sort();
             let mut condemned = plan.condemned_keys.clone();
             condemned.sort();
             assert_eq!(hidden, condemned, "{}", c.name);
-            check_points_restorable(&c.keys, &plan);
+            check_points_restorable(&original, &c.keys, &plan);
             // The pruned timeline shows the kept coarse points as points and
             // the seconds tier as the window.
             for p in plan.points.iter().filter(|p| p.tier != Tier::Seconds) {
@@ -1058,7 +1156,11 @@ mod tests {
                         && p.ns <= w.latest_ns
                 });
                 assert!(
-                    in_window || pruned.points().iter().any(|q| q.ns == p.ns),
+                    in_window
+                        || pruned
+                            .points()
+                            .iter()
+                            .any(|q| q.ns <= p.ns && p.ns <= q.until_ns),
                     "{}: {p:?} is shown",
                     c.name
                 );
@@ -1066,6 +1168,7 @@ mod tests {
             // A second prune at the same instant changes nothing.
             let again = plan_prune(&pruned, &c.policy, NOW);
             assert!(again.condemn.is_empty(), "{}: {:?}", c.name, again.condemn);
+            assert!(again.jobs.is_empty(), "{}: {:?}", c.name, again.jobs);
             assert!(
                 again.delete_now.is_empty(),
                 "{}: {:?}",

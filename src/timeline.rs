@@ -603,20 +603,6 @@ impl Timeline {
             .find(|s| s.last_seq >= seq)
     }
 
-    /// The time of record `seq` of lineage `l` if an object starts with it.
-    fn starts_at(&self, l: u64, seq: Seq) -> Option<Nanos> {
-        let d = self
-            .deltas_after(l, seq.saturating_sub(1))
-            .iter()
-            .map(|d| d.first_ns)
-            .min();
-        let s = self
-            .segment_from(l, seq)
-            .filter(|s| s.first_seq == seq)
-            .map(|s| s.first_ns);
-        d.into_iter().chain(s).min()
-    }
-
     /// The replay of `base` up to `at_ns`: the stored pieces a restore
     /// reads, in order (whole deltas where they end at or before `at_ns`,
     /// segments elsewhere), or the first range of records that is missing
@@ -626,6 +612,8 @@ impl Timeline {
         let l = base.lineage;
         let mut pieces = Vec::new();
         let mut next = base.start_seq + 1;
+        // The time of record `next`, when the delta before it says.
+        let mut next_ns: Option<Nanos> = None;
         loop {
             let ds = self.deltas_after(l, next - 1);
             if let Some(d) = ds
@@ -635,7 +623,14 @@ impl Timeline {
             {
                 pieces.push(Piece::Delta(d.clone()));
                 next = d.to_seq + 1;
+                next_ns = Some(d.next_ns);
                 continue;
+            }
+            if next_ns.is_some_and(|n| n > at_ns) {
+                return Ok(Chain {
+                    pieces,
+                    evident: true,
+                });
             }
             let seg = self.segment_from(l, next);
             if let Some(s) = seg.filter(|s| s.first_seq <= next) {
@@ -647,6 +642,7 @@ impl Timeline {
                 }
                 pieces.push(Piece::Segment(s.clone()));
                 next = s.last_seq + 1;
+                next_ns = None;
                 if s.last_ns > at_ns {
                     return Ok(Chain {
                         pieces,
@@ -696,11 +692,7 @@ impl Timeline {
                 .max_by_key(|d| d.to_seq)
             {
                 if d.last_ns >= b.completed_ns {
-                    let until = self
-                        .starts_at(l, d.to_seq + 1)
-                        .map_or(d.last_ns, |n| n - 1)
-                        .min(limit - 1)
-                        .max(d.last_ns);
+                    let until = (d.next_ns - 1).min(limit - 1).max(d.last_ns);
                     out.push(PointView {
                         base: b.clone(),
                         ns: d.last_ns,
