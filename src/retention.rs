@@ -311,6 +311,13 @@ pub(crate) fn plan_prune(t: &Timeline, policy: &Policy, now: Nanos) -> PrunePlan
             .copied()
             .filter(|b| b.completed_ns >= view.earliest_ns)
             .collect();
+        // Bases before the window whose records are all stored: each is a
+        // restorable point (the timeline may list it inside a delta's span).
+        let complete: Vec<&BaseMeta> = bases
+            .iter()
+            .copied()
+            .filter(|b| b.completed_ns < view.earliest_ns && t.tail(b, b.completed_ns).is_ok())
+            .collect();
         let mut kept: HashSet<String> = HashSet::new();
         let mut needed_deltas: HashSet<String> = HashSet::new();
         let mut anchor_base: Option<&BaseMeta> = None;
@@ -346,7 +353,7 @@ pub(crate) fn plan_prune(t: &Timeline, policy: &Policy, now: Nanos) -> PrunePlan
                 ns: anchor.completed_ns,
                 until_ns: Some(view.latest_ns),
             });
-            candidates.extend(view.points.iter().map(|p| &p.base));
+            candidates.extend(complete.iter().copied());
             candidates.extend(
                 window
                     .iter()
@@ -354,7 +361,7 @@ pub(crate) fn plan_prune(t: &Timeline, policy: &Policy, now: Nanos) -> PrunePlan
                     .filter(|b| b.completed_ns < anchor.completed_ns),
             );
         } else {
-            candidates.extend(view.points.iter().map(|p| &p.base));
+            candidates.extend(complete.iter().copied());
             candidates.extend(window.iter().copied());
         }
         // Coarse tiers: the newest base of each bucket.
@@ -404,7 +411,18 @@ pub(crate) fn plan_prune(t: &Timeline, policy: &Policy, now: Nanos) -> PrunePlan
             let oldest = now.saturating_sub(old);
             let newest = now.saturating_sub(young).min(anchor.completed_ns - 1);
             let mut m = (oldest.div_euclid(MINUTE_NS) + 1) * MINUTE_NS;
+            let base_points: HashSet<Nanos> = plan
+                .points
+                .iter()
+                .filter(|p| p.lineage == l)
+                .map(|p| p.ns)
+                .collect();
             while m <= newest {
+                if base_points.contains(&m) {
+                    // A base completed on the minute: that point is kept.
+                    m += MINUTE_NS;
+                    continue;
+                }
                 let i = kept_bases.partition_point(|b| b.completed_ns <= m);
                 if let Some(b) = i.checked_sub(1).map(|i| kept_bases[i]) {
                     if let Ok(chain) = t.tail(b, m).map_err(|_| ()).and_then(|c| {

@@ -343,6 +343,7 @@ pub struct Point {
     pub ns: Nanos,
     pub until_ns: Nanos,
     pub at: String,
+    pub until: String,
 }
 
 /// How a restore time was resolved.
@@ -780,8 +781,20 @@ impl Timeline {
                     .map_or(window_base.completed_ns, |n| n.completed_ns);
                 points.extend(self.delta_points(b, limit));
             }
+            // Spans that overlap describe one state (no record between):
+            // each instant is listed once, under the first span that has it.
             points.sort_by_key(|p| (p.ns, p.until_ns));
-            points.dedup_by_key(|p| p.ns);
+            let mut disjoint: Vec<PointView> = Vec::new();
+            for mut p in points {
+                if let Some(m) = disjoint.last() {
+                    if p.until_ns <= m.until_ns {
+                        continue;
+                    }
+                    p.ns = p.ns.max(m.until_ns + 1);
+                }
+                disjoint.push(p);
+            }
+            let points = disjoint;
             out.push(LineageView {
                 lineage: l,
                 earliest_ns: window_base.completed_ns,
@@ -802,14 +815,16 @@ impl Timeline {
             let Some(v) = views.iter().find(|v| v.lineage == b.lineage) else {
                 continue;
             };
-            if b.completed_ns >= v.earliest_ns || v.points.iter().any(|p| p.base == *b) {
+            if b.completed_ns >= v.earliest_ns {
                 continue;
             }
-            let why = match self.tail(b, b.completed_ns) {
-                Err(m) => format!("{} and it needs them", m.describe(b.lineage)),
-                Ok(_) => "it is not part of the timeline".into(),
-            };
-            out.push((b.clone(), why));
+            // A base whose point another span lists is still usable.
+            if let Err(m) = self.tail(b, b.completed_ns) {
+                out.push((
+                    b.clone(),
+                    format!("{} and it needs them", m.describe(b.lineage)),
+                ));
+            }
         }
         out
     }
@@ -824,6 +839,7 @@ impl Timeline {
                     ns: p.ns,
                     until_ns: p.until_ns,
                     at: fmt_ns(p.ns),
+                    until: fmt_ns(p.until_ns),
                 })
             })
             .collect()
