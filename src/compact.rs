@@ -58,7 +58,9 @@ impl Content {
     /// ends at `to`.
     fn slice(&self, start: u64, from: u64, to: u64) -> Content {
         match self {
-            Content::Data(b) => Content::Data(b.slice((from - start) as usize..(to - start) as usize)),
+            Content::Data(b) => {
+                Content::Data(b.slice((from - start) as usize..(to - start) as usize))
+            }
             Content::Zero => Content::Zero,
         }
     }
@@ -153,12 +155,13 @@ impl Pending {
             push(write(0, cut, Bytes::new()));
             let mut size = cut;
             let mut run: Option<(u64, Vec<u8>)> = None;
-            let flush_run = |run: &mut Option<(u64, Vec<u8>)>, size: &mut u64, push: &mut dyn FnMut(Op)| {
-                if let Some((off, data)) = run.take() {
-                    *size = (*size).max(off + data.len() as u64);
-                    push(write(off, *size, Bytes::from(data)));
-                }
-            };
+            let flush_run =
+                |run: &mut Option<(u64, Vec<u8>)>, size: &mut u64, push: &mut dyn FnMut(Op)| {
+                    if let Some((off, data)) = run.take() {
+                        *size = (*size).max(off + data.len() as u64);
+                        push(write(off, *size, Bytes::from(data)));
+                    }
+                };
             for (start, (end, c)) in self.ext {
                 match c {
                     Content::Data(b) => {

@@ -154,7 +154,9 @@ pub fn decode(data: &[u8]) -> Result<Delta, DeltaError> {
     }
     let flags = r.u16()?;
     if flags & !RAW != 0 {
-        return Err(DeltaError::Inconsistent(format!("unknown flags {flags:#x}")));
+        return Err(DeltaError::Inconsistent(format!(
+            "unknown flags {flags:#x}"
+        )));
     }
     let meta = DeltaMeta {
         lineage: r.u64()?,
@@ -164,9 +166,7 @@ pub fn decode(data: &[u8]) -> Result<Delta, DeltaError> {
         last_ns: r.i64()?,
         next_ns: r.i64()?,
     };
-    if meta.to_seq <= meta.from_seq
-        || meta.last_ns < meta.first_ns
-        || meta.next_ns <= meta.last_ns
+    if meta.to_seq <= meta.from_seq || meta.last_ns < meta.first_ns || meta.next_ns <= meta.last_ns
     {
         return Err(DeltaError::Inconsistent(format!(
             "empty or reversed range {}..{}",

@@ -189,6 +189,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                         "lineage": lineage_id(s.lineage), "first_seq": s.first_seq, "last_seq": s.last_seq,
                         "first_ns": s.first_ns, "last_ns": s.last_ns, "key": s.key(),
                     })).collect::<Vec<_>>(),
+                    "deltas": t.deltas.len(),
                     "heartbeats": t.heartbeats,
                     "gaps": t.gaps(),
                     "chunks": t.chunks,
@@ -197,6 +198,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                     "condemned": {
                         "markers": t.condemned.len(),
                         "segments": t.condemned_segments.len(),
+                        "deltas": t.condemned_deltas.len(),
                         "bases": t.condemned_bases.len(),
                     },
                 });
@@ -249,11 +251,18 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                     fmt_ns(l.last_ns)
                 );
             }
+            if !t.deltas.is_empty() {
+                println!(
+                    "deltas: {} (the minutes tier, compacted by prune)",
+                    t.deltas.len()
+                );
+            }
             println!("chunks: {}", t.chunks);
             if !t.condemned.is_empty() {
                 println!(
-                    "condemned by prune, deleted by a later one: {} segments, {} bases ({} markers)",
+                    "condemned by prune, deleted by a later one: {} segments, {} deltas, {} bases ({} markers)",
                     t.condemned_segments.len(),
+                    t.condemned_deltas.len(),
                     t.condemned_bases.len(),
                     t.condemned.len()
                 );

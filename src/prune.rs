@@ -834,7 +834,14 @@ fn run(p: &mut Pruner<'_>) -> Result<(), PruneError> {
         let size = p.sizes.get(k).copied().unwrap_or(0);
         kept.entry(kind_of(k)).or_default().add(size);
     }
-    for kind in ["segments", "deltas", "bases", "chunks", "heartbeats", "markers"] {
+    for kind in [
+        "segments",
+        "deltas",
+        "bases",
+        "chunks",
+        "heartbeats",
+        "markers",
+    ] {
         p.report.kinds.entry(kind).or_default().kept = kept.get(kind).copied().unwrap_or_default();
     }
     Ok(())

@@ -32,9 +32,9 @@ use rustix::fs::{self as rfs, AtFlags, Mode, OFlags};
 
 use crate::base::{chunk_key, decode_chunk, load_manifest, safe_name, BaseError, Manifest};
 use crate::clock::{fmt_ns, Nanos};
+use crate::delta::{self, DeltaError};
 use crate::layout::HIDDEN;
 use crate::record::{Ino, Kind, Op, Record, RENAME_EXCHANGE_FLAG};
-use crate::delta::{self, DeltaError};
 use crate::segment::{self, SegmentError};
 use crate::store::{Store, StoreError};
 use crate::timeline::{Piece, Plan, Timeline, TimelineError};

@@ -242,7 +242,12 @@ const MINUTE_NS: i64 = 60 * NS_PER_SEC;
 
 /// What a kept instant's replay needs: segment ranges (after, through] in
 /// the sense of `condemn_segments`, and delta keys.
-fn needs_of(b: &BaseMeta, chain: &Chain, needed: &mut Vec<(Seq, Seq)>, deltas: &mut HashSet<String>) {
+fn needs_of(
+    b: &BaseMeta,
+    chain: &Chain,
+    needed: &mut Vec<(Seq, Seq)>,
+    deltas: &mut HashSet<String>,
+) {
     let has_delta = chain.pieces.iter().any(|p| matches!(p, Piece::Delta(_)));
     if !has_delta {
         let last = chain.pieces.last().map_or(b.start_seq, |p| p.last_seq());
@@ -433,6 +438,17 @@ pub(crate) fn plan_prune(t: &Timeline, policy: &Policy, now: Nanos) -> PrunePlan
                         }
                     }) {
                         needs_of(b, &chain, &mut needed, &mut needed_deltas);
+                        if chain.pieces.is_empty() {
+                            // Nothing since the base: the object holding the
+                            // next record shows the state lasted past m.
+                            needed.push((b.start_seq, b.start_seq + 1));
+                            needed_deltas.extend(
+                                t.deltas
+                                    .iter()
+                                    .filter(|d| d.lineage == l && d.from_seq == b.start_seq)
+                                    .map(|d| d.key()),
+                            );
+                        }
                         plan.points.push(KeptPoint {
                             lineage: l,
                             tier: Tier::Minutes,
@@ -540,7 +556,10 @@ fn condemn_deltas(
             runs.last_mut().unwrap().push(d);
         }
     }
-    let kept: Vec<&&DeltaMeta> = deltas.iter().filter(|d| needed.contains(&d.key())).collect();
+    let kept: Vec<&&DeltaMeta> = deltas
+        .iter()
+        .filter(|d| needed.contains(&d.key()))
+        .collect();
     for run in runs.into_iter().filter(|r| !r.is_empty()) {
         let whole = Condemned::Deltas {
             ns: now,

@@ -32,8 +32,8 @@ use serde::Serialize;
 
 use crate::base::{BaseKind, BaseMeta};
 use crate::clock::{fmt_ns, At, Nanos};
-use crate::record::Seq;
 use crate::delta::DeltaMeta;
+use crate::record::Seq;
 use crate::retention::PolicyMark;
 use crate::segment::SegmentMeta;
 use crate::store::{Store, StoreError};
@@ -555,8 +555,7 @@ impl Timeline {
             }
         }
         t.segments.sort_by_key(|s| (s.lineage, s.first_seq));
-        t.deltas
-            .sort_by_key(|d| (d.lineage, d.from_seq, d.to_seq));
+        t.deltas.sort_by_key(|d| (d.lineage, d.from_seq, d.to_seq));
         t.bases.sort_by_key(|b| b.completed_ns);
         t.heartbeats.sort_by_key(|h| h.ns);
         t.condemned.sort_by_key(|c| c.ns());
@@ -768,17 +767,36 @@ impl Timeline {
                 .filter(|b| b.completed_ns < window_base.completed_ns)
                 .collect();
             for (i, b) in before.iter().enumerate() {
-                if self.tail(b, b.completed_ns).is_ok() {
-                    points.push(PointView {
-                        base: (**b).clone(),
-                        ns: b.completed_ns,
-                        until_ns: b.completed_ns,
-                    });
-                }
                 // A delta boundary restores from the newest base before it.
                 let limit = before
                     .get(i + 1)
                     .map_or(window_base.completed_ns, |n| n.completed_ns);
+                if let Ok(c) = self.tail(b, b.completed_ns) {
+                    // With nothing to replay, the base's state lasts until
+                    // the first record after its start, if a stored object
+                    // shows when that came.
+                    let next = c.pieces.is_empty().then(|| {
+                        let d = self
+                            .deltas_after(l, b.start_seq)
+                            .iter()
+                            .map(|d| d.first_ns)
+                            .min();
+                        let s = self
+                            .segment_from(l, b.start_seq + 1)
+                            .filter(|s| s.first_seq <= b.start_seq + 1)
+                            .map(|s| s.first_ns);
+                        d.into_iter().chain(s).min()
+                    });
+                    let until = match next.flatten() {
+                        Some(n) if n > b.completed_ns => (n - 1).min(limit - 1),
+                        _ => b.completed_ns,
+                    };
+                    points.push(PointView {
+                        base: (**b).clone(),
+                        ns: b.completed_ns,
+                        until_ns: until.max(b.completed_ns),
+                    });
+                }
                 points.extend(self.delta_points(b, limit));
             }
             // Spans that overlap describe one state (no record between):

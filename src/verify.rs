@@ -10,9 +10,9 @@
 use std::collections::HashSet;
 
 use crate::base::{chunk_key, decode_chunk, load_manifest};
-use crate::{delta, segment};
 use crate::store::{Store, StoreError};
 use crate::timeline::{lineage_id, Timeline};
+use crate::{delta, segment};
 
 #[derive(Debug, Default)]
 pub struct Report {

@@ -10,8 +10,8 @@ use std::path::PathBuf;
 
 use bytes::Bytes;
 use rewind::base::{self, BaseKind, Extent, Link, Manifest, Object};
-use rewind::record::{Kind, Op, Record};
 use rewind::delta::{self, DeltaMeta};
+use rewind::record::{Kind, Op, Record};
 use rewind::segment;
 
 fn golden(name: &str, bytes: &[u8]) -> Vec<u8> {

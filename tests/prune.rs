@@ -320,7 +320,11 @@ fn file_base(store: &dyn Store, start_seq: u64, completed_ns: i64, content: &[u8
 }
 
 /// What a restore at `at` gives: the file's bytes, mode and mtime.
-fn restored(store: &dyn Store, at: rewind::clock::At, dir: &std::path::Path) -> (Vec<u8>, u32, i64) {
+fn restored(
+    store: &dyn Store,
+    at: rewind::clock::At,
+    dir: &std::path::Path,
+) -> (Vec<u8>, u32, i64) {
     use std::os::unix::fs::MetadataExt;
     let plan = rewind::restore::plan(store, at, None).unwrap();
     if dir.exists() {
@@ -426,7 +430,10 @@ fn the_minutes_tier_is_compacted_into_deltas_that_restore_exactly() {
     assert!(
         c.deltas_written.objects as usize >= minutes.len() - 1,
         "{c:?} for minutes {:?} after the base",
-        minutes.iter().map(|m| (m - start) / SEC).collect::<Vec<_>>()
+        minutes
+            .iter()
+            .map(|m| (m - start) / SEC)
+            .collect::<Vec<_>>()
     );
     assert!(
         c.deltas_written.bytes * 20 < c.segments_read.bytes,
@@ -454,7 +461,10 @@ fn the_minutes_tier_is_compacted_into_deltas_that_restore_exactly() {
     assert!(segs_left < 90, "{segs_left} segments are left");
     for (m, want) in minutes.iter().zip(&before) {
         let got = restored(store, At::Instant(*m), &tmp.path().join("r"));
-        assert!(got == *want, "the minute {m} restores differently from deltas");
+        assert!(
+            got == *want,
+            "the minute {m} restores differently from deltas"
+        );
     }
     let rep = rewind::verify::verify(store, &mut |_| {}).unwrap();
     assert!(rep.problems.is_empty(), "{:?}", rep.problems);

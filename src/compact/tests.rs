@@ -20,15 +20,52 @@ const NAMES: [&str; 3] = ["a", "b", "c"];
 
 #[derive(Debug, Clone)]
 enum Action {
-    Create { dir: usize, name: usize, reuse: bool, is_dir: bool },
-    Write { file: usize, off: u64, len: usize, byte: u8 },
-    SetAttr { file: usize, size: u64, mode: usize, owner: bool },
-    DirAttr { dir: usize, mode: usize },
-    Fallocate { file: usize, off: u64, len: u64, kind: u8 },
-    Link { file: usize, dir: usize, name: usize },
-    Unlink { entry: usize },
-    Rename { entry: usize, dir: usize, name: usize },
-    Xattr { file: usize, name: usize, value: Option<u8> },
+    Create {
+        dir: usize,
+        name: usize,
+        reuse: bool,
+        is_dir: bool,
+    },
+    Write {
+        file: usize,
+        off: u64,
+        len: usize,
+        byte: u8,
+    },
+    SetAttr {
+        file: usize,
+        size: u64,
+        mode: usize,
+        owner: bool,
+    },
+    DirAttr {
+        dir: usize,
+        mode: usize,
+    },
+    Fallocate {
+        file: usize,
+        off: u64,
+        len: u64,
+        kind: u8,
+    },
+    Link {
+        file: usize,
+        dir: usize,
+        name: usize,
+    },
+    Unlink {
+        entry: usize,
+    },
+    Rename {
+        entry: usize,
+        dir: usize,
+        name: usize,
+    },
+    Xattr {
+        file: usize,
+        name: usize,
+        value: Option<u8>,
+    },
 }
 
 fn arb_action() -> impl Strategy<Value = Action> {
@@ -91,14 +128,23 @@ impl Model {
         let files: Vec<Ino> = self.files.keys().copied().collect();
         let now = self.time;
         match a {
-            Action::Create { dir, name, reuse, is_dir } => {
+            Action::Create {
+                dir,
+                name,
+                reuse,
+                is_dir,
+            } => {
                 let parent = Self::pick(&self.dirs, dir).unwrap();
                 let name = Bytes::from(NAMES[name]);
                 if self.entries.contains_key(&(parent, name.clone())) {
                     return;
                 }
                 // The source reuses the number of a file that is gone.
-                let dead: Vec<Ino> = files.iter().copied().filter(|&f| self.links(f) == 0).collect();
+                let dead: Vec<Ino> = files
+                    .iter()
+                    .copied()
+                    .filter(|&f| self.links(f) == 0)
+                    .collect();
                 let ino = match (reuse && !is_dir, Self::pick(&dead, dir)) {
                     (true, Some(i)) => i,
                     _ => {
@@ -126,36 +172,94 @@ impl Model {
                     self.files.insert(ino, 0);
                 }
             }
-            Action::Write { file, off, len, byte } => {
-                let Some(ino) = Self::pick(&files, file) else { return };
+            Action::Write {
+                file,
+                off,
+                len,
+                byte,
+            } => {
+                let Some(ino) = Self::pick(&files, file) else {
+                    return;
+                };
                 let size = self.files[&ino].max(off + len as u64);
                 self.files.insert(ino, size);
                 let data: Vec<u8> = (0..len).map(|i| byte.wrapping_add(i as u8)).collect();
-                self.push(Op::Write { ino, offset: off, size, mtime: now, data: Bytes::from(data) });
+                self.push(Op::Write {
+                    ino,
+                    offset: off,
+                    size,
+                    mtime: now,
+                    data: Bytes::from(data),
+                });
             }
-            Action::SetAttr { file, size, mode, owner } => {
-                let Some(ino) = Self::pick(&files, file) else { return };
+            Action::SetAttr {
+                file,
+                size,
+                mode,
+                owner,
+            } => {
+                let Some(ino) = Self::pick(&files, file) else {
+                    return;
+                };
                 self.files.insert(ino, size);
                 let id = if owner { 1000 } else { 0 };
-                self.push(Op::SetAttr { ino, mode: MODES[mode], uid: id, gid: id, size, mtime: now });
+                self.push(Op::SetAttr {
+                    ino,
+                    mode: MODES[mode],
+                    uid: id,
+                    gid: id,
+                    size,
+                    mtime: now,
+                });
             }
             Action::DirAttr { dir, mode } => {
                 let ino = Self::pick(&self.dirs, dir).unwrap();
-                self.push(Op::SetAttr { ino, mode: MODES[mode], uid: 0, gid: 0, size: 0, mtime: now });
+                self.push(Op::SetAttr {
+                    ino,
+                    mode: MODES[mode],
+                    uid: 0,
+                    gid: 0,
+                    size: 0,
+                    mtime: now,
+                });
             }
-            Action::Fallocate { file, off, len, kind } => {
-                let Some(ino) = Self::pick(&files, file) else { return };
+            Action::Fallocate {
+                file,
+                off,
+                len,
+                kind,
+            } => {
+                let Some(ino) = Self::pick(&files, file) else {
+                    return;
+                };
                 let cur = self.files[&ino];
                 // punch hole, zero range (keeping the size or not), plain
                 // and keep-size allocation.
                 let mode = [3u32, 0x10, 0x11, 0, 1][kind as usize];
-                let size = if mode & 1 == 0 { cur.max(off + len) } else { cur };
+                let size = if mode & 1 == 0 {
+                    cur.max(off + len)
+                } else {
+                    cur
+                };
                 self.files.insert(ino, size);
-                self.push(Op::Fallocate { ino, mode, offset: off, len, size, mtime: now });
+                self.push(Op::Fallocate {
+                    ino,
+                    mode,
+                    offset: off,
+                    len,
+                    size,
+                    mtime: now,
+                });
             }
             Action::Link { file, dir, name } => {
-                let linked: Vec<Ino> = files.iter().copied().filter(|&f| self.links(f) > 0).collect();
-                let Some(ino) = Self::pick(&linked, file) else { return };
+                let linked: Vec<Ino> = files
+                    .iter()
+                    .copied()
+                    .filter(|&f| self.links(f) > 0)
+                    .collect();
+                let Some(ino) = Self::pick(&linked, file) else {
+                    return;
+                };
                 let parent = Self::pick(&self.dirs, dir).unwrap();
                 let name = Bytes::from(NAMES[name]);
                 if self.entries.contains_key(&(parent, name.clone())) {
@@ -215,10 +319,16 @@ impl Model {
                 });
             }
             Action::Xattr { file, name, value } => {
-                let Some(ino) = Self::pick(&files, file) else { return };
+                let Some(ino) = Self::pick(&files, file) else {
+                    return;
+                };
                 let name = Bytes::from(format!("user.{}", NAMES[name]));
                 self.push(match value {
-                    Some(v) => Op::SetXattr { ino, name, value: Bytes::from(vec![v; 3]) },
+                    Some(v) => Op::SetXattr {
+                        ino,
+                        name,
+                        value: Bytes::from(vec![v; 3]),
+                    },
                     None => Op::RemoveXattr { ino, name },
                 });
             }
@@ -270,8 +380,16 @@ fn manifest() -> Manifest {
             dir(BASE_DIR),
         ],
         links: vec![
-            Link { parent: ROOT, name: Bytes::from("base"), ino: BASE_FILE },
-            Link { parent: ROOT, name: Bytes::from("d"), ino: BASE_DIR },
+            Link {
+                parent: ROOT,
+                name: Bytes::from("base"),
+                ino: BASE_FILE,
+            },
+            Link {
+                parent: ROOT,
+                name: Bytes::from("d"),
+                ino: BASE_DIR,
+            },
         ],
     }
 }
@@ -282,7 +400,11 @@ fn model() -> Model {
         next_ino: 10,
         dirs: vec![ROOT, BASE_DIR],
         files: BTreeMap::from([(BASE_FILE, base_content().len() as u64)]),
-        entries: m.links.iter().map(|l| ((l.parent, l.name.clone()), l.ino)).collect(),
+        entries: m
+            .links
+            .iter()
+            .map(|l| ((l.parent, l.name.clone()), l.ino))
+            .collect(),
         seq: 0,
         time: 1_000_000,
         out: Vec::new(),
@@ -295,7 +417,8 @@ fn replay(dir: &Path, records: &[Record]) {
     tree.apply_base(&manifest(), &mut |_| Ok(content.clone()), &mut |_, _| {})
         .unwrap();
     for r in records {
-        tree.apply(r).unwrap_or_else(|e| panic!("record {r:?}: {e}"));
+        tree.apply(r)
+            .unwrap_or_else(|e| panic!("record {r:?}: {e}"));
     }
     tree.finish().unwrap();
 }
@@ -315,11 +438,17 @@ fn snapshot(dir: &Path) -> (BTreeMap<String, String>, Vec<Vec<String>>) {
             let mut names = vec![0u8; 4096];
             let n = rustix::fs::llistxattr(&p, &mut names).unwrap();
             let mut xattrs = Vec::new();
-            for name in names[..n].split(|&b| b == 0).filter(|n| n.starts_with(b"user.")) {
+            for name in names[..n]
+                .split(|&b| b == 0)
+                .filter(|n| n.starts_with(b"user."))
+            {
                 let mut v = vec![0u8; 256];
                 let c = std::ffi::CString::new(name).unwrap();
                 let len = rustix::fs::lgetxattr(&p, c.as_c_str(), &mut v).unwrap();
-                xattrs.push((String::from_utf8_lossy(name).into_owned(), v[..len].to_vec()));
+                xattrs.push((
+                    String::from_utf8_lossy(name).into_owned(),
+                    v[..len].to_vec(),
+                ));
             }
             xattrs.sort();
             let mut desc = format!(
@@ -422,7 +551,12 @@ fn overwrites_of_one_page_collapse_to_one_write() {
     // A truncation to the first size, the page; nothing else.
     assert_eq!(out.len(), 2);
     match &out[1].op {
-        Op::Write { offset, data, mtime, .. } => {
+        Op::Write {
+            offset,
+            data,
+            mtime,
+            ..
+        } => {
             assert_eq!((*offset, data[0], *mtime), (4096, 1000u16 as u8, 1000));
         }
         op => panic!("{op:?}"),
@@ -492,13 +626,13 @@ fn cut_points_table() {
     };
     // (a, b, cut between them?)
     let table = [
-        ((10, MIN), (11, MIN + 1), true),      // after a kept base's start
-        ((11, MIN), (12, MIN + 1), false),     // nothing between
+        ((10, MIN), (11, MIN + 1), true),  // after a kept base's start
+        ((11, MIN), (12, MIN + 1), false), // nothing between
         ((12, 2 * MIN - 1), (13, 2 * MIN), false), // a minute, but b is at it
-        ((12, 2 * MIN), (13, 2 * MIN + 1), true),  // a at the minute: cut after a
+        ((12, 2 * MIN), (13, 2 * MIN + 1), true), // a at the minute: cut after a
         ((12, 2 * MIN - 1), (13, 2 * MIN + 1), true),
         ((12, 4 * MIN - 1), (13, 4 * MIN + 1), false), // outside the minutes range
-        ((12, MIN - 1), (13, MIN + 1), false),        // before it
+        ((12, MIN - 1), (13, MIN + 1), false),         // before it
         ((12, 5 * MIN + 7), (13, 5 * MIN + 8), true),  // at a base's completion
         ((12, 5 * MIN + 6), (13, 5 * MIN + 7), false),
     ];
