@@ -45,10 +45,12 @@ pub enum Command {
     ///
     /// Tiers follow one another by age: every instant of the newest --keep-seconds span stays
     /// restorable; before that, one point per minute for --keep-minutes, then one per hour for
-    /// --keep-hours, then one per day for --keep-days; older history is deleted. A point in a
-    /// coarse tier is the newest base snapshot completed in its minute, hour or day, so a tier is
-    /// never finer than the interval between bases. A zero span turns a tier off. Each lineage's
-    /// newest base and everything after it are always kept.
+    /// --keep-hours, then one per day for --keep-days; older history is deleted. The minutes
+    /// tier keeps every whole minute: prune compacts the records of that span into deltas cut at
+    /// each minute (overwritten bytes collapse), then condemns the segments they replace. A point
+    /// in the hours and days tiers is the newest base snapshot completed in its hour or day, so
+    /// those tiers are never finer than the interval between bases. A zero span turns a tier off.
+    /// Each lineage's newest base and everything after it are always kept.
     ///
     /// Deletes are deferred: a prune first condemns objects (restores planned after that no
     /// longer use them) and a later prune deletes what was condemned more than --grace ago, so a
@@ -223,7 +225,7 @@ pub struct PruneArgs {
     /// Keep every instant for this span (the newest history).
     #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
     pub keep_seconds: Duration,
-    /// Then keep one point a minute (the newest base of each minute) for this span.
+    /// Then keep one point a minute (every whole minute, compacted into deltas) for this span.
     #[arg(long, default_value = "7d", value_parser = humantime::parse_duration)]
     pub keep_minutes: Duration,
     /// Then one point an hour for this span.

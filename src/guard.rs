@@ -95,11 +95,10 @@ pub(crate) fn stack(mountinfo: &str, path: &Path) -> Vec<Mounted> {
     let mut ordered = Vec::with_capacity(at.len());
     // The bottom is the one whose parent is not at this path.
     while let Some(i) = at.iter().position(|m| {
-        ordered
-            .last()
-            .map_or(!at.iter().any(|o: &Mounted| o.id == m.parent), |top: &Mounted| {
-                m.parent == top.id
-            })
+        ordered.last().map_or(
+            !at.iter().any(|o: &Mounted| o.id == m.parent),
+            |top: &Mounted| m.parent == top.id,
+        )
     }) {
         ordered.push(at.swap_remove(i));
     }
@@ -176,7 +175,8 @@ pub(crate) fn ensure_guard(path: &Path) -> Result<(), GuardError> {
     let plan = plan(&stack(&mountinfo()?, path)).map_err(GuardError::Refused)?;
     if plan.mount_guard {
         use rustix::mount::{mount, MountFlags};
-        let flags = MountFlags::RDONLY | MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC;
+        let flags =
+            MountFlags::RDONLY | MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC;
         match mount(GUARD_SOURCE, path, "tmpfs", flags, c"mode=0555,size=4k") {
             Ok(()) => tracing::info!(
                 mount = %path.display(),
@@ -250,21 +250,52 @@ mod tests {
         let fuse2 = m(4, 3, "fuse.rewind", FUSE_SOURCE);
         let other = m(5, 2, "tmpfs", "somebody");
         let sshfs = m(6, 1, "fuse.sshfs", "host:/x");
-        let ok = |detach, mount_guard| Ok(Plan { detach, mount_guard });
+        let ok = |detach, mount_guard| {
+            Ok(Plan {
+                detach,
+                mount_guard,
+            })
+        };
         let cases: Vec<(&str, Vec<Mounted>, Result<Plan, String>)> = vec![
             ("a plain directory gets the guard", vec![], ok(0, true)),
-            ("a volume mount is kept and guarded", vec![bind.clone()], ok(0, true)),
-            ("a guard from an earlier run is reused", vec![bind.clone(), guard.clone()], ok(0, false)),
-            ("a dead FUSE mount on the guard is detached", vec![bind.clone(), guard.clone(), fuse.clone()], ok(1, false)),
-            ("two dead FUSE mounts are detached", vec![guard.clone(), fuse.clone(), fuse2.clone()], ok(2, false)),
-            ("a dead FUSE mount of a build without the guard", vec![bind.clone(), fuse.clone()], ok(1, true)),
+            (
+                "a volume mount is kept and guarded",
+                vec![bind.clone()],
+                ok(0, true),
+            ),
+            (
+                "a guard from an earlier run is reused",
+                vec![bind.clone(), guard.clone()],
+                ok(0, false),
+            ),
+            (
+                "a dead FUSE mount on the guard is detached",
+                vec![bind.clone(), guard.clone(), fuse.clone()],
+                ok(1, false),
+            ),
+            (
+                "two dead FUSE mounts are detached",
+                vec![guard.clone(), fuse.clone(), fuse2.clone()],
+                ok(2, false),
+            ),
+            (
+                "a dead FUSE mount of a build without the guard",
+                vec![bind.clone(), fuse.clone()],
+                ok(1, true),
+            ),
         ];
         for (what, st, want) in cases {
             assert_eq!(plan(&st), want, "{what}");
         }
-        assert!(plan(&[bind.clone(), sshfs]).is_ok_and(|p| p.detach == 0), "another FUSE filesystem is not ours");
+        assert!(
+            plan(&[bind.clone(), sshfs]).is_ok_and(|p| p.detach == 0),
+            "another FUSE filesystem is not ours"
+        );
         let refused = plan(&[bind.clone(), guard.clone(), other.clone()]).unwrap_err();
         assert!(refused.contains("tmpfs somebody"), "{refused}");
-        assert!(plan(&[fuse.clone(), other]).is_err(), "a foreign mount over a FUSE mount of ours");
+        assert!(
+            plan(&[fuse.clone(), other]).is_err(),
+            "a foreign mount over a FUSE mount of ours"
+        );
     }
 }

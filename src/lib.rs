@@ -7,6 +7,8 @@ pub(crate) mod catalog;
 pub mod cli;
 pub mod clock;
 pub(crate) mod codec;
+pub(crate) mod compact;
+pub mod delta;
 pub(crate) mod fs;
 pub mod gap;
 pub mod guard;

@@ -145,13 +145,14 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 n => format!("; {n} device node(s) NOT restored (see the warnings above)"),
             };
             println!(
-                "restored {} at {} (lineage {}, base completed {}, {} records from {} segments, last change {}) into {} in {:.2}s{skipped}",
+                "restored {} at {} (lineage {}, base completed {}, {} records from {} segments and {} deltas, last change {}) into {} in {:.2}s{skipped}",
                 args.store.volume,
                 fmt_ns(r.at_ns),
                 lineage_id(r.lineage),
                 fmt_ns(r.base_completed_ns),
                 r.records,
                 r.segments,
+                r.deltas,
                 r.last_record_ns.map(fmt_ns).unwrap_or_else(|| "none after the base".into()),
                 args.target.display(),
                 started.elapsed().as_secs_f64()
@@ -188,6 +189,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                         "lineage": lineage_id(s.lineage), "first_seq": s.first_seq, "last_seq": s.last_seq,
                         "first_ns": s.first_ns, "last_ns": s.last_ns, "key": s.key(),
                     })).collect::<Vec<_>>(),
+                    "deltas": t.deltas.len(),
                     "heartbeats": t.heartbeats,
                     "gaps": t.gaps(),
                     "chunks": t.chunks,
@@ -196,6 +198,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                     "condemned": {
                         "markers": t.condemned.len(),
                         "segments": t.condemned_segments.len(),
+                        "deltas": t.condemned_deltas.len(),
                         "bases": t.condemned_bases.len(),
                     },
                 });
@@ -248,11 +251,18 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                     fmt_ns(l.last_ns)
                 );
             }
+            if !t.deltas.is_empty() {
+                println!(
+                    "deltas: {} (the minutes tier, compacted by prune)",
+                    t.deltas.len()
+                );
+            }
             println!("chunks: {}", t.chunks);
             if !t.condemned.is_empty() {
                 println!(
-                    "condemned by prune, deleted by a later one: {} segments, {} bases ({} markers)",
+                    "condemned by prune, deleted by a later one: {} segments, {} deltas, {} bases ({} markers)",
                     t.condemned_segments.len(),
+                    t.condemned_deltas.len(),
                     t.condemned_bases.len(),
                     t.condemned.len()
                 );
@@ -286,8 +296,8 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             let store = open_store(&args.store)?;
             let rep = rewind::verify::verify(store.as_ref(), &mut |m| eprintln!("rewind: {m}"))?;
             println!(
-                "checked {} segments ({} records), {} bases, {} chunks",
-                rep.segments, rep.records, rep.bases, rep.chunks
+                "checked {} segments ({} records), {} deltas, {} bases, {} chunks",
+                rep.segments, rep.records, rep.deltas, rep.bases, rep.chunks
             );
             if rep.problems.is_empty() {
                 println!("ok: every object checks out and the timeline is continuous");

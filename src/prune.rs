@@ -1,8 +1,11 @@
 //! `rewind prune`: applies a retention policy (`retention::plan_prune`) to
 //! a volume in the store, and is the only code that deletes. It owns the
-//! prune lock, the deferred deletes (condemn now, delete after a grace
-//! period), the mark and sweep of chunks, the in-flight base markers that
-//! keep a base's chunks safe while it is being uploaded, and the report.
+//! prune lock, the compaction of the minutes tier into deltas (read the
+//! segments, cut and compact with `compact`, store the deltas, and only
+//! then plan again and condemn what they replace), the deferred deletes
+//! (condemn now, delete after a grace period), the mark and sweep of
+//! chunks, the in-flight base markers that keep a base's chunks safe while
+//! it is being uploaded, and the report.
 //! It must not decide what to keep (that is `retention`) and must never
 //! delete an object that a kept instant, a base in flight, or a restore
 //! started within the grace period may read.
@@ -37,10 +40,17 @@ use serde::Serialize;
 use crate::base::{chunk_key, load_manifest, BaseError, BaseMeta};
 use crate::clock::{fmt_ns, wall_now, Nanos};
 use crate::codec::{seal, unseal, DecodeError, Reader};
+use crate::compact::{Cutter, Piece};
+use crate::delta;
 use crate::record::Seq;
-use crate::retention::{plan_prune, Policy, PolicyMark, PrunePlan, Tier};
+use crate::retention::{plan_prune, CompactJob, Policy, PolicyMark, PrunePlan, Tier};
+use crate::segment::{self, SegmentError};
 use crate::store::{Store, StoreError, Undeleted};
 use crate::timeline::{lineage_id, Condemned, Timeline, VOLUME_KEY_KINDS};
+
+/// A delta is cut once the records it stands for reach this much payload,
+/// which bounds the memory one compaction needs.
+const PIECE_MAX_BYTES: usize = 64 << 20;
 
 /// How long a lock is valid before others may ignore it; a running prune
 /// renews it when half is left.
@@ -72,6 +82,12 @@ pub enum PruneError {
     },
     #[error("the store refused to delete {count} object(s), for example {}: {}; run prune again once that is fixed (it repeats what is left)", .first.key, .first.error)]
     Undeleted { count: usize, first: Undeleted },
+    #[error("segment {key}, read to compact it: {source}")]
+    Segment {
+        key: String,
+        #[source]
+        source: SegmentError,
+    },
     #[error("the prune lock expired while pruning (paused for longer than {0:?}?); stopped before changing anything else")]
     LockLost(Duration),
 }
@@ -237,11 +253,27 @@ pub struct KindReport {
     pub kept: Tally,
 }
 
+/// What compaction read and wrote.
+#[derive(Debug, Default, Clone, Copy, Serialize)]
+pub struct CompactReport {
+    /// Segments read, and their stored bytes.
+    pub segments_read: Tally,
+    /// Records compacted, and the payload bytes they carried.
+    pub records_in: u64,
+    pub payload_in: u64,
+    /// Deltas written, their stored bytes, and the records they hold.
+    pub deltas_written: Tally,
+    pub records_out: u64,
+    /// Compaction jobs the plan named (in a dry run, none is carried out).
+    pub jobs: u64,
+}
+
 #[derive(Debug, Default, Serialize)]
 pub struct PruneReport {
     pub dry_run: bool,
     pub now_ns: Nanos,
     pub points: Vec<crate::retention::KeptPoint>,
+    pub compaction: CompactReport,
     /// Keyed by kind: segments, bases, chunks, heartbeats, markers.
     pub kinds: BTreeMap<&'static str, KindReport>,
     /// Things a person should know (a skipped chunk sweep, a broken lock).
@@ -251,6 +283,7 @@ pub struct PruneReport {
 fn kind_of(key: &str) -> &'static str {
     match key.split('/').next().unwrap_or("") {
         "seg" => "segments",
+        "delta" => "deltas",
         "base" => "bases",
         "chunk" => "chunks",
         "hb" => "heartbeats",
@@ -565,12 +598,90 @@ pub fn prune(store: &dyn Store, opts: &PruneOptions) -> Result<PruneReport, Prun
     Ok(p.report)
 }
 
+/// Carries out the plan's compaction jobs: reads each job's segments one
+/// at a time, cuts and compacts the records, and stores each delta as soon
+/// as it is cut. Returns how many deltas were stored. A job stops early,
+/// with a note, at a record that is not stored (the next prune retries).
+fn compact_jobs(p: &mut Pruner<'_>, t: &Timeline, jobs: &[CompactJob]) -> Result<u64, PruneError> {
+    let mut written = 0;
+    for job in jobs {
+        let mut cutter = Cutter::new(&job.cuts, job.lineage, job.after_seq, PIECE_MAX_BYTES);
+        let mut next = job.after_seq + 1;
+        let mut next_ns = None;
+        let segs: Vec<_> = t
+            .segments
+            .iter()
+            .filter(|s| {
+                s.lineage == job.lineage && s.last_seq >= next && s.first_seq <= job.through_seq
+            })
+            .cloned()
+            .collect();
+        'segments: for s in segs {
+            if s.last_seq < next {
+                continue;
+            }
+            if s.first_seq > next {
+                p.report.notes.push(format!(
+                    "compaction of lineage {} stopped at record {next}, which is not stored",
+                    lineage_id(job.lineage)
+                ));
+                break;
+            }
+            let key = s.key();
+            let data = p.store.get(&key)?;
+            p.report.compaction.segments_read.add(data.len() as u64);
+            let (_, recs) = segment::decode(&data).map_err(|source| PruneError::Segment {
+                key: key.clone(),
+                source,
+            })?;
+            for r in recs {
+                if r.seq < next {
+                    continue;
+                }
+                if r.seq > job.through_seq || r.time > job.until_ns {
+                    next_ns = Some(r.time);
+                    break 'segments;
+                }
+                next = r.seq + 1;
+                p.report.compaction.records_in += 1;
+                p.report.compaction.payload_in += r.op.payload_len() as u64;
+                if let Some(piece) = cutter.push(r) {
+                    store_piece(p, piece)?;
+                    written += 1;
+                }
+            }
+        }
+        if let Some(piece) = cutter.finish(next_ns) {
+            store_piece(p, piece)?;
+            written += 1;
+        }
+    }
+    Ok(written)
+}
+
+fn store_piece(p: &mut Pruner<'_>, piece: Piece) -> Result<(), PruneError> {
+    let records = piece.stored();
+    let body = delta::encode(&piece.meta, piece.raw, &records);
+    p.report.compaction.records_out += records.len() as u64;
+    p.report.compaction.deltas_written.add(body.len() as u64);
+    p.put(&piece.meta.key(), body)
+}
+
 fn run(p: &mut Pruner<'_>) -> Result<(), PruneError> {
-    let keys = p.listing()?;
-    let t = Timeline::from_keys(keys.clone());
+    let mut keys = p.listing()?;
+    let mut t = Timeline::from_keys(keys.clone());
     let now = wall_now();
     p.report.now_ns = now;
-    let plan: PrunePlan = plan_prune(&t, &p.opts.policy, now);
+    let mut plan: PrunePlan = plan_prune(&t, &p.opts.policy, now);
+    p.report.compaction.jobs = plan.jobs.len() as u64;
+    // 0. Compact first; only a plan made after the deltas are stored may
+    // condemn the segments they replace, so a prune killed at any moment
+    // leaves every kept instant restorable from what is stored.
+    if !p.opts.dry_run && !plan.jobs.is_empty() && compact_jobs(p, &t, &plan.jobs)? > 0 {
+        keys = p.listing()?;
+        t = Timeline::from_keys(keys.clone());
+        plan = plan_prune(&t, &p.opts.policy, now);
+    }
     p.report.points = plan.points.clone();
     for l in &plan.untouched_lineages {
         p.report.notes.push(format!(
@@ -689,6 +800,19 @@ fn run(p: &mut Pruner<'_>) -> Result<(), PruneError> {
                 p.delete_all(&covered)?;
                 p.delete(&m.key())?;
             }
+            Condemned::Deltas { .. } => {
+                let covered: Vec<String> = t
+                    .deltas
+                    .iter()
+                    .chain(&t.condemned_deltas)
+                    .filter(|d| m.covers_delta(d))
+                    .map(|d| d.key())
+                    .collect();
+                for k in covered {
+                    p.delete(&k)?;
+                }
+                p.delete(&m.key())?;
+            }
             Condemned::Base { base, .. } => {
                 p.delete(&base.key())?;
                 p.delete(&m.key())?;
@@ -715,6 +839,7 @@ fn run(p: &mut Pruner<'_>) -> Result<(), PruneError> {
         .iter()
         .map(|s| s.key())
         .chain(t.condemned_bases.iter().map(|b| b.key()))
+        .chain(t.condemned_deltas.iter().map(|d| d.key()))
         .chain(plan.condemned_keys.iter().cloned())
         .collect();
     for (_, hashes) in &lists {
@@ -734,7 +859,14 @@ fn run(p: &mut Pruner<'_>) -> Result<(), PruneError> {
         let size = p.sizes.get(k).copied().unwrap_or(0);
         kept.entry(kind_of(k)).or_default().add(size);
     }
-    for kind in ["segments", "bases", "chunks", "heartbeats", "markers"] {
+    for kind in [
+        "segments",
+        "deltas",
+        "bases",
+        "chunks",
+        "heartbeats",
+        "markers",
+    ] {
         p.report.kinds.entry(kind).or_default().kept = kept.get(kind).copied().unwrap_or_default();
     }
     Ok(())
@@ -871,6 +1003,26 @@ pub fn render(report: &PruneReport, volume: &str, opts: &PruneOptions) -> String
                 }
             }
         }
+    }
+    let c = &report.compaction;
+    if report.dry_run && c.jobs > 0 {
+        let _ = writeln!(
+            s,
+            "  would compact the minutes tier's records in {} run(s) into deltas",
+            c.jobs
+        );
+    } else if c.deltas_written.objects > 0 {
+        let _ = writeln!(
+            s,
+            "  compacted {} records ({} bytes of data) from {} segments ({} bytes) into {} deltas ({} bytes, {} records)",
+            c.records_in,
+            c.payload_in,
+            c.segments_read.objects,
+            c.segments_read.bytes,
+            c.deltas_written.objects,
+            c.deltas_written.bytes,
+            c.records_out
+        );
     }
     let verb = if report.dry_run { "would be " } else { "" };
     let _ = writeln!(

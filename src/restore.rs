@@ -32,11 +32,12 @@ use rustix::fs::{self as rfs, AtFlags, Mode, OFlags};
 
 use crate::base::{chunk_key, decode_chunk, load_manifest, safe_name, BaseError, Manifest};
 use crate::clock::{fmt_ns, Nanos};
+use crate::delta::{self, DeltaError};
 use crate::layout::{HIDDEN, INCOMPLETE_MARKER};
 use crate::record::{Ino, Kind, Op, Record, RENAME_EXCHANGE_FLAG};
 use crate::segment::{self, SegmentError};
 use crate::store::{Store, StoreError};
-use crate::timeline::{Plan, Timeline, TimelineError};
+use crate::timeline::{Piece, Plan, Timeline, TimelineError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RestoreError {
@@ -51,6 +52,12 @@ pub enum RestoreError {
         key: String,
         #[source]
         source: SegmentError,
+    },
+    #[error("delta {key}: {source}")]
+    Delta {
+        key: String,
+        #[source]
+        source: DeltaError,
     },
     #[error("chunk {key} is damaged: {why}")]
     Chunk { key: String, why: String },
@@ -1013,6 +1020,7 @@ pub struct Restored {
     pub records: u64,
     pub last_record_ns: Option<Nanos>,
     pub segments: usize,
+    pub deltas: usize,
     pub files: usize,
     /// Paths that are in the volume at the instant but not in the target,
     /// each with the reason: device nodes the restoring user may not make.
@@ -1029,12 +1037,13 @@ pub fn restore(
 ) -> Result<Restored> {
     let manifest = load_manifest(store, &plan.base)?;
     progress(&format!(
-        "restoring lineage {:016x} at {} from the base completed at {} ({} objects) and {} segments",
+        "restoring lineage {:016x} at {} from the base completed at {} ({} objects), {} segments and {} deltas",
         plan.lineage,
         fmt_ns(plan.at_ns),
         fmt_ns(manifest.completed_ns),
         manifest.objects.len(),
-        plan.segments.len()
+        plan.pieces.iter().filter(|p| matches!(p, Piece::Segment(_))).count(),
+        plan.pieces.iter().filter(|p| matches!(p, Piece::Delta(_))).count()
     ));
     let mut tree = Tree::prepare(target, force)?;
     tree.set_fuzzy_until(manifest.completed_ns);
@@ -1057,37 +1066,78 @@ pub fn restore(
     let mut records = 0u64;
     let mut last_record_ns = None;
     let mut last_seq = 0;
-    let n = plan.segments.len();
-    for (i, s) in plan.segments.iter().enumerate() {
-        let key = s.key();
+    let n = plan.pieces.len();
+    let apply = |tree: &mut Tree, r: &Record| -> Result<()> {
+        tree.apply(r).map_err(|e| RestoreError::AtRecord {
+            seq: r.seq,
+            op: r.op.kind_name(),
+            source: Box::new(e),
+        })
+    };
+    for (i, piece) in plan.pieces.iter().enumerate() {
+        let key = piece.key();
         let data = store.get(&key)?;
-        let (meta, recs) = segment::decode(&data).map_err(|source| RestoreError::Segment {
-            key: key.clone(),
-            source,
-        })?;
-        if meta != *s {
-            return Err(RestoreError::Segment {
-                key,
-                source: SegmentError::Inconsistent("header does not match the object key".into()),
-            });
-        }
-        // Segments may overlap (a journal prefix shipped again after a
-        // machine crash): each sequence number applies once.
-        for r in recs.iter() {
-            if r.seq <= plan.base.start_seq.max(last_seq) || r.time > plan.at_ns {
-                continue;
+        match piece {
+            Piece::Segment(s) => {
+                let (meta, recs) =
+                    segment::decode(&data).map_err(|source| RestoreError::Segment {
+                        key: key.clone(),
+                        source,
+                    })?;
+                if meta != *s {
+                    return Err(RestoreError::Segment {
+                        key,
+                        source: SegmentError::Inconsistent(
+                            "header does not match the object key".into(),
+                        ),
+                    });
+                }
+                // Segments may overlap (a journal prefix shipped again after
+                // a machine crash): each sequence number applies once.
+                for r in recs.iter() {
+                    if r.seq <= plan.base.start_seq.max(last_seq) || r.time > plan.at_ns {
+                        continue;
+                    }
+                    last_seq = r.seq;
+                    apply(&mut tree, r)?;
+                    records += 1;
+                    last_record_ns = Some(r.time);
+                }
             }
-            last_seq = r.seq;
-            tree.apply(r).map_err(|e| RestoreError::AtRecord {
-                seq: r.seq,
-                op: r.op.kind_name(),
-                source: Box::new(e),
-            })?;
-            records += 1;
-            last_record_ns = Some(r.time);
+            Piece::Delta(d) => {
+                let delta = delta::decode(&data).map_err(|source| RestoreError::Delta {
+                    key: key.clone(),
+                    source,
+                })?;
+                if delta.meta != *d {
+                    return Err(RestoreError::Delta {
+                        key,
+                        source: DeltaError::Inconsistent(
+                            "header does not match the object key".into(),
+                        ),
+                    });
+                }
+                // A delta applies whole, to the state after its from_seq
+                // exactly (the timeline chains them so).
+                if d.from_seq != plan.base.start_seq.max(last_seq) || d.last_ns > plan.at_ns {
+                    return Err(RestoreError::Inconsistent {
+                        seq: d.from_seq,
+                        why: format!(
+                            "delta {key} does not follow record {} or ends after the restore time",
+                            plan.base.start_seq.max(last_seq)
+                        ),
+                    });
+                }
+                for r in &delta.records {
+                    apply(&mut tree, r)?;
+                }
+                records += delta.records.len() as u64;
+                last_seq = d.to_seq;
+                last_record_ns = Some(d.last_ns);
+            }
         }
         if n >= 10 && (i + 1) % (n / 10) == 0 {
-            progress(&format!("replay: {}/{} segments", i + 1, n));
+            progress(&format!("replay: {}/{} objects", i + 1, n));
         }
     }
     let files = tree.nodes.len();
@@ -1098,7 +1148,16 @@ pub fn restore(
         base_completed_ns: manifest.completed_ns,
         records,
         last_record_ns,
-        segments: n,
+        segments: plan
+            .pieces
+            .iter()
+            .filter(|p| matches!(p, Piece::Segment(_)))
+            .count(),
+        deltas: plan
+            .pieces
+            .iter()
+            .filter(|p| matches!(p, Piece::Delta(_)))
+            .count(),
         files,
         skipped,
     })

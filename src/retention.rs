@@ -18,10 +18,19 @@
 //!   a lineage that ended before every tier and is not the volume's newest
 //!   loses its head.
 //! - A coarse tier keeps, in each of its minute, hour or day buckets (UTC),
-//!   the newest base completed in that bucket, with the segments that
+//!   the newest base completed in that bucket, with the records that
 //!   complete it (sequence numbers after its start up to its completion).
 //!   A tier's real granularity is the coarser of its bucket and the
 //!   interval between bases.
+//! - The minutes tier also keeps every whole UTC minute T before the
+//!   seconds tier's anchor completed (the state of every record timed at or
+//!   before T), restored from the newest kept base completed at or before
+//!   T. The plan names the records those minutes need that are not yet in
+//!   deltas (`CompactJob`); prune compacts them into deltas cut at every
+//!   such minute and every kept base's start and completion (with the
+//!   records a kept base's walk raced stored raw, see `compact`), stores
+//!   them, and plans again: from then on the minutes need only deltas.
+//! - Deltas that no kept instant's replay uses are condemned like segments.
 //! - Bases and segments that no kept instant needs are condemned;
 //!   heartbeats that no longer extend a window, and the lineage marker of
 //!   a lineage with nothing kept, are deleted outright (nothing reads them
@@ -35,9 +44,11 @@ use serde::Serialize;
 
 use crate::base::BaseMeta;
 use crate::clock::Nanos;
+use crate::compact::Cuts;
+use crate::delta::DeltaMeta;
 use crate::record::Seq;
 use crate::segment::SegmentMeta;
-use crate::timeline::{lineage_id, Condemned, Timeline};
+use crate::timeline::{lineage_id, Chain, Condemned, Piece, Timeline};
 
 const NS_PER_SEC: i64 = 1_000_000_000;
 
@@ -101,7 +112,7 @@ impl Tier {
     pub fn granularity(self) -> &'static str {
         match self {
             Tier::Seconds => "every instant",
-            Tier::Minutes => "the newest base of each minute",
+            Tier::Minutes => "each whole minute, from deltas",
             Tier::Hours => "the newest base of each hour",
             Tier::Days => "the newest base of each day",
         }
@@ -211,6 +222,65 @@ pub(crate) struct PrunePlan {
     pub delete_now: Vec<String>,
     /// Lineages left alone because none of their bases has completed.
     pub untouched_lineages: Vec<u64>,
+    /// Records to compact into deltas before condemning anything.
+    pub jobs: Vec<CompactJob>,
+}
+
+/// Records of one lineage that kept minutes need and no delta holds yet:
+/// those after `after_seq` up to `through_seq`, and no later than
+/// `until_ns`, to be cut at `cuts` and stored as deltas.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct CompactJob {
+    pub lineage: u64,
+    pub after_seq: Seq,
+    pub through_seq: Seq,
+    pub until_ns: Nanos,
+    pub cuts: Cuts,
+}
+
+const MINUTE_NS: i64 = 60 * NS_PER_SEC;
+
+/// What a kept instant's replay needs: segment ranges (after, through] in
+/// the sense of `condemn_segments`, and delta keys.
+fn needs_of(
+    b: &BaseMeta,
+    chain: &Chain,
+    needed: &mut Vec<(Seq, Seq)>,
+    deltas: &mut HashSet<String>,
+) {
+    let has_delta = chain.pieces.iter().any(|p| matches!(p, Piece::Delta(_)));
+    if !has_delta {
+        let last = chain.pieces.last().map_or(b.start_seq, |p| p.last_seq());
+        needed.push((b.start_seq, last));
+        return;
+    }
+    for p in &chain.pieces {
+        match p {
+            Piece::Segment(s) => needed.push((s.first_seq.saturating_sub(1), s.last_seq)),
+            Piece::Delta(d) => {
+                deltas.insert(d.key());
+            }
+        }
+    }
+}
+
+/// The parts of (lo, hi] that no delta of the lineage covers.
+fn uncovered(deltas: &[&DeltaMeta], lo: Seq, hi: Seq) -> Vec<(Seq, Seq)> {
+    let mut out = Vec::new();
+    let mut at = lo;
+    for d in deltas {
+        if d.to_seq <= at || d.from_seq >= hi {
+            continue;
+        }
+        if d.from_seq > at {
+            out.push((at, d.from_seq));
+        }
+        at = at.max(d.to_seq);
+    }
+    if at < hi {
+        out.push((at, hi));
+    }
+    out
 }
 
 /// Applies `policy` at `now` to the (non-condemned part of the) timeline.
@@ -246,7 +316,16 @@ pub(crate) fn plan_prune(t: &Timeline, policy: &Policy, now: Nanos) -> PrunePlan
             .copied()
             .filter(|b| b.completed_ns >= view.earliest_ns)
             .collect();
+        // Bases before the window whose records are all stored: each is a
+        // restorable point (the timeline may list it inside a delta's span).
+        let complete: Vec<&BaseMeta> = bases
+            .iter()
+            .copied()
+            .filter(|b| b.completed_ns < view.earliest_ns && t.tail(b, b.completed_ns).is_ok())
+            .collect();
         let mut kept: HashSet<String> = HashSet::new();
+        let mut needed_deltas: HashSet<String> = HashSet::new();
+        let mut anchor_base: Option<&BaseMeta> = None;
         // Sequence ranges (after, through] whose segments are needed.
         let mut needed: Vec<(Seq, Seq)> = Vec::new();
         let mut candidates: Vec<&BaseMeta> = Vec::new();
@@ -265,6 +344,7 @@ pub(crate) fn plan_prune(t: &Timeline, policy: &Policy, now: Nanos) -> PrunePlan
                 .filter(|b| b.completed_ns <= seconds_start)
                 .max_by_key(|b| (b.completed_ns, b.start_seq))
                 .unwrap_or(&view.window_base);
+            anchor_base = Some(anchor);
             for b in window
                 .iter()
                 .filter(|b| b.completed_ns >= anchor.completed_ns)
@@ -278,7 +358,7 @@ pub(crate) fn plan_prune(t: &Timeline, policy: &Policy, now: Nanos) -> PrunePlan
                 ns: anchor.completed_ns,
                 until_ns: Some(view.latest_ns),
             });
-            candidates.extend(view.points.iter());
+            candidates.extend(complete.iter().copied());
             candidates.extend(
                 window
                     .iter()
@@ -286,7 +366,7 @@ pub(crate) fn plan_prune(t: &Timeline, policy: &Policy, now: Nanos) -> PrunePlan
                     .filter(|b| b.completed_ns < anchor.completed_ns),
             );
         } else {
-            candidates.extend(view.points.iter());
+            candidates.extend(complete.iter().copied());
             candidates.extend(window.iter().copied());
         }
         // Coarse tiers: the newest base of each bucket.
@@ -308,11 +388,11 @@ pub(crate) fn plan_prune(t: &Timeline, policy: &Policy, now: Nanos) -> PrunePlan
             }
         }
         for ((tier, _), b) in buckets {
-            let Ok(tail) = t.tail(b, b.completed_ns) else {
+            let Ok(chain) = t.tail(b, b.completed_ns) else {
                 continue;
             };
             kept.insert(b.key());
-            needed.push((b.start_seq, tail.last().map_or(b.start_seq, |s| s.last_seq)));
+            needs_of(b, &chain, &mut needed, &mut needed_deltas);
             plan.points.push(KeptPoint {
                 lineage: l,
                 tier,
@@ -320,6 +400,108 @@ pub(crate) fn plan_prune(t: &Timeline, policy: &Policy, now: Nanos) -> PrunePlan
                 until_ns: None,
             });
         }
+        // The minutes tier's whole minutes, each from the newest kept base
+        // at or before it, while the store shows exactly which records
+        // precede it.
+        let mut kept_bases: Vec<&BaseMeta> = bases
+            .iter()
+            .copied()
+            .filter(|b| kept.contains(&b.key()))
+            .collect();
+        kept_bases.sort_by_key(|b| (b.completed_ns, b.start_seq));
+        let (young, old) = policy.ages(Tier::Minutes);
+        // Records the minutes replay from segments: (after, through, until).
+        let mut to_compact: Vec<(Seq, Seq, Nanos)> = Vec::new();
+        if let (Some(anchor), true) = (anchor_base, old > young) {
+            let oldest = now.saturating_sub(old);
+            let newest = now.saturating_sub(young).min(anchor.completed_ns - 1);
+            let mut m = (oldest.div_euclid(MINUTE_NS) + 1) * MINUTE_NS;
+            let base_points: HashSet<Nanos> = plan
+                .points
+                .iter()
+                .filter(|p| p.lineage == l)
+                .map(|p| p.ns)
+                .collect();
+            while m <= newest {
+                if base_points.contains(&m) {
+                    // A base completed on the minute: that point is kept.
+                    m += MINUTE_NS;
+                    continue;
+                }
+                let i = kept_bases.partition_point(|b| b.completed_ns <= m);
+                if let Some(b) = i.checked_sub(1).map(|i| kept_bases[i]) {
+                    if let Ok(chain) = t.tail(b, m).map_err(|_| ()).and_then(|c| {
+                        if c.evident {
+                            Ok(c)
+                        } else {
+                            Err(())
+                        }
+                    }) {
+                        needs_of(b, &chain, &mut needed, &mut needed_deltas);
+                        if chain.pieces.is_empty() {
+                            // Nothing since the base: the object holding the
+                            // next record shows the state lasted past m.
+                            needed.push((b.start_seq, b.start_seq + 1));
+                            needed_deltas.extend(
+                                t.deltas
+                                    .iter()
+                                    .filter(|d| d.lineage == l && d.from_seq == b.start_seq)
+                                    .map(|d| d.key()),
+                            );
+                        }
+                        plan.points.push(KeptPoint {
+                            lineage: l,
+                            tier: Tier::Minutes,
+                            ns: m,
+                            until_ns: None,
+                        });
+                        let mut at = b.start_seq;
+                        for p in &chain.pieces {
+                            if let Piece::Segment(s) = p {
+                                to_compact.push((at, s.last_seq, m));
+                            }
+                            at = p.last_seq();
+                        }
+                    }
+                }
+                m += MINUTE_NS;
+            }
+        }
+        let deltas: Vec<&DeltaMeta> = t.deltas.iter().filter(|d| d.lineage == l).collect();
+        to_compact.sort();
+        let mut runs: Vec<(Seq, Seq, Nanos)> = Vec::new();
+        for r in to_compact {
+            match runs.last_mut() {
+                Some(last) if r.0 <= last.1 => {
+                    last.1 = last.1.max(r.1);
+                    last.2 = last.2.max(r.2);
+                }
+                _ => runs.push(r),
+            }
+        }
+        if !runs.is_empty() {
+            let cuts = Cuts {
+                after_seqs: kept_bases.iter().map(|b| b.start_seq).collect(),
+                at_times: kept_bases.iter().map(|b| b.completed_ns).collect(),
+                minutes: Some((now.saturating_sub(old), now.saturating_sub(young) + 1)),
+                bases: kept_bases
+                    .iter()
+                    .map(|b| (b.start_seq, b.completed_ns))
+                    .collect(),
+            };
+            for (lo, hi, until_ns) in runs {
+                for (after_seq, through_seq) in uncovered(&deltas, lo, hi) {
+                    plan.jobs.push(CompactJob {
+                        lineage: l,
+                        after_seq,
+                        through_seq,
+                        until_ns,
+                        cuts: cuts.clone(),
+                    });
+                }
+            }
+        }
+        condemn_deltas(&mut plan, l, &deltas, &needed_deltas, now);
         for b in &bases {
             if kept.contains(&b.key()) {
                 plan.keep.push(b.key());
@@ -351,6 +533,58 @@ pub(crate) fn plan_prune(t: &Timeline, policy: &Policy, now: Nanos) -> PrunePlan
     }
     plan.points.sort_by_key(|p| (p.lineage, p.ns));
     plan
+}
+
+/// Condemns the deltas no kept instant uses, one marker per run of
+/// consecutive ones (deltas never overlap: prune only compacts records no
+/// delta holds).
+fn condemn_deltas(
+    plan: &mut PrunePlan,
+    lineage: u64,
+    deltas: &[&DeltaMeta],
+    needed: &HashSet<String>,
+    now: Nanos,
+) {
+    let mut runs: Vec<Vec<&DeltaMeta>> = vec![Vec::new()];
+    for d in deltas {
+        if needed.contains(&d.key()) {
+            plan.keep.push(d.key());
+            if !runs.last().unwrap().is_empty() {
+                runs.push(Vec::new());
+            }
+        } else {
+            runs.last_mut().unwrap().push(d);
+        }
+    }
+    let kept: Vec<&&DeltaMeta> = deltas
+        .iter()
+        .filter(|d| needed.contains(&d.key()))
+        .collect();
+    for run in runs.into_iter().filter(|r| !r.is_empty()) {
+        let whole = Condemned::Deltas {
+            ns: now,
+            lineage,
+            from_seq: run[0].from_seq,
+            to_seq: run.iter().map(|d| d.to_seq).max().unwrap(),
+        };
+        let markers = if kept.iter().any(|k| whole.covers_delta(k)) {
+            run.iter()
+                .map(|d| Condemned::Deltas {
+                    ns: now,
+                    lineage,
+                    from_seq: d.from_seq,
+                    to_seq: d.to_seq,
+                })
+                .collect()
+        } else {
+            vec![whole]
+        };
+        for m in markers {
+            plan.condemned_keys
+                .extend(run.iter().filter(|d| m.covers_delta(d)).map(|d| d.key()));
+            plan.condemn.push(m);
+        }
+    }
 }
 
 /// Condemns the segments that no range in `needed` touches, with one
@@ -501,10 +735,72 @@ mod tests {
         Timeline::from_keys(k)
     }
 
+    /// The time of record `seq` of a segment in these fixtures: records are
+    /// spread evenly over the segment's time range.
+    fn time_of(s: &SegmentMeta, seq: Seq) -> Nanos {
+        if s.last_seq == s.first_seq {
+            return s.first_ns;
+        }
+        s.first_ns
+            + ((seq - s.first_seq) as i64) * (s.last_ns - s.first_ns)
+                / ((s.last_seq - s.first_seq) as i64)
+    }
+
+    /// The last record a plan replays.
+    fn replayed(pl: &crate::timeline::Plan) -> Seq {
+        let mut last = pl.base.start_seq;
+        for p in &pl.pieces {
+            match p {
+                Piece::Delta(d) => last = last.max(d.to_seq),
+                Piece::Segment(s) => {
+                    for seq in s.first_seq..=s.last_seq {
+                        if time_of(s, seq) <= pl.at_ns {
+                            last = last.max(seq);
+                        }
+                    }
+                }
+            }
+        }
+        last
+    }
+
+    /// What prune's compaction stores for the plan's jobs, as keys: the
+    /// real cutter over the fixtures' records.
+    fn with_deltas(keys: &[String], plan: &PrunePlan) -> Vec<String> {
+        use crate::compact::Cutter;
+        use crate::record::{Op, Record};
+        let t = Timeline::from_keys(keys.to_vec());
+        let mut out = keys.to_vec();
+        for job in &plan.jobs {
+            let mut cutter = Cutter::new(&job.cuts, job.lineage, job.after_seq, usize::MAX);
+            let mut next = job.after_seq + 1;
+            let mut next_ns = None;
+            let mut pieces = Vec::new();
+            'segments: for s in t.segments.iter().filter(|s| s.lineage == job.lineage) {
+                for seq in s.first_seq..=s.last_seq {
+                    if seq < next {
+                        continue;
+                    }
+                    let time = time_of(s, seq);
+                    if seq != next || seq > job.through_seq || time > job.until_ns {
+                        next_ns = (seq == next).then_some(time);
+                        break 'segments;
+                    }
+                    next += 1;
+                    let op = Op::ClockStep { back_ns: 0 };
+                    pieces.extend(cutter.push(Record { seq, time, op }));
+                }
+            }
+            pieces.extend(cutter.finish(next_ns));
+            out.extend(pieces.iter().map(|p| p.meta.key()));
+        }
+        out
+    }
+
     /// Every kept point restores from what the plan leaves, with exactly
-    /// the segments the full timeline would have replayed.
-    fn check_points_restorable(keys: &[String], plan: &PrunePlan) {
-        let before = Timeline::from_keys(keys.to_vec());
+    /// the records the full timeline would have replayed.
+    fn check_points_restorable(original: &[String], keys: &[String], plan: &PrunePlan) {
+        let before = Timeline::from_keys(original.to_vec());
         let t = after(keys, plan);
         for p in &plan.points {
             let id = lineage_id(p.lineage);
@@ -520,20 +816,22 @@ mod tests {
                 let want = before
                     .plan(crate::clock::At::Instant(at), Some(&id))
                     .unwrap();
-                let seqs = |pl: &crate::timeline::Plan| {
-                    (
-                        pl.base.start_seq,
-                        pl.segments.iter().map(|s| s.last_seq).max(),
-                    )
-                };
                 // The same records replay onto a base at or after the one
                 // the unpruned store would use.
-                assert!(got.base.completed_ns >= want.base.completed_ns || got.base == want.base);
-                assert_eq!(
-                    seqs(&got).1.max(Some(got.base.start_seq)),
-                    seqs(&want).1.max(Some(want.base.start_seq)),
-                    "{p:?} at {at}"
+                // (a minute restores from the newest *kept* base before it).
+                assert!(
+                    p.tier == Tier::Minutes
+                        || got.base.completed_ns >= want.base.completed_ns
+                        || got.base == want.base
                 );
+                assert_eq!(replayed(&got), replayed(&want), "{p:?} at {at}");
+                if p.tier == Tier::Minutes {
+                    assert!(
+                        got.pieces.iter().all(|x| matches!(x, Piece::Delta(_))),
+                        "{p:?} replays deltas only: {:?}",
+                        got.pieces
+                    );
+                }
             }
         }
     }
@@ -622,17 +920,25 @@ mod tests {
             // Minutes tier with bases every 30 s: one point per minute.
             let keys = lineage(A, NOW - 10 * MIN, NOW - S, 15 * S, 2);
             out.push(Case {
-                name: "minutes tier: one point per minute bucket, the newest",
+                name: "minutes tier: each whole minute from deltas, and the newest base of each minute",
                 policy: policy(2 * MIN, 5 * MIN, 0, 0),
                 points: vec![
                     (A, Tier::Minutes, NOW - 7 * MIN + 30 * S),
+                    (A, Tier::Minutes, NOW - 6 * MIN),
+                    (A, Tier::Minutes, NOW - 5 * MIN),
+                    (A, Tier::Minutes, NOW - 4 * MIN),
+                    (A, Tier::Minutes, NOW - 3 * MIN),
                     (A, Tier::Minutes, NOW - 6 * MIN + 30 * S),
                     (A, Tier::Minutes, NOW - 5 * MIN + 30 * S),
                     (A, Tier::Minutes, NOW - 4 * MIN + 30 * S),
                     (A, Tier::Minutes, NOW - 3 * MIN + 30 * S),
                     (A, Tier::Seconds, NOW - 2 * MIN),
                 ],
-                condemned: vec![base(A, 20, NOW - 5 * MIN, BaseKind::Periodic)],
+                condemned: vec![
+                    base(A, 20, NOW - 5 * MIN, BaseKind::Periodic),
+                    // Replaced by the delta that ends at the minute after it.
+                    seg(A, 15, 15, NOW - 7 * MIN + 30 * S + 1, NOW - 7 * MIN + 30 * S + 1),
+                ],
                 kept: vec![],
                 deleted: vec![],
                 keys,
@@ -810,9 +1116,15 @@ mod tests {
 
     #[test]
     fn plan_prune_table() {
-        for c in cases() {
+        for mut c in cases() {
+            // As prune does: compact what the plan asks, then plan again.
+            let first = plan_prune(&Timeline::from_keys(c.keys.clone()), &c.policy, NOW);
+            let original = c.keys.clone();
+            c.keys = with_deltas(&c.keys, &first);
             let t = Timeline::from_keys(c.keys.clone());
             let plan = plan_prune(&t, &c.policy, NOW);
+            assert_eq!(plan.points, first.points, "{}: the same points", c.name);
+            assert!(plan.jobs.is_empty(), "{}: {:?}", c.name, plan.jobs);
             let want: Vec<(Tier, i64)> = c.points.iter().map(|p| (p.1, p.2)).collect();
             let got: Vec<(Tier, i64)> = plan.points.iter().map(|p| (p.tier, p.ns)).collect();
             let mut want_sorted = c.points.clone();
@@ -850,9 +1162,11 @@ mod tests {
             all.sort();
             let mut input: Vec<&String> = c.keys.iter().collect();
             input.sort();
+            let missing: Vec<&&String> = input.iter().filter(|k| !all.contains(k)).collect();
+            let extra: Vec<&&String> = all.iter().filter(|k| !input.contains(k)).collect();
             assert_eq!(
                 all, input,
-                "{}: every key kept, condemned or deleted once",
+                "{}: every key kept, condemned or deleted once; unaccounted {missing:?}, twice or unknown {extra:?}",
                 c.name
             );
             // The markers hide exactly the condemned keys.
@@ -862,12 +1176,13 @@ mod tests {
                 .iter()
                 .map(|s| s.key())
                 .chain(pruned.condemned_bases.iter().map(|b| b.key()))
+                .chain(pruned.condemned_deltas.iter().map(|d| d.key()))
                 .collect();
             hidden.sort();
             let mut condemned = plan.condemned_keys.clone();
             condemned.sort();
             assert_eq!(hidden, condemned, "{}", c.name);
-            check_points_restorable(&c.keys, &plan);
+            check_points_restorable(&original, &c.keys, &plan);
             // The pruned timeline shows the kept coarse points as points and
             // the seconds tier as the window.
             for p in plan.points.iter().filter(|p| p.tier != Tier::Seconds) {
@@ -878,7 +1193,11 @@ mod tests {
                         && p.ns <= w.latest_ns
                 });
                 assert!(
-                    in_window || pruned.points().iter().any(|q| q.ns == p.ns),
+                    in_window
+                        || pruned
+                            .points()
+                            .iter()
+                            .any(|q| q.ns <= p.ns && p.ns <= q.until_ns),
                     "{}: {p:?} is shown",
                     c.name
                 );
@@ -886,6 +1205,7 @@ mod tests {
             // A second prune at the same instant changes nothing.
             let again = plan_prune(&pruned, &c.policy, NOW);
             assert!(again.condemn.is_empty(), "{}: {:?}", c.name, again.condemn);
+            assert!(again.jobs.is_empty(), "{}: {:?}", c.name, again.jobs);
             assert!(
                 again.delete_now.is_empty(),
                 "{}: {:?}",

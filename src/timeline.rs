@@ -14,9 +14,10 @@
 //!   (`--on-journal-full=gap`, `crate::gap::GapMark`); the time from lineage
 //!   `from`'s last restorable instant to lineage `to`'s first base is a
 //!   declared gap, which restore refuses by name and verify accepts.
-//! - `condemned/<ns:020>-seg-<lineage:016x>-<from_seq:020>-<to_seq:020>` and
+//! - `condemned/<ns:020>-seg-<lineage:016x>-<from_seq:020>-<to_seq:020>`,
+//!   `condemned/<ns:020>-delta-<lineage:016x>-<from_seq:020>-<to_seq:020>` and
 //!   `condemned/<ns:020>-base-<the base key's name>`: `rewind prune` decided
-//!   at ns that these segments or this base are no longer needed. The
+//!   at ns that these segments, deltas or this base are no longer needed. The
 //!   timeline treats them as gone at once (so no restore planned after the
 //!   condemnation reads them); a later prune deletes them after a grace
 //!   period. `condemned/<ns:020>-chunks-<id:016x>` lists chunks and is read
@@ -25,7 +26,10 @@
 //! After a prune a lineage is a continuous *window* (any instant from its
 //! first base to its latest stored record) plus isolated *points*: older
 //! bases kept with the records that complete them, restorable exactly at
-//! their completion instant and nowhere between.
+//! their completion instant, and the boundaries of deltas (delta.rs) that
+//! chain from such a base, restorable from the delta's last record to the
+//! instant before the next one; nowhere between. Deltas never make a
+//! window: only segments can be replayed up to any instant.
 
 use std::collections::BTreeMap;
 
@@ -33,6 +37,7 @@ use serde::Serialize;
 
 use crate::base::{BaseKind, BaseMeta};
 use crate::clock::{fmt_ns, At, Nanos};
+use crate::delta::DeltaMeta;
 use crate::gap::GapMark;
 use crate::record::Seq;
 use crate::retention::PolicyMark;
@@ -105,6 +110,14 @@ pub enum Condemned {
         from_seq: Seq,
         to_seq: Seq,
     },
+    /// Every delta of `lineage` that applies after from_seq or later and
+    /// ends at to_seq or earlier.
+    Deltas {
+        ns: Nanos,
+        lineage: u64,
+        from_seq: Seq,
+        to_seq: Seq,
+    },
     Base {
         ns: Nanos,
         base: BaseMeta,
@@ -120,6 +133,7 @@ impl Condemned {
     pub fn ns(&self) -> Nanos {
         match self {
             Condemned::Segments { ns, .. }
+            | Condemned::Deltas { ns, .. }
             | Condemned::Base { ns, .. }
             | Condemned::Chunks { ns, .. } => *ns,
         }
@@ -134,6 +148,15 @@ impl Condemned {
                 to_seq,
             } => format!(
                 "condemned/{:020}-seg-{lineage:016x}-{from_seq:020}-{to_seq:020}",
+                ns.max(&0)
+            ),
+            Condemned::Deltas {
+                ns,
+                lineage,
+                from_seq,
+                to_seq,
+            } => format!(
+                "condemned/{:020}-delta-{lineage:016x}-{from_seq:020}-{to_seq:020}",
                 ns.max(&0)
             ),
             Condemned::Base { ns, base } => {
@@ -156,16 +179,30 @@ impl Condemned {
         let ns: Nanos = ns.parse().ok()?;
         let (what, rest) = rest.split_once('-')?;
         match what {
-            "seg" => {
+            "seg" | "delta" => {
                 let p: Vec<&str> = rest.split('-').collect();
                 if p.len() != 3 {
                     return None;
                 }
-                Some(Condemned::Segments {
-                    ns,
-                    lineage: u64::from_str_radix(p[0], 16).ok()?,
-                    from_seq: p[1].parse().ok()?,
-                    to_seq: p[2].parse().ok()?,
+                let (lineage, from_seq, to_seq) = (
+                    u64::from_str_radix(p[0], 16).ok()?,
+                    p[1].parse().ok()?,
+                    p[2].parse().ok()?,
+                );
+                Some(if what == "seg" {
+                    Condemned::Segments {
+                        ns,
+                        lineage,
+                        from_seq,
+                        to_seq,
+                    }
+                } else {
+                    Condemned::Deltas {
+                        ns,
+                        lineage,
+                        from_seq,
+                        to_seq,
+                    }
                 })
             }
             "base" => Some(Condemned::Base {
@@ -185,12 +222,49 @@ impl Condemned {
         matches!(self, Condemned::Segments { lineage, from_seq, to_seq, .. }
             if *lineage == s.lineage && *from_seq <= s.first_seq && s.last_seq <= *to_seq)
     }
+
+    /// Whether this marker condemns delta `d`.
+    pub fn covers_delta(&self, d: &DeltaMeta) -> bool {
+        matches!(self, Condemned::Deltas { lineage, from_seq, to_seq, .. }
+            if *lineage == d.lineage && *from_seq <= d.from_seq && d.to_seq <= *to_seq)
+    }
+}
+
+/// A stored object a restore replays after its base.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Piece {
+    /// Replayed record by record, up to the restore instant.
+    Segment(SegmentMeta),
+    /// Applied whole (every record in it is at or before the instant).
+    Delta(DeltaMeta),
+}
+
+impl Piece {
+    pub fn key(&self) -> String {
+        match self {
+            Piece::Segment(s) => s.key(),
+            Piece::Delta(d) => d.key(),
+        }
+    }
+    pub fn last_seq(&self) -> Seq {
+        match self {
+            Piece::Segment(s) => s.last_seq,
+            Piece::Delta(d) => d.to_seq,
+        }
+    }
+    pub fn first_ns(&self) -> Nanos {
+        match self {
+            Piece::Segment(s) => s.first_ns,
+            Piece::Delta(d) => d.first_ns,
+        }
+    }
 }
 
 /// The first component of every key a volume owns.
-pub const VOLUME_KEY_KINDS: [&str; 10] = [
+pub const VOLUME_KEY_KINDS: [&str; 11] = [
     "seg",
     "gap",
+    "delta",
     "base",
     "chunk",
     "hb",
@@ -279,6 +353,8 @@ pub struct Timeline {
     /// Segments and bases that are not condemned, the only ones a restore
     /// may use.
     pub segments: Vec<SegmentMeta>,
+    /// Deltas that are not condemned, by lineage and sequence.
+    pub deltas: Vec<DeltaMeta>,
     pub bases: Vec<BaseMeta>,
     pub heartbeats: Vec<Heartbeat>,
     pub lineages: Vec<LineageStart>,
@@ -288,6 +364,7 @@ pub struct Timeline {
     /// Prune's condemnation markers, and what they hide.
     pub condemned: Vec<Condemned>,
     pub condemned_segments: Vec<SegmentMeta>,
+    pub condemned_deltas: Vec<DeltaMeta>,
     pub condemned_bases: Vec<BaseMeta>,
     /// The newest retention policy a prune applied, if any.
     pub policy: Option<PolicyMark>,
@@ -302,13 +379,17 @@ pub struct Timeline {
     seg_max_last: Vec<Seq>,
 }
 
-/// A restorable instant that is not inside a continuous window: a base
-/// kept by a coarse retention tier, restorable exactly at its completion.
+/// Restorable instants that are not inside a continuous window: a base
+/// kept by a coarse retention tier, restorable exactly at its completion,
+/// or a delta boundary, restorable from `ns` to `until_ns` (no record
+/// falls between, so every instant there is the same state).
 #[derive(Debug, Clone, Serialize)]
 pub struct Point {
     pub lineage: String,
     pub ns: Nanos,
+    pub until_ns: Nanos,
     pub at: String,
+    pub until: String,
 }
 
 /// How a restore time was resolved.
@@ -417,7 +498,8 @@ pub struct Plan {
     pub at_ns: Nanos,
     pub lineage: u64,
     pub base: BaseMeta,
-    pub segments: Vec<SegmentMeta>,
+    /// What to replay after the base, in order.
+    pub pieces: Vec<Piece>,
     pub resolved: Resolved,
 }
 
@@ -431,24 +513,65 @@ pub(crate) struct LineageView {
     pub window_base: BaseMeta,
     pub earliest_ns: Nanos,
     pub latest_ns: Nanos,
-    /// Bases before the window whose replay records are all stored, oldest first.
-    pub points: Vec<BaseMeta>,
+    /// Restorable instants before the window, oldest first.
+    pub points: Vec<PointView>,
+}
+
+/// One isolated restorable span: every instant in `ns..=until_ns`
+/// restores from `base` to the same state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct PointView {
+    pub base: BaseMeta,
+    pub ns: Nanos,
+    pub until_ns: Nanos,
 }
 
 impl LineageView {
     fn first_ns(&self) -> Nanos {
         self.points
             .first()
-            .map(|b| b.completed_ns)
+            .map(|p| p.ns)
             .unwrap_or(self.earliest_ns)
     }
 }
 
-/// Why a base's replay records are not all in the store.
+/// Why a base's replay records up to an instant are not all in the store:
+/// missing, or stored only in a delta that ends after the instant (a delta
+/// is applied whole), in which case `compacted_to` is its last record's time.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct MissingRecords {
     pub from: Seq,
     pub to: Seq,
+    pub compacted_to: Option<Nanos>,
+}
+
+impl MissingRecords {
+    fn describe(&self, lineage: u64) -> String {
+        match self.compacted_to {
+            None => format!(
+                "records {}..{} of lineage {} are missing from the store",
+                self.from,
+                self.to,
+                lineage_id(lineage)
+            ),
+            Some(ns) => format!(
+                "records {}..{} of lineage {} are kept only compacted, as one step that ends at {}",
+                self.from,
+                self.to,
+                lineage_id(lineage),
+                fmt_ns(ns)
+            ),
+        }
+    }
+}
+
+/// The replay of a base up to an instant: the pieces in order, and whether
+/// the store shows that no record after them is at or before the instant
+/// (a later record is stored), rather than having simply run out.
+#[derive(Debug, Clone)]
+pub(crate) struct Chain {
+    pub pieces: Vec<Piece>,
+    pub evident: bool,
 }
 
 impl Timeline {
@@ -460,10 +583,13 @@ impl Timeline {
     pub fn from_keys(keys: impl IntoIterator<Item = String>) -> Timeline {
         let mut t = Timeline::default();
         let mut segments = Vec::new();
+        let mut deltas = Vec::new();
         let mut bases = Vec::new();
         for k in keys {
             if let Some(s) = SegmentMeta::from_key(&k) {
                 segments.push(s);
+            } else if let Some(d) = DeltaMeta::from_key(&k) {
+                deltas.push(d);
             } else if let Some(b) = BaseMeta::from_key(&k) {
                 bases.push(b);
             } else if let Some(h) = Heartbeat::from_key(&k) {
@@ -501,8 +627,15 @@ impl Timeline {
         let ranges: Vec<&Condemned> = t
             .condemned
             .iter()
-            .filter(|c| matches!(c, Condemned::Segments { .. }))
+            .filter(|c| matches!(c, Condemned::Segments { .. } | Condemned::Deltas { .. }))
             .collect();
+        for d in deltas {
+            if ranges.iter().any(|c| c.covers_delta(&d)) {
+                t.condemned_deltas.push(d);
+            } else {
+                t.deltas.push(d);
+            }
+        }
         for s in segments {
             if ranges.iter().any(|c| c.covers_segment(&s)) {
                 t.condemned_segments.push(s);
@@ -518,6 +651,7 @@ impl Timeline {
             }
         }
         t.segments.sort_by_key(|s| (s.lineage, s.first_seq));
+        t.deltas.sort_by_key(|d| (d.lineage, d.from_seq, d.to_seq));
         t.bases.sort_by_key(|b| b.completed_ns);
         t.heartbeats.sort_by_key(|h| h.ns);
         t.journal_gaps.sort_by_key(|g| g.ns);
@@ -540,40 +674,136 @@ impl Timeline {
             ..self.segments.partition_point(|s| s.lineage <= l)
     }
 
-    /// The replay records of `base` up to `at_ns`: the stored segments a
-    /// restore reads, in order, or the first range of sequence numbers that
-    /// is missing. This is the one definition restore, verify and prune use.
-    pub(crate) fn tail(
-        &self,
-        base: &BaseMeta,
-        at_ns: Nanos,
-    ) -> Result<Vec<&SegmentMeta>, MissingRecords> {
-        let mut out = Vec::new();
-        let mut next = base.start_seq + 1;
-        let r = self.lineage_range(base.lineage);
-        // Every segment before `from` ends at or before the base's start.
+    /// The deltas of lineage `l` that apply after record `after`.
+    fn deltas_after(&self, l: u64, after: Seq) -> &[DeltaMeta] {
+        let lo = self
+            .deltas
+            .partition_point(|d| (d.lineage, d.from_seq) < (l, after));
+        let hi = self
+            .deltas
+            .partition_point(|d| (d.lineage, d.from_seq) <= (l, after));
+        &self.deltas[lo..hi]
+    }
+
+    /// The stored segment of lineage `l` that holds record `seq`, or else
+    /// the first one after it.
+    fn segment_from(&self, l: u64, seq: Seq) -> Option<&SegmentMeta> {
+        let r = self.lineage_range(l);
+        // Every segment before `from` ends before `seq`.
         let from = if self.seg_max_last.len() == self.segments.len() {
-            r.start + self.seg_max_last[r.clone()].partition_point(|&m| m < next)
+            r.start + self.seg_max_last[r.clone()].partition_point(|&m| m < seq)
         } else {
             r.start
         };
-        for s in &self.segments[from..r.end] {
-            if s.last_seq < next {
+        self.segments[from..r.end]
+            .iter()
+            .find(|s| s.last_seq >= seq)
+    }
+
+    /// The replay of `base` up to `at_ns`: the stored pieces a restore
+    /// reads, in order (whole deltas where they end at or before `at_ns`,
+    /// segments elsewhere), or the first range of records that is missing
+    /// or only stored in a delta that ends after `at_ns`. This is the one
+    /// definition restore, verify and prune use.
+    pub(crate) fn tail(&self, base: &BaseMeta, at_ns: Nanos) -> Result<Chain, MissingRecords> {
+        let l = base.lineage;
+        let mut pieces = Vec::new();
+        let mut next = base.start_seq + 1;
+        // The time of record `next`, when the delta before it says.
+        let mut next_ns: Option<Nanos> = None;
+        loop {
+            let ds = self.deltas_after(l, next - 1);
+            if let Some(d) = ds
+                .iter()
+                .filter(|d| d.last_ns <= at_ns)
+                .max_by_key(|d| d.to_seq)
+            {
+                pieces.push(Piece::Delta(d.clone()));
+                next = d.to_seq + 1;
+                next_ns = Some(d.next_ns);
                 continue;
             }
-            if s.first_ns > at_ns {
-                break;
-            }
-            if s.first_seq > next {
-                return Err(MissingRecords {
-                    from: next,
-                    to: s.first_seq - 1,
+            if next_ns.is_some_and(|n| n > at_ns) {
+                return Ok(Chain {
+                    pieces,
+                    evident: true,
                 });
             }
-            next = s.last_seq + 1;
-            out.push(s);
+            let seg = self.segment_from(l, next);
+            if let Some(s) = seg.filter(|s| s.first_seq <= next) {
+                if s.first_ns > at_ns {
+                    return Ok(Chain {
+                        pieces,
+                        evident: true,
+                    });
+                }
+                pieces.push(Piece::Segment(s.clone()));
+                next = s.last_seq + 1;
+                next_ns = None;
+                if s.last_ns > at_ns {
+                    return Ok(Chain {
+                        pieces,
+                        evident: true,
+                    });
+                }
+                continue;
+            }
+            if let Some(d) = ds.iter().min_by_key(|d| d.first_ns) {
+                if d.first_ns > at_ns {
+                    return Ok(Chain {
+                        pieces,
+                        evident: true,
+                    });
+                }
+                return Err(MissingRecords {
+                    from: next,
+                    to: d.to_seq,
+                    compacted_to: Some(d.last_ns),
+                });
+            }
+            return match seg {
+                Some(s) if s.first_ns <= at_ns => Err(MissingRecords {
+                    from: next,
+                    to: s.first_seq - 1,
+                    compacted_to: None,
+                }),
+                _ => Ok(Chain {
+                    pieces,
+                    evident: false,
+                }),
+            };
         }
-        Ok(out)
+    }
+
+    /// The delta boundaries reachable from `b` before `limit`: spans where
+    /// the replay of `b` ends exactly on a delta (see the module docs).
+    fn delta_points(&self, b: &BaseMeta, limit: Nanos) -> Vec<PointView> {
+        let l = b.lineage;
+        let mut out = Vec::new();
+        let mut next = b.start_seq + 1;
+        loop {
+            if let Some(d) = self
+                .deltas_after(l, next - 1)
+                .iter()
+                .filter(|d| d.last_ns < limit)
+                .max_by_key(|d| d.to_seq)
+            {
+                if d.last_ns >= b.completed_ns {
+                    let until = (d.next_ns - 1).min(limit - 1).max(d.last_ns);
+                    out.push(PointView {
+                        base: b.clone(),
+                        ns: d.last_ns,
+                        until_ns: until,
+                    });
+                }
+                next = d.to_seq + 1;
+                continue;
+            }
+            match self.segment_from(l, next) {
+                Some(s) if s.first_seq <= next && s.last_ns < limit => next = s.last_seq + 1,
+                _ => return out,
+            }
+        }
     }
 
     /// Each lineage with a base: its window and its isolated points.
@@ -628,12 +858,58 @@ impl Timeline {
                 .max()
                 .unwrap()
                 .max(window_base.completed_ns);
-            let points = bases[..w]
+            let mut points: Vec<PointView> = Vec::new();
+            let before: Vec<&&BaseMeta> = bases[..w]
                 .iter()
                 .filter(|b| b.completed_ns < window_base.completed_ns)
-                .filter(|b| self.tail(b, b.completed_ns).is_ok())
-                .map(|b| (*b).clone())
                 .collect();
+            for (i, b) in before.iter().enumerate() {
+                // A delta boundary restores from the newest base before it.
+                let limit = before
+                    .get(i + 1)
+                    .map_or(window_base.completed_ns, |n| n.completed_ns);
+                if let Ok(c) = self.tail(b, b.completed_ns) {
+                    // With nothing to replay, the base's state lasts until
+                    // the first record after its start, if a stored object
+                    // shows when that came.
+                    let next = c.pieces.is_empty().then(|| {
+                        let d = self
+                            .deltas_after(l, b.start_seq)
+                            .iter()
+                            .map(|d| d.first_ns)
+                            .min();
+                        let s = self
+                            .segment_from(l, b.start_seq + 1)
+                            .filter(|s| s.first_seq <= b.start_seq + 1)
+                            .map(|s| s.first_ns);
+                        d.into_iter().chain(s).min()
+                    });
+                    let until = match next.flatten() {
+                        Some(n) if n > b.completed_ns => (n - 1).min(limit - 1),
+                        _ => b.completed_ns,
+                    };
+                    points.push(PointView {
+                        base: (**b).clone(),
+                        ns: b.completed_ns,
+                        until_ns: until.max(b.completed_ns),
+                    });
+                }
+                points.extend(self.delta_points(b, limit));
+            }
+            // Spans that overlap describe one state (no record between):
+            // each instant is listed once, under the first span that has it.
+            points.sort_by_key(|p| (p.ns, p.until_ns));
+            let mut disjoint: Vec<PointView> = Vec::new();
+            for mut p in points {
+                if let Some(m) = disjoint.last() {
+                    if p.until_ns <= m.until_ns {
+                        continue;
+                    }
+                    p.ns = p.ns.max(m.until_ns + 1);
+                }
+                disjoint.push(p);
+            }
+            let points = disjoint;
             out.push(LineageView {
                 lineage: l,
                 earliest_ns: window_base.completed_ns,
@@ -654,17 +930,16 @@ impl Timeline {
             let Some(v) = views.iter().find(|v| v.lineage == b.lineage) else {
                 continue;
             };
-            if b.completed_ns >= v.earliest_ns || v.points.contains(b) {
+            if b.completed_ns >= v.earliest_ns {
                 continue;
             }
-            let why = match self.tail(b, b.completed_ns) {
-                Err(m) => format!(
-                    "records {}..{} it needs are missing from the store",
-                    m.from, m.to
-                ),
-                Ok(_) => "it is not part of the timeline".into(),
-            };
-            out.push((b.clone(), why));
+            // A base whose point another span lists is still usable.
+            if let Err(m) = self.tail(b, b.completed_ns) {
+                out.push((
+                    b.clone(),
+                    format!("{} and it needs them", m.describe(b.lineage)),
+                ));
+            }
         }
         out
     }
@@ -674,10 +949,12 @@ impl Timeline {
         self.views()
             .iter()
             .flat_map(|v| {
-                v.points.iter().map(|b| Point {
+                v.points.iter().map(|p| Point {
                     lineage: lineage_id(v.lineage),
-                    ns: b.completed_ns,
-                    at: fmt_ns(b.completed_ns),
+                    ns: p.ns,
+                    until_ns: p.until_ns,
+                    at: fmt_ns(p.ns),
+                    until: fmt_ns(p.until_ns),
                 })
             })
             .collect()
@@ -823,14 +1100,11 @@ impl Timeline {
             .map(|v| {
                 let points = match v.points.len() {
                     0 => String::new(),
-                    1 => format!(
-                        ", and the earlier point {}",
-                        fmt_ns(v.points[0].completed_ns)
-                    ),
+                    1 => format!(", and the earlier point {}", fmt_ns(v.points[0].ns)),
                     n => format!(
                         ", and {n} earlier points from {} to {}",
-                        fmt_ns(v.points[0].completed_ns),
-                        fmt_ns(v.points[n - 1].completed_ns)
+                        fmt_ns(v.points[0].ns),
+                        fmt_ns(v.points[n - 1].until_ns)
                     ),
                 };
                 format!(
@@ -939,52 +1213,51 @@ impl Timeline {
                 .cloned()
                 .expect("the window starts at a base");
             (base, at_ns, Resolved::Exact)
-        } else if let Some(p) = chosen.points.iter().find(|p| p.completed_ns == at_ns) {
-            (p.clone(), at_ns, Resolved::Exact)
+        } else if let Some(p) = chosen
+            .points
+            .iter()
+            .find(|p| p.ns <= at_ns && at_ns <= p.until_ns)
+        {
+            (p.base.clone(), at_ns, Resolved::Exact)
         } else {
             // Between two kept points: the first covers T, so one is before.
             let before = chosen
                 .points
                 .iter()
-                .rfind(|p| p.completed_ns < at_ns)
+                .rfind(|p| p.until_ns < at_ns)
                 .expect("the oldest point is at or before T");
             let after = chosen
                 .points
                 .iter()
-                .find(|p| p.completed_ns > at_ns)
-                .map(|p| p.completed_ns)
+                .find(|p| p.ns > at_ns)
+                .map(|p| p.ns)
                 .unwrap_or(chosen.earliest_ns);
             if !or_earlier {
                 return Err(TimelineError::BetweenPoints {
                     time: fmt_ns(at_ns),
                     lineage: lineage_id(l),
-                    before: fmt_ns(before.completed_ns),
+                    before: fmt_ns(before.until_ns),
                     after: fmt_ns(after),
                 });
             }
             (
-                before.clone(),
-                before.completed_ns,
+                before.base.clone(),
+                before.until_ns,
                 Resolved::Earlier { asked_ns: at_ns },
             )
         };
-        let segments: Vec<SegmentMeta> = match self.tail(&base, plan_ns) {
-            Ok(segs) => segs.into_iter().cloned().collect(),
+        let pieces: Vec<Piece> = match self.tail(&base, plan_ns) {
+            Ok(c) => c.pieces,
             Err(m) => {
                 return Err(TimelineError::InGap {
                     time: fmt_ns(plan_ns),
-                    why: format!(
-                        "records {}..{} of lineage {} are missing from the store",
-                        m.from,
-                        m.to,
-                        lineage_id(l)
-                    ),
+                    why: m.describe(l),
                 })
             }
         };
-        let last_needed = segments
+        let last_needed = pieces
             .last()
-            .map(|s| s.last_seq)
+            .map(|p| p.last_seq())
             .unwrap_or(base.start_seq);
         // A repair base not yet complete at T means the source may have held
         // an unrecorded change when records after its start were made.
@@ -994,9 +1267,9 @@ impl Timeline {
             .filter(|b| b.lineage == l && b.kind == BaseKind::Repair && b.completed_ns > plan_ns)
         {
             if r.start_seq > base.start_seq && r.start_seq < last_needed {
-                let needs_after = segments
+                let needs_after = pieces
                     .iter()
-                    .any(|s| s.last_seq > r.start_seq && s.first_ns <= plan_ns);
+                    .any(|p| p.last_seq() > r.start_seq && p.first_ns() <= plan_ns);
                 if needs_after {
                     return Err(TimelineError::InGap {
                         time: fmt_ns(plan_ns),
@@ -1012,7 +1285,7 @@ impl Timeline {
             at_ns: plan_ns,
             lineage: l,
             base,
-            segments,
+            pieces,
             resolved,
         })
     }

@@ -1,5 +1,5 @@
 //! `rewind verify`: reads every object of a volume and checks it — each
-//! segment, manifest and chunk against its blake3 trailer and its key, and
+//! segment, delta, manifest and chunk against its blake3 trailer and its key, and
 //! the timeline for continuity (no missing sequence numbers, a base per
 //! lineage, every chunk a manifest names present, every base kept by a
 //! prune complete with its records). Objects that a prune condemned are
@@ -10,13 +10,14 @@
 use std::collections::HashSet;
 
 use crate::base::{chunk_key, decode_chunk, load_manifest};
-use crate::segment;
 use crate::store::{Store, StoreError};
 use crate::timeline::{lineage_id, Timeline};
+use crate::{delta, segment};
 
 #[derive(Debug, Default)]
 pub struct Report {
     pub segments: usize,
+    pub deltas: usize,
     pub bases: usize,
     pub chunks: usize,
     pub records: u64,
@@ -47,6 +48,21 @@ pub fn verify(store: &dyn Store, progress: &mut dyn FnMut(&str)) -> Result<Repor
                 t.segments.len()
             ));
         }
+    }
+    for d in &t.deltas {
+        let key = d.key();
+        match store
+            .get(&key)
+            .map_err(|e| e.to_string())
+            .and_then(|b| delta::decode(&b).map_err(|e| e.to_string()))
+        {
+            Ok(got) if got.meta == *d => {}
+            Ok(_) => rep
+                .problems
+                .push(format!("delta {key}: header does not match the key")),
+            Err(e) => rep.problems.push(format!("delta {key}: {e}")),
+        }
+        rep.deltas += 1;
     }
     let mut chunks_needed = HashSet::new();
     for b in &t.bases {

@@ -10,6 +10,7 @@ use std::path::PathBuf;
 
 use bytes::Bytes;
 use rewind::base::{self, BaseKind, Extent, Link, Manifest, Object};
+use rewind::delta::{self, DeltaMeta};
 use rewind::record::{Kind, Op, Record};
 use rewind::segment;
 
@@ -213,6 +214,26 @@ fn a_v1_segment_with_a_v2_kind_is_refused() {
     body.extend_from_slice(&hash);
     let err = segment::decode(&body).unwrap_err().to_string();
     assert!(err.contains("version 1"), "{err}");
+}
+
+#[test]
+fn delta_v1() {
+    let recs = sample_records_v2();
+    let (first, last) = (recs.first().unwrap(), recs.last().unwrap());
+    let meta = DeltaMeta {
+        lineage: 0xfeed,
+        from_seq: first.seq - 1,
+        to_seq: last.seq,
+        first_ns: first.time,
+        last_ns: last.time,
+        next_ns: last.time + 5,
+    };
+    let g = golden("delta-v1.rwd", &delta::encode(&meta, true, &recs));
+    assert_eq!(&g[..8], b"RWDLT001");
+    assert_eq!(u16::from_le_bytes([g[8], g[9]]), 1);
+    let d = delta::decode(&g).unwrap();
+    assert_eq!((d.meta, d.raw, d.records), (meta.clone(), true, recs));
+    assert_eq!(DeltaMeta::from_key(&meta.key()), Some(meta));
 }
 
 #[test]

@@ -534,7 +534,11 @@ fn recovery_counts_as_unstored_only_records_the_store_lacks() {
         let d = tempfile::tempdir().unwrap();
         fill(d.path(), 5);
         let (_j, rec) = Journal::open(d.path(), 1, stored + 1, 0, u64::MAX).unwrap();
-        assert_eq!((rec.records, rec.unstored), (5, want), "store holds up to {stored}");
+        assert_eq!(
+            (rec.records, rec.unstored),
+            (5, want),
+            "store holds up to {stored}"
+        );
     }
 }
 

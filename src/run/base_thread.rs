@@ -469,7 +469,8 @@ pub(super) fn spawn(
                         Ok(()) => d.base_done.store(true, Ordering::Release),
                         // Superseded by a journal gap: the periodic loop
                         // takes the new lineage's base.
-                        Err(_) if d.journal.gap_epoch() != 0 && !d.stop.load(Ordering::Acquire) => {}
+                        Err(_) if d.journal.gap_epoch() != 0 && !d.stop.load(Ordering::Acquire) => {
+                        }
                         Err(e) => {
                             *d.base_failed.lock() = Some(e.to_string());
                             return;

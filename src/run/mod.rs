@@ -631,10 +631,7 @@ impl Running {
         // deadline and let the next start take it again. A periodic base in
         // progress is abandoned: the previous base keeps the volume
         // restorable.
-        while !base_thread.is_finished()
-            && !d.based()
-            && Instant::now() < deadline
-        {
+        while !base_thread.is_finished() && !d.based() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
         // As it ends, the base thread queues the manifest of a periodic base

@@ -11,17 +11,22 @@ the last base (for the third base, the tree the unpruned store restores
 there, since no one can snapshot a mount being written at an instant). Every test prunes its own copy of that
 store with a policy of one second of every-instant history and one point a
 minute for an hour, so the kept points are: the newest base of each minute
-before the last base, the last base, and every instant after it.
+before the last base and every whole minute before it (compacted into
+deltas), the last base, and every instant after it. The tree at each whole
+minute is what the unpruned store restores there (`minute_refs`).
 
 What each test asserts:
 - test_prune_keeps_every_kept_point_exact: the plan (--dry-run, which changes
-  nothing) names the expected points; after a prune with the default grace
-  and after a second one with --grace 0s every kept point restores exactly
-  the tree the mount showed then, verify passes, `ls` shows the window and
-  the minute tier, and the store holds fewer objects and bytes;
+  nothing) names the expected points (the bases, and whole minutes); after a
+  prune with the default grace (which writes deltas) and after a second one
+  with --grace 0s every kept point restores exactly the tree the mount showed
+  then, and every kept minute the tree the raw segments restored there before
+  the prune; verify passes, `ls` shows the window and the minute tier (each
+  kept minute inside a listed span), and the store holds fewer segments;
 - test_a_time_between_points_is_refused_and_or_earlier_takes_the_earlier:
   a time between two kept points is refused naming both; --or-earlier
-  restores the earlier one and says which instant it used;
+  restores the earlier one (as the unpruned store restores it) and says
+  which instant it used;
 - test_two_concurrent_prunes: while one prune holds the lock a second exits
   non-zero naming the holder's host and pid; the first finishes;
 - test_two_prunes_started_together: of two prunes started at once, one
@@ -30,16 +35,18 @@ What each test asserts:
   a prune uploads no chunk until the prune is done, then restores exactly;
 - test_a_restore_planned_before_the_condemnation_completes: a restore
   planned before a prune (default grace) condemned the segments it reads
-  completes exactly; one planned after is refused;
+  completes exactly; one planned after is refused, unless the instant lies
+  in a kept span (a whole minute's state lasts until the next record), when
+  it restores the same tree;
 - test_prune_racing_a_restore: a restore of the oldest kept point started
   while a prune deletes (grace 0) completes exactly;
 - test_prune_racing_a_base_upload: while a base is being uploaded (its
   sidecar stopped mid-walk with SIGSTOP), prunes with --grace 0s delete none
   of its chunks and say why; the base then completes and restores exactly;
 - test_kill9_prune_at_random_moments: ten prunes killed at random moments
-  (a test-only pause between store changes spreads them out); after each,
-  every kept point restores exactly and verify passes; the next prune
-  finishes and leaves nothing to do.
+  (a test-only pause between store changes, deltas included, spreads them
+  out); after each, every kept point and every kept minute restores exactly
+  and verify passes; the next prune finishes and leaves nothing to do.
 """
 
 from __future__ import annotations
@@ -325,6 +332,22 @@ def check_points(vol, points, where: Path, what: str) -> None:
     assert c.code == 0, f"{what}: verify failed:\n{c}"
 
 
+def minute_refs(history, workdir: Path) -> list[tuple[int, object]]:
+    """The whole minutes a prune keeps, each with the tree the unpruned
+    history store (raw segments) restores there."""
+    dry = prune_json(history.copy(workdir / "dry"), "--dry-run")
+    bases = set(expected_points(history.bases, history.bases[-1]))
+    whole = [p["ns"] for p in dry["points"] if p["tier"] == "minutes" and p["ns"] not in bases]
+    assert all(m % MIN == 0 for m in whole), dry["points"]
+    out = []
+    for m in whole:
+        t = workdir / "minute-ref"
+        history.vol.restore(m, t)
+        out.append((m, helpers.snapshot(t)))
+        helpers.rmtree(t)
+    return out
+
+
 def kinds(report: dict, what: str) -> dict[str, int]:
     return {k: v[what]["objects"] for k, v in report["kinds"].items()}
 
@@ -339,23 +362,33 @@ def test_prune_keeps_every_kept_point_exact(history, workdir):
 
     dry = prune_json(vol, "--dry-run")
     assert store_objects(vol) == before, "--dry-run changed the store"
-    coarse = [p["ns"] for p in dry["points"] if p["tier"] == "minutes"]
-    assert coarse == expected_points(history.bases, history.bases[-1]), dry["points"]
+    minutes = [p["ns"] for p in dry["points"] if p["tier"] == "minutes"]
+    coarse = expected_points(history.bases, history.bases[-1])
+    assert set(coarse) <= set(minutes), dry["points"]
+    assert all(m % MIN == 0 for m in minutes if m not in coarse), dry["points"]
     seconds = [p for p in dry["points"] if p["tier"] == "seconds"]
     assert len(seconds) == 1 and seconds[0]["ns"] == history.bases[-1], dry["points"]
-    assert kinds(dry, "condemned")["segments"] > 0, dry
     text = prune(vol, "--dry-run")
     assert text.code == 0 and "dry run" in text.out and "minutes tier" in text.out, text
+    refs = minute_refs(history, workdir)
+    assert [m for m, _ in refs] == [m for m in minutes if m not in coarse], (refs, minutes)
 
-    # Default grace: condemned, nothing deleted yet, every kept point exact.
+    # Default grace: compacted, condemned, nothing deleted yet, every kept
+    # point exact, every kept minute as the raw segments restored it.
     first = prune_json(vol)
+    # Minutes with records since their base are compacted into deltas (a
+    # minute with none restores from its base alone).
+    wrote = first["compaction"]["deltas_written"]["objects"]
+    assert (wrote > 0) == (dry["compaction"]["jobs"] > 0), (dry["compaction"], first["compaction"])
     assert kinds(first, "deleted")["segments"] == 0 and kinds(first, "deleted")["bases"] == 0, first
-    assert kinds(first, "condemned")["segments"] == kinds(dry, "condemned")["segments"], (first, dry)
-    check_points(vol, history.points, workdir, "after a prune with the default grace")
+    assert kinds(first, "condemned")["segments"] > 0, first
+    check_points(vol, history.points + refs, workdir, "after a prune with the default grace")
     ls = vol.ls()
-    assert [p["ns"] for p in ls["points"]] == coarse, ls["points"]
+    spans = [(p["ns"], p["until_ns"]) for p in ls["points"]]
+    for m in minutes:
+        assert any(a <= m <= b for a, b in spans), (fmt_ns(m), ls["points"])
     assert ls["window"]["earliest_ns"] == history.bases[-1], ls["window"]
-    assert any(t["tier"] == "minutes" and t["points"] == len(coarse) for t in ls["tiers"]), ls["tiers"]
+    assert any(t["tier"] == "minutes" and t["points"] >= len(minutes) - 1 for t in ls["tiers"]), ls["tiers"]
     text_ls = rewind("ls", *vol.store_args(), env=vol.env())
     assert "minutes tier" in text_ls.out and "every instant from" in text_ls.out, text_ls
 
@@ -369,8 +402,8 @@ def test_prune_keeps_every_kept_point_exact(history, workdir):
     assert seg_after == seg_before - kinds(first, "condemned")["segments"], (seg_before, seg_after)
     assert not any(k.startswith("condemned/") for k in after), sorted(after)
     assert not any(k.startswith("lock/") for k in after), sorted(after)
-    check_points(vol, history.points, workdir, "after the deletes")
-    print(f"\nFIGURES {history.backend}: before {len(before)} objects, {sum(before.values())} bytes; "
+    check_points(vol, history.points + refs, workdir, "after the deletes")
+    print(f"\nFIGURES {history.backend}: compaction {first['compaction']}; before {len(before)} objects, {sum(before.values())} bytes; "
           f"after {len(after)} objects, {sum(after.values())} bytes; "
           f"segments {seg_before} -> {seg_after}; "
           f"chunks {sum(1 for k in before if k.startswith('chunk/'))} -> {sum(1 for k in after if k.startswith('chunk/'))}")
@@ -382,19 +415,22 @@ def test_prune_keeps_every_kept_point_exact(history, workdir):
 def test_a_time_between_points_is_refused_and_or_earlier_takes_the_earlier(history, workdir):
     vol = history.copy(workdir / "v")
     prune_json(vol)
-    ns, snap = history.between
-    pts = sorted(p["ns"] for p in vol.ls()["points"])
-    earlier = max(p for p in pts if p < ns)
-    later = min([p for p in pts if p > ns] + [history.bases[-1]])
+    # The widest stretch between two kept spans, and an instant in it.
+    pts = sorted(vol.ls()["points"], key=lambda p: p["ns"])
+    gaps = [(a, b) for a, b in zip(pts, pts[1:]) if b["ns"] - a["until_ns"] > 2]
+    assert gaps, pts
+    earlier, later = max(gaps, key=lambda g: g[1]["ns"] - g[0]["until_ns"])
+    ns = (earlier["until_ns"] + later["ns"]) // 2
     c = vol.restore(ns, workdir / "t", check=False)
     assert c.code != 0, c
-    ls_at = {p["ns"]: p["at"] for p in vol.ls()["points"]}
-    assert ls_at[earlier] in c.err and "--or-earlier" in c.err, c
-    assert (ls_at.get(later) or "") in c.err, c
+    assert earlier["until"] in c.err and later["at"] in c.err and "--or-earlier" in c.err, c
     assert not (workdir / "t").exists() or not any((workdir / "t").iterdir()), "a refused restore wrote"
     c = vol.restore(ns, workdir / "t2", "--or-earlier")
-    assert ls_at[earlier] in c.out and "--or-earlier" in c.out, c
-    helpers.assert_same_tree(snap, helpers.snapshot(workdir / "t2"), "restore --or-earlier")
+    assert earlier["until"] in c.out and "--or-earlier" in c.out, c
+    # What the unpruned store restores at that instant.
+    history.vol.restore(earlier["until_ns"], workdir / "ref")
+    helpers.assert_same_tree(helpers.snapshot(workdir / "ref"), helpers.snapshot(workdir / "t2"),
+                             "restore --or-earlier")
 
 
 def test_two_concurrent_prunes(history, workdir):
@@ -482,7 +518,13 @@ def test_a_restore_planned_before_the_condemnation_completes(history, workdir):
             rep = prune_json(vol)
             assert kinds(rep, "condemned")["segments"] > 0, rep
             late = vol.restore(ns, workdir / "t2", check=False)
-            assert late.code != 0 and "between two kept points" in late.err, late
+            kept = any(p["ns"] <= ns <= p["until_ns"] for p in vol.ls()["points"])
+            if kept:
+                # A whole minute's state lasted over this instant.
+                assert late.code == 0, late
+                helpers.assert_same_tree(snap, helpers.snapshot(workdir / "t2"), "kept span")
+            else:
+                assert late.code != 0 and "between two kept points" in late.err, late
         finally:
             os.kill(p.pid, signal.SIGCONT)
         out, err = p.communicate(timeout=300)
@@ -569,6 +611,7 @@ def test_prune_racing_a_base_upload(backend, workdir, s3):  # noqa: F811
 
 def test_kill9_prune_at_random_moments(history, workdir):
     vol = history.copy(workdir / "v")
+    refs = minute_refs(history, workdir)
     rng = random.Random(int(os.environ.get("REWIND_PRUNE_SEED", "99")))
     pause = 0.05
     kills = 0
@@ -584,7 +627,7 @@ def test_kill9_prune_at_random_moments(history, workdir):
             kills += 1
         out, err = p.communicate(timeout=300)
         assert p.returncode in (0, -signal.SIGKILL), f"prune {i}: {p.returncode}\n{out}\n{err}"
-        check_points(vol, history.points, workdir, f"after prune {i} was killed")
+        check_points(vol, history.points + refs, workdir, f"after prune {i} was killed")
     assert kills >= 5, f"only {kills} of 10 prunes were killed before they finished"
     last = prune_json(vol, "--grace", "0s")
     assert all(v["condemned"]["objects"] == 0 for k, v in last["kinds"].items() if k != "markers"), last
@@ -592,4 +635,4 @@ def test_kill9_prune_at_random_moments(history, workdir):
     assert sum(v["deleted"]["objects"] for k, v in final["kinds"].items() if k != "markers") == 0, final
     keys = store_objects(vol)
     assert not any(k.startswith(("lock/", "condemned/")) for k in keys), sorted(keys)
-    check_points(vol, history.points, workdir, "after the final prune")
+    check_points(vol, history.points + refs, workdir, "after the final prune")
