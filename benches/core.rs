@@ -151,19 +151,7 @@ fn replay(c: &mut Criterion) {
         completed_ns: 0,
         kind: rewind::base::BaseKind::Initial,
         root,
-        objects: vec![rewind::base::Object {
-            ino: root,
-            kind: Kind::Dir,
-            mode: 0o755,
-            uid: 0,
-            gid: 0,
-            size: 0,
-            mtime: 0,
-            rdev: 0,
-            target: Bytes::new(),
-            xattrs: vec![],
-            extents: vec![],
-        }],
+        objects: vec![rewind::base::Object::dir(root)],
         links: vec![],
     };
     g.throughput(Throughput::Bytes(16 << 20));

@@ -160,6 +160,26 @@ pub struct Object {
     pub extents: Vec<Extent>,
 }
 
+impl Object {
+    /// An empty directory owned by root, mode 0755, mtime 0: the root of
+    /// the manifests that tests and benches build by hand.
+    pub fn dir(ino: Ino) -> Object {
+        Object {
+            ino,
+            kind: Kind::Dir,
+            mode: 0o755,
+            uid: 0,
+            gid: 0,
+            size: 0,
+            mtime: 0,
+            rdev: 0,
+            target: Bytes::new(),
+            xattrs: vec![],
+            extents: vec![],
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Link {
     pub parent: Ino,

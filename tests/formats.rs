@@ -255,19 +255,7 @@ fn sample_manifest() -> Manifest {
         kind: BaseKind::Repair,
         root: 2,
         objects: vec![
-            Object {
-                ino: 2,
-                kind: Kind::Dir,
-                mode: 0o755,
-                uid: 0,
-                gid: 0,
-                size: 0,
-                mtime: 0,
-                rdev: 0,
-                target: Bytes::new(),
-                xattrs: vec![],
-                extents: vec![],
-            },
+            Object::dir(2),
             Object {
                 ino: 11,
                 kind: Kind::File,

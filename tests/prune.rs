@@ -35,19 +35,7 @@ fn chunk(store: &dyn Store, n: u8) -> [u8; 32] {
 }
 
 fn manifest(store: &dyn Store, start_seq: u64, completed_ns: i64, chunks: &[[u8; 32]]) -> BaseMeta {
-    let dir = Object {
-        ino: 1,
-        kind: Kind::Dir,
-        mode: 0o755,
-        uid: 0,
-        gid: 0,
-        size: 0,
-        mtime: 0,
-        rdev: 0,
-        target: Bytes::new(),
-        xattrs: vec![],
-        extents: vec![],
-    };
+    let dir = Object::dir(1);
     let file = Object {
         ino: 2,
         kind: Kind::File,
@@ -271,19 +259,7 @@ fn file_base(store: &dyn Store, start_seq: u64, completed_ns: i64, content: &[u8
     store
         .put(&chunk_key(&hash), base::encode_chunk(content))
         .unwrap();
-    let dir = Object {
-        ino: 1,
-        kind: Kind::Dir,
-        mode: 0o755,
-        uid: 0,
-        gid: 0,
-        size: 0,
-        mtime: 0,
-        rdev: 0,
-        target: Bytes::new(),
-        xattrs: vec![],
-        extents: vec![],
-    };
+    let dir = Object::dir(1);
     let file = Object {
         ino: 2,
         kind: Kind::File,

@@ -34,19 +34,7 @@ impl Fixture {
             completed_ns: 2_000,
             kind: BaseKind::Initial,
             root: ROOT,
-            objects: vec![Object {
-                ino: ROOT,
-                kind: Kind::Dir,
-                mode: 0o755,
-                uid: 0,
-                gid: 0,
-                size: 0,
-                mtime: 0,
-                rdev: 0,
-                target: Bytes::new(),
-                xattrs: vec![],
-                extents: vec![],
-            }],
+            objects: vec![Object::dir(ROOT)],
             links: vec![],
         };
         base::store_manifest(store.as_ref(), &m).unwrap();

@@ -342,19 +342,7 @@ fn base_content() -> Vec<u8> {
 
 fn manifest() -> Manifest {
     let content = base_content();
-    let dir = |ino| Object {
-        ino,
-        kind: Kind::Dir,
-        mode: 0o755,
-        uid: 0,
-        gid: 0,
-        size: 0,
-        mtime: 0,
-        rdev: 0,
-        target: Bytes::new(),
-        xattrs: vec![],
-        extents: vec![],
-    };
+    let dir = |ino| Object::dir(ino);
     Manifest {
         lineage: 1,
         start_seq: 0,
