@@ -13,10 +13,12 @@ References: the coordinator pauses every writer at an operation boundary
 (workload.Gate), notes the time, snapshots the mount, notes the time again
 and lets them go on. Nothing changes the tree between the two times, so the
 snapshot is the tree the mount showed at every instant of that *quiet
-interval*. Some pauses wait for a base to complete inside them, and one
-pause straddles every whole UTC minute, so that the instants a coarse tier
-keeps (today the newest base completed in each minute; with compaction
-deltas, each whole minute) often fall inside a quiet interval.
+interval*. Some pauses wait for a base to complete inside them. None is
+placed on a whole UTC minute: the minutes tier keeps each whole minute, and
+what was written between the base before it and the minute is what a prune
+compacts into a delta; the test requires that at least one delta was
+written, so that the raw-against-compacted comparison below compares
+something.
 
 Which instants are kept is asked of the tool, never computed here: an
 instant is kept when it is inside a lineage's window or is one of the
@@ -160,7 +162,7 @@ class Model:
         self.spans: dict[int, int] = {}
         self.n_restores = 0
         self.stats = {"point vs reference": 0, "point vs raw": 0, "window vs reference": 0, "refused": 0,
-                      "raw restores": 0, "prunes": 0}
+                      "raw restores": 0, "prunes": 0, "deltas written": 0}
 
     # -- the tool's answers -------------------------------------------------
     def kept(self, ls: dict):
@@ -302,6 +304,7 @@ class Model:
         self.bases_seen |= {b["completed_ns"] for b in before["bases"]}
         frozen = self.freeze_store(f"before-prune{self.stats['prunes']}")
         rep = self.prune_json()
+        self.stats["deltas written"] += rep["compaction"]["deltas_written"]["objects"]
         after = self.vol.ls()
         window2, points = self.kept(after)
         assert window2["latest_ns"] >= window["latest_ns"], f"{what}: the window shrank at its end: {window} -> {window2}"
@@ -390,16 +393,12 @@ def run_model(seed, make_volume, workdir):
             time.sleep(rng.uniform(0.5, 2.5))
             check_threads()
             assert vol.alive(), vol.log_tail()
-            now = time.time_ns()
-            boundary = -(-now // MIN) * MIN
-            if boundary - now < 8 * NS:
-                # Straddle the whole minute, with a base completed inside
-                # the interval before it if one comes (the newest base of
-                # the minute is what the minutes tier keeps today).
-                t_pause = time.time_ns()
-                quiet("minute", lambda: time.time_ns() > boundary + NS // 5
-                      and (newest_base_ns() > t_pause or time.time_ns() > boundary + 4 * NS))
-            elif rng.random() < 0.3:
+            # No pause is placed on a whole minute: the writes between the
+            # base before it and the minute are what a prune compacts into
+            # a delta, and a pause there would often leave none (a base
+            # completes inside it). Kept minutes are compared with their
+            # raw-segment restore instead (prune_round).
+            if rng.random() < 0.3:
                 t_pause = time.time_ns()
                 quiet("base", lambda: newest_base_ns() > t_pause)
             else:
@@ -473,6 +472,10 @@ def run_model(seed, make_volume, workdir):
         helpers.assert_same_tree(model.raw[earlier], helpers.snapshot(target),
                                  f"--or-earlier at {fmt_ns(r.at_ns)} vs the point {fmt_ns(earlier)}")
     helpers.assert_same_tree(final, model.restore("latest", "latest"), "restore at latest vs the mount's last tree")
+    # The workload outlasts a whole minute before the final seconds tier, so
+    # a minute point is always kept, and it is compacted: without a delta
+    # the raw-against-compacted comparisons above would compare nothing.
+    assert model.stats["deltas written"] >= 1, f"no prune compacted anything: {model.stats}"
     assert model.stats["point vs reference"] >= 1, \
         f"no kept point fell inside a quiet interval, so none was compared with the mount: {model.stats}"
     print(f"\nseed {seed}: {len(model.refs)} references, {len(points)} kept points, "
