@@ -139,6 +139,11 @@ pub struct RunArgs {
     /// 64 MiB journal file).
     #[arg(long, default_value = "1073741824")]
     pub max_journal_bytes: u64,
+    /// How often the sidecar reads the store's timeline back for its metrics: the restore
+    /// window's start and the oldest restorable point of each retention tier move when
+    /// `rewind prune` runs elsewhere (default 5m; one LIST of the volume each time).
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    pub timeline_interval: Duration,
     /// Take a periodic base snapshot this long after the previous one started (default 1h), so
     /// that a restore replays at most about this much journal. Periodic bases are incremental:
     /// only files changed since the previous base are read and only new chunks uploaded. No base

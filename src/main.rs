@@ -392,59 +392,39 @@ struct TierLine {
 /// Each lineage's continuous window and its kept points, grouped by the
 /// tier the newest prune's policy put them in (by their age at that prune).
 fn tiers(t: &Timeline) -> Vec<TierLine> {
-    use rewind::retention::Tier;
     let mut out = Vec::new();
-    for w in t.windows() {
-        out.push(TierLine {
-            line: format!(
+    for span in rewind::retention::tier_spans(t) {
+        let (name, gran) = match span.tier {
+            Some(t) => (t.name(), t.granularity()),
+            None => ("points", "kept bases"),
+        };
+        let line = if span.tier == Some(rewind::retention::Tier::Seconds) {
+            format!(
                 "  lineage {}: every instant from {} to {}",
-                w.lineage, w.earliest, w.latest
-            ),
-            lineage: w.lineage.clone(),
-            tier: Tier::Seconds.name(),
-            granularity: Tier::Seconds.granularity(),
-            points: 0,
-            from_ns: w.earliest_ns,
-            to_ns: w.latest_ns,
+                span.lineage,
+                fmt_ns(span.from_ns),
+                fmt_ns(span.to_ns)
+            )
+        } else {
+            format!(
+                "  lineage {}: {} tier, {} points from {} to {} ({})",
+                span.lineage,
+                name,
+                span.points,
+                fmt_ns(span.from_ns),
+                fmt_ns(span.to_ns),
+                gran
+            )
+        };
+        out.push(TierLine {
+            line,
+            lineage: span.lineage,
+            tier: name,
+            granularity: gran,
+            points: span.points,
+            from_ns: span.from_ns,
+            to_ns: span.to_ns,
         });
-        let points: Vec<_> = t
-            .points()
-            .into_iter()
-            .filter(|p| p.lineage == w.lineage)
-            .collect();
-        let mut groups: std::collections::BTreeMap<Option<Tier>, Vec<rewind::clock::Nanos>> =
-            Default::default();
-        for p in &points {
-            let tier = t
-                .policy
-                .as_ref()
-                .and_then(|m| m.policy.tier_of_age(m.applied_ns - p.ns));
-            groups.entry(tier).or_default().push(p.ns);
-        }
-        for (tier, ns) in groups.iter().rev() {
-            let (name, gran) = match tier {
-                Some(t) => (t.name(), t.granularity()),
-                None => ("points", "kept bases"),
-            };
-            let (from, to) = (ns[0], ns[ns.len() - 1]);
-            out.push(TierLine {
-                line: format!(
-                    "  lineage {}: {} tier, {} points from {} to {} ({})",
-                    w.lineage,
-                    name,
-                    ns.len(),
-                    fmt_ns(from),
-                    fmt_ns(to),
-                    gran
-                ),
-                lineage: w.lineage.clone(),
-                tier: name,
-                granularity: gran,
-                points: ns.len(),
-                from_ns: from,
-                to_ns: to,
-            });
-        }
     }
     if let Some(m) = &t.policy {
         let d = |x: std::time::Duration| humantime::format_duration(x).to_string();

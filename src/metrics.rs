@@ -27,6 +27,9 @@ pub struct Metrics {
     /// Restore window bounds (ns since the epoch); 0 when unknown.
     window_earliest_ns: AtomicU64,
     window_latest_ns: AtomicU64,
+    /// (tier, ns) of the oldest restorable point of each tier, as of the
+    /// last read of the store's timeline.
+    oldest_per_tier: Mutex<Vec<(&'static str, u64)>>,
     lineage: Mutex<String>,
     base_in_progress: AtomicBool,
     /// Wall time (ns since the epoch) the last base completed; 0 when none
@@ -91,6 +94,10 @@ impl Metrics {
     pub fn set_restore_window(&self, earliest: SystemTime, latest: SystemTime) {
         self.window_earliest_ns.store(nanos(earliest), Relaxed);
         self.window_latest_ns.store(nanos(latest), Relaxed);
+    }
+    /// The oldest restorable instant of each retention tier.
+    pub fn set_oldest_per_tier(&self, tiers: Vec<(&'static str, SystemTime)>) {
+        *self.oldest_per_tier.lock() = tiers.into_iter().map(|(t, at)| (t, nanos(at))).collect();
     }
     /// The lineage the daemon is writing.
     pub fn set_lineage(&self, lineage: &str) {
@@ -250,6 +257,17 @@ impl Metrics {
             let ns = v.load(Relaxed);
             if ns != 0 {
                 sample(&mut out, name, "gauge", help, "", ns as f64 / 1e9);
+            }
+        }
+        let tiers = self.oldest_per_tier.lock().clone();
+        if !tiers.is_empty() {
+            let name = "rewind_oldest_restorable_seconds";
+            let _ = writeln!(
+                out,
+                "# HELP {name} Oldest restorable instant of each retention tier of the lineage being written, unix seconds, as of the last read of the store's timeline.\n# TYPE {name} gauge"
+            );
+            for (tier, ns) in tiers {
+                let _ = writeln!(out, "{name}{{tier=\"{tier}\"}} {}", ns as f64 / 1e9);
             }
         }
         let last_base = self.last_base_completed_ns.load(Relaxed);

@@ -152,6 +152,55 @@ impl Policy {
     }
 }
 
+/// What one lineage keeps in one tier: the continuous window (`Seconds`),
+/// or the isolated points the newest prune's policy put in a coarse tier
+/// by their age at that prune (`tier` None: points no policy places, such
+/// as those of a prune whose marker is gone).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TierSpan {
+    pub lineage: String,
+    pub tier: Option<Tier>,
+    pub points: usize,
+    pub from_ns: Nanos,
+    pub to_ns: Nanos,
+}
+
+/// Each lineage's window and its kept points grouped by tier, finest tier
+/// first: what `rewind ls` shows and what the sidecar exports as the oldest
+/// restorable point of each tier.
+pub fn tier_spans(t: &Timeline) -> Vec<TierSpan> {
+    let mut out = Vec::new();
+    let points = t.points();
+    for w in t.windows() {
+        out.push(TierSpan {
+            lineage: w.lineage.clone(),
+            tier: Some(Tier::Seconds),
+            points: 0,
+            from_ns: w.earliest_ns,
+            to_ns: w.latest_ns,
+        });
+        let mut groups: BTreeMap<Option<Tier>, Vec<Nanos>> = BTreeMap::new();
+        for p in points.iter().filter(|p| p.lineage == w.lineage) {
+            let tier = t
+                .policy
+                .as_ref()
+                .and_then(|m| m.policy.tier_of_age(m.applied_ns - p.ns));
+            groups.entry(tier).or_default().push(p.ns);
+        }
+        // The coarsest (oldest) tier first, as `rewind ls` has always shown.
+        for (tier, ns) in groups.iter().rev() {
+            out.push(TierSpan {
+                lineage: w.lineage.clone(),
+                tier: *tier,
+                points: ns.len(),
+                from_ns: ns[0],
+                to_ns: ns[ns.len() - 1],
+            });
+        }
+    }
+    out
+}
+
 /// `policy/<applied_ns:020>-<seconds>-<minutes>-<hours>-<days>`, spans in
 /// whole seconds: the policy the newest prune applied, so that `rewind ls`
 /// can show each tier's span.

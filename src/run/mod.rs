@@ -120,6 +120,9 @@ struct Daemon {
     health: Arc<StoreHealth>,
     /// `journal.written_bytes()` when the last completed base started.
     written_at_base: AtomicU64,
+    /// The current lineage's window start as the store's timeline last
+    /// showed it (0 until read): a prune elsewhere moves it forward.
+    listed_earliest: AtomicI64,
     /// The local catalog (`crate::catalog`), if one could be opened.
     catalog: Mutex<Option<crate::catalog::Catalog>>,
 }
@@ -516,6 +519,7 @@ fn start(args: &RunArgs) -> Result<Running, RunError> {
         known_chunks: StoredChunks::default(),
         health,
         written_at_base: AtomicU64::new(0),
+        listed_earliest: AtomicI64::new(0),
         catalog: Mutex::new(catalog),
     });
     // The newest base already stored for this lineage schedules the first
@@ -545,6 +549,7 @@ fn start(args: &RunArgs) -> Result<Running, RunError> {
         (last_start, last_seq),
     );
     let ship_thread = ship_thread::spawn(d.clone(), args.segment_interval);
+    monitor::spawn_timeline_reader(d.clone(), args.timeline_interval);
     let monitor = {
         let d = d.clone();
         let id = lineage.to_string();

@@ -4,8 +4,12 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use std::sync::Arc;
+
 use super::{ns_time, Daemon};
 use crate::outage;
+use crate::retention::Tier;
+use crate::timeline::{LineageId, Timeline};
 
 /// Samples the daemon's state into the metrics twice a second, and logs
 /// replication lag once a minute. It runs apart from the shipper so that
@@ -63,7 +67,7 @@ pub(super) fn monitor(d: &Daemon, mut earliest: Option<crate::clock::Nanos>, mut
         if d.based() && earliest.is_none() && d.shipper.pending_control() == 0 {
             earliest = Some(d.base_completed_ns.load(Ordering::Acquire));
         }
-        if let Some(e) = earliest {
+        if let Some(e) = earliest.map(|e| e.max(d.listed_earliest.load(Ordering::Acquire))) {
             m.set_restore_window(ns_time(e), ns_time(stored_ns.max(e)));
         }
         m.set_journal_writable(!d.journal.writers_waiting() && !d.journal.has_failed());
@@ -81,5 +85,47 @@ pub(super) fn monitor(d: &Daemon, mut earliest: Option<crate::clock::Nanos>, mut
             );
         }
         std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// Reads the store's timeline every `interval` for the metrics that only the
+/// store knows once `rewind prune` runs elsewhere: where the current
+/// lineage's window starts and the oldest point of each tier. A failed read
+/// keeps the previous figures (the outage tracker reports the store).
+pub(super) fn spawn_timeline_reader(d: Arc<Daemon>, interval: Duration) {
+    let spawned = std::thread::Builder::new()
+        .name("rewind-timeline".into())
+        .spawn(move || loop {
+            let until = Instant::now() + interval;
+            while Instant::now() < until {
+                if d.stop.load(Ordering::Acquire) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(200).min(interval));
+            }
+            let t = match Timeline::load(d.store.as_ref()) {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::debug!("cannot read the store's timeline for the metrics: {e}");
+                    continue;
+                }
+            };
+            let lineage = LineageId(d.journal.lineage()).to_string();
+            let spans: Vec<_> = crate::retention::tier_spans(&t)
+                .into_iter()
+                .filter(|s| s.lineage == lineage)
+                .collect();
+            if let Some(w) = spans.iter().find(|s| s.tier == Some(Tier::Seconds)) {
+                d.listed_earliest.store(w.from_ns, Ordering::Release);
+            }
+            d.metrics.set_oldest_per_tier(
+                spans
+                    .iter()
+                    .map(|s| (s.tier.map_or("points", Tier::name), ns_time(s.from_ns)))
+                    .collect(),
+            );
+        });
+    if let Err(e) = spawned {
+        tracing::warn!("cannot start the timeline reader for the metrics: {e}");
     }
 }

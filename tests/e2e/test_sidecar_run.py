@@ -127,6 +127,42 @@ def test_metrics_follow_a_running_sidecar(tmp_path):
     assert code == 0, "\n".join(run.log)
 
 
+def test_metrics_follow_a_prune_run_elsewhere(tmp_path):
+    """Prune runs as its own job; the sidecar reads the store's timeline back
+    every --timeline-interval, so that its restore window starts where prune
+    left it (not at the first base, long deleted) and each tier's oldest
+    point is exported, as `rewind ls` shows them."""
+    run, mnt, store = start_run(tmp_path, "--listen", "127.0.0.1:0", "--base-interval", "1s",
+                                "--timeline-interval", "500ms")
+    try:
+        addr = run.wait_for_log(r"health and metrics on http://([0-9.]+:[0-9]+)", deadline_s=30).group(1)
+        poll("the first base to open the restore window",
+             lambda: "rewind_restore_window_earliest_seconds" in scrape(addr)[1])
+        first = scrape(addr)[1]["rewind_restore_window_earliest_seconds"]
+        for i in range(4):
+            n = len(ls(store)["bases"])
+            write(mnt / f"f{i}", os.urandom(4096))
+            poll(f"periodic base {i + 1}", lambda: len(ls(store)["bases"]) > n)
+        pr = subprocess.run([REWIND_BIN, "prune", "--store", f"file://{store}", "--volume", VOLUME,
+                             "--keep-seconds", "1s", "--keep-minutes", "10m", "--grace", "0s"],
+                            capture_output=True, text=True)
+        assert pr.returncode == 0, pr.stdout + pr.stderr
+        listed = ls(store)
+        (w,) = listed["windows"]
+        assert w["earliest_ns"] / 1e9 > first, f"prune kept the whole window: {w}"
+        tiers = [t for t in listed["tiers"] if t["lineage"] == w["lineage"]]
+        want = {f'rewind_oldest_restorable_seconds{{tier="{t["tier"]}"}}': t["from_ns"] / 1e9 for t in tiers}
+
+        def follows():
+            m = scrape(addr)[1]
+            return (abs(m.get("rewind_restore_window_earliest_seconds", 0) - w["earliest_ns"] / 1e9) < 1e-3
+                    and all(abs(m.get(k, 0) - v) < 1e-3 for k, v in want.items()))
+        poll(f"the metrics to follow the pruned store ({want}, window from {w['earliest']})", follows)
+    finally:
+        code = run.stop()
+    assert code == 0, "\n".join(run.log)
+
+
 @pytest.fixture(scope="module")
 def webhook(tmp_path_factory):
     d = tmp_path_factory.mktemp("pki")
