@@ -651,6 +651,17 @@ fn compact_jobs(p: &mut Pruner<'_>, t: &Timeline, jobs: &[CompactJob]) -> Result
                 }
             }
         }
+        // The job ended at a segment's end: the next record is the first
+        // of the segment that follows, whose key gives its time. Without it
+        // the last piece's span would end right after its last record, and
+        // a kept minute in the idle time after it would not restore.
+        if next_ns.is_none() {
+            next_ns = t
+                .segments
+                .iter()
+                .find(|s| s.lineage == job.lineage && s.first_seq == next)
+                .map(|s| s.first_ns);
+        }
         if let Some(piece) = cutter.finish(next_ns) {
             store_piece(p, piece)?;
             written += 1;

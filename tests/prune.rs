@@ -340,7 +340,11 @@ fn the_minutes_tier_is_compacted_into_deltas_that_restore_exactly() {
     let mut page = vec![0u8; 4096];
     let mut seq = 0;
     let mut raw_bytes = 0u64;
-    let mut ns = start + SEC;
+    // Records half a second off the whole seconds, so that no record lies
+    // on a kept minute: each minute restores from a delta whose span runs
+    // to the next record, which for the last minute of a compaction job is
+    // the first record of a segment the job does not read.
+    let mut ns = start + SEC + SEC / 2;
     while ns < now - 3 * MIN {
         for b in page.iter_mut() {
             rng ^= rng << 13;
@@ -445,18 +449,19 @@ fn the_minutes_tier_is_compacted_into_deltas_that_restore_exactly() {
     let rep = rewind::verify::verify(store, &mut |_| {}).unwrap();
     assert!(rep.problems.is_empty(), "{:?}", rep.problems);
     assert!(rep.deltas >= minutes.len() - 1, "{rep:?}");
-    // Between two minutes: refused, naming both; --or-earlier takes the
-    // earlier (whose state lasts until the next record).
+    // Between two minutes: refused, naming both spans (each runs from the
+    // last record at or before its minute to just before the next record);
+    // --or-earlier takes the end of the earlier one.
     let t = rewind::timeline::Timeline::load(store).unwrap();
     let between = minutes[3] + 30 * SEC;
     let err = t.plan(At::Instant(between), None).unwrap_err().to_string();
     assert!(
         err.contains("between two kept points")
-            && err.contains(&rewind::clock::fmt_ns(minutes[3] + SEC - 1))
-            && err.contains(&rewind::clock::fmt_ns(minutes[4]))
+            && err.contains(&rewind::clock::fmt_ns(minutes[3] + SEC / 2 - 1))
+            && err.contains(&rewind::clock::fmt_ns(minutes[4] - SEC / 2))
             && err.contains("--or-earlier"),
         "{err}"
     );
     let p = t.plan_at(At::Instant(between), None, true).unwrap();
-    assert_eq!(p.at_ns, minutes[3] + SEC - 1);
+    assert_eq!(p.at_ns, minutes[3] + SEC / 2 - 1);
 }
