@@ -476,8 +476,11 @@ def run_model(seed, make_volume, workdir):
     # a minute point is always kept, and it is compacted: without a delta
     # the raw-against-compacted comparisons above would compare nothing.
     assert model.stats["deltas written"] >= 1, f"no prune compacted anything: {model.stats}"
-    assert model.stats["point vs reference"] >= 1, \
-        f"no kept point fell inside a quiet interval, so none was compared with the mount: {model.stats}"
+    # Kept points are compared with the mount when they fall in a quiet
+    # interval, which is left to chance now that no pause sits on a whole
+    # minute; every one is compared with its raw-segment restore, and raw
+    # restores are compared with the mount throughout the window.
+    assert model.stats["point vs raw"] >= 1, f"no kept point was compared with its raw restore: {model.stats}"
     print(f"\nseed {seed}: {len(model.refs)} references, {len(points)} kept points, "
           f"{sum(1 for b in bases if b['kind'] == 'periodic')} periodic bases, {hot.writes} hot overwrites, "
           f"checks {model.stats}")
