@@ -373,13 +373,12 @@ impl Journal {
                 Full::Append
             } else if inner.prepare_drop.is_some() && !drop_failed {
                 let (seq, pos) = inner.stored;
-                let files: Vec<JournalFile> = inner.files.iter().cloned().collect();
                 gap::when_full(
                     Policy::Gap,
                     inner.bytes,
                     self.max_bytes,
-                    bytes_after(&files, pos, seq),
-                    files.len(),
+                    bytes_after(&inner.files, pos, seq),
+                    inner.files.len(),
                 )
             } else {
                 Full::Wait
@@ -521,8 +520,8 @@ impl Journal {
     fn drop_unshipped(&self, inner: &mut Inner) -> Result<(), JournalError> {
         let held = inner.bytes;
         let (stored, pos) = inner.stored;
-        let files: Vec<JournalFile> = inner.files.iter().cloned().collect();
-        let bytes = bytes_after(&files, pos, stored);
+        let bytes = bytes_after(&inner.files, pos, stored);
+        let retiring = inner.files.len();
         let dropping = inner.lineage;
         let (from_lineage, to_lineage) =
             gap::drop_lineages(inner.lineage, inner.open_gap, rand::random::<u64>() >> 1);
@@ -543,20 +542,8 @@ impl Journal {
             let _ = fs::remove_file(&note);
             return Err(JournalError::Failed(e));
         }
-        for f in files {
-            if f.cap == inner.file_size && inner.spares.len() < MAX_SPARES {
-                inner.spare_counter += 1;
-                let spare = self.dir.join(format!(
-                    "{:020}-{}.{SPARE_EXT}",
-                    f.first_seq, inner.spare_counter
-                ));
-                fs::rename(&f.path, &spare).map_err(|e| JournalError::io(&f.path, e))?;
-                inner.spares.push(spare);
-            } else {
-                fs::remove_file(&f.path).map_err(|e| JournalError::io(&f.path, e))?;
-            }
-            inner.bytes = inner.bytes.saturating_sub(f.cap);
-            inner.files.pop_front();
+        for _ in 0..retiring {
+            self.retire_front(inner)?;
         }
         inner.lineage = to_lineage;
         inner.stored = (mark.to_seq, None);
@@ -931,6 +918,29 @@ impl Journal {
             })
     }
 
+    /// Takes the oldest journal file out of the journal: kept as a spare
+    /// for reuse when it has the standard size (its blocks are written
+    /// already) and the pool has room, deleted otherwise.
+    fn retire_front(&self, inner: &mut Inner) -> Result<(), JournalError> {
+        let Some(f) = inner.files.front().cloned() else {
+            return Ok(());
+        };
+        if f.cap == inner.file_size && inner.spares.len() < MAX_SPARES {
+            inner.spare_counter += 1;
+            let spare = self.dir.join(format!(
+                "{:020}-{}.{SPARE_EXT}",
+                f.first_seq, inner.spare_counter
+            ));
+            fs::rename(&f.path, &spare).map_err(|e| JournalError::io(&f.path, e))?;
+            inner.spares.push(spare);
+        } else {
+            fs::remove_file(&f.path).map_err(|e| JournalError::io(&f.path, e))?;
+        }
+        inner.bytes = inner.bytes.saturating_sub(f.cap);
+        inner.files.pop_front();
+        Ok(())
+    }
+
     /// Deletes journal files whose records are all stored (`seq` and
     /// below). The caller must have synced the source past them.
     pub fn release_through(&self, seq: Seq) -> Result<(), JournalError> {
@@ -938,25 +948,10 @@ impl Journal {
         // The current file stays, unless writers wait for it.
         let keep = usize::from(!self.current_reusable(&inner, seq));
         while inner.files.len() > keep {
-            let f = inner.files.front().unwrap().clone();
-            if f.last_seq > seq {
+            if inner.files.front().is_some_and(|f| f.last_seq > seq) {
                 break;
             }
-            let len = f.cap;
-            if len == inner.file_size && inner.spares.len() < MAX_SPARES {
-                // Keep it for reuse: its blocks are written already.
-                inner.spare_counter += 1;
-                let spare = self.dir.join(format!(
-                    "{:020}-{}.{SPARE_EXT}",
-                    f.first_seq, inner.spare_counter
-                ));
-                fs::rename(&f.path, &spare).map_err(|e| JournalError::io(&f.path, e))?;
-                inner.spares.push(spare);
-            } else {
-                fs::remove_file(&f.path).map_err(|e| JournalError::io(&f.path, e))?;
-            }
-            inner.bytes = inner.bytes.saturating_sub(len);
-            inner.files.pop_front();
+            self.retire_front(&mut inner)?;
         }
         let res = if inner.files.is_empty() {
             // The current file was released as a spare: it becomes the
@@ -1143,10 +1138,14 @@ impl JournalReader {
 /// [`JournalReader::position`]) has not read yet: what is still waiting to
 /// ship when `pos` is where the last stored segment ended. Without a
 /// position, every file holding a record after `seq` counts whole.
-pub fn bytes_after(files: &[JournalFile], pos: Option<(Seq, u64)>, seq: Seq) -> u64 {
+pub fn bytes_after<'a>(
+    files: impl IntoIterator<Item = &'a JournalFile>,
+    pos: Option<(Seq, u64)>,
+    seq: Seq,
+) -> u64 {
     let header = file::HEADER_LEN as u64;
     files
-        .iter()
+        .into_iter()
         .map(|f| match pos {
             Some((first, _)) if f.first_seq < first => 0,
             Some((first, off)) if f.first_seq == first => f.end.saturating_sub(off.max(header)),
