@@ -386,10 +386,15 @@ impl Cuts {
             return true;
         }
         if let Some((from, to)) = self.minutes {
-            // The first whole minute at or after a's time.
-            let m = a.1.div_euclid(MINUTE_NS) * MINUTE_NS;
-            let m = if m < a.1 { m + MINUTE_NS } else { m };
-            if m < b.1 && m >= from && m < to {
+            // The first whole minute of the range at or after a's time: a
+            // stretch of idle time across the range's start still holds
+            // the range's first minutes.
+            let ceil = |t: Nanos| {
+                t.div_euclid(MINUTE_NS) * MINUTE_NS
+                    + MINUTE_NS * Nanos::from(t.rem_euclid(MINUTE_NS) != 0)
+            };
+            let m = ceil(a.1).max(ceil(from));
+            if m < b.1 && m < to {
                 return true;
             }
         }

@@ -621,6 +621,8 @@ fn cut_points_table() {
         ((12, 2 * MIN - 1), (13, 2 * MIN + 1), true),
         ((12, 4 * MIN - 1), (13, 4 * MIN + 1), false), // outside the minutes range
         ((12, MIN - 1), (13, MIN + 1), false),         // before it
+        ((12, MIN - 1), (13, 2 * MIN + 1), true),      // idle across the range's start
+        ((12, MIN - 1), (13, 5 * MIN), true),          // idle across the whole range
         ((12, 5 * MIN + 7), (13, 5 * MIN + 8), true),  // at a base's completion
         ((12, 5 * MIN + 6), (13, 5 * MIN + 7), false),
     ];
