@@ -669,3 +669,52 @@ fn gap_mode_waits_when_the_drop_cannot_be_prepared() {
         std::thread::yield_now();
     }
 }
+
+/// A writer whose drop could not be prepared waits; a later writer's drop
+/// that succeeds makes space, and must wake it (the store, which would
+/// otherwise wake it by taking records, may be away for hours).
+#[test]
+fn gap_mode_wakes_a_writer_parked_by_a_failed_drop() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let d = tempfile::tempdir().unwrap();
+    let (j, _) = Journal::open_sized(d.path(), 1, 1, 0, 6 << 10, 4 << 10).unwrap();
+    let j = std::sync::Arc::new(j);
+    let calls = std::sync::Arc::new(AtomicUsize::new(0));
+    let c = calls.clone();
+    j.set_gap_mode(Box::new(move |_| {
+        if c.fetch_add(1, Ordering::SeqCst) == 0 {
+            Err("cannot sync the source: EIO".into())
+        } else {
+            Ok(())
+        }
+    }));
+    let big = |i: u64| Op::Write {
+        ino: 5,
+        offset: 0,
+        size: 1000,
+        mtime: 1,
+        data: Bytes::from(vec![i as u8; 1000]),
+    };
+    let j2 = j.clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for i in 0..20 {
+            j2.append(&[big(i)]).unwrap();
+        }
+        tx.send(()).unwrap();
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !j.writers_waiting() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the writer never parked"
+        );
+        std::thread::yield_now();
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    // A second writer: its drop is prepared, and nothing is released.
+    j.append(&[big(99)]).unwrap();
+    assert_eq!(j.gap_epoch(), 1);
+    rx.recv_timeout(std::time::Duration::from_secs(10))
+        .expect("the parked writer was not woken by the drop");
+}

@@ -542,9 +542,9 @@ impl Journal {
             let _ = fs::remove_file(&note);
             return Err(JournalError::Failed(e));
         }
-        for _ in 0..retiring {
-            self.retire_front(inner)?;
-        }
+        // The drop is decided (the note and the state file say so): the
+        // journal follows it before any file goes, so that a file that
+        // cannot be removed is a leftover of dropped records, not a hole.
         inner.lineage = to_lineage;
         inner.stored = (mark.to_seq, None);
         inner.open_gap = Some((from_lineage, to_lineage));
@@ -553,6 +553,12 @@ impl Journal {
             .fetch_max(mark.to_seq, Ordering::AcqRel);
         self.dropped_bytes.fetch_add(bytes, Ordering::Relaxed);
         self.gap_epoch.fetch_add(1, Ordering::AcqRel);
+        for _ in 0..retiring {
+            self.retire_front(inner)?;
+        }
+        // Writers parked after a drop of their own could not be prepared
+        // wait for space: this drop made it.
+        self.space.notify_all();
         tracing::warn!(
             "journal full: it holds {}, more than --max-journal-bytes {}, and the store has not taken {} of it: dropping those changes (records {}..={} of lineage {:016x}) because --on-journal-full=gap; writers go on, the timeline records a gap, and lineage {:016x} begins with a new base once the store takes objects",
             crate::outage::fmt_bytes(held),
