@@ -87,8 +87,10 @@ impl Daemon {
     ) -> Result<(), Interrupted> {
         if kind != BaseKind::Periodic {
             // A first or repair base must read everything: after a crash
-            // the source may hold changes no record describes.
+            // the source may hold changes no record describes. What an
+            // earlier run's base would have given is moot from here on.
             inc.previous = None;
+            inc.reload = None;
         } else if let Some(j0) = inc.reload.take() {
             match self.reload_previous(j0) {
                 Ok((prev, changed, records)) => {
@@ -318,12 +320,13 @@ impl Daemon {
     /// made through this run's mount and are in its touched set. Any doubt
     /// is an error, and the caller reads every file instead.
     fn reload_previous(&self, j0: Seq) -> Result<(Previous, HashSet<Ino>, u64), String> {
+        let lineage = self.journal.lineage();
         let t = Timeline::load(self.store.as_ref())
             .map_err(|e| format!("cannot list the store: {e}"))?;
         let meta: BaseMeta = t
             .bases
             .iter()
-            .filter(|b| b.lineage == self.lineage.0 && b.start_seq <= j0)
+            .filter(|b| b.lineage == lineage && b.start_seq <= j0)
             .max_by_key(|b| (b.completed_ns, b.start_seq))
             .cloned()
             .ok_or("the store holds no base of this lineage")?;
@@ -338,7 +341,7 @@ impl Daemon {
         let mut changed = HashSet::new();
         let mut next = meta.start_seq + 1;
         let mut records = 0u64;
-        for s in t.segments.iter().filter(|s| s.lineage == self.lineage.0) {
+        for s in t.segments.iter().filter(|s| s.lineage == lineage) {
             if next > j0 {
                 break;
             }
@@ -453,7 +456,8 @@ pub(super) fn spawn(
     std::thread::Builder::new()
         .name("rewind-base".into())
         .spawn(move || {
-            let r = crate::catalog::resume(found, kind, d.lineage.0, resume_from.as_ref(), j0);
+            let r =
+                crate::catalog::resume(found, kind, d.journal.lineage(), resume_from.as_ref(), j0);
             let mut inc = Incremental {
                 previous: r.previous,
                 pending: r.pending,

@@ -99,7 +99,6 @@ fn boot_id() -> String {
 
 /// Everything the threads share.
 struct Daemon {
-    lineage: LineageId,
     metrics: Arc<Metrics>,
     store: Arc<dyn Store>,
     journal: Arc<Journal>,
@@ -194,8 +193,14 @@ struct Dirs {
 
 fn check_args(args: &RunArgs) -> Result<Dirs, RunError> {
     let usage = |m: String| Err(RunError::Usage(m));
-    if args.base_interval.is_zero() || args.base_after == 0 {
-        return usage("--base-interval and --base-after must be more than zero".into());
+    for (flag, zero) in [
+        ("--base-interval", args.base_interval.is_zero()),
+        ("--base-after", args.base_after == 0),
+        ("--timeline-interval", args.timeline_interval.is_zero()),
+    ] {
+        if zero {
+            return usage(format!("{flag} must be more than zero"));
+        }
     }
     let source = std::fs::canonicalize(&args.source).map_err(io(format!(
         "--source {} does not exist",
@@ -489,6 +494,20 @@ fn start(args: &RunArgs) -> Result<Running, RunError> {
         signal_hook::flag::register(sig, term.clone())
             .map_err(io("cannot catch SIGTERM and SIGINT"))?;
     }
+    let metrics = Arc::new(Metrics::new(&args.store.volume));
+    metrics.set_lineage(&lineage.to_string());
+    // Everything that can fail comes before the mount: the mount is never
+    // dropped (`fuse::Served`), so a start failing after it would leave a
+    // dead mount over the guard.
+    let status = match &args.listen {
+        Some(listen) => Some(
+            StatusServer::start(listen, metrics.clone()).map_err(|source| RunError::Http {
+                listen: listen.clone(),
+                source,
+            })?,
+        ),
+        None => None,
+    };
     crate::guard::ensure_guard(&dirs.mount)?;
     let session = fuse::mount(fuse::FuseFs::new(core.clone()), &dirs.mount, args.threads).map_err(
         io(format!(
@@ -498,12 +517,9 @@ fn start(args: &RunArgs) -> Result<Running, RunError> {
     )?;
     tracing::info!(source = %dirs.source.display(), mount = %dirs.mount.display(), store = %store.describe(), "protecting");
 
-    let metrics = Arc::new(Metrics::new(&args.store.volume));
-    metrics.set_lineage(&lineage.to_string());
     metrics.set_mount_live(true);
     metrics.set_journal_writable(true);
     let d = Arc::new(Daemon {
-        lineage,
         metrics: metrics.clone(),
         store: store.clone(),
         journal: journal.clone(),
@@ -563,15 +579,6 @@ fn start(args: &RunArgs) -> Result<Running, RunError> {
             .name("rewind-metrics".into())
             .spawn(move || monitor::monitor(&d, earliest, lineage.0))
             .unwrap()
-    };
-    let status = match &args.listen {
-        Some(listen) => Some(
-            StatusServer::start(listen, metrics.clone()).map_err(|source| RunError::Http {
-                listen: listen.clone(),
-                source,
-            })?,
-        ),
-        None => None,
     };
     Ok(Running {
         d,

@@ -122,6 +122,28 @@ def test_a_foreign_mount_over_the_guard_is_refused(make_volume):
     assert stack(vol.mount) == [GUARD, ("tmpfs", "somebody")]
 
 
+def test_a_start_that_fails_leaves_no_dead_mount(make_volume):
+    """The status server's port is taken: the start fails with the reason,
+    before it mounts (the mount is never dropped, so a failure after it
+    would leave a dead mount over the guard), and nothing sits at the
+    mountpoint that a retry would have to clear."""
+    import socket
+    vol = make_volume("busy")
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        vol.start("--listen", f"127.0.0.1:{taken.getsockname()[1]}", wait_live=False)
+        assert vol.proc.wait(60) != 0
+    finally:
+        taken.close()
+    assert "cannot serve health and metrics" in vol.log(), vol.log_tail()
+    assert FUSE not in stack(vol.mount), stack(vol.mount)
+    r = helpers.rewind("run", "--source", vol.source, "--mount", vol.mount, "--store", vol.store_url,
+                       "--volume", vol.name, "--timeline-interval", "0s", env=vol.env(), timeout=60)
+    assert r.code != 0 and "--timeline-interval must be more than zero" in r.err, r
+
+
 WRITER = textwrap.dedent("""
     import os, struct, sys, time
     fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT, 0o644)
