@@ -59,10 +59,6 @@ pub(crate) const LOCK_TTL: Duration = Duration::from_secs(600);
 /// long; after that the base is taken to have failed for good.
 pub(crate) const INFLIGHT_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
 
-/// Deletes go to the store in batches of this many keys (one S3
-/// DeleteObjects request each); the lock is checked between batches.
-const DELETE_BATCH: usize = 1000;
-
 const CHUNK_LIST_MAGIC: &[u8; 8] = b"RWCND001";
 const CHUNK_LIST_VERSION: u16 = 1;
 
@@ -431,7 +427,7 @@ impl<'a> Pruner<'a> {
             .filter(|k| !self.deleted.contains(*k))
             .cloned()
             .collect();
-        for batch in todo.chunks(DELETE_BATCH) {
+        for batch in todo.chunks(crate::store::DELETE_BATCH) {
             if !self.opts.dry_run {
                 self.pause();
                 self.keep_lock()?;
@@ -657,9 +653,8 @@ fn compact_jobs(p: &mut Pruner<'_>, t: &Timeline, jobs: &[CompactJob]) -> Result
         // a kept minute in the idle time after it would not restore.
         if next_ns.is_none() {
             next_ns = t
-                .segments
-                .iter()
-                .find(|s| s.lineage == job.lineage && s.first_seq == next)
+                .segment_from(job.lineage, next)
+                .filter(|s| s.first_seq == next)
                 .map(|s| s.first_ns);
         }
         if let Some(piece) = cutter.finish(next_ns) {
@@ -819,9 +814,7 @@ fn run(p: &mut Pruner<'_>) -> Result<(), PruneError> {
                     .filter(|d| m.covers_delta(d))
                     .map(|d| d.key())
                     .collect();
-                for k in covered {
-                    p.delete(&k)?;
-                }
+                p.delete_all(&covered)?;
                 p.delete(&m.key())?;
             }
             Condemned::Base { base, .. } => {

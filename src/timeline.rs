@@ -687,7 +687,7 @@ impl Timeline {
 
     /// The stored segment of lineage `l` that holds record `seq`, or else
     /// the first one after it.
-    fn segment_from(&self, l: u64, seq: Seq) -> Option<&SegmentMeta> {
+    pub(crate) fn segment_from(&self, l: u64, seq: Seq) -> Option<&SegmentMeta> {
         let r = self.lineage_range(l);
         // Every segment before `from` ends before `seq`.
         let from = if self.seg_max_last.len() == self.segments.len() {

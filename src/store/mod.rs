@@ -13,6 +13,10 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
+/// `Store::delete_many` batches: S3 takes at most this many keys in one
+/// DeleteObjects request, and prune checks its lock between batches.
+pub const DELETE_BATCH: usize = 1000;
+
 pub mod faulty;
 pub mod file;
 pub mod s3;

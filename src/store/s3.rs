@@ -48,8 +48,6 @@ use super::{Result, Store, StoreError, Undeleted};
 pub const DEFAULT_PART_SIZE: usize = 16 << 20;
 /// S3 rejects parts smaller than 5 MiB (except the last one).
 pub const MIN_PART_SIZE: usize = 5 << 20;
-/// S3 takes at most this many keys in one DeleteObjects request.
-pub const DELETE_BATCH: usize = 1000;
 
 /// How failed attempts are retried: `max_attempts` tries in all, sleeping a
 /// uniformly random time in `[0, min(max_delay, base_delay * 2^n))` before
@@ -1057,7 +1055,7 @@ impl Inner {
         keys: &[String],
     ) -> std::result::Result<Vec<(String, Failure)>, Failure> {
         let mut refused = Vec::new();
-        for batch in keys.chunks(DELETE_BATCH) {
+        for batch in keys.chunks(super::DELETE_BATCH) {
             let mut pending = batch.to_vec();
             let mut rounds = 0u32;
             loop {
