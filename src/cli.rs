@@ -37,7 +37,8 @@ pub enum Command {
     Run(RunArgs),
     /// Rebuild the volume as it was at TIME into an empty directory.
     Restore(RestoreArgs),
-    /// Show the restore window, bases, segments, gaps, lineages and clock steps.
+    /// Show the restore window, each retention tier's kept points, bases, segments, deltas,
+    /// gaps, lineages and clock steps.
     Ls(LsArgs),
     /// Check every object's checksum and the continuity of the timeline.
     Verify(VerifyArgs),
@@ -141,7 +142,7 @@ pub struct RunArgs {
     pub max_journal_bytes: u64,
     /// How often the sidecar reads the store's timeline back for its metrics: the restore
     /// window's start and the oldest restorable point of each retention tier move when
-    /// `rewind prune` runs elsewhere (default 5m; one LIST of the volume each time).
+    /// `rewind prune` runs elsewhere (one LIST of the volume each time, 1,000 keys a request).
     #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
     pub timeline_interval: Duration,
     /// Take a periodic base snapshot this long after the previous one started (default 1h), so
@@ -243,7 +244,9 @@ pub struct PruneArgs {
     /// any restore or verify takes: one that started before the condemnation may still read them.
     #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
     pub grace: Duration,
-    /// Print what would be kept, condemned and deleted, and change nothing.
+    /// Print what would be kept, condemned and deleted, and change nothing. A dry run does
+    /// not compact: the segments that the minutes tier's new deltas would replace are
+    /// not counted as condemned.
     #[arg(long)]
     pub dry_run: bool,
     /// Print the report as JSON.

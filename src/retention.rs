@@ -165,8 +165,8 @@ pub struct TierSpan {
     pub to_ns: Nanos,
 }
 
-/// Each lineage's window and its kept points grouped by tier, finest tier
-/// first: what `rewind ls` shows and what the sidecar exports as the oldest
+/// Each lineage's window, then its kept points grouped by tier, coarsest
+/// first (points no policy places last, tier None): what `rewind ls` shows and what the sidecar exports as the oldest
 /// restorable point of each tier.
 pub fn tier_spans(t: &Timeline) -> Vec<TierSpan> {
     let mut out = Vec::new();

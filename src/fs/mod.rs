@@ -14,7 +14,7 @@
 //! only operations that succeeded are journaled. A crash between the two
 //! leaves the source ahead of the journal by at most the requests in
 //! flight, none of them acknowledged; the next start takes a repair base
-//! (see `run.rs`), which the timeline marks as a gap until it completes.
+//! (see `run::decide`), which the timeline marks as a gap until it completes.
 //!
 //! New entries get the mode the source filesystem gives them for the
 //! caller's mode and umask, as if the caller had made them natively (see

@@ -1,5 +1,9 @@
-//! The metrics thread of `rewind run`: samples the journal, the shipper
-//! and the store's health into `Metrics`. It must not change any of them.
+//! The metrics threads of `rewind run`: one samples the journal, the
+//! shipper and the store's health into `Metrics`; the timeline reader lists
+//! the store every `--timeline-interval` for what only the store knows once
+//! `rewind prune` runs elsewhere (where the window starts, each tier's
+//! oldest point). They must not change the journal, the shipper or the
+//! store.
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};

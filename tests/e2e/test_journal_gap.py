@@ -9,8 +9,8 @@ each, so the second file passes the bound and the next write drops.
 test_gap_while_the_store_is_away: writers keep going during the outage
 (they write several times the bound within a deadline, the journal files on
 disk stay within the bound plus one file, /readyz stays ready), the log says
-once why changes are dropped and, after the store returns, once that
-protection is whole again; a restore before the gap equals the tree the
+at each drop why changes are dropped and, after the store returns, once
+that protection is whole again; a restore before the gap equals the tree the
 mount showed then, one after the new base equals the tree the mount showed
 then, one inside the gap is refused with a message naming it; `rewind ls`
 shows the gap with its reason; `rewind verify` passes.
