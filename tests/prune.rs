@@ -300,13 +300,13 @@ fn restored(
     store: &dyn Store,
     at: rewind::clock::At,
     dir: &std::path::Path,
-) -> (Vec<u8>, u32, i64) {
+) -> ((Vec<u8>, u32, i64), (usize, usize)) {
     use std::os::unix::fs::MetadataExt;
     let plan = rewind::restore::plan(store, at, None).unwrap();
     if dir.exists() {
         std::fs::remove_dir_all(dir).unwrap();
     }
-    rewind::restore::restore(store, &plan, dir, false, &mut |_| {}).unwrap();
+    let r = rewind::restore::restore(store, &plan, dir, false, &mut |_| {}).unwrap();
     let md = std::fs::metadata(dir.join("f")).unwrap();
     let out = (
         std::fs::read(dir.join("f")).unwrap(),
@@ -314,7 +314,7 @@ fn restored(
         md.mtime() * SEC + md.mtime_nsec(),
     );
     std::fs::remove_dir_all(dir).unwrap();
-    out
+    (out, (r.segments, r.deltas))
 }
 
 /// An overwrite-heavy history: one 4 KiB page rewritten with fresh random
@@ -394,7 +394,7 @@ fn the_minutes_tier_is_compacted_into_deltas_that_restore_exactly() {
     let tmp = tempfile::tempdir().unwrap();
     let before: Vec<_> = minutes
         .iter()
-        .map(|&m| restored(store, At::Instant(m), &tmp.path().join("r")))
+        .map(|&m| restored(store, At::Instant(m), &tmp.path().join("r")).0)
         .collect();
 
     let first = prune(
@@ -440,7 +440,14 @@ fn the_minutes_tier_is_compacted_into_deltas_that_restore_exactly() {
     let segs_left = f.keys("seg/").len();
     assert!(segs_left < 90, "{segs_left} segments are left");
     for (m, want) in minutes.iter().zip(&before) {
-        let got = restored(store, At::Instant(*m), &tmp.path().join("r"));
+        let (got, (segments, deltas)) = restored(store, At::Instant(*m), &tmp.path().join("r"));
+        // From deltas alone (the first minute is its base's own state):
+        // minutes that still replayed segments would restore the same.
+        assert_eq!(segments, 0, "the minute {m} replayed segments");
+        assert!(
+            deltas > 0 || *m == minutes[0],
+            "the minute {m} replayed no delta"
+        );
         assert!(
             got == *want,
             "the minute {m} restores differently from deltas"

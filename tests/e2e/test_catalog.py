@@ -237,8 +237,9 @@ def test_a_prune_between_runs_deletes_chunks_a_stale_catalog_names(make_volume, 
     # from the store, and `a` gets its first content back.
     put_back(saved, vol)
     vol.start("--base-interval", "1h")
-    log = vol.log()
-    assert "catalog not used: the catalog describes base " + initial["key"] in log, vol.log_tail()
+    # The base thread logs it once the mount is live.
+    helpers.wait_until(lambda: "catalog not used: the catalog describes base " + initial["key"] in vol.log(),
+                       30, "the catalog decision in the log", on_timeout=vol.log_tail)
     (vol.mount / "a").write_bytes(first)
     instants = [quiet_instant(vol)]
     # 2. kill -9 before any base, and the stale catalog again: the repair

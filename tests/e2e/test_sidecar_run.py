@@ -151,6 +151,7 @@ def test_metrics_follow_a_prune_run_elsewhere(tmp_path):
         (w,) = listed["windows"]
         assert w["earliest_ns"] / 1e9 > first, f"prune kept the whole window: {w}"
         tiers = [t for t in listed["tiers"] if t["lineage"] == w["lineage"]]
+        assert any(t["tier"] == "seconds" for t in tiers), listed["tiers"]
         want = {f'rewind_oldest_restorable_seconds{{tier="{t["tier"]}"}}': t["from_ns"] / 1e9 for t in tiers}
 
         def follows():

@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import errno
+import signal
 import struct
 import subprocess
 import sys
@@ -169,6 +170,13 @@ def test_writes_past_the_shutdown_deadline_fail_and_a_clean_stop_stored_every_ac
         writer = subprocess.Popen([sys.executable, "-c", WRITER, str(vol.mount / "log.bin")], stdout=f)
     try:
         helpers.wait_until(lambda: len(out.read_text().splitlines()) > 200, 60, "the writer to get going")
+        vol.proc.send_signal(signal.SIGTERM)
+        # Detached, the path reaches the guard, but the open file is still
+        # served until the deadline: writes go on being acknowledged.
+        helpers.wait_until(lambda: stack(vol.mount) == [GUARD], 30, "the lazy detach")
+        served = len(out.read_text().splitlines())
+        helpers.wait_until(lambda: len(out.read_text().splitlines()) > served + 100, 30,
+                           "writes through the open file after the detach")
         code = vol.stop(expect=None)
         writer.wait(60)
     finally:
