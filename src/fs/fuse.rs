@@ -82,6 +82,8 @@ pub struct FuseFs {
     /// The way to tell the kernel that cached attributes went stale; set
     /// once the session exists (`mount`).
     notifier: Arc<OnceLock<fuser::Notifier>>,
+    /// Told when the session ends (`destroy`), for `Served::wait_ended`.
+    ended: Option<crossbeam_channel::Sender<()>>,
 }
 
 thread_local! {
@@ -104,6 +106,7 @@ impl FuseFs {
             passthrough_fh: Mutex::new(HashMap::new()),
             direct_io: false,
             notifier: Arc::new(OnceLock::new()),
+            ended: None,
         }
     }
 
@@ -224,6 +227,13 @@ fn empty(reply: ReplyEmpty, r: Result<(), rustix::io::Errno>) {
 }
 
 impl Filesystem for FuseFs {
+    /// The session ended: the kernel let go of the mount.
+    fn destroy(&mut self) {
+        if let Some(tx) = self.ended.take() {
+            let _ = tx.send(());
+        }
+    }
+
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.set_max_write(1 << 20);
         let _ = config.add_capabilities(fuser::InitFlags::FUSE_PARALLEL_DIROPS);
@@ -731,27 +741,29 @@ impl Filesystem for FuseFs {
 /// beneath, the read-only guard (`crate::guard`), which must stay. So the
 /// session is never dropped: its threads and its `/dev/fuse` descriptor
 /// end with the process.
-pub struct Served(std::mem::ManuallyDrop<fuser::BackgroundSession>);
+pub struct Served {
+    _session: std::mem::ManuallyDrop<fuser::BackgroundSession>,
+    ended: crossbeam_channel::Receiver<()>,
+}
 
 impl Served {
     /// Waits until the kernel has ended the session (the detached mount's
     /// last open file closed) or the deadline passes; true if it ended.
     pub fn wait_ended(&self, deadline: std::time::Instant) -> bool {
-        loop {
-            if self.0.guard.is_finished() {
-                return true;
-            }
-            if std::time::Instant::now() >= deadline {
-                return false;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
+        // A sender dropped without a word (the session thread unwound) is
+        // an end too.
+        !matches!(
+            self.ended.recv_deadline(deadline),
+            Err(crossbeam_channel::RecvTimeoutError::Timeout)
+        )
     }
 }
 
 /// Mounts `fs` at `mountpoint` with the contract's options and serves it on
 /// `threads` worker threads in the background.
-pub fn mount(fs: FuseFs, mountpoint: &Path, threads: usize) -> std::io::Result<Served> {
+pub fn mount(mut fs: FuseFs, mountpoint: &Path, threads: usize) -> std::io::Result<Served> {
+    let (tx, ended) = crossbeam_channel::bounded(1);
+    fs.ended = Some(tx);
     let mut cfg = Config::default();
     cfg.mount_options = vec![
         MountOption::FSName("rewind".into()),
@@ -773,5 +785,8 @@ pub fn mount(fs: FuseFs, mountpoint: &Path, threads: usize) -> std::io::Result<S
     let notifier = fs.notifier.clone();
     let session = fuser::spawn_mount(fs, mountpoint, &cfg)?;
     let _ = notifier.set(session.notifier());
-    Ok(Served(std::mem::ManuallyDrop::new(session)))
+    Ok(Served {
+        _session: std::mem::ManuallyDrop::new(session),
+        ended,
+    })
 }
