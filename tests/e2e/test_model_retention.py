@@ -47,7 +47,7 @@ kept point restores exactly its raw restore, every reference instant that is
 not kept is refused, `--or-earlier` takes the nearest earlier point, and
 latest is the mount's last tree.
 
-Seeds: REWIND_MODEL_SEED="7" (or "1,2,3"; default "1"); scripts/many-model-seeds
+Seeds: REWIND_MODEL_SEED="7" (or "1,2,3"; default "1"); `scripts/many-seeds model`
 runs many. A seed fixes every writer's operation sequence and the
 coordinator's choices; thread interleaving and base timing still vary, so a
 replay is close but not identical. REWIND_MODEL_SECONDS sets the workload's

@@ -26,7 +26,7 @@ device nodes and sockets are not restored (docs/SEMANTICS.md), only user.*
 xattrs count.
 
 Seeds: REWIND_NATIVE_SEEDS="1,2,3" (the default, fixed for CI); operations
-per worker: REWIND_NATIVE_OPS (default 1000); scripts/many-native-seeds runs
+per worker: REWIND_NATIVE_OPS (default 1000); `scripts/many-seeds native` runs
 many seeds. Run with -s to see the per-kind outcome counts.
 """
 
