@@ -44,7 +44,7 @@ FIO=
 cleanup() {
   [[ -n $FIO ]] && kill "$FIO" 2>/dev/null || true
   [[ -n $PID ]] && kill -9 "$PID" 2>/dev/null || true
-  fusermount3 -uz "$W/mnt" 2>/dev/null || true
+  while umount -l "$W/mnt" 2>/dev/null; do :; done  # the FUSE mount and the guard under it
   rm -rf "$W"
 }
 trap cleanup EXIT

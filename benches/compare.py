@@ -166,6 +166,13 @@ def sh(cmd, **kw):
     return subprocess.run(cmd, capture_output=True, text=True, **kw)
 
 
+def detach_all(path):
+    """Detaches every mount at `path`: a FUSE mount, dead or alive, and the
+    read-only guard `rewind run` leaves under its own."""
+    while sh(["umount", "-l", str(path)]).returncode == 0:
+        pass
+
+
 # ---------------------------------------------------------------- machine
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -341,7 +348,7 @@ class Daemon:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        sh(["fusermount3", "-uz", str(self.mnt)])
+        detach_all(self.mnt)
 
 
 REF_EXAMPLES = Path("/usr/share/doc/libfuse3-dev/examples")
@@ -393,7 +400,7 @@ class Reference:
         return proc_cpu_s(self.proc.pid)
 
     def cleanup(self):
-        sh(["fusermount3", "-uz", str(self.mnt)])
+        detach_all(self.mnt)
         if self.proc is not None and self.proc.poll() is None:
             try:
                 self.proc.wait(30)
@@ -901,7 +908,7 @@ def binary_path():
 def prepare_workdir(workdir, journal_dir):
     workdir.mkdir(parents=True, exist_ok=True)
     for mnt in ("mnt", "refmnt"):
-        sh(["fusermount3", "-uz", str(workdir / mnt)])  # a mount left by an interrupted run
+        detach_all(workdir / mnt)  # mounts left by an interrupted run
     for name in ("native", "src", "mnt", "store", "fio", "b7", "refsrc", "refmnt"):
         shutil.rmtree(workdir / name, ignore_errors=True)
         if name not in ("b7",):

@@ -32,7 +32,7 @@ W=$(mktemp -d /var/tmp/rewind-bench-incr.XXXXXX)
 PID=
 cleanup() {
   [[ -n $PID ]] && kill -9 "$PID" 2>/dev/null || true
-  fusermount3 -uz "$W/mnt" 2>/dev/null || true
+  while umount -l "$W/mnt" 2>/dev/null; do :; done  # the FUSE mount and the guard under it
   [[ -n ${KEEP:-} ]] && echo "kept $W" || rm -rf "$W"
 }
 trap cleanup EXIT

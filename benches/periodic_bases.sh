@@ -13,7 +13,7 @@ B=${REWIND_BIN:-$PWD/target/release/rewind}
 SECS=${1:-60}
 INTERVAL=${2:-10s}
 work=$(mktemp -d /tmp/rewind-periodic-bases.XXXXXX)
-trap 'for m in "$work"/*/mnt; do fusermount3 -uz "$m" 2>/dev/null || true; done; rm -rf "$work"' EXIT
+trap 'for m in "$work"/*/mnt; do while umount -l "$m" 2>/dev/null; do :; done; done; rm -rf "$work"' EXIT
 
 for interval in 1h "$INTERVAL"; do
   d=$work/$interval

@@ -16,7 +16,7 @@ W=$(mktemp -d "${BENCH_TMP:-$PWD/.test-tmp}/bench-1g.XXXXXX" 2>/dev/null || mkte
 PID=
 cleanup() {
   [[ -n $PID ]] && kill -9 "$PID" 2>/dev/null || true
-  fusermount3 -uz "$W/mnt" 2>/dev/null || true
+  while umount -l "$W/mnt" 2>/dev/null; do :; done  # the FUSE mount and the guard under it
   rm -rf "$W"
 }
 trap cleanup EXIT

@@ -191,7 +191,9 @@ finally:
     if run is not None and run.poll() is None:
         run.kill()
         run.wait()
-    subprocess.run(["fusermount3", "-uz", str(W / "mnt")], capture_output=True)
+    # The FUSE mount and the read-only guard under it.
+    while subprocess.run(["umount", "-l", str(W / "mnt")], capture_output=True).returncode == 0:
+        pass
     s3.stop()
     if not os.environ.get("KEEP"):
         subprocess.run(["rm", "-rf", str(W)])

@@ -24,6 +24,7 @@ import stat
 import subprocess
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -89,15 +90,45 @@ def _unescape_mountinfo(s: str) -> str:
     return "".join(out)
 
 
-def mounts() -> list[tuple[str, str]]:
-    """(mount point, fs type) for every mount this process sees."""
+class Mount(NamedTuple):
+    id: int
+    parent: int
+    dev: int
+    point: str
+    fstype: str
+    source: str
+
+
+def mountinfo() -> list[Mount]:
+    """Every mount this process sees, in /proc/self/mountinfo's order."""
     out = []
     with open("/proc/self/mountinfo") as f:
         for line in f:
             left, _, right = line.partition(" - ")
-            fields = left.split()
-            out.append((_unescape_mountinfo(fields[4]), right.split()[0]))
+            fields, r = left.split(), right.split()
+            major, minor = fields[2].split(":")
+            out.append(Mount(int(fields[0]), int(fields[1]), os.makedev(int(major), int(minor)),
+                             _unescape_mountinfo(fields[4]), r[0], r[1]))
     return out
+
+
+def mounts() -> list[tuple[str, str]]:
+    """(mount point, fs type) for every mount this process sees."""
+    return [(m.point, m.fstype) for m in mountinfo()]
+
+
+def mount_stack(path) -> list[tuple[str, str]]:
+    """(fstype, source) of every mount at exactly `path`, bottom first: each
+    mount stacked at a path has the one below as its parent."""
+    rows = [m for m in mountinfo() if m.point == str(path)]
+    ids = {m.id for m in rows}
+    ordered = []
+    cur = next((m for m in rows if m.parent not in ids), None)
+    while cur is not None:
+        ordered.append((cur.fstype, cur.source))
+        cur = next((m for m in rows if m.parent == cur.id), None)
+    assert len(ordered) == len(rows), f"mounts at {path} are not one stack: {rows}"
+    return ordered
 
 
 def mount_type(path) -> str | None:
@@ -130,13 +161,9 @@ def _top_mount_dev(path) -> int | None:
     """The device number of the topmost FUSE mount at `path`, if any."""
     p = os.path.join(os.path.realpath(os.path.dirname(str(path))), os.path.basename(str(path)))
     found = None
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            fields = left.split()
-            if _unescape_mountinfo(fields[4]) in (p, str(path)):
-                major, minor = fields[2].split(":")
-                found = os.makedev(int(major), int(minor)) if right.split()[0].startswith("fuse") else None
+    for m in mountinfo():
+        if m.point in (p, str(path)):
+            found = m.dev if m.fstype.startswith("fuse") else None
     return found
 
 

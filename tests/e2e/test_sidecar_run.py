@@ -17,6 +17,8 @@ from datetime import datetime, timezone
 import jsonpatch
 import pytest
 
+import helpers
+
 from webhook_support import (
     FIXTURES,
     REWIND_BIN,
@@ -39,6 +41,16 @@ def poll(what, check, deadline_s=30, interval=0.05):
             return value
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(interval)
+
+
+@pytest.fixture(autouse=True)
+def _detach_mounts(tmp_path):
+    """`rewind run` leaves its read-only guard at the mountpoint on purpose;
+    these tests use pytest's own directories, so they take it away."""
+    yield
+    for mp, _ in helpers.mounts():
+        if mp.startswith(f"{tmp_path}/"):
+            helpers.lazy_unmount(mp)
 
 
 def start_run(tmp_path, *extra):

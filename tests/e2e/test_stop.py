@@ -29,23 +29,7 @@ import pytest
 import helpers
 
 
-def stack(path) -> list[tuple[str, str]]:
-    """(fstype, source) of every mount at exactly `path`, bottom first."""
-    rows = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            fields = left.split()
-            if helpers._unescape_mountinfo(fields[4]) == str(path):
-                r = right.split()
-                rows.append((int(fields[0]), int(fields[1]), r[0], r[1]))
-    ordered, ids = [], {r[0] for r in rows}
-    cur = next((r for r in rows if r[1] not in ids), None)
-    while cur is not None:
-        ordered.append((cur[2], cur[3]))
-        cur = next((r for r in rows if r[1] == cur[0]), None)
-    assert len(ordered) == len(rows), f"mounts at {path} are not one stack: {rows}"
-    return ordered
+stack = helpers.mount_stack
 
 
 GUARD = ("tmpfs", "rewind-guard")
