@@ -1,5 +1,6 @@
 //! Criterion benches for the pieces on the write and restore paths: journal
-//! append (one and several threads), segment encode and decode (lz4 +
+//! append (one and several threads), journal frames (encode with their
+//! check, and the scan that verifies them), segment encode and decode (lz4 +
 //! blake3), and restore replay. `scripts/test-all` runs them in quick mode
 //! (`cargo bench -- --test`) so they cannot rot; `cargo bench` measures.
 
@@ -107,6 +108,28 @@ fn records(total: usize, size: usize) -> Vec<Record> {
         .collect()
 }
 
+/// The journal's frames alone: encoding with the check (xxh3 since journal
+/// version 3) and the scan that verifies every check, as a restart and the
+/// shipper do.
+fn journal_frames(c: &mut Criterion) {
+    let mut g = c.benchmark_group("journal_frames");
+    let recs = records(8 << 20, 4096);
+    g.throughput(Throughput::Bytes(8 << 20));
+    g.bench_function("encode 8 MiB of 4 KiB writes", |b| {
+        b.iter(|| rewind::journal::file_frames(&recs))
+    });
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("00000000000000000001.rwj");
+    let mut file = rewind::journal::file_header(1, 1, 1).to_vec();
+    file.extend_from_slice(&rewind::journal::file_frames(&recs));
+    file.resize(file.len() + 4096, 0);
+    std::fs::write(&p, &file).unwrap();
+    g.bench_function("scan 8 MiB of 4 KiB writes", |b| {
+        b.iter(|| rewind::journal::dump_file(&p).unwrap())
+    });
+    g.finish();
+}
+
 fn segments(c: &mut Criterion) {
     let mut g = c.benchmark_group("segment");
     let recs = records(8 << 20, 4096);
@@ -174,5 +197,5 @@ fn replay(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, journal_append, segments, replay);
+criterion_group!(benches, journal_append, journal_frames, segments, replay);
 criterion_main!(benches);

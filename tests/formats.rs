@@ -321,9 +321,10 @@ fn manifest_v2() {
     assert_eq!(base::decode_manifest(&g).unwrap(), m);
 }
 
-/// A journal file: a golden header, then one frame per record (see
-/// src/journal/file.rs), then the zeros that end it.
-fn journal_file(header: &[u8], recs: &[Record]) -> Vec<u8> {
+/// A journal file of version 1 or 2: a golden header, then one frame per
+/// record checked with blake3 (see src/journal/file.rs), then the zeros
+/// that end it.
+fn journal_file_blake3(header: &[u8], recs: &[Record]) -> Vec<u8> {
     let mut out = header.to_vec();
     for r in recs {
         let mut body = Vec::new();
@@ -359,22 +360,59 @@ fn journal_header_v1() {
     // A journal file an older build left behind reads as before.
     let recs = sample_records();
     assert_eq!(
-        read_journal("00000000000000000100.rwj", &journal_file(&g, &recs)),
+        read_journal("00000000000000000100.rwj", &journal_file_blake3(&g, &recs)),
         recs
     );
 }
 
 #[test]
 fn journal_header_v2() {
-    let h = rewind::journal::file_header(0xfeed, 100, 1_795_780_805_000_000_000);
-    let g = golden("journal-header-v2.bin", &h);
+    let g = old_golden("journal-header-v2.bin");
     assert_eq!(&g[..8], b"RWJRNL01");
     assert_eq!(u16::from_le_bytes([g[8], g[9]]), 2);
     let recs = sample_records_v2();
     assert_eq!(
-        read_journal("00000000000000000100.rwj", &journal_file(&g, &recs)),
+        read_journal("00000000000000000100.rwj", &journal_file_blake3(&g, &recs)),
         recs
     );
+    // A version 2 file whose frames carry version 3's check is damage.
+    let mut v3_frames = g.clone();
+    v3_frames.extend_from_slice(&rewind::journal::file_frames(&recs));
+    v3_frames.resize(v3_frames.len() + 4096, 0);
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("00000000000000000100.rwj");
+    std::fs::write(&p, &v3_frames).unwrap();
+    assert!(rewind::journal::dump_file(&p).unwrap().is_empty());
+}
+
+/// Version 3: the whole file is golden, since the frame check (xxh3-64)
+/// is what changed.
+#[test]
+fn journal_v3() {
+    let recs = sample_records_v2();
+    let mut bytes = rewind::journal::file_header(0xfeed, 100, 1_795_780_805_000_000_000).to_vec();
+    bytes.extend_from_slice(&rewind::journal::file_frames(&recs));
+    bytes.resize(bytes.len() + 4096, 0);
+    let g = golden("journal-v3.rwj", &bytes);
+    assert_eq!(u16::from_le_bytes([g[8], g[9]]), 3);
+    // The first frame's check is xxh3-64 of its length and record, as
+    // FORMAT.md says, computed here independently of the encoder.
+    let len = u32::from_le_bytes(g[64..68].try_into().unwrap()) as usize;
+    let mut framed = g[64..68].to_vec();
+    framed.extend_from_slice(&g[76..76 + len]);
+    assert_eq!(
+        g[68..76],
+        xxhash_rust::xxh3::xxh3_64(&framed).to_le_bytes()
+    );
+    assert_eq!(read_journal("00000000000000000100.rwj", &g), recs);
+    // A flipped byte in a record is caught by the check: the valid
+    // prefix ends before it.
+    let mut bad = g.clone();
+    bad[80] ^= 1;
+    let p = tempfile::tempdir().unwrap();
+    let f = p.path().join("00000000000000000100.rwj");
+    std::fs::write(&f, &bad).unwrap();
+    assert!(rewind::journal::dump_file(&f).unwrap().is_empty());
 }
 
 /// A store written by the build before format version 2 (3847756: `rewind

@@ -1,13 +1,14 @@
 //! One journal file: its header, its frames, and the scan that decides
 //! where the valid prefix ends.
 //!
-//! Format (version 2):
+//! Format (version 3):
 //!
 //! ```text
-//! header (64 bytes) := magic "RWJRNL01" | version:u16 = 2 | reserved:u16 | reserved:u32
+//! header (64 bytes) := magic "RWJRNL01" | version:u16 = 3 | reserved:u16 | reserved:u32
 //!                      | lineage:u64 | first_seq:u64 | created_ns:i64 | zero padding to 64
 //! frame             := len:u32 | check:8 bytes | record (len bytes, see record.rs)
-//! check             := first 8 bytes of blake3(len_le || record)
+//! check             := xxh3_64(len_le || record), little-endian   (version 3)
+//!                    | first 8 bytes of blake3(len_le || record)  (versions 1 and 2)
 //! ```
 //!
 //! A frame whose `len` and `check` are all zeros ends the file. A new file
@@ -25,6 +26,15 @@
 //! record.rs), which a build that knows only version 1 could not decode,
 //! so it refuses the file by its header instead of failing on a record.
 //! Version 1 files (left by an older build) are read as before.
+//!
+//! Version 3 changes only the check, from blake3 to xxh3-64: the check
+//! guards against torn and damaged frames on the machine's own disk, not
+//! against an adversary (a journal never leaves the machine; segments and
+//! chunks, which do, keep blake3), and blake3 over every frame was about a
+//! tenth of the daemon's CPU under random 4 KiB writes. The check a file
+//! uses follows its header's version, so files of versions 1 and 2 that an
+//! older build left are still read; a new build never appends to them (a
+//! start always begins a new file).
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -39,9 +49,9 @@ use crate::record::{decode_record, encode_op, Record, Seq, MIN_RECORD_LEN};
 
 pub const FILE_EXT: &str = "rwj";
 pub const MAGIC: &[u8; 8] = b"RWJRNL01";
-/// The version new and recycled files get (2: special file kinds in
-/// Create records, same layout as 1).
-pub const VERSION: u16 = 2;
+/// The version new and recycled files get (3: the xxh3 frame check; 2:
+/// special file kinds in Create records, same layout as 1).
+pub const VERSION: u16 = 3;
 /// The oldest version this build reads.
 pub const MIN_VERSION: u16 = 1;
 pub const HEADER_LEN: usize = 64;
@@ -87,8 +97,46 @@ impl JournalError {
     }
 }
 
+/// How a file's frames are checked, which its header's version decides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Check {
+    /// Versions 1 and 2.
+    Blake3,
+    /// Version 3.
+    Xxh3,
+}
+
+impl Header {
+    pub fn check(&self) -> Check {
+        Check::of_version(self.version)
+    }
+}
+
+impl Check {
+    fn of_version(version: u16) -> Check {
+        if version >= 3 {
+            Check::Xxh3
+        } else {
+            Check::Blake3
+        }
+    }
+
+    /// The check of the files this build writes.
+    pub const CURRENT: Check = Check::Xxh3;
+
+    /// The 8 check bytes of `len_le || record`, given contiguous.
+    fn of(self, framed: &[u8]) -> [u8; 8] {
+        match self {
+            Check::Blake3 => blake3::hash(framed).as_bytes()[..8].try_into().unwrap(),
+            Check::Xxh3 => xxhash_rust::xxh3::xxh3_64(framed).to_le_bytes(),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Header {
+    /// The file's format version; it decides the frame check.
+    pub version: u16,
     pub lineage: u64,
     pub first_seq: Seq,
     pub created_ns: Nanos,
@@ -97,7 +145,7 @@ pub struct Header {
 pub fn encode_header(h: &Header) -> [u8; HEADER_LEN] {
     let mut v = Vec::with_capacity(HEADER_LEN);
     v.extend_from_slice(MAGIC);
-    v.put_u16_le(VERSION);
+    v.put_u16_le(h.version);
     v.put_u16_le(0);
     v.put_u32_le(0);
     v.put_u64_le(h.lineage);
@@ -121,6 +169,7 @@ pub fn decode_header(b: &[u8]) -> Result<Header, String> {
     r.u16().unwrap();
     r.u32().unwrap();
     Ok(Header {
+        version,
         lineage: r.u64().unwrap(),
         first_seq: r.u64().unwrap(),
         created_ns: r.i64().unwrap(),
@@ -130,16 +179,15 @@ pub fn decode_header(b: &[u8]) -> Result<Header, String> {
 /// The check of the frame at `off` whose record is `len` bytes long. The
 /// hash input `len_le || record` is made contiguous by putting the length
 /// in the frame's 4 bytes right before the record for the duration (they
-/// are restored): blake3 then hashes whole 1 KiB chunks in parallel, which
-/// it cannot do when the input arrives in two pieces (4 KiB frames hash
-/// about twice as fast).
-fn check_at(data: &mut [u8], off: usize, len: usize) -> [u8; 8] {
+/// are restored): both hashes are faster over one slice than fed in two
+/// pieces (blake3 hashes whole 1 KiB chunks in parallel only then).
+fn check_at(data: &mut [u8], off: usize, len: usize, check: Check) -> [u8; 8] {
     let at = off + FRAME_HEAD - 4;
     let saved: [u8; 4] = data[at..at + 4].try_into().unwrap();
     data[at..at + 4].copy_from_slice(&(len as u32).to_le_bytes());
-    let h = blake3::hash(&data[at..at + 4 + len]);
+    let h = check.of(&data[at..at + 4 + len]);
     data[at..at + 4].copy_from_slice(&saved);
-    h.as_bytes()[..8].try_into().unwrap()
+    h
 }
 
 pub fn encode_frame(rec: &Record, out: &mut Vec<u8>) {
@@ -161,7 +209,7 @@ pub fn encode_frame_with(
     out.put_i64_le(time);
     body(out);
     let len = out.len() - start - FRAME_HEAD;
-    let c = check_at(out, start, len);
+    let c = check_at(out, start, len, Check::CURRENT);
     out[start..start + 4].copy_from_slice(&(len as u32).to_le_bytes());
     out[start + 4..start + FRAME_HEAD].copy_from_slice(&c);
 }
@@ -181,6 +229,7 @@ pub fn create(path: &Path, lineage: u64, first_seq: Seq, size: u64) -> Result<Fi
         return Err(JournalError::io(path, e.into()));
     }
     let h = encode_header(&Header {
+        version: VERSION,
         lineage,
         first_seq,
         created_ns: crate::clock::wall_now(),
@@ -247,6 +296,7 @@ pub fn recycle(
         .open(spare)
         .map_err(|e| JournalError::io(spare, e))?;
     let mut head = encode_header(&Header {
+        version: VERSION,
         lineage,
         first_seq,
         created_ns: crate::clock::wall_now(),
@@ -298,7 +348,7 @@ enum RawFrame<'a> {
 
 /// Reads the frame at `off`. `data` is borrowed mutably only to check the
 /// frame in one pass (see `check_at`); it is left as it was.
-fn read_raw_frame(data: &mut [u8], off: usize) -> RawFrame<'_> {
+fn read_raw_frame(data: &mut [u8], off: usize, check: Check) -> RawFrame<'_> {
     if data.len() - off < FRAME_HEAD {
         return RawFrame::End;
     }
@@ -309,7 +359,7 @@ fn read_raw_frame(data: &mut [u8], off: usize) -> RawFrame<'_> {
     if len > MAX_FRAME || off + FRAME_HEAD + len > data.len() {
         return RawFrame::Bad(format!("frame length {len} runs past the end of the file"));
     }
-    if check_at(data, off, len) != data[off + 4..off + FRAME_HEAD] {
+    if check_at(data, off, len, check) != data[off + 4..off + FRAME_HEAD] {
         return RawFrame::Bad("frame checksum mismatch".into());
     }
     let body = &data[off + FRAME_HEAD..off + FRAME_HEAD + len];
@@ -329,8 +379,8 @@ pub fn decode_body(body: &[u8]) -> Result<Record, String> {
         .map_err(|e| format!("checksummed frame does not decode: {e}"))
 }
 
-fn read_frame(data: &mut [u8], off: usize) -> Frame {
-    match read_raw_frame(data, off) {
+fn read_frame(data: &mut [u8], off: usize, check: Check) -> Frame {
+    match read_raw_frame(data, off, check) {
         RawFrame::End => Frame::End,
         RawFrame::Bad(why) => Frame::Bad(why),
         RawFrame::Ok(body) => match decode_body(body) {
@@ -377,8 +427,9 @@ pub fn scan_file(
         torn_bytes: None,
     };
     let mut next = header.first_seq;
+    let check = Check::of_version(header.version);
     loop {
-        match read_frame(&mut data, off) {
+        match read_frame(&mut data, off, check) {
             Frame::End => break,
             // A checksummed frame older than the file is a stale frame of
             // a recycled file whose end mark a machine crash lost: the
@@ -404,7 +455,7 @@ pub fn scan_file(
                 let len = u32::from_le_bytes(data[off..off + 4].try_into().unwrap()) as usize;
                 let after = off + FRAME_HEAD + len;
                 let valid_after = after < data.len()
-                    && matches!(read_frame(&mut data, after), Frame::Ok(ref r, _) if r.seq == next + 1);
+                    && matches!(read_frame(&mut data, after, check), Frame::Ok(ref r, _) if r.seq == next + 1);
                 if valid_after || !is_last {
                     return Err(corrupt(off, why));
                 }
@@ -435,6 +486,7 @@ pub struct FrameIter {
     off: usize,
     path: PathBuf,
     base: u64,
+    check: Check,
     /// The window ends before the file's valid end: a frame crossing it is
     /// simply not read yet, not damage.
     windowed: bool,
@@ -461,6 +513,7 @@ impl FrameIter {
             off: 0,
             path: f.path.clone(),
             base: from,
+            check: f.check,
             windowed: to < f.end,
         })
     }
@@ -492,7 +545,7 @@ impl FrameIter {
             return None;
         }
         let at = self.off;
-        match read_raw_frame(&mut self.data, at) {
+        match read_raw_frame(&mut self.data, at, self.check) {
             RawFrame::End => None,
             RawFrame::Ok(body) => {
                 self.off = at + FRAME_HEAD + body.len();
@@ -524,7 +577,8 @@ pub fn dump_file(path: &Path) -> Result<Vec<(u64, u64, Record)>, JournalError> {
     })?;
     let mut off = HEADER_LEN;
     let mut out = Vec::new();
-    while let Frame::Ok(rec, n) = read_frame(&mut data, off) {
+    let check = Check::of_version(header.version);
+    while let Frame::Ok(rec, n) = read_frame(&mut data, off, check) {
         if rec.seq < header.first_seq {
             break;
         }

@@ -66,6 +66,8 @@ pub struct JournalFile {
     pub lineage: u64,
     /// Preallocated size of the file.
     pub cap: u64,
+    /// How its frames are checked (its header's version).
+    pub check: file::Check,
 }
 
 struct Inner {
@@ -263,6 +265,7 @@ impl Journal {
                 },
                 lineage: scan.header.lineage,
                 cap: len,
+                check: scan.header.check(),
             });
             recovered.bytes += len;
         }
@@ -612,6 +615,7 @@ impl Journal {
             last_seq: inner.next_seq - 1,
             lineage: inner.lineage,
             cap: size,
+            check: file::Check::CURRENT,
         });
         Ok(())
     }
@@ -1164,10 +1168,21 @@ pub fn bytes_after<'a>(
 /// The encoded header of a journal file (for golden tests and tools).
 pub fn file_header(lineage: u64, first_seq: Seq, created_ns: Nanos) -> [u8; 64] {
     file::encode_header(&file::Header {
+        version: file::VERSION,
         lineage,
         first_seq,
         created_ns,
     })
+}
+
+/// The encoded frames of `recs` as this build appends them (for golden
+/// tests and tools).
+pub fn file_frames(recs: &[Record]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for r in recs {
+        file::encode_frame(r, &mut out);
+    }
+    out
 }
 
 #[cfg(test)]
@@ -1185,6 +1200,7 @@ mod tests {
             last_seq,
             lineage: 1,
             cap: 1 << 26,
+            check: file::Check::CURRENT,
         };
         // Three files: records 1-10 (1000 bytes of frames), 11-20 (500), 21-20 (empty).
         let files = [f(1, 10, 1064), f(11, 20, 564), f(21, 20, 64)];
