@@ -254,7 +254,11 @@ def run_argv(spec, name, pod_name, volumes, *, store=None, image=None, command=N
         opts = [PROPAGATION[m.get("mountPropagation")]]
         if m.get("readOnly"):
             opts.append("ro")
-        argv += ["-v", f"{volumes[m['name']]}:{m['mountPath']}:{','.join(opts)}"]
+        assert "subPathExpr" not in m, f"subPathExpr has no local equivalent: {m}"
+        # A subPath binds that directory of the volume, as the kubelet does
+        # (it resolves the path, mounts included, when the container starts).
+        host = Path(volumes[m["name"]]) / m["subPath"] if m.get("subPath") else volumes[m["name"]]
+        argv += ["-v", f"{host}:{m['mountPath']}:{','.join(opts)}"]
     for host, inside, opts in extra_volumes:
         argv += ["-v", f"{host}:{inside}:{opts}"]
     for e in spec.get("env", []):
@@ -308,7 +312,17 @@ class Pod:
 
     @property
     def bare_dir(self):
+        """The emptyDir's host directory: what runc binds into the sidecar."""
         return self.host_volumes["rewind-data"]
+
+    @property
+    def view_dir(self):
+        """The emptyDir's directory the sidecar mounts FUSE on (its
+        `--mount`), which the application mounts through its subPath."""
+        args = self.sidecar["args"]
+        inside = args[args.index("--mount") + 1]
+        (m,) = [m for m in self.sidecar["volumeMounts"] if m["name"] == "rewind-data"]
+        return self.bare_dir / os.path.relpath(inside, m["mountPath"])
 
     def run_init(self, spec):
         """A one-shot init container: runs to completion; returns (code, log)."""
