@@ -1,6 +1,8 @@
 //! The fuser adapter: the only module that imports fuser. It translates
 //! kernel requests into `Passthrough` calls and results into replies (inode
-//! numbers, attributes, errno), mounts the session with the options the
+//! numbers, attributes, errno), mounts the session (mount(2) itself as
+//! root, without opening the mountpoint, which may be a dead mount; through
+//! fusermount3 otherwise) with the options the
 //! contract fixes (allow_other, default_permissions, 1 MiB writes, one
 //! cloned /dev/fuse fd per worker thread; nodev only where the source is
 //! nodev), asks for unmasked create modes (FUSE_DONT_MASK), and nothing

@@ -26,6 +26,7 @@ import pytest
 
 import helpers
 from conftest import (
+    APP_IMAGE,
     IMAGE,
     LABEL,
     STORE_IN_CONTAINER,
@@ -198,6 +199,12 @@ def test_kill_restart_and_fresh_container_over_the_same_directories(patch_pod, v
         # it, so the same container restarts and a fresh one is created.
         poll("the dead mount's cached attributes to expire", lambda: host_stat_errno(pod.view_dir) == errno.ENOTCONN)
         assert host_stat_errno(pod.bare_dir) == 0
+        # An application container created now cannot be: its bind source
+        # is the dead mount (the kubelet would retry it).
+        late = f"{pod.name}-late{episode}"
+        r = podman("run", "-d", *run_argv(pod.app_spec, late, pod.name, pod.host_volumes, image=APP_IMAGE,
+                                          command=["true"]), check=False)
+        assert r.returncode != 0 and "transport endpoint is not connected" in r.stderr, r.stderr
         pod.start_sidecar(fresh=fresh)
         log = logs(pod.sidecar_name).split(CLEAN_STOP)[-1]
         assert REPAIR in log and OVER_DEAD in log, log
