@@ -35,7 +35,6 @@ from conftest import (
     https,
     logs,
     podman,
-    poll,
     run_argv,
     state,
 )
@@ -137,7 +136,7 @@ def test_sidecar_and_app_share_the_volume_and_the_store_gives_it_back(patch_pod,
 
 def kill_sidecar(pod):
     podman("kill", "--signal", "KILL", pod.sidecar_name)
-    poll("the killed sidecar to exit", lambda: state(pod.sidecar_name)[0] == "exited")
+    helpers.wait_until(lambda: state(pod.sidecar_name)[0] == "exited", 60, "the killed sidecar to exit", interval=0.1)
 
 
 def probes(pod, name=None):
@@ -150,8 +149,9 @@ def wait_probe_errno(pod, want, episodes=1, name=None):
     """Waits until the application has met `episodes` failures whose probe
     saw `want`."""
     name = name or pod.app_name
-    poll(lambda: f"{episodes} failures with {errno.errorcode[want]} in {name}: {events(name)[-5:]}",
-         lambda: probes(pod, name).count(want) >= episodes, deadline_s=60)
+    helpers.wait_until(lambda: probes(pod, name).count(want) >= episodes, 60,
+                       f"{episodes} failures with {errno.errorcode[want]} in {name}", interval=0.1,
+                       on_timeout=lambda: f"events: {events(name)[-5:]}")
 
 
 def path_errno(container, path):
@@ -197,7 +197,8 @@ def test_kill_restart_and_fresh_container_over_the_same_directories(patch_pod, v
         # expired, a stat of it fails. The runtime's bind source for the
         # sidecar is the emptyDir's root, beside the dead mount, not under
         # it, so the same container restarts and a fresh one is created.
-        poll("the dead mount's cached attributes to expire", lambda: host_stat_errno(pod.view_dir) == errno.ENOTCONN)
+        helpers.wait_until(lambda: host_stat_errno(pod.view_dir) == errno.ENOTCONN, 60,
+                           "the dead mount's cached attributes to expire", interval=0.1)
         assert host_stat_errno(pod.bare_dir) == 0
         # An application container created now cannot be: its bind source
         # is the dead mount (the kubelet would retry it).
