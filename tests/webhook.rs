@@ -151,7 +151,9 @@ fn in_view(cname: &str, mount: &Value) -> Result<(), String> {
     if sub == "view" || sub.starts_with("view/") {
         Ok(())
     } else {
-        Err(format!("{cname} mounts the emptyDir outside the view: {mount}"))
+        Err(format!(
+            "{cname} mounts the emptyDir outside the view: {mount}"
+        ))
     }
 }
 
@@ -1054,7 +1056,11 @@ fn touches_only_owned(pod: &Value, op: &Value, config: &Config) -> Result<(), St
             } else {
                 matches!(
                     rest,
-                    ["volumeMounts", _, "name" | "mountPropagation" | "subPath" | "subPathExpr"]
+                    [
+                        "volumeMounts",
+                        _,
+                        "name" | "mountPropagation" | "subPath" | "subPathExpr"
+                    ]
                 )
             }
         }

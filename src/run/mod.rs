@@ -1,8 +1,9 @@
 //! `rewind run`: the daemon that wires the pieces together. `run` is
 //! `start`, wait for a stop signal, `shutdown`. Start checks the arguments,
-//! decides what to do at the mountpoint (`guard::prepare`), locks the journal, opens the store, applies the
-//! start decision (`decide::start`: lineage and base from the state file,
-//! the boot id and the store), recovers the journal, mounts, and starts the
+//! decides what to do at the mountpoint (`guard::prepare`), locks the
+//! journal, opens the store, applies the start decision (`decide::start`:
+//! lineage and base from the state file, the boot id and the store),
+//! recovers the journal, mounts, and starts the
 //! base thread (`base_thread`), the shipping thread (`ship_thread`) and the
 //! metrics thread (`monitor`). Shutdown detaches the mount lazily, serves
 //! open files until the deadline, runs the final seal and upload, and turns
@@ -256,12 +257,16 @@ fn check_args(args: &RunArgs) -> Result<Dirs, RunError> {
 fn resolve_mount(arg: &Path) -> Result<PathBuf, RunError> {
     let what = || format!("--mount {}", arg.display());
     let abs = std::path::absolute(arg).map_err(io(what()))?;
-    let link = abs.symlink_metadata().is_ok_and(|m| m.file_type().is_symlink());
+    let link = abs
+        .symlink_metadata()
+        .is_ok_and(|m| m.file_type().is_symlink());
     match (abs.parent(), abs.file_name()) {
         (Some(parent), Some(name)) if !link => {
             std::fs::create_dir_all(parent)
                 .map_err(io(format!("cannot create {}", parent.display())))?;
-            Ok(std::fs::canonicalize(parent).map_err(io(what()))?.join(name))
+            Ok(std::fs::canonicalize(parent)
+                .map_err(io(what()))?
+                .join(name))
         }
         _ => std::fs::canonicalize(&abs).map_err(io(what())),
     }

@@ -27,8 +27,8 @@
 //! Rewind again after them (`reinvocationPolicy: IfNeeded`). The patch
 //! therefore claims only what Rewind decides: the existence and order of
 //! its containers, the fields listed in `owned`, the name, propagation and
-//! view subPath of the application's mounts of protected volumes, the shared emptyDir,
-//! the grace period and its two annotations. Each is brought to what Rewind
+//! view subPath of the application's mounts of protected volumes, the
+//! shared emptyDir, the grace period and its two annotations. Each is brought to what Rewind
 //! wants by an operation at its own path, against a working copy that
 //! already holds the earlier operations; everything else, on Rewind's
 //! containers too, is left as found. An existing value satisfies Rewind
