@@ -1,6 +1,8 @@
 //! The mountpoint: what sits at `--mount` under and around Rewind's FUSE
-//! mount. It owns reading the stack of mounts at that path, clearing a dead
-//! FUSE mount an earlier run left on top, and the read-only *guard*: a
+//! mount. It owns reading the stack of mounts at that path, deciding what a
+//! start does with the dead FUSE mounts earlier runs left on top (mount
+//! over them, so that every copy of them reaches the new mount; detach
+//! them past a bound), and the read-only *guard*: a
 //! tmpfs mounted read-only at the mountpoint beneath the FUSE mount, so that
 //! when the FUSE mount goes (a stop detaches it lazily) an application that
 //! still writes to the path gets EROFS instead of writing, unprotected and
@@ -25,6 +27,12 @@ pub enum GuardError {
     MountInfo(std::io::Error),
     #[error("cannot detach the dead mount an earlier run left at {path}: {source}")]
     Detach {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot tell whether the FUSE mount at {path} is alive: {source}")]
+    Check {
         path: String,
         #[source]
         source: std::io::Error,
@@ -108,41 +116,79 @@ pub(crate) fn stack(mountinfo: &str, path: &Path) -> Vec<Mounted> {
     ordered
 }
 
+/// How many dead FUSE mounts of earlier runs a start leaves beneath its own
+/// mount before it detaches them instead. Each dead layer holds a little
+/// kernel memory (a superblock, its root inode and an aborted connection
+/// under /sys/fs/fuse/connections) until the mountpoint's directory goes,
+/// which in a pod is when the pod is deleted; a sidecar crashing over and
+/// over must not grow that without bound.
+pub(crate) const MAX_DEAD_LAYERS: usize = 8;
+
 /// What a start does at the mountpoint before it mounts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Plan {
-    /// Dead FUSE mounts of earlier runs to detach from the top.
+    /// Dead FUSE mounts of earlier runs to detach from the top (only when
+    /// more than `MAX_DEAD_LAYERS` of them are stacked).
     pub detach: usize,
+    /// Dead FUSE mounts of earlier runs the new mount goes over; they stay
+    /// beneath it.
+    pub over_dead: usize,
     /// Whether the guard must be mounted (it is not there yet).
     pub mount_guard: bool,
 }
 
 /// Decides what to do with the stack of mounts at the mountpoint, bottom
-/// first. Rewind's FUSE mounts on top are an earlier run's (the journal
-/// lock already proved no other daemon runs on this journal) and are
-/// detached; one guard is kept, or made when there is none; anything else
-/// on top of Rewind's own mounts is someone else's, and is refused rather
-/// than mounted over or detached.
-pub(crate) fn plan(stack: &[Mounted]) -> Result<Plan, String> {
-    let detach = stack.iter().rev().take_while(|m| m.is_fuse()).count();
-    let rest = &stack[..stack.len() - detach];
-    let guards = rest.iter().filter(|m| m.is_guard()).count();
+/// first; `top_alive` says whether a Rewind FUSE mount on top still has a
+/// daemon behind it (`top_alive` is asked only of a mount the path
+/// reaches: the top).
+///
+/// Rewind's dead FUSE mounts on top are mounted *over*, not detached: a
+/// mount on a dead mount reaches every copy of it (its peers, and the
+/// slaves a container runtime made when it bound the mount into an
+/// application's container), so an application that kept running sees the
+/// new mount on its next lookup, where a detach would reach only the path
+/// it was made at. Past `MAX_DEAD_LAYERS` they are detached. A guard is
+/// kept, or made when the path holds no mount of Rewind's; a live Rewind
+/// mount on top is another daemon's and anything else on top of Rewind's
+/// mounts is someone else's: both are refused rather than mounted over or
+/// detached.
+pub(crate) fn plan(stack: &[Mounted], top_alive: bool) -> Result<Plan, String> {
+    let dead = stack.iter().rev().take_while(|m| m.is_fuse()).count();
+    if dead > 0 && top_alive {
+        return Err(
+            "another `rewind run` serves this mountpoint (its mount answers); stop it first, or choose another --mount"
+                .into(),
+        );
+    }
+    let rest = &stack[..stack.len() - dead];
+    let ours = |m: &Mounted| m.is_guard() || m.is_fuse();
     match rest.last() {
-        Some(top) if top.is_guard() => Ok(Plan {
-            detach,
-            mount_guard: false,
-        }),
-        _ if guards > 0 || rest.iter().any(Mounted::is_fuse) => Err(format!(
+        Some(top) if !top.is_guard() && rest.iter().any(ours) => Err(format!(
             "the mountpoint holds a mount of Rewind's under a mount that is not ({}); unmount what is on top before starting",
             rest.iter()
                 .map(|m| format!("{} {}", m.fstype, m.source))
                 .collect::<Vec<_>>()
                 .join(" < ")
         )),
-        _ => Ok(Plan {
-            detach,
-            mount_guard: true,
-        }),
+        top => {
+            let guarded = top.is_some_and(Mounted::is_guard);
+            if dead > MAX_DEAD_LAYERS {
+                Ok(Plan {
+                    detach: dead,
+                    over_dead: 0,
+                    mount_guard: !guarded,
+                })
+            } else {
+                Ok(Plan {
+                    detach: 0,
+                    over_dead: dead,
+                    // Over dead layers a guard would have to go on top of
+                    // them, a layer more per crash; the dead mount refuses
+                    // every access already.
+                    mount_guard: !guarded && dead == 0,
+                })
+            }
+        }
     }
 }
 
@@ -150,13 +196,38 @@ fn mountinfo() -> Result<String, GuardError> {
     std::fs::read_to_string("/proc/self/mountinfo").map_err(GuardError::MountInfo)
 }
 
-/// Detaches what earlier runs left dead on top of the mountpoint, so that
-/// the path can be checked and mounted again; refuses a stack with a
-/// foreign mount over Rewind's own.
-pub(crate) fn clear_dead(path: &Path) -> Result<(), GuardError> {
-    let plan = plan(&stack(&mountinfo()?, path)).map_err(GuardError::Refused)?;
+/// Whether the FUSE mount the path reaches has a daemon behind it. statfs
+/// is never answered from the kernel's caches: a dead mount fails it with
+/// ENOTCONN (ECONNABORTED once aborted through /sys/fs/fuse/connections).
+fn alive(path: &Path) -> Result<bool, GuardError> {
+    match rustix::fs::statfs(path) {
+        Ok(_) => Ok(true),
+        Err(rustix::io::Errno::NOTCONN | rustix::io::Errno::CONNABORTED) => Ok(false),
+        Err(e) => Err(GuardError::Check {
+            path: path.display().to_string(),
+            source: e.into(),
+        }),
+    }
+}
+
+/// Reads the stack at the mountpoint, decides (`plan`) and detaches what
+/// the plan says; returns the plan, whose `mount_guard` and `over_dead`
+/// the start acts on right before it mounts.
+pub(crate) fn prepare(path: &Path) -> Result<Plan, GuardError> {
+    let st = stack(&mountinfo()?, path);
+    let top_alive = match st.last() {
+        Some(top) if top.is_fuse() => alive(path)?,
+        _ => false,
+    };
+    let plan = plan(&st, top_alive).map_err(GuardError::Refused)?;
+    if plan.detach > 0 {
+        tracing::warn!(
+            mount = %path.display(),
+            layers = plan.detach,
+            "detaching the dead mounts earlier runs left (more than {MAX_DEAD_LAYERS}); an application still holding this path through one of them sees the new mount only after it restarts"
+        );
+    }
     for _ in 0..plan.detach {
-        tracing::warn!(mount = %path.display(), "detaching a dead mount left by an earlier run");
         rustix::mount::unmount(path, rustix::mount::UnmountFlags::DETACH).map_err(|e| {
             GuardError::Detach {
                 path: path.display().to_string(),
@@ -164,31 +235,26 @@ pub(crate) fn clear_dead(path: &Path) -> Result<(), GuardError> {
             }
         })?;
     }
-    Ok(())
+    Ok(plan)
 }
 
-/// Puts the guard at the mountpoint unless one is there already; called
-/// right before the FUSE mount, once every check has passed. A guard that
-/// cannot be mounted (no CAP_SYS_ADMIN) is logged and protection goes on
-/// without it.
-pub(crate) fn ensure_guard(path: &Path) -> Result<(), GuardError> {
-    let plan = plan(&stack(&mountinfo()?, path)).map_err(GuardError::Refused)?;
-    if plan.mount_guard {
-        use rustix::mount::{mount, MountFlags};
-        let flags =
-            MountFlags::RDONLY | MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC;
-        match mount(GUARD_SOURCE, path, "tmpfs", flags, c"mode=0555,size=4k") {
-            Ok(()) => tracing::info!(
-                mount = %path.display(),
-                "mounted the read-only guard under the mount: once the mount is gone, writes to this path fail with EROFS"
-            ),
-            Err(e) => tracing::warn!(
-                mount = %path.display(),
-                "cannot mount the read-only guard ({e}); after a stop, writes to this path would land unprotected in the directory under the mount"
-            ),
-        }
+/// Mounts the guard at the mountpoint; called right before the FUSE mount,
+/// once every check has passed, when `prepare`'s plan asks for it. A guard
+/// that cannot be mounted (no CAP_SYS_ADMIN) is logged and protection goes
+/// on without it.
+pub(crate) fn mount_guard(path: &Path) {
+    use rustix::mount::{mount, MountFlags};
+    let flags = MountFlags::RDONLY | MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC;
+    match mount(GUARD_SOURCE, path, "tmpfs", flags, c"mode=0555,size=4k") {
+        Ok(()) => tracing::info!(
+            mount = %path.display(),
+            "mounted the read-only guard under the mount: once the mount is gone, writes to this path fail with EROFS"
+        ),
+        Err(e) => tracing::warn!(
+            mount = %path.display(),
+            "cannot mount the read-only guard ({e}); after a stop, writes to this path would land unprotected in the directory under the mount"
+        ),
     }
-    Ok(())
 }
 
 /// Detaches Rewind's FUSE mount lazily if it is the top of the stack at
@@ -250,52 +316,91 @@ mod tests {
         let fuse2 = m(4, 3, "fuse.rewind", FUSE_SOURCE);
         let other = m(5, 2, "tmpfs", "somebody");
         let sshfs = m(6, 1, "fuse.sshfs", "host:/x");
-        let ok = |detach, mount_guard| {
+        let plan_of = |detach, over_dead, mount_guard| {
             Ok(Plan {
                 detach,
+                over_dead,
                 mount_guard,
             })
         };
-        let cases: Vec<(&str, Vec<Mounted>, Result<Plan, String>)> = vec![
-            ("a plain directory gets the guard", vec![], ok(0, true)),
+        let layers = |n: usize| {
+            let mut st = vec![bind.clone(), guard.clone()];
+            st.extend((0..n).map(|_| fuse.clone()));
+            st
+        };
+        let refused = |needle: &str| Err(needle.to_string());
+        // (what, stack bottom first, whether the top answers, the plan or a
+        // word the refusal must contain)
+        let cases: Vec<(&str, Vec<Mounted>, bool, Result<Plan, String>)> = vec![
+            ("nothing: a plain directory gets the guard", vec![], false, plan_of(0, 0, true)),
+            ("a volume mount is kept and guarded", vec![bind.clone()], false, plan_of(0, 0, true)),
             (
-                "a volume mount is kept and guarded",
-                vec![bind.clone()],
-                ok(0, true),
-            ),
-            (
-                "a guard from an earlier run is reused",
+                "guard only: an earlier run's guard is reused",
                 vec![bind.clone(), guard.clone()],
-                ok(0, false),
+                false,
+                plan_of(0, 0, false),
             ),
             (
-                "a dead FUSE mount on the guard is detached",
-                vec![bind.clone(), guard.clone(), fuse.clone()],
-                ok(1, false),
+                "guard and a dead FUSE mount: mounted over, not detached",
+                layers(1),
+                false,
+                plan_of(0, 1, false),
             ),
             (
-                "two dead FUSE mounts are detached",
+                "several dead layers are mounted over",
                 vec![guard.clone(), fuse.clone(), fuse2.clone()],
-                ok(2, false),
+                false,
+                plan_of(0, 2, false),
+            ),
+            ("as many as the bound allows", layers(MAX_DEAD_LAYERS), false, plan_of(0, MAX_DEAD_LAYERS, false)),
+            (
+                "past the bound they are all detached down to the guard",
+                layers(MAX_DEAD_LAYERS + 1),
+                false,
+                plan_of(MAX_DEAD_LAYERS + 1, 0, false),
             ),
             (
-                "a dead FUSE mount of a build without the guard",
+                "a dead FUSE mount of a build without the guard: mounted over, no guard on top of it",
                 vec![bind.clone(), fuse.clone()],
-                ok(1, true),
+                false,
+                plan_of(0, 1, false),
+            ),
+            (
+                "a live Rewind mount is another daemon's",
+                layers(1),
+                true,
+                refused("another `rewind run` serves this mountpoint"),
+            ),
+            (
+                "another FUSE filesystem is not ours and is not asked",
+                vec![bind.clone(), sshfs.clone()],
+                false,
+                plan_of(0, 0, true),
+            ),
+            (
+                "a foreign mount over the guard",
+                vec![bind.clone(), guard.clone(), other.clone()],
+                false,
+                refused("tmpfs somebody"),
+            ),
+            (
+                "a foreign mount over a dead FUSE mount of ours",
+                vec![fuse.clone(), other.clone()],
+                false,
+                refused("tmpfs somebody"),
+            ),
+            (
+                "a dead layer over a foreign mount over ours",
+                vec![guard.clone(), fuse.clone(), other.clone(), fuse2.clone()],
+                false,
+                refused("tmpfs somebody"),
             ),
         ];
-        for (what, st, want) in cases {
-            assert_eq!(plan(&st), want, "{what}");
+        for (what, st, alive, want) in cases {
+            match (plan(&st, alive), want) {
+                (Err(got), Err(needle)) => assert!(got.contains(&needle), "{what}: {got}"),
+                (got, want) => assert_eq!(got, want, "{what}"),
+            }
         }
-        assert!(
-            plan(&[bind.clone(), sshfs]).is_ok_and(|p| p.detach == 0),
-            "another FUSE filesystem is not ours"
-        );
-        let refused = plan(&[bind.clone(), guard.clone(), other.clone()]).unwrap_err();
-        assert!(refused.contains("tmpfs somebody"), "{refused}");
-        assert!(
-            plan(&[fuse.clone(), other]).is_err(),
-            "a foreign mount over a FUSE mount of ours"
-        );
     }
 }

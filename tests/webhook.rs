@@ -140,6 +140,23 @@ fn parse_command(c: &Value) -> Command {
         .command
 }
 
+/// An application mount of the shared emptyDir sees the FUSE view: its
+/// subPath (or subPathExpr) is the view directory or a path inside it.
+fn in_view(cname: &str, mount: &Value) -> Result<(), String> {
+    let sub = mount
+        .get("subPath")
+        .or_else(|| mount.get("subPathExpr"))
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    if sub == "view" || sub.starts_with("view/") {
+        Ok(())
+    } else {
+        Err(format!(
+            "{cname} mounts the emptyDir outside the view: {mount}"
+        ))
+    }
+}
+
 fn check_run(c: &Value, want: &Value) -> RunArgs {
     let Command::Run(args) = parse_command(c) else {
         panic!("sidecar does not run `rewind run`")
@@ -155,7 +172,7 @@ fn check_run(c: &Value, want: &Value) -> RunArgs {
         humantime::parse_duration(want["segmentInterval"].as_str().unwrap()).unwrap()
     );
     assert_eq!(args.source, Path::new("/rewind/source"));
-    assert_eq!(args.mount, Path::new("/rewind/mnt"));
+    assert_eq!(args.mount, Path::new("/rewind/mnt/view"));
     assert_eq!(args.shutdown_timeout, Duration::from_secs(30));
     assert_eq!(c["restartPolicy"], "Always", "a native sidecar");
     assert_eq!(c["startupProbe"]["httpGet"]["port"], want["port"]);
@@ -303,6 +320,9 @@ fn check_patched(case: &Case) -> Result<(), String> {
                     "app container {cname} mounts {vname} without HostToContainer"
                 ));
             }
+            if vname.starts_with("rewind-") && !cname.starts_with("rewind-") {
+                in_view(cname, mount)?;
+            }
         }
     }
 
@@ -343,7 +363,7 @@ fn check_patched(case: &Case) -> Result<(), String> {
         .last()
         .unwrap()
         .clone();
-    let want_mount = json!({"name": format!("rewind-{first}"), "mountPath": "/snapshot", "mountPropagation": "HostToContainer"});
+    let want_mount = json!({"name": format!("rewind-{first}"), "mountPath": "/snapshot", "mountPropagation": "HostToContainer", "subPath": "view"});
     if proxy["volumeMounts"][0] != want_mount {
         return Err(format!(
             "other webhook's container not rewired: {}",
@@ -910,8 +930,12 @@ fn seeding_injector_survived(pod: &Value) -> Result<(), String> {
     if seed < last_own {
         return Err(format!("seed runs before the sidecar is up: {init:?}"));
     }
-    if init[seed]["volumeMounts"][0]["subPath"] != "seed" {
-        return Err("seed's subPath was lost".into());
+    // Rewind's view directory, then the injector's own path inside it.
+    if init[seed]["volumeMounts"][0]["subPath"] != "view/seed" {
+        return Err(format!(
+            "seed's subPath was lost: {}",
+            init[seed]["volumeMounts"][0]
+        ));
     }
     Ok(())
 }
@@ -1030,7 +1054,14 @@ fn touches_only_owned(pod: &Value, op: &Value, config: &Config) -> Result<(), St
                     _ => false,
                 }
             } else {
-                matches!(rest, ["volumeMounts", _, "name" | "mountPropagation"])
+                matches!(
+                    rest,
+                    [
+                        "volumeMounts",
+                        _,
+                        "name" | "mountPropagation" | "subPath" | "subPathExpr"
+                    ]
+                )
             }
         }
         _ => false,
@@ -1094,6 +1125,7 @@ fn check_wired(pod: &Value, protected: &[&str]) -> Result<(), String> {
             if m["mountPropagation"] != "HostToContainer" {
                 return Err(format!("{cname} mounts {vname} without HostToContainer"));
             }
+            in_view(cname, m)?;
             if list == "initContainers"
                 && names.iter().position(|n| *n == cname).unwrap() < last_own
             {
@@ -1228,7 +1260,7 @@ fn replay(r: &Replay, config: &Config) -> Result<(), String> {
         .iter()
         .find(|c| c["name"] == "log-shipper");
     if let Some(c) = shipper {
-        let want = json!({"name": "rewind-data", "mountPath": "/var/lib/postgresql/data", "readOnly": true, "mountPropagation": "HostToContainer"});
+        let want = json!({"name": "rewind-data", "mountPath": "/var/lib/postgresql/data", "readOnly": true, "mountPropagation": "HostToContainer", "subPath": "view"});
         if c["volumeMounts"][0] != want {
             return Err(format!("log-shipper not wired: {}", c["volumeMounts"]));
         }
@@ -1364,14 +1396,16 @@ fn reinvocation_patches_are_exact() {
                  "volumeMounts": [{"name": "data", "mountPath": "/seed"}]}}]),
             json!([{"op": "move", "from": "/spec/initContainers/1", "path": "/spec/initContainers/0"},
                 {"op": "add", "path": "/spec/initContainers/1/volumeMounts/0/mountPropagation", "value": "HostToContainer"},
-                {"op": "replace", "path": "/spec/initContainers/1/volumeMounts/0/name", "value": "rewind-data"}]),
+                {"op": "replace", "path": "/spec/initContainers/1/volumeMounts/0/name", "value": "rewind-data"},
+                {"op": "add", "path": "/spec/initContainers/1/volumeMounts/0/subPath", "value": "view"}]),
         ),
         (
             "an application container mounting the claim",
             json!([{"op": "add", "path": "/spec/containers/-", "value": {"name": "shipper", "image": "fluent-bit:3",
                  "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}, {"name": "data", "mountPath": "/logs", "readOnly": true}]}}]),
             json!([{"op": "add", "path": "/spec/containers/1/volumeMounts/1/mountPropagation", "value": "HostToContainer"},
-                {"op": "replace", "path": "/spec/containers/1/volumeMounts/1/name", "value": "rewind-data"}]),
+                {"op": "replace", "path": "/spec/containers/1/volumeMounts/1/name", "value": "rewind-data"},
+                {"op": "add", "path": "/spec/containers/1/volumeMounts/1/subPath", "value": "view"}]),
         ),
         (
             "the grace period lowered",

@@ -1,6 +1,8 @@
 //! The fuser adapter: the only module that imports fuser. It translates
 //! kernel requests into `Passthrough` calls and results into replies (inode
-//! numbers, attributes, errno), mounts the session with the options the
+//! numbers, attributes, errno), mounts the session (mount(2) itself as
+//! root, without opening the mountpoint, which may be a dead mount; through
+//! fusermount3 otherwise) with the options the
 //! contract fixes (allow_other, default_permissions, 1 MiB writes, one
 //! cloned /dev/fuse fd per worker thread; nodev only where the source is
 //! nodev), asks for unmasked create modes (FUSE_DONT_MASK), and nothing
@@ -736,11 +738,11 @@ impl Filesystem for FuseFs {
 
 /// The FUSE session serving the mount in the background.
 ///
-/// fuser unmounts when its session is dropped, by the mountpoint's *path*:
-/// after the lazy detach at shutdown that path leads to whatever lies
-/// beneath, the read-only guard (`crate::guard`), which must stay. So the
-/// session is never dropped: its threads and its `/dev/fuse` descriptor
-/// end with the process.
+/// The session is never dropped: its threads and its `/dev/fuse` descriptor
+/// end with the process. When fusermount3 made the mount (the daemon is not
+/// root), fuser unmounts by the mountpoint's *path* on drop, and after the
+/// lazy detach at shutdown that path leads to whatever lies beneath, the
+/// read-only guard (`crate::guard`), which must stay.
 pub struct Served {
     _session: std::mem::ManuallyDrop<fuser::BackgroundSession>,
     ended: crossbeam_channel::Receiver<()>,
@@ -759,6 +761,36 @@ impl Served {
     }
 }
 
+/// Mounts `/dev/fuse` at `mountpoint` with mount(2), as fuser would but
+/// without opening or stating the mountpoint first: the start mounts over a
+/// dead mount an earlier run left there (`crate::guard`), whose root
+/// answers every open and stat with ENOTCONN, while mount(2) only walks to
+/// it. The root's mode given here is replaced by the daemon's answer to the
+/// kernel's first getattr, before any permission check. None when mount(2)
+/// is not permitted (the daemon is not root): fusermount3 then mounts.
+fn mount_directly(mountpoint: &Path, dev: bool) -> std::io::Result<Option<std::os::fd::OwnedFd>> {
+    use rustix::fs::{Mode, OFlags};
+    use rustix::mount::MountFlags;
+    use std::os::fd::AsRawFd;
+    let fd = rustix::fs::open("/dev/fuse", OFlags::RDWR | OFlags::CLOEXEC, Mode::empty())?;
+    let data = std::ffi::CString::new(format!(
+        "fd={},rootmode=40000,user_id={},group_id={},default_permissions,allow_other",
+        fd.as_raw_fd(),
+        rustix::process::getuid().as_raw(),
+        rustix::process::getgid().as_raw(),
+    ))
+    .expect("no NUL in mount options");
+    let mut flags = MountFlags::NOSUID;
+    if !dev {
+        flags |= MountFlags::NODEV;
+    }
+    match rustix::mount::mount("rewind", mountpoint, "fuse", flags, data.as_c_str()) {
+        Ok(()) => Ok(Some(fd)),
+        Err(rustix::io::Errno::PERM) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Mounts `fs` at `mountpoint` with the contract's options and serves it on
 /// `threads` worker threads in the background.
 pub fn mount(mut fs: FuseFs, mountpoint: &Path, threads: usize) -> std::io::Result<Served> {
@@ -774,16 +806,22 @@ pub fn mount(mut fs: FuseFs, mountpoint: &Path, threads: usize) -> std::io::Resu
     // source's own mount instead, so a device node made through it (or
     // restored into the source) opens where it would natively. The daemon
     // creates nothing the source could not hold already.
-    if let Ok(s) = fs.core.statfs() {
-        if !s.f_flag.contains(rustix::fs::StatVfsMountFlags::NODEV) {
-            cfg.mount_options.push(MountOption::Dev);
-        }
+    let dev = fs
+        .core
+        .statfs()
+        .is_ok_and(|s| !s.f_flag.contains(rustix::fs::StatVfsMountFlags::NODEV));
+    if dev {
+        cfg.mount_options.push(MountOption::Dev);
     }
     cfg.acl = SessionACL::All;
     cfg.n_threads = Some(threads.max(1));
     cfg.clone_fd = true;
     let notifier = fs.notifier.clone();
-    let session = fuser::spawn_mount(fs, mountpoint, &cfg)?;
+    let session = match mount_directly(mountpoint, dev)? {
+        // The kernel sends its INIT once mounted; the session reads it.
+        Some(fd) => fuser::Session::from_fd(fs, fd, SessionACL::All, cfg)?.spawn()?,
+        None => fuser::spawn_mount(fs, mountpoint, &cfg)?,
+    };
     let _ = notifier.set(session.notifier());
     Ok(Served {
         _session: std::mem::ManuallyDrop::new(session),

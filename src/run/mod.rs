@@ -1,8 +1,9 @@
 //! `rewind run`: the daemon that wires the pieces together. `run` is
 //! `start`, wait for a stop signal, `shutdown`. Start checks the arguments,
-//! detaches a stale mount, locks the journal, opens the store, applies the
-//! start decision (`decide::start`: lineage and base from the state file,
-//! the boot id and the store), recovers the journal, mounts, and starts the
+//! decides what to do at the mountpoint (`guard::prepare`), locks the
+//! journal, opens the store, applies the start decision (`decide::start`:
+//! lineage and base from the state file, the boot id and the store),
+//! recovers the journal, mounts, and starts the
 //! base thread (`base_thread`), the shipping thread (`ship_thread`) and the
 //! metrics thread (`monitor`). Shutdown detaches the mount lazily, serves
 //! open files until the deadline, runs the final seal and upload, and turns
@@ -189,6 +190,8 @@ struct Dirs {
     source: PathBuf,
     mount: PathBuf,
     journal: PathBuf,
+    /// What the start does at the mountpoint (`guard::plan`).
+    at_mount: crate::guard::Plan,
 }
 
 fn check_args(args: &RunArgs) -> Result<Dirs, RunError> {
@@ -209,15 +212,14 @@ fn check_args(args: &RunArgs) -> Result<Dirs, RunError> {
     if !source.is_dir() {
         return usage(format!("--source {} is not a directory", source.display()));
     }
-    let mount = std::path::absolute(&args.mount)
-        .map_err(io(format!("--mount {}", args.mount.display())))?;
-    crate::guard::clear_dead(&mount)?;
-    if !mount.exists() {
+    let mount = resolve_mount(&args.mount)?;
+    let at_mount = crate::guard::prepare(&mount)?;
+    // A dead mount on top answers every stat with ENOTCONN; mount(2) goes
+    // over it without asking it anything.
+    if at_mount.over_dead == 0 {
         std::fs::create_dir_all(&mount)
             .map_err(io(format!("cannot create --mount {}", mount.display())))?;
     }
-    let mount =
-        std::fs::canonicalize(&mount).map_err(io(format!("--mount {}", mount.display())))?;
     if mount.starts_with(&source) || source.starts_with(&mount) {
         return usage(format!(
             "--mount {} and --source {} must not contain each other",
@@ -243,7 +245,31 @@ fn check_args(args: &RunArgs) -> Result<Dirs, RunError> {
         source,
         mount,
         journal,
+        at_mount,
     })
+}
+
+/// The absolute mountpoint as mountinfo names it, without a stat of the
+/// mountpoint itself, which fails on a dead mount an earlier run left
+/// there: its parent is made and resolved, and the last component is
+/// resolved too only when it is a symbolic link (an lstat that meets a
+/// mount reports the mount's root, never a link).
+fn resolve_mount(arg: &Path) -> Result<PathBuf, RunError> {
+    let what = || format!("--mount {}", arg.display());
+    let abs = std::path::absolute(arg).map_err(io(what()))?;
+    let link = abs
+        .symlink_metadata()
+        .is_ok_and(|m| m.file_type().is_symlink());
+    match (abs.parent(), abs.file_name()) {
+        (Some(parent), Some(name)) if !link => {
+            std::fs::create_dir_all(parent)
+                .map_err(io(format!("cannot create {}", parent.display())))?;
+            Ok(std::fs::canonicalize(parent)
+                .map_err(io(what()))?
+                .join(name))
+        }
+        _ => std::fs::canonicalize(&abs).map_err(io(what())),
+    }
 }
 
 fn lock_journal(dir: &Path) -> Result<File, RunError> {
@@ -508,7 +534,16 @@ fn start(args: &RunArgs) -> Result<Running, RunError> {
         ),
         None => None,
     };
-    crate::guard::ensure_guard(&dirs.mount)?;
+    if dirs.at_mount.mount_guard {
+        crate::guard::mount_guard(&dirs.mount);
+    }
+    if dirs.at_mount.over_dead > 0 {
+        tracing::warn!(
+            mount = %dirs.mount.display(),
+            layers = dirs.at_mount.over_dead,
+            "mounting over the dead mount an earlier run left: every copy of it (an application's container included) reaches the new mount on its next lookup; the dead layers stay beneath"
+        );
+    }
     let session = fuse::mount(fuse::FuseFs::new(core.clone()), &dirs.mount, args.threads).map_err(
         io(format!(
             "cannot mount at {} (is /dev/fuse available and fusermount3 installed?)",

@@ -14,9 +14,36 @@ use super::config::Config;
 
 /// Where the sidecar and restore containers mount the claim itself.
 pub const SOURCE_PATH: &str = "/rewind/source";
-/// Where the sidecar mounts the FUSE view; the emptyDir mounted here is
-/// shared with the application, which sees the view at its own mountPath.
+/// Where the sidecar mounts the shared emptyDir.
 pub const MOUNT_PATH: &str = "/rewind/mnt";
+/// The directory of the emptyDir the sidecar mounts FUSE on, and the
+/// subPath every application mount of the protected volume gets. FUSE is
+/// not mounted on the emptyDir's root because the container runtime binds
+/// that root into a restarted sidecar: a dead mount on it would fail the
+/// runtime's stat of its bind source, and no new sidecar could start.
+pub const VIEW_DIR: &str = "view";
+
+/// `--mount` of the sidecar: the view directory inside the emptyDir.
+pub fn view_path() -> String {
+    format!("{MOUNT_PATH}/{VIEW_DIR}")
+}
+
+/// The subPath (or subPathExpr) an application mount of the protected
+/// volume gets in place of its own `theirs`: the view directory, or the
+/// user's path inside it. A mount already pointed at the shared emptyDir
+/// (`rewired`: a reinvocation) whose path is inside the view keeps it, so
+/// Rewind's own output sent back yields no change.
+pub fn view_sub_path(rewired: bool, theirs: Option<&str>) -> String {
+    let theirs = theirs.unwrap_or("");
+    let inside = theirs == VIEW_DIR || theirs.starts_with(&format!("{VIEW_DIR}/"));
+    if rewired && inside {
+        theirs.to_string()
+    } else if theirs.is_empty() {
+        VIEW_DIR.to_string()
+    } else {
+        format!("{VIEW_DIR}/{theirs}")
+    }
+}
 
 /// Everything needed to build one protected volume's containers.
 #[derive(Debug, Clone)]
@@ -114,7 +141,7 @@ pub fn sidecar(plan: &Plan, config: &Config) -> Value {
         "--source".into(),
         SOURCE_PATH.into(),
         "--mount".into(),
-        MOUNT_PATH.into(),
+        view_path(),
         "--store".into(),
         plan.store.into(),
         "--volume".into(),
@@ -198,7 +225,38 @@ pub fn restore(plan: &Plan, time: &str, config: &Config) -> Value {
     Value::Object(c)
 }
 
-/// The emptyDir the sidecar mounts FUSE over and the app mounts to see it.
+/// The emptyDir the sidecar mounts FUSE in (on `VIEW_DIR`) and the app
+/// mounts (its `VIEW_DIR`) to see it.
 pub fn shared_volume(volume: &str) -> Value {
     json!({"name": sidecar_name(volume), "emptyDir": {}})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn view_sub_path_table() {
+        // (the mount already names the shared emptyDir, its subPath, want)
+        let cases = [
+            (false, None, "view"),
+            (false, Some(""), "view"),
+            (false, Some("pg_wal"), "view/pg_wal"),
+            (false, Some("a/b"), "view/a/b"),
+            // The user's own directory called view in their claim.
+            (false, Some("view"), "view/view"),
+            (false, Some("view/x"), "view/view/x"),
+            // A reinvocation finds what Rewind wrote and keeps it.
+            (true, Some("view"), "view"),
+            (true, Some("view/pg_wal"), "view/pg_wal"),
+            // Pointed at the emptyDir by someone else, outside the view.
+            (true, None, "view"),
+            (true, Some("viewer"), "view/viewer"),
+            (true, Some("$(POD_NAME)"), "view/$(POD_NAME)"),
+        ];
+        for (rewired, theirs, want) in cases {
+            assert_eq!(view_sub_path(rewired, theirs), want, "{rewired} {theirs:?}");
+        }
+        assert_eq!(view_path(), "/rewind/mnt/view");
+    }
 }

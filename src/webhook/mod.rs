@@ -12,10 +12,11 @@
 //! # What injection does, per protected volume V (a claim)
 //! - the claim V stays in the pod but is mounted only by Rewind's
 //!   containers, at `/rewind/source`;
-//! - an `emptyDir` named `rewind-V` is added; the sidecar mounts FUSE over it
-//!   with `Bidirectional` propagation, and every application container that
-//!   mounted V (init containers included) now mounts `rewind-V` at the same
-//!   path with `HostToContainer`, so it sees the protected view;
+//! - an `emptyDir` named `rewind-V` is added; the sidecar mounts it with
+//!   `Bidirectional` propagation and mounts FUSE on its directory `view`,
+//!   and every application container that mounted V (init containers
+//!   included) now mounts `rewind-V` with `subPath: view` (`view/<theirs>`)
+//!   at the same path with `HostToContainer`, so it sees the protected view;
 //! - a native sidecar `rewind-V` runs `rewind run`, placed after the restore
 //!   init containers and before the user's init containers;
 //! - with `rewind.dev/restore-at`, an init container `rewind-restore-V`
@@ -25,9 +26,9 @@
 //! Other mutators run before and after Rewind, and the API server calls
 //! Rewind again after them (`reinvocationPolicy: IfNeeded`). The patch
 //! therefore claims only what Rewind decides: the existence and order of
-//! its containers, the fields listed in `owned`, the name and propagation
-//! of the application's mounts of protected volumes, the shared emptyDir,
-//! the grace period and its two annotations. Each is brought to what Rewind
+//! its containers, the fields listed in `owned`, the name, propagation and
+//! view subPath of the application's mounts of protected volumes, the
+//! shared emptyDir, the grace period and its two annotations. Each is brought to what Rewind
 //! wants by an operation at its own path, against a working copy that
 //! already holds the earlier operations; everything else, on Rewind's
 //! containers too, is left as found. An existing value satisfies Rewind
@@ -378,10 +379,15 @@ fn place_own_containers(
 }
 
 /// Points the application's mounts of protected volumes, in `spec.<list>`,
-/// at the shared emptyDir, with HostToContainer so that a new FUSE mount
-/// made by a restarted sidecar reaches them. Only each mount's `name` and
-/// `mountPropagation` are Rewind's; its path, subPath and readOnly stay
-/// the application's.
+/// at the view directory of the shared emptyDir (`subPath: view`, or
+/// `view/<theirs>` for a mount with its own subPath or subPathExpr), with
+/// HostToContainer. The application's mount is then a copy of the FUSE
+/// mount itself, which a restarted sidecar mounts over, so the new mount
+/// reaches it; a user subPath is a directory inside the FUSE mount, which
+/// a mount on the FUSE mount's root does not reach (docs/KUBERNETES.md).
+/// Each mount's `name`, `mountPropagation` and the view prefix of its
+/// subPath are Rewind's; its path, the rest of its subPath and readOnly
+/// stay the application's.
 fn rewire(
     ed: &mut Editor,
     list: &str,
@@ -406,9 +412,17 @@ fn rewire(
                      HostToContainer propagation; use readOnly without recursiveReadOnly"
                 )));
             }
+            let key = if mount.contains_key("subPathExpr") {
+                "subPathExpr"
+            } else {
+                "subPath"
+            };
+            let rewired = str_field(mount, "name") == containers::sidecar_name(volume);
+            let theirs = mount.get(key).and_then(Value::as_str);
             let wanted = json!({
                 "name": containers::sidecar_name(volume),
                 "mountPropagation": "HostToContainer",
+                key: containers::view_sub_path(rewired, theirs),
             });
             owned::ensure(
                 ed,

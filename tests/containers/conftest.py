@@ -31,7 +31,6 @@ import ssl
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -57,19 +56,6 @@ STORE_IN_CONTAINER = "/rewind/store"
 # The sidecar's stop deadline for open files, lowered from the fixture's 30 s
 # so that a stop with the application still writing ends soon.
 SHUTDOWN_TIMEOUT_S = 5
-
-
-def poll(what, check, deadline_s=60, interval=0.1):
-    """Calls check() until it returns a true value; fails with `what` (and
-    `what` called, when it is a function) at the deadline."""
-    deadline = time.monotonic() + deadline_s
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {deadline_s}s waiting for {what() if callable(what) else what}")
-        time.sleep(interval)
 
 
 def podman(*args, check=True, timeout=300, input=None):
@@ -158,33 +144,14 @@ TMP_ROOT = _tmp_root()
 def remove_tree(d):
     """Removes d after detaching whatever is mounted beneath it (a failed
     earlier run may have left its mounts)."""
-    if not d.exists():
-        return
-    under = {t for t, _ in helpers.mounts() if t == str(d) or t.startswith(f"{d}/")}
-    for t in sorted(under, key=len, reverse=True):
-        detach_all(t)
-    shutil.rmtree(d)
+    if d.exists():
+        helpers.rmtree(d)
 
 
 def fresh_dir(d):
     remove_tree(d)
     d.mkdir(parents=True)
     return d
-
-
-def is_mount(path):
-    """From mountinfo: os.path.ismount misses a directory bind-mounted on
-    itself (same device, same inode as before)."""
-    return any(target == str(path) for target, _ in helpers.mounts())
-
-
-def detach_all(path):
-    """Lazily detaches every mount at path until none is left."""
-    for _ in range(64):
-        if not is_mount(path):
-            return
-        subprocess.run(["umount", "-l", str(path)], check=True)
-    raise AssertionError(f"{path} is still a mount point after 64 detaches")
 
 
 class Volumes:
@@ -212,7 +179,7 @@ class Volumes:
     def detach(self):
         """Detaches everything mounted under the tree (the guard, FUSE
         mounts left by killed sidecars) and the tree's own bind mount."""
-        detach_all(self.root)
+        helpers.lazy_unmount(self.root)
 
 
 # --- containers from the patched pod ----------------------------------------
@@ -254,7 +221,11 @@ def run_argv(spec, name, pod_name, volumes, *, store=None, image=None, command=N
         opts = [PROPAGATION[m.get("mountPropagation")]]
         if m.get("readOnly"):
             opts.append("ro")
-        argv += ["-v", f"{volumes[m['name']]}:{m['mountPath']}:{','.join(opts)}"]
+        assert "subPathExpr" not in m, f"subPathExpr has no local equivalent: {m}"
+        # A subPath binds that directory of the volume, as the kubelet does
+        # (it resolves the path, mounts included, when the container starts).
+        host = Path(volumes[m["name"]]) / m["subPath"] if m.get("subPath") else volumes[m["name"]]
+        argv += ["-v", f"{host}:{m['mountPath']}:{','.join(opts)}"]
     for host, inside, opts in extra_volumes:
         argv += ["-v", f"{host}:{inside}:{opts}"]
     for e in spec.get("env", []):
@@ -308,7 +279,17 @@ class Pod:
 
     @property
     def bare_dir(self):
+        """The emptyDir's host directory: what runc binds into the sidecar."""
         return self.host_volumes["rewind-data"]
+
+    @property
+    def view_dir(self):
+        """The emptyDir's directory the sidecar mounts FUSE on (its
+        `--mount`), which the application mounts through its subPath."""
+        args = self.sidecar["args"]
+        inside = args[args.index("--mount") + 1]
+        (m,) = [m for m in self.sidecar["volumeMounts"] if m["name"] == "rewind-data"]
+        return self.bare_dir / os.path.relpath(inside, m["mountPath"])
 
     def run_init(self, spec):
         """A one-shot init container: runs to completion; returns (code, log)."""
@@ -334,9 +315,9 @@ class Pod:
 
     def wait_probe(self, probe, deadline_s):
         name = self.sidecar_name
-        poll(lambda: f"{name}'s {probe}; state {state(name)}; log:\n{logs(name)}",
-             lambda: http_probe(name, self.sidecar, probe) or state(name)[0] not in ("running", None),
-             deadline_s=deadline_s, interval=0.2)
+        helpers.wait_until(lambda: http_probe(name, self.sidecar, probe) or state(name)[0] not in ("running", None),
+                           deadline_s, f"{name}'s {probe}", interval=0.2,
+                           on_timeout=lambda: f"state {state(name)}; log:\n{logs(name)}")
         assert state(name)[0] == "running", f"{name} exited: {state(name)}\n{logs(name)}"
 
     def start_app(self, check=False, name=None, db="app.db"):
@@ -366,8 +347,9 @@ class Pod:
 
     def wait_commits(self, at_least, name=None, deadline_s=120):
         name = name or self.app_name
-        return poll(lambda: f"{at_least} commits by {name}; events: {events(name)[-5:]}",
-                    lambda: len(self.committed(name)) >= at_least, deadline_s=deadline_s)
+        return helpers.wait_until(lambda: len(self.committed(name)) >= at_least, deadline_s,
+                                  f"{at_least} commits by {name}", interval=0.1,
+                                  on_timeout=lambda: f"events: {events(name)[-5:]}")
 
     def stop(self, name):
         """SIGTERM with the pod's grace period, as the kubelet stops a
@@ -460,8 +442,8 @@ def webhook(pki):
 
     w = W()
     w.name, w.spec, w.ca = name, spec, ca
-    poll(lambda: f"the webhook's readinessProbe; log:\n{logs(name)}",
-         lambda: http_probe(name, spec, "readinessProbe", ca) or state(name)[0] != "running", deadline_s=60)
+    helpers.wait_until(lambda: http_probe(name, spec, "readinessProbe", ca) or state(name)[0] != "running", 60,
+                       "the webhook's readinessProbe", interval=0.1, on_timeout=lambda: f"log:\n{logs(name)}")
     assert state(name)[0] == "running", logs(name)
     yield w
     code, _ = stop_with_grace(name, pod_spec.get("terminationGracePeriodSeconds", 30))

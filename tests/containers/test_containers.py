@@ -4,27 +4,29 @@ HTTPS with its readiness; the sidecar and an application container sharing
 the protected volume through mount propagation, SQLite written under load
 and restored exactly from the store; kill -9 of the sidecar (the
 application sees ENOTCONN, never the bare directory), then a restart of the
-same container and a fresh container over the same directories; a graceful
-stop (exit code and log tell the truth, the running application sees EIO
-then ENOTCONN, a container started meanwhile sees the guard's EROFS); the
-restore-at init container before the application. Where a pod does not
-yet behave as docs/SEMANTICS.md promises for a process on the host (a
-restarted sidecar's mount does not reach a running application container;
-a crashed sidecar's container cannot be recreated over its dead mount), the
-tests pin what happens and say so (docs/KUBERNETES.md, "When the sidecar
+same container and a fresh container over the same directories, whose new
+mount goes over the dead one and reaches the application container still
+running, which goes on writing; a graceful stop (exit code and log tell
+the truth, the running application sees EIO then ENOTCONN, a container
+started meanwhile sees the guard's EROFS and then the restarted sidecar's
+mount); the restore-at init container before the application. Where a pod
+does not behave as docs/SEMANTICS.md promises for a process on the host
+(after a graceful stop, a restarted sidecar's mount does not reach an
+application container that was running before the stop), the test pins
+what happens and says so (docs/KUBERNETES.md, "When the sidecar
 restarts").
 """
 
 import errno
 import os
 import sqlite3
-import subprocess
 from datetime import datetime, timezone
 
 import pytest
 
 import helpers
 from conftest import (
+    APP_IMAGE,
     IMAGE,
     LABEL,
     STORE_IN_CONTAINER,
@@ -33,7 +35,6 @@ from conftest import (
     https,
     logs,
     podman,
-    poll,
     run_argv,
     state,
 )
@@ -43,7 +44,9 @@ pytestmark = pytest.mark.timeout(900)
 CLEAN_STOP = "stopped cleanly: everything is in the store"
 UNSTORED_AT_START = "journal holds records not yet confirmed stored"
 REPAIR = "the previous run did not stop cleanly: taking a repair base"
-DEAD_MOUNT = "detaching a dead mount left by an earlier run"
+OVER_DEAD = "mounting over the dead mount an earlier run left"
+GUARD = ("tmpfs", "rewind-guard")
+FUSE = ("fuse", "rewind")
 
 
 def volume_id(pod):
@@ -81,9 +84,11 @@ def assert_same_as_source(pod, target):
 
 def assert_bare_dir_untouched(pod):
     """Nothing was ever written into the emptyDir underneath the mounts: the
-    pod's mounts are detached and the directory must be empty."""
+    pod's mounts are detached and the directory holds only the empty view
+    directory the sidecar made."""
     pod.vol.detach()
-    assert os.listdir(pod.bare_dir) == [], f"writes landed in the bare directory: {os.listdir(pod.bare_dir)}"
+    assert os.listdir(pod.bare_dir) == [pod.view_dir.name], f"writes landed in the bare directory: {os.listdir(pod.bare_dir)}"
+    assert os.listdir(pod.view_dir) == [], f"writes landed in the bare directory: {os.listdir(pod.view_dir)}"
 
 
 def stop_app(pod):
@@ -131,7 +136,7 @@ def test_sidecar_and_app_share_the_volume_and_the_store_gives_it_back(patch_pod,
 
 def kill_sidecar(pod):
     podman("kill", "--signal", "KILL", pod.sidecar_name)
-    poll("the killed sidecar to exit", lambda: state(pod.sidecar_name)[0] == "exited")
+    helpers.wait_until(lambda: state(pod.sidecar_name)[0] == "exited", 60, "the killed sidecar to exit", interval=0.1)
 
 
 def probes(pod, name=None):
@@ -144,8 +149,9 @@ def wait_probe_errno(pod, want, episodes=1, name=None):
     """Waits until the application has met `episodes` failures whose probe
     saw `want`."""
     name = name or pod.app_name
-    poll(lambda: f"{episodes} failures with {errno.errorcode[want]} in {name}: {events(name)[-5:]}",
-         lambda: probes(pod, name).count(want) >= episodes, deadline_s=60)
+    helpers.wait_until(lambda: probes(pod, name).count(want) >= episodes, 60,
+                       f"{episodes} failures with {errno.errorcode[want]} in {name}", interval=0.1,
+                       on_timeout=lambda: f"events: {events(name)[-5:]}")
 
 
 def path_errno(container, path):
@@ -164,21 +170,13 @@ def host_stat_errno(path):
         return e.errno
 
 
-def host_top_mount(path):
-    """The fs type and source of the topmost mount at a host path."""
-    found = [line.split(" - ")[1].split()[:2] for line in open("/proc/self/mountinfo")
-             if line.split()[4] == str(path)]
-    return tuple(found[-1]) if found else None
+def started_at(name):
+    return podman("inspect", "--format", "{{.State.StartedAt}}", name).stdout.strip()
 
 
-def clear_dead_mount_on_the_node(pod):
-    """What a restarted sidecar needs first today, and only the node can do:
-    detach the dead FUSE mount the killed sidecar left on the emptyDir's host
-    directory (as the kubelet does with a corrupted mount when it tears the
-    pod down). Only Rewind's FUSE mount is detached; the guard stays."""
-    assert host_top_mount(pod.bare_dir) == ("fuse", "rewind"), host_top_mount(pod.bare_dir)
-    subprocess.run(["umount", "-l", str(pod.bare_dir)], check=True)
-    assert host_top_mount(pod.bare_dir) == ("tmpfs", "rewind-guard"), host_top_mount(pod.bare_dir)
+def host_stack(path):
+    """(fs type, source) of every mount at a host path, bottom first."""
+    return [tuple(m) for m in helpers.mount_stack(path)]
 
 
 def test_kill_restart_and_fresh_container_over_the_same_directories(patch_pod, volumes, workdir):
@@ -186,34 +184,39 @@ def test_kill_restart_and_fresh_container_over_the_same_directories(patch_pod, v
     pod.start_sidecar()
     pod.start_app()
     pod.wait_commits(100)
+    assert host_stack(pod.view_dir) == [GUARD, FUSE]
+    started = started_at(pod.app_name)
 
     for episode, fresh in ((1, False), (2, True)):
         kill_sidecar(pod)
-        # The dead mount stays on top: every access fails with ENOTCONN.
+        # The dead mount stays on top: every access fails with ENOTCONN,
+        # never a write into the directory beneath.
         wait_probe_errno(pod, errno.ENOTCONN, episode)
         before = len(pod.committed())
-        # Known defect (reported with this suite): once the kernel's cached
-        # attributes of the dead mount's root have expired, the runtime
-        # cannot even create the restarted container: the bind source, the
-        # emptyDir's directory, has the dead mount on top and its stat fails.
-        # The kubelet's restarts come after a back-off, and fail forever.
-        poll("the dead mount's cached attributes to expire", lambda: host_stat_errno(pod.bare_dir) == errno.ENOTCONN)
-        r = podman("start", pod.sidecar_name, check=False) if not fresh else podman(
-            "run", "-d", *run_argv(pod.sidecar, pod.sidecar_name + "-new", pod.name, pod.host_volumes,
-                                   store=pod.vol.store), check=False)
+        # Once the kernel's cached attributes of the dead mount's root have
+        # expired, a stat of it fails. The runtime's bind source for the
+        # sidecar is the emptyDir's root, beside the dead mount, not under
+        # it, so the same container restarts and a fresh one is created.
+        helpers.wait_until(lambda: host_stat_errno(pod.view_dir) == errno.ENOTCONN, 60,
+                           "the dead mount's cached attributes to expire", interval=0.1)
+        assert host_stat_errno(pod.bare_dir) == 0
+        # An application container created now cannot be: its bind source
+        # is the dead mount (the kubelet would retry it).
+        late = f"{pod.name}-late{episode}"
+        r = podman("run", "-d", *run_argv(pod.app_spec, late, pod.name, pod.host_volumes, image=APP_IMAGE,
+                                          command=["true"]), check=False)
         assert r.returncode != 0 and "transport endpoint is not connected" in r.stderr, r.stderr
-        clear_dead_mount_on_the_node(pod)
         pod.start_sidecar(fresh=fresh)
         log = logs(pod.sidecar_name).split(CLEAN_STOP)[-1]
-        assert REPAIR in log, log
-        # Known defect: the application's volume is a bind of the FUSE mount
-        # itself (the application container starts after the sidecar's
-        # mount is up), so the new mount never reaches it: it stays on the
-        # dead one until its own container restarts.
-        assert path_errno(pod.app_name, pod.app_dir) == errno.ENOTCONN
-        pod.restart_app()
-        # The restarted application reopens the database and goes on.
+        assert REPAIR in log and OVER_DEAD in log, log
+        # The new mount went over the dead one and reached the application
+        # container, which was not restarted: it reopens its database by
+        # path and goes on.
+        assert host_stack(pod.view_dir) == [GUARD] + [FUSE] * (episode + 1)
+        assert state(pod.app_name)[0] == "running"
         pod.wait_commits(before + 100)
+        assert path_errno(pod.app_name, pod.app_dir) == 0
+    assert started_at(pod.app_name) == started, "the application container was restarted"
 
     stop_app(pod)
     committed = pod.committed()
@@ -248,19 +251,21 @@ def test_graceful_stop_is_true_and_the_guard_refuses_writes(patch_pod, volumes, 
     assert set(probes(pod)) <= {errno.EIO, errno.ENOTCONN}, events(pod.app_name)
     # On the node the guard is what is left at the emptyDir: an application
     # container started now meets EROFS.
-    assert host_top_mount(pod.bare_dir) == ("tmpfs", "rewind-guard")
+    assert host_stack(pod.view_dir) == [GUARD]
     late = f"{pod.name}-late"
     pod.start_app(name=late, db="late.db")
     wait_probe_errno(pod, errno.EROFS, name=late)
 
     pod.start_sidecar()
     log = logs(pod.sidecar_name).split(CLEAN_STOP)[-1]
-    assert UNSTORED_AT_START not in log and REPAIR not in log and DEAD_MOUNT not in log, log
+    assert UNSTORED_AT_START not in log and REPAIR not in log and OVER_DEAD not in log, log
     # The late container's volume is a bind of the guard: the new mount
     # propagates into it and it goes on by itself.
     pod.wait_commits(50, name=late)
-    # The first one stays on the dead mount (the known defect above) until
-    # its container restarts.
+    # The first one's volume is a copy of the FUSE mount the stop detached
+    # (not a copy of the guard beneath it): nothing was mounted over it, so
+    # it stays on ENOTCONN until its container restarts (docs/KUBERNETES.md,
+    # "When the sidecar restarts").
     before = len(pod.committed())
     assert path_errno(pod.app_name, pod.app_dir) == errno.ENOTCONN
     pod.restart_app()

@@ -241,7 +241,7 @@ def test_kill9_under_load(make_volume, workdir):
         # until the next generation, so the check below sees a quiet tree.
         helpers.wait_until(lambda: w.waiting or w.error, 30, "the writer to notice the dead mount")
         alive_check()
-        # Restart over the dead mount: the daemon must clear it itself.
+        # Restart over the dead mount: the daemon mounts over it itself.
         assert helpers.is_fuse_mounted(vol.mount), "the dead mount vanished on its own (kernel detached it?)"
         try:
             vol.start(timeout=60)

@@ -167,7 +167,8 @@ def test_case_over_https(case, webhooks):
     response, rewired = send(webhook, other, case)
     assert rewired is not None
     assert rewired["spec"]["containers"][-1]["volumeMounts"] == [
-        {"name": f"rewind-{protected[0]}", "mountPath": "/snapshot", "mountPropagation": "HostToContainer"}
+        {"name": f"rewind-{protected[0]}", "mountPath": "/snapshot", "mountPropagation": "HostToContainer",
+         "subPath": "view"}
     ]
     assert_valid_pod(rewired)
 
@@ -188,6 +189,8 @@ def test_injected_pod_shape(webhooks):
     assert sidecar["securityContext"]["privileged"] is True
     assert sidecar["securityContext"]["runAsNonRoot"] is False  # the pod says runAsNonRoot
     assert {"name": "rewind-data", "mountPath": "/rewind/mnt", "mountPropagation": "Bidirectional"} in sidecar["volumeMounts"]
+    # FUSE goes on the emptyDir's view directory, which the app mounts.
+    assert sidecar["args"][sidecar["args"].index("--mount") + 1] == "/rewind/mnt/view"
     assert {"name": "data", "mountPath": "/rewind/source"} in sidecar["volumeMounts"]
     assert sidecar["resources"] == {"requests": {"cpu": "250m", "memory": "512Mi"}, "limits": {"memory": "512Mi"}}
     assert "livenessProbe" not in sidecar
@@ -199,8 +202,9 @@ def test_injected_pod_shape(webhooks):
             assert m["name"] not in ("data", "wal"), f"{c['name']} still mounts the claim"
             if m["name"].startswith("rewind-"):
                 assert m["mountPropagation"] == "HostToContainer"
+                assert m["subPath"] == "view" or m["subPath"].startswith("view/"), m
     pg = spec["containers"][0]
-    assert {"name": "rewind-wal", "mountPath": "/wal", "subPath": "pg_wal", "mountPropagation": "HostToContainer"} in pg["volumeMounts"]
+    assert {"name": "rewind-wal", "mountPath": "/wal", "subPath": "view/pg_wal", "mountPropagation": "HostToContainer"} in pg["volumeMounts"]
     assert pod["metadata"]["annotations"]["rewind.dev/app-grace-period-seconds"] == "120"
     assert spec["terminationGracePeriodSeconds"] == 155
 
@@ -318,13 +322,13 @@ def test_reinvocation_keeps_what_other_mutators_added(webhooks):
     assert not whole, f"lists holding others' entries are replaced whole: {whole}"
     shipper = next(c for c in after["spec"]["containers"] if c["name"] == "log-shipper")
     assert {"name": "rewind-data", "mountPath": "/var/lib/postgresql/data", "readOnly": True,
-            "mountPropagation": "HostToContainer"} in shipper["volumeMounts"]
+            "mountPropagation": "HostToContainer", "subPath": "view"} in shipper["volumeMounts"]
     # Apart from that mount, nothing the pod held changed.
     unchanged = copy.deepcopy(after)
     for m in next(c for c in unchanged["spec"]["containers"] if c["name"] == "log-shipper")["volumeMounts"]:
         if m["name"] == "rewind-data":
             m["name"] = "data"
-            del m["mountPropagation"]
+            del m["mountPropagation"], m["subPath"]
     assert unchanged == pod
     assert_valid_pod(without_null_timestamp(after))
 
