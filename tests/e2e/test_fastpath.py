@@ -224,6 +224,9 @@ def test_the_file_store_leaves_no_pages_in_the_cache(volume, workdir):
     pages out (and it cost the daemon 15% of its CPU under random writes).
     The objects still read back whole: the restore below reads them all."""
     volume.start()
+    # The restore below is at t, which must fall inside the window: the
+    # first base must be complete before t (it was not, under load).
+    volume.wait_window()
     m = volume.mount
     want = os.urandom(8 << 20)
     (m / "big").write_bytes(want)
