@@ -18,12 +18,15 @@
 #   that shows what the server itself can serve.
 # Each restore is compared with its source (sizes, modes and contents by
 # sha256), so a fast wrong restore cannot pass. Prints one table: seconds,
-# MB/s (10^6 bytes of file data per second), the ratio to cp -a of the same
-# tree, peak RSS, and the load average when the row started.
+# MB/s (10^6 bytes of file data per second), the speed relative to cp -a of
+# the same tree and to `cp -a; sync` (a restore ends with syncfs, so its data
+# is on the disk when it returns; cp -a leaves it dirty in the page cache),
+# peak RSS, and the load average when the row started.
 #   benches/restore.sh                         (SIZE_MIB=4096 SMALL_FILES=100000; ~15 min)
 #   benches/restore.sh --quick                 (SIZE_MIB=256 SMALL_FILES=5000; ~2 min)
 #   REWIND_RESTORE_ARGS="--jobs 4" benches/restore.sh    (extra restore flags)
 #   NO_S3=1 benches/restore.sh                 (skip the S3 rows)
+#   BEFORE_BIN=/path/to/older/rewind benches/restore.sh  (its restore rows too, same run)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -41,7 +44,8 @@ W=$(mktemp -d /var/tmp/rewind-bench-restore.XXXXXX)
 PID= S3PID=
 cleanup() {
   [[ -n $PID ]] && kill -9 "$PID" 2>/dev/null || true
-  [[ -n $S3PID ]] && { exec {S3IN}>&- 2>/dev/null || true; wait "$S3PID" 2>/dev/null || true; }
+  # Closing the only writer of its stdin stops the S3 server (and moto).
+  [[ -n $S3PID ]] && { exec {S3IN}>&-; wait "$S3PID" 2>/dev/null || true; }
   while umount -l "$W/mnt" 2>/dev/null; do :; done  # the FUSE mount and the guard under it
   [[ -n ${KEEP:-} ]] && echo "kept $W" || rm -rf "$W"
 }
@@ -132,9 +136,11 @@ digest() { (cd "$1" && find . -path ./.rewind -prune -o -type f -printf '%P %s %
   find . -path ./.rewind -prune -o -type f -print0 | sort -z | xargs -0 -P2 -n 500 sha256sum | sort -k2 >"$2.sha"); }
 
 rows=()
-# row LABEL TREE CP_SECONDS(or -) COMMAND...: times COMMAND with cold caches.
+# row LABEL TREE COMMAND...: times COMMAND with cold caches; the ratios are
+# against CP[TREE] and CPSYNC[TREE] when they are set.
 row() {
-  local label=$1 tree=$2 cp=$3; shift 3
+  local label=$1 tree=$2; shift 2
+  local cp=${CP[$tree]:--} cps=${CPSYNC[$tree]:--}
   local l; drop_caches; l=$(load)
   /usr/bin/time -v "$@" >"$W/out.txt" 2>"$W/time.txt" || { echo "$label failed:"; tail -20 "$W/out.txt" "$W/time.txt"; exit 1; }
   local wall rss
@@ -142,9 +148,9 @@ row() {
   rss=$(grep "Maximum resident set size" "$W/time.txt" | awk '{print $NF}')
   SECS=$("$PY" -c "p='$wall'.split(':'); print(sum(float(x) * 60**i for i, x in enumerate(reversed(p))))")
   rows+=("$("$PY" -c "
-b, s, cp = ${SIZES[$tree]}, $SECS, '$cp'
-ratio = '-' if cp == '-' else f'{(b / s) / (b / float(cp)):.2f}'
-print(f'{\"$label\":<40} | {s:>8.2f} | {b / s / 1e6:>8.0f} | {ratio:>8} | {$rss / 1024:>8.0f} | {\"$l\":>5}')
+b, s = ${SIZES[$tree]}, $SECS
+ratio = lambda cp: '-' if cp == '-' else f'{float(cp) / s:.2f}'
+print(f'{\"$label\":<40} | {s:>8.2f} | {b / s / 1e6:>8.0f} | {ratio(\"$cp\"):>8} | {ratio(\"$cps\"):>10} | {$rss / 1024:>8.0f} | {\"$l\":>5}')
 ")")
   echo "bench restore: ${rows[-1]}"
 }
@@ -155,28 +161,42 @@ restore_check() { # TREE DIR: the restored DIR must equal the source TREE.
     { echo "the restore of $1 differs from its source"; diff "$W/want-$1.meta" "$W/got.meta" | head; exit 1; }
 }
 
-declare -A SIZES CP
+declare -A SIZES CP CPSYNC
 for t in mixed small; do
   SIZES[$t]=$(bytes "$W/$t")
   digest "$W/$t" "$W/want-$t"
-  row "$t: cp -a" $t - cp -a "$W/$t" "$W/cp-$t"
-  CP[$t]=$SECS
-  rm -rf "$W/cp-$t"
-  row "$t: restore file://" $t "${CP[$t]}" \
+  row "$t: cp -a" $t cp -a "$W/$t" "$W/cp-$t"
+  cp_secs=$SECS
+  rm -rf "$W/cp-$t"; sync
+  row "$t: cp -a; sync" $t bash -c 'cp -a "$1" "$2" && sync' - "$W/$t" "$W/cp-$t"
+  CP[$t]=$cp_secs CPSYNC[$t]=$SECS
+  rm -rf "$W/cp-$t"; sync
+  if [[ -n ${BEFORE_BIN:-} ]]; then
+    row "$t: restore file:// (BEFORE_BIN)" $t \
+      "$BEFORE_BIN" restore --store "file://$W/store-$t" --volume bench --at latest --target "$W/r-$t"
+    restore_check $t "$W/r-$t"
+    rm -rf "$W/r-$t"
+  fi
+  row "$t: restore file://" $t \
     "$B" restore --store "file://$W/store-$t" --volume bench --at latest --target "$W/r-$t" "${RARGS[@]}"
   restore_check $t "$W/r-$t"
   rm -rf "$W/r-$t"
 done
 
 if [[ -z ${NO_S3:-} ]]; then
-  coproc S3 { exec "$PY" "$REPO/tests/e2e/s3server.py" serve --bucket bench; }
-  S3PID=$S3_PID
-  exec {S3IN}>&"${S3[1]}"
-  read -r info <&"${S3[0]}"
+  mkfifo "$W/s3in"
+  "$PY" "$REPO/tests/e2e/s3server.py" serve --bucket bench <"$W/s3in" >"$W/s3info" &
+  S3PID=$!
+  exec {S3IN}>"$W/s3in"
+  until [[ -s $W/s3info ]]; do
+    kill -0 $S3PID 2>/dev/null || { echo "the S3 server did not start"; exit 1; }
+    sleep 0.2
+  done
+  info=$(head -1 "$W/s3info")
   endpoint=$("$PY" -c 'import json,sys; print(json.loads(sys.argv[1])["endpoint"])' "$info")
   export AWS_ENDPOINT_URL=$endpoint AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=test AWS_REGION=us-east-1 \
     AWS_EC2_METADATA_DISABLED=true REWIND_S3_PATH_STYLE=1
-  eval "$("$PY" -c 'import json,sys; i=json.loads(sys.argv[1]); print(f"export AWS_ACCESS_KEY_ID={i[\"access_key\"]} AWS_SECRET_ACCESS_KEY={i[\"secret_key\"]} AWS_REGION={i[\"region\"]}")' "$info")"
+  # moto accepts any credentials unless started with --auth.
   echo "bench restore: moto_server at $endpoint; uploading the mixed store"
   s3loop() { # upload|get: every object of the mixed store, 8 threads
     "$PY" - "$1" "$W/store-mixed" <<'PY'
@@ -198,7 +218,13 @@ if mode == "get":
 PY
   }
   s3loop upload
-  row "mixed: restore s3:// (moto, loopback)" mixed "${CP[mixed]}" \
+  if [[ -n ${BEFORE_BIN:-} ]]; then
+    row "mixed: restore s3:// (BEFORE_BIN)" mixed \
+      "$BEFORE_BIN" restore --store "s3://bench/p" --volume bench --at latest --target "$W/r-s3"
+    restore_check mixed "$W/r-s3"
+    rm -rf "$W/r-s3"
+  fi
+  row "mixed: restore s3:// (moto, loopback)" mixed \
     "$B" restore --store "s3://bench/p" --volume bench --at latest --target "$W/r-s3" "${RARGS[@]}"
   restore_check mixed "$W/r-s3"
   rm -rf "$W/r-s3"
@@ -207,8 +233,8 @@ PY
 fi
 
 echo
-printf '%-40s | %8s | %8s | %8s | %8s | %5s\n' run seconds MB/s "x cp -a" "RSS MiB" load
+printf '%-40s | %8s | %8s | %8s | %10s | %8s | %5s\n' run seconds MB/s "x cp -a" "x cp+sync" "RSS MiB" load
 for r in "${rows[@]}"; do echo "$r"; done
 echo "(mixed: ${SIZES[mixed]} bytes; small: ${SIZES[small]} bytes in $SMALL_FILES files; caches dropped before each row;"
-echo " restore flags: ${REWIND_RESTORE_ARGS:-none}; $B)"
+echo " restore flags: ${REWIND_RESTORE_ARGS:-none}; $B${BEFORE_BIN:+; BEFORE_BIN=$BEFORE_BIN})"
 echo "load at end: $(uptime)"
