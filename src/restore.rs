@@ -1180,9 +1180,8 @@ fn load_piece(store: &dyn Store, piece: &Piece) -> Result<Loaded> {
 
 /// Restores the volume in `store` at `plan` into `target`. Chunks of the
 /// base are fetched, verified and written on `opts.jobs` threads; segments
-/// and deltas are fetched and verified ahead on up to `opts.jobs` threads
-/// (from the start, while the base is written) and applied in order on
-/// this one.
+/// and deltas are fetched and verified ahead on up to two threads (from the
+/// start, while the base is written) and applied in order on this one.
 pub fn restore_with(
     store: &dyn Store,
     plan: &Plan,
@@ -1221,9 +1220,10 @@ pub fn restore_with(
         .map(|e| u64::from(e.len))
         .sum();
     let (records, last_record_ns) = std::thread::scope(|scope| -> Result<(u64, Option<Nanos>)> {
-        // Segments are small next to the base: a few ahead keep the replay
-        // fed without holding much of the history in memory.
-        let mut pieces = crate::fetch::ahead(scope, opts.jobs.min(4), plan.pieces.len(), |i| {
+        // Two threads ahead keep the replay fed; each holds at most two
+        // segments (up to 16 MiB of records each), so with the one being
+        // applied at most five are in memory, whatever --jobs says.
+        let mut pieces = crate::fetch::ahead(scope, opts.jobs.min(2), plan.pieces.len(), |i| {
             load_piece(store, &plan.pieces[i])
         });
         meter.begin("base", Unit::Bytes, base_bytes);
