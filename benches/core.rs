@@ -1,7 +1,8 @@
 //! Criterion benches for the pieces on the write and restore paths: journal
 //! append (one and several threads), journal frames (encode with their
 //! check, and the scan that verifies them), segment encode and decode (lz4 +
-//! blake3), and restore replay. `scripts/test-all` runs them in quick mode
+//! blake3), restore replay, and a base written through the restore's job
+//! pool. `scripts/test-all` runs them in quick mode
 //! (`cargo bench -- --test`) so they cannot rot; `cargo bench` measures.
 
 use std::sync::Arc;
@@ -184,7 +185,7 @@ fn replay(c: &mut Criterion) {
             || tempfile::tempdir().unwrap(),
             |d| {
                 let mut t = rewind::restore::Tree::prepare(&d.path().join("t"), false).unwrap();
-                t.apply_base(&manifest, &mut |_| unreachable!(), &mut |_, _| {})
+                t.apply_base(&manifest, &|_| unreachable!(), 1, &mut |_, _| {})
                     .unwrap();
                 for r in &recs {
                     t.apply(r).unwrap();
@@ -194,6 +195,57 @@ fn replay(c: &mut Criterion) {
             BatchSize::PerIteration,
         )
     });
+    // A base of 256 files of 256 KiB: chunk fetch (a copy here, no store),
+    // the length check and the positioned writes on the restore's job pool,
+    // against one job, so the pool's own cost shows.
+    let root = 1;
+    let chunk = incompressible(256 << 10, 9).to_vec();
+    let hash = *blake3::hash(&chunk).as_bytes();
+    let mut objects = vec![rewind::base::Object::dir(root)];
+    let mut links = vec![];
+    for i in 0..256u64 {
+        let mut o = rewind::base::Object::dir(100 + i);
+        o.kind = Kind::File;
+        o.mode = 0o644;
+        o.size = chunk.len() as u64;
+        o.extents = vec![rewind::base::Extent {
+            offset: 0,
+            len: chunk.len() as u32,
+            hash,
+        }];
+        objects.push(o);
+        links.push(rewind::base::Link {
+            parent: root,
+            name: Bytes::from(format!("f{i}")),
+            ino: 100 + i,
+        });
+    }
+    let base = rewind::base::Manifest {
+        lineage: 1,
+        start_seq: 0,
+        started_ns: 0,
+        completed_ns: 0,
+        kind: rewind::base::BaseKind::Initial,
+        root,
+        objects,
+        links,
+    };
+    g.throughput(Throughput::Bytes(256 * chunk.len() as u64));
+    for jobs in [1, 4] {
+        g.bench_function(format!("base of 256 x 256 KiB files, {jobs} jobs"), |b| {
+            b.iter_batched(
+                || tempfile::tempdir().unwrap(),
+                |d| {
+                    let mut t =
+                        rewind::restore::Tree::prepare(&d.path().join("t"), false).unwrap();
+                    t.apply_base(&base, &|_| Ok(chunk.clone()), jobs, &mut |_, _| {})
+                        .unwrap();
+                    t.finish().unwrap();
+                },
+                BatchSize::PerIteration,
+            )
+        });
+    }
     g.finish();
 }
 

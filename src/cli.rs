@@ -207,6 +207,13 @@ pub struct RestoreArgs {
     /// Do not print progress.
     #[arg(long, short)]
     pub quiet: bool,
+    /// How many store reads run at once (chunks of the base are fetched, verified and written
+    /// in parallel; segments are fetched ahead while earlier ones are applied). Memory grows by
+    /// about 2 MiB per job. Raise it for a remote store with high latency.
+    #[arg(long, short = 'j', default_value_t = crate::fetch::DEFAULT_JOBS as u16, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub jobs: u16,
+    #[command(flatten)]
+    pub progress: ProgressArgs,
     /// Make the restore one-shot: if PATH exists, do nothing and exit 0; otherwise restore and,
     /// only once the restore is complete, create PATH (and its parent directories). Used by the
     /// injected `rewind.dev/restore-at` init container with PATH inside TARGET, so a recreated
@@ -258,6 +265,18 @@ pub struct PruneArgs {
 pub struct VerifyArgs {
     #[command(flatten)]
     pub store: StoreArgs,
+    #[command(flatten)]
+    pub progress: ProgressArgs,
+}
+
+/// How long-running commands show progress on stderr: a bar with bytes, rate and ETA on a
+/// terminal, a plain line every --progress-every otherwise, and one closing line per phase with
+/// its exact total.
+#[derive(Debug, Clone, Args)]
+pub struct ProgressArgs {
+    /// When stderr is not a terminal (a log), print a progress line this often.
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub progress_every: std::time::Duration,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -6,10 +6,27 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
-use rewind::cli::{Cli, Command, DebugCommand, StoreArgs};
+use rewind::cli::{Cli, Command, DebugCommand, ProgressArgs, StoreArgs};
 use rewind::clock::{fmt_ns, parse_at};
+use rewind::progress::{Meter, Style};
 use rewind::store::{self, Prefixed, Store, StoreOptions};
 use rewind::timeline::{lineage_id, Timeline};
+
+/// Progress on stderr: a bar on a terminal, periodic plain lines in a log,
+/// nothing with --quiet.
+fn meter(args: &ProgressArgs, quiet: bool) -> Meter {
+    use std::io::IsTerminal;
+    let style = if quiet {
+        Style::Silent
+    } else if std::io::stderr().is_terminal() {
+        Style::Bar
+    } else {
+        Style::Lines {
+            every: args.progress_every,
+        }
+    };
+    Meter::new(style, Box::new(std::io::stderr()))
+}
 
 /// The mount keeps a handle per inode the kernel holds, and restore one per
 /// directory: raise the soft descriptor limit to the hard one.
@@ -122,11 +139,16 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 }
             };
             let started = std::time::Instant::now();
-            let r = rewind::restore::restore(
+            let meter = meter(&args.progress, quiet);
+            let r = rewind::restore::restore_with(
                 store.as_ref(),
                 &plan,
                 &args.target,
                 args.force,
+                &rewind::restore::Options {
+                    jobs: usize::from(args.jobs),
+                    meter: &meter,
+                },
                 &mut progress,
             )
             .with_context(|| {
@@ -294,7 +316,11 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         }
         Command::Verify(args) => {
             let store = open_store(&args.store)?;
-            let rep = rewind::verify::verify(store.as_ref(), &mut |m| eprintln!("rewind: {m}"))?;
+            let meter = meter(&args.progress, false);
+            let rep = rewind::verify::verify_with(store.as_ref(), &meter, &mut |m| {
+                eprintln!("rewind: {m}")
+            })?;
+            drop(meter);
             println!(
                 "checked {} segments ({} records), {} deltas, {} bases, {} chunks",
                 rep.segments, rep.records, rep.deltas, rep.bases, rep.chunks

@@ -26,6 +26,8 @@ use std::collections::{HashMap, HashSet};
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use rustix::fs::{self as rfs, AtFlags, Mode, OFlags};
@@ -33,7 +35,9 @@ use rustix::fs::{self as rfs, AtFlags, Mode, OFlags};
 use crate::base::{chunk_key, decode_chunk, load_manifest, safe_name, BaseError, Manifest};
 use crate::clock::{fmt_ns, Nanos};
 use crate::delta::{self, DeltaError};
+use crate::fetch::{Pool, DEFAULT_JOBS};
 use crate::layout::{HIDDEN, INCOMPLETE_MARKER};
+use crate::progress::{Meter, Unit};
 use crate::record::{Ino, Kind, Op, Record, RENAME_EXCHANGE_FLAG};
 use crate::segment::{self, SegmentError};
 use crate::store::{Store, StoreError};
@@ -105,6 +109,24 @@ fn cname(name: &[u8], what: &str) -> Result<CString> {
 
 fn ino_name(ino: Ino) -> CString {
     CString::new(ino.to_string()).unwrap()
+}
+
+/// A base file whose chunks are being written by a pool's jobs: its own
+/// handle (the tree's may be closed meanwhile), its size, and how many of
+/// its chunks are still to write (the last job sets the size).
+struct Content {
+    fd: OwnedFd,
+    size: u64,
+    left: AtomicUsize,
+}
+
+fn pwrite_all(fd: &OwnedFd, offset: u64, data: &[u8]) -> Result<()> {
+    let mut done = 0;
+    while done < data.len() {
+        done += rustix::io::pwrite(fd, &data[done..], offset + done as u64)
+            .map_err(|e| io("write", e))?;
+    }
+    Ok(())
 }
 
 #[derive(Debug)]
@@ -576,13 +598,7 @@ impl Tree {
     }
 
     fn write_at(&mut self, ino: Ino, offset: u64, data: &[u8]) -> Result<()> {
-        let fd = self.file_fd(ino)?;
-        let mut done = 0;
-        while done < data.len() {
-            done += rustix::io::pwrite(fd, &data[done..], offset + done as u64)
-                .map_err(|e| io("write", e))?;
-        }
-        Ok(())
+        pwrite_all(self.file_fd(ino)?, offset, data)
     }
 
     fn set_size(&mut self, ino: Ino, size: u64) -> Result<()> {
@@ -603,11 +619,36 @@ impl Tree {
             })
     }
 
-    /// Materialises a base manifest. `fetch` returns a verified chunk.
+    /// Materialises a base manifest. `fetch` returns a verified chunk; it
+    /// is called on `jobs` threads at once, each of which writes the chunks
+    /// it got into their files (distinct offsets, through their own
+    /// handles), while this thread makes the objects, their attributes and
+    /// their names in manifest order. Every chunk is written before this
+    /// returns, so records replayed after it see the whole base; the first
+    /// error stops the fetches and is returned.
     pub fn apply_base(
         &mut self,
         m: &Manifest,
-        fetch: &mut dyn FnMut(&[u8; 32]) -> Result<Vec<u8>>,
+        fetch: &(dyn Fn(&[u8; 32]) -> Result<Vec<u8>> + Sync),
+        jobs: usize,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<()> {
+        std::thread::scope(|scope| {
+            let pool = Pool::start(scope, jobs);
+            let made = self.make_base_objects(m, fetch, &pool, progress);
+            // The pool's error comes first: a failed fetch is the cause, a
+            // later error here only its consequence (submitting stopped).
+            let fetched = pool.finish();
+            fetched.and(made)
+        })?;
+        self.place_base_links(m)
+    }
+
+    fn make_base_objects<'scope>(
+        &mut self,
+        m: &Manifest,
+        fetch: &'scope (dyn Fn(&[u8; 32]) -> Result<Vec<u8>> + Sync),
+        pool: &Pool<'scope, RestoreError>,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<()> {
         self.root = m.root;
@@ -632,25 +673,65 @@ impl Tree {
                 self.set_xattr(o.ino, k, v)?;
             }
             if o.kind == Kind::File {
-                for e in &o.extents {
-                    let data = fetch(&e.hash)?;
-                    if data.len() != e.len as usize {
-                        return Err(RestoreError::Chunk {
-                            key: chunk_key(&e.hash),
-                            why: "length differs from the manifest".into(),
-                        });
-                    }
-                    self.write_at(o.ino, e.offset, &data)?;
+                if o.extents.is_empty() {
+                    self.set_size(o.ino, o.size)?;
+                } else if !self.submit_extents(o, fetch, pool)? {
+                    return Ok(());
                 }
-                self.set_size(o.ino, o.size)?;
-                self.nodes.get_mut(&o.ino).unwrap().mtime = Some(o.mtime);
+                let n = self.nodes.get_mut(&o.ino).unwrap();
+                n.size = o.size;
+                n.mtime = Some(o.mtime);
             }
             if i % 1000 == 999 {
                 progress(i + 1, total);
             }
         }
         progress(total, total);
-        // Place directories top-down so every parent exists first.
+        Ok(())
+    }
+
+    /// Queues the chunks of file `o` on `pool`: each job fetches one, checks
+    /// its length and writes it; the job that writes the file's last chunk
+    /// sets its size. False once the pool has stopped on an error.
+    fn submit_extents<'scope>(
+        &mut self,
+        o: &crate::base::Object,
+        fetch: &'scope (dyn Fn(&[u8; 32]) -> Result<Vec<u8>> + Sync),
+        pool: &Pool<'scope, RestoreError>,
+    ) -> Result<bool> {
+        let fd = rustix::io::fcntl_dupfd_cloexec(self.file_fd(o.ino)?, 0)
+            .map_err(|e| io("dup", e))?;
+        let file = Arc::new(Content {
+            fd,
+            size: o.size,
+            left: AtomicUsize::new(o.extents.len()),
+        });
+        for e in &o.extents {
+            let (file, e) = (Arc::clone(&file), e.clone());
+            let ok = pool.submit(move || {
+                let data = fetch(&e.hash)?;
+                if data.len() != e.len as usize {
+                    return Err(RestoreError::Chunk {
+                        key: chunk_key(&e.hash),
+                        why: "length differs from the manifest".into(),
+                    });
+                }
+                pwrite_all(&file.fd, e.offset, &data)?;
+                if file.left.fetch_sub(1, Ordering::AcqRel) == 1 {
+                    rfs::ftruncate(&file.fd, file.size).map_err(|e| io("truncate", e))?;
+                }
+                Ok(())
+            });
+            if !ok {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Places the base's names, directories top-down so every parent exists
+    /// first.
+    fn place_base_links(&mut self, m: &Manifest) -> Result<()> {
         let mut pending: Vec<&crate::base::Link> = m.links.iter().collect();
         loop {
             let before = pending.len();
@@ -1027,12 +1108,86 @@ pub struct Restored {
     pub skipped: Vec<String>,
 }
 
-/// Restores the volume in `store` at `plan` into `target`.
+/// How a restore fetches and reports.
+pub struct Options<'a> {
+    /// Store reads (and base chunk writes) in flight at once.
+    pub jobs: usize,
+    /// Counts the base's bytes and the records' objects as they are done.
+    pub meter: &'a Meter,
+}
+
+/// Restores the volume in `store` at `plan` into `target`, with the
+/// default number of parallel fetches and no meter.
 pub fn restore(
     store: &dyn Store,
     plan: &Plan,
     target: &Path,
     force: bool,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Restored> {
+    let meter = Meter::silent();
+    let opts = Options {
+        jobs: DEFAULT_JOBS,
+        meter: &meter,
+    };
+    restore_with(store, plan, target, force, &opts, progress)
+}
+
+/// A segment or delta fetched, verified and checked against its key.
+enum Loaded {
+    Segment(Vec<Record>),
+    Delta(delta::Delta),
+}
+
+/// Gets piece `piece` and verifies it: its checksum (by decoding) and that
+/// its header is the one its key names.
+fn load_piece(store: &dyn Store, piece: &Piece) -> Result<Loaded> {
+    let key = piece.key();
+    let data = store.get(&key)?;
+    match piece {
+        Piece::Segment(s) => {
+            let (meta, recs) = segment::decode(&data).map_err(|source| RestoreError::Segment {
+                key: key.clone(),
+                source,
+            })?;
+            if meta != *s {
+                return Err(RestoreError::Segment {
+                    key,
+                    source: SegmentError::Inconsistent(
+                        "header does not match the object key".into(),
+                    ),
+                });
+            }
+            Ok(Loaded::Segment(recs))
+        }
+        Piece::Delta(d) => {
+            let delta = delta::decode(&data).map_err(|source| RestoreError::Delta {
+                key: key.clone(),
+                source,
+            })?;
+            if delta.meta != *d {
+                return Err(RestoreError::Delta {
+                    key,
+                    source: DeltaError::Inconsistent(
+                        "header does not match the object key".into(),
+                    ),
+                });
+            }
+            Ok(Loaded::Delta(delta))
+        }
+    }
+}
+
+/// Restores the volume in `store` at `plan` into `target`. Chunks of the
+/// base are fetched, verified and written on `opts.jobs` threads; segments
+/// and deltas are fetched and verified ahead on up to two threads (from the
+/// start, while the base is written) and applied in order on this one.
+pub fn restore_with(
+    store: &dyn Store,
+    plan: &Plan,
+    target: &Path,
+    force: bool,
+    opts: &Options,
     progress: &mut dyn FnMut(&str),
 ) -> Result<Restored> {
     let manifest = load_manifest(store, &plan.base)?;
@@ -1047,99 +1202,92 @@ pub fn restore(
     ));
     let mut tree = Tree::prepare(target, force)?;
     tree.set_fuzzy_until(manifest.completed_ns);
-    let mut fetch = |hash: &[u8; 32]| -> Result<Vec<u8>> {
+    let meter = opts.meter;
+    let fetch = |hash: &[u8; 32]| -> Result<Vec<u8>> {
         let key = chunk_key(hash);
         let data = store.get(&key)?;
-        decode_chunk(&data, hash).map_err(|e| RestoreError::Chunk {
+        let raw = decode_chunk(&data, hash).map_err(|e| RestoreError::Chunk {
             key,
             why: e.to_string(),
-        })
+        })?;
+        meter.add(raw.len() as u64);
+        Ok(raw)
     };
-    let mut last_pct = 0;
-    tree.apply_base(&manifest, &mut fetch, &mut |done, total| {
-        let pct = if total == 0 { 100 } else { done * 100 / total };
-        if pct >= last_pct + 10 || done == total {
-            last_pct = pct;
-            progress(&format!("base: {done}/{total} objects ({pct}%)"));
-        }
-    })?;
-    let mut records = 0u64;
-    let mut last_record_ns = None;
-    let mut last_seq = 0;
-    let n = plan.pieces.len();
-    let apply = |tree: &mut Tree, r: &Record| -> Result<()> {
-        tree.apply(r).map_err(|e| RestoreError::AtRecord {
-            seq: r.seq,
-            op: r.op.kind_name(),
-            source: Box::new(e),
-        })
-    };
-    for (i, piece) in plan.pieces.iter().enumerate() {
-        let key = piece.key();
-        let data = store.get(&key)?;
-        match piece {
-            Piece::Segment(s) => {
-                let (meta, recs) =
-                    segment::decode(&data).map_err(|source| RestoreError::Segment {
-                        key: key.clone(),
-                        source,
-                    })?;
-                if meta != *s {
-                    return Err(RestoreError::Segment {
-                        key,
-                        source: SegmentError::Inconsistent(
-                            "header does not match the object key".into(),
-                        ),
-                    });
-                }
-                // Segments may overlap (a journal prefix shipped again after
-                // a machine crash): each sequence number applies once.
-                for r in recs.iter() {
-                    if r.seq <= plan.base.start_seq.max(last_seq) || r.time > plan.at_ns {
-                        continue;
+    let base_bytes: u64 = manifest
+        .objects
+        .iter()
+        .flat_map(|o| &o.extents)
+        .map(|e| u64::from(e.len))
+        .sum();
+    let (records, last_record_ns) = std::thread::scope(|scope| -> Result<(u64, Option<Nanos>)> {
+        // Two threads ahead keep the replay fed; each holds at most two
+        // segments (up to 16 MiB of records each), so with the one being
+        // applied at most five are in memory, whatever --jobs says.
+        let mut pieces = crate::fetch::ahead(scope, opts.jobs.min(2), plan.pieces.len(), |i| {
+            load_piece(store, &plan.pieces[i])
+        });
+        meter.begin("base", Unit::Bytes, base_bytes);
+        // The meter shows progress from here on: bytes of the base, then
+        // segments and deltas applied.
+        tree.apply_base(&manifest, &fetch, opts.jobs, &mut |_, _| {})?;
+        meter.begin("records", Unit::Objects, plan.pieces.len() as u64);
+        let mut records = 0u64;
+        let mut last_record_ns = None;
+        let mut last_seq = 0;
+        let apply = |tree: &mut Tree, r: &Record| -> Result<()> {
+            tree.apply(r).map_err(|e| RestoreError::AtRecord {
+                seq: r.seq,
+                op: r.op.kind_name(),
+                source: Box::new(e),
+            })
+        };
+        for piece in &plan.pieces {
+            let key = piece.key();
+            let loaded = pieces.next().ok_or_else(|| RestoreError::Inconsistent {
+                seq: last_seq,
+                why: format!("{key} was never fetched"),
+            })??;
+            match loaded {
+                Loaded::Segment(recs) => {
+                    // Segments may overlap (a journal prefix shipped again
+                    // after a machine crash): each sequence number applies
+                    // once.
+                    for r in recs.iter() {
+                        if r.seq <= plan.base.start_seq.max(last_seq) || r.time > plan.at_ns {
+                            continue;
+                        }
+                        last_seq = r.seq;
+                        apply(&mut tree, r)?;
+                        records += 1;
+                        last_record_ns = Some(r.time);
                     }
-                    last_seq = r.seq;
-                    apply(&mut tree, r)?;
-                    records += 1;
-                    last_record_ns = Some(r.time);
+                }
+                Loaded::Delta(delta) => {
+                    let d = &delta.meta;
+                    // A delta applies whole, to the state after its from_seq
+                    // exactly (the timeline chains them so).
+                    if d.from_seq != plan.base.start_seq.max(last_seq) || d.last_ns > plan.at_ns {
+                        return Err(RestoreError::Inconsistent {
+                            seq: d.from_seq,
+                            why: format!(
+                                "delta {key} does not follow record {} or ends after the restore time",
+                                plan.base.start_seq.max(last_seq)
+                            ),
+                        });
+                    }
+                    for r in &delta.records {
+                        apply(&mut tree, r)?;
+                    }
+                    records += delta.records.len() as u64;
+                    last_seq = d.to_seq;
+                    last_record_ns = Some(d.last_ns);
                 }
             }
-            Piece::Delta(d) => {
-                let delta = delta::decode(&data).map_err(|source| RestoreError::Delta {
-                    key: key.clone(),
-                    source,
-                })?;
-                if delta.meta != *d {
-                    return Err(RestoreError::Delta {
-                        key,
-                        source: DeltaError::Inconsistent(
-                            "header does not match the object key".into(),
-                        ),
-                    });
-                }
-                // A delta applies whole, to the state after its from_seq
-                // exactly (the timeline chains them so).
-                if d.from_seq != plan.base.start_seq.max(last_seq) || d.last_ns > plan.at_ns {
-                    return Err(RestoreError::Inconsistent {
-                        seq: d.from_seq,
-                        why: format!(
-                            "delta {key} does not follow record {} or ends after the restore time",
-                            plan.base.start_seq.max(last_seq)
-                        ),
-                    });
-                }
-                for r in &delta.records {
-                    apply(&mut tree, r)?;
-                }
-                records += delta.records.len() as u64;
-                last_seq = d.to_seq;
-                last_record_ns = Some(d.last_ns);
-            }
+            meter.add(1);
         }
-        if n >= 10 && (i + 1) % (n / 10) == 0 {
-            progress(&format!("replay: {}/{} objects", i + 1, n));
-        }
-    }
+        Ok((records, last_record_ns))
+    })?;
+    meter.end();
     let files = tree.nodes.len();
     let skipped = tree.finish()?;
     Ok(Restored {

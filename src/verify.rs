@@ -7,9 +7,10 @@
 //! problem it finds rather than stopping at the first. It must not modify
 //! the store.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use crate::base::{chunk_key, decode_chunk, load_manifest};
+use crate::progress::{Meter, Unit};
 use crate::store::{Store, StoreError};
 use crate::timeline::{lineage_id, Timeline};
 use crate::{delta, segment};
@@ -24,9 +25,21 @@ pub struct Report {
     pub problems: Vec<String>,
 }
 
+/// Verifies without a meter.
 pub fn verify(store: &dyn Store, progress: &mut dyn FnMut(&str)) -> Result<Report, StoreError> {
+    verify_with(store, &Meter::silent(), progress)
+}
+
+/// Verifies, counting each kind of object into `meter` as a phase
+/// (segments, deltas and bases by count, chunks by bytes).
+pub fn verify_with(
+    store: &dyn Store,
+    meter: &Meter,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Report, StoreError> {
     let t = Timeline::load(store)?;
     let mut rep = Report::default();
+    meter.begin("segments", Unit::Objects, t.segments.len() as u64);
     for s in &t.segments {
         let key = s.key();
         match store
@@ -41,6 +54,7 @@ pub fn verify(store: &dyn Store, progress: &mut dyn FnMut(&str)) -> Result<Repor
             Err(e) => rep.problems.push(format!("segment {key}: {e}")),
         }
         rep.segments += 1;
+        meter.add(1);
         if rep.segments % 500 == 0 {
             progress(&format!(
                 "checked {} of {} segments",
@@ -49,6 +63,7 @@ pub fn verify(store: &dyn Store, progress: &mut dyn FnMut(&str)) -> Result<Repor
             ));
         }
     }
+    meter.begin("deltas", Unit::Objects, t.deltas.len() as u64);
     for d in &t.deltas {
         let key = d.key();
         match store
@@ -63,22 +78,28 @@ pub fn verify(store: &dyn Store, progress: &mut dyn FnMut(&str)) -> Result<Repor
             Err(e) => rep.problems.push(format!("delta {key}: {e}")),
         }
         rep.deltas += 1;
+        meter.add(1);
     }
-    let mut chunks_needed = HashSet::new();
+    // Chunk lengths come from the manifests, so the chunks phase can count
+    // bytes against a known total.
+    let mut chunks_needed = HashMap::new();
+    meter.begin("bases", Unit::Objects, t.bases.len() as u64);
     for b in &t.bases {
         match load_manifest(store, b) {
             Ok(m) => {
                 for o in &m.objects {
                     for e in &o.extents {
-                        chunks_needed.insert(e.hash);
+                        chunks_needed.insert(e.hash, u64::from(e.len));
                     }
                 }
             }
             Err(e) => rep.problems.push(format!("base {}: {e}", b.key())),
         }
         rep.bases += 1;
+        meter.add(1);
     }
-    for h in &chunks_needed {
+    meter.begin("chunks", Unit::Bytes, chunks_needed.values().sum());
+    for (h, len) in &chunks_needed {
         let key = chunk_key(h);
         match store.get(&key) {
             Ok(d) => {
@@ -92,7 +113,9 @@ pub fn verify(store: &dyn Store, progress: &mut dyn FnMut(&str)) -> Result<Repor
             Err(e) => return Err(e),
         }
         rep.chunks += 1;
+        meter.add(*len);
     }
+    meter.end();
     for (b, why) in t.unusable_bases() {
         rep.problems
             .push(format!("base {} cannot be restored: {why}", b.key()));

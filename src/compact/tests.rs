@@ -402,7 +402,7 @@ fn model() -> Model {
 fn replay(dir: &Path, records: &[Record]) {
     let mut tree = Tree::prepare(dir, false).unwrap();
     let content = base_content();
-    tree.apply_base(&manifest(), &mut |_| Ok(content.clone()), &mut |_, _| {})
+    tree.apply_base(&manifest(), &|_| Ok(content.clone()), 1, &mut |_, _| {})
         .unwrap();
     for r in records {
         tree.apply(r)
