@@ -20,6 +20,7 @@ pub(crate) mod outage;
 pub mod prune;
 pub mod record;
 pub(crate) mod redo;
+pub(crate) mod replay;
 pub mod restore;
 pub mod retention;
 pub mod run;
