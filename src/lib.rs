@@ -29,4 +29,5 @@ pub(crate) mod ship;
 pub mod store;
 pub mod timeline;
 pub mod verify;
+pub mod view;
 pub mod webhook;

@@ -722,17 +722,50 @@ pub fn restore(
             progress(&format!("base: {done}/{total} objects ({pct}%)"));
         }
     })?;
-    let mut records = 0u64;
-    let mut last_record_ns = None;
-    let mut last_seq = 0;
-    let n = plan.pieces.len();
-    let apply = |tree: &mut Tree, r: &Record| -> Result<()> {
+    let (records, last_record_ns) = replay_records(store, plan, progress, &mut |r| {
         tree.apply(r).map_err(|e| RestoreError::AtRecord {
             seq: r.seq,
             op: r.op.kind_name(),
             source: Box::new(e),
         })
-    };
+    })?;
+    let files = tree.len();
+    let skipped = tree.finish()?;
+    Ok(Restored {
+        at_ns: plan.at_ns,
+        lineage: plan.lineage,
+        base_completed_ns: manifest.completed_ns,
+        records,
+        last_record_ns,
+        segments: plan
+            .pieces
+            .iter()
+            .filter(|p| matches!(p, Piece::Segment(_)))
+            .count(),
+        deltas: plan
+            .pieces
+            .iter()
+            .filter(|p| matches!(p, Piece::Delta(_)))
+            .count(),
+        files,
+        skipped,
+    })
+}
+
+/// Fetches the segments and deltas `plan` names and hands `apply` every
+/// record after the plan's base up to its instant, in order, each sequence
+/// number once. Returns how many records it handed on and the time of the
+/// last. Restore and the mount view (`crate::view`) both replay through it.
+pub(crate) fn replay_records(
+    store: &dyn Store,
+    plan: &Plan,
+    progress: &mut dyn FnMut(&str),
+    apply: &mut dyn FnMut(&Record) -> Result<()>,
+) -> Result<(u64, Option<Nanos>)> {
+    let mut records = 0u64;
+    let mut last_record_ns = None;
+    let mut last_seq = 0;
+    let n = plan.pieces.len();
     for (i, piece) in plan.pieces.iter().enumerate() {
         let key = piece.key();
         let data = store.get(&key)?;
@@ -758,7 +791,7 @@ pub fn restore(
                         continue;
                     }
                     last_seq = r.seq;
-                    apply(&mut tree, r)?;
+                    apply(r)?;
                     records += 1;
                     last_record_ns = Some(r.time);
                 }
@@ -788,7 +821,7 @@ pub fn restore(
                     });
                 }
                 for r in &delta.records {
-                    apply(&mut tree, r)?;
+                    apply(r)?;
                 }
                 records += delta.records.len() as u64;
                 last_seq = d.to_seq;
@@ -799,27 +832,7 @@ pub fn restore(
             progress(&format!("replay: {}/{} objects", i + 1, n));
         }
     }
-    let files = tree.len();
-    let skipped = tree.finish()?;
-    Ok(Restored {
-        at_ns: plan.at_ns,
-        lineage: plan.lineage,
-        base_completed_ns: manifest.completed_ns,
-        records,
-        last_record_ns,
-        segments: plan
-            .pieces
-            .iter()
-            .filter(|p| matches!(p, Piece::Segment(_)))
-            .count(),
-        deltas: plan
-            .pieces
-            .iter()
-            .filter(|p| matches!(p, Piece::Delta(_)))
-            .count(),
-        files,
-        skipped,
-    })
+    Ok((records, last_record_ns))
 }
 
 /// Convenience for callers holding a timeline already.
