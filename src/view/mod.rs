@@ -210,26 +210,77 @@ pub fn mount(view: View, mountpoint: &std::path::Path, threads: usize) -> std::i
 const READAHEAD: u64 = 2 << 20;
 
 /// Turns the replayed model into the served tree: only what is reachable
-/// from the root, as a restore leaves it.
+/// from the root, as a restore leaves it. One pass over the model indexes
+/// every directory's entries (asking the model per directory would scan
+/// all entries once per directory).
 fn freeze(replay: Replay<Contents>, at_ns: Nanos, cache: ChunkCache) -> View {
     let Replay { ns, mut target, .. } = replay;
     let root = ns.root();
-    let mut entries = HashMap::new();
-    let mut bytes = 0;
-    let mut stack = vec![root];
-    while let Some(dir) = stack.pop() {
-        let children = ns.children(dir);
-        let mut listed = Vec::with_capacity(children.len());
-        for (name, ino) in children {
-            let Some(o) = target.meta.objects.get(&ino) else {
-                continue;
-            };
-            listed.push((name, ino, o.kind));
-            if o.kind == Kind::Dir {
-                stack.push(ino);
+    let mut index: HashMap<Ino, Vec<(Bytes, Ino, Kind)>> = HashMap::new();
+    for (ino, node) in ns.nodes() {
+        let Some(o) = target.meta.objects.get(&ino) else {
+            continue;
+        };
+        if node.kind == Kind::Dir {
+            if let Some((p, n)) = &node.place {
+                index.entry(*p).or_default().push((n.clone(), ino, o.kind));
+            }
+        } else {
+            for (p, n) in &node.links {
+                index.entry(*p).or_default().push((n.clone(), ino, o.kind));
             }
         }
-        let node = ns.node(dir);
+    }
+    // The walk from the root: which directories are in the tree, and how
+    // many of each file's names are (names under a directory that has no
+    // name are gone with it, as after a restore).
+    let mut dirs = Vec::new();
+    let mut nlinks: HashMap<Ino, u32> = HashMap::new();
+    let mut stack = vec![root];
+    while let Some(dir) = stack.pop() {
+        let mut listed = index.remove(&dir).unwrap_or_default();
+        listed.sort_by(|a, b| a.0.cmp(&b.0));
+        for (_, ino, kind) in &listed {
+            if *kind == Kind::Dir {
+                stack.push(*ino);
+            } else {
+                *nlinks.entry(*ino).or_default() += 1;
+            }
+        }
+        dirs.push((dir, listed));
+    }
+    let mut entries = HashMap::with_capacity(dirs.len() + nlinks.len());
+    let mut bytes = 0;
+    for (ino, nlink) in nlinks {
+        let (Some(n), Some(o)) = (ns.node(ino), target.meta.objects.get(&ino)) else {
+            continue;
+        };
+        let size = if o.kind == Kind::File { n.size } else { o.target.len() as u64 };
+        if o.kind == Kind::File {
+            bytes += size;
+        }
+        let attr = Attr {
+            ino,
+            kind: o.kind,
+            // A symlink's mode is always 0777 on Linux.
+            perm: if o.kind == Kind::Symlink { 0o777 } else { o.attrs.mode & 0o7777 },
+            uid: o.attrs.uid,
+            gid: o.attrs.gid,
+            size,
+            mtime: n.mtime.unwrap_or(at_ns),
+            nlink,
+            rdev: o.rdev,
+        };
+        let entry = Entry {
+            attr,
+            target: o.target.clone(),
+            xattrs: o.xattrs.clone(),
+            children: Vec::new(),
+            extents: target.files.remove(&ino).unwrap_or_default(),
+        };
+        entries.insert(ino, entry);
+    }
+    for (dir, listed) in dirs {
         let o = target.meta.objects.get(&dir);
         let attr = Attr {
             ino: dir,
@@ -238,56 +289,18 @@ fn freeze(replay: Replay<Contents>, at_ns: Nanos, cache: ChunkCache) -> View {
             uid: o.map(|o| o.attrs.uid).unwrap_or(0),
             gid: o.map(|o| o.attrs.gid).unwrap_or(0),
             size: 0,
-            mtime: node.and_then(|n| n.mtime).unwrap_or(at_ns),
+            mtime: at_ns,
             nlink: 2 + listed.iter().filter(|c| c.2 == Kind::Dir).count() as u32,
             rdev: 0,
         };
-        for (_, ino, kind) in &listed {
-            if *kind == Kind::Dir || entries.contains_key(ino) {
-                continue;
-            }
-            let (Some(n), Some(o)) = (ns.node(*ino), target.meta.objects.get(ino)) else {
-                continue;
-            };
-            // Names under a directory that has no name are gone with it,
-            // as after a restore.
-            let nlink = n.links.iter().filter(|(p, _)| ns.dir_path(*p).is_some()).count();
-            let size = if *kind == Kind::File { n.size } else { o.target.len() as u64 };
-            if *kind == Kind::File {
-                bytes += size;
-            }
-            entries.insert(
-                *ino,
-                Entry {
-                    attr: Attr {
-                        ino: *ino,
-                        kind: *kind,
-                        // A symlink's mode is always 0777 on Linux.
-                        perm: if *kind == Kind::Symlink { 0o777 } else { o.attrs.mode & 0o7777 },
-                        uid: o.attrs.uid,
-                        gid: o.attrs.gid,
-                        size,
-                        mtime: n.mtime.unwrap_or(at_ns),
-                        nlink: nlink as u32,
-                        rdev: o.rdev,
-                    },
-                    target: o.target.clone(),
-                    xattrs: o.xattrs.clone(),
-                    children: Vec::new(),
-                    extents: target.files.remove(ino).unwrap_or_default(),
-                },
-            );
-        }
-        entries.insert(
-            dir,
-            Entry {
-                attr,
-                target: Bytes::new(),
-                xattrs: o.map(|o| o.xattrs.clone()).unwrap_or_default(),
-                children: listed,
-                extents: Extents::new(),
-            },
-        );
+        let entry = Entry {
+            attr,
+            target: Bytes::new(),
+            xattrs: o.map(|o| o.xattrs.clone()).unwrap_or_default(),
+            children: listed,
+            extents: Extents::new(),
+        };
+        entries.insert(dir, entry);
     }
     View {
         root,
