@@ -33,7 +33,7 @@ use parking_lot::Mutex;
 
 use super::{Caller, OpenMode, Passthrough, Requester};
 use crate::record::{Ino, Kind};
-use crate::view::{Attr as ViewAttr, ReadOnlyTree};
+use crate::view::{Attr as ViewAttr, Listing, ReadOnlyTree};
 
 /// Every change goes through this mount, so the kernel may cache entries
 /// and attributes; a second is short enough for tools that look at the
@@ -805,7 +805,7 @@ pub struct ViewFs {
     tree: Arc<dyn ReadOnlyTree>,
     root: Ino,
     /// Open directories' listings, so that readdir offsets stay stable.
-    dirs: Mutex<HashMap<u64, Arc<Vec<(bytes::Bytes, Ino, Kind)>>>>,
+    dirs: Mutex<HashMap<u64, Arc<Listing>>>,
     next_fh: std::sync::atomic::AtomicU64,
     /// Told when the session ends (`destroy`), for `ViewSession::ended`.
     ended: Option<crossbeam_channel::Sender<()>>,

@@ -46,6 +46,9 @@ pub struct Attr {
     pub rdev: u64,
 }
 
+/// A directory's entries: name, inode, kind, sorted by name.
+pub type Listing = Vec<(Bytes, Ino, Kind)>;
+
 /// The calls a read-only filesystem answers; errors are errnos for the
 /// kernel. Inode numbers are the volume's own, the root's included.
 pub trait ReadOnlyTree: Send + Sync {
@@ -54,7 +57,7 @@ pub trait ReadOnlyTree: Send + Sync {
     fn getattr(&self, ino: Ino) -> Result<Attr, Errno>;
     fn readlink(&self, ino: Ino) -> Result<Bytes, Errno>;
     /// The entries of a directory, sorted by name, with their inode and kind.
-    fn readdir(&self, ino: Ino) -> Result<Vec<(Bytes, Ino, Kind)>, Errno>;
+    fn readdir(&self, ino: Ino) -> Result<Listing, Errno>;
     /// Up to `size` bytes of file `ino` from `offset`; short only at the
     /// end of the file. A fetch that fails is EIO, never other bytes.
     fn read(&self, ino: Ino, offset: u64, size: u32) -> Result<Vec<u8>, Errno>;
@@ -72,7 +75,7 @@ struct Entry {
     target: Bytes,
     xattrs: BTreeMap<Bytes, Bytes>,
     /// Directories: their entries, sorted by name.
-    children: Vec<(Bytes, Ino, Kind)>,
+    children: Listing,
     /// Regular files: their contents.
     extents: Extents,
 }
@@ -216,7 +219,7 @@ const READAHEAD: u64 = 2 << 20;
 fn freeze(replay: Replay<Contents>, at_ns: Nanos, cache: ChunkCache) -> View {
     let Replay { ns, mut target, .. } = replay;
     let root = ns.root();
-    let mut index: HashMap<Ino, Vec<(Bytes, Ino, Kind)>> = HashMap::new();
+    let mut index: HashMap<Ino, Listing> = HashMap::new();
     for (ino, node) in ns.nodes() {
         let Some(o) = target.meta.objects.get(&ino) else {
             continue;
@@ -340,7 +343,7 @@ impl ReadOnlyTree for View {
         Ok(e.target.clone())
     }
 
-    fn readdir(&self, ino: Ino) -> Result<Vec<(Bytes, Ino, Kind)>, Errno> {
+    fn readdir(&self, ino: Ino) -> Result<Listing, Errno> {
         let e = self.entry(ino)?;
         if e.attr.kind != Kind::Dir {
             return Err(Errno::NOTDIR);
