@@ -1,6 +1,7 @@
 """`rewind mount --at T`: the read-only view of one instant (issue 14).
 
-test_view_matches_restore: the differential workload (workload.py, the
+test_view_matches_restore[seed] (REWIND_SEEDS, as test_differential.py;
+scripts/many-seeds does not run this file): the differential workload (workload.py, the
 prefill of test_differential.py) runs on a live volume while the test
 takes random instants, some in pairs less than a millisecond apart; then
 everything local is deleted and, for every instant, the view mounted from
@@ -32,7 +33,7 @@ import helpers
 import workload
 from helpers import NS, fmt_ns
 from s3fixtures import bucket, gate, make_s3_volume, s3  # noqa: F401  (fixtures)
-from test_differential import WRITERS, prefill
+from test_differential import SEEDS, WRITERS, prefill
 
 MIB = 1 << 20
 
@@ -98,8 +99,9 @@ def assert_read_only(root):
 
 
 @pytest.mark.timeout(900)
-def test_view_matches_restore(make_volume, workdir):
-    rng = random.Random(14)
+@pytest.mark.parametrize("seed", SEEDS)
+def test_view_matches_restore(make_volume, workdir, seed):
+    rng = random.Random(seed)
     vol = make_volume("v")
     shadow = workdir / "shadow"
     shadow.mkdir()
@@ -107,7 +109,7 @@ def test_view_matches_restore(make_volume, workdir):
     for i in range(WRITERS):
         assert os.system(f"cp -a {vol.source}/w{i} {shadow}/w{i}") == 0
     gate = workload.Gate()
-    writers = [workload.Writer(i, 14, str(vol.mount), str(shadow), gate) for i in range(WRITERS)]
+    writers = [workload.Writer(i, seed, str(vol.mount), str(shadow), gate) for i in range(WRITERS)]
     for w in writers:
         w.start()
     instants = []
