@@ -37,6 +37,18 @@ pub enum Command {
     Run(RunArgs),
     /// Rebuild the volume as it was at TIME into an empty directory.
     Restore(RestoreArgs),
+    /// Browse the volume as it was at TIME: a read-only mount served from the store, without a
+    /// restore.
+    ///
+    /// The tree (names, kinds, modes, owners, sizes, mtimes, symlinks, hard links, xattrs) is built
+    /// from the base's manifest and the records up to TIME when the command starts; file contents
+    /// are fetched when they are read, chunk by chunk, verified, and kept in a bounded in-memory
+    /// cache (--cache-size), with readahead for sequential reads. It shows exactly the tree that
+    /// `rewind restore --at TIME` would give. Every change is refused with EROFS. A read that
+    /// needs the store while it is unreachable fails with EIO (and a log line); it works again
+    /// once the store is back. Runs in the foreground until SIGTERM or SIGINT, then unmounts.
+    /// Needs root (or CAP_SYS_ADMIN) and /dev/fuse.
+    Mount(MountArgs),
     /// Show the restore window, each retention tier's kept points, bases, segments, deltas,
     /// gaps, lineages and clock steps.
     Ls(LsArgs),
@@ -220,6 +232,30 @@ pub struct RestoreArgs {
     /// pod does not restore again over newer data.
     #[arg(long, value_name = "PATH")]
     pub once_marker: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct MountArgs {
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// The instant to show: RFC 3339 (2026-11-24T12:00:05.25Z), @UNIX_SECONDS, or "latest".
+    #[arg(long)]
+    pub at: String,
+    /// Which lineage to show when two overlap in time (see `rewind ls`).
+    #[arg(long)]
+    pub lineage: Option<String>,
+    /// Where `rewind prune` has thinned the history to isolated points, show the nearest point at
+    /// or before TIME instead of refusing a TIME between two of them.
+    #[arg(long)]
+    pub or_earlier: bool,
+    /// Bytes of file contents kept in memory (default 256 MiB); reads beyond it fetch again.
+    #[arg(long, default_value = "268435456")]
+    pub cache_size: u64,
+    /// FUSE worker threads.
+    #[arg(long, default_value = "4")]
+    pub threads: usize,
+    /// Where to mount the view (an existing directory).
+    pub mountpoint: PathBuf,
 }
 
 #[derive(Debug, Clone, Args)]

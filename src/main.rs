@@ -189,6 +189,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
+        Command::Mount(args) => mount(args),
         Command::Ls(args) => {
             let store = open_store(&args.store)?;
             let t = Timeline::load(store.as_ref())?;
@@ -472,6 +473,67 @@ fn tiers(t: &Timeline) -> Vec<TierLine> {
         });
     }
     out
+}
+
+/// `rewind mount`: builds the view, mounts it, and unmounts on SIGTERM or
+/// SIGINT (or ends when someone else unmounts it).
+fn mount(args: rewind::cli::MountArgs) -> anyhow::Result<i32> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    // Caught before the mount goes live, so an early stop still unmounts.
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])?;
+    let at = parse_at(&args.at)?;
+    let store = open_store(&args.store)?;
+    let t = Timeline::load(store.as_ref())?;
+    let plan = t.plan_at(at, args.lineage.as_deref(), args.or_earlier)?;
+    if let rewind::timeline::Resolved::Earlier { asked_ns } = plan.resolved {
+        println!(
+            "{} falls between kept points; showing the nearest point at or before it, {} (--or-earlier)",
+            fmt_ns(asked_ns),
+            fmt_ns(plan.at_ns)
+        );
+    }
+    let started = std::time::Instant::now();
+    let (view, opened) = rewind::view::View::open(store, &plan, args.cache_size, &mut |m| {
+        eprintln!("rewind: {m}")
+    })
+    .context("cannot build the view")?;
+    let session = rewind::view::mount(view, &args.mountpoint, args.threads).with_context(|| {
+        format!(
+            "cannot mount at {} (is it an existing directory, is /dev/fuse available, are we root?)",
+            args.mountpoint.display()
+        )
+    })?;
+    println!(
+        "mounted {} at {} read-only on {} (lineage {}, base completed {}, {} records, last change {}, {} entries) in {:.2}s; SIGTERM or Ctrl-C unmounts",
+        args.store.volume,
+        fmt_ns(plan.at_ns),
+        args.mountpoint.display(),
+        lineage_id(plan.lineage),
+        fmt_ns(opened.base_completed_ns),
+        opened.records,
+        opened.last_record_ns.map(fmt_ns).unwrap_or_else(|| "none after the base".into()),
+        opened.files,
+        started.elapsed().as_secs_f64()
+    );
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    let handle = signals.handle();
+    std::thread::spawn(move || {
+        if signals.forever().next().is_some() {
+            let _ = tx.send(());
+        }
+    });
+    crossbeam_channel::select! {
+        recv(rx) -> _ => {}
+        recv(session.ended()) -> _ => {
+            handle.close();
+            println!("{} was unmounted", args.mountpoint.display());
+            return Ok(0);
+        }
+    }
+    handle.close();
+    drop(session);
+    println!("unmounted {}", args.mountpoint.display());
+    Ok(0)
 }
 
 fn webhook(args: rewind::cli::WebhookArgs) -> anyhow::Result<i32> {

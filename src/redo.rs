@@ -10,28 +10,33 @@
 //! offset, a resulting size, mode, owner and mtime), so data records are
 //! re-applied as they are and converge on the journal's final state.
 //! Namespace records (create, link, unlink, rename) are re-applied only
-//! when their precondition holds on the source (the entry is absent, or
-//! names the file the record names), so one that already happened is a
-//! no-op. A file whose creation was lost is created again; its journal
-//! identity then maps to its new inode number for the records that follow.
+//! when their premise holds on the source (the entry is absent, or names
+//! the file the record names), so one that already happened is a no-op.
+//! Those decisions are the replay core's (`replay.rs`, `Policy::Converge`);
+//! a file whose creation was lost is created again under its journal
+//! identity, which the model maps to its path for the records that follow.
 //!
-//! It owns that identity map and the walk that seeds it. It must not touch
-//! the store, the mount or the journal's files (it reads records only), and
-//! every path it opens is resolved beneath the source without following
-//! symlinks.
+//! It owns the walk that seeds the model with the source's names and the
+//! effects on the source (`Source`). It must not decide how a record
+//! changes a tree, touch the store, the mount or the journal's files (it
+//! reads records only), and every path it opens is resolved beneath the
+//! source without following symlinks.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::{CString, OsStr};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
+use bytes::Bytes;
 use rustix::fs::{self as rfs, AtFlags, Mode, OFlags, ResolveFlags};
 use rustix::io::Errno;
 
+use crate::clock::Nanos;
 use crate::journal::{Journal, JournalError, JournalReader};
 use crate::layout::HIDDEN;
-use crate::record::{Ino, Kind, Op, Record, RENAME_EXCHANGE_FLAG};
+use crate::record::{Ino, Kind};
+use crate::replay::{Attrs, Effects, Namespace, Outcome, Policy, Replay, ReplayError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RedoError {
@@ -42,6 +47,8 @@ pub enum RedoError {
     },
     #[error("redo cannot read the journal: {0}")]
     Journal(#[from] JournalError),
+    #[error("redo refuses a journal record: {0}")]
+    Replay(#[from] ReplayError),
 }
 
 fn io(what: impl Into<String>, e: impl Into<std::io::Error>) -> RedoError {
@@ -57,27 +64,29 @@ type Result<T> = std::result::Result<T, RedoError>;
 #[derive(Debug, Default, Clone, Copy)]
 pub struct RedoStats {
     pub records: u64,
-    /// Namespace records whose precondition did not hold (already applied,
-    /// or about entries that no longer exist).
+    /// Records whose premise did not hold (already applied, or about
+    /// entries that no longer exist).
     pub skipped: u64,
     /// Files and directories created again.
     pub recreated: u64,
 }
 
-/// One name of a source inode: its parent's inode and the entry name.
-struct Place {
-    parent: Ino,
-    name: Vec<u8>,
+/// An object a redone create makes once it has its name.
+struct Pending {
+    kind: Kind,
+    attrs: Attrs,
+    rdev: u64,
+    target: Vec<u8>,
 }
 
-struct Redo {
+/// The source directory as a replay target. The model names objects by
+/// journal identity and knows every name on the source (seeded by a walk),
+/// so each effect reaches its object by a path beneath the source.
+struct Source {
     root: OwnedFd,
-    root_ino: Ino,
-    /// Current source inode -> one of its names.
-    places: HashMap<Ino, Place>,
-    /// Journal identity -> current source inode, for files created again.
-    remap: HashMap<Ino, Ino>,
-    stats: RedoStats,
+    pending: HashMap<Ino, Pending>,
+    /// Device nodes this process may not make: left out of the source.
+    unmade: HashSet<Ino>,
 }
 
 /// Re-applies every record in `journal` to the directory `source`, then
@@ -92,406 +101,344 @@ pub fn redo(source: &Path, journal: &Journal) -> Result<RedoStats> {
     let root_ino = rfs::fstat(&root)
         .map_err(|e| io("stat the source", e))?
         .st_ino;
-    let mut r = Redo {
-        root,
-        root_ino,
-        places: HashMap::new(),
-        remap: HashMap::new(),
-        stats: RedoStats::default(),
-    };
-    r.walk(root_ino, PathBuf::new())?;
+    let mut replay = Replay::new(
+        Source {
+            root,
+            pending: HashMap::new(),
+            unmade: HashSet::new(),
+        },
+        Policy::Converge,
+    );
+    replay.set_root(root_ino);
+    walk(&mut replay, root_ino, PathBuf::new())?;
+    let mut stats = RedoStats::default();
     let files = journal.files();
-    let Some(first) = files.first().map(|f| f.first_seq) else {
-        return Ok(r.stats);
-    };
-    let mut reader = JournalReader::new(first);
-    while let Some((_, records)) = reader.read(&files, 8 << 20)? {
-        if records.is_empty() {
-            break;
-        }
-        for rec in &records {
-            r.apply(rec)?;
+    if let Some(first) = files.first().map(|f| f.first_seq) {
+        let mut reader = JournalReader::new(first);
+        while let Some((_, records)) = reader.read(&files, 8 << 20)? {
+            if records.is_empty() {
+                break;
+            }
+            for rec in &records {
+                stats.records += 1;
+                match replay.apply(rec)? {
+                    Outcome::Applied => {}
+                    Outcome::Skipped => stats.skipped += 1,
+                    Outcome::Created => stats.recreated += 1,
+                }
+            }
         }
     }
-    rfs::syncfs(&r.root).map_err(|e| io("sync the source after redo", e))?;
-    Ok(r.stats)
+    rfs::syncfs(&replay.target.root).map_err(|e| io("sync the source after redo", e))?;
+    Ok(stats)
 }
 
-impl Redo {
-    /// Records one name of every inode under `dir` (the first one seen).
-    fn walk(&mut self, dir_ino: Ino, rel: PathBuf) -> Result<()> {
-        let fd = self.open_dir_path(&rel)?;
-        let mut entries = Vec::new();
-        for e in rfs::Dir::read_from(&fd).map_err(|e| io(format!("list {}", rel.display()), e))? {
-            let e = e.map_err(|e| io(format!("list {}", rel.display()), e))?;
-            let name = e.file_name().to_bytes().to_vec();
-            if name == b"."
-                || name == b".."
-                || (dir_ino == self.root_ino && name == HIDDEN.as_bytes())
-            {
-                continue;
-            }
-            entries.push((name, e.ino(), e.file_type() == rfs::FileType::Directory));
+/// Seeds the model with every name under `dir`.
+fn walk(replay: &mut Replay<Source>, dir_ino: Ino, rel: PathBuf) -> Result<()> {
+    let fd = open_dir_path(&replay.target.root, &rel)?;
+    let mut entries = Vec::new();
+    for e in rfs::Dir::read_from(&fd).map_err(|e| io(format!("list {}", rel.display()), e))? {
+        let e = e.map_err(|e| io(format!("list {}", rel.display()), e))?;
+        let name = e.file_name().to_bytes().to_vec();
+        if name == b"." || name == b".." || (rel.as_os_str().is_empty() && name == HIDDEN.as_bytes())
+        {
+            continue;
         }
-        for (name, ino, is_dir) in entries {
-            if self.places.contains_key(&ino) {
-                continue;
-            }
-            self.places.insert(
-                ino,
-                Place {
-                    parent: dir_ino,
-                    name: name.clone(),
-                },
-            );
-            if is_dir {
-                self.walk(ino, rel.join(OsStr::from_bytes(&name)))?;
-            }
+        entries.push(name);
+    }
+    for name in entries {
+        let st = rfs::statat(&fd, OsStr::from_bytes(&name), AtFlags::SYMLINK_NOFOLLOW)
+            .map_err(|e| io(format!("stat {}", rel.join(OsStr::from_bytes(&name)).display()), e))?;
+        let Some(kind) = Kind::from_mode(st.st_mode) else {
+            continue;
+        };
+        let known = replay.ns.node(st.st_ino).is_some();
+        replay.seed(dir_ino, Bytes::from(name.clone()), st.st_ino, kind, st.st_size as u64);
+        if kind == Kind::Dir && !known {
+            walk(replay, st.st_ino, rel.join(OsStr::from_bytes(&name)))?;
         }
-        Ok(())
+    }
+    Ok(())
+}
+
+fn open_dir_path(root: &OwnedFd, rel: &Path) -> Result<OwnedFd> {
+    let p = if rel.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        rel
+    };
+    rfs::openat2(
+        root,
+        p,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+        ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS,
+    )
+    .map_err(|e| io(format!("open directory {}", p.display()), e))
+}
+
+/// The source path of an identity, relative to the root ("." for it).
+fn rel_path(ns: &Namespace, ino: Ino) -> Option<PathBuf> {
+    let parts = ns.path(ino)?;
+    let mut out = PathBuf::from(".");
+    for n in &parts {
+        out.push(OsStr::from_bytes(n));
+    }
+    Some(out)
+}
+
+impl Source {
+    /// A directory handle for identity `dir`, if it is in the tree.
+    fn dir(&self, ns: &Namespace, dir: Ino) -> Option<OwnedFd> {
+        open_dir_path(&self.root, &rel_path(ns, dir)?).ok()
     }
 
-    fn open_dir_path(&self, rel: &Path) -> Result<OwnedFd> {
-        let p = if rel.as_os_str().is_empty() {
-            Path::new(".")
-        } else {
-            rel
-        };
+    /// Opens the object an identity names, if it can be found.
+    fn open(&self, ns: &Namespace, ino: Ino, flags: OFlags) -> Option<OwnedFd> {
+        if self.unmade.contains(&ino) {
+            return None;
+        }
         rfs::openat2(
             &self.root,
-            p,
-            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-            Mode::empty(),
-            ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS,
-        )
-        .map_err(|e| io(format!("open directory {}", p.display()), e))
-    }
-
-    fn cur(&self, ino: Ino) -> Ino {
-        self.remap.get(&ino).copied().unwrap_or(ino)
-    }
-
-    /// The source path of a current inode, relative to the root.
-    fn path(&self, ino: Ino) -> Option<PathBuf> {
-        let mut parts = Vec::new();
-        let mut at = ino;
-        while at != self.root_ino {
-            let p = self.places.get(&at)?;
-            parts.push(p.name.clone());
-            at = p.parent;
-            if parts.len() > 4096 {
-                return None;
-            }
-        }
-        let mut out = PathBuf::new();
-        for n in parts.iter().rev() {
-            out.push(OsStr::from_bytes(n));
-        }
-        Some(out)
-    }
-
-    /// A directory handle for the journal identity `parent`, if it exists.
-    fn dir(&self, parent: Ino) -> Option<OwnedFd> {
-        let p = self.path(self.cur(parent))?;
-        self.open_dir_path(&p).ok()
-    }
-
-    /// Opens the inode a journal identity names, if it can be found.
-    fn open(&self, ino: Ino, flags: OFlags) -> Option<OwnedFd> {
-        let p = self.path(self.cur(ino))?;
-        let p = if p.as_os_str().is_empty() {
-            PathBuf::from(".")
-        } else {
-            p
-        };
-        rfs::openat2(
-            &self.root,
-            &p,
+            rel_path(ns, ino)?,
             flags | OFlags::CLOEXEC | OFlags::NOFOLLOW,
             Mode::empty(),
             ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS,
         )
         .ok()
     }
+}
 
-    fn entry(dir: &OwnedFd, name: &[u8]) -> Option<rfs::Stat> {
-        rfs::statat(dir, OsStr::from_bytes(name), AtFlags::SYMLINK_NOFOLLOW).ok()
+/// What redo tolerates from a namespace call: the source holds what the
+/// journal never saw (an exchange partner gone, a non-empty directory in
+/// the way); it is left, and the new base records what is there.
+fn tolerated(r: std::result::Result<(), Errno>, what: &str) -> Result<()> {
+    match r {
+        Ok(()) => Ok(()),
+        Err(Errno::NOENT | Errno::NOTEMPTY | Errno::ISDIR | Errno::NOTDIR | Errno::EXIST) => {
+            tracing::warn!("redo: could not {what}; the source keeps what it holds");
+            Ok(())
+        }
+        Err(e) => Err(io(format!("redo {what}"), e)),
+    }
+}
+
+impl Effects for Source {
+    type Error = RedoError;
+
+    fn make(
+        &mut self,
+        _: &Namespace,
+        ino: Ino,
+        kind: Kind,
+        attrs: Attrs,
+        rdev: u64,
+        target: &[u8],
+    ) -> Result<()> {
+        // Nothing is made on the source without a name: `link` makes it.
+        self.pending.insert(
+            ino,
+            Pending {
+                kind,
+                attrs,
+                rdev,
+                target: target.to_vec(),
+            },
+        );
+        Ok(())
     }
 
-    fn apply(&mut self, rec: &Record) -> Result<()> {
-        self.stats.records += 1;
-        match &rec.op {
-            Op::Write {
-                ino,
-                offset,
-                size,
-                mtime,
-                data,
-            } => {
-                if let Some(f) = self.open(*ino, OFlags::WRONLY) {
-                    let what = || format!("redo a write of {} bytes to file {ino}", data.len());
-                    let mut done = 0;
-                    while done < data.len() {
-                        done += rustix::io::pwrite(&f, &data[done..], offset + done as u64)
-                            .map_err(|e| io(what(), e))?;
-                    }
-                    rfs::ftruncate(&f, *size).map_err(|e| io(what(), e))?;
-                    set_mtime(&f, *mtime);
+    fn link(&mut self, ns: &Namespace, parent: Ino, name: &[u8], ino: Ino) -> Result<()> {
+        let Some(dir) = self.dir(ns, parent) else {
+            return Ok(());
+        };
+        if let Some(p) = self.pending.remove(&ino) {
+            return match make(&dir, name, p.kind, p.attrs, p.rdev, &p.target) {
+                Ok(()) => Ok(()),
+                // The journal's device node was made by a process with
+                // CAP_MKNOD, which this one lacks: the new base records
+                // the source as it is.
+                Err(RedoError::Io { source, .. })
+                    if matches!(p.kind, Kind::CharDev | Kind::BlockDev)
+                        && source.raw_os_error() == Some(libc::EPERM) =>
+                {
+                    tracing::warn!(parent, name = %String::from_utf8_lossy(name), "redo: cannot make a device node without CAP_MKNOD; left out");
+                    self.unmade.insert(ino);
+                    Ok(())
+                }
+                Err(e) => Err(e),
+            };
+        }
+        if self.unmade.contains(&ino) {
+            return Ok(());
+        }
+        let Some(src) = rel_path(ns, ino) else {
+            return Ok(());
+        };
+        tolerated(
+            rfs::linkat(&self.root, &src, &dir, OsStr::from_bytes(name), AtFlags::empty()),
+            "make a hard link",
+        )
+    }
+
+    fn unlink(&mut self, ns: &Namespace, parent: Ino, name: &[u8], ino: Ino) -> Result<()> {
+        let Some(dir) = self.dir(ns, parent) else {
+            return Ok(());
+        };
+        if self.unmade.contains(&ino) {
+            return Ok(());
+        }
+        let flags = if ns.node(ino).map(|n| n.kind) == Some(Kind::Dir) {
+            AtFlags::REMOVEDIR
+        } else {
+            AtFlags::empty()
+        };
+        tolerated(
+            rfs::unlinkat(&dir, OsStr::from_bytes(name), flags),
+            "remove an entry",
+        )
+    }
+
+    fn rename(
+        &mut self,
+        ns: &Namespace,
+        (fp, from): (Ino, &[u8]),
+        (tp, to): (Ino, &[u8]),
+        _: Ino,
+        _: Option<Ino>,
+    ) -> Result<()> {
+        let (Some(f), Some(t)) = (self.dir(ns, fp), self.dir(ns, tp)) else {
+            return Ok(());
+        };
+        // One rename(2), which replaces what stood at the target atomically,
+        // so a crash during redo leaves either name as it was.
+        tolerated(
+            rfs::renameat(&f, OsStr::from_bytes(from), &t, OsStr::from_bytes(to)),
+            "rename",
+        )
+    }
+
+    fn exchange(&mut self, ns: &Namespace, (ap, a): (Ino, &[u8]), (bp, b): (Ino, &[u8])) -> Result<()> {
+        let (Some(f), Some(t)) = (self.dir(ns, ap), self.dir(ns, bp)) else {
+            return Ok(());
+        };
+        tolerated(
+            rfs::renameat_with(
+                &f,
+                OsStr::from_bytes(a),
+                &t,
+                OsStr::from_bytes(b),
+                rfs::RenameFlags::EXCHANGE,
+            ),
+            "exchange",
+        )
+    }
+
+    fn renumber(&mut self, _: &Namespace, old: Ino, new: Ino) -> Result<()> {
+        // The source reaches objects by path, so only what this target
+        // keeps by identity moves.
+        if self.unmade.remove(&old) {
+            self.unmade.insert(new);
+        }
+        Ok(())
+    }
+
+    fn discard(&mut self, _: &Namespace, ino: Ino) -> Result<()> {
+        // Under `Converge` a create gives the object that held its identity
+        // another one rather than ending it; an identity that ends here has
+        // no names, and its inode is the filesystem's business.
+        self.pending.remove(&ino);
+        self.unmade.remove(&ino);
+        Ok(())
+    }
+
+    fn write(&mut self, ns: &Namespace, ino: Ino, offset: u64, data: &[u8]) -> Result<()> {
+        let Some(f) = self.open(ns, ino, OFlags::WRONLY) else {
+            return Ok(());
+        };
+        let what = || format!("redo a write of {} bytes to file {ino}", data.len());
+        let mut done = 0;
+        while done < data.len() {
+            done += rustix::io::pwrite(&f, &data[done..], offset + done as u64)
+                .map_err(|e| io(what(), e))?;
+        }
+        Ok(())
+    }
+
+    fn set_size(&mut self, ns: &Namespace, ino: Ino, size: u64) -> Result<()> {
+        if let Some(f) = self.open(ns, ino, OFlags::WRONLY) {
+            rfs::ftruncate(&f, size).map_err(|e| io(format!("redo the size of file {ino}"), e))?;
+        }
+        Ok(())
+    }
+
+    fn fallocate(&mut self, ns: &Namespace, ino: Ino, mode: u32, offset: u64, len: u64) -> Result<()> {
+        if let Some(f) = self.open(ns, ino, OFlags::WRONLY) {
+            let _ = rfs::fallocate(&f, rfs::FallocateFlags::from_bits_retain(mode), offset, len);
+        }
+        Ok(())
+    }
+
+    fn set_attrs(&mut self, ns: &Namespace, ino: Ino, attrs: Attrs) -> Result<()> {
+        let Some(f) = self.open(ns, ino, OFlags::PATH) else {
+            return Ok(());
+        };
+        let mode = Mode::from_bits_truncate(attrs.mode);
+        let _ = rfs::chownat(
+            &f,
+            c"",
+            Some(rfs::Uid::from_raw(attrs.uid)),
+            Some(rfs::Gid::from_raw(attrs.gid)),
+            AtFlags::EMPTY_PATH | AtFlags::SYMLINK_NOFOLLOW,
+        );
+        match ns.node(ino).map(|n| n.kind) {
+            Some(Kind::File) => {
+                if let Some(w) = self.open(ns, ino, OFlags::WRONLY) {
+                    let _ = rfs::fchmod(&w, mode);
                 }
             }
-            Op::SetAttr {
-                ino,
-                mode,
-                uid,
-                gid,
-                size,
-                mtime,
-            } => {
-                let Some(f) = self.open(*ino, OFlags::PATH) else {
-                    return Ok(());
-                };
-                let st = rfs::fstat(&f).map_err(|e| io(format!("stat {ino}"), e))?;
-                let _ = rfs::chownat(
-                    &f,
-                    c"",
-                    Some(rfs::Uid::from_raw(*uid)),
-                    Some(rfs::Gid::from_raw(*gid)),
-                    AtFlags::EMPTY_PATH | AtFlags::SYMLINK_NOFOLLOW,
-                );
-                if Kind::from_mode(st.st_mode) == Some(Kind::File) {
-                    if let Some(w) = self.open(*ino, OFlags::WRONLY) {
-                        let _ = rfs::fchmod(&w, Mode::from_bits_truncate(*mode));
-                        rfs::ftruncate(&w, *size)
-                            .map_err(|e| io(format!("redo the size of file {ino}"), e))?;
-                        set_mtime(&w, *mtime);
-                    }
-                } else if Kind::from_mode(st.st_mode) == Some(Kind::Dir) {
-                    if let Some(d) = self.open(*ino, OFlags::RDONLY | OFlags::DIRECTORY) {
-                        let _ = rfs::fchmod(&d, Mode::from_bits_truncate(*mode));
-                    }
-                } else if Kind::from_mode(st.st_mode).is_some_and(Kind::is_special) {
-                    // Fifos, sockets and device nodes are not opened (that
-                    // would block, or touch a device): chmod goes through
-                    // the O_PATH handle's magic link, which names the inode
-                    // itself.
-                    let p = CString::new(format!(
-                        "/proc/self/fd/{}",
-                        std::os::fd::AsRawFd::as_raw_fd(&f)
-                    ))
-                    .unwrap();
-                    let _ = rfs::chmodat(
-                        rfs::CWD,
-                        p.as_c_str(),
-                        Mode::from_bits_truncate(*mode),
-                        AtFlags::empty(),
-                    );
+            Some(Kind::Dir) => {
+                if let Some(d) = self.open(ns, ino, OFlags::RDONLY | OFlags::DIRECTORY) {
+                    let _ = rfs::fchmod(&d, mode);
                 }
             }
-            Op::Fallocate {
-                ino,
-                mode,
-                offset,
-                len,
-                size,
-                mtime,
-            } => {
-                if let Some(f) = self.open(*ino, OFlags::WRONLY) {
-                    let _ = rfs::fallocate(
-                        &f,
-                        rfs::FallocateFlags::from_bits_retain(*mode),
-                        *offset,
-                        *len,
-                    );
-                    rfs::ftruncate(&f, *size)
-                        .map_err(|e| io(format!("redo the size of file {ino}"), e))?;
-                    set_mtime(&f, *mtime);
-                }
+            Some(k) if k.is_special() => {
+                // Fifos, sockets and device nodes are not opened (that
+                // would block, or touch a device): chmod goes through the
+                // O_PATH handle's magic link, which names the inode itself.
+                let p = CString::new(format!(
+                    "/proc/self/fd/{}",
+                    std::os::fd::AsRawFd::as_raw_fd(&f)
+                ))
+                .unwrap();
+                let _ = rfs::chmodat(rfs::CWD, p.as_c_str(), mode, AtFlags::empty());
             }
-            Op::SetXattr { ino, name, value } => {
-                if let Some(f) = self.open(*ino, OFlags::RDONLY) {
-                    let _ = rfs::fsetxattr(
-                        &f,
-                        OsStr::from_bytes(name),
-                        value,
-                        rfs::XattrFlags::empty(),
-                    );
-                }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn set_mtime(&mut self, ns: &Namespace, ino: Ino, mtime: Nanos) -> Result<()> {
+        if let Some(f) = self.open(ns, ino, OFlags::WRONLY) {
+            set_mtime(&f, mtime);
+        }
+        Ok(())
+    }
+
+    fn set_xattr(&mut self, ns: &Namespace, ino: Ino, name: &[u8], value: &[u8]) -> Result<()> {
+        if ns.node(ino).is_some_and(|n| matches!(n.kind, Kind::File | Kind::Dir)) {
+            if let Some(f) = self.open(ns, ino, OFlags::RDONLY) {
+                let _ = rfs::fsetxattr(&f, OsStr::from_bytes(name), value, rfs::XattrFlags::empty());
             }
-            Op::RemoveXattr { ino, name } => {
-                if let Some(f) = self.open(*ino, OFlags::RDONLY) {
-                    let _ = rfs::fremovexattr(&f, OsStr::from_bytes(name));
-                }
+        }
+        Ok(())
+    }
+
+    fn remove_xattr(&mut self, ns: &Namespace, ino: Ino, name: &[u8]) -> Result<()> {
+        if ns.node(ino).is_some_and(|n| matches!(n.kind, Kind::File | Kind::Dir)) {
+            if let Some(f) = self.open(ns, ino, OFlags::RDONLY) {
+                let _ = rfs::fremovexattr(&f, OsStr::from_bytes(name));
             }
-            Op::Create {
-                parent,
-                name,
-                ino,
-                kind,
-                mode,
-                uid,
-                gid,
-                mtime,
-                rdev,
-                target,
-            } => {
-                let Some(dir) = self.dir(*parent) else {
-                    self.stats.skipped += 1;
-                    return Ok(());
-                };
-                let want = self.cur(*ino);
-                match Self::entry(&dir, name) {
-                    Some(st) if st.st_ino == want => {}
-                    Some(st) if Kind::from_mode(st.st_mode) == Some(Kind::Dir) => {
-                        // A directory in the way is not ours to remove.
-                        tracing::warn!(parent, name = %String::from_utf8_lossy(name), "redo: a directory occupies the name of a created file; left as is");
-                        self.stats.skipped += 1;
-                    }
-                    other => {
-                        if other.is_some() {
-                            rfs::unlinkat(&dir, OsStr::from_bytes(name), AtFlags::empty())
-                                .map_err(|e| io("remove an entry a redone create replaces", e))?;
-                        }
-                        let new = match make(&dir, name, *kind, *mode, *uid, *gid, *rdev, target) {
-                            Ok(new) => new,
-                            // The journal's device node was made by a
-                            // process with CAP_MKNOD, which this one lacks:
-                            // the new base records the source as it is.
-                            Err(RedoError::Io { source, .. })
-                                if matches!(kind, Kind::CharDev | Kind::BlockDev)
-                                    && source.raw_os_error() == Some(libc::EPERM) =>
-                            {
-                                tracing::warn!(parent, name = %String::from_utf8_lossy(name), "redo: cannot make a device node without CAP_MKNOD; left out");
-                                self.stats.skipped += 1;
-                                return Ok(());
-                            }
-                            Err(e) => return Err(e),
-                        };
-                        if *kind == Kind::File {
-                            if let Ok(f) = rfs::openat(
-                                &dir,
-                                OsStr::from_bytes(name),
-                                OFlags::WRONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                                Mode::empty(),
-                            ) {
-                                set_mtime(&f, *mtime);
-                            }
-                        }
-                        self.remap.insert(*ino, new);
-                        self.places.insert(
-                            new,
-                            Place {
-                                parent: self.cur(*parent),
-                                name: name.to_vec(),
-                            },
-                        );
-                        self.stats.recreated += 1;
-                    }
-                }
-            }
-            Op::Link { ino, parent, name } => {
-                let (Some(dir), Some(src)) = (self.dir(*parent), self.path(self.cur(*ino))) else {
-                    self.stats.skipped += 1;
-                    return Ok(());
-                };
-                if Self::entry(&dir, name).is_none() {
-                    rfs::linkat(
-                        &self.root,
-                        &src,
-                        &dir,
-                        OsStr::from_bytes(name),
-                        AtFlags::empty(),
-                    )
-                    .map_err(|e| io("redo a hard link", e))?;
-                } else {
-                    self.stats.skipped += 1;
-                }
-            }
-            Op::Unlink { parent, name, ino } => {
-                let Some(dir) = self.dir(*parent) else {
-                    self.stats.skipped += 1;
-                    return Ok(());
-                };
-                match Self::entry(&dir, name) {
-                    Some(st) if st.st_ino == self.cur(*ino) => {
-                        let is_dir = Kind::from_mode(st.st_mode) == Some(Kind::Dir);
-                        match rfs::unlinkat(
-                            &dir,
-                            OsStr::from_bytes(name),
-                            if is_dir {
-                                AtFlags::REMOVEDIR
-                            } else {
-                                AtFlags::empty()
-                            },
-                        ) {
-                            Ok(()) => {}
-                            // Entries the journal does not know of (written
-                            // back, never acknowledged) keep it.
-                            Err(Errno::NOTEMPTY) => self.stats.skipped += 1,
-                            Err(e) => return Err(io("redo an unlink", e)),
-                        }
-                    }
-                    _ => self.stats.skipped += 1,
-                }
-            }
-            Op::Rename {
-                from_parent,
-                from_name,
-                to_parent,
-                to_name,
-                ino,
-                replaced,
-                flags,
-            } => {
-                let (Some(from), Some(to)) = (self.dir(*from_parent), self.dir(*to_parent)) else {
-                    self.stats.skipped += 1;
-                    return Ok(());
-                };
-                let here = Self::entry(&from, from_name).map(|s| s.st_ino);
-                if here != Some(self.cur(*ino)) {
-                    self.stats.skipped += 1;
-                    return Ok(());
-                }
-                let exchange = flags & RENAME_EXCHANGE_FLAG != 0;
-                let rflags = if exchange {
-                    rfs::RenameFlags::EXCHANGE
-                } else {
-                    rfs::RenameFlags::empty()
-                };
-                match rfs::renameat_with(
-                    &from,
-                    OsStr::from_bytes(from_name),
-                    &to,
-                    OsStr::from_bytes(to_name),
-                    rflags,
-                ) {
-                    Ok(()) => {
-                        let (fp, tp) = (self.cur(*from_parent), self.cur(*to_parent));
-                        self.places.insert(
-                            self.cur(*ino),
-                            Place {
-                                parent: tp,
-                                name: to_name.to_vec(),
-                            },
-                        );
-                        if exchange && *replaced != 0 {
-                            self.places.insert(
-                                self.cur(*replaced),
-                                Place {
-                                    parent: fp,
-                                    name: from_name.to_vec(),
-                                },
-                            );
-                        }
-                    }
-                    // The source holds what the journal never saw (an
-                    // exchange partner gone, a non-empty directory in the
-                    // way): leave it, the new base records what is there.
-                    Err(Errno::NOENT) | Err(Errno::NOTEMPTY) | Err(Errno::ISDIR)
-                    | Err(Errno::NOTDIR) => self.stats.skipped += 1,
-                    Err(e) => return Err(io("redo a rename", e)),
-                }
-            }
-            Op::ClockStep { .. } => {}
         }
         Ok(())
     }
@@ -511,18 +458,9 @@ fn set_mtime(f: &impl AsFd, mtime: i64) {
     let _ = rfs::futimens(f, &ts);
 }
 
-/// Creates an entry as a Create record describes it and returns its inode.
-#[allow(clippy::too_many_arguments)]
-fn make(
-    dir: &OwnedFd,
-    name: &[u8],
-    kind: Kind,
-    mode: u32,
-    uid: u32,
-    gid: u32,
-    rdev: u64,
-    target: &[u8],
-) -> Result<Ino> {
+/// Creates an entry as a Create record describes it.
+fn make(dir: &OwnedFd, name: &[u8], kind: Kind, attrs: Attrs, rdev: u64, target: &[u8]) -> Result<()> {
+    let Attrs { mode, uid, gid } = attrs;
     let n = OsStr::from_bytes(name);
     let m = Mode::from_bits_truncate(mode & 0o7777);
     let what = || format!("recreate {:?}", String::from_utf8_lossy(name));
@@ -572,7 +510,5 @@ fn make(
         // chown clears set-id bits; the record's mode is the final one.
         let _ = rfs::chmodat(dir, n, m, AtFlags::empty());
     }
-    Ok(rfs::statat(dir, n, AtFlags::SYMLINK_NOFOLLOW)
-        .map_err(|e| io(what(), e))?
-        .st_ino)
+    Ok(())
 }

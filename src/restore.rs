@@ -1,6 +1,8 @@
 //! Restore: rebuilds a volume at a time from the store alone. It owns the
-//! replay engine that applies a base and then records onto a target
-//! directory, and the rules that keep a restore honest: every object is
+//! target directory as a replay target (`Disk`: how the replay core's
+//! effects land on disk; how a record changes the tree is `replay.rs`'s),
+//! the fetching of what a plan names, and the rules that keep a restore
+//! honest: every object is
 //! verified before use; names are checked and every operation is made
 //! relative to directory handles this module opened itself with
 //! O_NOFOLLOW, so nothing is ever written outside the target; a marker
@@ -22,14 +24,13 @@
 //! are removed and reported (`Restored::skipped`), and the restore still
 //! completes: a missing device node must not cost the user the data.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use bytes::Bytes;
 use rustix::fs::{self as rfs, AtFlags, Mode, OFlags};
 
 use crate::base::{chunk_key, decode_chunk, load_manifest, safe_name, BaseError, Manifest};
@@ -38,7 +39,8 @@ use crate::delta::{self, DeltaError};
 use crate::fetch::{Pool, DEFAULT_JOBS};
 use crate::layout::{HIDDEN, INCOMPLETE_MARKER};
 use crate::progress::{Meter, Unit};
-use crate::record::{Ino, Kind, Op, Record, RENAME_EXCHANGE_FLAG};
+use crate::record::{Ino, Kind, Record};
+use crate::replay::{Attrs, Effects, Name, Namespace, Policy, Replay, ReplayError};
 use crate::segment::{self, SegmentError};
 use crate::store::{Store, StoreError};
 use crate::timeline::{Piece, Plan, Timeline, TimelineError};
@@ -73,6 +75,7 @@ pub enum RestoreError {
     HostileName { name: String, what: String },
     #[error("the timeline is inconsistent at record {seq}: {why}")]
     Inconsistent { seq: u64, why: String },
+
     #[error("record {seq} ({op}): {source}")]
     AtRecord {
         seq: u64,
@@ -129,36 +132,33 @@ fn pwrite_all(fd: &OwnedFd, offset: u64, data: &[u8]) -> Result<()> {
     Ok(())
 }
 
-#[derive(Debug)]
-struct Node {
-    kind: Kind,
-    /// Directories: where it is; None while in staging.
-    place: Option<(Ino, CString)>,
-    /// Non-directories: the names that link to it.
-    links: HashSet<(Ino, CString)>,
-    mtime: Option<Nanos>,
-    size: u64,
+impl From<ReplayError> for RestoreError {
+    fn from(e: ReplayError) -> RestoreError {
+        match e {
+            ReplayError::HostileName { name, what } => RestoreError::HostileName { name, what },
+            ReplayError::Inconsistent { seq, why } => RestoreError::Inconsistent { seq, why },
+        }
+    }
 }
 
-/// The target tree being built, with its model of entries.
-pub struct Tree {
-    root: Ino,
+/// The target directory as a replay target: where each identity lives
+/// (see `# State`), and the handles that reach it.
+pub(crate) struct Disk {
     root_fd: OwnedFd,
     objs: OwnedFd,
     dirs: OwnedFd,
-    nodes: HashMap<Ino, Node>,
-    entries: HashMap<(Ino, CString), Ino>,
     dir_fds: HashMap<Ino, OwnedFd>,
     files: HashMap<Ino, OwnedFd>,
     staging: PathBuf,
     dead: u64,
-    /// Records timed before this ran while the base was walked: one may
-    /// name a file that died before the walk could see it (written, then
-    /// replaced or unlinked and closed). Such records only remove entries.
-    fuzzy_until: Nanos,
     /// Device nodes that could not be made, with their device number: a
     /// placeholder file stands in for each until `finish` removes it.
     unmade: HashMap<Ino, u64>,
+}
+
+/// The target tree being built: the replay model driving the directory.
+pub struct Tree {
+    replay: Replay<Disk>,
 }
 
 /// Open descriptors the restore keeps for files and directories.
@@ -169,6 +169,342 @@ const DIR_FLAGS: OFlags = OFlags::RDONLY
     .union(OFlags::DIRECTORY)
     .union(OFlags::NOFOLLOW)
     .union(OFlags::CLOEXEC);
+
+fn dup(fd: &OwnedFd) -> Result<OwnedFd> {
+    rustix::io::fcntl_dupfd_cloexec(fd, 0).map_err(|e| io("dup", e))
+}
+
+impl Disk {
+    fn dir_fd(&mut self, ns: &Namespace, ino: Ino) -> Result<&OwnedFd> {
+        if ino == ns.root() {
+            return Ok(&self.root_fd);
+        }
+        if !self.dir_fds.contains_key(&ino) {
+            let node = ns.node(ino).ok_or_else(|| RestoreError::Inconsistent {
+                seq: 0,
+                why: format!("directory {ino} is unknown"),
+            })?;
+            if node.kind != Kind::Dir {
+                return Err(RestoreError::Inconsistent {
+                    seq: 0,
+                    why: format!("{ino} is not a directory"),
+                });
+            }
+            let fd = match node.place.clone() {
+                Some((parent, name)) => {
+                    let name = cname(&name, "model")?;
+                    let pfd = self.dir_fd(ns, parent)?;
+                    rfs::openat(pfd, &name, DIR_FLAGS, Mode::empty())
+                }
+                None => rfs::openat(&self.dirs, &ino_name(ino), DIR_FLAGS, Mode::empty()),
+            }
+            .map_err(|e| io(format!("open directory {ino}"), e))?;
+            // Handles follow the directory through renames, so the cache
+            // never goes stale; it is only bounded, since every entry can
+            // be reopened through its parent chain or from staging.
+            if self.dir_fds.len() >= DIR_CACHE {
+                self.dir_fds.clear();
+            }
+            self.dir_fds.insert(ino, fd);
+        }
+        Ok(&self.dir_fds[&ino])
+    }
+
+    /// An owned handle on directory `ino`, for calls that take two.
+    fn dir_dup(&mut self, ns: &Namespace, ino: Ino) -> Result<OwnedFd> {
+        dup(self.dir_fd(ns, ino)?)
+    }
+
+    fn file_fd(&mut self, ino: Ino) -> Result<&OwnedFd> {
+        if !self.files.contains_key(&ino) {
+            if self.files.len() >= FILE_CACHE {
+                self.files.clear();
+            }
+            let fd = rfs::openat(
+                &self.objs,
+                &ino_name(ino),
+                OFlags::RDWR | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(|e| io(format!("open file object {ino}"), e))?;
+            self.files.insert(ino, fd);
+        }
+        Ok(&self.files[&ino])
+    }
+
+    fn xattr_target(&mut self, ns: &Namespace, ino: Ino) -> Result<Option<CString>> {
+        // Xattrs go through /proc/self/fd paths of our own handles, so they
+        // can never resolve outside the target.
+        let fd = match ns.node(ino).map(|n| n.kind) {
+            Some(Kind::Dir) => self.dir_fd(ns, ino)?.as_raw_fd(),
+            Some(Kind::File) => self.file_fd(ino)?.as_raw_fd(),
+            _ => return Ok(None),
+        };
+        Ok(Some(CString::new(format!("/proc/self/fd/{fd}")).unwrap()))
+    }
+}
+
+impl Effects for Disk {
+    type Error = RestoreError;
+
+    fn make(
+        &mut self,
+        ns: &Namespace,
+        ino: Ino,
+        kind: Kind,
+        attrs: Attrs,
+        rdev: u64,
+        target: &[u8],
+    ) -> Result<()> {
+        let name = ino_name(ino);
+        let m = Mode::from_bits_truncate(attrs.mode & 0o7777);
+        match kind {
+            Kind::File => drop(
+                rfs::openat(
+                    &self.objs,
+                    &name,
+                    OFlags::WRONLY
+                        | OFlags::CREATE
+                        | OFlags::EXCL
+                        | OFlags::NOFOLLOW
+                        | OFlags::CLOEXEC,
+                    m,
+                )
+                .map_err(|e| io(format!("create {ino}"), e))?,
+            ),
+            Kind::Dir => rfs::mkdirat(&self.dirs, &name, m)
+                .map_err(|e| io(format!("mkdir {ino}"), e))?,
+            Kind::Symlink => rfs::symlinkat(
+                CString::new(target)
+                    .map_err(|_| RestoreError::HostileName {
+                        name: String::from_utf8_lossy(target).into(),
+                        what: "symlink target".into(),
+                    })?
+                    .as_c_str(),
+                &self.objs,
+                &name,
+            )
+            .map_err(|e| io(format!("symlink {ino}"), e))?,
+            Kind::Fifo => rfs::mknodat(&self.objs, &name, rfs::FileType::Fifo, m, 0)
+                .map_err(|e| io(format!("mkfifo {ino}"), e))?,
+            // A socket's node is made the way bind() makes it; no process
+            // listens on it after a restore, exactly as after a reboot.
+            Kind::Socket => rfs::mknodat(&self.objs, &name, rfs::FileType::Socket, m, 0)
+                .map_err(|e| io(format!("mknod socket {ino}"), e))?,
+            Kind::CharDev | Kind::BlockDev => {
+                let ft = if kind == Kind::CharDev {
+                    rfs::FileType::CharacterDevice
+                } else {
+                    rfs::FileType::BlockDevice
+                };
+                match rfs::mknodat(&self.objs, &name, ft, m, rdev) {
+                    Ok(()) => {}
+                    // No CAP_MKNOD (a container, a user namespace): a
+                    // placeholder keeps the identity's names in step, and
+                    // `finish` removes and reports them.
+                    Err(rustix::io::Errno::PERM) => {
+                        drop(
+                            rfs::openat(
+                                &self.objs,
+                                &name,
+                                OFlags::WRONLY
+                                    | OFlags::CREATE
+                                    | OFlags::EXCL
+                                    | OFlags::NOFOLLOW
+                                    | OFlags::CLOEXEC,
+                                m,
+                            )
+                            .map_err(|e| io(format!("create placeholder {ino}"), e))?,
+                        );
+                        self.unmade.insert(ino, rdev);
+                    }
+                    Err(e) => return Err(io(format!("mknod device {ino}"), e)),
+                }
+            }
+        }
+        self.set_attrs(ns, ino, attrs)
+    }
+
+    fn link(&mut self, ns: &Namespace, parent: Ino, name: &[u8], ino: Ino) -> Result<()> {
+        let name = cname(name, "segment")?;
+        let pfd = self.dir_dup(ns, parent)?;
+        let node = ns.node(ino).ok_or_else(|| RestoreError::Inconsistent {
+            seq: 0,
+            why: format!("{ino} is unknown"),
+        })?;
+        if node.kind == Kind::Dir {
+            match node.place.clone() {
+                Some((p, n)) => {
+                    let from = self.dir_dup(ns, p)?;
+                    rfs::renameat(&from, &cname(&n, "model")?, &pfd, &name)
+                        .map_err(|e| io("move directory", e))?
+                }
+                None => rfs::renameat(&self.dirs, &ino_name(ino), &pfd, &name)
+                    .map_err(|e| io("place directory", e))?,
+            }
+        } else {
+            rfs::linkat(&self.objs, &ino_name(ino), &pfd, &name, AtFlags::empty())
+                .map_err(|e| io("link", e))?;
+        }
+        Ok(())
+    }
+
+    fn unlink(&mut self, ns: &Namespace, parent: Ino, name: &[u8], ino: Ino) -> Result<()> {
+        let name = cname(name, "segment")?;
+        let pfd = self.dir_dup(ns, parent)?;
+        if ns.node(ino).map(|n| n.kind) == Some(Kind::Dir) {
+            // Move it aside rather than delete: a fuzzy base may still hold
+            // children that later records move out of it.
+            rfs::renameat(&pfd, &name, &self.dirs, &ino_name(ino))
+                .map_err(|e| io("move directory aside", e))?;
+        } else {
+            rfs::unlinkat(&pfd, &name, AtFlags::empty())
+                .map_err(|e| io(format!("unlink {name:?} of {ino} in {parent}"), e))?;
+        }
+        Ok(())
+    }
+
+    fn rename(
+        &mut self,
+        ns: &Namespace,
+        (fp, from): (Ino, &[u8]),
+        (tp, to): (Ino, &[u8]),
+        _: Ino,
+        over: Option<Ino>,
+    ) -> Result<()> {
+        // What stands at the target is taken away first, as `unlink` does:
+        // a directory there may not be empty on disk yet.
+        if let Some(o) = over {
+            self.unlink(ns, tp, to, o)?;
+        }
+        let (from, to) = (cname(from, "segment")?, cname(to, "segment")?);
+        let f = self.dir_dup(ns, fp)?;
+        let t = self.dir_dup(ns, tp)?;
+        rfs::renameat(&f, &from, &t, &to).map_err(|e| io("rename", e))
+    }
+
+    fn exchange(&mut self, ns: &Namespace, (ap, a): (Ino, &[u8]), (bp, b): (Ino, &[u8])) -> Result<()> {
+        let (a, b) = (cname(a, "segment")?, cname(b, "segment")?);
+        let f = self.dir_dup(ns, ap)?;
+        let t = self.dir_dup(ns, bp)?;
+        rfs::renameat_with(&f, &a, &t, &b, rfs::RenameFlags::EXCHANGE)
+            .map_err(|e| io("exchange", e))
+    }
+
+    fn renumber(&mut self, ns: &Namespace, old: Ino, new: Ino) -> Result<()> {
+        self.files.remove(&old);
+        if let Some(fd) = self.dir_fds.remove(&old) {
+            self.dir_fds.insert(new, fd);
+        }
+        if let Some(rdev) = self.unmade.remove(&old) {
+            self.unmade.insert(new, rdev);
+        }
+        // The staging object carries the identity in its name; a directory
+        // in the tree has no staging name.
+        match ns.node(new) {
+            Some(n) if n.kind == Kind::Dir && n.place.is_some() => Ok(()),
+            Some(n) => {
+                let d = if n.kind == Kind::Dir { &self.dirs } else { &self.objs };
+                rfs::renameat(d, &ino_name(old), d, &ino_name(new))
+                    .map_err(|e| io("renumber staging object", e))
+            }
+            None => Ok(()),
+        }
+    }
+
+    fn discard(&mut self, ns: &Namespace, ino: Ino) -> Result<()> {
+        self.unmade.remove(&ino);
+        self.files.remove(&ino);
+        self.dir_fds.remove(&ino);
+        if ns.node(ino).map(|n| n.kind) == Some(Kind::Dir) {
+            // Dead directories stay in staging until `finish` removes it
+            // whole: whatever a fuzzy base left in one goes with it.
+            let dead = CString::new(format!("dead-{}", self.dead)).unwrap();
+            self.dead += 1;
+            rfs::renameat(&self.dirs, &ino_name(ino), &self.dirs, &dead)
+                .map_err(|e| io("discard directory", e))
+        } else {
+            rfs::unlinkat(&self.objs, &ino_name(ino), AtFlags::empty())
+                .map_err(|e| io("discard object", e))
+        }
+    }
+
+    fn write(&mut self, _: &Namespace, ino: Ino, offset: u64, data: &[u8]) -> Result<()> {
+        pwrite_all(self.file_fd(ino)?, offset, data)
+    }
+
+    fn set_size(&mut self, _: &Namespace, ino: Ino, size: u64) -> Result<()> {
+        let fd = self.file_fd(ino)?;
+        rfs::ftruncate(fd, size).map_err(|e| io("truncate", e))
+    }
+
+    fn fallocate(&mut self, _: &Namespace, ino: Ino, mode: u32, offset: u64, len: u64) -> Result<()> {
+        let fd = self.file_fd(ino)?;
+        let flags = rfs::FallocateFlags::from_bits_retain(mode);
+        rfs::fallocate(fd, flags, offset, len).map_err(|e| io("fallocate", e))
+    }
+
+    fn set_attrs(&mut self, ns: &Namespace, ino: Ino, attrs: Attrs) -> Result<()> {
+        let kind = ns.node(ino).map(|n| n.kind);
+        let mode = Mode::from_bits_truncate(attrs.mode & 0o7777);
+        let (uid, gid) = (
+            Some(rfs::Uid::from_raw(attrs.uid)),
+            Some(rfs::Gid::from_raw(attrs.gid)),
+        );
+        match kind {
+            Some(Kind::Dir) => {
+                let fd = self.dir_dup(ns, ino)?;
+                rfs::fchown(&fd, uid, gid).map_err(|e| io("chown", e))?;
+                rfs::fchmod(&fd, mode).map_err(|e| io("chmod", e))?;
+            }
+            Some(Kind::Symlink) => {
+                rfs::chownat(&self.objs, &ino_name(ino), uid, gid, AtFlags::SYMLINK_NOFOLLOW)
+                    .map_err(|e| io("lchown", e))?;
+            }
+            _ => {
+                // chown first: it may clear set-id bits that chmod then sets.
+                rfs::chownat(&self.objs, &ino_name(ino), uid, gid, AtFlags::SYMLINK_NOFOLLOW)
+                    .map_err(|e| io("chown", e))?;
+                rfs::chmodat(&self.objs, &ino_name(ino), mode, AtFlags::empty())
+                    .map_err(|e| io("chmod", e))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn set_mtime(&mut self, _: &Namespace, _: Ino, _: Nanos) -> Result<()> {
+        // Every write moves a file's mtime: `finish` sets the model's last
+        // one once, after all data is in.
+        Ok(())
+    }
+
+    fn set_xattr(&mut self, ns: &Namespace, ino: Ino, name: &[u8], value: &[u8]) -> Result<()> {
+        let Some(p) = self.xattr_target(ns, ino)? else {
+            return Ok(());
+        };
+        let n = CString::new(name).map_err(|_| RestoreError::HostileName {
+            name: String::from_utf8_lossy(name).into(),
+            what: "xattr".into(),
+        })?;
+        if let Err(e) = rfs::setxattr(p.as_c_str(), n.as_c_str(), value, rfs::XattrFlags::empty()) {
+            // Only user xattrs are part of the contract; others (security.*,
+            // trusted.*) depend on the target system and are best effort.
+            if name.starts_with(b"user.") {
+                return Err(io(format!("setxattr {}", String::from_utf8_lossy(name)), e));
+            }
+        }
+        Ok(())
+    }
+
+    fn remove_xattr(&mut self, ns: &Namespace, ino: Ino, name: &[u8]) -> Result<()> {
+        if let Some(p) = self.xattr_target(ns, ino)? {
+            if let Ok(n) = CString::new(name) {
+                let _ = rfs::removexattr(p.as_c_str(), n.as_c_str());
+            }
+        }
+        Ok(())
+    }
+}
 
 impl Tree {
     /// Prepares `target` (created if absent): refuses a non-empty one unless
@@ -221,402 +557,19 @@ impl Tree {
             .map_err(|e| io("open staging", e))?;
         let dirs = rfs::open(staging.join("d"), DIR_FLAGS, Mode::empty())
             .map_err(|e| io("open staging", e))?;
-        Ok(Tree {
-            root: 0,
+        let disk = Disk {
             root_fd,
             objs,
             dirs,
-            nodes: HashMap::new(),
-            entries: HashMap::new(),
             dir_fds: HashMap::new(),
             files: HashMap::new(),
             staging,
             dead: 0,
-            fuzzy_until: i64::MIN,
             unmade: HashMap::new(),
+        };
+        Ok(Tree {
+            replay: Replay::new(disk, Policy::Exact),
         })
-    }
-
-    fn dir_fd(&mut self, ino: Ino) -> Result<&OwnedFd> {
-        if ino == self.root {
-            return Ok(&self.root_fd);
-        }
-        if !self.dir_fds.contains_key(&ino) {
-            let node = self
-                .nodes
-                .get(&ino)
-                .ok_or_else(|| RestoreError::Inconsistent {
-                    seq: 0,
-                    why: format!("directory {ino} is unknown"),
-                })?;
-            if node.kind != Kind::Dir {
-                return Err(RestoreError::Inconsistent {
-                    seq: 0,
-                    why: format!("{ino} is not a directory"),
-                });
-            }
-            let fd = match node.place.clone() {
-                Some((parent, name)) => {
-                    let pfd = self.dir_fd(parent)?;
-                    rfs::openat(pfd, &name, DIR_FLAGS, Mode::empty())
-                }
-                None => rfs::openat(&self.dirs, &ino_name(ino), DIR_FLAGS, Mode::empty()),
-            }
-            .map_err(|e| io(format!("open directory {ino}"), e))?;
-            // Handles follow the directory through renames, so the cache
-            // never goes stale; it is only bounded, since every entry can
-            // be reopened through its parent chain or from staging.
-            if self.dir_fds.len() >= DIR_CACHE {
-                self.dir_fds.clear();
-            }
-            self.dir_fds.insert(ino, fd);
-        }
-        Ok(&self.dir_fds[&ino])
-    }
-
-    fn file_fd(&mut self, ino: Ino) -> Result<&OwnedFd> {
-        if !self.files.contains_key(&ino) {
-            if self.files.len() >= FILE_CACHE {
-                self.files.clear();
-            }
-            let fd = rfs::openat(
-                &self.objs,
-                &ino_name(ino),
-                OFlags::RDWR | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                Mode::empty(),
-            )
-            .map_err(|e| io(format!("open file object {ino}"), e))?;
-            self.files.insert(ino, fd);
-        }
-        Ok(&self.files[&ino])
-    }
-
-    /// Creates a fresh object; an existing object with the same identity is
-    /// an earlier, dead inode (or a fuzzy-base copy) and is discarded.
-    fn create_object(
-        &mut self,
-        ino: Ino,
-        kind: Kind,
-        mode: u32,
-        uid: u32,
-        gid: u32,
-        rdev: u64,
-        target: &[u8],
-    ) -> Result<()> {
-        if self.nodes.contains_key(&ino) {
-            self.discard(ino)?;
-        }
-        let name = ino_name(ino);
-        let m = Mode::from_bits_truncate(0o600);
-        match kind {
-            Kind::File => {
-                let fd = rfs::openat(
-                    &self.objs,
-                    &name,
-                    OFlags::RDWR
-                        | OFlags::CREATE
-                        | OFlags::EXCL
-                        | OFlags::NOFOLLOW
-                        | OFlags::CLOEXEC,
-                    m,
-                )
-                .map_err(|e| io(format!("create file {ino}"), e))?;
-                if self.files.len() >= FILE_CACHE {
-                    self.files.clear();
-                }
-                self.files.insert(ino, fd);
-            }
-            Kind::Dir => rfs::mkdirat(&self.dirs, &name, Mode::from_bits_truncate(0o700))
-                .map_err(|e| io(format!("mkdir {ino}"), e))?,
-            Kind::Symlink => rfs::symlinkat(
-                CString::new(target)
-                    .map_err(|_| RestoreError::HostileName {
-                        name: String::from_utf8_lossy(target).into(),
-                        what: "symlink target".into(),
-                    })?
-                    .as_c_str(),
-                &self.objs,
-                &name,
-            )
-            .map_err(|e| io(format!("symlink {ino}"), e))?,
-            Kind::Fifo => rfs::mknodat(&self.objs, &name, rfs::FileType::Fifo, m, 0)
-                .map_err(|e| io(format!("mkfifo {ino}"), e))?,
-            // A socket's node is made the way bind() makes it; no process
-            // listens on it after a restore, exactly as after a reboot.
-            Kind::Socket => rfs::mknodat(&self.objs, &name, rfs::FileType::Socket, m, 0)
-                .map_err(|e| io(format!("mknod socket {ino}"), e))?,
-            Kind::CharDev | Kind::BlockDev => {
-                let ft = if kind == Kind::CharDev {
-                    rfs::FileType::CharacterDevice
-                } else {
-                    rfs::FileType::BlockDevice
-                };
-                match rfs::mknodat(&self.objs, &name, ft, m, rdev) {
-                    Ok(()) => {}
-                    // No CAP_MKNOD (a container, a user namespace): a
-                    // placeholder keeps the identity's names in step, and
-                    // `finish` removes and reports them.
-                    Err(rustix::io::Errno::PERM) => {
-                        drop(
-                            rfs::openat(
-                                &self.objs,
-                                &name,
-                                OFlags::WRONLY
-                                    | OFlags::CREATE
-                                    | OFlags::EXCL
-                                    | OFlags::NOFOLLOW
-                                    | OFlags::CLOEXEC,
-                                m,
-                            )
-                            .map_err(|e| io(format!("create placeholder {ino}"), e))?,
-                        );
-                        self.unmade.insert(ino, rdev);
-                    }
-                    Err(e) => return Err(io(format!("mknod device {ino}"), e)),
-                }
-            }
-        }
-        self.nodes.insert(
-            ino,
-            Node {
-                kind,
-                place: None,
-                links: HashSet::new(),
-                mtime: None,
-                size: 0,
-            },
-        );
-        self.set_attr(ino, mode, uid, gid)?;
-        Ok(())
-    }
-
-    fn discard(&mut self, ino: Ino) -> Result<()> {
-        let Some(node) = self.nodes.remove(&ino) else {
-            return Ok(());
-        };
-        self.unmade.remove(&ino);
-        self.files.remove(&ino);
-        self.dir_fds.remove(&ino);
-        match node.kind {
-            Kind::Dir => {
-                // Its entries leave the tree with it: child directories go to
-                // staging (unplaced), links of files are forgotten.
-                let children: Vec<(CString, Ino)> = self
-                    .entries
-                    .iter()
-                    .filter(|((p, _), _)| *p == ino)
-                    .map(|((_, n), c)| (n.clone(), *c))
-                    .collect();
-                if !children.is_empty() {
-                    let fd = match &node.place {
-                        Some((p, n)) => {
-                            let pfd = rustix::io::fcntl_dupfd_cloexec(self.dir_fd(*p)?, 0)
-                                .map_err(|e| io("dup", e))?;
-                            rfs::openat(&pfd, n, DIR_FLAGS, Mode::empty())
-                        }
-                        None => rfs::openat(&self.dirs, &ino_name(ino), DIR_FLAGS, Mode::empty()),
-                    }
-                    .map_err(|e| io("open discarded directory", e))?;
-                    for (n, c) in children {
-                        self.entries.remove(&(ino, n.clone()));
-                        if let Some(child) = self.nodes.get_mut(&c) {
-                            if child.kind == Kind::Dir {
-                                child.place = None;
-                                rfs::renameat(&fd, &n, &self.dirs, &ino_name(c))
-                                    .map_err(|e| io("unplace directory", e))?;
-                            } else {
-                                child.links.remove(&(ino, n));
-                            }
-                        }
-                    }
-                }
-                let dead = CString::new(format!("dead-{}", self.dead)).unwrap();
-                self.dead += 1;
-                match &node.place {
-                    Some((p, n)) => {
-                        self.entries.remove(&(*p, n.clone()));
-                        let pfd = rustix::io::fcntl_dupfd_cloexec(self.dir_fd(*p)?, 0)
-                            .map_err(|e| io("dup", e))?;
-                        rfs::renameat(&pfd, n, &self.dirs, &dead)
-                            .map_err(|e| io("discard directory", e))?;
-                    }
-                    None => rfs::renameat(&self.dirs, &ino_name(ino), &self.dirs, &dead)
-                        .map_err(|e| io("discard directory", e))?,
-                }
-            }
-            _ => {
-                for (p, n) in &node.links {
-                    self.entries.remove(&(*p, n.clone()));
-                    let pfd = self.dir_fd(*p)?;
-                    rfs::unlinkat(pfd, n, AtFlags::empty())
-                        .map_err(|e| io(format!("discard link {:?} of {ino} in {p}", n), e))?;
-                }
-                rfs::unlinkat(&self.objs, &ino_name(ino), AtFlags::empty())
-                    .map_err(|e| io("discard object", e))?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Removes the entry (parent, name), whatever it names.
-    fn remove_entry(&mut self, parent: Ino, name: &CString) -> Result<()> {
-        let Some(ino) = self.entries.remove(&(parent, name.clone())) else {
-            return Ok(());
-        };
-        let kind = self.nodes.get(&ino).map(|n| n.kind);
-        let pfd =
-            rustix::io::fcntl_dupfd_cloexec(self.dir_fd(parent)?, 0).map_err(|e| io("dup", e))?;
-        if kind == Some(Kind::Dir) {
-            // Move it aside rather than delete: a fuzzy base may still hold
-            // children that later records move out of it.
-            rfs::renameat(&pfd, name, &self.dirs, &ino_name(ino))
-                .map_err(|e| io("move directory aside", e))?;
-            self.nodes.get_mut(&ino).unwrap().place = None;
-        } else {
-            rfs::unlinkat(&pfd, name, AtFlags::empty()).map_err(|e| io("unlink", e))?;
-            if let Some(n) = self.nodes.get_mut(&ino) {
-                n.links.remove(&(parent, name.clone()));
-            }
-        }
-        Ok(())
-    }
-
-    /// Makes (parent, name) name `ino`, replacing what was there.
-    fn ensure_entry(&mut self, parent: Ino, name: &CString, ino: Ino, seq: u64) -> Result<()> {
-        if self.entries.get(&(parent, name.clone())) == Some(&ino) {
-            return Ok(());
-        }
-        let kind =
-            self.nodes
-                .get(&ino)
-                .map(|n| n.kind)
-                .ok_or_else(|| RestoreError::Inconsistent {
-                    seq,
-                    why: format!(
-                        "names file {ino}, which neither the base nor an earlier record created"
-                    ),
-                })?;
-        self.remove_entry(parent, name)?;
-        let pfd =
-            rustix::io::fcntl_dupfd_cloexec(self.dir_fd(parent)?, 0).map_err(|e| io("dup", e))?;
-        if kind == Kind::Dir {
-            let place = self.nodes[&ino].place.clone();
-            match place {
-                Some((p, n)) => {
-                    let from = rustix::io::fcntl_dupfd_cloexec(self.dir_fd(p)?, 0)
-                        .map_err(|e| io("dup", e))?;
-                    rfs::renameat(&from, &n, &pfd, name).map_err(|e| io("move directory", e))?;
-                    self.entries.remove(&(p, n));
-                }
-                None => rfs::renameat(&self.dirs, &ino_name(ino), &pfd, name)
-                    .map_err(|e| io("place directory", e))?,
-            }
-            self.nodes.get_mut(&ino).unwrap().place = Some((parent, name.clone()));
-        } else {
-            rfs::linkat(&self.objs, &ino_name(ino), &pfd, name, AtFlags::empty())
-                .map_err(|e| io("link", e))?;
-            self.nodes
-                .get_mut(&ino)
-                .unwrap()
-                .links
-                .insert((parent, name.clone()));
-        }
-        self.entries.insert((parent, name.clone()), ino);
-        Ok(())
-    }
-
-    fn set_attr(&mut self, ino: Ino, mode: u32, uid: u32, gid: u32) -> Result<()> {
-        let kind = self.nodes[&ino].kind;
-        let mode = Mode::from_bits_truncate(mode & 0o7777);
-        match kind {
-            Kind::Dir => {
-                let fd = rustix::io::fcntl_dupfd_cloexec(self.dir_fd(ino)?, 0)
-                    .map_err(|e| io("dup", e))?;
-                rfs::fchown(
-                    &fd,
-                    Some(rfs::Uid::from_raw(uid)),
-                    Some(rfs::Gid::from_raw(gid)),
-                )
-                .map_err(|e| io("chown", e))?;
-                rfs::fchmod(&fd, mode).map_err(|e| io("chmod", e))?;
-            }
-            Kind::Symlink => {
-                rfs::chownat(
-                    &self.objs,
-                    &ino_name(ino),
-                    Some(rfs::Uid::from_raw(uid)),
-                    Some(rfs::Gid::from_raw(gid)),
-                    AtFlags::SYMLINK_NOFOLLOW,
-                )
-                .map_err(|e| io("lchown", e))?;
-            }
-            _ => {
-                // chown first: it may clear set-id bits that chmod then sets.
-                rfs::chownat(
-                    &self.objs,
-                    &ino_name(ino),
-                    Some(rfs::Uid::from_raw(uid)),
-                    Some(rfs::Gid::from_raw(gid)),
-                    AtFlags::SYMLINK_NOFOLLOW,
-                )
-                .map_err(|e| io("chown", e))?;
-                rfs::chmodat(&self.objs, &ino_name(ino), mode, AtFlags::empty())
-                    .map_err(|e| io("chmod", e))?;
-            }
-        }
-        Ok(())
-    }
-
-    fn xattr_target(&mut self, ino: Ino) -> Result<Option<CString>> {
-        // Xattrs go through /proc/self/fd paths of our own handles, so they
-        // can never resolve outside the target.
-        let kind = self.nodes.get(&ino).map(|n| n.kind);
-        let fd = match kind {
-            Some(Kind::Dir) => self.dir_fd(ino)?.as_raw_fd(),
-            Some(Kind::File) => self.file_fd(ino)?.as_raw_fd(),
-            _ => return Ok(None),
-        };
-        Ok(Some(CString::new(format!("/proc/self/fd/{fd}")).unwrap()))
-    }
-
-    fn set_xattr(&mut self, ino: Ino, name: &[u8], value: &[u8]) -> Result<()> {
-        let Some(p) = self.xattr_target(ino)? else {
-            return Ok(());
-        };
-        let n = CString::new(name).map_err(|_| RestoreError::HostileName {
-            name: String::from_utf8_lossy(name).into(),
-            what: "xattr".into(),
-        })?;
-        if let Err(e) = rfs::setxattr(p.as_c_str(), n.as_c_str(), value, rfs::XattrFlags::empty()) {
-            // Only user xattrs are part of the contract; others (security.*,
-            // trusted.*) depend on the target system and are best effort.
-            if name.starts_with(b"user.") {
-                return Err(io(format!("setxattr {}", String::from_utf8_lossy(name)), e));
-            }
-        }
-        Ok(())
-    }
-
-    fn write_at(&mut self, ino: Ino, offset: u64, data: &[u8]) -> Result<()> {
-        pwrite_all(self.file_fd(ino)?, offset, data)
-    }
-
-    fn set_size(&mut self, ino: Ino, size: u64) -> Result<()> {
-        if self.nodes[&ino].size != size || size == 0 {
-            let fd = self.file_fd(ino)?;
-            rfs::ftruncate(fd, size).map_err(|e| io("truncate", e))?;
-            self.nodes.get_mut(&ino).unwrap().size = size;
-        }
-        Ok(())
-    }
-
-    fn node(&self, ino: Ino, seq: u64) -> Result<&Node> {
-        self.nodes
-            .get(&ino)
-            .ok_or_else(|| RestoreError::Inconsistent {
-                seq,
-                why: format!("names file {ino}, which the base and earlier records never created"),
-            })
     }
 
     /// Materialises a base manifest. `fetch` returns a verified chunk; it
@@ -641,7 +594,7 @@ impl Tree {
             let fetched = pool.finish();
             fetched.and(made)
         })?;
-        self.place_base_links(m)
+        self.replay.base_links(&m.links)
     }
 
     fn make_base_objects<'scope>(
@@ -651,36 +604,18 @@ impl Tree {
         pool: &Pool<'scope, RestoreError>,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<()> {
-        self.root = m.root;
-        self.nodes.insert(
-            m.root,
-            Node {
-                kind: Kind::Dir,
-                place: None,
-                links: HashSet::new(),
-                mtime: None,
-                size: 0,
-            },
-        );
+        self.replay.set_root(m.root);
         let total = m.objects.len();
         for (i, o) in m.objects.iter().enumerate() {
-            if o.ino == m.root {
-                self.set_attr(o.ino, o.mode, o.uid, o.gid)?;
-            } else {
-                self.create_object(o.ino, o.kind, o.mode, o.uid, o.gid, o.rdev, &o.target)?;
-            }
-            for (k, v) in &o.xattrs {
-                self.set_xattr(o.ino, k, v)?;
-            }
+            self.replay.base_object(o)?;
             if o.kind == Kind::File {
-                if o.extents.is_empty() {
-                    self.set_size(o.ino, o.size)?;
-                } else if !self.submit_extents(o, fetch, pool)? {
+                if !o.extents.is_empty() && !self.submit_extents(o, fetch, pool)? {
                     return Ok(());
                 }
-                let n = self.nodes.get_mut(&o.ino).unwrap();
-                n.size = o.size;
-                n.mtime = Some(o.mtime);
+                // The size is set now, while the chunks (all within it) are
+                // still being written; the last chunk's job sets it again in
+                // case one reached past it.
+                self.replay.base_file_done(o)?;
             }
             if i % 1000 == 999 {
                 progress(i + 1, total);
@@ -699,8 +634,7 @@ impl Tree {
         fetch: &'scope (dyn Fn(&[u8; 32]) -> Result<Vec<u8>> + Sync),
         pool: &Pool<'scope, RestoreError>,
     ) -> Result<bool> {
-        let fd = rustix::io::fcntl_dupfd_cloexec(self.file_fd(o.ino)?, 0)
-            .map_err(|e| io("dup", e))?;
+        let fd = dup(self.replay.target.file_fd(o.ino)?)?;
         let file = Arc::new(Content {
             fd,
             size: o.size,
@@ -729,310 +663,24 @@ impl Tree {
         Ok(true)
     }
 
-    /// Places the base's names, directories top-down so every parent exists
-    /// first.
-    fn place_base_links(&mut self, m: &Manifest) -> Result<()> {
-        let mut pending: Vec<&crate::base::Link> = m.links.iter().collect();
-        loop {
-            let before = pending.len();
-            let mut rest = Vec::new();
-            for l in pending {
-                let name = cname(&l.name, "base manifest")?;
-                if l.parent == self.root && l.name.as_ref() == HIDDEN.as_bytes() {
-                    return Err(RestoreError::HostileName {
-                        name: HIDDEN.into(),
-                        what: "base manifest (reserved name)".into(),
-                    });
-                }
-                let parent_placed = l.parent == self.root
-                    || self.nodes.get(&l.parent).is_some_and(|n| n.place.is_some());
-                if parent_placed {
-                    self.ensure_entry(l.parent, &name, l.ino, 0)?;
-                } else {
-                    rest.push(l);
-                }
-            }
-            if rest.is_empty() || rest.len() == before {
-                // Links under directories that are not (yet) placed stay
-                // pending; later records place their parents.
-                for l in rest {
-                    let name = cname(&l.name, "base manifest")?;
-                    self.ensure_entry(l.parent, &name, l.ino, 0)?;
-                }
-                break;
-            }
-            pending = rest;
-        }
-        Ok(())
-    }
-
     /// Declares the time until which records raced the base walk.
     pub fn set_fuzzy_until(&mut self, ns: Nanos) {
-        self.fuzzy_until = ns;
-    }
-
-    /// The file a record names, if the record raced the base walk and names
-    /// a file the walk never saw because it no longer existed at the end.
-    fn died_during_walk(&self, rec: &Record) -> Option<Ino> {
-        if rec.time > self.fuzzy_until {
-            return None;
-        }
-        let ino = match &rec.op {
-            Op::Write { ino, .. }
-            | Op::SetAttr { ino, .. }
-            | Op::Fallocate { ino, .. }
-            | Op::SetXattr { ino, .. }
-            | Op::RemoveXattr { ino, .. } => *ino,
-            Op::Link { ino, .. } | Op::Rename { ino, .. } | Op::Unlink { ino, .. } => *ino,
-            Op::Create { .. } | Op::ClockStep { .. } => return None,
-        };
-        // A data record for an identity the base holds as something other
-        // than a file: the number was reused during the walk (the later
-        // Create record replaces it).
-        let wants_file = matches!(rec.op, Op::Write { .. } | Op::Fallocate { .. });
-        match self.nodes.get(&ino) {
-            None => Some(ino),
-            Some(n) if wants_file && n.kind != Kind::File => Some(ino),
-            Some(_) => None,
-        }
+        self.replay.set_fuzzy_until(ns);
     }
 
     /// Applies one record.
     pub fn apply(&mut self, rec: &Record) -> Result<()> {
-        let seq = rec.seq;
-        if self.died_during_walk(rec).is_some() {
-            // Only the record's effect on other entries matters: a rename
-            // of the dead file still replaced whatever stood at its target.
-            if let Op::Rename {
-                from_parent,
-                from_name,
-                to_parent,
-                to_name,
-                replaced,
-                flags,
-                ..
-            } = &rec.op
-            {
-                let from = cname(from_name, "segment")?;
-                let to = cname(to_name, "segment")?;
-                if flags & RENAME_EXCHANGE_FLAG != 0 && self.nodes.contains_key(replaced) {
-                    self.remove_entry(*to_parent, &to)?;
-                    self.ensure_entry(*from_parent, &from, *replaced, seq)?;
-                } else {
-                    self.remove_entry(*to_parent, &to)?;
-                }
-            }
-            return Ok(());
-        }
-        let reserved = |parent: Ino, name: &Bytes, root: Ino| {
-            parent == root && name.as_ref() == HIDDEN.as_bytes()
-        };
-        match &rec.op {
-            Op::Create {
-                parent,
-                name,
-                ino,
-                kind,
-                mode,
-                uid,
-                gid,
-                mtime,
-                rdev,
-                target,
-            } => {
-                let n = cname(name, "segment")?;
-                if reserved(*parent, name, self.root) {
-                    return Err(RestoreError::HostileName {
-                        name: HIDDEN.into(),
-                        what: "segment (reserved name)".into(),
-                    });
-                }
-                self.node(*parent, seq)?;
-                self.create_object(*ino, *kind, *mode, *uid, *gid, *rdev, target)?;
-                if *kind == Kind::File {
-                    self.nodes.get_mut(ino).unwrap().mtime = Some(*mtime);
-                }
-                self.ensure_entry(*parent, &n, *ino, seq)?;
-            }
-            Op::Link { ino, parent, name } => {
-                let n = cname(name, "segment")?;
-                if reserved(*parent, name, self.root) {
-                    return Err(RestoreError::HostileName {
-                        name: HIDDEN.into(),
-                        what: "segment (reserved name)".into(),
-                    });
-                }
-                self.ensure_entry(*parent, &n, *ino, seq)?;
-            }
-            Op::Unlink { parent, name, ino } => {
-                let n = cname(name, "segment")?;
-                if self.entries.get(&(*parent, n.clone())) == Some(ino) {
-                    self.remove_entry(*parent, &n)?;
-                }
-            }
-            Op::Rename {
-                from_parent,
-                from_name,
-                to_parent,
-                to_name,
-                ino,
-                replaced,
-                flags,
-            } => {
-                let from = cname(from_name, "segment")?;
-                let to = cname(to_name, "segment")?;
-                if reserved(*to_parent, to_name, self.root)
-                    || reserved(*from_parent, from_name, self.root)
-                {
-                    return Err(RestoreError::HostileName {
-                        name: HIDDEN.into(),
-                        what: "segment (reserved name)".into(),
-                    });
-                }
-                if ino == replaced && flags & RENAME_EXCHANGE_FLAG == 0 {
-                    // rename(2) between two links of one file does nothing.
-                    return Ok(());
-                }
-                if flags & RENAME_EXCHANGE_FLAG != 0 {
-                    let a = self.entries.get(&(*from_parent, from.clone())).copied();
-                    let b = self.entries.get(&(*to_parent, to.clone())).copied();
-                    if a == Some(*ino) && b == Some(*replaced) {
-                        let f = rustix::io::fcntl_dupfd_cloexec(self.dir_fd(*from_parent)?, 0)
-                            .map_err(|e| io("dup", e))?;
-                        let t = rustix::io::fcntl_dupfd_cloexec(self.dir_fd(*to_parent)?, 0)
-                            .map_err(|e| io("dup", e))?;
-                        rfs::renameat_with(&f, &from, &t, &to, rfs::RenameFlags::EXCHANGE)
-                            .map_err(|e| io("exchange", e))?;
-                        self.entries.insert((*from_parent, from.clone()), *replaced);
-                        self.entries.insert((*to_parent, to.clone()), *ino);
-                        self.relink(*ino, (*from_parent, from.clone()), (*to_parent, to.clone()));
-                        self.relink(
-                            *replaced,
-                            (*to_parent, to.clone()),
-                            (*from_parent, from.clone()),
-                        );
-                    } else {
-                        self.remove_entry(*from_parent, &from)?;
-                        self.ensure_entry(*to_parent, &to, *ino, seq)?;
-                        self.ensure_entry(*from_parent, &from, *replaced, seq)?;
-                    }
-                } else if self.entries.get(&(*from_parent, from.clone())) == Some(ino) {
-                    if self.entries.contains_key(&(*to_parent, to.clone())) {
-                        self.remove_entry(*to_parent, &to)?;
-                    }
-                    let f = rustix::io::fcntl_dupfd_cloexec(self.dir_fd(*from_parent)?, 0)
-                        .map_err(|e| io("dup", e))?;
-                    let t = rustix::io::fcntl_dupfd_cloexec(self.dir_fd(*to_parent)?, 0)
-                        .map_err(|e| io("dup", e))?;
-                    rfs::renameat(&f, &from, &t, &to).map_err(|e| io("rename", e))?;
-                    self.entries.remove(&(*from_parent, from.clone()));
-                    self.entries.insert((*to_parent, to.clone()), *ino);
-                    self.relink(*ino, (*from_parent, from), (*to_parent, to));
-                } else {
-                    self.ensure_entry(*to_parent, &to, *ino, seq)?;
-                }
-            }
-            Op::Write {
-                ino,
-                offset,
-                size,
-                mtime,
-                data,
-            } => {
-                self.node(*ino, seq)?;
-                self.write_at(*ino, *offset, data)?;
-                let n = self.nodes.get_mut(ino).unwrap();
-                n.size = n.size.max(offset + data.len() as u64);
-                self.set_size(*ino, *size)?;
-                self.nodes.get_mut(ino).unwrap().mtime = Some(*mtime);
-            }
-            Op::SetAttr {
-                ino,
-                mode,
-                uid,
-                gid,
-                size,
-                mtime,
-            } => {
-                let kind = self.node(*ino, seq)?.kind;
-                self.set_attr(*ino, *mode, *uid, *gid)?;
-                if kind == Kind::File {
-                    self.set_size(*ino, *size)?;
-                    self.nodes.get_mut(ino).unwrap().mtime = Some(*mtime);
-                }
-            }
-            Op::Fallocate {
-                ino,
-                mode,
-                offset,
-                len,
-                size,
-                mtime,
-            } => {
-                self.node(*ino, seq)?;
-                let fd = self.file_fd(*ino)?;
-                let flags = rfs::FallocateFlags::from_bits_retain(*mode);
-                rfs::fallocate(fd, flags, *offset, *len).map_err(|e| io("fallocate", e))?;
-                let n = self.nodes.get_mut(ino).unwrap();
-                if !flags.contains(rfs::FallocateFlags::KEEP_SIZE) {
-                    n.size = n.size.max(offset + len);
-                }
-                self.set_size(*ino, *size)?;
-                self.nodes.get_mut(ino).unwrap().mtime = Some(*mtime);
-            }
-            Op::SetXattr { ino, name, value } => {
-                self.node(*ino, seq)?;
-                self.set_xattr(*ino, name, value)?;
-            }
-            Op::RemoveXattr { ino, name } => {
-                self.node(*ino, seq)?;
-                if let Some(p) = self.xattr_target(*ino)? {
-                    if let Ok(n) = CString::new(name.as_ref()) {
-                        let _ = rfs::removexattr(p.as_c_str(), n.as_c_str());
-                    }
-                }
-            }
-            Op::ClockStep { .. } => {}
-        }
-        Ok(())
-    }
-
-    fn relink(&mut self, ino: Ino, from: (Ino, CString), to: (Ino, CString)) {
-        if let Some(n) = self.nodes.get_mut(&ino) {
-            if n.kind == Kind::Dir {
-                n.place = Some(to);
-            } else {
-                n.links.remove(&from);
-                n.links.insert(to);
-            }
-        }
-    }
-
-    /// The path of entry `name` in directory `parent`, relative to the
-    /// target, if that directory is placed in the tree.
-    fn entry_path(&self, parent: Ino, name: &CString) -> Option<String> {
-        let mut parts = vec![String::from_utf8_lossy(name.as_bytes()).into_owned()];
-        let mut at = parent;
-        while at != self.root {
-            let (p, n) = self.nodes.get(&at)?.place.clone()?;
-            parts.push(String::from_utf8_lossy(n.as_bytes()).into_owned());
-            at = p;
-            if parts.len() > 4096 {
-                return None;
-            }
-        }
-        parts.reverse();
-        Some(parts.join("/"))
+        self.replay.apply(rec).map(drop)
     }
 
     /// Removes the placeholders of device nodes that could not be made and
     /// returns one line per name they had in the tree.
     fn drop_unmade(&mut self) -> Result<Vec<String>> {
         let mut out = Vec::new();
-        let mut unmade: Vec<(Ino, u64)> = self.unmade.drain().collect();
+        let mut unmade: Vec<(Ino, u64)> = self.replay.target.unmade.drain().collect();
         unmade.sort();
         for (ino, rdev) in unmade {
-            let Some(node) = self.nodes.get(&ino) else {
+            let Some(node) = self.replay.ns.node(ino) else {
                 continue;
             };
             let what = if node.kind == Kind::BlockDev {
@@ -1040,18 +688,18 @@ impl Tree {
             } else {
                 "character"
             };
-            let mut links: Vec<(Ino, CString)> = node.links.iter().cloned().collect();
+            let mut links: Vec<(Ino, Name)> = node.links.iter().cloned().collect();
             links.sort();
             for (p, n) in links {
-                if let Some(path) = self.entry_path(p, &n) {
+                if let Some(path) = self.replay.ns.entry_path(p, &n) {
                     out.push(format!(
                         "{path}: {what} device {}:{} not restored (making device nodes needs CAP_MKNOD)",
                         rustix::fs::major(rdev),
                         rustix::fs::minor(rdev)
                     ));
                 }
-                self.remove_entry(p, &n)?;
             }
+            self.replay.unlink_all(ino)?;
         }
         out.sort();
         Ok(out)
@@ -1063,32 +711,37 @@ impl Tree {
     pub fn finish(mut self) -> Result<Vec<String>> {
         let skipped = self.drop_unmade()?;
         let mtimes: Vec<(Ino, Nanos)> = self
-            .nodes
-            .iter()
-            .filter_map(|(i, n)| n.mtime.map(|m| (*i, m)))
+            .replay
+            .ns
+            .nodes()
+            .filter_map(|(i, n)| n.mtime.map(|m| (i, m)))
             .collect();
-        self.files.clear();
+        let disk = &mut self.replay.target;
+        disk.files.clear();
         for (ino, m) in mtimes {
-            let ts = rfs::Timestamps {
-                last_access: rfs::Timespec {
-                    tv_sec: m.div_euclid(1_000_000_000),
-                    tv_nsec: m.rem_euclid(1_000_000_000) as _,
-                },
-                last_modification: rfs::Timespec {
-                    tv_sec: m.div_euclid(1_000_000_000),
-                    tv_nsec: m.rem_euclid(1_000_000_000) as _,
-                },
+            let t = rfs::Timespec {
+                tv_sec: m.div_euclid(1_000_000_000),
+                tv_nsec: m.rem_euclid(1_000_000_000) as _,
             };
-            rfs::utimensat(&self.objs, &ino_name(ino), &ts, AtFlags::SYMLINK_NOFOLLOW)
+            let ts = rfs::Timestamps {
+                last_access: t,
+                last_modification: t,
+            };
+            rfs::utimensat(&disk.objs, &ino_name(ino), &ts, AtFlags::SYMLINK_NOFOLLOW)
                 .map_err(|e| io("set mtime", e))?;
         }
-        rfs::syncfs(&self.root_fd).map_err(|e| io("sync target", e))?;
-        std::fs::remove_dir_all(&self.staging).map_err(|e| io("remove staging", e))?;
-        let hidden = self.staging.parent().unwrap().to_path_buf();
+        rfs::syncfs(&disk.root_fd).map_err(|e| io("sync target", e))?;
+        std::fs::remove_dir_all(&disk.staging).map_err(|e| io("remove staging", e))?;
+        let hidden = disk.staging.parent().unwrap().to_path_buf();
         std::fs::remove_file(hidden.join(INCOMPLETE_MARKER)).map_err(|e| io("remove marker", e))?;
         let _ = std::fs::remove_dir(&hidden);
-        rfs::syncfs(&self.root_fd).map_err(|e| io("sync target", e))?;
+        rfs::syncfs(&disk.root_fd).map_err(|e| io("sync target", e))?;
         Ok(skipped)
+    }
+
+    /// How many identities the tree holds.
+    fn len(&self) -> usize {
+        self.replay.ns.len()
     }
 }
 
@@ -1131,51 +784,6 @@ pub fn restore(
         meter: &meter,
     };
     restore_with(store, plan, target, force, &opts, progress)
-}
-
-/// A segment or delta fetched, verified and checked against its key.
-enum Loaded {
-    Segment(Vec<Record>),
-    Delta(delta::Delta),
-}
-
-/// Gets piece `piece` and verifies it: its checksum (by decoding) and that
-/// its header is the one its key names.
-fn load_piece(store: &dyn Store, piece: &Piece) -> Result<Loaded> {
-    let key = piece.key();
-    let data = store.get(&key)?;
-    match piece {
-        Piece::Segment(s) => {
-            let (meta, recs) = segment::decode(&data).map_err(|source| RestoreError::Segment {
-                key: key.clone(),
-                source,
-            })?;
-            if meta != *s {
-                return Err(RestoreError::Segment {
-                    key,
-                    source: SegmentError::Inconsistent(
-                        "header does not match the object key".into(),
-                    ),
-                });
-            }
-            Ok(Loaded::Segment(recs))
-        }
-        Piece::Delta(d) => {
-            let delta = delta::decode(&data).map_err(|source| RestoreError::Delta {
-                key: key.clone(),
-                source,
-            })?;
-            if delta.meta != *d {
-                return Err(RestoreError::Delta {
-                    key,
-                    source: DeltaError::Inconsistent(
-                        "header does not match the object key".into(),
-                    ),
-                });
-            }
-            Ok(Loaded::Delta(delta))
-        }
-    }
 }
 
 /// Restores the volume in `store` at `plan` into `target`. Chunks of the
@@ -1223,72 +831,22 @@ pub fn restore_with(
         // Two threads ahead keep the replay fed; each holds at most two
         // segments (up to 16 MiB of records each), so with the one being
         // applied at most five are in memory, whatever --jobs says.
-        let mut pieces = crate::fetch::ahead(scope, opts.jobs.min(2), plan.pieces.len(), |i| {
-            load_piece(store, &plan.pieces[i])
-        });
+        let pieces = fetch_ahead(scope, store, plan, opts.jobs.min(2));
         meter.begin("base", Unit::Bytes, base_bytes);
         // The meter shows progress from here on: bytes of the base, then
         // segments and deltas applied.
         tree.apply_base(&manifest, &fetch, opts.jobs, &mut |_, _| {})?;
         meter.begin("records", Unit::Objects, plan.pieces.len() as u64);
-        let mut records = 0u64;
-        let mut last_record_ns = None;
-        let mut last_seq = 0;
-        let apply = |tree: &mut Tree, r: &Record| -> Result<()> {
+        apply_pieces(plan, pieces, &mut |r| {
             tree.apply(r).map_err(|e| RestoreError::AtRecord {
                 seq: r.seq,
                 op: r.op.kind_name(),
                 source: Box::new(e),
             })
-        };
-        for piece in &plan.pieces {
-            let key = piece.key();
-            let loaded = pieces.next().ok_or_else(|| RestoreError::Inconsistent {
-                seq: last_seq,
-                why: format!("{key} was never fetched"),
-            })??;
-            match loaded {
-                Loaded::Segment(recs) => {
-                    // Segments may overlap (a journal prefix shipped again
-                    // after a machine crash): each sequence number applies
-                    // once.
-                    for r in recs.iter() {
-                        if r.seq <= plan.base.start_seq.max(last_seq) || r.time > plan.at_ns {
-                            continue;
-                        }
-                        last_seq = r.seq;
-                        apply(&mut tree, r)?;
-                        records += 1;
-                        last_record_ns = Some(r.time);
-                    }
-                }
-                Loaded::Delta(delta) => {
-                    let d = &delta.meta;
-                    // A delta applies whole, to the state after its from_seq
-                    // exactly (the timeline chains them so).
-                    if d.from_seq != plan.base.start_seq.max(last_seq) || d.last_ns > plan.at_ns {
-                        return Err(RestoreError::Inconsistent {
-                            seq: d.from_seq,
-                            why: format!(
-                                "delta {key} does not follow record {} or ends after the restore time",
-                                plan.base.start_seq.max(last_seq)
-                            ),
-                        });
-                    }
-                    for r in &delta.records {
-                        apply(&mut tree, r)?;
-                    }
-                    records += delta.records.len() as u64;
-                    last_seq = d.to_seq;
-                    last_record_ns = Some(d.last_ns);
-                }
-            }
-            meter.add(1);
-        }
-        Ok((records, last_record_ns))
+        }, &mut || meter.add(1))
     })?;
     meter.end();
-    let files = tree.nodes.len();
+    let files = tree.len();
     let skipped = tree.finish()?;
     Ok(Restored {
         at_ns: plan.at_ns,
@@ -1308,6 +866,146 @@ pub fn restore_with(
             .count(),
         files,
         skipped,
+    })
+}
+
+/// A segment or delta fetched, verified and checked against its key.
+enum Loaded {
+    Segment(Vec<Record>),
+    Delta(delta::Delta),
+}
+
+/// Gets piece `piece` and verifies it: its checksum (by decoding) and that
+/// its header is the one its key names.
+fn load_piece(store: &dyn Store, piece: &Piece) -> Result<Loaded> {
+    let key = piece.key();
+    let data = store.get(&key)?;
+    match piece {
+        Piece::Segment(s) => {
+            let (meta, recs) = segment::decode(&data).map_err(|source| RestoreError::Segment {
+                key: key.clone(),
+                source,
+            })?;
+            if meta != *s {
+                return Err(RestoreError::Segment {
+                    key,
+                    source: SegmentError::Inconsistent(
+                        "header does not match the object key".into(),
+                    ),
+                });
+            }
+            Ok(Loaded::Segment(recs))
+        }
+        Piece::Delta(d) => {
+            let delta = delta::decode(&data).map_err(|source| RestoreError::Delta {
+                key: key.clone(),
+                source,
+            })?;
+            if delta.meta != *d {
+                return Err(RestoreError::Delta {
+                    key,
+                    source: DeltaError::Inconsistent(
+                        "header does not match the object key".into(),
+                    ),
+                });
+            }
+            Ok(Loaded::Delta(delta))
+        }
+    }
+}
+
+/// The plan's segments and deltas, fetched and verified on `threads`
+/// threads of `scope` and yielded in the plan's order.
+fn fetch_ahead<'scope, 'env>(
+    scope: &'scope std::thread::Scope<'scope, 'env>,
+    store: &'env dyn Store,
+    plan: &'env Plan,
+    threads: usize,
+) -> impl Iterator<Item = Result<Loaded>> + 'scope {
+    crate::fetch::ahead(scope, threads, plan.pieces.len(), move |i| {
+        load_piece(store, &plan.pieces[i])
+    })
+}
+
+/// Hands `apply` every record of `pieces` (the plan's segments and deltas,
+/// in order) after the plan's base up to its instant, each sequence number
+/// once, and calls `done` after each piece. Returns how many records it
+/// handed on and the time of the last.
+fn apply_pieces(
+    plan: &Plan,
+    mut pieces: impl Iterator<Item = Result<Loaded>>,
+    apply: &mut dyn FnMut(&Record) -> Result<()>,
+    done: &mut dyn FnMut(),
+) -> Result<(u64, Option<Nanos>)> {
+    let mut records = 0u64;
+    let mut last_record_ns = None;
+    let mut last_seq = 0;
+    for piece in &plan.pieces {
+        let key = piece.key();
+        let loaded = pieces.next().ok_or_else(|| RestoreError::Inconsistent {
+            seq: last_seq,
+            why: format!("{key} was never fetched"),
+        })??;
+        match (piece, loaded) {
+            (Piece::Segment(_), Loaded::Segment(recs)) => {
+                // Segments may overlap (a journal prefix shipped again after
+                // a machine crash): each sequence number applies once.
+                for r in recs.iter() {
+                    if r.seq <= plan.base.start_seq.max(last_seq) || r.time > plan.at_ns {
+                        continue;
+                    }
+                    last_seq = r.seq;
+                    apply(r)?;
+                    records += 1;
+                    last_record_ns = Some(r.time);
+                }
+            }
+            (Piece::Delta(d), Loaded::Delta(delta)) => {
+                // A delta applies whole, to the state after its from_seq
+                // exactly (the timeline chains them so).
+                if d.from_seq != plan.base.start_seq.max(last_seq) || d.last_ns > plan.at_ns {
+                    return Err(RestoreError::Inconsistent {
+                        seq: d.from_seq,
+                        why: format!(
+                            "delta {key} does not follow record {} or ends after the restore time",
+                            plan.base.start_seq.max(last_seq)
+                        ),
+                    });
+                }
+                for r in &delta.records {
+                    apply(r)?;
+                }
+                records += delta.records.len() as u64;
+                last_seq = d.to_seq;
+                last_record_ns = Some(d.last_ns);
+            }
+            _ => unreachable!("load_piece returns the kind of the piece it was given"),
+        }
+        done();
+    }
+    Ok((records, last_record_ns))
+}
+
+/// Fetches the segments and deltas `plan` names (two ahead) and hands
+/// `apply` every record after the plan's base up to its instant, in order,
+/// each sequence number once. Returns how many records it handed on and
+/// the time of the last. The mount view (`crate::view`) replays through it.
+pub(crate) fn replay_records(
+    store: &dyn Store,
+    plan: &Plan,
+    progress: &mut dyn FnMut(&str),
+    apply: &mut dyn FnMut(&Record) -> Result<()>,
+) -> Result<(u64, Option<Nanos>)> {
+    let n = plan.pieces.len();
+    let mut i = 0;
+    std::thread::scope(|scope| {
+        let pieces = fetch_ahead(scope, store, plan, 2);
+        apply_pieces(plan, pieces, apply, &mut || {
+            i += 1;
+            if n >= 10 && i % (n / 10) == 0 {
+                progress(&format!("replay: {i}/{n} objects"));
+            }
+        })
     })
 }
 

@@ -11,7 +11,9 @@
 //! for each `OpenMode`, fsync replies handed to the journal's group commit
 //! as callbacks (`Journal::sync_then`: a worker never waits for a sync
 //! another runs), and attribute invalidations after the daemon itself
-//! changed a mode.
+//! changed a mode. `ViewFs` is the second, read-only adapter: it serves
+//! the mount view of one instant (`crate::view`) and answers every change
+//! with EROFS.
 
 use std::ffi::OsStr;
 use std::path::Path;
@@ -33,6 +35,7 @@ use parking_lot::Mutex;
 
 use super::{Caller, OpenMode, Passthrough, Requester};
 use crate::record::{Ino, Kind};
+use crate::view::{Attr as ViewAttr, Listing, ReadOnlyTree};
 
 /// Every change goes through this mount, so the kernel may cache entries
 /// and attributes; a second is short enough for tools that look at the
@@ -825,6 +828,401 @@ pub fn mount(mut fs: FuseFs, mountpoint: &Path, threads: usize) -> std::io::Resu
     let _ = notifier.set(session.notifier());
     Ok(Served {
         _session: std::mem::ManuallyDrop::new(session),
+        ended,
+    })
+}
+
+/// How long the kernel may cache what the view answers: the view never
+/// changes while it is mounted.
+const VIEW_TTL: Duration = Duration::from_secs(3600);
+
+/// The read-only adapter: serves a `ReadOnlyTree` (the mount view of one
+/// instant) and refuses every change with EROFS. The mount is read-only
+/// too, so the kernel refuses most changes before they get here.
+pub struct ViewFs {
+    tree: Arc<dyn ReadOnlyTree>,
+    root: Ino,
+    /// Open directories' listings, so that readdir offsets stay stable.
+    dirs: Mutex<HashMap<u64, Arc<Listing>>>,
+    next_fh: std::sync::atomic::AtomicU64,
+    /// Told when the session ends (`destroy`), for `ViewSession::ended`.
+    ended: Option<crossbeam_channel::Sender<()>>,
+}
+
+impl ViewFs {
+    pub fn new(tree: Arc<dyn ReadOnlyTree>) -> ViewFs {
+        let root = tree.root();
+        ViewFs {
+            tree,
+            root,
+            dirs: Mutex::new(HashMap::new()),
+            next_fh: std::sync::atomic::AtomicU64::new(1),
+            ended: None,
+        }
+    }
+
+    /// The root swap of `FuseFs::map`.
+    fn map(&self, ino: u64) -> u64 {
+        if ino == 1 {
+            self.root
+        } else if ino == self.root {
+            1
+        } else {
+            ino
+        }
+    }
+
+    fn attr(&self, a: &ViewAttr) -> FileAttr {
+        let mtime = if a.mtime >= 0 {
+            UNIX_EPOCH + Duration::from_nanos(a.mtime as u64)
+        } else {
+            UNIX_EPOCH - Duration::from_nanos(a.mtime.unsigned_abs())
+        };
+        FileAttr {
+            ino: INodeNo(self.map(a.ino)),
+            size: a.size,
+            blocks: a.size.div_ceil(512),
+            atime: mtime,
+            mtime,
+            ctime: mtime,
+            crtime: UNIX_EPOCH,
+            kind: file_type(Some(a.kind)),
+            perm: a.perm as u16,
+            nlink: a.nlink,
+            uid: a.uid,
+            gid: a.gid,
+            rdev: a.rdev as u32,
+            blksize: 4096,
+            flags: 0,
+        }
+    }
+
+    fn xattr(reply: ReplyXattr, size: u32, r: Result<Vec<u8>, rustix::io::Errno>) {
+        match r {
+            Ok(v) if size == 0 => reply.size(v.len() as u32),
+            Ok(v) if v.len() > size as usize => reply.error(Errno::ERANGE),
+            Ok(v) => reply.data(&v),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+}
+
+impl Filesystem for ViewFs {
+    /// The session ended: the view was unmounted.
+    fn destroy(&mut self) {
+        if let Some(tx) = self.ended.take() {
+            let _ = tx.send(());
+        }
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        use std::os::unix::ffi::OsStrExt;
+        match self.tree.lookup(self.map(parent.0), name.as_bytes()) {
+            Ok(a) => reply.entry(&VIEW_TTL, &self.attr(&a), Generation(0)),
+            Err(rustix::io::Errno::NOENT) => reply.entry(&VIEW_TTL, &NO_ENTRY, Generation(0)),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.tree.getattr(self.map(ino.0)) {
+            Ok(a) => reply.attr(&VIEW_TTL, &self.attr(&a)),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.tree.readlink(self.map(ino.0)) {
+            Ok(t) => reply.data(&t),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if flags.0 & libc::O_ACCMODE != libc::O_RDONLY || flags.0 & libc::O_TRUNC != 0 {
+            return reply.error(Errno::EROFS);
+        }
+        match self.tree.getattr(self.map(ino.0)) {
+            // The contents never change: the page cache may keep them.
+            Ok(_) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lo: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        match self.tree.read(self.map(ino.0), offset, size) {
+            Ok(d) => reply.data(&d),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.tree.readdir(self.map(ino.0)) {
+            Ok(list) => {
+                let fh = self
+                    .next_fh
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.dirs.lock().insert(fh, Arc::new(list));
+                reply.opened(FileHandle(fh), FopenFlags::empty())
+            }
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let Some(list) = self.dirs.lock().get(&fh.0).cloned() else {
+            return reply.error(Errno::EBADF);
+        };
+        // Offsets 1 and 2 are "." and ".."; entry i is offset i + 3.
+        let dots = [(ino.0, FileType::Directory, "."), (ino.0, FileType::Directory, "..")];
+        for (i, (n, kind, name)) in dots.iter().enumerate().skip(offset as usize) {
+            if reply.add(INodeNo(*n), (i + 1) as u64, *kind, name) {
+                return reply.ok();
+            }
+        }
+        use std::os::unix::ffi::OsStrExt;
+        for (i, (name, child, kind)) in list.iter().enumerate().skip((offset as usize).saturating_sub(2)) {
+            let full = reply.add(
+                INodeNo(self.map(*child)),
+                (i + 3) as u64,
+                file_type(Some(*kind)),
+                OsStr::from_bytes(name),
+            );
+            if full {
+                break;
+            }
+        }
+        reply.ok()
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        self.dirs.lock().remove(&fh.0);
+        reply.ok()
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let (bytes, files) = self.tree.totals();
+        reply.statfs(bytes.div_ceil(4096), 0, 0, files, 0, 4096, 255, 4096)
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        use std::os::unix::ffi::OsStrExt;
+        let r = self.tree.getxattr(self.map(ino.0), name.as_bytes());
+        ViewFs::xattr(reply, size, r.map(|v| v.to_vec()))
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        ViewFs::xattr(reply, size, self.tree.listxattr(self.map(ino.0)))
+    }
+
+    fn access(&self, _req: &Request, _ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
+        // default_permissions: the kernel has checked already.
+        reply.ok()
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _mode: Option<u32>,
+        _uid: Option<u32>,
+        _gid: Option<u32>,
+        _size: Option<u64>,
+        _atime: Option<TimeOrNow>,
+        _mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        reply.error(Errno::EROFS)
+    }
+
+    fn mknod(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        _name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        _rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        reply.error(Errno::EROFS)
+    }
+
+    fn mkdir(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        _name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        reply: ReplyEntry,
+    ) {
+        reply.error(Errno::EROFS)
+    }
+
+    fn unlink(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        reply.error(Errno::EROFS)
+    }
+
+    fn rmdir(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        reply.error(Errno::EROFS)
+    }
+
+    fn symlink(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        _link_name: &OsStr,
+        _target: &Path,
+        reply: ReplyEntry,
+    ) {
+        reply.error(Errno::EROFS)
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        _name: &OsStr,
+        _newparent: INodeNo,
+        _newname: &OsStr,
+        _flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(Errno::EROFS)
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _newparent: INodeNo,
+        _newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        reply.error(Errno::EROFS)
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _offset: u64,
+        _data: &[u8],
+        _wf: WriteFlags,
+        _flags: OpenFlags,
+        _lo: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        reply.error(Errno::EROFS)
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _name: &OsStr,
+        _value: &[u8],
+        _flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(Errno::EROFS)
+    }
+
+    fn removexattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        reply.error(Errno::EROFS)
+    }
+
+    fn create(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        _name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        _flags: i32,
+        reply: ReplyCreate,
+    ) {
+        reply.error(Errno::EROFS)
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _offset: u64,
+        _length: u64,
+        _mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(Errno::EROFS)
+    }
+}
+
+/// A mounted view. Dropping it unmounts the view.
+pub struct ViewSession {
+    _session: fuser::BackgroundSession,
+    ended: crossbeam_channel::Receiver<()>,
+}
+
+impl ViewSession {
+    /// Told once the kernel has ended the session (someone unmounted it).
+    pub fn ended(&self) -> &crossbeam_channel::Receiver<()> {
+        &self.ended
+    }
+}
+
+/// Mounts the read-only view `fs` at `mountpoint` (read-only, allow_other,
+/// default_permissions, device nodes openable as in a restore) and serves
+/// it on `threads` worker threads until the returned session is dropped.
+pub fn mount_view(mut fs: ViewFs, mountpoint: &Path, threads: usize) -> std::io::Result<ViewSession> {
+    let (tx, ended) = crossbeam_channel::bounded(1);
+    fs.ended = Some(tx);
+    let mut cfg = Config::default();
+    cfg.mount_options = vec![
+        MountOption::FSName("rewind-view".into()),
+        MountOption::Subtype("rewind".into()),
+        MountOption::DefaultPermissions,
+        MountOption::RO,
+        MountOption::Dev,
+    ];
+    cfg.acl = SessionACL::All;
+    cfg.n_threads = Some(threads.max(1));
+    Ok(ViewSession {
+        _session: fuser::spawn_mount(fs, mountpoint, &cfg)?,
         ended,
     })
 }

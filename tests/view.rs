@@ -1,0 +1,194 @@
+//! The mount view's core (`rewind::view::View`) against a store built with
+//! the library's own encoders: a base file of several chunks, then records
+//! that overwrite, extend, punch, truncate and link it. Reads at every
+//! interesting offset must equal a plain model of the file; nothing but
+//! the manifest and the segments is fetched to open the view; a store
+//! outage makes a read fail with EIO (never other bytes) and the same
+//! read succeeds once the store is back.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use rewind::base::{self, chunk_key, encode_chunk, BaseKind, Extent, Manifest, Object};
+use rewind::clock::At;
+use rewind::record::{Kind, Op, Record};
+use rewind::segment;
+use rewind::store::faulty::{self, FaultyStore};
+use rewind::store::{file::FileStore, Prefixed, Store};
+use rewind::timeline::Timeline;
+use rewind::view::{ReadOnlyTree, View};
+
+const ROOT: u64 = 100;
+const FILE: u64 = 101;
+const LINEAGE: u64 = 0x1234;
+const MIB: usize = 1 << 20;
+const PUNCH_HOLE_KEEP_SIZE: u32 = 0x02 | 0x01;
+
+/// Bytes that never repeat a chunk (so no two chunks dedupe to one).
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ u64::from(seed);
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn build(store: &dyn Store) -> Vec<u8> {
+    // The base: FILE holds 2.5 MiB in three chunks.
+    let data = pattern(5 * MIB / 2, 7);
+    let mut extents = Vec::new();
+    for (i, c) in data.chunks(MIB).enumerate() {
+        let hash = *blake3::hash(c).as_bytes();
+        store.put(&chunk_key(&hash), encode_chunk(c)).unwrap();
+        extents.push(Extent {
+            offset: (i * MIB) as u64,
+            len: c.len() as u32,
+            hash,
+        });
+    }
+    let file = Object {
+        ino: FILE,
+        kind: Kind::File,
+        mode: 0o640,
+        uid: 7,
+        gid: 8,
+        size: data.len() as u64,
+        mtime: 1_500,
+        rdev: 0,
+        target: Bytes::new(),
+        xattrs: vec![(Bytes::from_static(b"user.a"), Bytes::from_static(b"1"))],
+        extents,
+    };
+    let m = Manifest {
+        lineage: LINEAGE,
+        start_seq: 0,
+        started_ns: 1_000,
+        completed_ns: 2_000,
+        kind: BaseKind::Initial,
+        root: ROOT,
+        objects: vec![Object::dir(ROOT), file],
+        links: vec![base::Link {
+            parent: ROOT,
+            name: Bytes::from_static(b"f"),
+            ino: FILE,
+        }],
+    };
+    base::store_manifest(store, &m).unwrap();
+
+    // The records, and the same changes on the model.
+    let mut model = data;
+    let over = pattern(100_000, 99);
+    let at = MIB - 50_000;
+    model[at..at + over.len()].copy_from_slice(&over);
+    let tail = pattern(700_000, 3);
+    model.extend_from_slice(&tail);
+    let grown = model.len() as u64;
+    model[2 * MIB..2 * MIB + 4096].fill(0);
+    model.truncate(3 * MIB);
+    let w = |offset: usize, data: &[u8], size: u64| Op::Write {
+        ino: FILE,
+        offset: offset as u64,
+        size,
+        mtime: 3_000,
+        data: Bytes::copy_from_slice(data),
+    };
+    let ops = vec![
+        w(at, &over, 5 * MIB as u64 / 2),
+        w(5 * MIB / 2, &tail, grown),
+        Op::Fallocate {
+            ino: FILE,
+            mode: PUNCH_HOLE_KEEP_SIZE,
+            offset: 2 * MIB as u64,
+            len: 4096,
+            size: grown,
+            mtime: 3_001,
+        },
+        Op::SetAttr {
+            ino: FILE,
+            mode: 0o600,
+            uid: 7,
+            gid: 8,
+            size: 3 * MIB as u64,
+            mtime: 3_002,
+        },
+        Op::Link {
+            ino: FILE,
+            parent: ROOT,
+            name: Bytes::from_static(b"g"),
+        },
+    ];
+    let recs: Vec<Record> = ops
+        .into_iter()
+        .enumerate()
+        .map(|(i, op)| Record {
+            seq: 1 + i as u64,
+            time: 3_000 + i as i64,
+            op,
+        })
+        .collect();
+    let (meta, seg) = segment::encode(LINEAGE, &recs);
+    store.put(&meta.key(), seg).unwrap();
+    model
+}
+
+#[test]
+fn view_reads_equal_the_model_and_fail_with_eio_while_the_store_is_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let root: Arc<dyn Store> = Arc::new(FileStore::open(dir.path().join("store")).unwrap());
+    let faulty = Arc::new(FaultyStore::new(root));
+    let store: Arc<dyn Store> = Arc::new(Prefixed::new(faulty.clone(), "vol"));
+    let model = build(store.as_ref());
+    let plan = Timeline::load(store.as_ref())
+        .unwrap()
+        .plan(At::Latest, None)
+        .unwrap();
+
+    let gets_before = faulty.calls(faulty::Op::Get);
+    // A cache of one chunk: every read of another chunk fetches again.
+    let (view, opened) = View::open(store.clone(), &plan, MIB as u64, &mut |_| {}).unwrap();
+    assert_eq!(opened.records, 5);
+    assert_eq!(
+        faulty.calls(faulty::Op::Get) - gets_before,
+        2,
+        "opening the view fetches the manifest and the segment, no chunk"
+    );
+
+    let f = view.lookup(ROOT, b"f").unwrap();
+    let g = view.lookup(ROOT, b"g").unwrap();
+    assert_eq!((f.ino, f.nlink, f.size, f.perm, f.uid, f.gid), (FILE, 2, model.len() as u64, 0o600, 7, 8));
+    assert_eq!(g.ino, f.ino, "two names of one file show one inode");
+    assert_eq!(f.mtime, 3_002);
+    assert_eq!(view.getxattr(FILE, b"user.a").unwrap().as_ref(), b"1");
+    let names: Vec<Vec<u8>> = view.readdir(ROOT).unwrap().into_iter().map(|e| e.0.to_vec()).collect();
+    assert_eq!(names, vec![b"f".to_vec(), b"g".to_vec()]);
+
+    let len = model.len() as u64;
+    let cases: &[(&str, u64, u32)] = &[
+        ("start", 0, 4096),
+        ("across a chunk and a write", MIB as u64 - 60_000, 200_000),
+        ("the punched hole", 2 * MIB as u64 - 10, 5000),
+        ("record data past the base", 5 * MIB as u64 / 2 + 5, 70_000),
+        ("up to the end", len - 100, 4096),
+        ("past the end", len + 10, 4096),
+        ("a whole chunk, sequentially", 0, MIB as u32),
+        ("the next one", MIB as u64, MIB as u32),
+    ];
+    for (what, off, size) in cases {
+        let end = (off + u64::from(*size)).min(len);
+        let want = if *off >= len { &[][..] } else { &model[*off as usize..end as usize] };
+        assert_eq!(view.read(FILE, *off, *size).unwrap(), want, "{what}");
+    }
+
+    // The store goes away: a read of a chunk the cache no longer holds
+    // fails with EIO; record bytes are in memory and still read.
+    faulty.set_down(true);
+    assert_eq!(view.read(FILE, 10, 100), Err(rustix::io::Errno::IO));
+    let rec = 5 * MIB / 2 + 5;
+    assert_eq!(view.read(FILE, rec as u64, 100).unwrap(), &model[rec..rec + 100]);
+    faulty.set_down(false);
+    assert_eq!(view.read(FILE, 10, 100).unwrap(), &model[10..110], "works again once the store is back");
+}
