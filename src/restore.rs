@@ -1047,10 +1047,11 @@ pub fn restore(
     ));
     let mut tree = Tree::prepare(target, force)?;
     tree.set_fuzzy_until(manifest.completed_ns);
+    let naming = store.chunk_naming()?;
     let mut fetch = |hash: &[u8; 32]| -> Result<Vec<u8>> {
         let key = chunk_key(hash);
         let data = store.get(&key)?;
-        decode_chunk(&data, hash).map_err(|e| RestoreError::Chunk {
+        decode_chunk(&data, hash, &naming).map_err(|e| RestoreError::Chunk {
             key,
             why: e.to_string(),
         })

@@ -1,5 +1,6 @@
 //! `rewind verify`: reads every object of a volume and checks it — each
-//! segment, delta, manifest and chunk against its blake3 trailer and its key, and
+//! segment, delta, manifest and chunk against its blake3 trailer and its key
+//! (and, in an encrypted volume, its authentication tag), and
 //! the timeline for continuity (no missing sequence numbers, a base per
 //! lineage, every chunk a manifest names present, every base kept by a
 //! prune complete with its records). Objects that a prune condemned are
@@ -78,17 +79,21 @@ pub fn verify(store: &dyn Store, progress: &mut dyn FnMut(&str)) -> Result<Repor
         }
         rep.bases += 1;
     }
+    let naming = store.chunk_naming()?;
     for h in &chunks_needed {
         let key = chunk_key(h);
         match store.get(&key) {
             Ok(d) => {
-                if let Err(e) = decode_chunk(&d, h) {
+                if let Err(e) = decode_chunk(&d, h, &naming) {
                     rep.problems.push(format!("chunk {key}: {e}"));
                 }
             }
             Err(StoreError::NotFound { .. }) => rep
                 .problems
                 .push(format!("chunk {key} is missing but a base needs it")),
+            // An encrypted chunk that fails its tag is a finding like a
+            // plaintext chunk that fails its hash.
+            Err(e @ StoreError::Sealed { .. }) => rep.problems.push(format!("chunk {key}: {e}")),
             Err(e) => return Err(e),
         }
         rep.chunks += 1;

@@ -241,7 +241,12 @@ fn chunk_v1() {
     let raw: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8).collect();
     let g = golden("chunk-v1.rwc", &base::encode_chunk(&raw));
     assert_eq!(
-        base::decode_chunk(&g, blake3::hash(&raw).as_bytes()).unwrap(),
+        base::decode_chunk(
+            &g,
+            blake3::hash(&raw).as_bytes(),
+            &rewind::crypt::ChunkNaming::Plain
+        )
+        .unwrap(),
         raw
     );
 }

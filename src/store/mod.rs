@@ -20,6 +20,7 @@ pub const DELETE_BATCH: usize = 1000;
 pub mod faulty;
 pub mod file;
 pub mod s3;
+pub mod sealed;
 
 /// Errors a store backend reports. `NotFound` is separate so that callers
 /// can tell "absent" from "broken"; `Unreachable` is the transient class
@@ -43,6 +44,22 @@ pub enum StoreError {
     },
     #[error("invalid store URL {url:?}: {why}")]
     BadUrl { url: String, why: String },
+    /// The volume's encryption setup does not match the key given.
+    #[error("store {store}: {source}")]
+    Key {
+        store: String,
+        #[source]
+        source: sealed::KeyError,
+    },
+    /// An encrypted volume's object failed to open: it is corrupt or was
+    /// tampered with (changed, or moved from another key).
+    #[error("store {store}: object {key}: {source}")]
+    Sealed {
+        store: String,
+        key: String,
+        #[source]
+        source: crate::crypt::CryptError,
+    },
 }
 
 impl StoreError {
@@ -116,6 +133,11 @@ pub trait Store: Send + Sync {
     /// multipart uploads have nothing to clean.
     fn abort_incomplete_uploads(&self, _prefix: &str) -> Result<usize> {
         Ok(0)
+    }
+    /// How the volume names its chunks (`crypt::ChunkNaming`): plain blake3
+    /// unless the volume is encrypted, which only `sealed::Volume` knows.
+    fn chunk_naming(&self) -> Result<crate::crypt::ChunkNaming> {
+        Ok(crate::crypt::ChunkNaming::Plain)
     }
 }
 
@@ -205,6 +227,22 @@ fn open_s3(_url: &str, bucket: &str, prefix: &str, opts: &StoreOptions) -> Resul
     cfg.tolerate_unreachable = opts.tolerate_unreachable;
     cfg.skip_check = opts.skip_check;
     Ok(Arc::new(s3::S3Store::open(cfg)?))
+}
+
+/// Opens volume `volume` of the store at `url`: the store viewed under the
+/// volume's prefix, plaintext or sealed as `encryption` and the volume's
+/// keys decide (`sealed::Volume`).
+pub fn open_volume(
+    url: &str,
+    volume: &str,
+    opts: &StoreOptions,
+    encryption: sealed::Encryption,
+) -> Result<Arc<sealed::Volume>> {
+    let root = open(url, opts)?;
+    Ok(Arc::new(sealed::Volume::new(
+        Arc::new(Prefixed::new(root, volume)),
+        encryption,
+    )))
 }
 
 /// A store viewed under a key prefix (the volume's namespace), so that the
