@@ -136,9 +136,10 @@ pub trait Store: Send + Sync {
     }
     /// How the volume names its chunks (`crypt::ChunkNaming`): plain blake3
     /// unless the volume is encrypted, which only `sealed::Volume` knows.
-    fn chunk_naming(&self) -> Result<crate::crypt::ChunkNaming> {
-        Ok(crate::crypt::ChunkNaming::Plain)
-    }
+    /// Backends answer `Plain`; every wrapper must forward it (there is
+    /// deliberately no default, so that a new wrapper cannot forget and
+    /// name an encrypted volume's chunks by their plain hash).
+    fn chunk_naming(&self) -> Result<crate::crypt::ChunkNaming>;
 }
 
 impl fmt::Debug for dyn Store {
@@ -318,5 +319,8 @@ impl Store for Prefixed {
     }
     fn abort_incomplete_uploads(&self, prefix: &str) -> Result<usize> {
         self.inner.abort_incomplete_uploads(&self.full(prefix))
+    }
+    fn chunk_naming(&self) -> Result<crate::crypt::ChunkNaming> {
+        self.inner.chunk_naming()
     }
 }

@@ -1254,6 +1254,10 @@ impl Store for S3Store {
     fn describe(&self) -> String {
         self.inner.describe()
     }
+
+    fn chunk_naming(&self) -> Result<crate::crypt::ChunkNaming> {
+        Ok(crate::crypt::ChunkNaming::Plain)
+    }
 }
 
 #[cfg(test)]
