@@ -481,8 +481,14 @@ fn a_plaintext_store_of_version_1_opens_without_a_key_and_refuses_one() {
         .plan(rewind::clock::At::Latest, None)
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    rewind::restore::restore(store.as_ref(), &plan, &dir.path().join("t"), false, &mut |_| {})
-        .unwrap();
+    rewind::restore::restore(
+        store.as_ref(),
+        &plan,
+        &dir.path().join("t"),
+        false,
+        &mut |_| {},
+    )
+    .unwrap();
     assert_eq!(
         std::fs::read(dir.path().join("t/d/a")).unwrap(),
         b"base file\nmore\n"
