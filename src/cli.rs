@@ -222,6 +222,23 @@ pub struct RunArgs {
     /// page cache for it (PostgreSQL with small shared_buffers).
     #[arg(long)]
     pub cached_writes: bool,
+    /// Put every object with an S3 Object Lock retention of this many days (the bucket must have
+    /// Object Lock enabled; docs/SECURITY.md): until it ends, no credential can delete or replace
+    /// the stored versions. The sidecar never overwrites or deletes an object, so it needs no
+    /// more permissions for this than s3:PutObject and s3:PutObjectRetention.
+    #[arg(long, value_name = "DAYS", value_parser = clap::value_parser!(u32).range(1..))]
+    pub object_lock_days: Option<u32>,
+    /// The retention mode for --object-lock-days (default compliance): compliance (nobody, the
+    /// account's root included, can shorten it) or governance (principals allowed
+    /// s3:BypassGovernanceRetention can).
+    #[arg(long, value_enum, requires = "object_lock_days")]
+    pub object_lock_mode: Option<LockModeArg>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LockModeArg {
+    Compliance,
+    Governance,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -21,7 +21,7 @@ use parking_lot::Mutex;
 use rustix::fs::{Mode, OFlags};
 
 use crate::base::{BaseWatch, StoredChunks};
-use crate::cli::RunArgs;
+use crate::cli::{LockModeArg, RunArgs};
 use crate::fs::{fuse, Passthrough};
 use crate::http::{HttpError, StatusServer};
 use crate::journal::{Journal, JournalError};
@@ -31,7 +31,7 @@ use crate::outage::{StoreHealth, Watched};
 use crate::redo::RedoError;
 use crate::ship::{ShipError, Shipper};
 use crate::store::sealed::{read_key_file, Encryption};
-use crate::store::{self, Store, StoreError, StoreOptions};
+use crate::store::{self, LockMode, ObjectLock, Store, StoreError, StoreOptions};
 use crate::timeline::{LineageId, LineageStart, Timeline};
 
 mod base_thread;
@@ -279,6 +279,13 @@ fn open_store(
         s3_path_style: args.store.s3_path_style,
         tolerate_unreachable: true,
         skip_check,
+        object_lock: args.object_lock_days.map(|days| ObjectLock {
+            days,
+            mode: match args.object_lock_mode {
+                Some(LockModeArg::Governance) => LockMode::Governance,
+                Some(LockModeArg::Compliance) | None => LockMode::Compliance,
+            },
+        }),
     };
     // The key file is read before anything else: a missing or malformed
     // key stops the start, whatever the store's state.

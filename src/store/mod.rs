@@ -211,11 +211,36 @@ pub struct StoreOptions {
     pub tolerate_unreachable: bool,
     /// Skip the bucket check at open (used when the check already timed out).
     pub skip_check: bool,
+    /// Put every object with this S3 Object Lock retention (`s3://` only).
+    pub object_lock: Option<ObjectLock>,
+}
+
+/// The S3 Object Lock retention mode (what S3 calls ObjectLockMode).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LockMode {
+    /// Principals with s3:BypassGovernanceRetention may shorten or remove it.
+    Governance,
+    /// Nobody, the account's root included, can shorten it or delete a
+    /// locked version before it ends.
+    Compliance,
+}
+
+/// A retention every put carries: locked for `days` from the put.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ObjectLock {
+    pub mode: LockMode,
+    pub days: u32,
 }
 
 /// Opens the store a URL names; `s3://` checks the bucket before returning.
 pub fn open(url: &str, opts: &StoreOptions) -> Result<Arc<dyn Store>> {
     match StoreUrl::parse(url)? {
+        StoreUrl::File(_) if opts.object_lock.is_some() => Err(StoreError::Config {
+            store: url.to_string(),
+            detail:
+                "Object Lock retention needs an s3:// store whose bucket has Object Lock enabled"
+                    .into(),
+        }),
         StoreUrl::File(path) => Ok(Arc::new(file::FileStore::open(path)?)),
         StoreUrl::S3 { bucket, prefix } => open_s3(url, &bucket, &prefix, opts),
     }
@@ -227,6 +252,7 @@ fn open_s3(_url: &str, bucket: &str, prefix: &str, opts: &StoreOptions) -> Resul
     cfg.path_style = opts.s3_path_style;
     cfg.tolerate_unreachable = opts.tolerate_unreachable;
     cfg.skip_check = opts.skip_check;
+    cfg.object_lock = opts.object_lock;
     Ok(Arc::new(s3::S3Store::open(cfg)?))
 }
 
