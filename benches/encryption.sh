@@ -7,7 +7,9 @@
 # The daemon's CPU seconds (user + system, /usr/bin/time) per GiB protected
 # (base plus journaled bytes) and the wall time of `rewind restore --at
 # latest` (MB/s of restored data; the target's pages are written back before
-# the clock stops) are printed per mode. Other work on the machine moves the
+# the clock stops) with its CPU seconds are printed per mode; ROUNDS (default
+# 1) repeats both modes, alternating, since neighbours on a shared machine
+# move single figures a lot. Other work on the machine moves the
 # figures: the load average at the start and end is printed with them.
 #   benches/encryption.sh           (SIZE_MIB=256 by default; about a minute)
 set -euo pipefail
@@ -44,8 +46,13 @@ PY
 gen "$W/payload" 2
 
 echo "bench encryption: $(nproc) cores; load at start: $(uptime)"
+for round in $(seq 1 "${ROUNDS:-1}"); do
 for mode in plain encrypted; do
   D=$W/$mode
+  if [[ -d $D ]]; then
+    while umount -l "$D/mnt" 2>/dev/null; do :; done  # the previous round's guard
+    rm -rf "$D"
+  fi
   mkdir -p "$D"/{src,mnt,store}
   gen "$D/src/base" 1
   key=()
@@ -76,18 +83,21 @@ for mode in plain encrypted; do
   read -r user sys <"$D/cpu"
   store_mib=$(du -sm "$D/store" | cut -f1)
   t0=$(date +%s.%N)
-  "$BIN" restore "${store[@]}" --at latest --target "$D/restored" --quiet >/dev/null
+  /usr/bin/time -f "%U %S" -o "$D/restore-cpu" "$BIN" restore "${store[@]}" --at latest --target "$D/restored" --quiet >/dev/null
   sync -f "$D/restored/payload"
   t1=$(date +%s.%N)
+  read -r ruser rsys <"$D/restore-cpu"
   cmp -s "$W/payload" "$D/restored/payload" || { echo "restored payload differs"; exit 1; }
   cmp -s "$D/src/base" "$D/restored/base" || { echo "restored base file differs"; exit 1; }
-  python3 - "$mode" "$user" "$sys" "$SIZE_MIB" "$t0" "$t1" "$store_mib" <<'PY'
+  python3 - "$mode" "$user" "$sys" "$SIZE_MIB" "$t0" "$t1" "$store_mib" "$ruser" "$rsys" <<'PY'
 import sys
 mode, user, sys_, mib, t0, t1, store = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5]), float(sys.argv[6]), int(sys.argv[7])
+rcpu = float(sys.argv[8]) + float(sys.argv[9])
 gib = 2 * mib / 1024
 secs = t1 - t0
 print(f"bench encryption: {mode:9s} run CPU {user + sys_:6.2f} s ({user:.2f} user, {sys_:.2f} sys) = {(user + sys_) / gib:6.2f} s/GiB protected; "
-      f"restore of {2 * mib} MiB in {secs:.2f} s = {2 * mib * 1.048576 / secs:6.1f} MB/s; store {store} MiB")
+      f"restore of {2 * mib} MiB in {secs:.2f} s = {2 * mib * 1.048576 / secs:6.1f} MB/s ({rcpu:.2f} s CPU); store {store} MiB")
 PY
+done
 done
 echo "bench encryption: load at end: $(uptime)"

@@ -325,11 +325,9 @@ fn open_store(
                 // that does not fit the volume stops the start here, and
                 // while the store cannot say, nothing is read or written
                 // until it can.
+                let checked = store.check();
                 let store: Arc<dyn Store> = store;
-                let (timeline, down) = match store
-                    .chunk_naming()
-                    .and_then(|_| Timeline::load(store.as_ref()))
-                {
+                let (timeline, down) = match checked.and_then(|()| Timeline::load(store.as_ref())) {
                     Ok(t) => (Some(t), None),
                     Err(e) if e.is_transient() => (None, Some(e)),
                     Err(source) => {
