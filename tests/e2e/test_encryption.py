@@ -28,6 +28,10 @@ changed, and the old key is refused.
 test_differential_encrypted: the core differential suite (test_differential,
 one seed, a smaller prefill) on an encrypted volume: every instant restores
 equal to the mount, as it does unencrypted.
+
+test_prune_on_an_encrypted_volume: two prunes through the sealed store
+delete the older base; the kept instant restores, verify passes, and every
+object left is sealed.
 """
 
 from __future__ import annotations
