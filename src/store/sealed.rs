@@ -386,6 +386,19 @@ mod tests {
     }
 
     #[test]
+    fn no_volume_name_ends_in_the_keys_kind() {
+        use crate::timeline::check_volume_name;
+        for (name, ok) in [
+            ("shop/keys", false),
+            ("keys", false),
+            ("shop/keyring", true),
+            ("keys/db", true),
+        ] {
+            assert_eq!(check_volume_name(name).is_ok(), ok, "{name}");
+        }
+    }
+
+    #[test]
     fn rotation_rewraps_and_the_old_key_stops_working() {
         let dir = tempfile::tempdir().unwrap();
         let v = open(
