@@ -1,8 +1,9 @@
 //! Criterion benches for the pieces on the write and restore paths: journal
 //! append (one and several threads), journal frames (encode with their
 //! check, and the scan that verifies them), segment encode and decode (lz4 +
-//! blake3), restore replay, and a base written through the restore's job
-//! pool. `scripts/test-all` runs them in quick mode
+//! blake3), sealing and opening an encrypted volume's object, restore
+//! replay, and a base written through the restore's job pool.
+//! `scripts/test-all` runs them in quick mode
 //! (`cargo bench -- --test`) so they cannot rot; `cargo bench` measures.
 
 use std::sync::Arc;
@@ -145,6 +146,19 @@ fn segments(c: &mut Criterion) {
     g.finish();
 }
 
+fn sealing(c: &mut Criterion) {
+    let mut g = c.benchmark_group("seal");
+    let dk = rewind::crypt::DataKey::from_raw([7; 32]);
+    let data = incompressible(8 << 20, 3);
+    g.throughput(Throughput::Bytes(8 << 20));
+    g.bench_function("seal 8 MiB", |b| b.iter(|| dk.seal("seg/x", &data)));
+    let sealed = dk.seal("seg/x", &data);
+    g.bench_function("open 8 MiB", |b| {
+        b.iter(|| dk.open("seg/x", &sealed).unwrap())
+    });
+    g.finish();
+}
+
 fn replay(c: &mut Criterion) {
     let mut g = c.benchmark_group("restore");
     let root = 2u64;
@@ -249,5 +263,5 @@ fn replay(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, journal_append, journal_frames, segments, replay);
+criterion_group!(benches, journal_append, journal_frames, segments, sealing, replay);
 criterion_main!(benches);

@@ -13,7 +13,9 @@
 //! files.
 //!
 //! Chunk format (version 1): `magic "RWCHK001" | version:u16 | raw_len:u32 |
-//! lz4 blocks (codec) | blake3 trailer`; key `chunk/<blake3 of raw, hex>`.
+//! lz4 blocks (codec) | blake3 trailer`; key `chunk/<hash of raw, hex>`,
+//! where the hash is blake3, keyed in an encrypted volume
+//! (`crypt::ChunkNaming`).
 //!
 //! Manifest format (version 2): `magic "RWBASE01" | version:u16 | lineage:u64
 //! | start_seq:u64 | started_ns:i64 | completed_ns:i64 | kind:u8 | root:u64 |
@@ -39,6 +41,7 @@ use rustix::fs::{self as rfs, Mode, OFlags};
 
 use crate::clock::Nanos;
 use crate::codec::{put_bytes, put_lz4_blocks, read_lz4_blocks, seal, unseal, DecodeError, Reader};
+use crate::crypt::ChunkNaming;
 use crate::layout::HIDDEN;
 use crate::record::{Ino, Kind, Seq};
 use crate::store::{Store, StoreError};
@@ -229,8 +232,13 @@ pub fn encode_chunk(raw: &[u8]) -> Bytes {
     Bytes::from(out)
 }
 
-/// Decodes a chunk and checks that its content hashes to `hash` (its key).
-pub fn decode_chunk(data: &[u8], hash: &[u8; 32]) -> Result<Vec<u8>, DecodeError> {
+/// Decodes a chunk and checks that its content hashes to `hash` (its key)
+/// as the volume names chunks (`naming`, from `Store::chunk_naming`).
+pub fn decode_chunk(
+    data: &[u8],
+    hash: &[u8; 32],
+    naming: &ChunkNaming,
+) -> Result<Vec<u8>, DecodeError> {
     let body = unseal(data)?;
     let mut r = Reader::new(body);
     if r.take(8)? != CHUNK_MAGIC {
@@ -245,7 +253,7 @@ pub fn decode_chunk(data: &[u8], hash: &[u8; 32]) -> Result<Vec<u8>, DecodeError
         return Err(r.err("chunk larger than the chunk size"));
     }
     let raw = read_lz4_blocks(&mut r, raw_len)?;
-    if blake3::hash(&raw).as_bytes() != hash {
+    if &naming.hash(&raw) != hash {
         return Err(DecodeError {
             at: 0,
             what: "content does not match the chunk's hash".into(),
@@ -462,6 +470,7 @@ struct Walker<'a> {
     touched: &'a dyn Fn(Ino) -> bool,
     seen: HashSet<Ino>,
     known_chunks: &'a StoredChunks,
+    naming: ChunkNaming,
     objects: Vec<Object>,
     links: Vec<Link>,
     stats: BaseStats,
@@ -534,7 +543,7 @@ impl<'a> Walker<'a> {
                     break;
                 }
                 let raw = &self.buf[..n];
-                let hash = *blake3::hash(raw).as_bytes();
+                let hash = self.naming.hash(raw);
                 self.stats.bytes += n as u64;
                 if !self.known_chunks.contains(&hash) {
                     self.stats.chunks_checked += 1;
@@ -799,6 +808,7 @@ fn walk_inner(req: &BaseRequest<'_>) -> Result<(Manifest, BaseStats), BaseError>
         touched: req.touched,
         seen: HashSet::new(),
         known_chunks: req.known_chunks,
+        naming: req.store.chunk_naming()?,
         objects: Vec::new(),
         links: Vec::new(),
         stats: BaseStats::default(),
@@ -1333,7 +1343,7 @@ mod tests {
                 let data = inner
                     .get(&chunk_key(&e.hash))
                     .expect("every named chunk is stored");
-                decode_chunk(&data, &e.hash).unwrap();
+                decode_chunk(&data, &e.hash, &ChunkNaming::Plain).unwrap();
             }
         }
     }

@@ -74,6 +74,9 @@ pub enum Command {
     Prune(PruneArgs),
     /// Serve the Kubernetes admission webhook that injects the sidecar (HTTPS, POST /mutate).
     Webhook(WebhookArgs),
+    /// Manage an encrypted volume's keys (docs/SECURITY.md).
+    #[command(subcommand)]
+    Key(KeyCommand),
     /// Inspect local state (for tests and troubleshooting).
     #[command(hide = true, subcommand)]
     Debug(DebugCommand),
@@ -115,6 +118,44 @@ pub struct StoreArgs {
     /// Use path-style S3 addressing (most self-hosted S3 servers need it).
     #[arg(long, env = "REWIND_S3_PATH_STYLE", value_parser = clap::builder::BoolishValueParser::new(), default_value = "false")]
     pub s3_path_style: bool,
+    /// Encrypt the volume (client-side, XChaCha20-Poly1305): FILE holds the 32-byte
+    /// key-encryption key, raw or as 64 hex digits (e.g. a Kubernetes Secret mounted as a
+    /// file). `rewind run` gives an empty volume a random data key wrapped by this key; every
+    /// command then needs it for that volume, and refuses a plaintext volume with it. A
+    /// missing, unreadable or wrong key is an error before anything is read or uploaded.
+    #[arg(long, env = "REWIND_ENCRYPTION_KEY_FILE", value_name = "FILE")]
+    pub encryption_key_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeyCommand {
+    /// Re-wrap an encrypted volume's data key for a new key-encryption key and remove the old
+    /// key's wrapping: no data is rewritten, and afterwards only the new key opens the volume.
+    /// Needs delete permission on the volume's keys/ objects (docs/SECURITY.md). An interrupted
+    /// rotation leaves both keys working; run it again.
+    Rotate(RotateArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RotateArgs {
+    /// Object store: file:///abs/path, a plain directory path, or s3://bucket/prefix.
+    #[arg(long, env = "REWIND_STORE")]
+    pub store: String,
+    /// The volume whose key to rotate.
+    #[arg(long, env = "REWIND_VOLUME", default_value = "default")]
+    pub volume: String,
+    /// S3 endpoint URL for S3-compatible stores (also AWS_ENDPOINT_URL).
+    #[arg(long, env = "AWS_ENDPOINT_URL")]
+    pub s3_endpoint: Option<String>,
+    /// Use path-style S3 addressing (most self-hosted S3 servers need it).
+    #[arg(long, env = "REWIND_S3_PATH_STYLE", value_parser = clap::builder::BoolishValueParser::new(), default_value = "false")]
+    pub s3_path_style: bool,
+    /// The key the volume is encrypted with now.
+    #[arg(long, value_name = "FILE")]
+    pub old_key_file: PathBuf,
+    /// The key that replaces it (32 bytes, raw or as 64 hex digits).
+    #[arg(long, value_name = "FILE")]
+    pub new_key_file: PathBuf,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -193,6 +234,23 @@ pub struct RunArgs {
     /// page cache for it (PostgreSQL with small shared_buffers).
     #[arg(long)]
     pub cached_writes: bool,
+    /// Put every object with an S3 Object Lock retention of this many days (the bucket must have
+    /// Object Lock enabled; docs/SECURITY.md): until it ends, no credential can delete or replace
+    /// the stored versions. The sidecar never overwrites or deletes an object, so it needs no
+    /// more permissions for this than s3:PutObject and s3:PutObjectRetention.
+    #[arg(long, value_name = "DAYS", value_parser = clap::value_parser!(u32).range(1..))]
+    pub object_lock_days: Option<u32>,
+    /// The retention mode for --object-lock-days (default compliance): compliance (nobody, the
+    /// account's root included, can shorten it) or governance (principals allowed
+    /// s3:BypassGovernanceRetention can).
+    #[arg(long, value_enum, requires = "object_lock_days")]
+    pub object_lock_mode: Option<LockModeArg>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LockModeArg {
+    Compliance,
+    Governance,
 }
 
 #[derive(Debug, Clone, Args)]

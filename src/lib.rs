@@ -8,6 +8,7 @@ pub mod cli;
 pub mod clock;
 pub(crate) mod codec;
 pub(crate) mod compact;
+pub mod crypt;
 pub mod delta;
 pub mod fetch;
 pub(crate) mod fs;

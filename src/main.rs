@@ -6,10 +6,11 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
-use rewind::cli::{Cli, Command, DebugCommand, ProgressArgs, StoreArgs};
+use rewind::cli::{Cli, Command, DebugCommand, KeyCommand, ProgressArgs, StoreArgs};
 use rewind::clock::{fmt_ns, parse_at};
 use rewind::progress::{Meter, Style};
-use rewind::store::{self, Prefixed, Store, StoreOptions};
+use rewind::store::sealed::{read_key_file, Encryption};
+use rewind::store::{self, Store, StoreOptions};
 use rewind::timeline::{lineage_id, Timeline};
 
 /// Progress on stderr: a bar on a terminal, periodic plain lines in a log,
@@ -104,8 +105,16 @@ fn open_store(a: &StoreArgs) -> anyhow::Result<Arc<dyn Store>> {
         s3_path_style: a.s3_path_style,
         ..Default::default()
     };
-    let root = store::open(&a.store, &opts)?;
-    Ok(Arc::new(Prefixed::new(root, &a.volume)))
+    let encryption = match &a.encryption_key_file {
+        Some(path) => Encryption::Key {
+            kek: read_key_file(path)?,
+            create: false,
+        },
+        None => Encryption::Off,
+    };
+    let volume = store::open_volume(&a.store, &a.volume, &opts, encryption)?;
+    volume.check()?;
+    Ok(volume)
 }
 
 fn run(cli: Cli) -> anyhow::Result<i32> {
@@ -313,6 +322,41 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                     rewind::prune::render(&report, &args.store.volume, &opts)
                 );
             }
+            Ok(0)
+        }
+        Command::Key(KeyCommand::Rotate(args)) => {
+            let old = read_key_file(&args.old_key_file)?;
+            let new = read_key_file(&args.new_key_file)?;
+            let (old_id, new_id) = (old.id(), new.id());
+            let location = StoreArgs {
+                store: args.store,
+                volume: args.volume,
+                s3_endpoint: args.s3_endpoint,
+                s3_path_style: args.s3_path_style,
+                encryption_key_file: None,
+            };
+            rewind::timeline::check_volume_name(&location.volume)
+                .map_err(|e| anyhow::anyhow!("--volume: {e}"))?;
+            let opts = StoreOptions {
+                s3_endpoint: location.s3_endpoint.clone(),
+                s3_path_style: location.s3_path_style,
+                ..Default::default()
+            };
+            let volume = store::open_volume(
+                &location.store,
+                &location.volume,
+                &opts,
+                Encryption::Key {
+                    kek: old.clone(),
+                    create: false,
+                },
+            )?;
+            volume.check().context("--old-key-file")?;
+            volume.rotate(&old, &new)?;
+            println!(
+                "rotated volume {}: its data key is now wrapped for key {new_id} only (was {old_id}); no data was rewritten",
+                location.volume
+            );
             Ok(0)
         }
         Command::Verify(args) => {

@@ -374,6 +374,9 @@ impl Store for Watched {
     fn abort_incomplete_uploads(&self, prefix: &str) -> Result<usize> {
         self.watch(self.inner.abort_incomplete_uploads(prefix))
     }
+    fn chunk_naming(&self) -> Result<crate::crypt::ChunkNaming> {
+        self.watch(self.inner.chunk_naming())
+    }
 }
 
 #[cfg(test)]

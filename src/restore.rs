@@ -811,10 +811,11 @@ pub fn restore_with(
     let mut tree = Tree::prepare(target, force)?;
     tree.set_fuzzy_until(manifest.completed_ns);
     let meter = opts.meter;
+    let naming = store.chunk_naming()?;
     let fetch = |hash: &[u8; 32]| -> Result<Vec<u8>> {
         let key = chunk_key(hash);
         let data = store.get(&key)?;
-        let raw = decode_chunk(&data, hash).map_err(|e| RestoreError::Chunk {
+        let raw = decode_chunk(&data, hash, &naming).map_err(|e| RestoreError::Chunk {
             key,
             why: e.to_string(),
         })?;

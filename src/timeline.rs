@@ -298,7 +298,7 @@ pub fn check_volume_name(v: &str) -> Result<(), String> {
         }
     }
     let last = v.rsplit('/').next().unwrap();
-    if VOLUME_KEY_KINDS.contains(&last) {
+    if VOLUME_KEY_KINDS.contains(&last) || last == crate::store::sealed::KEYS_DIR {
         return Err(format!(
             "volume name {v:?} must not end in {last:?}, which names a kind of object"
         ));

@@ -241,7 +241,12 @@ fn chunk_v1() {
     let raw: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8).collect();
     let g = golden("chunk-v1.rwc", &base::encode_chunk(&raw));
     assert_eq!(
-        base::decode_chunk(&g, blake3::hash(&raw).as_bytes()).unwrap(),
+        base::decode_chunk(
+            &g,
+            blake3::hash(&raw).as_bytes(),
+            &rewind::crypt::ChunkNaming::Plain
+        )
+        .unwrap(),
         raw
     );
 }
@@ -499,4 +504,108 @@ fn state_v2() {
         &rewind::layout::encode_state(&sample_state()),
     );
     assert_eq!(rewind::layout::decode_state(&g).unwrap(), sample_state());
+}
+
+/// A store of an older build restores through the store every command
+/// opens (`store::open_volume`) without a key, and is refused with one.
+#[test]
+fn a_plaintext_store_of_version_1_opens_without_a_key_and_refuses_one() {
+    use rewind::store::sealed::{Encryption, KeyError};
+    use rewind::store::{open_volume, StoreError, StoreOptions};
+    let url = format!("{}/tests/golden/store-v1", env!("CARGO_MANIFEST_DIR"));
+    let store = open_volume(&url, "vol", &StoreOptions::default(), Encryption::Off).unwrap();
+    let plan = rewind::timeline::Timeline::load(store.as_ref())
+        .unwrap()
+        .plan(rewind::clock::At::Latest, None)
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    rewind::restore::restore(
+        store.as_ref(),
+        &plan,
+        &dir.path().join("t"),
+        false,
+        &mut |_| {},
+    )
+    .unwrap();
+    assert_eq!(
+        std::fs::read(dir.path().join("t/d/a")).unwrap(),
+        b"base file\nmore\n"
+    );
+    let kek = rewind::crypt::Kek::parse(&[1; 32]).unwrap();
+    let keyed = open_volume(
+        &url,
+        "vol",
+        &StoreOptions::default(),
+        Encryption::Key { kek, create: true },
+    )
+    .unwrap();
+    assert!(matches!(
+        keyed.check(),
+        Err(StoreError::Key {
+            source: KeyError::PlaintextVolume,
+            ..
+        })
+    ));
+}
+
+fn sealed_sample_key() -> rewind::crypt::DataKey {
+    rewind::crypt::DataKey::from_raw([7; 32])
+}
+
+/// The sealed envelope (version 1) of a fixed object under a fixed data key:
+/// sealing is deterministic, so the bytes are pinned, and they open.
+#[test]
+fn sealed_v1() {
+    let dk = sealed_sample_key();
+    let plain = b"a segment's bytes, sealed under its key";
+    let g = golden("sealed-v1.rwe", &dk.seal("seg/sample", plain));
+    assert_eq!(dk.open("seg/sample", &g).unwrap(), plain);
+    assert!(dk.open("seg/other", &g).is_err());
+}
+
+/// The wrapped data key (version 1) for a fixed KEK and nonce.
+#[test]
+fn wrapped_key_v1() {
+    let kek = rewind::crypt::Kek::parse(&[9; 32]).unwrap();
+    let key = format!("keys/{}.rwk", kek.id());
+    let g = golden(
+        "wrapped-key-v1.rwk",
+        &kek.wrap(&sealed_sample_key(), &key, &[5; 24]),
+    );
+    let dk = kek.unwrap(&g, &key).unwrap();
+    assert_eq!(dk.seal("x", b"y"), sealed_sample_key().seal("x", b"y"));
+}
+
+/// An encrypted store written by `rewind run` (a base file, an append and a
+/// new file through the mount; key in store-sealed-v1.key) restores with
+/// its key, whose whole schedule (wrapping, sealing, chunk names) it pins,
+/// and is refused without it.
+#[test]
+fn an_encrypted_store_of_version_1_restores_with_its_key() {
+    use rewind::store::sealed::{read_key_file, Encryption, KeyError};
+    use rewind::store::{open_volume, StoreError, StoreOptions};
+    let golden = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden");
+    let url = golden.join("store-sealed-v1").display().to_string();
+    let kek = read_key_file(&golden.join("store-sealed-v1.key")).unwrap();
+    let mode = Encryption::Key { kek, create: false };
+    let store = open_volume(&url, "vol", &StoreOptions::default(), mode).unwrap();
+    let plan = rewind::timeline::Timeline::load(store.as_ref())
+        .unwrap()
+        .plan(rewind::clock::At::Latest, None)
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let t = dir.path().join("t");
+    rewind::restore::restore(store.as_ref(), &plan, &t, false, &mut |_| {}).unwrap();
+    assert_eq!(std::fs::read(t.join("d/a")).unwrap(), b"base file\nmore\n");
+    assert_eq!(std::fs::read(t.join("d/b")).unwrap(), b"segment file\n");
+    let rep = rewind::verify::verify(store.as_ref(), &mut |_| {}).unwrap();
+    assert!(rep.problems.is_empty(), "{:?}", rep.problems);
+    let plain = open_volume(&url, "vol", &StoreOptions::default(), Encryption::Off).unwrap();
+    assert!(matches!(
+        plain.check(),
+        Err(StoreError::Key {
+            source: KeyError::KeyRequired { .. },
+            ..
+        })
+    ));
 }

@@ -60,6 +60,9 @@ impl Store for FailFrom {
     fn describe(&self) -> String {
         "failing test store".into()
     }
+    fn chunk_naming(&self) -> StoreResult<rewind::crypt::ChunkNaming> {
+        self.inner.chunk_naming()
+    }
 }
 
 /// Deterministic bytes that differ per file and chunk.

@@ -22,7 +22,7 @@ use parking_lot::Mutex;
 use rustix::fs::{Mode, OFlags};
 
 use crate::base::{BaseWatch, StoredChunks};
-use crate::cli::RunArgs;
+use crate::cli::{LockModeArg, RunArgs};
 use crate::fs::{fuse, Passthrough};
 use crate::http::{HttpError, StatusServer};
 use crate::journal::{Journal, JournalError};
@@ -31,7 +31,8 @@ use crate::metrics::Metrics;
 use crate::outage::{StoreHealth, Watched};
 use crate::redo::RedoError;
 use crate::ship::{ShipError, Shipper};
-use crate::store::{self, Prefixed, Store, StoreError, StoreOptions};
+use crate::store::sealed::{read_key_file, Encryption};
+use crate::store::{self, LockMode, ObjectLock, Store, StoreError, StoreOptions};
 use crate::timeline::{LineageId, LineageStart, Timeline};
 
 mod base_thread;
@@ -304,22 +305,55 @@ fn open_store(
         s3_path_style: args.store.s3_path_style,
         tolerate_unreachable: true,
         skip_check,
+        object_lock: args.object_lock_days.map(|days| ObjectLock {
+            days,
+            mode: match args.object_lock_mode {
+                Some(LockModeArg::Governance) => LockMode::Governance,
+                Some(LockModeArg::Compliance) | None => LockMode::Compliance,
+            },
+        }),
+    };
+    // The key file is read before anything else: a missing or malformed
+    // key stops the start, whatever the store's state.
+    let encryption = || -> Result<Encryption, RunError> {
+        Ok(match &args.store.encryption_key_file {
+            Some(path) => Encryption::Key {
+                kek: read_key_file(path).map_err(|source| RunError::Store {
+                    what: "cannot use the encryption key",
+                    source: StoreError::Key {
+                        store: args.store.store.clone(),
+                        source,
+                    },
+                })?,
+                create: true,
+            },
+            None => Encryption::Off,
+        })
     };
     let (tx, rx) = crossbeam_channel::bounded(1);
     {
+        let encryption = encryption()?;
         let url = args.store.store.clone();
         let volume = args.store.volume.clone();
         let opts = opts(false);
         std::thread::spawn(move || {
             let res = (|| {
-                let root = store::open(&url, &opts).map_err(|source| RunError::Store {
-                    what: "cannot open the store",
-                    source,
-                })?;
-                let store: Arc<dyn Store> = Arc::new(Prefixed::new(root, &volume));
+                let store =
+                    store::open_volume(&url, &volume, &opts, encryption).map_err(|source| {
+                        RunError::Store {
+                            what: "cannot open the store",
+                            source,
+                        }
+                    })?;
                 // An unreachable store is reported as the start of an
-                // outage, once the outage tracker exists.
-                let (timeline, down) = match Timeline::load(store.as_ref()) {
+                // outage, once the outage tracker exists. The volume's
+                // encryption is settled first (`sealed::Volume`): a key
+                // that does not fit the volume stops the start here, and
+                // while the store cannot say, nothing is read or written
+                // until it can.
+                let checked = store.check();
+                let store: Arc<dyn Store> = store;
+                let (timeline, down) = match checked.and_then(|()| Timeline::load(store.as_ref())) {
                     Ok(t) => (Some(t), None),
                     Err(e) if e.is_transient() => (None, Some(e)),
                     Err(source) => {
@@ -351,16 +385,17 @@ fn open_store(
         Ok(r) => r,
         Err(_) => {
             tracing::warn!("the store did not answer within {STORE_STARTUP_WAIT:?}; protecting anyway, the journal holds changes until it returns");
-            let root =
-                store::open(&args.store.store, &opts(true)).map_err(|source| RunError::Store {
-                    what: "cannot open the store",
-                    source,
-                })?;
-            Ok((
-                Arc::new(Prefixed::new(root, &args.store.volume)) as Arc<dyn Store>,
-                None,
-                None,
-            ))
+            let store = store::open_volume(
+                &args.store.store,
+                &args.store.volume,
+                &opts(true),
+                encryption()?,
+            )
+            .map_err(|source| RunError::Store {
+                what: "cannot open the store",
+                source,
+            })?;
+            Ok((store as Arc<dyn Store>, None, None))
         }
     }
 }

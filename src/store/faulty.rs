@@ -190,4 +190,8 @@ impl Store for FaultyStore {
     fn describe(&self) -> String {
         format!("faulty({})", self.inner.describe())
     }
+
+    fn chunk_naming(&self) -> Result<crate::crypt::ChunkNaming> {
+        self.inner.chunk_naming()
+    }
 }

@@ -161,4 +161,8 @@ impl Store for FileStore {
     fn describe(&self) -> String {
         format!("file://{}", self.root.display())
     }
+
+    fn chunk_naming(&self) -> Result<crate::crypt::ChunkNaming> {
+        Ok(crate::crypt::ChunkNaming::Plain)
+    }
 }

@@ -20,6 +20,7 @@ pub const DELETE_BATCH: usize = 1000;
 pub mod faulty;
 pub mod file;
 pub mod s3;
+pub mod sealed;
 
 /// Errors a store backend reports. `NotFound` is separate so that callers
 /// can tell "absent" from "broken"; `Unreachable` is the transient class
@@ -43,6 +44,22 @@ pub enum StoreError {
     },
     #[error("invalid store URL {url:?}: {why}")]
     BadUrl { url: String, why: String },
+    /// The volume's encryption setup does not match the key given.
+    #[error("store {store}: {source}")]
+    Key {
+        store: String,
+        #[source]
+        source: sealed::KeyError,
+    },
+    /// An encrypted volume's object failed to open: it is corrupt or was
+    /// tampered with (changed, or moved from another key).
+    #[error("store {store}: object {key}: {source}")]
+    Sealed {
+        store: String,
+        key: String,
+        #[source]
+        source: crate::crypt::CryptError,
+    },
 }
 
 impl StoreError {
@@ -117,6 +134,12 @@ pub trait Store: Send + Sync {
     fn abort_incomplete_uploads(&self, _prefix: &str) -> Result<usize> {
         Ok(0)
     }
+    /// How the volume names its chunks (`crypt::ChunkNaming`): plain blake3
+    /// unless the volume is encrypted, which only `sealed::Volume` knows.
+    /// Backends answer `Plain`; every wrapper must forward it (there is
+    /// deliberately no default, so that a new wrapper cannot forget and
+    /// name an encrypted volume's chunks by their plain hash).
+    fn chunk_naming(&self) -> Result<crate::crypt::ChunkNaming>;
 }
 
 impl fmt::Debug for dyn Store {
@@ -188,11 +211,36 @@ pub struct StoreOptions {
     pub tolerate_unreachable: bool,
     /// Skip the bucket check at open (used when the check already timed out).
     pub skip_check: bool,
+    /// Put every object with this S3 Object Lock retention (`s3://` only).
+    pub object_lock: Option<ObjectLock>,
+}
+
+/// The S3 Object Lock retention mode (what S3 calls ObjectLockMode).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LockMode {
+    /// Principals with s3:BypassGovernanceRetention may shorten or remove it.
+    Governance,
+    /// Nobody, the account's root included, can shorten it or delete a
+    /// locked version before it ends.
+    Compliance,
+}
+
+/// A retention every put carries: locked for `days` from the put.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ObjectLock {
+    pub mode: LockMode,
+    pub days: u32,
 }
 
 /// Opens the store a URL names; `s3://` checks the bucket before returning.
 pub fn open(url: &str, opts: &StoreOptions) -> Result<Arc<dyn Store>> {
     match StoreUrl::parse(url)? {
+        StoreUrl::File(_) if opts.object_lock.is_some() => Err(StoreError::Config {
+            store: url.to_string(),
+            detail:
+                "Object Lock retention needs an s3:// store whose bucket has Object Lock enabled"
+                    .into(),
+        }),
         StoreUrl::File(path) => Ok(Arc::new(file::FileStore::open(path)?)),
         StoreUrl::S3 { bucket, prefix } => open_s3(url, &bucket, &prefix, opts),
     }
@@ -204,7 +252,24 @@ fn open_s3(_url: &str, bucket: &str, prefix: &str, opts: &StoreOptions) -> Resul
     cfg.path_style = opts.s3_path_style;
     cfg.tolerate_unreachable = opts.tolerate_unreachable;
     cfg.skip_check = opts.skip_check;
+    cfg.object_lock = opts.object_lock;
     Ok(Arc::new(s3::S3Store::open(cfg)?))
+}
+
+/// Opens volume `volume` of the store at `url`: the store viewed under the
+/// volume's prefix, plaintext or sealed as `encryption` and the volume's
+/// keys decide (`sealed::Volume`).
+pub fn open_volume(
+    url: &str,
+    volume: &str,
+    opts: &StoreOptions,
+    encryption: sealed::Encryption,
+) -> Result<Arc<sealed::Volume>> {
+    let root = open(url, opts)?;
+    Ok(Arc::new(sealed::Volume::new(
+        Arc::new(Prefixed::new(root, volume)),
+        encryption,
+    )))
 }
 
 /// A store viewed under a key prefix (the volume's namespace), so that the
@@ -280,5 +345,8 @@ impl Store for Prefixed {
     }
     fn abort_incomplete_uploads(&self, prefix: &str) -> Result<usize> {
         self.inner.abort_incomplete_uploads(&self.full(prefix))
+    }
+    fn chunk_naming(&self) -> Result<crate::crypt::ChunkNaming> {
+        self.inner.chunk_naming()
     }
 }

@@ -34,8 +34,10 @@ use std::time::Duration;
 use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
 use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::primitives::DateTime;
 use aws_sdk_s3::types::{
     ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart, Delete, ObjectIdentifier,
+    ObjectLockMode,
 };
 use aws_sdk_s3::Client;
 use bytes::{Bytes, BytesMut};
@@ -112,6 +114,9 @@ pub struct S3Config {
     pub tolerate_unreachable: bool,
     /// Do not run HeadBucket at open.
     pub skip_check: bool,
+    /// Object Lock retention every put carries (the bucket must have
+    /// Object Lock enabled, or S3 refuses the put).
+    pub object_lock: Option<super::ObjectLock>,
 }
 
 impl S3Config {
@@ -131,6 +136,7 @@ impl S3Config {
             min_throughput: 1 << 20,
             tolerate_unreachable: false,
             skip_check: false,
+            object_lock: None,
         }
     }
 }
@@ -631,6 +637,23 @@ impl Inner {
         self.put_multipart(key, data).await
     }
 
+    fn lock_mode(&self) -> Option<ObjectLockMode> {
+        self.cfg.object_lock.map(|l| match l.mode {
+            super::LockMode::Governance => ObjectLockMode::Governance,
+            super::LockMode::Compliance => ObjectLockMode::Compliance,
+        })
+    }
+
+    /// The retention's end, counted from each attempt, so that a retried
+    /// put is locked for the full span too.
+    fn lock_until(&self) -> Option<DateTime> {
+        self.cfg.object_lock.map(|l| {
+            DateTime::from(
+                std::time::SystemTime::now() + Duration::from_secs(u64::from(l.days) * 86_400),
+            )
+        })
+    }
+
     async fn put_single(&self, key: &str, data: Bytes) -> std::result::Result<(), Failure> {
         let full = self.full_key(key);
         self.retry("PutObject", data.len(), || async {
@@ -640,6 +663,8 @@ impl Inner {
                 .key(&full)
                 .content_length(data.len() as i64)
                 .checksum_algorithm(ChecksumAlgorithm::Crc32)
+                .set_object_lock_mode(self.lock_mode())
+                .set_object_lock_retain_until_date(self.lock_until())
                 .body(ByteStream::from(data.clone()))
                 .send()
                 .await
@@ -665,6 +690,8 @@ impl Inner {
                     .bucket(&self.cfg.bucket)
                     .key(&full)
                     .checksum_algorithm(ChecksumAlgorithm::Crc32)
+                    .set_object_lock_mode(self.lock_mode())
+                    .set_object_lock_retain_until_date(self.lock_until())
                     .send()
                     .await
                     .map_err(|e| Failure::from_sdk("CreateMultipartUpload", e))
@@ -1253,6 +1280,10 @@ impl Store for S3Store {
 
     fn describe(&self) -> String {
         self.inner.describe()
+    }
+
+    fn chunk_naming(&self) -> Result<crate::crypt::ChunkNaming> {
+        Ok(crate::crypt::ChunkNaming::Plain)
     }
 }
 

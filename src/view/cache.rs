@@ -13,6 +13,7 @@ use parking_lot::Mutex;
 use rustix::io::Errno;
 
 use crate::base::{chunk_key, decode_chunk};
+use crate::crypt::ChunkNaming;
 use crate::store::Store;
 
 /// How many readahead fetches may run at once.
@@ -64,6 +65,8 @@ pub(crate) struct ChunkCache {
 
 struct Shared {
     store: Arc<dyn Store>,
+    /// How the volume names its chunks (keyed when it is encrypted).
+    naming: ChunkNaming,
     budget: u64,
     lru: Mutex<Lru>,
     /// Chunks a readahead thread is fetching now.
@@ -84,7 +87,7 @@ impl Shared {
                 return Err(Errno::IO);
             }
         };
-        let raw = match decode_chunk(&data, hash) {
+        let raw = match decode_chunk(&data, hash, &self.naming) {
             Ok(r) => Arc::new(r),
             Err(e) => {
                 tracing::error!(chunk = %key, error = %e, "chunk from the store is damaged; the read fails with EIO");
@@ -97,10 +100,11 @@ impl Shared {
 }
 
 impl ChunkCache {
-    pub(crate) fn new(store: Arc<dyn Store>, budget: u64) -> ChunkCache {
+    pub(crate) fn new(store: Arc<dyn Store>, naming: ChunkNaming, budget: u64) -> ChunkCache {
         ChunkCache {
             inner: Arc::new(Shared {
                 store,
+                naming,
                 budget,
                 lru: Mutex::new(Lru::default()),
                 fetching: Mutex::new(HashSet::new()),

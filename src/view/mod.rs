@@ -137,7 +137,8 @@ impl View {
                     source: Box::new(e.into()),
                 })
             })?;
-        let view = freeze(replay, plan.at_ns, ChunkCache::new(store, cache_bytes));
+        let naming = store.chunk_naming()?;
+        let view = freeze(replay, plan.at_ns, ChunkCache::new(store, naming, cache_bytes));
         let opened = Opened {
             base_completed_ns: manifest.completed_ns,
             records,
