@@ -9,6 +9,7 @@ pub mod clock;
 pub(crate) mod codec;
 pub(crate) mod compact;
 pub mod delta;
+pub mod diff;
 pub(crate) mod fs;
 pub mod gap;
 pub mod guard;

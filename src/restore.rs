@@ -35,7 +35,8 @@ use crate::base::{chunk_key, decode_chunk, load_manifest, safe_name, BaseError, 
 use crate::clock::{fmt_ns, Nanos};
 use crate::delta::{self, DeltaError};
 use crate::layout::{HIDDEN, INCOMPLETE_MARKER};
-use crate::record::{Ino, Kind, Record};
+use crate::record::{Ino, Kind, Record, Seq};
+use crate::replay::memory::Memory;
 use crate::replay::{Attrs, Effects, Name, Namespace, Policy, Replay, ReplayError};
 use crate::segment::{self, SegmentError};
 use crate::store::{Store, StoreError};
@@ -250,8 +251,9 @@ impl Effects for Disk {
                 )
                 .map_err(|e| io(format!("create {ino}"), e))?,
             ),
-            Kind::Dir => rfs::mkdirat(&self.dirs, &name, m)
-                .map_err(|e| io(format!("mkdir {ino}"), e))?,
+            Kind::Dir => {
+                rfs::mkdirat(&self.dirs, &name, m).map_err(|e| io(format!("mkdir {ino}"), e))?
+            }
             Kind::Symlink => rfs::symlinkat(
                 CString::new(target)
                     .map_err(|_| RestoreError::HostileName {
@@ -361,7 +363,12 @@ impl Effects for Disk {
         rfs::renameat(&f, &from, &t, &to).map_err(|e| io("rename", e))
     }
 
-    fn exchange(&mut self, ns: &Namespace, (ap, a): (Ino, &[u8]), (bp, b): (Ino, &[u8])) -> Result<()> {
+    fn exchange(
+        &mut self,
+        ns: &Namespace,
+        (ap, a): (Ino, &[u8]),
+        (bp, b): (Ino, &[u8]),
+    ) -> Result<()> {
         let (a, b) = (cname(a, "segment")?, cname(b, "segment")?);
         let f = self.dir_dup(ns, ap)?;
         let t = self.dir_dup(ns, bp)?;
@@ -382,7 +389,11 @@ impl Effects for Disk {
         match ns.node(new) {
             Some(n) if n.kind == Kind::Dir && n.place.is_some() => Ok(()),
             Some(n) => {
-                let d = if n.kind == Kind::Dir { &self.dirs } else { &self.objs };
+                let d = if n.kind == Kind::Dir {
+                    &self.dirs
+                } else {
+                    &self.objs
+                };
                 rfs::renameat(d, &ino_name(old), d, &ino_name(new))
                     .map_err(|e| io("renumber staging object", e))
             }
@@ -422,7 +433,14 @@ impl Effects for Disk {
         rfs::ftruncate(fd, size).map_err(|e| io("truncate", e))
     }
 
-    fn fallocate(&mut self, _: &Namespace, ino: Ino, mode: u32, offset: u64, len: u64) -> Result<()> {
+    fn fallocate(
+        &mut self,
+        _: &Namespace,
+        ino: Ino,
+        mode: u32,
+        offset: u64,
+        len: u64,
+    ) -> Result<()> {
         let fd = self.file_fd(ino)?;
         let flags = rfs::FallocateFlags::from_bits_retain(mode);
         rfs::fallocate(fd, flags, offset, len).map_err(|e| io("fallocate", e))
@@ -442,13 +460,25 @@ impl Effects for Disk {
                 rfs::fchmod(&fd, mode).map_err(|e| io("chmod", e))?;
             }
             Some(Kind::Symlink) => {
-                rfs::chownat(&self.objs, &ino_name(ino), uid, gid, AtFlags::SYMLINK_NOFOLLOW)
-                    .map_err(|e| io("lchown", e))?;
+                rfs::chownat(
+                    &self.objs,
+                    &ino_name(ino),
+                    uid,
+                    gid,
+                    AtFlags::SYMLINK_NOFOLLOW,
+                )
+                .map_err(|e| io("lchown", e))?;
             }
             _ => {
                 // chown first: it may clear set-id bits that chmod then sets.
-                rfs::chownat(&self.objs, &ino_name(ino), uid, gid, AtFlags::SYMLINK_NOFOLLOW)
-                    .map_err(|e| io("chown", e))?;
+                rfs::chownat(
+                    &self.objs,
+                    &ino_name(ino),
+                    uid,
+                    gid,
+                    AtFlags::SYMLINK_NOFOLLOW,
+                )
+                .map_err(|e| io("chown", e))?;
                 rfs::chmodat(&self.objs, &ino_name(ino), mode, AtFlags::empty())
                     .map_err(|e| io("chmod", e))?;
             }
@@ -726,75 +756,19 @@ pub fn restore(
     let mut last_record_ns = None;
     let mut last_seq = 0;
     let n = plan.pieces.len();
-    let apply = |tree: &mut Tree, r: &Record| -> Result<()> {
-        tree.apply(r).map_err(|e| RestoreError::AtRecord {
-            seq: r.seq,
-            op: r.op.kind_name(),
-            source: Box::new(e),
-        })
-    };
     for (i, piece) in plan.pieces.iter().enumerate() {
-        let key = piece.key();
-        let data = store.get(&key)?;
-        match piece {
-            Piece::Segment(s) => {
-                let (meta, recs) =
-                    segment::decode(&data).map_err(|source| RestoreError::Segment {
-                        key: key.clone(),
-                        source,
-                    })?;
-                if meta != *s {
-                    return Err(RestoreError::Segment {
-                        key,
-                        source: SegmentError::Inconsistent(
-                            "header does not match the object key".into(),
-                        ),
-                    });
-                }
-                // Segments may overlap (a journal prefix shipped again after
-                // a machine crash): each sequence number applies once.
-                for r in recs.iter() {
-                    if r.seq <= plan.base.start_seq.max(last_seq) || r.time > plan.at_ns {
-                        continue;
-                    }
-                    last_seq = r.seq;
-                    apply(&mut tree, r)?;
-                    records += 1;
-                    last_record_ns = Some(r.time);
-                }
-            }
-            Piece::Delta(d) => {
-                let delta = delta::decode(&data).map_err(|source| RestoreError::Delta {
-                    key: key.clone(),
-                    source,
-                })?;
-                if delta.meta != *d {
-                    return Err(RestoreError::Delta {
-                        key,
-                        source: DeltaError::Inconsistent(
-                            "header does not match the object key".into(),
-                        ),
-                    });
-                }
-                // A delta applies whole, to the state after its from_seq
-                // exactly (the timeline chains them so).
-                if d.from_seq != plan.base.start_seq.max(last_seq) || d.last_ns > plan.at_ns {
-                    return Err(RestoreError::Inconsistent {
-                        seq: d.from_seq,
-                        why: format!(
-                            "delta {key} does not follow record {} or ends after the restore time",
-                            plan.base.start_seq.max(last_seq)
-                        ),
-                    });
-                }
-                for r in &delta.records {
-                    apply(&mut tree, r)?;
-                }
-                records += delta.records.len() as u64;
-                last_seq = d.to_seq;
-                last_record_ns = Some(d.last_ns);
-            }
+        let data = store.get(&piece.key())?;
+        let got = piece_records(plan, piece, &data, last_seq)?;
+        for r in &got.records {
+            tree.apply(r).map_err(|e| RestoreError::AtRecord {
+                seq: r.seq,
+                op: r.op.kind_name(),
+                source: Box::new(e),
+            })?;
         }
+        records += got.records.len() as u64;
+        last_seq = got.last_seq;
+        last_record_ns = got.last_ns.or(last_record_ns);
         if n >= 10 && (i + 1) % (n / 10) == 0 {
             progress(&format!("replay: {}/{} objects", i + 1, n));
         }
@@ -820,6 +794,138 @@ pub fn restore(
         files,
         skipped,
     })
+}
+
+/// What one fetched piece of a plan adds to a replay.
+pub(crate) struct PieceRecords {
+    /// The records to apply, in order.
+    pub(crate) records: Vec<Record>,
+    /// The last sequence number applied once these are.
+    pub(crate) last_seq: Seq,
+    /// The time of the last change they make, if they make any.
+    pub(crate) last_ns: Option<Nanos>,
+    /// Bytes of file data all records of the piece write (applied or not).
+    pub(crate) written: u64,
+}
+
+fn data_written(records: &[Record]) -> u64 {
+    records
+        .iter()
+        .map(|r| match &r.op {
+            crate::record::Op::Write { data, .. } => data.len() as u64,
+            _ => 0,
+        })
+        .sum()
+}
+
+/// Decodes and checks a piece of `plan` fetched as `data`, and returns the
+/// records a replay applies after record `last_seq`.
+pub(crate) fn piece_records(
+    plan: &Plan,
+    piece: &Piece,
+    data: &[u8],
+    last_seq: Seq,
+) -> Result<PieceRecords> {
+    let key = piece.key();
+    let after = plan.base.start_seq.max(last_seq);
+    match piece {
+        Piece::Segment(s) => {
+            let (meta, recs) = segment::decode(data).map_err(|source| RestoreError::Segment {
+                key: key.clone(),
+                source,
+            })?;
+            if meta != *s {
+                return Err(RestoreError::Segment {
+                    key,
+                    source: SegmentError::Inconsistent(
+                        "header does not match the object key".into(),
+                    ),
+                });
+            }
+            // Segments may overlap (a journal prefix shipped again after a
+            // machine crash): each sequence number applies once.
+            let mut out = PieceRecords {
+                records: Vec::new(),
+                last_seq,
+                last_ns: None,
+                written: data_written(&recs),
+            };
+            for r in recs {
+                if r.seq <= after.max(out.last_seq) || r.time > plan.at_ns {
+                    continue;
+                }
+                out.last_seq = r.seq;
+                out.last_ns = Some(r.time);
+                out.records.push(r);
+            }
+            Ok(out)
+        }
+        Piece::Delta(d) => {
+            let delta = delta::decode(data).map_err(|source| RestoreError::Delta {
+                key: key.clone(),
+                source,
+            })?;
+            if delta.meta != *d {
+                return Err(RestoreError::Delta {
+                    key,
+                    source: DeltaError::Inconsistent("header does not match the object key".into()),
+                });
+            }
+            // A delta applies whole, to the state after its from_seq
+            // exactly (the timeline chains them so).
+            if d.from_seq != after || d.last_ns > plan.at_ns {
+                return Err(RestoreError::Inconsistent {
+                    seq: d.from_seq,
+                    why: format!(
+                        "delta {key} does not follow record {after} or ends after the restore time"
+                    ),
+                });
+            }
+            Ok(PieceRecords {
+                written: data_written(&delta.records),
+                records: delta.records,
+                last_seq: d.to_seq,
+                last_ns: Some(d.last_ns),
+            })
+        }
+    }
+}
+
+/// The volume at `plan` as an in-memory tree (no file contents), built
+/// from the base's manifest and the plan's records. `seen` hears of every
+/// record applied, with the stored bytes per byte of file data in the
+/// piece it came from (the inverse of that piece's compression ratio).
+pub(crate) fn memory_at(
+    store: &dyn Store,
+    plan: &Plan,
+    seen: &mut dyn FnMut(&Record, f64),
+) -> Result<Replay<Memory>> {
+    let manifest = load_manifest(store, &plan.base)?;
+    let mut tree = Replay::new(Memory::default(), Policy::Exact);
+    tree.set_fuzzy_until(manifest.completed_ns);
+    tree.set_root(manifest.root);
+    for o in &manifest.objects {
+        tree.base_object(o)?;
+        if o.kind == Kind::File {
+            tree.base_file_done(o)?;
+        }
+    }
+    tree.base_links(&manifest.links)?;
+    let mut last_seq = 0;
+    for piece in &plan.pieces {
+        let data = store.get(&piece.key())?;
+        let got = piece_records(plan, piece, &data, last_seq)?;
+        for r in &got.records {
+            tree.apply(r).map_err(|e| RestoreError::AtRecord {
+                seq: r.seq,
+                op: r.op.kind_name(),
+                source: Box::new(RestoreError::from(e)),
+            })?;
+            seen(r, data.len() as f64 / got.written.max(1) as f64);
+        }
+        last_seq = got.last_seq;
+    }
+    Ok(tree)
 }
 
 /// Convenience for callers holding a timeline already.
