@@ -204,6 +204,11 @@ pub struct RestoreArgs {
     /// The directory to restore into; must be empty (or absent) unless --force.
     #[arg(long)]
     pub target: PathBuf,
+    /// Restore only this file or sub-tree (relative to the volume root), with its metadata, the
+    /// hard links among the paths given and the directories above them; repeatable. A path that
+    /// did not exist at TIME is an error. Only these files' data is fetched.
+    #[arg(long = "path", value_name = "PATH")]
+    pub paths: Vec<String>,
     /// Restore into a non-empty target, replacing what is there.
     #[arg(long)]
     pub force: bool,

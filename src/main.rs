@@ -170,13 +170,18 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 }
             };
             let started = std::time::Instant::now();
-            let r = rewind::restore::restore(
+            let r = match rewind::restore::restore_paths(
                 store.as_ref(),
                 &plan,
                 &args.target,
                 args.force,
+                &args.paths,
                 &mut progress,
-            )
+            ) {
+                // Refused before the target was touched.
+                Err(e @ rewind::restore::RestoreError::NoSuchPath { .. }) => return Err(e.into()),
+                r => r,
+            }
             .with_context(|| {
                 format!(
                     "restore into {} failed; it is marked incomplete (.rewind/restore-incomplete)",

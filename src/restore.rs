@@ -2,13 +2,15 @@
 //! target directory as a replay target (`Disk`: how the replay core's
 //! effects land on disk; how a record changes the tree is `replay.rs`'s),
 //! the fetching of what a plan names, and the rules that keep a restore
-//! honest: every object is
-//! verified before use; names are checked and every operation is made
-//! relative to directory handles this module opened itself with
-//! O_NOFOLLOW, so nothing is ever written outside the target; a marker
+//! honest: every object is verified before use; names are checked and
+//! every operation is made relative to directory handles this module
+//! opened itself with O_NOFOLLOW, so nothing is ever written outside the
+//! target; a marker
 //! (`.rewind/restore-incomplete`) stays until the restore has finished, so
-//! a partial result never looks complete. It must not read the journal or
-//! any local state of `rewind run`.
+//! a partial result never looks complete. A restore of some paths finds
+//! the identities under them with a replay into memory first, fetches only
+//! their data, and removes every other name before it finishes. It must
+//! not read the journal or any local state of `rewind run`.
 //!
 //! # State
 //! Files live as staging objects `.rewind/restore-tmp/o/<ino>` hard-linked
@@ -24,7 +26,7 @@
 //! are removed and reported (`Restored::skipped`), and the restore still
 //! completes: a missing device node must not cost the user the data.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -37,7 +39,9 @@ use crate::delta::{self, DeltaError};
 use crate::layout::{HIDDEN, INCOMPLETE_MARKER};
 use crate::record::{Ino, Kind, Record, Seq};
 use crate::replay::memory::Memory;
-use crate::replay::{Attrs, Effects, Name, Namespace, Policy, Replay, ReplayError};
+use crate::replay::{
+    clean_path, within, Attrs, Effects, Name, Namespace, Policy, Replay, ReplayError,
+};
 use crate::segment::{self, SegmentError};
 use crate::store::{Store, StoreError};
 use crate::timeline::{Piece, Plan, Timeline, TimelineError};
@@ -72,7 +76,8 @@ pub enum RestoreError {
     HostileName { name: String, what: String },
     #[error("the timeline is inconsistent at record {seq}: {why}")]
     Inconsistent { seq: u64, why: String },
-
+    #[error("--path {path:?} did not exist at {at}; give a path relative to the volume root (see `rewind diff` for what changed when)")]
+    NoSuchPath { path: String, at: String },
     #[error("record {seq} ({op}): {source}")]
     AtRecord {
         seq: u64,
@@ -598,7 +603,12 @@ impl Tree {
         for (i, o) in m.objects.iter().enumerate() {
             self.replay.base_object(o)?;
             if o.kind == Kind::File {
-                for e in &o.extents {
+                let extents = if self.replay.wants_data(o.ino) {
+                    &o.extents[..]
+                } else {
+                    &[]
+                };
+                for e in extents {
                     let data = fetch(&e.hash)?;
                     if data.len() != e.len as usize {
                         return Err(RestoreError::Chunk {
@@ -694,6 +704,31 @@ impl Tree {
         Ok(skipped)
     }
 
+    /// Gives file data only to `inos` (a restore of some paths).
+    fn limit_data(&mut self, inos: HashSet<Ino>) {
+        self.replay.limit_data(inos);
+    }
+
+    /// Removes every name that is not one of `paths`, under one, or a
+    /// directory above one.
+    fn keep_only(&mut self, paths: &[String]) -> Result<()> {
+        let mut stack = vec![(self.replay.ns.root(), String::new())];
+        while let Some((dir, prefix)) = stack.pop() {
+            for (name, ino) in self.replay.ns.children(dir) {
+                let path = format!("{prefix}{}", String::from_utf8_lossy(&name));
+                if paths.iter().any(|p| within(&path, p)) {
+                    continue;
+                }
+                if paths.iter().any(|p| within(p, &path)) {
+                    stack.push((ino, format!("{path}/")));
+                    continue;
+                }
+                self.replay.remove_entry(dir, &name)?;
+            }
+        }
+        Ok(())
+    }
+
     /// How many identities the tree holds.
     fn len(&self) -> usize {
         self.replay.ns.len()
@@ -724,6 +759,53 @@ pub fn restore(
     force: bool,
     progress: &mut dyn FnMut(&str),
 ) -> Result<Restored> {
+    restore_paths(store, plan, target, force, &[], progress)
+}
+
+/// The identities at or under `paths` in the volume at `plan`, found by a
+/// replay without data; a path that does not exist is an error naming it.
+fn identities_under(store: &dyn Store, plan: &Plan, paths: &[String]) -> Result<HashSet<Ino>> {
+    let at = memory_at(store, plan, &mut |_, _| {})?;
+    let listing = at.target.listing(&at.ns);
+    if let Some(p) = paths
+        .iter()
+        .find(|p| !p.is_empty() && !listing.contains_key(*p))
+    {
+        return Err(RestoreError::NoSuchPath {
+            path: p.clone(),
+            at: fmt_ns(plan.at_ns),
+        });
+    }
+    Ok(listing
+        .iter()
+        .filter(|(q, _)| paths.iter().any(|p| within(q, p)))
+        .map(|(_, e)| e.ino)
+        .collect())
+}
+
+/// Restores only `paths` (relative to the volume root; all of it when
+/// empty) of the volume at `plan` into `target`: their sub-trees with
+/// their metadata, the hard links among them, and the directories above
+/// them. Only their files' data is fetched and written.
+pub fn restore_paths(
+    store: &dyn Store,
+    plan: &Plan,
+    target: &Path,
+    force: bool,
+    paths: &[String],
+    progress: &mut dyn FnMut(&str),
+) -> Result<Restored> {
+    let paths: Vec<String> = paths.iter().map(|p| clean_path(p)).collect();
+    let wanted = if paths.is_empty() {
+        None
+    } else {
+        progress(&format!(
+            "finding {} path(s) at {}",
+            paths.len(),
+            fmt_ns(plan.at_ns)
+        ));
+        Some(identities_under(store, plan, &paths)?)
+    };
     let manifest = load_manifest(store, &plan.base)?;
     progress(&format!(
         "restoring lineage {:016x} at {} from the base completed at {} ({} objects), {} segments and {} deltas",
@@ -736,6 +818,9 @@ pub fn restore(
     ));
     let mut tree = Tree::prepare(target, force)?;
     tree.set_fuzzy_until(manifest.completed_ns);
+    if let Some(w) = wanted {
+        tree.limit_data(w);
+    }
     let mut fetch = |hash: &[u8; 32]| -> Result<Vec<u8>> {
         let key = chunk_key(hash);
         let data = store.get(&key)?;
@@ -772,6 +857,9 @@ pub fn restore(
         if n >= 10 && (i + 1) % (n / 10) == 0 {
             progress(&format!("replay: {}/{} objects", i + 1, n));
         }
+    }
+    if !paths.is_empty() {
+        tree.keep_only(&paths)?;
     }
     let files = tree.len();
     let skipped = tree.finish()?;

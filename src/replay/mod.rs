@@ -394,6 +394,10 @@ pub(crate) struct Replay<T: Effects> {
     pub(crate) ns: Namespace,
     pub(crate) target: T,
     policy: Policy,
+    /// When set, only these identities get file data (writes, base data,
+    /// fallocate); every other one keeps its size, sparse. A restore of a
+    /// few paths sets it to the identities under them.
+    data_for: Option<HashSet<Ino>>,
 }
 
 type Res<T, E> = std::result::Result<T, E>;
@@ -407,7 +411,18 @@ impl<T: Effects> Replay<T> {
             },
             target,
             policy,
+            data_for: None,
         }
+    }
+
+    /// Limits file data to `inos` (see `data_for`).
+    pub(crate) fn limit_data(&mut self, inos: HashSet<Ino>) {
+        self.data_for = Some(inos);
+    }
+
+    /// Whether identity `ino` gets its file data.
+    pub(crate) fn wants_data(&self, ino: Ino) -> bool {
+        self.data_for.as_ref().is_none_or(|s| s.contains(&ino))
     }
 
     /// Declares the time until which records raced the base walk.
@@ -475,6 +490,9 @@ impl<T: Effects> Replay<T> {
 
     /// Writes base data of a file.
     pub(crate) fn base_write(&mut self, ino: Ino, offset: u64, data: &[u8]) -> Res<(), T::Error> {
+        if !self.wants_data(ino) {
+            return Ok(());
+        }
         self.target.write(&self.ns, ino, offset, data)
     }
 
@@ -803,7 +821,9 @@ impl<T: Effects> Replay<T> {
                 if self.subject(*ino, seq, Some(Kind::File))?.is_none() {
                     return Ok(Outcome::Skipped);
                 }
-                self.target.write(&self.ns, *ino, *offset, data)?;
+                if self.wants_data(*ino) {
+                    self.target.write(&self.ns, *ino, *offset, data)?;
+                }
                 self.grew_to(*ino, offset + data.len() as u64);
                 self.set_size(*ino, *size)?;
                 self.set_mtime(*ino, *mtime)?;
@@ -843,8 +863,10 @@ impl<T: Effects> Replay<T> {
                 if self.subject(*ino, seq, Some(Kind::File))?.is_none() {
                     return Ok(Outcome::Skipped);
                 }
-                self.target
-                    .fallocate(&self.ns, *ino, *mode, *offset, *len)?;
+                if self.wants_data(*ino) {
+                    self.target
+                        .fallocate(&self.ns, *ino, *mode, *offset, *len)?;
+                }
                 let keep_size = rustix::fs::FallocateFlags::KEEP_SIZE.bits();
                 if mode & keep_size == 0 {
                     self.grew_to(*ino, offset + len);

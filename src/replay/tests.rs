@@ -443,3 +443,22 @@ fn a_size_is_set_when_it_changes_or_is_zero() {
         assert_eq!(needs_resize(model, size), want, "{model} -> {size}");
     }
 }
+
+#[test]
+fn a_replay_limited_to_some_identities_writes_only_their_data() {
+    let mut r = exact();
+    r.limit_data([2].into_iter().collect());
+    for (i, op) in [
+        create(ROOT, "a", 2, File),
+        create(ROOT, "b", 3, File),
+        write(2, 0, "abc", 3),
+        write(3, 0, "abcd", 4),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        r.apply(&rec(i as u64 + 1, 1000, op)).unwrap();
+    }
+    // Sizes follow the records either way; only the data is left out.
+    assert_eq!(render(&r), ["a 2 File 644 3 3", "b 3 File 644 4 0"]);
+}

@@ -214,6 +214,10 @@ def test_differential_restore_matches_mount(make_volume, workdir, seed):
         check_diff(vol, instants[i][1], instants[j][1], restored[i], restored[j], f"instants {i} and {j}")
     check_diff_errors(vol, instants[0][1], instants[-1][1], w)
 
+    # `restore --path` gives the same sub-trees as a full restore.
+    for n in rng.sample(range(len(instants)), 2):
+        check_path_restore(vol, workdir, instants[n][1], restored[n], rng, f"instant {n}")
+
     target = workdir / "restore-latest"
     vol.restore("latest", target)
     helpers.assert_same_tree(after, helpers.snapshot(target), "restore at latest vs the mount at the end")
@@ -325,6 +329,35 @@ def check_diff_errors(vol, t1, t2, window):
     assert c.code == 0, f"diff --path w0 failed:\n{c}"
     for ch in json.loads(c.out)["changes"]:
         assert any(_under(p, ["w0"]) for p in ch["paths"] + ch.get("from", [])), f"--path w0 let through {ch}"
+
+
+def check_path_restore(vol, workdir, t, full: helpers.Snapshot, rng, what: str):
+    """A restore of a few paths (a writer's tree, a random file, a random
+    directory and a hard-linked file when there is one) equals those paths,
+    the directories above them and the hard links among them in the full
+    restore; a path that did not exist is refused by name."""
+    ents = full.entries
+    files = sorted(p for p, e in ents.items() if e.kind == "file" and not p.startswith("bulk/"))
+    dirs = sorted(p for p, e in ents.items() if e.kind == "dir" and "/" in p)
+    linked = sorted(p for g in full.links for p in g)
+    paths = {"w0"} | set(rng.sample(files, min(2, len(files)))) | set(rng.sample(dirs, min(1, len(dirs))))
+    if linked:
+        paths.add(rng.choice(linked))
+    paths = sorted(paths)
+    keep = {p for p in ents if any(_under(p, [q]) or _under(q, [p]) for q in paths)}
+    want = helpers.Snapshot({p: e for p, e in ents.items() if p in keep},
+                            frozenset(g & keep for g in full.links if len(g & keep) > 1))
+    target = workdir / "restore-paths"
+    extra = [a for p in paths for a in ("--path", p)]
+    vol.restore(t, target, *extra)
+    got = helpers.snapshot(target)
+    helpers.assert_same_tree(want, got, f"restore --path {paths} at {what} vs the full restore")
+    assert not (target / ".rewind").exists(), "a finished --path restore left its marker"
+    helpers.rmtree(target)
+    missing = workdir / "restore-missing"
+    c = vol.restore(t, missing, "--path", "w0", "--path", "no/such/file", check=False)
+    assert c.code != 0 and "no/such/file" in c.out + c.err, f"restore of a missing --path:\n{c}"
+    assert not missing.exists() or not os.listdir(missing), "a refused --path restore wrote into its target"
 
 
 def _nofile_limit(pid: int) -> int:
