@@ -52,6 +52,17 @@ pub enum Command {
     /// Show the restore window, each retention tier's kept points, bases, segments, deltas,
     /// gaps, lineages and clock steps.
     Ls(LsArgs),
+    /// Show what changed between two instants, file by file, and the writes of each second.
+    ///
+    /// Both instants are rebuilt in memory from the store (no file contents are fetched), under
+    /// the same lineage and window rules as restore. A file is one identity: its hard links are
+    /// one file, and a file renamed keeps its identity. Reported per file: created, deleted,
+    /// renamed (its own name changed, not a directory above it), modified (with the bytes the
+    /// records between the instants wrote to it, and its size before and after), mode, owner
+    /// and xattrs. Then, per second between the instants: bytes written, how many files were
+    /// rewritten in full (every byte), and the compression ratio of the stored writes: a burst
+    /// of full rewrites at a ratio near 1.0 is what ransomware encrypting files looks like.
+    Diff(DiffArgs),
     /// Check every object's checksum and the continuity of the timeline.
     Verify(VerifyArgs),
     /// Thin out old history by a tiered retention policy and delete what no kept instant needs.
@@ -263,6 +274,11 @@ pub struct RestoreArgs {
     /// The directory to restore into; must be empty (or absent) unless --force.
     #[arg(long)]
     pub target: PathBuf,
+    /// Restore only this file or sub-tree (relative to the volume root), with its metadata, the
+    /// hard links among the paths given and the directories above them; repeatable. A path that
+    /// did not exist at TIME is an error. Only these files' data is fetched.
+    #[arg(long = "path", value_name = "PATH")]
+    pub paths: Vec<String>,
     /// Restore into a non-empty target, replacing what is there.
     #[arg(long)]
     pub force: bool,
@@ -290,6 +306,34 @@ pub struct RestoreArgs {
     /// pod does not restore again over newer data.
     #[arg(long, value_name = "PATH")]
     pub once_marker: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DiffArgs {
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// The earlier instant: RFC 3339, @UNIX_SECONDS, or "latest".
+    #[arg(long)]
+    pub from: String,
+    /// The later instant (not before --from).
+    #[arg(long)]
+    pub to: String,
+    /// Only changes at this path or under it (relative to the volume root); it must exist at
+    /// --from or at --to.
+    #[arg(long)]
+    pub path: Option<String>,
+    /// Which lineage, when two overlap in time (see `rewind ls`).
+    #[arg(long)]
+    pub lineage: Option<String>,
+    /// Output format.
+    #[arg(long, short, value_enum, default_value = "table")]
+    pub output: Output,
 }
 
 #[derive(Debug, Clone, Args)]

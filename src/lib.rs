@@ -10,6 +10,7 @@ pub(crate) mod codec;
 pub(crate) mod compact;
 pub mod crypt;
 pub mod delta;
+pub mod diff;
 pub mod fetch;
 pub(crate) mod fs;
 pub mod gap;

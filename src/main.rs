@@ -57,6 +57,54 @@ fn bound_malloc() {
     }
 }
 
+/// `rewind diff` for people: one line per change, then one per second.
+fn print_diff(r: &rewind::diff::Report) {
+    println!(
+        "changes in lineage {} from {} to {} ({} records between)",
+        r.lineage, r.from, r.to, r.records
+    );
+    if r.changes.is_empty() {
+        println!("no file changed");
+    } else {
+        println!("{:<9} {:<8} PATH", "CHANGE", "KIND");
+    }
+    for c in &r.changes {
+        let mut line = format!("{:<9} {:<8} {}", c.change.name(), c.kind, c.path);
+        if c.paths.len() > 1 {
+            line += &format!(" (+{} hard links)", c.paths.len() - 1);
+        }
+        if !c.from.is_empty() {
+            line += &format!(" (was {})", c.from.join(", "));
+        }
+        if let Some(n) = c.bytes_written {
+            line += &format!(", {n} bytes written");
+        }
+        match (&c.before, &c.after) {
+            (Some(b), Some(a)) => line += &format!(", {b} -> {a}"),
+            (None, Some(a)) if c.kind == "file" => line += &format!(", {a} bytes"),
+            _ => {}
+        }
+        println!("{line}");
+    }
+    if !r.seconds.is_empty() {
+        println!();
+        println!(
+            "{:<24} {:>14} {:>15} {:>6}",
+            "SECOND", "BYTES WRITTEN", "FULL REWRITES", "RATIO"
+        );
+    }
+    for s in &r.seconds {
+        let ratio = s
+            .compression_ratio
+            .map(|x| format!("{x:.2}"))
+            .unwrap_or_else(|| "-".into());
+        println!(
+            "{:<24} {:>14} {:>15} {:>6}",
+            s.time, s.bytes_written, s.files_rewritten, ratio
+        );
+    }
+}
+
 fn main() {
     bound_malloc();
     let cli = Cli::parse();
@@ -149,7 +197,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             };
             let started = std::time::Instant::now();
             let meter = meter(&args.progress, quiet);
-            let r = rewind::restore::restore_with(
+            let r = match rewind::restore::restore_with(
                 store.as_ref(),
                 &plan,
                 &args.target,
@@ -157,9 +205,14 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 &rewind::restore::Options {
                     jobs: usize::from(args.jobs),
                     meter: &meter,
+                    paths: &args.paths,
                 },
                 &mut progress,
-            )
+            ) {
+                // Refused before the target was touched.
+                Err(e @ rewind::restore::RestoreError::NoSuchPath { .. }) => return Err(e.into()),
+                r => r,
+            }
             .with_context(|| {
                 format!(
                     "restore into {} failed; it is marked incomplete (.rewind/restore-incomplete)",
@@ -199,6 +252,24 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             Ok(0)
         }
         Command::Mount(args) => mount(args),
+        Command::Diff(args) => {
+            let (from, to) = (parse_at(&args.from)?, parse_at(&args.to)?);
+            let store = open_store(&args.store)?;
+            let t = Timeline::load(store.as_ref())?;
+            let r = rewind::diff::diff(
+                store.as_ref(),
+                &t,
+                from,
+                to,
+                args.lineage.as_deref(),
+                args.path.as_deref(),
+            )?;
+            match args.output {
+                rewind::cli::Output::Json => println!("{}", serde_json::to_string_pretty(&r)?),
+                rewind::cli::Output::Table => print_diff(&r),
+            }
+            Ok(0)
+        }
         Command::Ls(args) => {
             let store = open_store(&args.store)?;
             let t = Timeline::load(store.as_ref())?;

@@ -140,20 +140,33 @@ fn walk(replay: &mut Replay<Source>, dir_ino: Ino, rel: PathBuf) -> Result<()> {
     for e in rfs::Dir::read_from(&fd).map_err(|e| io(format!("list {}", rel.display()), e))? {
         let e = e.map_err(|e| io(format!("list {}", rel.display()), e))?;
         let name = e.file_name().to_bytes().to_vec();
-        if name == b"." || name == b".." || (rel.as_os_str().is_empty() && name == HIDDEN.as_bytes())
+        if name == b"."
+            || name == b".."
+            || (rel.as_os_str().is_empty() && name == HIDDEN.as_bytes())
         {
             continue;
         }
         entries.push(name);
     }
     for name in entries {
-        let st = rfs::statat(&fd, OsStr::from_bytes(&name), AtFlags::SYMLINK_NOFOLLOW)
-            .map_err(|e| io(format!("stat {}", rel.join(OsStr::from_bytes(&name)).display()), e))?;
+        let st =
+            rfs::statat(&fd, OsStr::from_bytes(&name), AtFlags::SYMLINK_NOFOLLOW).map_err(|e| {
+                io(
+                    format!("stat {}", rel.join(OsStr::from_bytes(&name)).display()),
+                    e,
+                )
+            })?;
         let Some(kind) = Kind::from_mode(st.st_mode) else {
             continue;
         };
         let known = replay.ns.node(st.st_ino).is_some();
-        replay.seed(dir_ino, Bytes::from(name.clone()), st.st_ino, kind, st.st_size as u64);
+        replay.seed(
+            dir_ino,
+            Bytes::from(name.clone()),
+            st.st_ino,
+            kind,
+            st.st_size as u64,
+        );
         if kind == Kind::Dir && !known {
             walk(replay, st.st_ino, rel.join(OsStr::from_bytes(&name)))?;
         }
@@ -276,7 +289,13 @@ impl Effects for Source {
             return Ok(());
         };
         tolerated(
-            rfs::linkat(&self.root, &src, &dir, OsStr::from_bytes(name), AtFlags::empty()),
+            rfs::linkat(
+                &self.root,
+                &src,
+                &dir,
+                OsStr::from_bytes(name),
+                AtFlags::empty(),
+            ),
             "make a hard link",
         )
     }
@@ -318,7 +337,12 @@ impl Effects for Source {
         )
     }
 
-    fn exchange(&mut self, ns: &Namespace, (ap, a): (Ino, &[u8]), (bp, b): (Ino, &[u8])) -> Result<()> {
+    fn exchange(
+        &mut self,
+        ns: &Namespace,
+        (ap, a): (Ino, &[u8]),
+        (bp, b): (Ino, &[u8]),
+    ) -> Result<()> {
         let (Some(f), Some(t)) = (self.dir(ns, ap), self.dir(ns, bp)) else {
             return Ok(());
         };
@@ -372,7 +396,14 @@ impl Effects for Source {
         Ok(())
     }
 
-    fn fallocate(&mut self, ns: &Namespace, ino: Ino, mode: u32, offset: u64, len: u64) -> Result<()> {
+    fn fallocate(
+        &mut self,
+        ns: &Namespace,
+        ino: Ino,
+        mode: u32,
+        offset: u64,
+        len: u64,
+    ) -> Result<()> {
         if let Some(f) = self.open(ns, ino, OFlags::WRONLY) {
             let _ = rfs::fallocate(&f, rfs::FallocateFlags::from_bits_retain(mode), offset, len);
         }
@@ -426,16 +457,23 @@ impl Effects for Source {
     }
 
     fn set_xattr(&mut self, ns: &Namespace, ino: Ino, name: &[u8], value: &[u8]) -> Result<()> {
-        if ns.node(ino).is_some_and(|n| matches!(n.kind, Kind::File | Kind::Dir)) {
+        if ns
+            .node(ino)
+            .is_some_and(|n| matches!(n.kind, Kind::File | Kind::Dir))
+        {
             if let Some(f) = self.open(ns, ino, OFlags::RDONLY) {
-                let _ = rfs::fsetxattr(&f, OsStr::from_bytes(name), value, rfs::XattrFlags::empty());
+                let _ =
+                    rfs::fsetxattr(&f, OsStr::from_bytes(name), value, rfs::XattrFlags::empty());
             }
         }
         Ok(())
     }
 
     fn remove_xattr(&mut self, ns: &Namespace, ino: Ino, name: &[u8]) -> Result<()> {
-        if ns.node(ino).is_some_and(|n| matches!(n.kind, Kind::File | Kind::Dir)) {
+        if ns
+            .node(ino)
+            .is_some_and(|n| matches!(n.kind, Kind::File | Kind::Dir))
+        {
             if let Some(f) = self.open(ns, ino, OFlags::RDONLY) {
                 let _ = rfs::fremovexattr(&f, OsStr::from_bytes(name));
             }
@@ -459,7 +497,14 @@ fn set_mtime(f: &impl AsFd, mtime: i64) {
 }
 
 /// Creates an entry as a Create record describes it.
-fn make(dir: &OwnedFd, name: &[u8], kind: Kind, attrs: Attrs, rdev: u64, target: &[u8]) -> Result<()> {
+fn make(
+    dir: &OwnedFd,
+    name: &[u8],
+    kind: Kind,
+    attrs: Attrs,
+    rdev: u64,
+    target: &[u8],
+) -> Result<()> {
     let Attrs { mode, uid, gid } = attrs;
     let n = OsStr::from_bytes(name);
     let m = Mode::from_bits_truncate(mode & 0o7777);

@@ -2,13 +2,15 @@
 //! target directory as a replay target (`Disk`: how the replay core's
 //! effects land on disk; how a record changes the tree is `replay.rs`'s),
 //! the fetching of what a plan names, and the rules that keep a restore
-//! honest: every object is
-//! verified before use; names are checked and every operation is made
-//! relative to directory handles this module opened itself with
-//! O_NOFOLLOW, so nothing is ever written outside the target; a marker
+//! honest: every object is verified before use; names are checked and
+//! every operation is made relative to directory handles this module
+//! opened itself with O_NOFOLLOW, so nothing is ever written outside the
+//! target; a marker
 //! (`.rewind/restore-incomplete`) stays until the restore has finished, so
-//! a partial result never looks complete. It must not read the journal or
-//! any local state of `rewind run`.
+//! a partial result never looks complete. A restore of some paths finds
+//! the identities under them with a replay into memory first, fetches only
+//! their data, and removes every other name before it finishes. It must
+//! not read the journal or any local state of `rewind run`.
 //!
 //! # State
 //! Files live as staging objects `.rewind/restore-tmp/o/<ino>` hard-linked
@@ -24,7 +26,7 @@
 //! are removed and reported (`Restored::skipped`), and the restore still
 //! completes: a missing device node must not cost the user the data.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -40,7 +42,10 @@ use crate::fetch::{Pool, DEFAULT_JOBS};
 use crate::layout::{HIDDEN, INCOMPLETE_MARKER};
 use crate::progress::{Meter, Unit};
 use crate::record::{Ino, Kind, Record};
-use crate::replay::{Attrs, Effects, Name, Namespace, Policy, Replay, ReplayError};
+use crate::replay::memory::Memory;
+use crate::replay::{
+    clean_path, within, Attrs, Effects, Name, Namespace, Policy, Replay, ReplayError,
+};
 use crate::segment::{self, SegmentError};
 use crate::store::{Store, StoreError};
 use crate::timeline::{Piece, Plan, Timeline, TimelineError};
@@ -75,6 +80,8 @@ pub enum RestoreError {
     HostileName { name: String, what: String },
     #[error("the timeline is inconsistent at record {seq}: {why}")]
     Inconsistent { seq: u64, why: String },
+    #[error("--path {path:?} did not exist at {at}; give a path relative to the volume root (see `rewind diff` for what changed when)")]
+    NoSuchPath { path: String, at: String },
 
     #[error("record {seq} ({op}): {source}")]
     AtRecord {
@@ -609,7 +616,9 @@ impl Tree {
         for (i, o) in m.objects.iter().enumerate() {
             self.replay.base_object(o)?;
             if o.kind == Kind::File {
-                if !o.extents.is_empty() && !self.submit_extents(o, fetch, pool)? {
+                // A restore of some paths fetches only their files' data.
+                let wanted = self.replay.wants_data(o.ino);
+                if wanted && !o.extents.is_empty() && !self.submit_extents(o, fetch, pool)? {
                     return Ok(());
                 }
                 // The size is set now, while the chunks (all within it) are
@@ -739,6 +748,31 @@ impl Tree {
         Ok(skipped)
     }
 
+    /// Gives file data only to `inos` (a restore of some paths).
+    fn limit_data(&mut self, inos: HashSet<Ino>) {
+        self.replay.limit_data(inos);
+    }
+
+    /// Removes every name that is not one of `paths`, under one, or a
+    /// directory above one.
+    fn keep_only(&mut self, paths: &[String]) -> Result<()> {
+        let mut stack = vec![(self.replay.ns.root(), String::new())];
+        while let Some((dir, prefix)) = stack.pop() {
+            for (name, ino) in self.replay.ns.children(dir) {
+                let path = format!("{prefix}{}", String::from_utf8_lossy(&name));
+                if paths.iter().any(|p| within(&path, p)) {
+                    continue;
+                }
+                if paths.iter().any(|p| within(p, &path)) {
+                    stack.push((ino, format!("{path}/")));
+                    continue;
+                }
+                self.replay.remove_entry(dir, &name)?;
+            }
+        }
+        Ok(())
+    }
+
     /// How many identities the tree holds.
     fn len(&self) -> usize {
         self.replay.ns.len()
@@ -767,6 +801,10 @@ pub struct Options<'a> {
     pub jobs: usize,
     /// Counts the base's bytes and the records' objects as they are done.
     pub meter: &'a Meter,
+    /// Restore only these paths (relative to the volume root): their
+    /// sub-trees with their metadata, the hard links among them and the
+    /// directories above them. All of the volume when empty.
+    pub paths: &'a [String],
 }
 
 /// Restores the volume in `store` at `plan` into `target`, with the
@@ -782,6 +820,7 @@ pub fn restore(
     let opts = Options {
         jobs: DEFAULT_JOBS,
         meter: &meter,
+        paths: &[],
     };
     restore_with(store, plan, target, force, &opts, progress)
 }
@@ -798,6 +837,17 @@ pub fn restore_with(
     opts: &Options,
     progress: &mut dyn FnMut(&str),
 ) -> Result<Restored> {
+    let paths: Vec<String> = opts.paths.iter().map(|p| clean_path(p)).collect();
+    let wanted = if paths.is_empty() {
+        None
+    } else {
+        progress(&format!(
+            "finding {} path(s) at {}",
+            paths.len(),
+            fmt_ns(plan.at_ns)
+        ));
+        Some(identities_under(store, plan, &paths)?)
+    };
     let manifest = load_manifest(store, &plan.base)?;
     progress(&format!(
         "restoring lineage {:016x} at {} from the base completed at {} ({} objects), {} segments and {} deltas",
@@ -810,6 +860,9 @@ pub fn restore_with(
     ));
     let mut tree = Tree::prepare(target, force)?;
     tree.set_fuzzy_until(manifest.completed_ns);
+    if let Some(w) = wanted {
+        tree.limit_data(w);
+    }
     let meter = opts.meter;
     let naming = store.chunk_naming()?;
     let fetch = |hash: &[u8; 32]| -> Result<Vec<u8>> {
@@ -833,6 +886,9 @@ pub fn restore_with(
         // segments (up to 16 MiB of records each), so with the one being
         // applied at most five are in memory, whatever --jobs says.
         let pieces = fetch_ahead(scope, store, plan, opts.jobs.min(2));
+        // (A restore of some paths counts every chunk of the base in its
+        // total but fetches only theirs: its bar ends early, its closing
+        // line says what was fetched.)
         meter.begin("base", Unit::Bytes, base_bytes);
         // The meter shows progress from here on: bytes of the base, then
         // segments and deltas applied.
@@ -844,9 +900,12 @@ pub fn restore_with(
                 op: r.op.kind_name(),
                 source: Box::new(e),
             })
-        }, &mut || meter.add(1))
+        }, &mut |_| meter.add(1))
     })?;
     meter.end();
+    if !paths.is_empty() {
+        tree.keep_only(&paths)?;
+    }
     let files = tree.len();
     let skipped = tree.finish()?;
     Ok(Restored {
@@ -870,10 +929,30 @@ pub fn restore_with(
     })
 }
 
-/// A segment or delta fetched, verified and checked against its key.
+/// A segment or delta fetched, verified and checked against its key, with
+/// its size in the store.
 enum Loaded {
-    Segment(Vec<Record>),
-    Delta(delta::Delta),
+    Segment(Vec<Record>, usize),
+    Delta(delta::Delta, usize),
+}
+
+/// What `apply_pieces` tells its caller before it applies a piece's
+/// records: the bytes the piece takes in the store and the bytes of file
+/// data all its records write (applied or not), whose ratio is the piece's
+/// compression ratio.
+pub(crate) struct PieceStats {
+    pub(crate) stored: u64,
+    pub(crate) written: u64,
+}
+
+fn data_written(records: &[Record]) -> u64 {
+    records
+        .iter()
+        .map(|r| match &r.op {
+            crate::record::Op::Write { data, .. } => data.len() as u64,
+            _ => 0,
+        })
+        .sum()
 }
 
 /// Gets piece `piece` and verifies it: its checksum (by decoding) and that
@@ -895,7 +974,7 @@ fn load_piece(store: &dyn Store, piece: &Piece) -> Result<Loaded> {
                     ),
                 });
             }
-            Ok(Loaded::Segment(recs))
+            Ok(Loaded::Segment(recs, data.len()))
         }
         Piece::Delta(d) => {
             let delta = delta::decode(&data).map_err(|source| RestoreError::Delta {
@@ -910,7 +989,7 @@ fn load_piece(store: &dyn Store, piece: &Piece) -> Result<Loaded> {
                     ),
                 });
             }
-            Ok(Loaded::Delta(delta))
+            Ok(Loaded::Delta(delta, data.len()))
         }
     }
 }
@@ -930,13 +1009,13 @@ fn fetch_ahead<'scope, 'env>(
 
 /// Hands `apply` every record of `pieces` (the plan's segments and deltas,
 /// in order) after the plan's base up to its instant, each sequence number
-/// once, and calls `done` after each piece. Returns how many records it
-/// handed on and the time of the last.
+/// once, and calls `each` with a piece's sizes before its records. Returns
+/// how many records it handed on and the time of the last.
 fn apply_pieces(
     plan: &Plan,
     mut pieces: impl Iterator<Item = Result<Loaded>>,
     apply: &mut dyn FnMut(&Record) -> Result<()>,
-    done: &mut dyn FnMut(),
+    each: &mut dyn FnMut(&PieceStats),
 ) -> Result<(u64, Option<Nanos>)> {
     let mut records = 0u64;
     let mut last_record_ns = None;
@@ -948,7 +1027,11 @@ fn apply_pieces(
             why: format!("{key} was never fetched"),
         })??;
         match (piece, loaded) {
-            (Piece::Segment(_), Loaded::Segment(recs)) => {
+            (Piece::Segment(_), Loaded::Segment(recs, stored)) => {
+                each(&PieceStats {
+                    stored: stored as u64,
+                    written: data_written(&recs),
+                });
                 // Segments may overlap (a journal prefix shipped again after
                 // a machine crash): each sequence number applies once.
                 for r in recs.iter() {
@@ -961,7 +1044,11 @@ fn apply_pieces(
                     last_record_ns = Some(r.time);
                 }
             }
-            (Piece::Delta(d), Loaded::Delta(delta)) => {
+            (Piece::Delta(d), Loaded::Delta(delta, stored)) => {
+                each(&PieceStats {
+                    stored: stored as u64,
+                    written: data_written(&delta.records),
+                });
                 // A delta applies whole, to the state after its from_seq
                 // exactly (the timeline chains them so).
                 if d.from_seq != plan.base.start_seq.max(last_seq) || d.last_ns > plan.at_ns {
@@ -982,7 +1069,6 @@ fn apply_pieces(
             }
             _ => unreachable!("load_piece returns the kind of the piece it was given"),
         }
-        done();
     }
     Ok((records, last_record_ns))
 }
@@ -1001,13 +1087,75 @@ pub(crate) fn replay_records(
     let mut i = 0;
     std::thread::scope(|scope| {
         let pieces = fetch_ahead(scope, store, plan, 2);
-        apply_pieces(plan, pieces, apply, &mut || {
+        apply_pieces(plan, pieces, apply, &mut |_| {
             i += 1;
             if n >= 10 && i % (n / 10) == 0 {
                 progress(&format!("replay: {i}/{n} objects"));
             }
         })
     })
+}
+
+/// The identities at or under `paths` in the volume at `plan`, found by a
+/// replay without data; a path that does not exist is an error naming it.
+fn identities_under(store: &dyn Store, plan: &Plan, paths: &[String]) -> Result<HashSet<Ino>> {
+    let at = memory_at(store, plan, &mut |_, _| {})?;
+    let listing = at.target.listing(&at.ns);
+    if let Some(p) = paths
+        .iter()
+        .find(|p| !p.is_empty() && !listing.contains_key(*p))
+    {
+        return Err(RestoreError::NoSuchPath {
+            path: p.clone(),
+            at: fmt_ns(plan.at_ns),
+        });
+    }
+    Ok(listing
+        .iter()
+        .filter(|(q, _)| paths.iter().any(|p| within(q, p)))
+        .map(|(_, e)| e.ino)
+        .collect())
+}
+
+/// The volume at `plan` as an in-memory tree (no file contents), built
+/// from the base's manifest and the plan's records. `seen` hears of every
+/// record applied, with the stored bytes per byte of file data in the
+/// piece it came from (the inverse of that piece's compression ratio).
+pub(crate) fn memory_at(
+    store: &dyn Store,
+    plan: &Plan,
+    seen: &mut dyn FnMut(&Record, f64),
+) -> Result<Replay<Memory>> {
+    let manifest = load_manifest(store, &plan.base)?;
+    let mut tree = Replay::new(Memory::default(), Policy::Exact);
+    tree.set_fuzzy_until(manifest.completed_ns);
+    tree.set_root(manifest.root);
+    for o in &manifest.objects {
+        tree.base_object(o)?;
+        if o.kind == Kind::File {
+            tree.base_file_done(o)?;
+        }
+    }
+    tree.base_links(&manifest.links)?;
+    let ratio = std::cell::Cell::new(1.0);
+    std::thread::scope(|scope| {
+        let pieces = fetch_ahead(scope, store, plan, 2);
+        apply_pieces(
+            plan,
+            pieces,
+            &mut |r| {
+                tree.apply(r).map_err(|e| RestoreError::AtRecord {
+                    seq: r.seq,
+                    op: r.op.kind_name(),
+                    source: Box::new(RestoreError::from(e)),
+                })?;
+                seen(r, ratio.get());
+                Ok(())
+            },
+            &mut |p| ratio.set(p.stored as f64 / p.written.max(1) as f64),
+        )
+    })?;
+    Ok(tree)
 }
 
 /// Convenience for callers holding a timeline already.

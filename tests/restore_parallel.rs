@@ -188,6 +188,7 @@ fn restore(store: &dyn Store, target: &Path, jobs: usize) -> Result<(), String> 
         &Options {
             jobs,
             meter: &meter,
+            paths: &[],
         },
         &mut |_| {},
     )

@@ -136,7 +136,12 @@ impl Effects for Memory {
         Ok(())
     }
 
-    fn exchange(&mut self, _: &Namespace, _: (Ino, &[u8]), _: (Ino, &[u8])) -> Result<(), ReplayError> {
+    fn exchange(
+        &mut self,
+        _: &Namespace,
+        _: (Ino, &[u8]),
+        _: (Ino, &[u8]),
+    ) -> Result<(), ReplayError> {
         Ok(())
     }
 
@@ -163,7 +168,14 @@ impl Effects for Memory {
         Ok(())
     }
 
-    fn fallocate(&mut self, _: &Namespace, _: Ino, _: u32, _: u64, _: u64) -> Result<(), ReplayError> {
+    fn fallocate(
+        &mut self,
+        _: &Namespace,
+        _: Ino,
+        _: u32,
+        _: u64,
+        _: u64,
+    ) -> Result<(), ReplayError> {
         Ok(())
     }
 
@@ -187,7 +199,13 @@ impl Effects for Memory {
         Ok(())
     }
 
-    fn set_xattr(&mut self, _: &Namespace, ino: Ino, name: &[u8], value: &[u8]) -> Result<(), ReplayError> {
+    fn set_xattr(
+        &mut self,
+        _: &Namespace,
+        ino: Ino,
+        name: &[u8],
+        value: &[u8],
+    ) -> Result<(), ReplayError> {
         if let Some(o) = self.objects.get_mut(&ino) {
             if matches!(o.kind, Kind::File | Kind::Dir) {
                 o.xattrs

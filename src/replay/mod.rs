@@ -254,8 +254,13 @@ pub(crate) trait Effects {
     ) -> Result<(), Self::Error>;
     /// Names `ino` (parent, name), which is free. A directory moves there
     /// from where the model says it is.
-    fn link(&mut self, ns: &Namespace, parent: Ino, name: &[u8], ino: Ino)
-        -> Result<(), Self::Error>;
+    fn link(
+        &mut self,
+        ns: &Namespace,
+        parent: Ino,
+        name: &[u8],
+        ino: Ino,
+    ) -> Result<(), Self::Error>;
     /// Removes the name (parent, name) of `ino`; a directory loses its only
     /// name but lives on (empty, or its entries are removed first).
     fn unlink(
@@ -277,15 +282,24 @@ pub(crate) trait Effects {
         over: Option<Ino>,
     ) -> Result<(), Self::Error>;
     /// Swaps what two names name.
-    fn exchange(&mut self, ns: &Namespace, a: (Ino, &[u8]), b: (Ino, &[u8]))
-        -> Result<(), Self::Error>;
+    fn exchange(
+        &mut self,
+        ns: &Namespace,
+        a: (Ino, &[u8]),
+        b: (Ino, &[u8]),
+    ) -> Result<(), Self::Error>;
     /// The object known as `old` is known as `new` from now on (its names
     /// are unchanged).
     fn renumber(&mut self, ns: &Namespace, old: Ino, new: Ino) -> Result<(), Self::Error>;
     /// Ends an identity that has no names left.
     fn discard(&mut self, ns: &Namespace, ino: Ino) -> Result<(), Self::Error>;
-    fn write(&mut self, ns: &Namespace, ino: Ino, offset: u64, data: &[u8])
-        -> Result<(), Self::Error>;
+    fn write(
+        &mut self,
+        ns: &Namespace,
+        ino: Ino,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), Self::Error>;
     fn set_size(&mut self, ns: &Namespace, ino: Ino, size: u64) -> Result<(), Self::Error>;
     fn fallocate(
         &mut self,
@@ -299,8 +313,13 @@ pub(crate) trait Effects {
     /// A regular file's mtime; the model keeps the last one too, for
     /// targets that set mtimes once at the end.
     fn set_mtime(&mut self, ns: &Namespace, ino: Ino, mtime: Nanos) -> Result<(), Self::Error>;
-    fn set_xattr(&mut self, ns: &Namespace, ino: Ino, name: &[u8], value: &[u8])
-        -> Result<(), Self::Error>;
+    fn set_xattr(
+        &mut self,
+        ns: &Namespace,
+        ino: Ino,
+        name: &[u8],
+        value: &[u8],
+    ) -> Result<(), Self::Error>;
     fn remove_xattr(&mut self, ns: &Namespace, ino: Ino, name: &[u8]) -> Result<(), Self::Error>;
 }
 
@@ -353,11 +372,32 @@ pub(crate) fn needs_resize(model: u64, size: u64) -> bool {
     model != size || size == 0
 }
 
+/// Whether `path` is `under` or inside it ("" is the whole tree); paths
+/// are relative to the root, joined with '/'.
+pub(crate) fn within(path: &str, under: &str) -> bool {
+    under.is_empty()
+        || path == under
+        || (path.starts_with(under) && path.as_bytes().get(under.len()) == Some(&b'/'))
+}
+
+/// A path as a user gives it, made relative to the root ("." and empty
+/// components dropped).
+pub(crate) fn clean_path(p: &str) -> String {
+    p.split('/')
+        .filter(|c| !c.is_empty() && *c != ".")
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
 /// A replay: the model and the target it drives.
 pub(crate) struct Replay<T: Effects> {
     pub(crate) ns: Namespace,
     pub(crate) target: T,
     policy: Policy,
+    /// When set, only these identities get file data (writes, base data,
+    /// fallocate); every other one keeps its size, sparse. A restore of a
+    /// few paths sets it to the identities under them.
+    data_for: Option<HashSet<Ino>>,
 }
 
 type Res<T, E> = std::result::Result<T, E>;
@@ -371,7 +411,18 @@ impl<T: Effects> Replay<T> {
             },
             target,
             policy,
+            data_for: None,
         }
+    }
+
+    /// Limits file data to `inos` (see `data_for`).
+    pub(crate) fn limit_data(&mut self, inos: HashSet<Ino>) {
+        self.data_for = Some(inos);
+    }
+
+    /// Whether identity `ino` gets its file data.
+    pub(crate) fn wants_data(&self, ino: Ino) -> bool {
+        self.data_for.as_ref().is_none_or(|s| s.contains(&ino))
     }
 
     /// Declares the time until which records raced the base walk.
@@ -456,7 +507,11 @@ impl<T: Effects> Replay<T> {
                 let name = checked_name(&l.name, "base manifest")?;
                 self.refuse_reserved(l.parent, &name, "base manifest")?;
                 let parent_placed = l.parent == self.ns.root
-                    || self.ns.nodes.get(&l.parent).is_some_and(|n| n.place.is_some());
+                    || self
+                        .ns
+                        .nodes
+                        .get(&l.parent)
+                        .is_some_and(|n| n.place.is_some());
                 if parent_placed {
                     self.ensure_entry(l.parent, name, l.ino, 0)?;
                 } else {
@@ -684,7 +739,11 @@ impl<T: Effects> Replay<T> {
                 let n = checked_name(name, "segment")?;
                 self.refuse_reserved(*parent, name, "segment")?;
                 if self.policy == Policy::Converge {
-                    let fits = self.ns.nodes.get(parent).is_some_and(|p| p.kind == Kind::Dir)
+                    let fits = self
+                        .ns
+                        .nodes
+                        .get(parent)
+                        .is_some_and(|p| p.kind == Kind::Dir)
                         && self.ns.nodes.get(ino).is_some_and(|n| n.kind != Kind::Dir)
                         && self.ns.path(*ino).is_some()
                         && self.ns.lookup(*parent, &n).is_none();
@@ -723,11 +782,23 @@ impl<T: Effects> Replay<T> {
                 let exchange = flags & RENAME_EXCHANGE_FLAG != 0;
                 match self.policy {
                     Policy::Exact => {
-                        self.rename_exact(seq, (*from_parent, from), (*to_parent, to), *ino, *replaced, exchange)?;
+                        self.rename_exact(
+                            seq,
+                            (*from_parent, from),
+                            (*to_parent, to),
+                            *ino,
+                            *replaced,
+                            exchange,
+                        )?;
                         Ok(Outcome::Applied)
                     }
                     Policy::Converge => {
-                        let done = self.rename_converge((*from_parent, from), (*to_parent, to), *ino, exchange)?;
+                        let done = self.rename_converge(
+                            (*from_parent, from),
+                            (*to_parent, to),
+                            *ino,
+                            exchange,
+                        )?;
                         Ok(skipped(done))
                     }
                 }
@@ -742,7 +813,9 @@ impl<T: Effects> Replay<T> {
                 if self.subject(*ino, seq, Some(Kind::File))?.is_none() {
                     return Ok(Outcome::Skipped);
                 }
-                self.target.write(&self.ns, *ino, *offset, data)?;
+                if self.wants_data(*ino) {
+                    self.target.write(&self.ns, *ino, *offset, data)?;
+                }
                 self.grew_to(*ino, offset + data.len() as u64);
                 self.set_size(*ino, *size)?;
                 self.set_mtime(*ino, *mtime)?;
@@ -782,7 +855,10 @@ impl<T: Effects> Replay<T> {
                 if self.subject(*ino, seq, Some(Kind::File))?.is_none() {
                     return Ok(Outcome::Skipped);
                 }
-                self.target.fallocate(&self.ns, *ino, *mode, *offset, *len)?;
+                if self.wants_data(*ino) {
+                    self.target
+                        .fallocate(&self.ns, *ino, *mode, *offset, *len)?;
+                }
                 let keep_size = rustix::fs::FallocateFlags::KEEP_SIZE.bits();
                 if mode & keep_size == 0 {
                     self.grew_to(*ino, offset + len);
@@ -838,13 +914,22 @@ impl<T: Effects> Replay<T> {
     /// it did not happen already, and no directory holds its name (a
     /// directory in the way is not ours to remove).
     fn create_fits(&self, parent: Ino, name: &Name, ino: Ino) -> bool {
-        if self.ns.nodes.get(&parent).is_none_or(|p| p.kind != Kind::Dir) {
+        if self
+            .ns
+            .nodes
+            .get(&parent)
+            .is_none_or(|p| p.kind != Kind::Dir)
+        {
             return false;
         }
         match self.ns.lookup(parent, name) {
             Some(there) if there == ino => false,
             Some(there) => {
-                let dir = self.ns.nodes.get(&there).is_some_and(|n| n.kind == Kind::Dir);
+                let dir = self
+                    .ns
+                    .nodes
+                    .get(&there)
+                    .is_some_and(|n| n.kind == Kind::Dir);
                 if dir {
                     tracing::warn!(
                         parent,
@@ -930,7 +1015,8 @@ impl<T: Effects> Replay<T> {
         ino: Ino,
         over: Option<Ino>,
     ) -> Res<(), T::Error> {
-        self.target.rename(&self.ns, (fp, &from), (tp, &to), ino, over)?;
+        self.target
+            .rename(&self.ns, (fp, &from), (tp, &to), ino, over)?;
         self.ns.drop_name(tp, &to);
         self.ns.drop_name(fp, &from);
         self.ns.add_name(tp, to, ino);

@@ -17,6 +17,7 @@ Seeds: REWIND_SEEDS="1,2,3" (default "1,2"); scripts/many-seeds runs many.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import time
@@ -195,12 +196,27 @@ def test_differential_restore_matches_mount(make_volume, workdir, seed):
     # The store alone must suffice.
     vol.delete_local()
 
+    restored = []
     for n, (label, t, snap) in enumerate(instants):
         target = workdir / f"restore{n}"
         vol.restore(t, target)
-        helpers.assert_same_tree(snap, helpers.snapshot(target),
+        restored.append(helpers.snapshot(target))
+        helpers.assert_same_tree(snap, restored[-1],
                                  f"restore at instant {n} ({label}, {fmt_ns(t)}) vs the mount then")
         helpers.rmtree(target)
+
+    # `rewind diff` between random pairs of instants (and one sub-millisecond
+    # pair) equals the difference of the two restored trees.
+    picks = [tuple(sorted(rng.sample(range(len(instants)), 2))) for _ in range(4)]
+    picks.append(next((i, i + 1) for i, (label, _, _) in enumerate(instants) if label == "pair-1"))
+    picks.append((0, len(instants) - 1))
+    for i, j in picks:
+        check_diff(vol, instants[i][1], instants[j][1], restored[i], restored[j], f"instants {i} and {j}")
+    check_diff_errors(vol, instants[0][1], instants[-1][1], w)
+
+    # `restore --path` gives the same sub-trees as a full restore.
+    for n in rng.sample(range(len(instants)), 2):
+        check_path_restore(vol, workdir, instants[n][1], restored[n], rng, f"instant {n}")
 
     target = workdir / "restore-latest"
     vol.restore("latest", target)
@@ -223,6 +239,125 @@ def test_differential_restore_matches_mount(make_volume, workdir, seed):
         assert w["earliest"][:19] in msg or w["latest"][:19] in msg, \
             f"restore {label} the window does not name the window:\n{c}"
         assert not tgt.exists() or not os.listdir(tgt), f"restore {label} the window wrote into the target"
+
+
+def _under(p: str, roots) -> bool:
+    return any(p == r or p.startswith(r + "/") for r in roots)
+
+
+def run_diff(vol, t1, t2, *extra):
+    c = helpers.rewind("diff", *vol.store_args(), "--from", fmt_ns(t1), "--to", fmt_ns(t2), *extra,
+                       env=vol.env(), timeout=300)
+    return c
+
+
+def check_diff(vol, t1, t2, s1: helpers.Snapshot, s2: helpers.Snapshot, what: str):
+    """Every change `rewind diff -o json` reports is real, and every
+    difference between the two restored trees is reported (paths under a
+    renamed directory move with it; a path whose file was replaced is
+    covered by the change that put the new file there)."""
+    c = run_diff(vol, t1, t2, "-o", "json")
+    assert c.code == 0, f"diff {what} failed:\n{c}"
+    rep = json.loads(c.out)
+    by = {}
+    for ch in rep["changes"]:
+        by.setdefault(ch["change"], []).append(ch)
+    paths = lambda kind, key="paths": {p for ch in by.get(kind, []) for p in ch[key]}
+    created, deleted = paths("created"), paths("deleted")
+    moved_to, moved_from = paths("renamed"), paths("renamed", "from")
+    dirs_to = {p for ch in by.get("renamed", []) if ch["kind"] == "dir" for p in ch["paths"]}
+    dirs_from = {p for ch in by.get("renamed", []) if ch["kind"] == "dir" for p in ch["from"]}
+    new_file = created | moved_to
+    e1, e2 = s1.entries, s2.entries
+    errs = []
+    # What diff says happened did happen.
+    for p in created | moved_to:
+        if p not in e2:
+            errs.append(f"reported at --to but absent there: {p}")
+    for p in deleted | moved_from:
+        if p not in e1:
+            errs.append(f"reported at --from but absent there: {p}")
+    for kind, field in (("mode", "mode"), ("owner", "uid")):
+        for ch in by.get(kind, []):
+            p = ch["path"]
+            if p in e1 and p in e2 and not _under(p, dirs_to | dirs_from) and p not in moved_to:
+                a, b = e1[p], e2[p]
+                same = (a.mode == b.mode) if kind == "mode" else ((a.uid, a.gid) == (b.uid, b.gid))
+                if same:
+                    errs.append(f"{kind} change reported for {p}, but it is the same")
+    # Every difference of the restored trees is reported.
+    for p in sorted(set(e2) - set(e1)):
+        if p not in new_file and not _under(p, dirs_to):
+            errs.append(f"new at --to, not reported: {p}")
+    for p in sorted(set(e1) - set(e2)):
+        if p not in deleted | moved_from and not _under(p, dirs_from):
+            errs.append(f"gone at --to, not reported: {p}")
+    rows = {(ch["change"], p) for ch in rep["changes"] for p in ch["paths"]}
+    for p in sorted(set(e1) & set(e2)):
+        if p in new_file or _under(p, dirs_to | dirs_from):
+            continue
+        a, b = e1[p], e2[p]
+        if a.kind != b.kind:
+            errs.append(f"{p} changed kind ({a.kind} -> {b.kind}), not reported")
+            continue
+        data = (a.digest, a.size, a.target) != (b.digest, b.size, b.target) or \
+            (a.kind == "file" and a.mtime_ns != b.mtime_ns)
+        checks = [("modified", data), ("mode", a.mode != b.mode),
+                  ("owner", (a.uid, a.gid) != (b.uid, b.gid)), ("xattrs", a.xattrs != b.xattrs)]
+        for kind, differs in checks:
+            if differs and (kind, p) not in rows:
+                errs.append(f"{p}: {kind} differs between the restores, not reported")
+    assert not errs, f"diff {what} ({fmt_ns(t1)} .. {fmt_ns(t2)}) disagrees with the restores:\n  " + \
+        "\n  ".join(errs[:40]) + f"\n{c.out[:3000]}"
+    # The table form reports the same number of changes.
+    t = run_diff(vol, t1, t2)
+    assert t.code == 0, f"diff {what} as a table failed:\n{t}"
+    rows = [l for l in t.out.splitlines()[2:] if l.split()[:1] and l.split()[0] in
+            ("created", "deleted", "renamed", "modified", "mode", "owner", "xattrs")]
+    assert len(rows) == len(rep["changes"]), f"table and JSON differ:\n{t.out[:3000]}"
+
+
+def check_diff_errors(vol, t1, t2, window):
+    c = run_diff(vol, t2, t1)
+    assert c.code != 0 and "before --from" in c.err, f"diff with --to before --from:\n{c}"
+    c = run_diff(vol, window["earliest_ns"] - 30 * NS, t2)
+    assert c.code != 0 and (window["earliest"][:19] in c.err or window["latest"][:19] in c.err), \
+        f"diff from outside the window does not name the window:\n{c}"
+    c = run_diff(vol, t1, t2, "--path", "no/such/path")
+    assert c.code != 0 and "no/such/path" in c.err and "neither" in c.err, f"diff of a missing --path:\n{c}"
+    c = run_diff(vol, t1, t2, "--path", "w0", "-o", "json")
+    assert c.code == 0, f"diff --path w0 failed:\n{c}"
+    for ch in json.loads(c.out)["changes"]:
+        assert any(_under(p, ["w0"]) for p in ch["paths"] + ch.get("from", [])), f"--path w0 let through {ch}"
+
+
+def check_path_restore(vol, workdir, t, full: helpers.Snapshot, rng, what: str):
+    """A restore of a few paths (a writer's tree, a random file, a random
+    directory and a hard-linked file when there is one) equals those paths,
+    the directories above them and the hard links among them in the full
+    restore; a path that did not exist is refused by name."""
+    ents = full.entries
+    files = sorted(p for p, e in ents.items() if e.kind == "file" and not p.startswith("bulk/"))
+    dirs = sorted(p for p, e in ents.items() if e.kind == "dir" and "/" in p)
+    linked = sorted(p for g in full.links for p in g)
+    paths = {"w0"} | set(rng.sample(files, min(2, len(files)))) | set(rng.sample(dirs, min(1, len(dirs))))
+    if linked:
+        paths.add(rng.choice(linked))
+    paths = sorted(paths)
+    keep = {p for p in ents if any(_under(p, [q]) or _under(q, [p]) for q in paths)}
+    want = helpers.Snapshot({p: e for p, e in ents.items() if p in keep},
+                            frozenset(g & keep for g in full.links if len(g & keep) > 1))
+    target = workdir / "restore-paths"
+    extra = [a for p in paths for a in ("--path", p)]
+    vol.restore(t, target, *extra)
+    got = helpers.snapshot(target)
+    helpers.assert_same_tree(want, got, f"restore --path {paths} at {what} vs the full restore")
+    assert not (target / ".rewind").exists(), "a finished --path restore left its marker"
+    helpers.rmtree(target)
+    missing = workdir / "restore-missing"
+    c = vol.restore(t, missing, "--path", "w0", "--path", "no/such/file", check=False)
+    assert c.code != 0 and "no/such/file" in c.out + c.err, f"restore of a missing --path:\n{c}"
+    assert not missing.exists() or not os.listdir(missing), "a refused --path restore wrote into its target"
 
 
 def _nofile_limit(pid: int) -> int:
