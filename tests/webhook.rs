@@ -234,6 +234,87 @@ fn default_like_api_server(pod: &Value) -> Value {
     pod
 }
 
+const KEY_VOLUME: &str = "rewind-encryption-key";
+
+/// With `rewind.dev/encryption-secret`, one of Rewind's containers mounts
+/// the Secret read-only and names the key file on its command line, and
+/// nothing in the pod spec carries the key: no environment variable of any
+/// container reads the Secret. Without it, no key is mounted or named.
+fn check_key(
+    pod: &Value,
+    c: &Value,
+    store: &rewind::cli::StoreArgs,
+    secret: Option<&str>,
+) -> Result<(), String> {
+    let name = c["name"].as_str().unwrap();
+    let mounts: Vec<&Value> = c["volumeMounts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|m| m["name"] == KEY_VOLUME)
+        .collect();
+    match secret {
+        Some(_) => {
+            let want = json!({"name": KEY_VOLUME, "mountPath": "/rewind/encryption", "readOnly": true});
+            if mounts != [&want] {
+                return Err(format!("{name} mounts the key as {mounts:?}, not {want}"));
+            }
+            if store.encryption_key_file.as_deref() != Some(Path::new("/rewind/encryption/key")) {
+                return Err(format!(
+                    "{name} names key file {:?}",
+                    store.encryption_key_file
+                ));
+            }
+        }
+        None => {
+            if !mounts.is_empty() || store.encryption_key_file.is_some() {
+                return Err(format!("{name} gets a key without the annotation"));
+            }
+        }
+    }
+    for (_, _, other) in all_containers(pod) {
+        for e in other["env"].as_array().into_iter().flatten() {
+            if e.pointer("/valueFrom/secretKeyRef").is_some() {
+                return Err(format!("an env var reads a Secret: {e}"));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The pod's key volume: the Secret's entry `key` only, owner-readable,
+/// mounted by Rewind's containers only; absent without the annotation.
+fn check_key_volume(pod: &Value, secret: Option<&str>) -> Result<(), String> {
+    let found: Vec<&Value> = pod["spec"]["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|v| v["name"] == KEY_VOLUME)
+        .collect();
+    let want: Vec<Value> = secret
+        .map(|s| {
+            json!({"name": KEY_VOLUME, "secret": {"secretName": s,
+                   "items": [{"key": "key", "path": "key"}], "defaultMode": 0o400}})
+        })
+        .into_iter()
+        .collect();
+    if found.into_iter().cloned().collect::<Vec<_>>() != want {
+        return Err(format!("key volume is not {want:?}"));
+    }
+    for (_, _, c) in all_containers(pod) {
+        let name = c["name"].as_str().unwrap();
+        let mounts_key = c["volumeMounts"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|m| m["name"] == KEY_VOLUME);
+        if mounts_key && !name.starts_with("rewind-") {
+            return Err(format!("application container {name} mounts the key"));
+        }
+    }
+    Ok(())
+}
+
 fn check_patched(case: &Case) -> Result<(), String> {
     let m = run(case, &case.pod).map_err(|d| format!("denied: {d}"))?;
     if m.patch.is_empty() {
@@ -253,12 +334,16 @@ fn check_patched(case: &Case) -> Result<(), String> {
         .and_then(Value::as_object)
         .cloned()
         .unwrap_or_default();
+    let secret = expect.get("encryptionSecret").and_then(Value::as_str);
     for (name, want) in &restores {
-        check_restore(container(&init, name), want);
+        let args = check_restore(container(&init, name), want);
+        check_key(&pod, container(&init, name), &args.store, secret)?;
     }
     for (name, want) in &sidecars {
-        check_run(container(&init, name), want);
+        let args = check_run(container(&init, name), want);
+        check_key(&pod, container(&init, name), &args.store, secret)?;
     }
+    check_key_volume(&pod, secret)?;
     // Order: restores, then sidecars, then the user's init containers.
     let names: Vec<&str> = init.iter().map(|c| c["name"].as_str().unwrap()).collect();
     let n_restore = names
@@ -466,6 +551,68 @@ fn long_volume_names_give_distinct_valid_names() {
         assert!(n.len() <= 63 && n.starts_with("rewind-"), "{n}");
     }
     assert!(run(&case, &pod).unwrap().patch.is_empty());
+}
+
+/// The key's Secret volume and mounts after other mutators touched them:
+/// additions to them are kept, and anything that would change which key
+/// Rewind reads, or from where, is set back at its own path.
+#[test]
+fn the_key_volume_and_mounts_are_reconciled_on_reinvocation() {
+    let case = cases()
+        .into_iter()
+        .find(|c| c.name == "encryption secret on a deployment pod")
+        .expect("cases.json has the encrypted deployment pod");
+    let pod = apply(&case.pod, &patch_json(&run(&case, &case.pod).unwrap()));
+    let key_at = pod["spec"]["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .position(|v| v["name"] == KEY_VOLUME)
+        .expect("the key volume was added");
+    let sidecar_at = init_containers(&pod)
+        .iter()
+        .position(|c| c["name"] == "rewind-data")
+        .unwrap();
+    let mount_at = init_containers(&pod)[sidecar_at]["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .position(|m| m["name"] == KEY_VOLUME)
+        .unwrap();
+    let vol = format!("/spec/volumes/{key_at}");
+    let mount = format!("/spec/initContainers/{sidecar_at}/volumeMounts/{mount_at}");
+    // (what another mutator did, the patch Rewind answers with)
+    let rows = [
+        (
+            json!([{"op": "add", "path": format!("{vol}/secret/optional"), "value": false},
+                   {"op": "add", "path": format!("{mount}/recursiveReadOnly"), "value": "Disabled"}]),
+            json!([]),
+        ),
+        (
+            json!([{"op": "replace", "path": format!("{vol}/secret/secretName"), "value": "other"}]),
+            json!([{"op": "replace", "path": vol, "value": {"name": KEY_VOLUME, "secret": {
+                "secretName": "kek.shop", "items": [{"key": "key", "path": "key"}], "defaultMode": 256}}}]),
+        ),
+        (
+            json!([{"op": "replace", "path": format!("{mount}/readOnly"), "value": false}]),
+            json!([{"op": "replace", "path": format!("{mount}/readOnly"), "value": true}]),
+        ),
+        (
+            json!([{"op": "remove", "path": mount}]),
+            json!([{"op": "add", "path": format!("/spec/initContainers/{sidecar_at}/volumeMounts/-"),
+                    "value": {"name": KEY_VOLUME, "mountPath": "/rewind/encryption", "readOnly": true}}]),
+        ),
+    ];
+    for (other, want) in rows {
+        let changed = apply(&pod, &other);
+        let m = run(&case, &changed).unwrap_or_else(|d| panic!("{other}: {d}"));
+        assert_eq!(patch_json(&m), want, "after {other}");
+        let fixed = apply(&changed, &patch_json(&m));
+        assert!(
+            run(&case, &fixed).unwrap().patch.is_empty(),
+            "after {other}: not a fixed point"
+        );
+    }
 }
 
 #[test]

@@ -23,6 +23,10 @@ pub const MEMORY: &str = "rewind.dev/memory";
 pub const RESTORE_AT: &str = "rewind.dev/restore-at";
 /// "true" lets the one-shot restore replace a non-empty volume.
 pub const RESTORE_OVERWRITE: &str = "rewind.dev/restore-overwrite";
+/// Name of a Secret in the pod's namespace whose entry `key` holds the
+/// key-encryption key; the webhook mounts it into Rewind's containers as a
+/// file, so the key never appears in the pod spec.
+pub const ENCRYPTION_SECRET: &str = "rewind.dev/encryption-secret";
 /// Written by the webhook: the volumes it injected for. It tells the
 /// webhook's own containers and volumes apart from user objects that happen
 /// to carry the same names, which makes reinvocation idempotent.
@@ -33,7 +37,7 @@ pub const APP_GRACE: &str = "rewind.dev/app-grace-period-seconds";
 /// The pod label the MutatingWebhookConfiguration selects on.
 pub const INJECT_LABEL: &str = "rewind.dev/inject";
 
-const USER_KEYS: [&str; 7] = [
+const USER_KEYS: [&str; 8] = [
     VOLUMES,
     STORE,
     SEGMENT_INTERVAL,
@@ -41,6 +45,7 @@ const USER_KEYS: [&str; 7] = [
     MEMORY,
     RESTORE_AT,
     RESTORE_OVERWRITE,
+    ENCRYPTION_SECRET,
 ];
 const OWN_KEYS: [&str; 2] = [INJECTED, APP_GRACE];
 
@@ -55,6 +60,8 @@ pub struct Protection {
     pub memory: Option<String>,
     pub restore_at: Option<String>,
     pub restore_overwrite: bool,
+    /// The Secret holding the key-encryption key; `None` stores plaintext.
+    pub encryption_secret: Option<String>,
 }
 
 /// Reads the `rewind.dev/*` annotations. `Ok(None)` means the pod did not
@@ -130,6 +137,10 @@ pub fn parse(annotations: &BTreeMap<String, String>) -> Result<Option<Protection
             "{RESTORE_OVERWRITE} only applies together with {RESTORE_AT}"
         ));
     }
+    let encryption_secret = annotations.get(ENCRYPTION_SECRET).cloned();
+    if let Some(s) = &encryption_secret {
+        parse_secret_name(s).map_err(|why| format!("{ENCRYPTION_SECRET}: {why}"))?;
+    }
     Ok(Some(Protection {
         volumes,
         store,
@@ -138,6 +149,7 @@ pub fn parse(annotations: &BTreeMap<String, String>) -> Result<Option<Protection
         memory,
         restore_at,
         restore_overwrite,
+        encryption_secret,
     }))
 }
 
@@ -163,6 +175,53 @@ pub fn parse_store(url: &str) -> Result<(), String> {
         }
         Ok(StoreUrl::File(_)) => Err(format!("{url:?} is not an s3:// URL")),
         Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Accepts a Secret name as the API server does (a DNS-1123 subdomain:
+/// at most 253 characters, dot-separated labels of lowercase letters,
+/// digits and '-' that start and end with a letter or digit), so that an
+/// accepted annotation never yields a pod the API server refuses with a
+/// message that does not name the annotation. The value is a name only:
+/// key material pasted here would end up in the pod spec.
+pub fn parse_secret_name(s: &str) -> Result<(), String> {
+    let label_ok = |l: &str| {
+        let b = l.as_bytes();
+        !b.is_empty()
+            && b.iter()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+            && b[0] != b'-'
+            && b[b.len() - 1] != b'-'
+    };
+    if s.is_empty() || s.len() > 253 || !s.split('.').all(label_ok) {
+        return Err(format!(
+            "{:?} is not a Secret name; name a Secret in the pod's namespace (lowercase letters, \
+             digits, '-' and '.', starting and ending with a letter or digit, at most 253 \
+             characters) whose entry \"key\" holds the key-encryption key, e.g. \"rewind-kek\"",
+            shorten(s)
+        ));
+    }
+    // The CLI reads a key file of 64 hex digits, which is also a valid
+    // Secret name: refused, because a key pasted here is already exposed
+    // in the pod spec and the user should know to replace it.
+    if s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(
+            "the value is 64 hex digits, which looks like the key itself; put the key in a Secret \
+             under the entry \"key\", write the Secret's name here, and replace this key, since \
+             it is now visible to anyone who can read the pod"
+                .to_string(),
+        );
+    }
+    Ok(())
+}
+
+/// `s` cut to a length fit for an error message: a mistaken value may be
+/// long (a pasted key), and the message should not repeat all of it.
+fn shorten(s: &str) -> String {
+    const MAX: usize = 40;
+    match s.char_indices().nth(MAX) {
+        Some((cut, _)) => format!("{}...", &s[..cut]),
+        None => s.to_string(),
     }
 }
 
@@ -301,6 +360,38 @@ mod tests {
             );
         }
         assert!(parse_quantity("63Mi", Quantity::Memory).is_err());
+    }
+
+    #[test]
+    fn secret_names_are_dns_subdomains() {
+        let long_ok = format!("{}.{}", "a".repeat(126), "b".repeat(126));
+        for good in ["rewind-kek", "a", "kek.prod", "0", "a-b.c-d.e", long_ok.as_str()] {
+            assert_eq!(parse_secret_name(good), Ok(()), "{good:?} refused");
+        }
+        let too_long = "a".repeat(254);
+        for bad in [
+            "",
+            "Rewind-Kek",
+            "-kek",
+            "kek-",
+            "kek.",
+            ".kek",
+            "a..b",
+            "kek.-x",
+            "kek_1",
+            "kek key",
+            "kek/key",
+            too_long.as_str(),
+        ] {
+            let err = parse_secret_name(bad).expect_err(bad);
+            assert!(err.contains("is not a Secret name"), "{bad:?}: {err}");
+        }
+        // A pasted key is refused, and not echoed in full into the refusal.
+        let pasted = "0123456789abcdef".repeat(4);
+        let err = parse_secret_name(&pasted).unwrap_err();
+        assert!(err.contains("looks like the key itself"), "{err}");
+        let err = parse_secret_name(&format!("{pasted}=")).unwrap_err();
+        assert!(!err.contains(&pasted), "{err}");
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The objects the webhook adds to a pod: the sidecar (a native sidecar
-//! running `rewind run`), the one-shot restore init container, and the
-//! `emptyDir` that carries the mount to the application. Every field the
+//! running `rewind run`), the one-shot restore init container, the
+//! `emptyDir` that carries the mount to the application, and the Secret
+//! volume that carries the encryption key to Rewind's containers. Every field the
 //! API server would default is written out, so that a reinvocation finds
 //! what it would build again. These are whole containers, as Rewind adds
 //! them the first time; which of their fields Rewind keeps claiming after
@@ -22,6 +23,21 @@ pub const MOUNT_PATH: &str = "/rewind/mnt";
 /// that root into a restarted sidecar: a dead mount on it would fail the
 /// runtime's stat of its bind source, and no new sidecar could start.
 pub const VIEW_DIR: &str = "view";
+
+/// The pod volume that holds the encryption Secret. It cannot be the
+/// shared emptyDir of a protected volume: `mod.rs` refuses a pod that
+/// protects a volume named `encryption-key`.
+pub const KEY_VOLUME: &str = "rewind-encryption-key";
+/// Where Rewind's containers mount the Secret, read-only.
+pub const KEY_DIR: &str = "/rewind/encryption";
+/// The Secret's entry that holds the key-encryption key, projected under
+/// the same file name.
+pub const KEY_ITEM: &str = "key";
+
+/// `--encryption-key-file` of Rewind's containers: a path, never the key.
+pub fn key_file_path() -> String {
+    format!("{KEY_DIR}/{KEY_ITEM}")
+}
 
 /// `--mount` of the sidecar: the view directory inside the emptyDir.
 pub fn view_path() -> String {
@@ -61,6 +77,8 @@ pub struct Plan<'a> {
     pub index: usize,
     pub restore_at: Option<&'a str>,
     pub restore_overwrite: bool,
+    /// Whether the volume is encrypted with the key in `KEY_VOLUME`.
+    pub encrypted: bool,
 }
 
 /// Name of the sidecar container and of the shared emptyDir for `volume`.
@@ -136,7 +154,7 @@ fn probe(path: &str, port: u16, period: u32, timeout: u32, failures: u32) -> Val
 /// The native sidecar for one protected volume.
 pub fn sidecar(plan: &Plan, config: &Config) -> Value {
     let name = sidecar_name(plan.volume);
-    let args = vec![
+    let mut args = vec![
         "run".to_string(),
         "--source".into(),
         SOURCE_PATH.into(),
@@ -153,6 +171,11 @@ pub fn sidecar(plan: &Plan, config: &Config) -> Value {
         "--shutdown-timeout".into(),
         format!("{}s", config.shutdown_timeout_seconds),
     ];
+    let mut mounts = vec![
+        json!({"name": plan.volume, "mountPath": SOURCE_PATH}),
+        json!({"name": name, "mountPath": MOUNT_PATH, "mountPropagation": "Bidirectional"}),
+    ];
+    with_key(plan, &mut args, &mut mounts);
     let mut c = common(name.clone(), config, args, plan);
     c.insert(
         "ports".into(),
@@ -183,13 +206,7 @@ pub fn sidecar(plan: &Plan, config: &Config) -> Value {
         "readinessProbe".into(),
         probe("/readyz", plan.port, 5, 2, 3),
     );
-    c.insert(
-        "volumeMounts".into(),
-        json!([
-            {"name": plan.volume, "mountPath": SOURCE_PATH},
-            {"name": name, "mountPath": MOUNT_PATH, "mountPropagation": "Bidirectional"},
-        ]),
-    );
+    c.insert("volumeMounts".into(), Value::Array(mounts));
     Value::Object(c)
 }
 
@@ -212,17 +229,40 @@ pub fn restore(plan: &Plan, time: &str, config: &Config) -> Value {
     if plan.restore_overwrite {
         args.push("--force".into());
     }
+    let mut mounts = vec![json!({"name": plan.volume, "mountPath": SOURCE_PATH})];
+    with_key(plan, &mut args, &mut mounts);
     let mut c = common(restore_name(plan.volume), config, args, plan);
     // Root (not privileged) so that restored files get their recorded owners.
     c.insert(
         "securityContext".into(),
         json!({"runAsUser": 0, "runAsGroup": 0, "runAsNonRoot": false}),
     );
-    c.insert(
-        "volumeMounts".into(),
-        json!([{"name": plan.volume, "mountPath": SOURCE_PATH}]),
-    );
+    c.insert("volumeMounts".into(), Value::Array(mounts));
     Value::Object(c)
+}
+
+/// For an encrypted volume, the key file's path on the command line and
+/// the read-only mount of the Secret that holds it. The path is all the
+/// pod spec shows: the key stays in the Secret, out of `args` and `env`.
+fn with_key(plan: &Plan, args: &mut Vec<String>, mounts: &mut Vec<Value>) {
+    if plan.encrypted {
+        args.push("--encryption-key-file".into());
+        args.push(key_file_path());
+        mounts.push(json!({"name": KEY_VOLUME, "mountPath": KEY_DIR, "readOnly": true}));
+    }
+}
+
+/// The Secret volume for `secret`: only its entry `KEY_ITEM` is projected,
+/// readable by its owner only (0400; Rewind's containers run as root).
+pub fn key_volume(secret: &str) -> Value {
+    json!({
+        "name": KEY_VOLUME,
+        "secret": {
+            "secretName": secret,
+            "items": [{"key": KEY_ITEM, "path": KEY_ITEM}],
+            "defaultMode": 0o400,
+        },
+    })
 }
 
 /// The emptyDir the sidecar mounts FUSE in (on `VIEW_DIR`) and the app

@@ -20,7 +20,13 @@
 //! - a native sidecar `rewind-V` runs `rewind run`, placed after the restore
 //!   init containers and before the user's init containers;
 //! - with `rewind.dev/restore-at`, an init container `rewind-restore-V`
-//!   restores V once, before the sidecar starts.
+//!   restores V once, before the sidecar starts;
+//! - with `rewind.dev/encryption-secret: S`, one `secret` volume
+//!   `rewind-encryption-key` projects S's entry `key` (mode 0400), which
+//!   every sidecar and restore container mounts read-only at
+//!   `/rewind/encryption` and names with `--encryption-key-file
+//!   /rewind/encryption/key`: the pod spec holds the Secret's name and the
+//!   file's path, never the key.
 //!
 //! # Living in an admission chain
 //! Other mutators run before and after Rewind, and the API server calls
@@ -28,7 +34,7 @@
 //! therefore claims only what Rewind decides: the existence and order of
 //! its containers, the fields listed in `owned`, the name, propagation and
 //! view subPath of the application's mounts of protected volumes, the
-//! shared emptyDir, the grace period and its two annotations. Each is brought to what Rewind
+//! shared emptyDir and the key's Secret volume, the grace period and its two annotations. Each is brought to what Rewind
 //! wants by an operation at its own path, against a working copy that
 //! already holds the earlier operations; everything else, on Rewind's
 //! containers too, is left as found. An existing value satisfies Rewind
@@ -190,6 +196,21 @@ pub fn mutate(pod: &Value, ns: Namespace, config: &Config) -> Result<Mutation, D
         own_containers.insert(containers::restore_name(v));
         own_volumes.insert(containers::sidecar_name(v));
     }
+    if prot.encryption_secret.is_some() {
+        if let Some(v) = prot
+            .volumes
+            .iter()
+            .find(|v| containers::sidecar_name(v) == containers::KEY_VOLUME)
+        {
+            return Err(Denial::Refused(format!(
+                "volume {v:?} would need the name {:?} for its shared emptyDir, which {} needs \
+                 for the Secret volume; rename the pod volume {v:?}",
+                containers::KEY_VOLUME,
+                annotations::ENCRYPTION_SECRET
+            )));
+        }
+        own_volumes.insert(containers::KEY_VOLUME.to_string());
+    }
     for c in init.iter().chain(&regular) {
         let name = str_field(c, "name");
         if own_containers.contains(name) && !previously {
@@ -229,7 +250,12 @@ pub fn mutate(pod: &Value, ns: Namespace, config: &Config) -> Result<Mutation, D
     for list in ["initContainers", "containers"] {
         rewire(&mut ed, list, &own_containers, &prot.volumes)?;
     }
-    ensure_shared_volumes(&mut ed, &prot.volumes)?;
+    for v in &prot.volumes {
+        ensure_volume(&mut ed, containers::shared_volume(v))?;
+    }
+    if let Some(secret) = &prot.encryption_secret {
+        ensure_volume(&mut ed, containers::key_volume(secret))?;
+    }
 
     // Raise the grace period so the sidecar's final flush fits after the
     // app's own shutdown (the kubelet signals sidecars only once the app's
@@ -313,6 +339,7 @@ fn wanted_containers(
             index,
             restore_at: prot.restore_at.as_deref(),
             restore_overwrite: prot.restore_overwrite,
+            encrypted: prot.encryption_secret.is_some(),
         };
         if let Some(time) = plan.restore_at {
             wanted_restores.push(containers::restore(&plan, time, config));
@@ -435,28 +462,26 @@ fn rewire(
     Ok(())
 }
 
-/// Adds the emptyDir each sidecar mounts FUSE over, or puts it back if
-/// something turned it into another kind of volume; fields another mutator
-/// added to it (a sizeLimit) stay.
-fn ensure_shared_volumes(ed: &mut Editor, protected: &[String]) -> Result<(), Denial> {
+/// Adds one of the webhook's volumes (the emptyDir a sidecar mounts FUSE
+/// over, the Secret with the encryption key), or puts it back if something
+/// turned it into another kind of volume or another Secret; fields another
+/// mutator added to it (a sizeLimit) stay.
+fn ensure_volume(ed: &mut Editor, wanted: Value) -> Result<(), Denial> {
     let list = Pointer::root().key("spec").key("volumes");
-    for v in protected {
-        let wanted = containers::shared_volume(v);
-        let found = containers_at(ed, &list)
-            .iter()
-            .position(|x| x.get("name") == wanted.get("name"))
-            .map(|i| {
-                (
-                    i,
-                    ed.get(&list.index(i))
-                        .is_some_and(|x| owned::covers(x, &wanted, false)),
-                )
-            });
-        match found {
-            Some((_, true)) => {}
-            Some((i, false)) => ed.replace(&list.index(i), wanted)?,
-            None => ed.add(&list.end(), wanted)?,
-        }
+    let found = containers_at(ed, &list)
+        .iter()
+        .position(|x| x.get("name") == wanted.get("name"))
+        .map(|i| {
+            (
+                i,
+                ed.get(&list.index(i))
+                    .is_some_and(|x| owned::covers(x, &wanted, false)),
+            )
+        });
+    match found {
+        Some((_, true)) => {}
+        Some((i, false)) => ed.replace(&list.index(i), wanted)?,
+        None => ed.add(&list.end(), wanted)?,
     }
     Ok(())
 }

@@ -39,7 +39,7 @@ pub(crate) const OWNED_FIELDS: [&str; 8] = [
 
 /// Lists of Rewind's containers in which Rewind owns its own entries only,
 /// each found by the key that identifies it (`None`: by its whole value):
-/// the two mounts the sidecar needs (found by path, so that another
+/// the mounts Rewind needs (found by path, so that another
 /// mutator's mount at another path is never touched), the metrics port
 /// the probes use, and the store's endpoint and credentials from the
 /// webhook's settings.
