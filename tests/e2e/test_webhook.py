@@ -209,6 +209,47 @@ def test_injected_pod_shape(webhooks):
     assert spec["terminationGracePeriodSeconds"] == 155
 
 
+def test_encryption_secret_is_mounted_as_a_file_only(webhooks):
+    """With rewind.dev/encryption-secret the patch gives the pod one Secret
+    volume (the entry "key" only, mode 0400), mounts it read-only into every
+    rewind container and nowhere else, and passes its path: the Secret's name
+    appears only as the volume's secretName, and no env var, envFrom or
+    argument carries the key or reads the Secret."""
+    case = next(c for c in CASES if c["expect"].get("encryptionSecret") and c["pod"] == "statefulset.json")
+    secret = case["expect"]["encryptionSecret"]
+    pod = load_pod(case)
+    response, ops = send_review(webhooks(), admission_review(pod, case["namespace"]), path_for(case))
+    assert response["allowed"] is True
+    patched = jsonpatch.apply_patch(pod, ops)
+    assert_valid_pod(patched)
+    spec = patched["spec"]
+    key_volumes = [v for v in spec["volumes"] if "secret" in v]
+    assert key_volumes == [{"name": "rewind-encryption-key", "secret": {
+        "secretName": secret, "items": [{"key": "key", "path": "key"}], "defaultMode": 0o400}}]
+    own = [c for c in spec["initContainers"] if c["name"].startswith("rewind-")]
+    assert sorted(c["name"] for c in own) == ["rewind-data", "rewind-restore-data", "rewind-restore-wal", "rewind-wal"]
+    for c in own:
+        assert {"name": "rewind-encryption-key", "mountPath": "/rewind/encryption", "readOnly": True} \
+            in c["volumeMounts"], c["name"]
+        args = c["args"]
+        assert args.count("--encryption-key-file") == 1, c["name"]
+        assert args[args.index("--encryption-key-file") + 1] == "/rewind/encryption/key"
+    for c in spec["initContainers"] + spec["containers"]:
+        if not c["name"].startswith("rewind-"):
+            assert all(m["name"] != "rewind-encryption-key" for m in c.get("volumeMounts", [])), c["name"]
+        for e in c.get("env", []):
+            assert "secretKeyRef" not in e.get("valueFrom", {}), e
+            assert "ENCRYPTION" not in e["name"], e
+        for e in c.get("envFrom", []):
+            assert e.get("secretRef", {}).get("name") != secret, e
+    # The Secret's name is in exactly one place of the whole patch.
+    assert json.dumps(ops).count(json.dumps(secret)) == 1, ops
+    # Reinvocation, also after the API server's defaulting, is a fixed point.
+    for again in (patched, default_like_api_server(patched)):
+        response, repatched = send(webhooks(), again, case)
+        assert response["allowed"] is True and repatched is None
+
+
 def test_malformed_requests_get_400_and_the_server_survives(webhooks):
     webhook = webhooks()
     good = admission_review(load_pod(CASES[0]), "shop")
