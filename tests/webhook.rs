@@ -255,7 +255,8 @@ fn check_key(
         .collect();
     match secret {
         Some(_) => {
-            let want = json!({"name": KEY_VOLUME, "mountPath": "/rewind/encryption", "readOnly": true});
+            let want =
+                json!({"name": KEY_VOLUME, "mountPath": "/rewind/encryption", "readOnly": true});
             if mounts != [&want] {
                 return Err(format!("{name} mounts the key as {mounts:?}, not {want}"));
             }

@@ -365,7 +365,14 @@ mod tests {
     #[test]
     fn secret_names_are_dns_subdomains() {
         let long_ok = format!("{}.{}", "a".repeat(126), "b".repeat(126));
-        for good in ["rewind-kek", "a", "kek.prod", "0", "a-b.c-d.e", long_ok.as_str()] {
+        for good in [
+            "rewind-kek",
+            "a",
+            "kek.prod",
+            "0",
+            "a-b.c-d.e",
+            long_ok.as_str(),
+        ] {
             assert_eq!(parse_secret_name(good), Ok(()), "{good:?} refused");
         }
         let too_long = "a".repeat(254);
