@@ -34,7 +34,8 @@
 //! therefore claims only what Rewind decides: the existence and order of
 //! its containers, the fields listed in `owned`, the name, propagation and
 //! view subPath of the application's mounts of protected volumes, the
-//! shared emptyDir and the key's Secret volume, the grace period and its two annotations. Each is brought to what Rewind
+//! shared emptyDir and the key's Secret volume, the grace period and its
+//! two annotations. Each is brought to what Rewind
 //! wants by an operation at its own path, against a working copy that
 //! already holds the earlier operations; everything else, on Rewind's
 //! containers too, is left as found. An existing value satisfies Rewind
