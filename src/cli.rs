@@ -356,6 +356,8 @@ pub struct MountArgs {
     /// FUSE worker threads.
     #[arg(long, default_value = "4")]
     pub threads: usize,
+    #[command(flatten)]
+    pub progress: ProgressArgs,
     /// Where to mount the view (an existing directory).
     pub mountpoint: PathBuf,
 }

@@ -608,10 +608,14 @@ fn mount(args: rewind::cli::MountArgs) -> anyhow::Result<i32> {
         );
     }
     let started = std::time::Instant::now();
-    let (view, opened) = rewind::view::View::open(store, &plan, args.cache_size, &mut |m| {
-        eprintln!("rewind: {m}")
-    })
-    .context("cannot build the view")?;
+    // A bar on a terminal, periodic lines in a log, while the tree is built.
+    let meter = meter(&args.progress, false);
+    let (view, opened) =
+        rewind::view::View::open(store, &plan, args.cache_size, &meter, &mut |m| {
+            eprintln!("rewind: {m}")
+        })
+        .context("cannot build the view")?;
+    drop(meter);
     let session = rewind::view::mount(view, &args.mountpoint, args.threads).with_context(|| {
         format!(
             "cannot mount at {} (is it an existing directory, is /dev/fuse available, are we root?)",

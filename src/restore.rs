@@ -1075,25 +1075,22 @@ fn apply_pieces(
 
 /// Fetches the segments and deltas `plan` names (two ahead) and hands
 /// `apply` every record after the plan's base up to its instant, in order,
-/// each sequence number once. Returns how many records it handed on and
-/// the time of the last. The mount view (`crate::view`) replays through it.
+/// each sequence number once, counting the pieces into `meter` (a
+/// "records" phase). Returns how many records it handed on and the time of
+/// the last. The mount view (`crate::view`) replays through it.
 pub(crate) fn replay_records(
     store: &dyn Store,
     plan: &Plan,
-    progress: &mut dyn FnMut(&str),
+    meter: &Meter,
     apply: &mut dyn FnMut(&Record) -> Result<()>,
 ) -> Result<(u64, Option<Nanos>)> {
-    let n = plan.pieces.len();
-    let mut i = 0;
-    std::thread::scope(|scope| {
+    meter.begin("records", Unit::Objects, plan.pieces.len() as u64);
+    let done = std::thread::scope(|scope| {
         let pieces = fetch_ahead(scope, store, plan, 2);
-        apply_pieces(plan, pieces, apply, &mut |_| {
-            i += 1;
-            if n >= 10 && i % (n / 10) == 0 {
-                progress(&format!("replay: {i}/{n} objects"));
-            }
-        })
-    })
+        apply_pieces(plan, pieces, apply, &mut |_| meter.add(1))
+    })?;
+    meter.end();
+    Ok(done)
 }
 
 /// The identities at or under `paths` in the volume at `plan`, found by a

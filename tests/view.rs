@@ -149,7 +149,8 @@ fn view_reads_equal_the_model_and_fail_with_eio_while_the_store_is_down() {
 
     let gets_before = faulty.calls(faulty::Op::Get);
     // A cache of one chunk: every read of another chunk fetches again.
-    let (view, opened) = View::open(store.clone(), &plan, MIB as u64, &mut |_| {}).unwrap();
+    let silent = rewind::progress::Meter::silent();
+    let (view, opened) = View::open(store.clone(), &plan, MIB as u64, &silent, &mut |_| {}).unwrap();
     assert_eq!(opened.records, 5);
     assert_eq!(
         faulty.calls(faulty::Op::Get) - gets_before,

@@ -23,6 +23,7 @@ use crate::base::load_manifest;
 use crate::clock::Nanos;
 use crate::record::{Ino, Kind, Record};
 use crate::replay::{Policy, Replay};
+use crate::progress::{Meter, Unit};
 use crate::restore::{replay_records, RestoreError};
 use crate::store::Store;
 use crate::timeline::Plan;
@@ -103,11 +104,13 @@ pub struct Opened {
 impl View {
     /// Builds the tree of `plan` from the store: the base's manifest and
     /// the segments and deltas it names (no chunk is fetched), with the
-    /// same checks and errors as a restore.
+    /// same checks and errors as a restore. `meter` counts the base's
+    /// objects, then the segments and deltas, as they are replayed.
     pub fn open(
         store: Arc<dyn Store>,
         plan: &Plan,
         cache_bytes: u64,
+        meter: &Meter,
         progress: &mut dyn FnMut(&str),
     ) -> Result<(View, Opened), RestoreError> {
         let manifest = load_manifest(store.as_ref(), &plan.base)?;
@@ -119,7 +122,9 @@ impl View {
         let mut replay = Replay::new(Contents::default(), Policy::Exact);
         replay.set_fuzzy_until(manifest.completed_ns);
         replay.set_root(manifest.root);
+        meter.begin("base", Unit::Objects, manifest.objects.len() as u64);
         for o in &manifest.objects {
+            meter.add(1);
             replay.base_object(o)?;
             if o.kind == Kind::File {
                 for e in &o.extents {
@@ -130,7 +135,7 @@ impl View {
         }
         replay.base_links(&manifest.links)?;
         let (records, last_record_ns) =
-            replay_records(store.as_ref(), plan, progress, &mut |r: &Record| {
+            replay_records(store.as_ref(), plan, meter, &mut |r: &Record| {
                 replay.apply(r).map(drop).map_err(|e| RestoreError::AtRecord {
                     seq: r.seq,
                     op: r.op.kind_name(),

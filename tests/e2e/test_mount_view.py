@@ -23,6 +23,7 @@ from __future__ import annotations
 import errno
 import os
 import random
+import re
 import signal
 import subprocess
 import time
@@ -180,6 +181,11 @@ def test_view_matches_restore(make_volume, workdir, seed):
             helpers.assert_same_tree(snap, seen, f"view vs the live mount at {what}")
             if n == 0:
                 assert_read_only(view.mnt)
+                # Its stderr is a log, not a terminal: building the tree is
+                # reported in plain lines, one closing line per phase.
+                log = view.log()
+                assert re.search(r"base: done, [1-9]\d* objects", log), f"no closing line for the base:\n{log}"
+                assert re.search(r"records: done, [1-9]\d* objects", log), f"no closing line for the records:\n{log}"
         except BaseException:
             view.kill()
             raise
