@@ -250,8 +250,7 @@ fn replay(c: &mut Criterion) {
             b.iter_batched(
                 || tempfile::tempdir().unwrap(),
                 |d| {
-                    let mut t =
-                        rewind::restore::Tree::prepare(&d.path().join("t"), false).unwrap();
+                    let mut t = rewind::restore::Tree::prepare(&d.path().join("t"), false).unwrap();
                     t.apply_base(&base, &|_| Ok(chunk.clone()), jobs, &mut |_, _| {})
                         .unwrap();
                     t.finish().unwrap();
@@ -263,5 +262,12 @@ fn replay(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, journal_append, journal_frames, segments, sealing, replay);
+criterion_group!(
+    benches,
+    journal_append,
+    journal_frames,
+    segments,
+    sealing,
+    replay
+);
 criterion_main!(benches);

@@ -221,7 +221,11 @@ fn rate(s: &Snapshot) -> String {
 fn eta(s: &Snapshot) -> String {
     let secs = s.elapsed.as_secs_f64();
     if s.done == 0 || secs <= 0.0 || s.done >= s.total {
-        return if s.done >= s.total { "0s".into() } else { "?".into() };
+        return if s.done >= s.total {
+            "0s".into()
+        } else {
+            "?".into()
+        };
     }
     let left = ((s.total - s.done) as f64 * secs / s.done as f64).ceil() as u64;
     match (left / 3600, left / 60 % 60, left % 60) {
@@ -384,7 +388,13 @@ mod tests {
         let text = String::from_utf8(buf.0.lock().clone()).unwrap();
         let closings: Vec<&str> = text.lines().filter(|l| l.contains(": done, ")).collect();
         assert_eq!(closings.len(), 2, "{text}");
-        assert!(closings[0].starts_with("rewind: base: done, 300 bytes "), "{text}");
-        assert!(closings[1].starts_with("rewind: records: done, 2 objects "), "{text}");
+        assert!(
+            closings[0].starts_with("rewind: base: done, 300 bytes "),
+            "{text}"
+        );
+        assert!(
+            closings[1].starts_with("rewind: records: done, 2 objects "),
+            "{text}"
+        );
     }
 }

@@ -279,8 +279,9 @@ impl Effects for Disk {
                 )
                 .map_err(|e| io(format!("create {ino}"), e))?,
             ),
-            Kind::Dir => rfs::mkdirat(&self.dirs, &name, m)
-                .map_err(|e| io(format!("mkdir {ino}"), e))?,
+            Kind::Dir => {
+                rfs::mkdirat(&self.dirs, &name, m).map_err(|e| io(format!("mkdir {ino}"), e))?
+            }
             Kind::Symlink => rfs::symlinkat(
                 CString::new(target)
                     .map_err(|_| RestoreError::HostileName {
@@ -390,7 +391,12 @@ impl Effects for Disk {
         rfs::renameat(&f, &from, &t, &to).map_err(|e| io("rename", e))
     }
 
-    fn exchange(&mut self, ns: &Namespace, (ap, a): (Ino, &[u8]), (bp, b): (Ino, &[u8])) -> Result<()> {
+    fn exchange(
+        &mut self,
+        ns: &Namespace,
+        (ap, a): (Ino, &[u8]),
+        (bp, b): (Ino, &[u8]),
+    ) -> Result<()> {
         let (a, b) = (cname(a, "segment")?, cname(b, "segment")?);
         let f = self.dir_dup(ns, ap)?;
         let t = self.dir_dup(ns, bp)?;
@@ -411,7 +417,11 @@ impl Effects for Disk {
         match ns.node(new) {
             Some(n) if n.kind == Kind::Dir && n.place.is_some() => Ok(()),
             Some(n) => {
-                let d = if n.kind == Kind::Dir { &self.dirs } else { &self.objs };
+                let d = if n.kind == Kind::Dir {
+                    &self.dirs
+                } else {
+                    &self.objs
+                };
                 rfs::renameat(d, &ino_name(old), d, &ino_name(new))
                     .map_err(|e| io("renumber staging object", e))
             }
@@ -445,7 +455,14 @@ impl Effects for Disk {
         rfs::ftruncate(fd, size).map_err(|e| io("truncate", e))
     }
 
-    fn fallocate(&mut self, _: &Namespace, ino: Ino, mode: u32, offset: u64, len: u64) -> Result<()> {
+    fn fallocate(
+        &mut self,
+        _: &Namespace,
+        ino: Ino,
+        mode: u32,
+        offset: u64,
+        len: u64,
+    ) -> Result<()> {
         let fd = self.file_fd(ino)?;
         let flags = rfs::FallocateFlags::from_bits_retain(mode);
         rfs::fallocate(fd, flags, offset, len).map_err(|e| io("fallocate", e))
@@ -465,13 +482,25 @@ impl Effects for Disk {
                 rfs::fchmod(&fd, mode).map_err(|e| io("chmod", e))?;
             }
             Some(Kind::Symlink) => {
-                rfs::chownat(&self.objs, &ino_name(ino), uid, gid, AtFlags::SYMLINK_NOFOLLOW)
-                    .map_err(|e| io("lchown", e))?;
+                rfs::chownat(
+                    &self.objs,
+                    &ino_name(ino),
+                    uid,
+                    gid,
+                    AtFlags::SYMLINK_NOFOLLOW,
+                )
+                .map_err(|e| io("lchown", e))?;
             }
             _ => {
                 // chown first: it may clear set-id bits that chmod then sets.
-                rfs::chownat(&self.objs, &ino_name(ino), uid, gid, AtFlags::SYMLINK_NOFOLLOW)
-                    .map_err(|e| io("chown", e))?;
+                rfs::chownat(
+                    &self.objs,
+                    &ino_name(ino),
+                    uid,
+                    gid,
+                    AtFlags::SYMLINK_NOFOLLOW,
+                )
+                .map_err(|e| io("chown", e))?;
                 rfs::chmodat(&self.objs, &ino_name(ino), mode, AtFlags::empty())
                     .map_err(|e| io("chmod", e))?;
             }
@@ -894,13 +923,18 @@ pub fn restore_with(
         // segments and deltas applied.
         tree.apply_base(&manifest, &fetch, opts.jobs, &mut |_, _| {})?;
         meter.begin("records", Unit::Objects, plan.pieces.len() as u64);
-        apply_pieces(plan, pieces, &mut |r| {
-            tree.apply(r).map_err(|e| RestoreError::AtRecord {
-                seq: r.seq,
-                op: r.op.kind_name(),
-                source: Box::new(e),
-            })
-        }, &mut |_| meter.add(1))
+        apply_pieces(
+            plan,
+            pieces,
+            &mut |r| {
+                tree.apply(r).map_err(|e| RestoreError::AtRecord {
+                    seq: r.seq,
+                    op: r.op.kind_name(),
+                    source: Box::new(e),
+                })
+            },
+            &mut |_| meter.add(1),
+        )
     })?;
     meter.end();
     if !paths.is_empty() {
@@ -984,9 +1018,7 @@ fn load_piece(store: &dyn Store, piece: &Piece) -> Result<Loaded> {
             if delta.meta != *d {
                 return Err(RestoreError::Delta {
                     key,
-                    source: DeltaError::Inconsistent(
-                        "header does not match the object key".into(),
-                    ),
+                    source: DeltaError::Inconsistent("header does not match the object key".into()),
                 });
             }
             Ok(Loaded::Delta(delta, data.len()))

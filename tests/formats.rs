@@ -405,10 +405,7 @@ fn journal_v3() {
     let len = u32::from_le_bytes(g[64..68].try_into().unwrap()) as usize;
     let mut framed = g[64..68].to_vec();
     framed.extend_from_slice(&g[76..76 + len]);
-    assert_eq!(
-        g[68..76],
-        xxhash_rust::xxh3::xxh3_64(&framed).to_le_bytes()
-    );
+    assert_eq!(g[68..76], xxhash_rust::xxh3::xxh3_64(&framed).to_le_bytes());
     assert_eq!(read_journal("00000000000000000100.rwj", &g), recs);
     // A flipped byte in a record is caught by the check: the valid
     // prefix ends before it.

@@ -261,6 +261,9 @@ fn a_store_failing_mid_restore_stops_it_marked_incomplete() {
             .map(|e| e.unwrap().file_name())
             .filter(|n| n != "store" && n != "target")
             .collect();
-        assert!(outside.is_empty(), "{case}: wrote outside the target: {outside:?}");
+        assert!(
+            outside.is_empty(),
+            "{case}: wrote outside the target: {outside:?}"
+        );
     }
 }

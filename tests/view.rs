@@ -150,7 +150,8 @@ fn view_reads_equal_the_model_and_fail_with_eio_while_the_store_is_down() {
     let gets_before = faulty.calls(faulty::Op::Get);
     // A cache of one chunk: every read of another chunk fetches again.
     let silent = rewind::progress::Meter::silent();
-    let (view, opened) = View::open(store.clone(), &plan, MIB as u64, &silent, &mut |_| {}).unwrap();
+    let (view, opened) =
+        View::open(store.clone(), &plan, MIB as u64, &silent, &mut |_| {}).unwrap();
     assert_eq!(opened.records, 5);
     assert_eq!(
         faulty.calls(faulty::Op::Get) - gets_before,
@@ -160,11 +161,19 @@ fn view_reads_equal_the_model_and_fail_with_eio_while_the_store_is_down() {
 
     let f = view.lookup(ROOT, b"f").unwrap();
     let g = view.lookup(ROOT, b"g").unwrap();
-    assert_eq!((f.ino, f.nlink, f.size, f.perm, f.uid, f.gid), (FILE, 2, model.len() as u64, 0o600, 7, 8));
+    assert_eq!(
+        (f.ino, f.nlink, f.size, f.perm, f.uid, f.gid),
+        (FILE, 2, model.len() as u64, 0o600, 7, 8)
+    );
     assert_eq!(g.ino, f.ino, "two names of one file show one inode");
     assert_eq!(f.mtime, 3_002);
     assert_eq!(view.getxattr(FILE, b"user.a").unwrap().as_ref(), b"1");
-    let names: Vec<Vec<u8>> = view.readdir(ROOT).unwrap().into_iter().map(|e| e.0.to_vec()).collect();
+    let names: Vec<Vec<u8>> = view
+        .readdir(ROOT)
+        .unwrap()
+        .into_iter()
+        .map(|e| e.0.to_vec())
+        .collect();
     assert_eq!(names, vec![b"f".to_vec(), b"g".to_vec()]);
 
     let len = model.len() as u64;
@@ -180,7 +189,11 @@ fn view_reads_equal_the_model_and_fail_with_eio_while_the_store_is_down() {
     ];
     for (what, off, size) in cases {
         let end = (off + u64::from(*size)).min(len);
-        let want = if *off >= len { &[][..] } else { &model[*off as usize..end as usize] };
+        let want = if *off >= len {
+            &[][..]
+        } else {
+            &model[*off as usize..end as usize]
+        };
         assert_eq!(view.read(FILE, *off, *size).unwrap(), want, "{what}");
     }
 
@@ -189,7 +202,14 @@ fn view_reads_equal_the_model_and_fail_with_eio_while_the_store_is_down() {
     faulty.set_down(true);
     assert_eq!(view.read(FILE, 10, 100), Err(rustix::io::Errno::IO));
     let rec = 5 * MIB / 2 + 5;
-    assert_eq!(view.read(FILE, rec as u64, 100).unwrap(), &model[rec..rec + 100]);
+    assert_eq!(
+        view.read(FILE, rec as u64, 100).unwrap(),
+        &model[rec..rec + 100]
+    );
     faulty.set_down(false);
-    assert_eq!(view.read(FILE, 10, 100).unwrap(), &model[10..110], "works again once the store is back");
+    assert_eq!(
+        view.read(FILE, 10, 100).unwrap(),
+        &model[10..110],
+        "works again once the store is back"
+    );
 }

@@ -991,14 +991,21 @@ impl Filesystem for ViewFs {
             return reply.error(Errno::EBADF);
         };
         // Offsets 1 and 2 are "." and ".."; entry i is offset i + 3.
-        let dots = [(ino.0, FileType::Directory, "."), (ino.0, FileType::Directory, "..")];
+        let dots = [
+            (ino.0, FileType::Directory, "."),
+            (ino.0, FileType::Directory, ".."),
+        ];
         for (i, (n, kind, name)) in dots.iter().enumerate().skip(offset as usize) {
             if reply.add(INodeNo(*n), (i + 1) as u64, *kind, name) {
                 return reply.ok();
             }
         }
         use std::os::unix::ffi::OsStrExt;
-        for (i, (name, child, kind)) in list.iter().enumerate().skip((offset as usize).saturating_sub(2)) {
+        for (i, (name, child, kind)) in list
+            .iter()
+            .enumerate()
+            .skip((offset as usize).saturating_sub(2))
+        {
             let full = reply.add(
                 INodeNo(self.map(*child)),
                 (i + 3) as u64,
@@ -1208,7 +1215,11 @@ impl ViewSession {
 /// Mounts the read-only view `fs` at `mountpoint` (read-only, allow_other,
 /// default_permissions, device nodes openable as in a restore) and serves
 /// it on `threads` worker threads until the returned session is dropped.
-pub fn mount_view(mut fs: ViewFs, mountpoint: &Path, threads: usize) -> std::io::Result<ViewSession> {
+pub fn mount_view(
+    mut fs: ViewFs,
+    mountpoint: &Path,
+    threads: usize,
+) -> std::io::Result<ViewSession> {
     let (tx, ended) = crossbeam_channel::bounded(1);
     fs.ended = Some(tx);
     let mut cfg = Config::default();

@@ -157,7 +157,12 @@ mod tests {
         // (budget, chunk sizes put in order with reads between, expected kept)
         let cases: Vec<(&str, u64, Vec<(char, u8, usize)>, Vec<u8>)> = vec![
             ("all fit", 10, vec![('p', 1, 4), ('p', 2, 4)], vec![1, 2]),
-            ("oldest goes", 10, vec![('p', 1, 4), ('p', 2, 4), ('p', 3, 4)], vec![2, 3]),
+            (
+                "oldest goes",
+                10,
+                vec![('p', 1, 4), ('p', 2, 4), ('p', 3, 4)],
+                vec![2, 3],
+            ),
             (
                 "a read keeps one",
                 10,

@@ -21,9 +21,9 @@ use rustix::io::Errno;
 
 use crate::base::load_manifest;
 use crate::clock::Nanos;
+use crate::progress::{Meter, Unit};
 use crate::record::{Ino, Kind, Record};
 use crate::replay::{Policy, Replay};
-use crate::progress::{Meter, Unit};
 use crate::restore::{replay_records, RestoreError};
 use crate::store::Store;
 use crate::timeline::Plan;
@@ -128,7 +128,9 @@ impl View {
             replay.base_object(o)?;
             if o.kind == Kind::File {
                 for e in &o.extents {
-                    replay.target.base_chunk(o.ino, e.offset, u64::from(e.len), e.hash);
+                    replay
+                        .target
+                        .base_chunk(o.ino, e.offset, u64::from(e.len), e.hash);
                 }
                 replay.base_file_done(o)?;
             }
@@ -136,14 +138,21 @@ impl View {
         replay.base_links(&manifest.links)?;
         let (records, last_record_ns) =
             replay_records(store.as_ref(), plan, meter, &mut |r: &Record| {
-                replay.apply(r).map(drop).map_err(|e| RestoreError::AtRecord {
-                    seq: r.seq,
-                    op: r.op.kind_name(),
-                    source: Box::new(e.into()),
-                })
+                replay
+                    .apply(r)
+                    .map(drop)
+                    .map_err(|e| RestoreError::AtRecord {
+                        seq: r.seq,
+                        op: r.op.kind_name(),
+                        source: Box::new(e.into()),
+                    })
             })?;
         let naming = store.chunk_naming()?;
-        let view = freeze(replay, plan.at_ns, ChunkCache::new(store, naming, cache_bytes));
+        let view = freeze(
+            replay,
+            plan.at_ns,
+            ChunkCache::new(store, naming, cache_bytes),
+        );
         let opened = Opened {
             base_completed_ns: manifest.completed_ns,
             records,
@@ -192,7 +201,11 @@ impl View {
 
     /// The chunks of `extents` that a read of `[from, to)` would fetch.
     fn chunks_in(extents: &Extents, from: u64, to: u64) -> Vec<[u8; 32]> {
-        let first = extents.range(..=from).next_back().map(|(o, _)| *o).unwrap_or(from);
+        let first = extents
+            .range(..=from)
+            .next_back()
+            .map(|(o, _)| *o)
+            .unwrap_or(from);
         let mut out: Vec<[u8; 32]> = Vec::new();
         for (o, e) in extents.range(first..to) {
             if o + e.len <= from {
@@ -210,7 +223,11 @@ impl View {
 
 /// Mounts `view` read-only at `mountpoint`, served on `threads` FUSE
 /// worker threads until the session is dropped.
-pub fn mount(view: View, mountpoint: &std::path::Path, threads: usize) -> std::io::Result<ViewSession> {
+pub fn mount(
+    view: View,
+    mountpoint: &std::path::Path,
+    threads: usize,
+) -> std::io::Result<ViewSession> {
     let fs = crate::fs::fuse::ViewFs::new(Arc::new(view));
     crate::fs::fuse::mount_view(fs, mountpoint, threads)
 }
@@ -264,7 +281,11 @@ fn freeze(replay: Replay<Contents>, at_ns: Nanos, cache: ChunkCache) -> View {
         let (Some(n), Some(o)) = (ns.node(ino), target.meta.objects.get(&ino)) else {
             continue;
         };
-        let size = if o.kind == Kind::File { n.size } else { o.target.len() as u64 };
+        let size = if o.kind == Kind::File {
+            n.size
+        } else {
+            o.target.len() as u64
+        };
         if o.kind == Kind::File {
             bytes += size;
         }
@@ -272,7 +293,11 @@ fn freeze(replay: Replay<Contents>, at_ns: Nanos, cache: ChunkCache) -> View {
             ino,
             kind: o.kind,
             // A symlink's mode is always 0777 on Linux.
-            perm: if o.kind == Kind::Symlink { 0o777 } else { o.attrs.mode & 0o7777 },
+            perm: if o.kind == Kind::Symlink {
+                0o777
+            } else {
+                o.attrs.mode & 0o7777
+            },
             uid: o.attrs.uid,
             gid: o.attrs.gid,
             size,

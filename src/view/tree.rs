@@ -136,7 +136,11 @@ impl Contents {
     /// A base file's chunk at `offset`.
     pub(crate) fn base_chunk(&mut self, ino: Ino, offset: u64, len: u64, hash: [u8; 32]) {
         let source = Source::Chunk { hash, offset: 0 };
-        put(self.files.entry(ino).or_default(), offset, Extent { len, source });
+        put(
+            self.files.entry(ino).or_default(),
+            offset,
+            Extent { len, source },
+        );
     }
 }
 
@@ -175,7 +179,12 @@ impl Effects for Contents {
         self.meta.rename(ns, from, to, ino, over)
     }
 
-    fn exchange(&mut self, ns: &Namespace, a: (Ino, &[u8]), b: (Ino, &[u8])) -> Result<(), ReplayError> {
+    fn exchange(
+        &mut self,
+        ns: &Namespace,
+        a: (Ino, &[u8]),
+        b: (Ino, &[u8]),
+    ) -> Result<(), ReplayError> {
         self.meta.exchange(ns, a, b)
     }
 
@@ -191,12 +200,22 @@ impl Effects for Contents {
         self.meta.discard(ns, ino)
     }
 
-    fn write(&mut self, ns: &Namespace, ino: Ino, offset: u64, data: &[u8]) -> Result<(), ReplayError> {
+    fn write(
+        &mut self,
+        ns: &Namespace,
+        ino: Ino,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), ReplayError> {
         // A copy: the record's bytes share the decoded segment's buffer,
         // which must not stay alive for a few bytes of it.
         let source = Source::Data(Bytes::copy_from_slice(data));
         let len = data.len() as u64;
-        put(self.files.entry(ino).or_default(), offset, Extent { len, source });
+        put(
+            self.files.entry(ino).or_default(),
+            offset,
+            Extent { len, source },
+        );
         self.meta.write(ns, ino, offset, data)
     }
 
@@ -238,7 +257,13 @@ impl Effects for Contents {
         self.meta.set_mtime(ns, ino, mtime)
     }
 
-    fn set_xattr(&mut self, ns: &Namespace, ino: Ino, name: &[u8], value: &[u8]) -> Result<(), ReplayError> {
+    fn set_xattr(
+        &mut self,
+        ns: &Namespace,
+        ino: Ino,
+        name: &[u8],
+        value: &[u8],
+    ) -> Result<(), ReplayError> {
         self.meta.set_xattr(ns, ino, name, value)
     }
 
@@ -271,16 +296,30 @@ mod tests {
     fn extents_overwrite_split_and_clear() {
         type Step = fn(&mut Extents);
         let cases: Vec<(&str, Vec<Step>, Vec<(u64, u64, Vec<u8>)>)> = vec![
-            ("one write", vec![|m| put(m, 0, d(b"abcd"))], vec![(0, 4, b"abcd".to_vec())]),
+            (
+                "one write",
+                vec![|m| put(m, 0, d(b"abcd"))],
+                vec![(0, 4, b"abcd".to_vec())],
+            ),
             (
                 "overwrite the middle",
                 vec![|m| put(m, 0, d(b"abcdef")), |m| put(m, 2, d(b"XY"))],
-                vec![(0, 2, b"ab".to_vec()), (2, 2, b"XY".to_vec()), (4, 2, b"ef".to_vec())],
+                vec![
+                    (0, 2, b"ab".to_vec()),
+                    (2, 2, b"XY".to_vec()),
+                    (4, 2, b"ef".to_vec()),
+                ],
             ),
             (
                 "overwrite across two",
-                vec![|m| put(m, 0, d(b"abc")), |m| put(m, 3, d(b"def")), |m| put(m, 2, d(b"XY"))],
-                vec![(0, 2, b"ab".to_vec()), (2, 2, b"XY".to_vec()), (4, 2, b"ef".to_vec())],
+                vec![|m| put(m, 0, d(b"abc")), |m| put(m, 3, d(b"def")), |m| {
+                    put(m, 2, d(b"XY"))
+                }],
+                vec![
+                    (0, 2, b"ab".to_vec()),
+                    (2, 2, b"XY".to_vec()),
+                    (4, 2, b"ef".to_vec()),
+                ],
             ),
             (
                 "truncate inside",
@@ -310,7 +349,19 @@ mod tests {
             (
                 "chunk offsets move with a split",
                 vec![
-                    |m| put(m, 0, Extent { len: 100, source: Source::Chunk { hash: [0; 32], offset: 0 } }),
+                    |m| {
+                        put(
+                            m,
+                            0,
+                            Extent {
+                                len: 100,
+                                source: Source::Chunk {
+                                    hash: [0; 32],
+                                    offset: 0,
+                                },
+                            },
+                        )
+                    },
                     |m| clear(m, 0, 7),
                 ],
                 vec![(7, 93, vec![7])],
