@@ -19,7 +19,7 @@ fresh directory that is deleted afterwards (through the mount for Rewind),
 after `sync` and dropping the page cache. The table shows medians; the rep
 values follow it so the spread is visible.
 
---reference adds a third side to every fio job and B6: libfuse's C
+--reference adds a third side to every fio job, B6 and PG: libfuse's C
 passthrough example (passthrough_ll.c, shipped by Debian's libfuse3-dev,
 installed with apt-get if missing and compiled into WORKDIR; nothing of it is
 kept in this repository), mounted from refsrc/ at refmnt/ with its defaults:
@@ -66,6 +66,15 @@ Jobs and their figures (MB = 10^6 bytes, GB = 10^9 bytes):
   B6          SQLite (Python's stdlib module, one subprocess per run), WAL,
               synchronous=FULL: transactions of one ~200-byte insert plus a
               counter update, for 10 s, fresh database. tx/s.
+  PG          PostgreSQL's pgbench (TPC-B-like, the default script): Debian's
+              PostgreSQL (apt-get install postgresql if missing), a fresh
+              cluster per run whose data directory is on the side (initdb,
+              default settings: fsync on, synchronous_commit on), run as the
+              postgres user, its socket in a directory off the mount;
+              `pgbench -i -s 10`, a CHECKPOINT and the settle step (untimed),
+              then `pgbench -c 4 -j 2 -T 30`. TPS without the initial
+              connection time. The GB of its CPU s/GB are the WAL bytes the
+              run generated (pg_current_wal_lsn before and after).
   B7          (once, not per rep) benches/restore_1g.sh: a 1 GiB volume plus
               60 s of changes restored with `rewind restore --at latest`.
               MB/s = the base volume's size (SIZE_MIB) / restore wall time:
@@ -81,7 +90,7 @@ Jobs and their figures (MB = 10^6 bytes, GB = 10^9 bytes):
               an upper bound, +50 ms of polling. p50, p99 and the achieved
               write rate. No native counterpart.
   --quick: B1 128 MiB, B2 64 MiB/file 4 s, B3 4 s, B4 2000 files, B5 128 MiB
-  (random reads 4 s), B6 3 s, LAG 2 s warm-up + 6 s, B7 skipped unless named
+  (random reads 4 s), B6 3 s, PG scale 2 for 5 s, LAG 2 s warm-up + 6 s, B7 skipped unless named
   in --jobs (then SIZE_MIB=128 CHANGE_SECONDS=10).
 
 Around every run:
@@ -124,18 +133,19 @@ from lagload import MiB, pct  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
-ALL_JOBS = ["B1", "B2", "B3-1", "B3-8", "B4", "B5-seq-ro", "B5-seq-rw", "B5-rand-ro", "B5-rand-rw", "B6", "LAG", "B7"]
+ALL_JOBS = ["B1", "B2", "B3-1", "B3-8", "B4", "B5-seq-ro", "B5-seq-rw", "B5-rand-ro", "B5-rand-rw", "B6", "PG", "LAG",
+            "B7"]
 # Ratio targets (rewind / native); the comparison is ">=".
 TARGETS = {"B1": 0.40, "B2": 0.25, "B3-1": 0.80, "B3-8": 1.0, "B4": 0.35, "B5-seq-ro": 0.90, "B5-rand-ro": 0.90,
-           "B5-seq-rw": 0.50, "B5-rand-rw": 0.50, "B6": 0.60}
+           "B5-seq-rw": 0.50, "B5-rand-rw": 0.50, "B6": 0.60, "PG": 0.90}
 MEM_TARGET_MIB = 128
 LAG_P99_TARGET_S = 2.0
 
 # Sizes in MiB, durations in seconds, b4 a number of files.
-FULL = dict(b1=1024, b2=256, b2_s=15, b3_s=10, b4=20000, b5=1024, b5_s=10, b6_s=10, b7_mib=1024, b7_s=60,
-            lag_warm=5, lag_s=20)
-QUICK = dict(b1=128, b2=64, b2_s=4, b3_s=4, b4=2000, b5=128, b5_s=4, b6_s=3, b7_mib=128, b7_s=10,
-             lag_warm=2, lag_s=6)
+FULL = dict(b1=1024, b2=256, b2_s=15, b3_s=10, b4=20000, b5=1024, b5_s=10, b6_s=10, pg_scale=10, pg_s=30,
+            b7_mib=1024, b7_s=60, lag_warm=5, lag_s=20)
+QUICK = dict(b1=128, b2=64, b2_s=4, b3_s=4, b4=2000, b5=128, b5_s=4, b6_s=3, pg_scale=2, pg_s=5, b7_mib=128,
+             b7_s=10, lag_warm=2, lag_s=6)
 
 # A segment key as src/segment.rs `key()` writes it: first_ns-last_ns-lineage-first_seq-last_seq.
 SEG_KEY = re.compile(r"^(\d{20})-(\d{20})-[0-9a-f]{16}-(\d{20})-(\d{20})\.rws$")
@@ -550,6 +560,96 @@ def run_b6(ctx, d, tag):
     return dict(value=res["tx"] / res["seconds"], bytes=res["wchar"], wall=wall, tx=res["tx"])
 
 
+def pg_bindir():
+    """The newest Debian PostgreSQL's program directory, installing the package if none is there."""
+    def find():
+        dirs = sorted(Path("/usr/lib/postgresql").glob("*/bin/pgbench"), key=lambda p: int(p.parts[-3]))
+        return dirs[-1].parent if dirs else None
+    if find() is None:
+        log("PG: apt-get install postgresql (Debian's PostgreSQL, for pgbench)")
+        r = sh(["apt-get", "install", "-y", "-q", "postgresql"], env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
+        if r.returncode != 0 or find() is None:
+            raise BenchError(f"PG: apt-get install postgresql failed:\n{r.stderr[-2000:]}")
+    return find()
+
+
+class Postgres:
+    """One PostgreSQL cluster for one run: data directory on the side, socket off it, run as postgres."""
+
+    PORT = "5499"
+
+    def __init__(self, d, tag, logdir):
+        import pwd
+        self.bindir = pg_bindir()
+        self.pw = pwd.getpwnam("postgres")
+        self.data = d / "pgdata"
+        # The socket directory is not on the side: the run measures the data directory's I/O.
+        self.sock = Path(f"/tmp/rewind-bench-pg-{os.getpid()}")
+        self.log = logdir / f"{tag}-postgres.log"
+        self.running = False
+
+    def as_postgres(self, prog, *args, timeout=600, check=True):
+        cmd = ["runuser", "-u", "postgres", "--", str(self.bindir / prog), *args]
+        try:
+            r = sh(cmd, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise BenchError(f"PG: {' '.join(cmd)} did not finish in {timeout} s")
+        if check and r.returncode != 0:
+            raise BenchError(f"PG: {' '.join(cmd)} exited {r.returncode}:\n{r.stdout[-1000:]}{r.stderr[-2000:]}"
+                             + (f"\nserver log {self.log}:\n{self.log.read_text()[-2000:]}" if self.log.exists() else ""))
+        return r
+
+    def start(self):
+        os.chown(self.data.parent, self.pw.pw_uid, self.pw.pw_gid)
+        shutil.rmtree(self.sock, ignore_errors=True)
+        self.sock.mkdir()
+        os.chown(self.sock, self.pw.pw_uid, self.pw.pw_gid)
+        self.log.touch()
+        os.chown(self.log, self.pw.pw_uid, self.pw.pw_gid)
+        self.as_postgres("initdb", "-D", str(self.data), "--no-instructions", "-A", "trust", "-U", "postgres")
+        self.as_postgres("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-w", "-t", "120", "-o",
+                         f"-k {self.sock} -c listen_addresses= -p {self.PORT}", "start")
+        self.running = True
+
+    def client(self, prog, *args, timeout=600):
+        return self.as_postgres(prog, "-h", str(self.sock), "-p", self.PORT, "-U", "postgres", *args,
+                                timeout=timeout)
+
+    def sql(self, query):
+        return self.client("psql", "-X", "-q", "-A", "-t", "-d", "postgres", "-c", query).stdout.strip()
+
+    def stop(self):
+        if self.running:
+            self.as_postgres("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "-t", "120", "stop", check=False)
+            self.running = False
+        shutil.rmtree(self.sock, ignore_errors=True)
+
+
+def run_pg(ctx, d, tag):
+    pg = Postgres(d, tag, ctx.fiodir)
+    try:
+        pg.start()
+        pg.client("pgbench", "-i", "-q", "-s", str(ctx.size["pg_scale"]), "postgres", timeout=1200)
+        pg.sql("CHECKPOINT")
+        ctx.settle()
+        lsn0 = pg.sql("SELECT pg_current_wal_lsn()")
+        t0 = time.monotonic()
+        secs = ctx.size["pg_s"]
+        r = pg.client("pgbench", "-c", "4", "-j", "2", "-T", str(secs), "postgres", timeout=secs + 600)
+        wall = time.monotonic() - t0
+        wal = int(pg.sql(f"SELECT pg_current_wal_lsn() - '{lsn0}'::pg_lsn").split(".")[0])
+        m = re.search(r"tps = ([\d.]+) \(without initial connection time\)", r.stdout)
+        tx = re.search(r"number of transactions actually processed: (\d+)", r.stdout)
+        failed = re.search(r"number of failed transactions: (\d+)", r.stdout)
+        if not m or not tx:
+            raise BenchError(f"pgbench {tag}: no TPS in its output:\n{r.stdout[-2000:]}")
+        if failed and int(failed.group(1)):
+            raise BenchError(f"pgbench {tag}: {failed.group(1)} failed transactions:\n{r.stdout[-2000:]}")
+        return dict(value=float(m.group(1)), bytes=wal, wall=wall, tx=int(tx.group(1)))
+    finally:
+        pg.stop()
+
+
 def prepare_b5(ctx):
     ctx.b5_file()
 
@@ -566,6 +666,7 @@ JOBS = {
     "B5-rand-ro": ("IOPS", run_b5("rand", "ro"), prepare_b5),
     "B5-rand-rw": ("IOPS", run_b5("rand", "rw"), prepare_b5),
     "B6": ("tx/s", run_b6, None),
+    "PG": ("TPS", run_pg, None),
 }
 
 
@@ -932,7 +1033,7 @@ def parse_args():
     p.add_argument("--rewind-arg", action="append", default=[], metavar="ARG",
                    help="extra flag for rewind run, e.g. --rewind-arg=--threads=8 (repeatable)")
     p.add_argument("--reference", action="store_true",
-                   help="also run every fio job and B6 through libfuse's C passthrough example (see above)")
+                   help="also run every fio job, B6 and PG through libfuse's C passthrough example (see above)")
     return p.parse_args()
 
 
@@ -960,6 +1061,8 @@ def main():
         if fio_jobs or "LAG" in jobs:
             daemon.start()
             env = environment(workdir, daemon.journal, daemon.store, binary)
+            if "PG" in fio_jobs:
+                env["postgresql"] = sh([str(pg_bindir() / "postgres"), "--version"]).stdout.strip()
             if reference and fio_jobs:
                 env["reference"] = reference.build()
                 reference.start()
