@@ -887,6 +887,15 @@ pub fn restore_with(
         plan.pieces.iter().filter(|p| matches!(p, Piece::Segment(_))).count(),
         plan.pieces.iter().filter(|p| matches!(p, Piece::Delta(_))).count()
     ));
+    // A restore of some paths fetches only their chunks, so its total
+    // counts only their bytes: the bar reaches its end and the ETA holds.
+    let base_bytes: u64 = manifest
+        .objects
+        .iter()
+        .filter(|o| wanted.as_ref().is_none_or(|w| w.contains(&o.ino)))
+        .flat_map(|o| &o.extents)
+        .map(|e| u64::from(e.len))
+        .sum();
     let mut tree = Tree::prepare(target, force)?;
     tree.set_fuzzy_until(manifest.completed_ns);
     if let Some(w) = wanted {
@@ -904,20 +913,11 @@ pub fn restore_with(
         meter.add(raw.len() as u64);
         Ok(raw)
     };
-    let base_bytes: u64 = manifest
-        .objects
-        .iter()
-        .flat_map(|o| &o.extents)
-        .map(|e| u64::from(e.len))
-        .sum();
     let (records, last_record_ns) = std::thread::scope(|scope| -> Result<(u64, Option<Nanos>)> {
         // Two threads ahead keep the replay fed; each holds at most two
         // segments (up to 16 MiB of records each), so with the one being
         // applied at most five are in memory, whatever --jobs says.
         let pieces = fetch_ahead(scope, store, plan, opts.jobs.min(2));
-        // (A restore of some paths counts every chunk of the base in its
-        // total but fetches only theirs: its bar ends early, its closing
-        // line says what was fetched.)
         meter.begin("base", Unit::Bytes, base_bytes);
         // The meter shows progress from here on: bytes of the base, then
         // segments and deltas applied.

@@ -6,7 +6,8 @@ stderr a pipe (as in a pod's log) print plain periodic lines while they
 work and one closing line per phase whose total is exact: the base's bytes
 are the volume's file bytes, the records' objects are the segments and
 deltas the restore names, the chunks' bytes the same file bytes. The
-restore uses several jobs and its contents equal the source.
+restore uses several jobs and its contents equal the source. A restore of
+one directory (--path) counts only that directory's bytes.
 
 test_s3_going_away_mid_restore: a real S3 server (moto, its own process)
 reached through a Gate that closes itself, as a server going away, at the
@@ -47,6 +48,11 @@ def tree(root):
 PERIODIC = re.compile(r"^rewind: (\w+): [\d.]+ (B|KiB|MiB|GiB)? ?of [\d.]+ ?(B|KiB|MiB|GiB)? \(\d+%\), .+, ETA \S+$")
 
 
+MIB = 1 << 20
+UNITS = {"B": 1, "KiB": 1 << 10, "MiB": MIB, "GiB": 1 << 30}
+BASE_TOTAL = re.compile(r"^rewind: base: [\d.]+ ?(?:B|KiB|MiB|GiB)? of ([\d.]+) ?(B|KiB|MiB|GiB) \(")
+
+
 def closing(err, label):
     """The closing line of phase `label`: its exact count."""
     m = re.findall(rf"^rewind: {label}: done, (\d+) (bytes|objects)( \([^)]*\))? in [\d.]+s, .+$", err, re.M)
@@ -79,6 +85,16 @@ def test_progress_lines_in_a_log(volume, workdir):
     assert closing(c.err, "records") == int(m.group(1)) + int(m.group(2)), c
     # No bar and no control characters in a log.
     assert "\r" not in c.err and "\x1b" not in c.err, c
+
+    # A restore of one directory fetches only its files' chunks, and its
+    # base phase counts only their bytes: the closing line, and the total
+    # every periodic line shows (rounded to a tenth of its unit), are that
+    # directory's bytes, not the whole base's (three times as many).
+    sub = sum(n for i, n in enumerate(SIZES) if i % 3 == 1)
+    p = volume.restore("latest", workdir / "part", "--path", "d1", "--progress-every", "1ms")
+    assert closing(p.err, "base") == sub, p
+    totals = [float(m.group(1)) * UNITS[m.group(2)] for l in p.err.splitlines() if (m := BASE_TOTAL.match(l))]
+    assert totals and all(abs(t - sub) <= 0.001 * sub + 0.05 * MIB for t in totals), (sub, totals, p)
 
     v = helpers.rewind("verify", *volume.store_args(), "--progress-every", "1ms", env=volume.env(), timeout=300)
     assert v.code == 0, v
