@@ -3,7 +3,7 @@
 
 Usage (as root; needs /dev/fuse, fio, fusermount3, /usr/bin/time):
 
-    benches/compare.py [--reps 3] [--quick] [--jobs B1,B2,...] [--journal-dir DIR]
+    benches/compare.py [--reps 3] [--quick] [--jobs B1,B2,...] [--journal-dir DIR] [--store-dir DIR]
                        [--workdir DIR] [--json OUT] [--keep] [--rewind-arg=--threads=8 ...]
                        [--reference]
 
@@ -257,9 +257,10 @@ def environment(workdir, journal, store, binary):
 class Daemon:
     """One `rewind run` for the session, with its metrics address and a memory sampler."""
 
-    def __init__(self, binary, workdir, journal_dir, extra):
+    def __init__(self, binary, workdir, journal_dir, extra, store_dir=None):
         self.binary, self.workdir = binary, workdir
-        self.src, self.mnt, self.store = workdir / "src", workdir / "mnt", workdir / "store"
+        self.src, self.mnt = workdir / "src", workdir / "mnt"
+        self.store = Path(store_dir) if store_dir else workdir / "store"
         self.journal = Path(journal_dir) if journal_dir else self.src / ".rewind" / "journal"
         self.logpath = workdir / "rewind.log"
         self.extra, self.journal_dir = extra, journal_dir
@@ -1011,7 +1012,7 @@ def binary_path():
     return b
 
 
-def prepare_workdir(workdir, journal_dir):
+def prepare_workdir(workdir, journal_dir, store_dir=None):
     workdir.mkdir(parents=True, exist_ok=True)
     for mnt in ("mnt", "refmnt"):
         detach_all(workdir / mnt)  # mounts left by an interrupted run
@@ -1024,6 +1025,11 @@ def prepare_workdir(workdir, journal_dir):
         if j.exists() and any(j.iterdir()):
             raise BenchError(f"--journal-dir {j} is not empty (it would be recovered into this store)")
         j.mkdir(parents=True, exist_ok=True)
+    if store_dir:
+        d = Path(store_dir)
+        if d.exists() and any(d.iterdir()):
+            raise BenchError(f"--store-dir {d} is not empty")
+        d.mkdir(parents=True, exist_ok=True)
 
 
 def parse_args():
@@ -1032,6 +1038,9 @@ def parse_args():
     p.add_argument("--quick", action="store_true", help="small sizes and short runs; B7 only if named in --jobs")
     p.add_argument("--jobs", help=f"comma-separated subset of {','.join(ALL_JOBS)} (B3, B5 select their group)")
     p.add_argument("--journal-dir", help="pass --journal-dir to rewind run (must be empty or absent)")
+    p.add_argument("--store-dir", help="the file:// store's directory (default WORKDIR/store, the source's disk; "
+                                       "a directory on tmpfs stands in for a remote store that writes nothing "
+                                       "to this machine's disks; must be empty or absent)")
     p.add_argument("--workdir", type=Path, default=REPO / "target" / "bench", help="default <repo>/target/bench")
     p.add_argument("--json", type=Path, help="also write every raw number here")
     p.add_argument("--keep", action="store_true", help="keep the data directories and the store at the end")
@@ -1056,8 +1065,8 @@ def main():
     # SIGTERM behaves like Ctrl-C, so that the finally blocks unmount and stop the daemon.
     signal.signal(signal.SIGTERM, interrupted)
     binary = binary_path()
-    prepare_workdir(workdir, a.journal_dir)
-    daemon = Daemon(binary, workdir, a.journal_dir, a.rewind_arg)
+    prepare_workdir(workdir, a.journal_dir, a.store_dir)
+    daemon = Daemon(binary, workdir, a.journal_dir, a.rewind_arg, a.store_dir)
     reference = Reference(workdir) if a.reference else None
     sides = ("native", "rewind", "libfuse") if reference else ("native", "rewind")
     runs, summaries, lag, b7, peak, env, exit_code = [], [], None, None, None, {}, 0
@@ -1127,6 +1136,8 @@ def main():
         if not a.keep:
             for name in ("native", "src", "store", "b7", "refsrc"):
                 shutil.rmtree(workdir / name, ignore_errors=True)
+            if a.store_dir:
+                shutil.rmtree(a.store_dir, ignore_errors=True)
     env["load average"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     if summaries or lag or b7:
         print()
