@@ -36,7 +36,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use bytes::Bytes;
 
-use crate::clock::Nanos;
+use crate::clock::{Nanos, MINUTE_NS};
 use crate::delta::DeltaMeta;
 use crate::record::{Ino, Kind, Op, Record, Seq};
 
@@ -361,8 +361,6 @@ pub(crate) struct Cuts {
     /// the start, at or before the completion) are stored raw.
     pub bases: Vec<(Seq, Nanos)>,
 }
-
-const MINUTE_NS: i64 = 60_000_000_000;
 
 impl Cuts {
     /// Whether a delta boundary lies between consecutive records a and b.

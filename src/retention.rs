@@ -43,14 +43,12 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::base::BaseMeta;
-use crate::clock::Nanos;
+use crate::clock::{Nanos, MINUTE_NS, NS_PER_SEC};
 use crate::compact::Cuts;
 use crate::delta::DeltaMeta;
 use crate::record::Seq;
 use crate::segment::SegmentMeta;
 use crate::timeline::{lineage_id, Chain, Condemned, Piece, Timeline};
-
-const NS_PER_SEC: i64 = 1_000_000_000;
 
 /// How long each tier lasts; a zero span turns a tier off.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,7 +91,7 @@ impl Tier {
     pub fn bucket_ns(self) -> i64 {
         match self {
             Tier::Seconds => NS_PER_SEC,
-            Tier::Minutes => 60 * NS_PER_SEC,
+            Tier::Minutes => MINUTE_NS,
             Tier::Hours => 3600 * NS_PER_SEC,
             Tier::Days => 86_400 * NS_PER_SEC,
         }
@@ -286,8 +284,6 @@ pub(crate) struct CompactJob {
     pub until_ns: Nanos,
     pub cuts: Cuts,
 }
-
-const MINUTE_NS: i64 = 60 * NS_PER_SEC;
 
 /// What a kept instant's replay needs: segment ranges (after, through] in
 /// the sense of `condemn_segments`, and delta keys.
