@@ -1,7 +1,8 @@
 //! Time: the record clock and the parsing of user-supplied instants. It owns
 //! the rule that record time never goes back (wall clock nanoseconds,
-//! clamped to previous + 1 ns, with steps reported) and the TIME syntax of
-//! the command line. It must not sleep or schedule anything.
+//! clamped to previous + 1 ns, with steps reported), the TIME syntax of
+//! the command line, and the units record time is counted in. It must not
+//! sleep or schedule anything.
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -11,6 +12,12 @@ use time::OffsetDateTime;
 
 /// Nanoseconds since the Unix epoch (UTC).
 pub type Nanos = i64;
+
+/// Nanoseconds in a second and in a minute: record times are bucketed
+/// into seconds and minutes (retention's tiers, compaction's cuts, diff's
+/// seconds) with these.
+pub(crate) const NS_PER_SEC: Nanos = 1_000_000_000;
+pub(crate) const MINUTE_NS: Nanos = 60 * NS_PER_SEC;
 
 pub fn wall_now() -> Nanos {
     match SystemTime::now().duration_since(UNIX_EPOCH) {
@@ -98,7 +105,7 @@ pub fn parse_at(input: &str) -> Result<At, TimeError> {
             format!("{frac:0<9}").parse().unwrap()
         };
         let ns = secs
-            .checked_mul(1_000_000_000)
+            .checked_mul(NS_PER_SEC)
             .and_then(|v| v.checked_add(if secs < 0 { -frac_ns } else { frac_ns }))
             .ok_or_else(|| err("out of range"))?;
         return Ok(At::Instant(ns));

@@ -36,7 +36,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use bytes::Bytes;
 
-use crate::clock::Nanos;
+use crate::clock::{Nanos, MINUTE_NS};
 use crate::delta::DeltaMeta;
 use crate::record::{Ino, Kind, Op, Record, Seq};
 
@@ -215,18 +215,6 @@ impl Pending {
     }
 }
 
-/// The identity a data record is about, if it is one.
-fn data_ino(op: &Op) -> Option<Ino> {
-    match op {
-        Op::Write { ino, .. }
-        | Op::SetAttr { ino, .. }
-        | Op::Fallocate { ino, .. }
-        | Op::SetXattr { ino, .. }
-        | Op::RemoveXattr { ino, .. } => Some(*ino),
-        _ => None,
-    }
-}
-
 /// Compacts a run of records (see the module docs). The result, replayed
 /// onto the state before `records[0]`, gives the state after the last.
 pub(crate) fn compact(records: &[Record]) -> Vec<Record> {
@@ -260,7 +248,7 @@ pub(crate) fn compact(records: &[Record]) -> Vec<Record> {
         }
     };
     for r in records {
-        let Some(ino) = data_ino(&r.op) else {
+        let Some(ino) = r.op.data_ino() else {
             if let Op::Create { ino, .. } = &r.op {
                 flush(&mut pending, *ino, &mut out);
                 *epoch.entry(*ino).or_default() += 1;
@@ -373,8 +361,6 @@ pub(crate) struct Cuts {
     /// the start, at or before the completion) are stored raw.
     pub bases: Vec<(Seq, Nanos)>,
 }
-
-const MINUTE_NS: i64 = 60_000_000_000;
 
 impl Cuts {
     /// Whether a delta boundary lies between consecutive records a and b.

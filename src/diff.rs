@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde::Serialize;
 
-use crate::clock::{fmt_ns, At, Nanos};
+use crate::clock::{fmt_ns, At, Nanos, NS_PER_SEC};
 use crate::record::{Ino, Kind, Op, Record, Seq};
 use crate::replay::memory::{Entry, Memory};
 use crate::replay::{clean_path, within, Replay};
@@ -171,7 +171,7 @@ impl Activity {
     /// cost in the piece it came from.
     pub(crate) fn see(&mut self, r: &Record, stored_per_byte: f64) {
         self.records += 1;
-        let second = r.time.div_euclid(1_000_000_000);
+        let second = r.time.div_euclid(NS_PER_SEC);
         match &r.op {
             Op::Write {
                 ino,
@@ -209,7 +209,7 @@ impl Activity {
             .iter()
             .map(|(sec, s)| Second {
                 second: *sec,
-                time: fmt_ns(sec * 1_000_000_000),
+                time: fmt_ns(sec * NS_PER_SEC),
                 bytes_written: s.written,
                 files_rewritten: s
                     .ranges

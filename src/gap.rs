@@ -30,31 +30,23 @@ pub enum Full {
     Drop,
 }
 
-/// The policy of `--on-journal-full`, as the journal sees it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Policy {
-    Wait,
-    Gap,
-}
-
-/// What an append does when the journal holds `bytes` (preallocated files
-/// included) against a bound of `max`, `unshipped` of them not yet in the
-/// store, in `files` journal files.
+/// What an append in gap mode does when the journal holds `bytes`
+/// (preallocated files included) against a bound of `max`, `unshipped` of
+/// them not yet in the store, in `files` journal files. (Without gap mode
+/// writers past the bound simply wait; the journal decides that itself.)
 ///
 /// In gap mode a drop needs something to drop, and more than the one
 /// current file: a drop leaves one fresh file, so with a bound below one
 /// file's size every append would drop again. The journal then holds at
 /// most the bound plus one file. With nothing unshipped the excess is
 /// stored records whose file is about to be released: a short wait.
-pub fn when_full(policy: Policy, bytes: u64, max: u64, unshipped: u64, files: usize) -> Full {
-    if bytes <= max {
-        return Full::Append;
-    }
-    match policy {
-        Policy::Wait => Full::Wait,
-        Policy::Gap if files <= 1 => Full::Append,
-        Policy::Gap if unshipped == 0 => Full::Wait,
-        Policy::Gap => Full::Drop,
+pub fn when_full(bytes: u64, max: u64, unshipped: u64, files: usize) -> Full {
+    if bytes <= max || files <= 1 {
+        Full::Append
+    } else if unshipped == 0 {
+        Full::Wait
+    } else {
+        Full::Drop
     }
 }
 
@@ -162,30 +154,25 @@ mod tests {
     #[test]
     fn what_a_full_journal_does() {
         use Full::*;
-        use Policy as P;
         const M: u64 = 100;
-        // (policy, bytes, unshipped, files, expected)
-        let cases: &[(P, u64, u64, usize, Full)] = &[
-            (P::Wait, 50, 50, 1, Append),
-            (P::Gap, 50, 50, 1, Append),
-            (P::Wait, 100, 100, 2, Append),
-            (P::Gap, 100, 100, 2, Append),
-            (P::Wait, 101, 101, 2, Wait),
-            (P::Wait, 101, 0, 2, Wait),
+        // (bytes, unshipped, files, expected)
+        let cases: &[(u64, u64, usize, Full)] = &[
+            (50, 50, 1, Append),
+            (100, 100, 2, Append),
             // Past the bound with unshipped records in several files: drop.
-            (P::Gap, 101, 101, 2, Drop),
-            (P::Gap, 500, 10, 5, Drop),
+            (101, 101, 2, Drop),
+            (500, 10, 5, Drop),
             // Nothing unshipped: stored files are released soon.
-            (P::Gap, 101, 0, 2, Wait),
+            (101, 0, 2, Wait),
             // One file over a bound smaller than a file: a drop would leave
             // one file again, so go on within it.
-            (P::Gap, 101, 101, 1, Append),
+            (101, 101, 1, Append),
         ];
-        for &(p, bytes, unshipped, files, want) in cases {
+        for &(bytes, unshipped, files, want) in cases {
             assert_eq!(
-                when_full(p, bytes, M, unshipped, files),
+                when_full(bytes, M, unshipped, files),
                 want,
-                "{p:?} bytes {bytes} unshipped {unshipped} files {files}"
+                "bytes {bytes} unshipped {unshipped} files {files}"
             );
         }
     }

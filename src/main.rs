@@ -165,6 +165,31 @@ fn open_store(a: &StoreArgs) -> anyhow::Result<Arc<dyn Store>> {
     Ok(volume)
 }
 
+/// The store and the plan for TIME (`at`) of `rewind restore` and `rewind
+/// mount`. A TIME between kept points that --or-earlier moved to the
+/// nearest earlier point is said out loud, with what the command does at
+/// that point (`doing`), so that nobody takes it for the instant asked.
+fn plan_at(
+    store: &StoreArgs,
+    at: &str,
+    lineage: Option<&str>,
+    or_earlier: bool,
+    doing: &str,
+) -> anyhow::Result<(Arc<dyn Store>, rewind::timeline::Plan)> {
+    let at = parse_at(at)?;
+    let store = open_store(store)?;
+    let t = Timeline::load(store.as_ref())?;
+    let plan = t.plan_at(at, lineage, or_earlier)?;
+    if let rewind::timeline::Resolved::Earlier { asked_ns } = plan.resolved {
+        println!(
+            "{} falls between kept points; {doing} the nearest point at or before it, {} (--or-earlier)",
+            fmt_ns(asked_ns),
+            fmt_ns(plan.at_ns)
+        );
+    }
+    Ok((store, plan))
+}
+
 fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Command::Run(args) => Ok(rewind::run::run(args)?),
@@ -178,17 +203,13 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                     return Ok(0);
                 }
             }
-            let at = parse_at(&args.at)?;
-            let store = open_store(&args.store)?;
-            let t = Timeline::load(store.as_ref())?;
-            let plan = t.plan_at(at, args.lineage.as_deref(), args.or_earlier)?;
-            if let rewind::timeline::Resolved::Earlier { asked_ns } = plan.resolved {
-                println!(
-                    "{} falls between kept points; restoring the nearest point at or before it, {} (--or-earlier)",
-                    fmt_ns(asked_ns),
-                    fmt_ns(plan.at_ns)
-                );
-            }
+            let (store, plan) = plan_at(
+                &args.store,
+                &args.at,
+                args.lineage.as_deref(),
+                args.or_earlier,
+                "restoring",
+            )?;
             let quiet = args.quiet;
             let mut progress = |m: &str| {
                 if !quiet {
@@ -596,17 +617,13 @@ fn mount(args: rewind::cli::MountArgs) -> anyhow::Result<i32> {
     use signal_hook::consts::{SIGINT, SIGTERM};
     // Caught before the mount goes live, so an early stop still unmounts.
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])?;
-    let at = parse_at(&args.at)?;
-    let store = open_store(&args.store)?;
-    let t = Timeline::load(store.as_ref())?;
-    let plan = t.plan_at(at, args.lineage.as_deref(), args.or_earlier)?;
-    if let rewind::timeline::Resolved::Earlier { asked_ns } = plan.resolved {
-        println!(
-            "{} falls between kept points; showing the nearest point at or before it, {} (--or-earlier)",
-            fmt_ns(asked_ns),
-            fmt_ns(plan.at_ns)
-        );
-    }
+    let (store, plan) = plan_at(
+        &args.store,
+        &args.at,
+        args.lineage.as_deref(),
+        args.or_earlier,
+        "showing",
+    )?;
     let started = std::time::Instant::now();
     // A bar on a terminal, periodic lines in a log, while the tree is built.
     let meter = meter(&args.progress, false);

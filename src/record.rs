@@ -198,6 +198,26 @@ impl Op {
         }
     }
 
+    /// The identity whose data or attributes the record sets (a write, a
+    /// setattr, a fallocate, an xattr change), if it is such a record.
+    /// Records of the namespace (create, link, unlink, rename) and clock
+    /// steps set none. The match is exhaustive on purpose: a new record
+    /// kind must decide here whether it is one.
+    pub(crate) fn data_ino(&self) -> Option<Ino> {
+        match self {
+            Op::Write { ino, .. }
+            | Op::SetAttr { ino, .. }
+            | Op::Fallocate { ino, .. }
+            | Op::SetXattr { ino, .. }
+            | Op::RemoveXattr { ino, .. } => Some(*ino),
+            Op::Create { .. }
+            | Op::Link { .. }
+            | Op::Unlink { .. }
+            | Op::Rename { .. }
+            | Op::ClockStep { .. } => None,
+        }
+    }
+
     /// Bytes of payload the record carries, for accounting.
     pub fn payload_len(&self) -> usize {
         match self {
@@ -547,6 +567,102 @@ pub(crate) mod tests {
         assert!(Kind::Fifo.in_version(1) && !Kind::Socket.in_version(1));
         assert!(Kind::BlockDev.in_version(2));
         assert!(Kind::CharDev.is_special() && !Kind::File.is_special());
+    }
+
+    #[test]
+    fn which_records_set_an_identitys_data_or_attributes() {
+        let n = || Bytes::from_static(b"n");
+        // (record, the identity whose data or attributes it sets)
+        let cases = [
+            (
+                Op::Write {
+                    ino: 1,
+                    offset: 0,
+                    size: 1,
+                    mtime: 0,
+                    data: n(),
+                },
+                Some(1),
+            ),
+            (
+                Op::SetAttr {
+                    ino: 2,
+                    mode: 0,
+                    uid: 0,
+                    gid: 0,
+                    size: 0,
+                    mtime: 0,
+                },
+                Some(2),
+            ),
+            (
+                Op::Fallocate {
+                    ino: 3,
+                    mode: 0,
+                    offset: 0,
+                    len: 1,
+                    size: 1,
+                    mtime: 0,
+                },
+                Some(3),
+            ),
+            (
+                Op::SetXattr {
+                    ino: 4,
+                    name: n(),
+                    value: n(),
+                },
+                Some(4),
+            ),
+            (Op::RemoveXattr { ino: 5, name: n() }, Some(5)),
+            (
+                Op::Create {
+                    parent: 1,
+                    name: n(),
+                    ino: 6,
+                    kind: Kind::File,
+                    mode: 0,
+                    uid: 0,
+                    gid: 0,
+                    mtime: 0,
+                    rdev: 0,
+                    target: Bytes::new(),
+                },
+                None,
+            ),
+            (
+                Op::Link {
+                    ino: 7,
+                    parent: 1,
+                    name: n(),
+                },
+                None,
+            ),
+            (
+                Op::Unlink {
+                    parent: 1,
+                    name: n(),
+                    ino: 8,
+                },
+                None,
+            ),
+            (
+                Op::Rename {
+                    from_parent: 1,
+                    from_name: n(),
+                    to_parent: 1,
+                    to_name: n(),
+                    ino: 9,
+                    replaced: 0,
+                    flags: 0,
+                },
+                None,
+            ),
+            (Op::ClockStep { back_ns: 1 }, None),
+        ];
+        for (op, want) in cases {
+            assert_eq!(op.data_ino(), want, "{}", op.kind_name());
+        }
     }
 
     /// The byte layout of a Create of a device node: kind 6 after the

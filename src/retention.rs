@@ -43,14 +43,12 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::base::BaseMeta;
-use crate::clock::Nanos;
+use crate::clock::{Nanos, MINUTE_NS, NS_PER_SEC};
 use crate::compact::Cuts;
 use crate::delta::DeltaMeta;
 use crate::record::Seq;
 use crate::segment::SegmentMeta;
 use crate::timeline::{lineage_id, Chain, Condemned, Piece, Timeline};
-
-const NS_PER_SEC: i64 = 1_000_000_000;
 
 /// How long each tier lasts; a zero span turns a tier off.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,7 +91,7 @@ impl Tier {
     pub fn bucket_ns(self) -> i64 {
         match self {
             Tier::Seconds => NS_PER_SEC,
-            Tier::Minutes => 60 * NS_PER_SEC,
+            Tier::Minutes => MINUTE_NS,
             Tier::Hours => 3600 * NS_PER_SEC,
             Tier::Days => 86_400 * NS_PER_SEC,
         }
@@ -286,8 +284,6 @@ pub(crate) struct CompactJob {
     pub until_ns: Nanos,
     pub cuts: Cuts,
 }
-
-const MINUTE_NS: i64 = 60 * NS_PER_SEC;
 
 /// What a kept instant's replay needs: segment ranges (after, through] in
 /// the sense of `condemn_segments`, and delta keys.
@@ -594,51 +590,11 @@ fn condemn_deltas(
     needed: &HashSet<String>,
     now: Nanos,
 ) {
-    let mut runs: Vec<Vec<&DeltaMeta>> = vec![Vec::new()];
-    for d in deltas {
-        if needed.contains(&d.key()) {
-            plan.keep.push(d.key());
-            if !runs.last().unwrap().is_empty() {
-                runs.push(Vec::new());
-            }
-        } else {
-            runs.last_mut().unwrap().push(d);
-        }
-    }
-    let kept: Vec<&&DeltaMeta> = deltas
-        .iter()
-        .filter(|d| needed.contains(&d.key()))
-        .collect();
-    for run in runs.into_iter().filter(|r| !r.is_empty()) {
-        let whole = Condemned::Deltas {
-            ns: now,
-            lineage,
-            from_seq: run[0].from_seq,
-            to_seq: run.iter().map(|d| d.to_seq).max().unwrap(),
-        };
-        let markers = if kept.iter().any(|k| whole.covers_delta(k)) {
-            run.iter()
-                .map(|d| Condemned::Deltas {
-                    ns: now,
-                    lineage,
-                    from_seq: d.from_seq,
-                    to_seq: d.to_seq,
-                })
-                .collect()
-        } else {
-            vec![whole]
-        };
-        for m in markers {
-            plan.condemned_keys
-                .extend(run.iter().filter(|d| m.covers_delta(d)).map(|d| d.key()));
-            plan.condemn.push(m);
-        }
-    }
+    condemn_runs(plan, lineage, deltas, |d| needed.contains(&d.key()), now);
 }
 
 /// Condemns the segments that no range in `needed` touches, with one
-/// marker per run of consecutive unneeded segments, so that a prune writes
-/// a handful of markers however many segments it condemns.
+/// marker per run of consecutive unneeded segments.
 fn condemn_segments(
     plan: &mut PrunePlan,
     lineage: u64,
@@ -646,54 +602,108 @@ fn condemn_segments(
     needed: &[(Seq, Seq)],
     now: Nanos,
 ) {
+    let mut sorted: Vec<&SegmentMeta> = segs.to_vec();
+    sorted.sort_by_key(|s| (s.first_seq, s.last_seq));
     let is_needed = |s: &SegmentMeta| {
         needed
             .iter()
             .any(|&(after, through)| s.last_seq > after && s.first_seq <= through)
     };
-    let mut sorted: Vec<&SegmentMeta> = segs.to_vec();
-    sorted.sort_by_key(|s| (s.first_seq, s.last_seq));
-    let mut runs: Vec<Vec<&SegmentMeta>> = vec![Vec::new()];
-    for s in sorted {
-        if is_needed(s) {
-            plan.keep.push(s.key());
+    condemn_runs(plan, lineage, &sorted, is_needed, now);
+}
+
+/// A stored piece that prune condemns by its range of sequence numbers: a
+/// segment or a delta.
+trait Condemnable {
+    fn key(&self) -> String;
+    /// The first and the last sequence number it holds.
+    fn seqs(&self) -> (Seq, Seq);
+    /// The marker that condemns the pieces of `lineage` within `seqs`.
+    fn marker(ns: Nanos, lineage: u64, seqs: (Seq, Seq)) -> Condemned;
+    fn covered_by(&self, marker: &Condemned) -> bool;
+}
+
+impl Condemnable for SegmentMeta {
+    fn key(&self) -> String {
+        SegmentMeta::key(self)
+    }
+    fn seqs(&self) -> (Seq, Seq) {
+        (self.first_seq, self.last_seq)
+    }
+    fn marker(ns: Nanos, lineage: u64, (from_seq, to_seq): (Seq, Seq)) -> Condemned {
+        Condemned::Segments {
+            ns,
+            lineage,
+            from_seq,
+            to_seq,
+        }
+    }
+    fn covered_by(&self, marker: &Condemned) -> bool {
+        marker.covers_segment(self)
+    }
+}
+
+impl Condemnable for DeltaMeta {
+    fn key(&self) -> String {
+        DeltaMeta::key(self)
+    }
+    fn seqs(&self) -> (Seq, Seq) {
+        (self.from_seq, self.to_seq)
+    }
+    fn marker(ns: Nanos, lineage: u64, (from_seq, to_seq): (Seq, Seq)) -> Condemned {
+        Condemned::Deltas {
+            ns,
+            lineage,
+            from_seq,
+            to_seq,
+        }
+    }
+    fn covered_by(&self, marker: &Condemned) -> bool {
+        marker.covers_delta(self)
+    }
+}
+
+/// Keeps the pieces of `items` (in sequence order) that `needed` says a
+/// kept instant uses and condemns the others, with one marker per run of
+/// consecutive unneeded pieces, so that a prune writes a handful of
+/// markers however many pieces it condemns.
+fn condemn_runs<T: Condemnable>(
+    plan: &mut PrunePlan,
+    lineage: u64,
+    items: &[&T],
+    needed: impl Fn(&T) -> bool,
+    now: Nanos,
+) {
+    let mut runs: Vec<Vec<&T>> = vec![Vec::new()];
+    for &item in items {
+        if needed(item) {
+            plan.keep.push(item.key());
             if !runs.last().unwrap().is_empty() {
                 runs.push(Vec::new());
             }
         } else {
-            runs.last_mut().unwrap().push(s);
+            runs.last_mut().unwrap().push(item);
         }
     }
-    let kept: Vec<SegmentMeta> = segs
-        .iter()
-        .filter(|s| is_needed(s))
-        .map(|s| (*s).clone())
-        .collect();
+    let kept: Vec<&T> = items.iter().copied().filter(|i| needed(i)).collect();
     for run in runs.into_iter().filter(|r| !r.is_empty()) {
-        let marker = Condemned::Segments {
-            ns: now,
-            lineage,
-            from_seq: run.iter().map(|s| s.first_seq).min().unwrap(),
-            to_seq: run.iter().map(|s| s.last_seq).max().unwrap(),
-        };
+        let from = run.iter().map(|i| i.seqs().0).min().unwrap();
+        let to = run.iter().map(|i| i.seqs().1).max().unwrap();
+        let whole = T::marker(now, lineage, (from, to));
         // Overlapping segments (a journal prefix shipped again) could put a
-        // needed one inside the range: then each segment gets its own marker.
-        let markers = if kept.iter().any(|k| marker.covers_segment(k)) {
+        // needed one inside the range: then each piece gets its own marker,
+        // and one whose marker would still cover a needed piece stays.
+        let markers = if kept.iter().any(|k| k.covered_by(&whole)) {
             run.iter()
-                .map(|s| Condemned::Segments {
-                    ns: now,
-                    lineage,
-                    from_seq: s.first_seq,
-                    to_seq: s.last_seq,
-                })
-                .filter(|m| !kept.iter().any(|k| m.covers_segment(k)))
+                .map(|i| T::marker(now, lineage, i.seqs()))
+                .filter(|m| !kept.iter().any(|k| k.covered_by(m)))
                 .collect()
         } else {
-            vec![marker]
+            vec![whole]
         };
         for m in markers {
             plan.condemned_keys
-                .extend(run.iter().filter(|s| m.covers_segment(s)).map(|s| s.key()));
+                .extend(run.iter().filter(|i| i.covered_by(&m)).map(|i| i.key()));
             plan.condemn.push(m);
         }
     }

@@ -3,16 +3,18 @@
 //! that the restore fails with a message naming the problem and that
 //! nothing was written outside the target.
 
+mod support;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use rewind::base::{self, BaseKind, Manifest, Object};
+use rewind::base::{self, Object};
 use rewind::clock::At;
 use rewind::record::{Kind, Op, Record};
-use rewind::segment;
-use rewind::store::{file::FileStore, Prefixed, Store};
+use rewind::store::Store;
 use rewind::timeline::Timeline;
+use support::stores::{file_store, put_base, put_chunks, put_segment, records};
 
 const ROOT: u64 = 100;
 const LINEAGE: u64 = 0x1234;
@@ -25,34 +27,19 @@ struct Fixture {
 impl Fixture {
     fn new() -> Fixture {
         let dir = tempfile::tempdir().unwrap();
-        let root: Arc<dyn Store> = Arc::new(FileStore::open(dir.path().join("store")).unwrap());
-        let store: Arc<dyn Store> = Arc::new(Prefixed::new(root, "vol"));
-        let m = Manifest {
-            lineage: LINEAGE,
-            start_seq: 0,
-            started_ns: 1_000,
-            completed_ns: 2_000,
-            kind: BaseKind::Initial,
-            root: ROOT,
-            objects: vec![Object::dir(ROOT)],
-            links: vec![],
-        };
-        base::store_manifest(store.as_ref(), &m).unwrap();
+        let store = file_store(dir.path());
+        put_base(
+            store.as_ref(),
+            LINEAGE,
+            ROOT,
+            vec![Object::dir(ROOT)],
+            vec![],
+        );
         Fixture { dir, store }
     }
 
     fn segment(&self, ops: Vec<Op>) {
-        let recs: Vec<Record> = ops
-            .into_iter()
-            .enumerate()
-            .map(|(i, op)| Record {
-                seq: 1 + i as u64,
-                time: 3_000 + i as i64,
-                op,
-            })
-            .collect();
-        let (meta, data) = segment::encode(LINEAGE, &recs);
-        self.store.put(&meta.key(), data).unwrap();
+        put_segment(self.store.as_ref(), LINEAGE, &records(ops));
     }
 
     fn target(&self) -> PathBuf {
@@ -247,10 +234,7 @@ fn damaged_objects_are_refused_with_a_clear_error() {
         let f = Fixture::new();
         // A base with one real chunk, so there is a chunk to damage.
         let data = vec![42u8; 5000];
-        let hash = *blake3::hash(&data).as_bytes();
-        f.store
-            .put(&base::chunk_key(&hash), base::encode_chunk(&data))
-            .unwrap();
+        let extents = put_chunks(f.store.as_ref(), &data, data.len());
         let mut m = base::load_manifest(
             f.store.as_ref(),
             &Timeline::load(f.store.as_ref()).unwrap().bases[0],
@@ -267,11 +251,7 @@ fn damaged_objects_are_refused_with_a_clear_error() {
             rdev: 0,
             target: Bytes::new(),
             xattrs: vec![],
-            extents: vec![base::Extent {
-                offset: 0,
-                len: 5000,
-                hash,
-            }],
+            extents,
         });
         m.links.push(base::Link {
             parent: ROOT,
@@ -327,9 +307,8 @@ fn a_missing_segment_is_a_gap_not_a_silent_skip() {
             op: create(ROOT, &format!("f{s}"), 10 + s, Kind::File, ""),
         })
         .collect();
-    for chunk in [&recs[0..1], &recs[2..4]] {
-        let (meta, data) = segment::encode(LINEAGE, chunk);
-        f.store.put(&meta.key(), data).unwrap();
+    for part in [&recs[0..1], &recs[2..4]] {
+        put_segment(f.store.as_ref(), LINEAGE, part);
     }
     let t = Timeline::load(f.store.as_ref()).unwrap();
     let err = t.plan(At::Instant(3_004), None).unwrap_err().to_string();

@@ -5,19 +5,19 @@
 //! chosen by the case) stops it with that store's error, leaves the
 //! incomplete marker and writes nothing outside the target.
 
+mod support;
+
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use rewind::base::{self, BaseKind, Extent, Link, Manifest, Object, CHUNK_SIZE};
-use rewind::clock::At;
+use rewind::base::{Link, Object, CHUNK_SIZE};
 use rewind::progress::Meter;
-use rewind::record::{Kind, Op, Record};
+use rewind::record::{Kind, Op};
 use rewind::restore::{restore_with, Options};
-use rewind::segment;
-use rewind::store::{file::FileStore, Prefixed, Result as StoreResult, Store, StoreError};
-use rewind::timeline::Timeline;
+use rewind::store::{Result as StoreResult, Store, StoreError};
+use support::stores::{file_store, latest_plan, put_base, put_chunks, put_segment, records};
 
 const ROOT: u64 = 100;
 const LINEAGE: u64 = 0x77;
@@ -65,19 +65,6 @@ impl Store for FailFrom {
     }
 }
 
-/// Deterministic bytes that differ per file and chunk.
-fn content(file: u64, len: usize) -> Vec<u8> {
-    let mut x = file.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 /// File `i` is `i % 4` whole chunks plus a tail of `i * 1000` bytes, so
 /// there are empty, single-chunk and multi-chunk files.
 fn size_of(i: u64) -> u64 {
@@ -87,27 +74,16 @@ fn size_of(i: u64) -> u64 {
 /// A store holding a base of FILES files and one segment of records
 /// that overwrite the start of every file and append to every fifth.
 fn store(dir: &Path) -> (Arc<dyn Store>, Vec<(String, Vec<u8>)>) {
-    let root: Arc<dyn Store> = Arc::new(FileStore::open(dir.join("store")).unwrap());
-    let store: Arc<dyn Store> = Arc::new(Prefixed::new(root, "vol"));
+    let store = file_store(dir);
     let mut objects = vec![Object::dir(ROOT)];
     let mut links = vec![];
     let mut want = vec![];
     let mut recs = vec![];
     for i in 0..FILES {
         let ino = 1000 + i;
-        let mut data = content(i, size_of(i) as usize);
-        let mut extents = vec![];
-        for (k, c) in data.chunks(CHUNK_SIZE as usize).enumerate() {
-            let hash = *blake3::hash(c).as_bytes();
-            store
-                .put(&base::chunk_key(&hash), base::encode_chunk(c))
-                .unwrap();
-            extents.push(Extent {
-                offset: k as u64 * CHUNK_SIZE,
-                len: c.len() as u32,
-                hash,
-            });
-        }
+        // Bytes that differ per file and chunk.
+        let mut data = support::pattern(size_of(i) as usize, 2 * i + 1).to_vec();
+        let extents = put_chunks(store.as_ref(), &data, CHUNK_SIZE as usize);
         let mut o = Object::dir(ino);
         o.kind = Kind::File;
         o.mode = 0o640;
@@ -142,43 +118,18 @@ fn store(dir: &Path) -> (Arc<dyn Store>, Vec<(String, Vec<u8>)>) {
         data.resize(size as usize, 0);
         want.push((name, data));
     }
-    base::store_manifest(
-        store.as_ref(),
-        &Manifest {
-            lineage: LINEAGE,
-            start_seq: 0,
-            started_ns: 1_000,
-            completed_ns: 2_000,
-            kind: BaseKind::Initial,
-            root: ROOT,
-            objects,
-            links,
-        },
-    )
-    .unwrap();
+    put_base(store.as_ref(), LINEAGE, ROOT, objects, links);
     // Two segments, so that one is fetched ahead while the other applies.
-    let recs: Vec<Record> = recs
-        .into_iter()
-        .enumerate()
-        .map(|(i, op)| Record {
-            seq: 1 + i as u64,
-            time: 3_000 + i as i64,
-            op,
-        })
-        .collect();
+    let recs = records(recs);
     let half = recs.len() / 2;
     for part in [&recs[..half], &recs[half..]] {
-        let (meta, data) = segment::encode(LINEAGE, part);
-        store.put(&meta.key(), data).unwrap();
+        put_segment(store.as_ref(), LINEAGE, part);
     }
     (store, want)
 }
 
 fn restore(store: &dyn Store, target: &Path, jobs: usize) -> Result<(), String> {
-    let plan = Timeline::load(store)
-        .unwrap()
-        .plan(At::Latest, None)
-        .unwrap();
+    let plan = latest_plan(store);
     let meter = Meter::silent();
     restore_with(
         store,

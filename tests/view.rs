@@ -6,17 +6,18 @@
 //! outage makes a read fail with EIO (never other bytes) and the same
 //! read succeeds once the store is back.
 
+mod support;
+
 use std::sync::Arc;
 
 use bytes::Bytes;
-use rewind::base::{self, chunk_key, encode_chunk, BaseKind, Extent, Manifest, Object};
-use rewind::clock::At;
-use rewind::record::{Kind, Op, Record};
-use rewind::segment;
+use rewind::base::{self, Object};
+use rewind::record::{Kind, Op};
 use rewind::store::faulty::{self, FaultyStore};
 use rewind::store::{file::FileStore, Prefixed, Store};
-use rewind::timeline::Timeline;
 use rewind::view::{ReadOnlyTree, View};
+use support::pattern;
+use support::stores::{latest_plan, put_base, put_chunks, put_segment, records};
 
 const ROOT: u64 = 100;
 const FILE: u64 = 101;
@@ -24,32 +25,11 @@ const LINEAGE: u64 = 0x1234;
 const MIB: usize = 1 << 20;
 const PUNCH_HOLE_KEEP_SIZE: u32 = 0x02 | 0x01;
 
-/// Bytes that never repeat a chunk (so no two chunks dedupe to one).
-fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ u64::from(seed);
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 fn build(store: &dyn Store) -> Vec<u8> {
-    // The base: FILE holds 2.5 MiB in three chunks.
-    let data = pattern(5 * MIB / 2, 7);
-    let mut extents = Vec::new();
-    for (i, c) in data.chunks(MIB).enumerate() {
-        let hash = *blake3::hash(c).as_bytes();
-        store.put(&chunk_key(&hash), encode_chunk(c)).unwrap();
-        extents.push(Extent {
-            offset: (i * MIB) as u64,
-            len: c.len() as u32,
-            hash,
-        });
-    }
+    // The base: FILE holds 2.5 MiB in three chunks, whose bytes never
+    // repeat (so no two chunks dedupe to one).
+    let data = pattern(5 * MIB / 2, 7).to_vec();
+    let extents = put_chunks(store, &data, MIB);
     let file = Object {
         ino: FILE,
         kind: Kind::File,
@@ -63,21 +43,12 @@ fn build(store: &dyn Store) -> Vec<u8> {
         xattrs: vec![(Bytes::from_static(b"user.a"), Bytes::from_static(b"1"))],
         extents,
     };
-    let m = Manifest {
-        lineage: LINEAGE,
-        start_seq: 0,
-        started_ns: 1_000,
-        completed_ns: 2_000,
-        kind: BaseKind::Initial,
-        root: ROOT,
-        objects: vec![Object::dir(ROOT), file],
-        links: vec![base::Link {
-            parent: ROOT,
-            name: Bytes::from_static(b"f"),
-            ino: FILE,
-        }],
-    };
-    base::store_manifest(store, &m).unwrap();
+    let links = vec![base::Link {
+        parent: ROOT,
+        name: Bytes::from_static(b"f"),
+        ino: FILE,
+    }];
+    put_base(store, LINEAGE, ROOT, vec![Object::dir(ROOT), file], links);
 
     // The records, and the same changes on the model.
     let mut model = data;
@@ -121,17 +92,7 @@ fn build(store: &dyn Store) -> Vec<u8> {
             name: Bytes::from_static(b"g"),
         },
     ];
-    let recs: Vec<Record> = ops
-        .into_iter()
-        .enumerate()
-        .map(|(i, op)| Record {
-            seq: 1 + i as u64,
-            time: 3_000 + i as i64,
-            op,
-        })
-        .collect();
-    let (meta, seg) = segment::encode(LINEAGE, &recs);
-    store.put(&meta.key(), seg).unwrap();
+    put_segment(store, LINEAGE, &records(ops));
     model
 }
 
@@ -142,10 +103,7 @@ fn view_reads_equal_the_model_and_fail_with_eio_while_the_store_is_down() {
     let faulty = Arc::new(FaultyStore::new(root));
     let store: Arc<dyn Store> = Arc::new(Prefixed::new(faulty.clone(), "vol"));
     let model = build(store.as_ref());
-    let plan = Timeline::load(store.as_ref())
-        .unwrap()
-        .plan(At::Latest, None)
-        .unwrap();
+    let plan = latest_plan(store.as_ref());
 
     let gets_before = faulty.calls(faulty::Op::Get);
     // A cache of one chunk: every read of another chunk fetches again.

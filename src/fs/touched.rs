@@ -72,17 +72,13 @@ impl Touched {
 /// xattrs, contents) a record changes, if any. Names alone (link, unlink,
 /// rename) change no object: the walk lists every name again. A Create
 /// counts, because a new file may reuse the number of a file the previous
-/// base captured. The match is exhaustive on purpose: a new record kind
-/// must decide here whether it changes an object.
+/// base captured. Every other record changes an object when it sets data
+/// or attributes (`Op::data_ino`, whose exhaustive match makes a new
+/// record kind decide).
 pub(crate) fn changed_object(op: &Op) -> Option<Ino> {
     match op {
-        Op::Create { ino, .. }
-        | Op::Write { ino, .. }
-        | Op::SetAttr { ino, .. }
-        | Op::Fallocate { ino, .. }
-        | Op::SetXattr { ino, .. }
-        | Op::RemoveXattr { ino, .. } => Some(*ino),
-        Op::Link { .. } | Op::Unlink { .. } | Op::Rename { .. } | Op::ClockStep { .. } => None,
+        Op::Create { ino, .. } => Some(*ino),
+        _ => op.data_ino(),
     }
 }
 

@@ -39,7 +39,7 @@ use std::sync::Arc;
 use parking_lot::{Condvar, Mutex};
 
 use crate::clock::{Nanos, RecordClock};
-use crate::gap::{self, Full, GapMark, Policy};
+use crate::gap::{self, Full, GapMark};
 use crate::record::{encode_op, encode_write, record_head, Ino, Op, Record, Seq};
 use file::PAGE;
 
@@ -377,7 +377,6 @@ impl Journal {
             } else if inner.prepare_drop.is_some() && !drop_failed {
                 let (seq, pos) = inner.stored;
                 gap::when_full(
-                    Policy::Gap,
                     inner.bytes,
                     self.max_bytes,
                     bytes_after(&inner.files, pos, seq),

@@ -644,14 +644,10 @@ impl<T: Effects> Replay<T> {
         if rec.time > self.ns.fuzzy_until {
             return None;
         }
+        // A create makes its identity, so it never names a dead one.
         let ino = match &rec.op {
-            Op::Write { ino, .. }
-            | Op::SetAttr { ino, .. }
-            | Op::Fallocate { ino, .. }
-            | Op::SetXattr { ino, .. }
-            | Op::RemoveXattr { ino, .. } => *ino,
             Op::Link { ino, .. } | Op::Rename { ino, .. } | Op::Unlink { ino, .. } => *ino,
-            Op::Create { .. } | Op::ClockStep { .. } => return None,
+            op => op.data_ino()?,
         };
         // A data record for an identity the base holds as something other
         // than a file: the number was reused during the walk (the later

@@ -1,10 +1,13 @@
-//! Helpers for the store test suite: temporary directories, the real S3
+//! Helpers for the integration tests: temporary directories, the real S3
 //! server (moto_server from the repo's .venv, in its own process, started
-//! through tests/e2e/s3server.py), and the fault-injecting proxy.
+//! through tests/e2e/s3server.py), the fault-injecting proxy, deterministic
+//! bytes, and small stores built with the library's encoders (`stores`).
+//! Each test binary includes it with `mod support;` and uses what it needs.
 
 #![allow(dead_code)]
 
 pub mod proxy;
+pub mod stores;
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
