@@ -27,9 +27,12 @@
 //! its lock: either the prune sees the marker, or the base sees the lock,
 //! so a chunk a base decides to reuse is never swept under it.
 //!
-//! Test knob: `REWIND_TEST_PRUNE_PAUSE=<duration>` pauses before every
+//! Test knobs: `REWIND_TEST_PRUNE_PAUSE=<duration>` pauses before every
 //! change prune makes to the store (a put, or a batch of deletes), so tests
-//! can race it and kill it at chosen moments.
+//! can race it and kill it at chosen moments; `REWIND_TEST_PRUNE_HOLD=<path>`
+//! keeps the finished prune, lock held, until that file exists, so a test
+//! knows the prune is still running when its racing reader ends, however
+//! slow the machine.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
@@ -580,6 +583,12 @@ pub fn prune(store: &dyn Store, opts: &PruneOptions) -> Result<PruneReport, Prun
         p.lock = Some(lock);
     }
     let res = run(&mut p);
+    if let Some(hold) = std::env::var_os("REWIND_TEST_PRUNE_HOLD") {
+        let hold = std::path::PathBuf::from(hold);
+        while !hold.exists() {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
     if let Some(lock) = p.lock.take() {
         // Best effort: a lock left behind expires on its own.
         if let Err(e) = store.delete(&lock.key()) {

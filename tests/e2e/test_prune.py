@@ -542,22 +542,29 @@ def test_prune_racing_a_restore(history, workdir):
     def segments():
         return sum(1 for k in store_objects(vol) if k.startswith("seg/"))
     before = segments()
-    p = spawn_prune(vol, "--grace", "0s", env={"REWIND_TEST_PRUNE_PAUSE": "50ms"})
+    # The prune deletes a batch every 50 ms and, once done, holds its lock
+    # until `hold` exists: the restore below starts after its first
+    # deletion and ends before the prune does, on a slow machine too, so
+    # every read of the restore meets a store mid-prune.
+    hold = workdir / "prune-may-finish"
+    p = spawn_prune(vol, "--grace", "0s",
+                    env={"REWIND_TEST_PRUNE_PAUSE": "50ms", "REWIND_TEST_PRUNE_HOLD": str(hold)})
     try:
-        # Restore once the prune is deleting segments.
         wait_until(lambda: segments() < before or p.poll() is not None, 60,
                    "the prune to delete a segment")
-        assert p.poll() is None, "the prune finished before the restore started"
+        assert p.poll() is None, f"the prune ended before the restore started:\n{p.communicate()}"
         vol.restore(oldest_ns, workdir / "t")
-        still_running = p.poll() is None
+        assert p.poll() is None, f"the prune ended before the restore did, despite the hold:\n{p.communicate()}"
+        hold.touch()
         out, err = p.communicate(timeout=300)
         assert p.returncode == 0, f"{out}\n{err}"
     finally:
+        hold.touch()
         if p.poll() is None:
             p.kill()
             p.wait()
     helpers.assert_same_tree(oldest_snap, helpers.snapshot(workdir / "t"), "restore racing a prune")
-    assert still_running, "the restore should have finished while the prune was still deleting"
+    assert segments() < before, "the racing prune deleted nothing"
     check_points(vol, history.points, workdir, "after the race")
 
 
