@@ -281,6 +281,24 @@ pub fn create_spare(path: &Path, size: u64) -> Result<(), JournalError> {
     Ok(())
 }
 
+/// Starts the kernel's writeback of `len` bytes of `f` at `offset` without
+/// waiting for it (sync_file_range with SYNC_FILE_RANGE_WRITE): a hint that
+/// makes a later fdatasync shorter, not a durability step, so an error (a
+/// filesystem without it) changes nothing and is not reported.
+pub fn start_writeback(f: &File, offset: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: the descriptor is open for the call's duration (`f` is
+    // borrowed), and sync_file_range reads no memory of ours.
+    unsafe {
+        libc::sync_file_range(
+            f.as_raw_fd(),
+            offset as libc::off64_t,
+            len as libc::off64_t,
+            libc::SYNC_FILE_RANGE_WRITE,
+        );
+    }
+}
+
 /// Turns the spare at `spare` into the journal file `path`: a new header
 /// and an end mark are written and synced under the spare's name first, so
 /// a crash never leaves a journal file with a stale header.

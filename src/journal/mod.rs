@@ -52,6 +52,13 @@ pub const DEFAULT_FILE_SIZE: u64 = 64 << 20;
 const SPARE_HEADROOM: u64 = 4;
 /// Released journal files kept for reuse (see `file::recycle`).
 const MAX_SPARES: usize = 2;
+/// Appends start the kernel's writeback of the current file in steps of
+/// this size (`file::start_writeback`): a file that is still mostly dirty
+/// when it fills makes the rotation's fdatasync, under the append lock,
+/// stall every writer while it flushes up to a whole file (tens of
+/// milliseconds on the CI machine kind). Started early, that flush has
+/// little left to do. It writes no byte that would not be written anyway.
+const WRITEBACK_STEP: u64 = 4 << 20;
 
 /// One journal file as the writer and the readers see it.
 #[derive(Clone)]
@@ -79,6 +86,8 @@ struct Inner {
     /// Total bytes of all journal files still on disk (unreleased).
     bytes: u64,
     rotated_since_sync: bool,
+    /// Offset in the current file up to which writeback was started.
+    writeback_from: u64,
     /// Spare files (zero-filled or released), reused by `rotate`.
     spares: Vec<PathBuf>,
     spare_counter: u64,
@@ -285,6 +294,7 @@ impl Journal {
                 buf: Vec::with_capacity(1 << 20),
                 bytes,
                 rotated_since_sync: false,
+                writeback_from: 0,
                 spares,
                 spare_counter: 0,
                 prepare_drop: None,
@@ -505,6 +515,18 @@ impl Journal {
         self.appended.store(last, Ordering::Release);
         self.written_bytes
             .fetch_add(payload as u64, Ordering::Relaxed);
+        // Every whole step this append completed goes to writeback, outside
+        // the lock: the call may wait for the device's queue.
+        let cur = inner.files.back().expect("a current file");
+        let upto = cur.end / WRITEBACK_STEP * WRITEBACK_STEP;
+        let kick = (upto > inner.writeback_from).then(|| (cur.file.clone(), inner.writeback_from));
+        if kick.is_some() {
+            inner.writeback_from = upto;
+        }
+        drop(inner);
+        if let Some((f, from)) = kick {
+            file::start_writeback(&f, from, upto - from);
+        }
         Ok((last, time))
     }
 
@@ -606,6 +628,7 @@ impl Journal {
         };
         inner.bytes += size;
         inner.rotated_since_sync = true;
+        inner.writeback_from = 0;
         inner.files.push_back(JournalFile {
             path,
             file: Arc::new(f),
