@@ -77,7 +77,10 @@ Jobs and their figures (MB = 10^6 bytes, GB = 10^9 bytes):
               `pgbench -i -s 10`, a CHECKPOINT and the settle step (untimed),
               then `pgbench -c 4 -j 2 -T 30`. TPS without the initial
               connection time. The GB of its CPU s/GB are the WAL bytes the
-              run generated (pg_current_wal_lsn before and after).
+              run generated (pg_current_wal_lsn before and after). The rep
+              lines add the WAL bytes per transaction and, for Rewind, the
+              journal's payload bytes per transaction (the daemon's
+              rewind_journal_written_bytes_total): what its commits flush.
   B7          (once, not per rep) benches/restore_1g.sh: a 1 GiB volume plus
               60 s of changes restored with `rewind restore --at latest`.
               MB/s = the base volume's size (SIZE_MIB) / restore wall time:
@@ -639,6 +642,8 @@ def run_pg(ctx, d, tag):
         pg.sql("CHECKPOINT")
         ctx.settle()
         lsn0 = pg.sql("SELECT pg_current_wal_lsn()")
+        journal = lambda: ctx.daemon.scrape()["rewind_journal_written_bytes_total"] if ctx.side == "rewind" else 0
+        j0 = journal()
         t0 = time.monotonic()
         secs = ctx.size["pg_s"]
         r = pg.client("pgbench", "-c", "4", "-j", "2", "-T", str(secs), "postgres", timeout=secs + 600)
@@ -651,7 +656,11 @@ def run_pg(ctx, d, tag):
             raise BenchError(f"pgbench {tag}: no TPS in its output:\n{r.stdout[-2000:]}")
         if failed and int(failed.group(1)):
             raise BenchError(f"pgbench {tag}: {failed.group(1)} failed transactions:\n{r.stdout[-2000:]}")
-        return dict(value=float(m.group(1)), bytes=wal, wall=wall, tx=int(tx.group(1)))
+        res = dict(value=float(m.group(1)), bytes=wal, wall=wall, tx=int(tx.group(1)), wal_per_tx=wal / int(tx.group(1)))
+        if ctx.side == "rewind":
+            # What each commit's journal flush carries beside the WAL (see the report).
+            res["journal_per_tx"] = (journal() - j0) / int(tx.group(1))
+        return res
     finally:
         pg.stop()
 
@@ -967,6 +976,11 @@ def report(summaries, lag, b7, peak_mib, env, runs):
             w = lambda side: " ".join(fmt(v) for v in mine(side, "files_per_wall_s"))
             out.append(f"  {'':<20} files/s over fio's wall time (start-up included): native {w('native')}"
                        f"  | rewind {w('rewind')}" + (f"  | libfuse {w('libfuse')}" if reference else ""))
+        if s["job"] == "PG":
+            w = lambda side, k: " ".join(fmt(v, 0) for v in mine(side, k))
+            out.append(f"  {'':<20} bytes per transaction: WAL native {w('native', 'wal_per_tx')}  | WAL rewind "
+                       f"{w('rewind', 'wal_per_tx')}  | rewind's journal (every file's writes) "
+                       f"{w('rewind', 'journal_per_tx')}")
         if s["job"].startswith("B5"):
             mib = lambda v: "+".join(fmt((b or 0) / MiB, 0) for b in v)
             c = lambda side: " ".join(f"{mib(a)}->{mib(b)}" for a, b in zip(mine(side, "cached_before"),
