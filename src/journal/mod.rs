@@ -24,6 +24,12 @@
 //! which must not be parked) and return; the syncing thread runs one more
 //! round for them, since their records may have been appended after its
 //! round began, and answers them.
+//!
+//! # Rotation
+//! A full file is fdatasynced under the append lock before records land in
+//! the next one (a machine crash must not keep newer records and lose older
+//! ones). So that this flush is short, appends start the kernel's writeback
+//! of the current file every `WRITEBACK_STEP` bytes, outside the lock.
 
 mod file;
 
