@@ -39,7 +39,7 @@ use bytes::{BufMut, Bytes};
 use parking_lot::Mutex;
 use rustix::fs::{self as rfs, Mode, OFlags};
 
-use crate::clock::Nanos;
+use crate::clock::{mtime_of, Nanos};
 use crate::codec::{put_bytes, put_lz4_blocks, read_lz4_blocks, seal, unseal, DecodeError, Reader};
 use crate::crypt::ChunkNaming;
 use crate::layout::HIDDEN;
@@ -593,7 +593,7 @@ impl<'a> Walker<'a> {
             uid: st.st_uid,
             gid: st.st_gid,
             size: st.st_size as u64,
-            mtime: st.st_mtime * 1_000_000_000 + st.st_mtime_nsec as i64,
+            mtime: mtime_of(&st),
             rdev: st.st_rdev,
             target: Bytes::new(),
             xattrs: Vec::new(),
@@ -622,7 +622,7 @@ impl<'a> Walker<'a> {
                 };
                 let st = rfs::fstat(&fd).map_err(|e| io_err(path, e))?;
                 obj.size = st.st_size as u64;
-                obj.mtime = st.st_mtime * 1_000_000_000 + st.st_mtime_nsec as i64;
+                obj.mtime = mtime_of(&st);
                 obj.xattrs = xattrs_of(&fd, None);
                 obj.extents = self.capture_file(&fd, &st, path)?;
                 self.stats.files += 1;
@@ -919,7 +919,7 @@ impl Walker<'_> {
             uid: st.st_uid,
             gid: st.st_gid,
             size: st.st_size as u64,
-            mtime: st.st_mtime * 1_000_000_000 + st.st_mtime_nsec as i64,
+            mtime: mtime_of(&st),
             rdev: st.st_rdev,
             target: Bytes::new(),
             xattrs: Vec::new(),

@@ -19,6 +19,21 @@ pub type Nanos = i64;
 pub(crate) const NS_PER_SEC: Nanos = 1_000_000_000;
 pub(crate) const MINUTE_NS: Nanos = 60 * NS_PER_SEC;
 
+/// A file's modification time from its stat, in Nanos (the time records and
+/// manifests carry).
+pub(crate) fn mtime_of(st: &rustix::fs::Stat) -> Nanos {
+    st.st_mtime * NS_PER_SEC + st.st_mtime_nsec as Nanos
+}
+
+/// Nanos as a timespec for futimens/utimensat; the nanoseconds stay in
+/// 0..1e9 for times before 1970 too (the seconds round down).
+pub(crate) fn timespec(ns: Nanos) -> rustix::fs::Timespec {
+    rustix::fs::Timespec {
+        tv_sec: ns.div_euclid(NS_PER_SEC),
+        tv_nsec: ns.rem_euclid(NS_PER_SEC) as _,
+    }
+}
+
 pub fn wall_now() -> Nanos {
     match SystemTime::now().duration_since(UNIX_EPOCH) {
         Ok(d) => d.as_nanos() as i64,

@@ -488,10 +488,7 @@ fn set_mtime(f: &impl AsFd, mtime: i64) {
             tv_sec: 0,
             tv_nsec: rfs::UTIME_OMIT,
         },
-        last_modification: rfs::Timespec {
-            tv_sec: mtime.div_euclid(1_000_000_000),
-            tv_nsec: mtime.rem_euclid(1_000_000_000) as _,
-        },
+        last_modification: crate::clock::timespec(mtime),
     };
     let _ = rfs::futimens(f, &ts);
 }

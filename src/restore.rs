@@ -757,10 +757,7 @@ impl Tree {
         let disk = &mut self.replay.target;
         disk.files.clear();
         for (ino, m) in mtimes {
-            let t = rfs::Timespec {
-                tv_sec: m.div_euclid(1_000_000_000),
-                tv_nsec: m.rem_euclid(1_000_000_000) as _,
-            };
+            let t = crate::clock::timespec(m);
             let ts = rfs::Timestamps {
                 last_access: t,
                 last_modification: t,

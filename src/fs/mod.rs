@@ -40,6 +40,7 @@ use parking_lot::{Mutex, RwLock};
 use rustix::fs::{self as rfs, AtFlags, Mode, OFlags, Stat};
 use rustix::io::Errno;
 
+use crate::clock::mtime_of;
 use crate::journal::Journal;
 use crate::layout::HIDDEN;
 use crate::record::{Ino, Kind, Op, RENAME_EXCHANGE_FLAG};
@@ -185,10 +186,6 @@ pub struct Passthrough {
 
 fn proc_path(fd: &impl AsRawFd) -> CString {
     CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd())).unwrap()
-}
-
-fn mtime_of(st: &Stat) -> i64 {
-    st.st_mtime * 1_000_000_000 + st.st_mtime_nsec as i64
 }
 
 thread_local! {
