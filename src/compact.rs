@@ -38,12 +38,12 @@ use bytes::Bytes;
 
 use crate::clock::{Nanos, MINUTE_NS};
 use crate::delta::DeltaMeta;
+// The fallocate(2) mode bits the compaction understands.
+use crate::record::falloc::{
+    KEEP_SIZE as FALLOC_KEEP_SIZE, PUNCH_HOLE as FALLOC_PUNCH_HOLE, ZERO_RANGE as FALLOC_ZERO_RANGE,
+};
 use crate::record::{Ino, Kind, Op, Record, Seq};
 
-/// fallocate(2) mode bits the compaction understands.
-const FALLOC_KEEP_SIZE: u32 = 0x01;
-const FALLOC_PUNCH_HOLE: u32 = 0x02;
-const FALLOC_ZERO_RANGE: u32 = 0x10;
 /// Adjacent surviving bytes are emitted as one Write up to this length.
 const MAX_WRITE: usize = 1 << 20;
 

@@ -162,6 +162,7 @@ pub enum Op {
     },
     Fallocate {
         ino: Ino,
+        /// fallocate(2)'s mode bits as the application passed them (`falloc`).
         mode: u32,
         offset: u64,
         len: u64,
@@ -465,6 +466,17 @@ pub fn decode_record(r: &mut Reader<'_>) -> Result<Record, DecodeError> {
         t => return Err(r.err(format!("unknown record tag {t}"))),
     };
     Ok(Record { seq, time, op })
+}
+
+/// fallocate(2)'s mode bits, as Linux defines them and as Fallocate records
+/// carry them (the record stores the application's `mode` unchanged), for
+/// the readers that interpret them: replay, the mount view and compaction.
+pub(crate) mod falloc {
+    pub(crate) const KEEP_SIZE: u32 = 0x01;
+    pub(crate) const PUNCH_HOLE: u32 = 0x02;
+    pub(crate) const COLLAPSE_RANGE: u32 = 0x08;
+    pub(crate) const ZERO_RANGE: u32 = 0x10;
+    pub(crate) const INSERT_RANGE: u32 = 0x20;
 }
 
 #[cfg(test)]

@@ -855,8 +855,7 @@ impl<T: Effects> Replay<T> {
                     self.target
                         .fallocate(&self.ns, *ino, *mode, *offset, *len)?;
                 }
-                let keep_size = rustix::fs::FallocateFlags::KEEP_SIZE.bits();
-                if mode & keep_size == 0 {
+                if mode & crate::record::falloc::KEEP_SIZE == 0 {
                     self.grew_to(*ino, offset + len);
                 }
                 self.set_size(*ino, *size)?;

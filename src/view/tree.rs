@@ -16,6 +16,8 @@ use std::collections::{BTreeMap, HashMap};
 use bytes::Bytes;
 
 use crate::clock::Nanos;
+// The fallocate(2) modes that change what a file reads as.
+use crate::record::falloc::{COLLAPSE_RANGE, INSERT_RANGE, PUNCH_HOLE, ZERO_RANGE};
 use crate::record::{Ino, Kind};
 use crate::replay::memory::Memory;
 use crate::replay::{Attrs, Effects, Namespace, ReplayError};
@@ -125,12 +127,6 @@ pub(crate) struct Contents {
     pub(crate) meta: Memory,
     pub(crate) files: HashMap<Ino, Extents>,
 }
-
-/// fallocate(2) modes that change what a file reads as.
-const PUNCH_HOLE: u32 = 0x02;
-const COLLAPSE_RANGE: u32 = 0x08;
-const ZERO_RANGE: u32 = 0x10;
-const INSERT_RANGE: u32 = 0x20;
 
 impl Contents {
     /// A base file's chunk at `offset`.
