@@ -98,6 +98,17 @@ pub enum RestoreError {
     },
 }
 
+impl RestoreError {
+    /// `e`, said of record `r` (its sequence number and kind lead the message).
+    pub(crate) fn at_record(r: &Record, e: impl Into<RestoreError>) -> RestoreError {
+        RestoreError::AtRecord {
+            seq: r.seq,
+            op: r.op.kind_name(),
+            source: Box::new(e.into()),
+        }
+    }
+}
+
 type Result<T> = std::result::Result<T, RestoreError>;
 
 fn io(what: impl Into<String>, e: impl Into<std::io::Error>) -> RestoreError {
@@ -923,13 +934,7 @@ pub fn restore_with(
         apply_pieces(
             plan,
             pieces,
-            &mut |r| {
-                tree.apply(r).map_err(|e| RestoreError::AtRecord {
-                    seq: r.seq,
-                    op: r.op.kind_name(),
-                    source: Box::new(e),
-                })
-            },
+            &mut |r| tree.apply(r).map_err(|e| RestoreError::at_record(r, e)),
             &mut |_| meter.add(1),
         )
     })?;
@@ -1170,11 +1175,7 @@ pub(crate) fn memory_at(
             plan,
             pieces,
             &mut |r| {
-                tree.apply(r).map_err(|e| RestoreError::AtRecord {
-                    seq: r.seq,
-                    op: r.op.kind_name(),
-                    source: Box::new(RestoreError::from(e)),
-                })?;
+                tree.apply(r).map_err(|e| RestoreError::at_record(r, e))?;
                 seen(r, ratio.get());
                 Ok(())
             },

@@ -141,11 +141,7 @@ impl View {
                 replay
                     .apply(r)
                     .map(drop)
-                    .map_err(|e| RestoreError::AtRecord {
-                        seq: r.seq,
-                        op: r.op.kind_name(),
-                        source: Box::new(e.into()),
-                    })
+                    .map_err(|e| RestoreError::at_record(r, e))
             })?;
         let naming = store.chunk_naming()?;
         let view = freeze(
