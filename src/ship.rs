@@ -231,6 +231,7 @@ impl Shipper {
                 .store(now - meta.first_ns, Ordering::Relaxed);
             *self.last_put.lock() = Instant::now();
             *self.stored_pos.lock() = pos;
+            self.cursor.lock().builder.recycle(data);
             self.journal.note_stored(meta.last_seq, pos);
             self.release(meta.last_seq);
             shipped = true;
