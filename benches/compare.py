@@ -4,6 +4,7 @@
 Usage (as root; needs /dev/fuse, fio, fusermount3, /usr/bin/time):
 
     benches/compare.py [--reps 3] [--quick] [--jobs B1,B2,...] [--journal-dir DIR] [--store-dir DIR]
+                       [--pg-conf NAME=VALUE ...]
                        [--workdir DIR] [--json OUT] [--keep] [--rewind-arg=--threads=8 ...]
                        [--reference]
 
@@ -80,7 +81,12 @@ Jobs and their figures (MB = 10^6 bytes, GB = 10^9 bytes):
               run generated (pg_current_wal_lsn before and after). The rep
               lines add the WAL bytes per transaction and, for Rewind, the
               journal's payload bytes per transaction (the daemon's
-              rewind_journal_written_bytes_total): what its commits flush.
+              rewind_journal_written_bytes_total): what its commits flush;
+              and PostgreSQL's own counts of what it wrote per transaction
+              (8 KiB data pages from pg_stat_bgwriter, WAL write calls from
+              pg_stat_wal), to tell which part the journal's payload is.
+              --pg-conf NAME=VALUE (repeatable) starts every side's cluster
+              with that setting (default: initdb's).
   B7          (once, not per rep) benches/restore_1g.sh: a 1 GiB volume plus
               60 s of changes restored with `rewind restore --at latest`.
               MB/s = the base volume's size (SIZE_MIB) / restore wall time:
@@ -322,7 +328,15 @@ class Daemon:
 
         def done():
             self.check("while shipping")
-            return time.monotonic() >= after and self.scrape()["rewind_replication_lag_seconds"] == 0
+            m = self.scrape()
+            if m["rewind_store_outage"]:
+                # A run whose shipping stalls costs the daemon less CPU and
+                # the disk fewer writes: its figures would flatter Rewind.
+                outage = [l for l in self.logtext().splitlines() if "rewind::outage" in l][-2:]
+                raise BenchError("the store is failing (rewind_store_outage 1), so this run's figures would leave "
+                                 "shipping out; fix the store (a full disk?) and run again. Log "
+                                 f"{self.logpath}:\n" + "\n".join(outage))
+            return time.monotonic() >= after and m["rewind_replication_lag_seconds"] == 0
 
         wait_for(done, timeout, "the daemon to ship its backlog", poll=0.1)
 
@@ -587,8 +601,9 @@ class Postgres:
 
     PORT = "5499"
 
-    def __init__(self, d, tag, logdir):
+    def __init__(self, d, tag, logdir, conf=()):
         import pwd
+        self.conf = conf
         self.bindir = pg_bindir()
         self.pw = pwd.getpwnam("postgres")
         self.data = d / "pgdata"
@@ -617,7 +632,8 @@ class Postgres:
         os.chown(self.log, self.pw.pw_uid, self.pw.pw_gid)
         self.as_postgres("initdb", "-D", str(self.data), "--no-instructions", "-A", "trust", "-U", "postgres")
         self.as_postgres("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-w", "-t", "120", "-o",
-                         f"-k {self.sock} -c listen_addresses= -p {self.PORT}", "start")
+                         f"-k {self.sock} -c listen_addresses= -p {self.PORT}"
+                         + "".join(f" -c {c}" for c in self.conf), "start")
         self.running = True
 
     def client(self, prog, *args, timeout=600):
@@ -627,6 +643,15 @@ class Postgres:
     def sql(self, query):
         return self.client("psql", "-X", "-q", "-A", "-t", "-d", "postgres", "-c", query).stdout.strip()
 
+    def writes(self):
+        """PostgreSQL's own counters of what it wrote: data pages (8 KiB) by
+        the checkpointer, the background writer and the backends, and WAL
+        write calls (each rewrites at least the current 8 KiB WAL page)."""
+        row = self.sql("SELECT b.buffers_checkpoint + b.buffers_clean + b.buffers_backend, w.wal_write "
+                       "FROM pg_stat_bgwriter b, pg_stat_wal w")
+        pages, wal_writes = row.split("|")
+        return {"data_pages": int(pages), "wal_writes": int(wal_writes)}
+
     def stop(self):
         if self.running:
             self.as_postgres("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "-t", "120", "stop", check=False)
@@ -635,13 +660,14 @@ class Postgres:
 
 
 def run_pg(ctx, d, tag):
-    pg = Postgres(d, tag, ctx.fiodir)
+    pg = Postgres(d, tag, ctx.fiodir, ctx.pg_conf)
     try:
         pg.start()
         pg.client("pgbench", "-i", "-q", "-s", str(ctx.size["pg_scale"]), "postgres", timeout=1200)
         pg.sql("CHECKPOINT")
         ctx.settle()
         lsn0 = pg.sql("SELECT pg_current_wal_lsn()")
+        writes0 = pg.writes()
         journal = lambda: ctx.daemon.scrape()["rewind_journal_written_bytes_total"] if ctx.side == "rewind" else 0
         j0 = journal()
         t0 = time.monotonic()
@@ -657,6 +683,11 @@ def run_pg(ctx, d, tag):
         if failed and int(failed.group(1)):
             raise BenchError(f"pgbench {tag}: {failed.group(1)} failed transactions:\n{r.stdout[-2000:]}")
         res = dict(value=float(m.group(1)), bytes=wal, wall=wall, tx=int(tx.group(1)), wal_per_tx=wal / int(tx.group(1)))
+        # What PostgreSQL itself wrote per transaction, both sides alike:
+        # data pages (8 KiB each) and WAL write calls.
+        writes1 = pg.writes()
+        for k in writes0:
+            res[f"{k}_per_tx"] = (writes1[k] - writes0[k]) / res["tx"]
         if ctx.side == "rewind":
             # What each commit's journal flush carries beside the WAL (see the report).
             res["journal_per_tx"] = (journal() - j0) / int(tx.group(1))
@@ -692,6 +723,7 @@ class Ctx:
         self.size, self.workdir, self.daemon, self.reference = size, workdir, daemon, reference
         self.fiodir = workdir / "fio"
         self.side = None
+        self.pg_conf = ()
         self._b5 = {}
 
     def fuse(self):
@@ -981,6 +1013,11 @@ def report(summaries, lag, b7, peak_mib, env, runs):
             out.append(f"  {'':<20} bytes per transaction: WAL native {w('native', 'wal_per_tx')}  | WAL rewind "
                        f"{w('rewind', 'wal_per_tx')}  | rewind's journal (every file's writes) "
                        f"{w('rewind', 'journal_per_tx')}")
+            w2 = lambda side, k: " ".join(fmt(v, 2) for v in mine(side, k))
+            out.append(f"  {'':<20} PostgreSQL's writes per transaction (pg_stat_bgwriter, pg_stat_wal): "
+                       f"8 KiB data pages native {w2('native', 'data_pages_per_tx')}  | rewind "
+                       f"{w2('rewind', 'data_pages_per_tx')}; WAL write calls native "
+                       f"{w2('native', 'wal_writes_per_tx')}  | rewind {w2('rewind', 'wal_writes_per_tx')}")
         if s["job"].startswith("B5"):
             mib = lambda v: "+".join(fmt((b or 0) / MiB, 0) for b in v)
             c = lambda side: " ".join(f"{mib(a)}->{mib(b)}" for a, b in zip(mine(side, "cached_before"),
@@ -1060,6 +1097,9 @@ def parse_args():
     p.add_argument("--keep", action="store_true", help="keep the data directories and the store at the end")
     p.add_argument("--rewind-arg", action="append", default=[], metavar="ARG",
                    help="extra flag for rewind run, e.g. --rewind-arg=--threads=8 (repeatable)")
+    p.add_argument("--pg-conf", action="append", default=[], metavar="NAME=VALUE",
+                   help="a PostgreSQL setting for job PG on every side, e.g. --pg-conf shared_buffers=512MB "
+                        "(repeatable; default: initdb's settings)")
     p.add_argument("--reference", action="store_true",
                    help="also run every fio job and B6 through libfuse's C passthrough example (see above)")
     return p.parse_args()
@@ -1091,12 +1131,15 @@ def main():
             env = environment(workdir, daemon.journal, daemon.store, binary)
             if "PG" in fio_jobs:
                 env["postgresql"] = sh([str(pg_bindir() / "postgres"), "--version"]).stdout.strip()
+                if a.pg_conf:
+                    env["postgresql settings"] = " ".join(a.pg_conf)
             if reference and fio_jobs:
                 env["reference"] = reference.build()
                 reference.start()
             for k, v in env.items():
                 log(f"{k}: {v}")
             ctx = Ctx(size, workdir, daemon, reference)
+            ctx.pg_conf = tuple(a.pg_conf)
             for job in fio_jobs:
                 unit, runner, prepare = JOBS[job]
                 job_runs = []
