@@ -139,6 +139,32 @@ fn segments(c: &mut Criterion) {
     g.bench_function("encode 8 MiB of 4 KiB writes", |b| {
         b.iter(|| segment::encode(1, &recs))
     });
+    // As the shipper seals: encoded records pushed into a builder that
+    // lives across segments, each sealed segment handed back once stored
+    // (`Builder::recycle`), against a fresh output buffer every time.
+    let encoded: Vec<Vec<u8>> = recs
+        .iter()
+        .map(|r| {
+            let mut v = Vec::new();
+            rewind::record::encode_record(r, &mut v);
+            v
+        })
+        .collect();
+    for recycled in [false, true] {
+        let mut builder = segment::Builder::default();
+        let name = if recycled { "recycled" } else { "fresh" };
+        g.bench_function(format!("seal 8 MiB of 4 KiB writes, {name} buffer"), |b| {
+            b.iter(|| {
+                for e in &encoded {
+                    builder.push(e);
+                }
+                let (_, sealed) = builder.finish(1);
+                if recycled {
+                    builder.recycle(sealed);
+                }
+            })
+        });
+    }
     let (_, data) = segment::encode(1, &recs);
     g.bench_function("decode 8 MiB of 4 KiB writes", |b| {
         b.iter(|| segment::decode(&data).unwrap())
