@@ -288,12 +288,14 @@ fn replay(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(
-    benches,
-    journal_append,
-    journal_frames,
-    segments,
-    sealing,
-    replay
-);
+criterion_group! {
+    name = benches;
+    // The daemon's allocator settings first, so buffers are allocated (and
+    // faulted in) as in `rewind run`.
+    config = {
+        rewind::run::bound_malloc();
+        Criterion::default()
+    };
+    targets = journal_append, journal_frames, segments, sealing, replay
+}
 criterion_main!(benches);

@@ -40,23 +40,6 @@ fn raise_fd_limit() {
     }
 }
 
-/// Keeps the daemon's memory bounded: glibc raises its mmap threshold
-/// after large buffers are freed, so the multi-MiB segments of a busy
-/// volume end up in arenas that never shrink (peak anonymous memory
-/// tripled under fio). A fixed 4 MiB threshold gives segment buffers back
-/// when they are freed while 1 MiB records still come from the heap (an
-/// mmap per record cost the shipper 13% of its CPU in page faults), and
-/// two arenas stop each FUSE thread from keeping its own.
-fn bound_malloc() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes allocator tuning; called once at start,
-    // before any other thread exists.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 4 << 20);
-        libc::mallopt(libc::M_ARENA_MAX, 2);
-    }
-}
-
 /// `rewind diff` for people: one line per change, then one per second.
 fn print_diff(r: &rewind::diff::Report) {
     println!(
@@ -106,7 +89,7 @@ fn print_diff(r: &rewind::diff::Report) {
 }
 
 fn main() {
-    bound_malloc();
+    rewind::run::bound_malloc();
     let cli = Cli::parse();
     raise_fd_limit();
     let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
