@@ -313,8 +313,14 @@ mod tests {
         // A buffer something else still holds is not taken back.
         b.recycle(held);
         assert!(b.spare.is_empty());
+        // A unique one is kept as it is: the same allocation, no copy.
+        let at = first.as_ptr();
         b.recycle(first);
-        assert!(b.spare.capacity() > 0, "the unique buffer was not kept");
+        assert_eq!(
+            b.spare.as_ptr(),
+            at,
+            "the sealed buffer was copied, not kept"
+        );
         push_all(&mut b, &small);
         let (meta, sealed) = b.finish(9);
         assert_eq!(

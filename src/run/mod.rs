@@ -54,8 +54,9 @@ mod ship_thread;
 /// measure the allocator the daemon runs with.
 pub fn bound_malloc() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes allocator tuning; called once at start,
-    // before any other thread exists.
+    // SAFETY: mallopt only changes allocator tuning and takes glibc's own
+    // locks; main calls it before any other thread exists, the benches
+    // from criterion's configuration, before they allocate their data.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 4 << 20);
         libc::mallopt(libc::M_ARENA_MAX, 2);
